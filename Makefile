@@ -1,0 +1,37 @@
+# cachesvc — the two commands are `make demo` and `make test`; each sets itself up.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+EXTRAS ?= dev,bench,torch
+JSON   ?= bench-results
+
+.PHONY: demo test venv proto check-proto bench-lookup bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[$(EXTRAS)]'
+	@$(PY) -c "import torch; assert '+cpu' in torch.__version__ or not torch.cuda.is_available(), torch.__version__" 2>/dev/null || true
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m cachesvc_client.demo
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Regenerate the gRPC stubs from protos/ (committed; check-proto verifies they match).
+proto: $(STAMP)
+	$(PY) -m grpc_tools.protoc -I protos --python_out=. --pyi_out=. --grpc_python_out=. protos/cachesvc/v1/cachesvc.proto
+
+bench-lookup: $(STAMP)
+	mkdir -p $(JSON)
+	$(VENV)/bin/cachesvc bench lookup --json $(JSON)/lookup.json
+
+bench: bench-lookup
+
+clean:
+	rm -rf $(VENV) build *.egg-info $(JSON)

@@ -1,0 +1,107 @@
+"""The memory tier's byte arena: one mapping of exactly the configured budget.
+
+Why an arena rather than one ``bytearray`` per entry: entries are megabytes each, and
+glibc raises its mmap threshold after the first large free, after which such buffers
+come from the heap and fragment it, so RSS drifts above the budget under churn. A
+single mapping makes "capacity is never exceeded" a property of the allocator, keeps
+RSS ≤ budget + interpreter overhead whatever the load, and is the region a same-host
+data plane can later share.
+"""
+
+from __future__ import annotations
+
+import bisect
+import mmap
+from dataclasses import dataclass
+
+ALIGN_BYTES = 256
+"""Allocation granularity; slabs inside an entry are packed, only entries are aligned."""
+
+
+def _round_up(size: int) -> int:
+    return (size + ALIGN_BYTES - 1) // ALIGN_BYTES * ALIGN_BYTES
+
+
+@dataclass(slots=True)
+class ArenaStats:
+    capacity_bytes: int   # size of the mapping
+    used_bytes: int       # bytes handed out (rounded to ALIGN_BYTES)
+    free_extents: int     # number of holes; a measure of fragmentation
+    largest_free_bytes: int
+
+
+class Arena:
+    """First-fit extent allocator over one anonymous mapping.
+
+    Invariants: free extents are disjoint, sorted by offset, never adjacent (they are
+    coalesced on free), and ``used + sum(free) == capacity``. ``alloc`` is O(number of
+    free extents); ``free`` is O(log n) to find the neighbours plus a list insert.
+    Not thread-safe: the owner (the store) serialises calls under its lock. Bytes are
+    read and written through :attr:`view` without the lock, by whoever holds the
+    extent.
+    """
+
+    def __init__(self, capacity_bytes: int) -> None:
+        if capacity_bytes < ALIGN_BYTES:
+            raise ValueError(f"memory capacity must be at least {ALIGN_BYTES} bytes")
+        self.capacity_bytes = capacity_bytes - capacity_bytes % ALIGN_BYTES
+        self._map = mmap.mmap(-1, self.capacity_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self.view = memoryview(self._map)
+        self._starts: list[int] = [0]           # free extent offsets, ascending
+        self._sizes: list[int] = [self.capacity_bytes]  # sizes parallel to _starts
+        self._allocated: dict[int, int] = {}    # offset -> rounded size
+        self.used_bytes = 0
+
+    def alloc(self, size_bytes: int) -> int | None:
+        """Offset of a fresh extent of ``size_bytes``, or None if no hole is big enough."""
+        need = _round_up(max(size_bytes, 1))
+        for i, hole in enumerate(self._sizes):
+            if hole >= need:
+                offset = self._starts[i]
+                if hole == need:
+                    del self._starts[i], self._sizes[i]
+                else:
+                    self._starts[i] += need
+                    self._sizes[i] -= need
+                self._allocated[offset] = need
+                self.used_bytes += need
+                return offset
+        return None
+
+    def free(self, offset: int) -> None:
+        size = self._allocated.pop(offset)
+        self.used_bytes -= size
+        i = bisect.bisect_left(self._starts, offset)
+        merge_prev = i > 0 and self._starts[i - 1] + self._sizes[i - 1] == offset
+        merge_next = i < len(self._starts) and offset + size == self._starts[i]
+        if merge_prev and merge_next:
+            self._sizes[i - 1] += size + self._sizes[i]
+            del self._starts[i], self._sizes[i]
+        elif merge_prev:
+            self._sizes[i - 1] += size
+        elif merge_next:
+            self._starts[i] = offset
+            self._sizes[i] += size
+        else:
+            self._starts.insert(i, offset)
+            self._sizes.insert(i, size)
+        if size >= 1 << 20:
+            # Give large freed extents back to the OS so RSS tracks live bytes, not the
+            # high-water mark. Page-aligned inner part only.
+            page = mmap.PAGESIZE
+            lo = (offset + page - 1) // page * page
+            hi = (offset + size) // page * page
+            if hi > lo:
+                self._map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
+    def extent_bytes(self, offset: int) -> int:
+        """Rounded size of the extent at ``offset`` (what it costs the budget)."""
+        return self._allocated[offset]
+
+    def stats(self) -> ArenaStats:
+        return ArenaStats(self.capacity_bytes, self.used_bytes, len(self._sizes),
+                          max(self._sizes, default=0))
+
+    def close(self) -> None:
+        self.view.release()
+        self._map.close()

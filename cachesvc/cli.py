@@ -1,0 +1,101 @@
+"""``cachesvc`` command line: serve, stats, ls, bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from cachesvc.config import add_arguments, load_config
+from cachesvc.logs import setup_logging
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(vars(args))
+    except (ValueError, OSError) as exc:
+        print(f"cachesvc serve: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(config.log_level, config.log_format)
+    from cachesvc.server import serve
+    return serve(config)
+
+
+def _client(args: argparse.Namespace):
+    from cachesvc_client import CacheClient
+    return CacheClient(args.target)
+
+
+def _stats(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        print(json.dumps(client.stats(), indent=2))
+    return 0
+
+
+def _ls(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        if args.models:
+            for m in client.list_models():
+                print(f"{m['model_id']:<32} family={m['family_id']} digest={m['weights_digest'][:16]}")
+            return 0
+        token, shown = "", 0
+        print(f"{'entry_id':<32} {'producer':<20} {'chunk_hash':<16} {'offset':>7} "
+              f"{'tokens':>6} {'bytes':>10} {'tier':<6} layers(K/V/E)")
+        while shown < args.limit:
+            rows, token = client.list_entries(family_id=args.family, producer=args.producer,
+                                              tenant=args.tenant, limit=min(500, args.limit - shown),
+                                              page_token=token)
+            for e in rows:
+                lay = e.layout
+                print(f"{e.entry_id.hex():<32} {e.producer:<20} {e.chunk_hash.hex()[:16]:<16} "
+                      f"{e.position_offset:>7} {lay.num_tokens:>6} {e.size_bytes:>10} "
+                      f"{'mem' if e.tier == 1 else 'disk':<6} "
+                      f"{len(lay.k_layers)}/{len(lay.v_layers)}/{len(lay.e_layers)}"
+                      f"{' pinned' if e.pinned else ''}")
+            shown += len(rows)
+            if not token:
+                break
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    if args.bench == "lookup":
+        from cachesvc_bench.lookup import main as bench_main
+        return bench_main(args)
+    raise SystemExit(f"unknown benchmark {args.bench}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cachesvc", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the cache service")
+    add_arguments(serve)
+    serve.set_defaults(func=_serve)
+    for name, func, help_ in (("stats", _stats, "print server statistics as JSON"),
+                              ("ls", _ls, "list entries or models")):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("--target", default="127.0.0.1:7070", help="server host:port")
+        p.set_defaults(func=func)
+        if name == "ls":
+            p.add_argument("--models", action="store_true", help="list models instead")
+            p.add_argument("--family", default="")
+            p.add_argument("--producer", default="")
+            p.add_argument("--tenant", default="")
+            p.add_argument("--limit", type=int, default=100)
+    bench = sub.add_parser("bench", help="run a benchmark")
+    bench.add_argument("bench", choices=["lookup"])
+    bench.add_argument("--json", required=True, help="write the JSON result here")
+    bench.add_argument("--entries", type=int, default=100_000, help="index size")
+    bench.add_argument("--batch", type=int, default=1024, help="hashes per batched lookup")
+    bench.add_argument("--rounds", type=int, default=300, help="timed batched lookups")
+    bench.set_defaults(func=_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

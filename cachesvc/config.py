@@ -1,0 +1,150 @@
+"""Server configuration: one typed dataclass, three ways to set each field.
+
+Precedence, lowest first: built-in defaults < config file (TOML, ``--config`` or
+``CACHESVC_CONFIG``) < environment ``CACHESVC_<FIELD>`` < command-line ``--<field>``.
+Field ``memory_bytes`` is ``memory_bytes`` in the file, ``CACHESVC_MEMORY_BYTES`` in the
+environment and ``--memory-bytes`` on the command line. Sizes accept units
+(``512MiB``, ``2GB``, ``1073741824``). Defaults work on a laptop: 127.0.0.1, memory sized
+from available RAM, disk tier under the user's data directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+ENV_PREFIX = "CACHESVC_"
+_UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9,
+          "GB": 10**9, "T": 10**12, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30,
+          "TIB": 2**40}
+
+
+def parse_size(text: str | int) -> int:
+    """``"512MiB"`` → 536870912; plain integers are bytes."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(text))
+    if not m or m.group(2).upper() not in _UNITS:
+        raise ValueError(f"not a size: {text!r} (examples: 1073741824, 512MiB, 2GB)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def parse_bool(text: str | bool) -> bool:
+    if isinstance(text, bool):
+        return text
+    low = str(text).strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+def default_memory_bytes() -> int:
+    """A quarter of the RAM available now, at least 64 MiB."""
+    return max(64 << 20, psutil.virtual_memory().available // 4)
+
+
+def default_data_dir() -> str:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return str(Path(base) / "cachesvc")
+
+
+def _opt(default: Any = None, *, factory: Callable[[], Any] | None = None, parse: Callable = str,
+         help: str, choices: Sequence[str] | None = None) -> Any:
+    meta = {"parse": parse, "help": help, "choices": choices}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(slots=True)
+class ServerConfig:
+    host: str = _opt("127.0.0.1", help="address to listen on")
+    port: int = _opt(7070, parse=int, help="gRPC port; 0 picks a free one")
+    port_file: str = _opt("", help="write the bound port to this file once serving")
+    node_id: str = _opt("", help="name of this node; default host:port")
+    memory_bytes: int = _opt(factory=default_memory_bytes, parse=parse_size,
+                             help="memory tier budget (default: 1/4 of available RAM)")
+    disk_mode: str = _opt("write_through", choices=("write_through", "spill", "off"),
+                          help="write_through: every commit goes to disk too; spill: on "
+                               "eviction and shutdown; off: memory only")
+    data_dir: str = _opt(factory=default_data_dir, help="disk tier directory")
+    disk_bytes: int = _opt(10 << 30, parse=parse_size, help="disk tier budget")
+    disk_fsync: bool = _opt(False, parse=parse_bool, help="fsync every entry file")
+    chunk_size: int = _opt(256, parse=int, help="tokens per chunk (clients hash with it)")
+    reservation_ttl_s: float = _opt(30.0, parse=float,
+                                    help="idle seconds before an open put is aborted")
+    max_message_bytes: int = _opt(64 << 20, parse=parse_size,
+                                  help="largest gRPC message accepted or sent")
+    workers: int = _opt(16, parse=int, help="gRPC worker threads")
+    grace_s: float = _opt(10.0, parse=float, help="seconds SIGTERM waits for in-flight RPCs")
+    log_level: str = _opt("info", choices=("debug", "info", "warning", "error"), help="log level")
+    log_format: str = _opt("json", choices=("json", "text"), help="log line format")
+
+    def validate(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port {self.port} out of range")
+        if self.chunk_size <= 0:
+            raise ValueError("chunk_size must be > 0")
+        if self.memory_bytes < 1 << 20:
+            raise ValueError(f"memory_bytes {self.memory_bytes} is below 1 MiB")
+        if self.workers < 2:
+            raise ValueError("workers must be >= 2")
+
+
+def _fields() -> list[dataclasses.Field]:
+    return list(dataclasses.fields(ServerConfig))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One ``--flag`` per field; unset flags stay None so lower layers show through."""
+    parser.add_argument("--config", help=f"TOML config file (or {ENV_PREFIX}CONFIG)")
+    for f in _fields():
+        env = ENV_PREFIX + f.name.upper()
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
+                            choices=f.metadata["choices"],
+                            help=f"{f.metadata['help']} [env {env}]")
+
+
+def load_config(flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None,
+                config_file: str | None = None) -> ServerConfig:
+    """Merge defaults, file, environment and flags; raise ValueError naming a bad key."""
+    env = os.environ if env is None else env
+    flags = flags or {}
+    values: dict[str, Any] = {}
+    path = config_file or flags.get("config") or env.get(ENV_PREFIX + "CONFIG")
+    if path:
+        with open(path, "rb") as fh:
+            doc = tomllib.load(fh)
+        known = {f.name for f in _fields()}
+        unknown = set(doc) - known
+        if unknown:
+            raise ValueError(f"unknown keys in {path}: {', '.join(sorted(unknown))}")
+        values.update(doc)
+    for f in _fields():
+        if ENV_PREFIX + f.name.upper() in env:
+            values[f.name] = env[ENV_PREFIX + f.name.upper()]
+        if flags.get(f.name) is not None:
+            values[f.name] = flags[f.name]
+    parsed = {}
+    for f in _fields():
+        if f.name in values:
+            try:
+                parsed[f.name] = f.metadata["parse"](values[f.name])
+            except ValueError as exc:
+                raise ValueError(f"{f.name}: {exc}") from None
+            if f.metadata["choices"] and parsed[f.name] not in f.metadata["choices"]:
+                raise ValueError(f"{f.name} must be one of {', '.join(f.metadata['choices'])}")
+    config = ServerConfig(**parsed)
+    config.validate()
+    return config

@@ -1,0 +1,24 @@
+"""Domain errors of the service. The domain layer raises these; only the servicer maps
+them to gRPC status codes (cachesvc.servicer), so nothing below it imports grpc."""
+
+from __future__ import annotations
+
+
+class CacheError(Exception):
+    """Base of every error a caller can cause."""
+
+
+class InvalidArgument(CacheError):
+    """The request is malformed: it can never succeed as sent."""
+
+
+class NotFound(CacheError):
+    """A named family, model, reservation or lease does not exist."""
+
+
+class FailedPrecondition(CacheError):
+    """The request is well formed but the state does not allow it."""
+
+
+class ResourceExhausted(CacheError):
+    """No room: a reservation larger than the tier, or a tier full of pinned entries."""

@@ -1,0 +1,99 @@
+"""Build and run the cachesvc gRPC server (cache service + health + reflection)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from cachesvc.config import ServerConfig
+from cachesvc.servicer import CacheServicer
+from cachesvc.store import CacheStore, DiskMode, StoreConfig
+from cachesvc.v1 import cachesvc_pb2, cachesvc_pb2_grpc
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = cachesvc_pb2.DESCRIPTOR.services_by_name["CacheService"].full_name
+
+
+def grpc_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    """Channel/server options shared by the server and the SDK."""
+    return [("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes)]
+
+
+def store_config(config: ServerConfig) -> StoreConfig:
+    mode = DiskMode(config.disk_mode)
+    return StoreConfig(memory_capacity_bytes=config.memory_bytes, chunk_size=config.chunk_size,
+                       disk_dir=Path(config.data_dir).expanduser() if mode != DiskMode.OFF else None,
+                       disk_capacity_bytes=config.disk_bytes, disk_mode=mode,
+                       disk_fsync=config.disk_fsync, reservation_ttl_s=config.reservation_ttl_s,
+                       max_run_bytes=min(4 << 20, config.max_message_bytes // 2))
+
+
+@dataclass
+class RunningServer:
+    server: grpc.Server
+    store: CacheStore
+    health: health.HealthServicer
+    port: int
+
+    def stop(self, grace_s: float) -> None:
+        """Refuse new RPCs, let in-flight ones finish for up to ``grace_s``, then make the
+        store durable and release it."""
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace_s).wait()
+        self.store.close()
+        log.info("stopped")
+
+
+def start_server(config: ServerConfig) -> RunningServer:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.workers,
+                                                    thread_name_prefix="rpc"),
+                         options=grpc_options(config.max_message_bytes))
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    if port == 0:
+        raise OSError(f"cannot listen on {config.host}:{config.port}")
+    node_id = config.node_id or f"{socket.gethostname()}:{port}"
+    store = CacheStore(store_config(config), node_id=node_id)
+    cachesvc_pb2_grpc.add_CacheServiceServicer_to_server(
+        CacheServicer(store, f"{config.host}:{port}"), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    store.start()
+    server.start()
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("serving", extra={"address": f"{config.host}:{port}", "node_id": node_id,
+                               "memory_bytes": config.memory_bytes, "disk_mode": config.disk_mode,
+                               "data_dir": config.data_dir, "chunk_size": config.chunk_size})
+    if config.port_file:
+        tmp = Path(config.port_file + ".tmp")
+        tmp.write_text(str(port))
+        tmp.replace(config.port_file)
+    return RunningServer(server, store, health_servicer, port)
+
+
+def serve(config: ServerConfig) -> int:
+    """Run until SIGTERM or SIGINT, then drain and exit 0."""
+    running = start_server(config)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("signal received; draining", extra={"signal": signal.Signals(signum).name})
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    stop.wait()
+    running.stop(config.grace_s)
+    return 0

@@ -1,0 +1,235 @@
+"""gRPC servicer: converts proto <-> domain types and domain errors <-> status codes.
+Nothing here decides anything; the store does."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from collections.abc import Callable, Iterator
+
+import grpc
+
+from cachesvc import errors
+from cachesvc.entries import EntryMeta, Layout, SlabSpec
+from cachesvc.keys import DType, FamilySpec, Kind
+from cachesvc.models import ModelRecord
+from cachesvc.wire import family_from_proto, family_to_proto
+from cachesvc.store import CacheStore, EntryInput
+from cachesvc.v1 import cachesvc_pb2 as pb
+from cachesvc.v1 import cachesvc_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+_CODES: dict[type[errors.CacheError], grpc.StatusCode] = {
+    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+
+
+def _status_for(exc: errors.CacheError) -> grpc.StatusCode:
+    for cls in type(exc).__mro__:
+        if cls in _CODES:
+            return _CODES[cls]
+    return grpc.StatusCode.INVALID_ARGUMENT
+
+
+def _maps_errors(method: Callable) -> Callable:
+    """Turn domain errors into a gRPC status with the error's message, for unary and
+    streaming handlers alike."""
+    if inspect.isgeneratorfunction(method):
+        @functools.wraps(method)
+        def stream(self, request, context):
+            try:
+                yield from method(self, request, context)
+            except errors.CacheError as exc:
+                context.abort(_status_for(exc), str(exc))
+        return stream
+
+    @functools.wraps(method)
+    def unary(self, request, context):
+        try:
+            return method(self, request, context)
+        except errors.CacheError as exc:
+            context.abort(_status_for(exc), str(exc))
+    return unary
+
+
+def _family(msg: pb.FamilySpec) -> FamilySpec:
+    try:
+        return family_from_proto(msg)
+    except ValueError as exc:
+        raise errors.InvalidArgument(str(exc)) from None
+
+
+def _model_to_proto(rec: ModelRecord) -> pb.GetModelResponse:
+    return pb.GetModelResponse(
+        model=pb.ModelSpec(model_id=rec.model_id, weights_digest=rec.weights_digest,
+                           family=family_to_proto(rec.family)),
+        family_id=rec.family_id)
+
+
+def _slab_from_proto(msg: pb.SlabSpec, where: str) -> SlabSpec:
+    try:
+        kind, dtype = Kind(msg.kind), DType(msg.dtype)
+    except ValueError:
+        raise errors.InvalidArgument(f"{where}: kind {msg.kind} or dtype {msg.dtype} is not "
+                                     "a known value") from None
+    return SlabSpec(kind, msg.layer, tuple(msg.shape), dtype, msg.checksum)
+
+
+def _layout_to_proto(layout: Layout) -> pb.EntryLayout:
+    return pb.EntryLayout(num_tokens=layout.num_tokens, k_layers=layout.k_layers,
+                          v_layers=layout.v_layers, e_layers=layout.e_layers)
+
+
+def _kinds(values) -> list[Kind]:
+    try:
+        return [Kind(v) for v in values]
+    except ValueError:
+        raise errors.InvalidArgument(f"kinds {list(values)} contain an unknown value") from None
+
+
+class CacheServicer(pb_grpc.CacheServiceServicer):
+    def __init__(self, store: CacheStore, grpc_address: str) -> None:
+        self.store = store
+        self.fetch = pb.FetchDescriptor(node_id=store.node_id, grpc_address=grpc_address)
+
+    @_maps_errors
+    def RegisterModel(self, request, context):
+        m = request.model
+        reg = self.store.register_model(m.model_id, m.weights_digest, _family(m.family),
+                                        request.replace)
+        return pb.RegisterModelResponse(family_id=reg.record.family_id, created=reg.created,
+                                        chunk_size=self.store.config.chunk_size)
+
+    @_maps_errors
+    def GetModel(self, request, context):
+        return _model_to_proto(self.store.get_model(request.model_id))
+
+    @_maps_errors
+    def ListModels(self, request, context):
+        return pb.ListModelsResponse(models=[_model_to_proto(r) for r in self.store.list_models()])
+
+    @_maps_errors
+    def Reserve(self, request, context):
+        entries = [EntryInput(e.chunk_hash, e.position_offset, e.num_tokens,
+                              [_slab_from_proto(s, f"entries[{i}].slabs[{j}]")
+                               for j, s in enumerate(e.slabs)])
+                   for i, e in enumerate(request.entries)]
+        res = self.store.reserve(request.tenant, request.family_id, request.producer, entries,
+                                 request.ttl_s)
+        targets = [pb.EntryWriteTarget(entry_index=i, size_bytes=meta.size_bytes,
+                                       slab_offsets=_request_order_offsets(meta, request.entries[i]),
+                                       already_present=present)
+                   for i, (meta, present) in enumerate(zip(res.entries, res.already_present))]
+        return pb.ReserveResponse(reservation_id=res.reservation_id, targets=targets,
+                                  expires_in_ms=int(res.expires_in_s * 1000))
+
+    @_maps_errors
+    def WriteSlabs(self, request_iterator, context):
+        seen: set[str] = set()
+        received = 0
+        try:
+            for chunk in request_iterator:
+                seen.add(chunk.reservation_id)
+                self.store.write(chunk.reservation_id, chunk.entry_index, chunk.offset, chunk.data)
+                received += len(chunk.data)
+        except grpc.RpcError:
+            # The writer went away mid-put: nothing it wrote may become visible, and its
+            # memory comes back now rather than at expiry.
+            for reservation in seen:
+                try:
+                    self.store.abort(reservation)
+                except errors.NotFound:
+                    pass
+            log.warning("write stream broken; reservation aborted",
+                        extra={"reservations": sorted(seen)})
+            raise
+        return pb.WriteSlabsResponse(bytes_received=received)
+
+    @_maps_errors
+    def Commit(self, request, context):
+        return pb.CommitResponse(entries_committed=self.store.commit(request.reservation_id))
+
+    @_maps_errors
+    def Abort(self, request, context):
+        self.store.abort(request.reservation_id)
+        return pb.AbortResponse()
+
+    @_maps_errors
+    def Lookup(self, request, context):
+        result = self.store.lookup(request.tenant, request.family_id, request.chunk_hashes,
+                                   request.consumer, request.producers, request.lease_ttl_s)
+        resp = pb.LookupResponse(lease_id=result.lease_id)
+        layout_index: dict[int, int] = {}
+        for hit in result.hits:
+            out = resp.hits.add(producer=hit.producer, same_model=hit.same_model,
+                                num_chunks=len(hit.entries), fetch=self.fetch)
+            add = out.entries.add
+            for meta, tier in hit.entries:
+                idx = layout_index.get(id(meta.layout))
+                if idx is None:
+                    idx = layout_index[id(meta.layout)] = len(resp.layouts)
+                    resp.layouts.append(_layout_to_proto(meta.layout))
+                add(entry_id=meta.entry_id, position_offset=meta.position_offset,
+                    layout_index=idx, tier=int(tier))
+        return resp
+
+    @_maps_errors
+    def GetSlabs(self, request, context) -> Iterator[pb.SlabRun]:
+        runs = self.store.read(request.tenant, request.family_id, request.entry_ids,
+                               _kinds(request.kinds), request.layer_start, request.layer_end)
+        for run in runs:
+            yield pb.SlabRun(entry_index=run.entry_index, kind=int(run.kind),
+                             layer_start=run.layer_start, num_layers=run.num_layers,
+                             checksums=run.checksums, data=run.data,
+                             missing=bool(run.missing_reason), missing_reason=run.missing_reason)
+
+    @_maps_errors
+    def Delete(self, request, context):
+        n = self.store.delete(request.tenant, request.family_id, request.entry_ids,
+                              request.chunk_hashes, request.producer)
+        return pb.DeleteResponse(entries_deleted=n)
+
+    @_maps_errors
+    def Pin(self, request, context):
+        lease_id, n = self.store.pin(request.tenant, request.family_id, request.entry_ids,
+                                     request.ttl_s)
+        return pb.PinResponse(lease_id=lease_id, entries_pinned=n)
+
+    @_maps_errors
+    def Unpin(self, request, context):
+        self.store.unpin(request.lease_id)
+        return pb.UnpinResponse()
+
+    @_maps_errors
+    def ListEntries(self, request, context):
+        page, token = self.store.list_entries(request.tenant, request.family_id, request.producer,
+                                              request.limit, request.page_token)
+        return pb.ListEntriesResponse(entries=[_entry_info(m, t, p) for m, t, p in page],
+                                      next_page_token=token)
+
+    @_maps_errors
+    def Stats(self, request, context):
+        s = self.store.stats()
+        tiers = [pb.TierStats(tier=tier, **{k: v for k, v in s[name].items() if k != "free_extents"})
+                 for tier, name in ((pb.TIER_MEMORY, "memory"), (pb.TIER_DISK, "disk"))]
+        return pb.StatsResponse(node_id=s["node_id"], chunk_size=s["chunk_size"], tiers=tiers,
+                                entries=s["entries"], models=s["models"],
+                                open_reservations=s["open_reservations"], counters=s["counters"],
+                                uptime_s=s["uptime_s"])
+
+
+def _request_order_offsets(meta: EntryMeta, spec: pb.EntrySpec) -> list[int]:
+    where = {(s.kind, s.layer): s.offset for s in meta.slabs}
+    return [where[(Kind(s.kind), s.layer)] for s in spec.slabs]
+
+
+def _entry_info(meta: EntryMeta, tier, pinned: bool) -> pb.EntryInfo:
+    return pb.EntryInfo(entry_id=meta.entry_id, tenant=meta.tenant, family_id=meta.family_id,
+                        chunk_hash=meta.chunk_hash, producer=meta.producer,
+                        position_offset=meta.position_offset, layout=_layout_to_proto(meta.layout),
+                        size_bytes=meta.size_bytes, tier=int(tier), pinned=pinned)

@@ -1,0 +1,489 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DTYPE_UNSPECIFIED: _ClassVar[DType]
+    DTYPE_FLOAT32: _ClassVar[DType]
+    DTYPE_FLOAT16: _ClassVar[DType]
+    DTYPE_BFLOAT16: _ClassVar[DType]
+    DTYPE_FLOAT8_E4M3FN: _ClassVar[DType]
+    DTYPE_FLOAT8_E5M2: _ClassVar[DType]
+    DTYPE_INT8: _ClassVar[DType]
+    DTYPE_UINT8: _ClassVar[DType]
+
+class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    KIND_UNSPECIFIED: _ClassVar[Kind]
+    KIND_K: _ClassVar[Kind]
+    KIND_V: _ClassVar[Kind]
+    KIND_E: _ClassVar[Kind]
+
+class Tier(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TIER_UNSPECIFIED: _ClassVar[Tier]
+    TIER_MEMORY: _ClassVar[Tier]
+    TIER_DISK: _ClassVar[Tier]
+DTYPE_UNSPECIFIED: DType
+DTYPE_FLOAT32: DType
+DTYPE_FLOAT16: DType
+DTYPE_BFLOAT16: DType
+DTYPE_FLOAT8_E4M3FN: DType
+DTYPE_FLOAT8_E5M2: DType
+DTYPE_INT8: DType
+DTYPE_UINT8: DType
+KIND_UNSPECIFIED: Kind
+KIND_K: Kind
+KIND_V: Kind
+KIND_E: Kind
+TIER_UNSPECIFIED: Tier
+TIER_MEMORY: Tier
+TIER_DISK: Tier
+
+class RopeSpec(_message.Message):
+    __slots__ = ("theta", "scaling_json")
+    THETA_FIELD_NUMBER: _ClassVar[int]
+    SCALING_JSON_FIELD_NUMBER: _ClassVar[int]
+    theta: float
+    scaling_json: str
+    def __init__(self, theta: _Optional[float] = ..., scaling_json: _Optional[str] = ...) -> None: ...
+
+class FamilySpec(_message.Message):
+    __slots__ = ("architecture", "num_layers", "num_kv_heads", "head_dim", "hidden_size", "rope", "tokenizer_fingerprint", "dtype")
+    ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
+    NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    NUM_KV_HEADS_FIELD_NUMBER: _ClassVar[int]
+    HEAD_DIM_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
+    ROPE_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    architecture: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    rope: RopeSpec
+    tokenizer_fingerprint: str
+    dtype: DType
+    def __init__(self, architecture: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., hidden_size: _Optional[int] = ..., rope: _Optional[_Union[RopeSpec, _Mapping]] = ..., tokenizer_fingerprint: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+
+class ModelSpec(_message.Message):
+    __slots__ = ("model_id", "weights_digest", "family")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    FAMILY_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    weights_digest: str
+    family: FamilySpec
+    def __init__(self, model_id: _Optional[str] = ..., weights_digest: _Optional[str] = ..., family: _Optional[_Union[FamilySpec, _Mapping]] = ...) -> None: ...
+
+class RegisterModelRequest(_message.Message):
+    __slots__ = ("model", "replace")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    REPLACE_FIELD_NUMBER: _ClassVar[int]
+    model: ModelSpec
+    replace: bool
+    def __init__(self, model: _Optional[_Union[ModelSpec, _Mapping]] = ..., replace: _Optional[bool] = ...) -> None: ...
+
+class RegisterModelResponse(_message.Message):
+    __slots__ = ("family_id", "created", "chunk_size")
+    FAMILY_ID_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    family_id: str
+    created: bool
+    chunk_size: int
+    def __init__(self, family_id: _Optional[str] = ..., created: _Optional[bool] = ..., chunk_size: _Optional[int] = ...) -> None: ...
+
+class GetModelRequest(_message.Message):
+    __slots__ = ("model_id",)
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    def __init__(self, model_id: _Optional[str] = ...) -> None: ...
+
+class GetModelResponse(_message.Message):
+    __slots__ = ("model", "family_id")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    FAMILY_ID_FIELD_NUMBER: _ClassVar[int]
+    model: ModelSpec
+    family_id: str
+    def __init__(self, model: _Optional[_Union[ModelSpec, _Mapping]] = ..., family_id: _Optional[str] = ...) -> None: ...
+
+class ListModelsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListModelsResponse(_message.Message):
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[GetModelResponse]
+    def __init__(self, models: _Optional[_Iterable[_Union[GetModelResponse, _Mapping]]] = ...) -> None: ...
+
+class SlabSpec(_message.Message):
+    __slots__ = ("kind", "layer", "shape", "dtype", "checksum")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    kind: Kind
+    layer: int
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    dtype: DType
+    checksum: int
+    def __init__(self, kind: _Optional[_Union[Kind, str]] = ..., layer: _Optional[int] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., checksum: _Optional[int] = ...) -> None: ...
+
+class EntrySpec(_message.Message):
+    __slots__ = ("chunk_hash", "position_offset", "num_tokens", "slabs")
+    CHUNK_HASH_FIELD_NUMBER: _ClassVar[int]
+    POSITION_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SLABS_FIELD_NUMBER: _ClassVar[int]
+    chunk_hash: bytes
+    position_offset: int
+    num_tokens: int
+    slabs: _containers.RepeatedCompositeFieldContainer[SlabSpec]
+    def __init__(self, chunk_hash: _Optional[bytes] = ..., position_offset: _Optional[int] = ..., num_tokens: _Optional[int] = ..., slabs: _Optional[_Iterable[_Union[SlabSpec, _Mapping]]] = ...) -> None: ...
+
+class ReserveRequest(_message.Message):
+    __slots__ = ("tenant", "family_id", "producer", "entries", "ttl_s")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    FAMILY_ID_FIELD_NUMBER: _ClassVar[int]
+    PRODUCER_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    TTL_S_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    family_id: str
+    producer: str
+    entries: _containers.RepeatedCompositeFieldContainer[EntrySpec]
+    ttl_s: int
+    def __init__(self, tenant: _Optional[str] = ..., family_id: _Optional[str] = ..., producer: _Optional[str] = ..., entries: _Optional[_Iterable[_Union[EntrySpec, _Mapping]]] = ..., ttl_s: _Optional[int] = ...) -> None: ...
+
+class EntryWriteTarget(_message.Message):
+    __slots__ = ("entry_index", "size_bytes", "slab_offsets", "already_present")
+    ENTRY_INDEX_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SLAB_OFFSETS_FIELD_NUMBER: _ClassVar[int]
+    ALREADY_PRESENT_FIELD_NUMBER: _ClassVar[int]
+    entry_index: int
+    size_bytes: int
+    slab_offsets: _containers.RepeatedScalarFieldContainer[int]
+    already_present: bool
+    def __init__(self, entry_index: _Optional[int] = ..., size_bytes: _Optional[int] = ..., slab_offsets: _Optional[_Iterable[int]] = ..., already_present: _Optional[bool] = ...) -> None: ...
+
+class ReserveResponse(_message.Message):
+    __slots__ = ("reservation_id", "targets", "expires_in_ms")
+    RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
+    TARGETS_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_IN_MS_FIELD_NUMBER: _ClassVar[int]
+    reservation_id: str
+    targets: _containers.RepeatedCompositeFieldContainer[EntryWriteTarget]
+    expires_in_ms: int
+    def __init__(self, reservation_id: _Optional[str] = ..., targets: _Optional[_Iterable[_Union[EntryWriteTarget, _Mapping]]] = ..., expires_in_ms: _Optional[int] = ...) -> None: ...
+
+class WriteChunk(_message.Message):
+    __slots__ = ("reservation_id", "entry_index", "offset", "data")
+    RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
+    ENTRY_INDEX_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    reservation_id: str
+    entry_index: int
+    offset: int
+    data: bytes
+    def __init__(self, reservation_id: _Optional[str] = ..., entry_index: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class WriteSlabsResponse(_message.Message):
+    __slots__ = ("bytes_received",)
+    BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    bytes_received: int
+    def __init__(self, bytes_received: _Optional[int] = ...) -> None: ...
+
+class CommitRequest(_message.Message):
+    __slots__ = ("reservation_id",)
+    RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
+    reservation_id: str
+    def __init__(self, reservation_id: _Optional[str] = ...) -> None: ...
+
+class CommitResponse(_message.Message):
+    __slots__ = ("entries_committed",)
+    ENTRIES_COMMITTED_FIELD_NUMBER: _ClassVar[int]
+    entries_committed: int
+    def __init__(self, entries_committed: _Optional[int] = ...) -> None: ...
+
+class AbortRequest(_message.Message):
+    __slots__ = ("reservation_id",)
+    RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
+    reservation_id: str
+    def __init__(self, reservation_id: _Optional[str] = ...) -> None: ...
+
+class AbortResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class LookupRequest(_message.Message):
+    __slots__ = ("tenant", "family_id", "chunk_hashes", "consumer", "producers", "lease_ttl_s")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    FAMILY_ID_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_HASHES_FIELD_NUMBER: _ClassVar[int]
+    CONSUMER_FIELD_NUMBER: _ClassVar[int]
+    PRODUCERS_FIELD_NUMBER: _ClassVar[int]
+    LEASE_TTL_S_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    family_id: str
+    chunk_hashes: _containers.RepeatedScalarFieldContainer[bytes]
+    consumer: str
+    producers: _containers.RepeatedScalarFieldContainer[str]
+    lease_ttl_s: int
+    def __init__(self, tenant: _Optional[str] = ..., family_id: _Optional[str] = ..., chunk_hashes: _Optional[_Iterable[bytes]] = ..., consumer: _Optional[str] = ..., producers: _Optional[_Iterable[str]] = ..., lease_ttl_s: _Optional[int] = ...) -> None: ...
+
+class EntryLayout(_message.Message):
+    __slots__ = ("num_tokens", "k_layers", "v_layers", "e_layers")
+    NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    K_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    V_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    E_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    num_tokens: int
+    k_layers: _containers.RepeatedScalarFieldContainer[int]
+    v_layers: _containers.RepeatedScalarFieldContainer[int]
+    e_layers: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, num_tokens: _Optional[int] = ..., k_layers: _Optional[_Iterable[int]] = ..., v_layers: _Optional[_Iterable[int]] = ..., e_layers: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class HitEntry(_message.Message):
+    __slots__ = ("entry_id", "position_offset", "layout_index", "tier")
+    ENTRY_ID_FIELD_NUMBER: _ClassVar[int]
+    POSITION_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_INDEX_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    entry_id: bytes
+    position_offset: int
+    layout_index: int
+    tier: Tier
+    def __init__(self, entry_id: _Optional[bytes] = ..., position_offset: _Optional[int] = ..., layout_index: _Optional[int] = ..., tier: _Optional[_Union[Tier, str]] = ...) -> None: ...
+
+class LookupHit(_message.Message):
+    __slots__ = ("producer", "same_model", "num_chunks", "entries", "fetch")
+    PRODUCER_FIELD_NUMBER: _ClassVar[int]
+    SAME_MODEL_FIELD_NUMBER: _ClassVar[int]
+    NUM_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    FETCH_FIELD_NUMBER: _ClassVar[int]
+    producer: str
+    same_model: bool
+    num_chunks: int
+    entries: _containers.RepeatedCompositeFieldContainer[HitEntry]
+    fetch: FetchDescriptor
+    def __init__(self, producer: _Optional[str] = ..., same_model: _Optional[bool] = ..., num_chunks: _Optional[int] = ..., entries: _Optional[_Iterable[_Union[HitEntry, _Mapping]]] = ..., fetch: _Optional[_Union[FetchDescriptor, _Mapping]] = ...) -> None: ...
+
+class FetchDescriptor(_message.Message):
+    __slots__ = ("node_id", "grpc_address", "transports")
+    class TransportsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: bytes
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    GRPC_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    TRANSPORTS_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    grpc_address: str
+    transports: _containers.ScalarMap[str, bytes]
+    def __init__(self, node_id: _Optional[str] = ..., grpc_address: _Optional[str] = ..., transports: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
+
+class LookupResponse(_message.Message):
+    __slots__ = ("hits", "layouts", "lease_id")
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    LAYOUTS_FIELD_NUMBER: _ClassVar[int]
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    hits: _containers.RepeatedCompositeFieldContainer[LookupHit]
+    layouts: _containers.RepeatedCompositeFieldContainer[EntryLayout]
+    lease_id: str
+    def __init__(self, hits: _Optional[_Iterable[_Union[LookupHit, _Mapping]]] = ..., layouts: _Optional[_Iterable[_Union[EntryLayout, _Mapping]]] = ..., lease_id: _Optional[str] = ...) -> None: ...
+
+class GetSlabsRequest(_message.Message):
+    __slots__ = ("tenant", "family_id", "entry_ids", "kinds", "layer_start", "layer_end")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    FAMILY_ID_FIELD_NUMBER: _ClassVar[int]
+    ENTRY_IDS_FIELD_NUMBER: _ClassVar[int]
+    KINDS_FIELD_NUMBER: _ClassVar[int]
+    LAYER_START_FIELD_NUMBER: _ClassVar[int]
+    LAYER_END_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    family_id: str
+    entry_ids: _containers.RepeatedScalarFieldContainer[bytes]
+    kinds: _containers.RepeatedScalarFieldContainer[Kind]
+    layer_start: int
+    layer_end: int
+    def __init__(self, tenant: _Optional[str] = ..., family_id: _Optional[str] = ..., entry_ids: _Optional[_Iterable[bytes]] = ..., kinds: _Optional[_Iterable[_Union[Kind, str]]] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ...) -> None: ...
+
+class SlabRun(_message.Message):
+    __slots__ = ("entry_index", "kind", "layer_start", "num_layers", "checksums", "data", "missing", "missing_reason")
+    ENTRY_INDEX_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    LAYER_START_FIELD_NUMBER: _ClassVar[int]
+    NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    MISSING_FIELD_NUMBER: _ClassVar[int]
+    MISSING_REASON_FIELD_NUMBER: _ClassVar[int]
+    entry_index: int
+    kind: Kind
+    layer_start: int
+    num_layers: int
+    checksums: _containers.RepeatedScalarFieldContainer[int]
+    data: bytes
+    missing: bool
+    missing_reason: str
+    def __init__(self, entry_index: _Optional[int] = ..., kind: _Optional[_Union[Kind, str]] = ..., layer_start: _Optional[int] = ..., num_layers: _Optional[int] = ..., checksums: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., missing: _Optional[bool] = ..., missing_reason: _Optional[str] = ...) -> None: ...
+
+class DeleteRequest(_message.Message):
+    __slots__ = ("tenant", "family_id", "entry_ids", "chunk_hashes", "producer")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    FAMILY_ID_FIELD_NUMBER: _ClassVar[int]
+    ENTRY_IDS_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_HASHES_FIELD_NUMBER: _ClassVar[int]
+    PRODUCER_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    family_id: str
+    entry_ids: _containers.RepeatedScalarFieldContainer[bytes]
+    chunk_hashes: _containers.RepeatedScalarFieldContainer[bytes]
+    producer: str
+    def __init__(self, tenant: _Optional[str] = ..., family_id: _Optional[str] = ..., entry_ids: _Optional[_Iterable[bytes]] = ..., chunk_hashes: _Optional[_Iterable[bytes]] = ..., producer: _Optional[str] = ...) -> None: ...
+
+class DeleteResponse(_message.Message):
+    __slots__ = ("entries_deleted",)
+    ENTRIES_DELETED_FIELD_NUMBER: _ClassVar[int]
+    entries_deleted: int
+    def __init__(self, entries_deleted: _Optional[int] = ...) -> None: ...
+
+class PinRequest(_message.Message):
+    __slots__ = ("tenant", "family_id", "entry_ids", "ttl_s")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    FAMILY_ID_FIELD_NUMBER: _ClassVar[int]
+    ENTRY_IDS_FIELD_NUMBER: _ClassVar[int]
+    TTL_S_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    family_id: str
+    entry_ids: _containers.RepeatedScalarFieldContainer[bytes]
+    ttl_s: int
+    def __init__(self, tenant: _Optional[str] = ..., family_id: _Optional[str] = ..., entry_ids: _Optional[_Iterable[bytes]] = ..., ttl_s: _Optional[int] = ...) -> None: ...
+
+class PinResponse(_message.Message):
+    __slots__ = ("lease_id", "entries_pinned")
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_PINNED_FIELD_NUMBER: _ClassVar[int]
+    lease_id: str
+    entries_pinned: int
+    def __init__(self, lease_id: _Optional[str] = ..., entries_pinned: _Optional[int] = ...) -> None: ...
+
+class UnpinRequest(_message.Message):
+    __slots__ = ("lease_id",)
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    lease_id: str
+    def __init__(self, lease_id: _Optional[str] = ...) -> None: ...
+
+class UnpinResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListEntriesRequest(_message.Message):
+    __slots__ = ("tenant", "family_id", "producer", "limit", "page_token")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    FAMILY_ID_FIELD_NUMBER: _ClassVar[int]
+    PRODUCER_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    family_id: str
+    producer: str
+    limit: int
+    page_token: str
+    def __init__(self, tenant: _Optional[str] = ..., family_id: _Optional[str] = ..., producer: _Optional[str] = ..., limit: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class EntryInfo(_message.Message):
+    __slots__ = ("entry_id", "tenant", "family_id", "chunk_hash", "producer", "position_offset", "layout", "size_bytes", "tier", "pinned")
+    ENTRY_ID_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    FAMILY_ID_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_HASH_FIELD_NUMBER: _ClassVar[int]
+    PRODUCER_FIELD_NUMBER: _ClassVar[int]
+    POSITION_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    PINNED_FIELD_NUMBER: _ClassVar[int]
+    entry_id: bytes
+    tenant: str
+    family_id: str
+    chunk_hash: bytes
+    producer: str
+    position_offset: int
+    layout: EntryLayout
+    size_bytes: int
+    tier: Tier
+    pinned: bool
+    def __init__(self, entry_id: _Optional[bytes] = ..., tenant: _Optional[str] = ..., family_id: _Optional[str] = ..., chunk_hash: _Optional[bytes] = ..., producer: _Optional[str] = ..., position_offset: _Optional[int] = ..., layout: _Optional[_Union[EntryLayout, _Mapping]] = ..., size_bytes: _Optional[int] = ..., tier: _Optional[_Union[Tier, str]] = ..., pinned: _Optional[bool] = ...) -> None: ...
+
+class ListEntriesResponse(_message.Message):
+    __slots__ = ("entries", "next_page_token")
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    entries: _containers.RepeatedCompositeFieldContainer[EntryInfo]
+    next_page_token: str
+    def __init__(self, entries: _Optional[_Iterable[_Union[EntryInfo, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class StatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class TierStats(_message.Message):
+    __slots__ = ("tier", "capacity_bytes", "used_bytes", "reserved_bytes", "entries", "evictions")
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RESERVED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    EVICTIONS_FIELD_NUMBER: _ClassVar[int]
+    tier: Tier
+    capacity_bytes: int
+    used_bytes: int
+    reserved_bytes: int
+    entries: int
+    evictions: int
+    def __init__(self, tier: _Optional[_Union[Tier, str]] = ..., capacity_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., reserved_bytes: _Optional[int] = ..., entries: _Optional[int] = ..., evictions: _Optional[int] = ...) -> None: ...
+
+class StatsResponse(_message.Message):
+    __slots__ = ("node_id", "chunk_size", "tiers", "entries", "models", "open_reservations", "counters", "uptime_s")
+    class CountersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    TIERS_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    OPEN_RESERVATIONS_FIELD_NUMBER: _ClassVar[int]
+    COUNTERS_FIELD_NUMBER: _ClassVar[int]
+    UPTIME_S_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    chunk_size: int
+    tiers: _containers.RepeatedCompositeFieldContainer[TierStats]
+    entries: int
+    models: int
+    open_reservations: int
+    counters: _containers.ScalarMap[str, int]
+    uptime_s: int
+    def __init__(self, node_id: _Optional[str] = ..., chunk_size: _Optional[int] = ..., tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., entries: _Optional[int] = ..., models: _Optional[int] = ..., open_reservations: _Optional[int] = ..., counters: _Optional[_Mapping[str, int]] = ..., uptime_s: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,22 @@
+"""cachesvc client SDK: register models, put entries, look up prompts, fetch layer ranges.
+
+    from cachesvc_client import CacheClient, FamilySpec, DType, Kind, EntryData
+"""
+
+from cachesvc.keys import DType, FamilySpec, Kind, canonical_json, chunk_hashes
+from cachesvc_client.aio import AsyncCacheClient
+from cachesvc_client.client import CacheClient
+from cachesvc_client.codec import (EntryData, Hit, HitEntry, Layout, LookupResult, Missing,
+                                   PutResult, Registered, Slabs)
+from cachesvc_client.errors import (CacheServiceError, DeadlineExceededError,
+                                    FailedPreconditionError, InvalidArgumentError, NotFoundError,
+                                    ResourceExhaustedError, UnavailableError)
+from cachesvc_client.options import ClientOptions, RetryPolicy
+
+__all__ = [
+    "AsyncCacheClient", "CacheClient", "ClientOptions", "RetryPolicy", "DType", "FamilySpec", "Kind",
+    "EntryData", "Hit", "HitEntry", "Layout", "LookupResult", "Missing", "PutResult", "Registered",
+    "Slabs", "canonical_json", "chunk_hashes", "CacheServiceError", "DeadlineExceededError",
+    "FailedPreconditionError", "InvalidArgumentError", "NotFoundError", "ResourceExhaustedError",
+    "UnavailableError",
+]

@@ -1,0 +1,148 @@
+"""asyncio client: the same calls as :class:`~cachesvc_client.client.CacheClient`, awaited.
+Request building and result assembly are shared (cachesvc_client.codec)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from cachesvc.keys import ChunkHash, FamilyId, FamilySpec, Kind, chunk_hashes
+from cachesvc.v1 import cachesvc_pb2 as pb
+from cachesvc.v1 import cachesvc_pb2_grpc as pb_grpc
+from cachesvc.wire import family_from_proto, family_to_proto
+from cachesvc_client.client import stats_to_dict
+from cachesvc_client.codec import (EntryData, HitEntry, LookupResult, PutResult, Registered,
+                                   SlabAssembler, Slabs, lookup_from_proto, plan_put, write_chunks)
+from cachesvc_client.errors import CacheServiceError, from_rpc_error
+from cachesvc_client.options import ClientOptions, batches
+
+__all__ = ["AsyncCacheClient"]
+
+
+class AsyncCacheClient:
+    """Create inside a running event loop; ``async with`` closes the channel."""
+
+    def __init__(self, target: str, options: ClientOptions | None = None) -> None:
+        self.target = target
+        self.options = options or ClientOptions()
+        self._channel = aio.insecure_channel(target, options=self.options.channel_options())
+        self._stub = pb_grpc.CacheServiceStub(self._channel)
+        self._families: dict[str, FamilySpec] = {}
+        self._chunk_size: int | None = None
+
+    async def __aenter__(self) -> "AsyncCacheClient":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def wait_ready(self, timeout_s: float = 10.0) -> None:
+        import asyncio
+        try:
+            await asyncio.wait_for(self._channel.channel_ready(), timeout_s)
+        except asyncio.TimeoutError:
+            raise CacheServiceError(f"{self.target} not reachable within {timeout_s} s") from None
+
+    async def _call(self, method: Any, request: Any, timeout_s: float | None = None) -> Any:
+        try:
+            return await method(request, timeout=timeout_s or self.options.timeout_s)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+
+    async def register_model(self, model_id: str, weights_digest: str, family: FamilySpec,
+                             replace: bool = False) -> Registered:
+        model = pb.ModelSpec(model_id=model_id, weights_digest=weights_digest,
+                             family=family_to_proto(family))
+        resp = await self._call(self._stub.RegisterModel,
+                                pb.RegisterModelRequest(model=model, replace=replace))
+        self._families[resp.family_id] = family
+        self._chunk_size = resp.chunk_size
+        return Registered(FamilyId(resp.family_id), resp.chunk_size, resp.created)
+
+    async def family(self, family_id: str) -> FamilySpec:
+        if family_id not in self._families:
+            resp = await self._call(self._stub.ListModels, pb.ListModelsRequest())
+            for m in resp.models:
+                self._families[m.family_id] = family_from_proto(m.model.family)
+        if family_id not in self._families:
+            raise CacheServiceError(f"family {family_id} has no registered model on {self.target}")
+        return self._families[family_id]
+
+    async def hash_tokens(self, tokens: Sequence[int], family_id: str, *, tenant: str = "",
+                          extra_keys: Sequence[str | bytes] = ()) -> list[ChunkHash]:
+        if self._chunk_size is None:
+            self._chunk_size = (await self.stats())["chunk_size"]
+        return chunk_hashes(tokens, FamilyId(family_id), tenant=tenant or self.options.tenant,
+                            chunk_size=self._chunk_size, extra_keys=extra_keys)
+
+    async def put(self, family_id: str, producer: str, entries: Sequence[EntryData],
+                  tenant: str = "") -> PutResult:
+        family = await self.family(family_id)
+        committed = present = sent = 0
+        for batch in batches(entries, self.options.max_put_bytes):
+            plan = plan_put(tenant or self.options.tenant, family_id, family, producer, batch)
+            res = await self._call(self._stub.Reserve, plan.request)
+            try:
+                todo = [t for t in res.targets if not t.already_present]
+                if todo:
+                    await self._call(self._stub.WriteSlabs,
+                                     _aiter(write_chunks(res.reservation_id, plan, todo)),
+                                     self.options.data_timeout_s)
+                resp = await self._call(self._stub.Commit,
+                                        pb.CommitRequest(reservation_id=res.reservation_id))
+                committed += resp.entries_committed
+            except BaseException:
+                try:
+                    await self._stub.Abort(pb.AbortRequest(reservation_id=res.reservation_id),
+                                           timeout=self.options.timeout_s)
+                except grpc.RpcError:
+                    pass   # already closed or server gone; expiry reclaims it
+                raise
+            present += sum(t.already_present for t in res.targets)
+            sent += sum(t.size_bytes for t in todo)
+        return PutResult(committed, present, sent)
+
+    async def lookup(self, family_id: str, hashes: Sequence[bytes], *, consumer: str = "",
+                     producers: Sequence[str] = (), lease_ttl_s: int = 0,
+                     tenant: str = "") -> LookupResult:
+        req = pb.LookupRequest(tenant=tenant or self.options.tenant, family_id=family_id,
+                               chunk_hashes=hashes, consumer=consumer, producers=producers,
+                               lease_ttl_s=lease_ttl_s)
+        return lookup_from_proto(await self._call(self._stub.Lookup, req))
+
+    async def get(self, family_id: str, entries: Sequence[HitEntry],
+                  kinds: Sequence[Kind] = (Kind.K, Kind.V), layers: tuple[int, int] | None = None,
+                  *, out: Mapping[Kind, Any] | None = None, as_torch: bool = False,
+                  tenant: str = "") -> Slabs:
+        family = await self.family(family_id)
+        start, end = layers or (0, family.num_layers)
+        asm = SlabAssembler(family, entries, kinds, start, end, out, as_torch)
+        req = pb.GetSlabsRequest(tenant=tenant or self.options.tenant, family_id=family_id,
+                                 entry_ids=[e.entry_id for e in entries], kinds=[int(k) for k in kinds],
+                                 layer_start=start, layer_end=end)
+        try:
+            async for run in self._stub.GetSlabs(req, timeout=self.options.data_timeout_s):
+                asm.feed(run)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+        return asm.result()
+
+    async def delete(self, family_id: str, *, entry_ids: Sequence[bytes] = (),
+                     chunk_hashes: Sequence[bytes] = (), producer: str = "", tenant: str = "") -> int:
+        req = pb.DeleteRequest(tenant=tenant or self.options.tenant, family_id=family_id,
+                               entry_ids=entry_ids, chunk_hashes=chunk_hashes, producer=producer)
+        return (await self._call(self._stub.Delete, req)).entries_deleted
+
+    async def stats(self) -> dict:
+        return stats_to_dict(await self._call(self._stub.Stats, pb.StatsRequest()))
+
+
+async def _aiter(items):
+    for item in items:
+        yield item

@@ -1,0 +1,194 @@
+"""Synchronous client. Thread-safe: one channel (HTTP/2 connection) is shared by all
+calls; make one client per process and reuse it."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import grpc
+
+from cachesvc.keys import ChunkHash, FamilyId, FamilySpec, Kind, chunk_hashes
+from cachesvc.v1 import cachesvc_pb2 as pb
+from cachesvc.v1 import cachesvc_pb2_grpc as pb_grpc
+from cachesvc.wire import family_from_proto, family_to_proto
+from cachesvc_client.codec import (EntryData, HitEntry, LookupResult, PutResult, Registered,
+                                   SlabAssembler, Slabs, lookup_from_proto, plan_put, write_chunks)
+from cachesvc_client.errors import CacheServiceError, from_rpc_error
+from cachesvc_client.options import ClientOptions, batches
+
+__all__ = ["CacheClient"]
+
+
+class CacheClient:
+    """Blocking client for one cachesvc node.
+
+    Idempotent calls (lookup, get, stats, list, register, delete) are retried on
+    UNAVAILABLE by gRPC's retry policy (:class:`ClientOptions`); the put sequence is not,
+    but a failed put is aborted, so nothing of it stays reserved or becomes visible.
+    Errors are :class:`~cachesvc_client.errors.CacheServiceError` subclasses.
+    """
+
+    def __init__(self, target: str, options: ClientOptions | None = None) -> None:
+        self.target = target
+        self.options = options or ClientOptions()
+        self._channel = grpc.insecure_channel(target, options=self.options.channel_options())
+        self._stub = pb_grpc.CacheServiceStub(self._channel)
+        self._families: dict[str, FamilySpec] = {}
+        self._chunk_size: int | None = None
+
+    # -- lifecycle
+
+    def wait_ready(self, timeout_s: float = 10.0) -> None:
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=timeout_s)
+        except grpc.FutureTimeoutError:
+            raise CacheServiceError(f"{self.target} not reachable within {timeout_s} s") from None
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "CacheClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, method: Any, request: Any, timeout_s: float | None = None) -> Any:
+        try:
+            return method(request, timeout=timeout_s or self.options.timeout_s)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+
+    # -- models
+
+    def register_model(self, model_id: str, weights_digest: str, family: FamilySpec,
+                       replace: bool = False) -> Registered:
+        model = pb.ModelSpec(model_id=model_id, weights_digest=weights_digest,
+                             family=family_to_proto(family))
+        resp = self._call(self._stub.RegisterModel, pb.RegisterModelRequest(model=model, replace=replace))
+        self._families[resp.family_id] = family
+        self._chunk_size = resp.chunk_size
+        return Registered(FamilyId(resp.family_id), resp.chunk_size, resp.created)
+
+    def family(self, family_id: str) -> FamilySpec:
+        """The family spec (cached; fetched from the server's model list if unknown)."""
+        if family_id not in self._families:
+            for m in self._call(self._stub.ListModels, pb.ListModelsRequest()).models:
+                self._families[m.family_id] = family_from_proto(m.model.family)
+        if family_id not in self._families:
+            raise CacheServiceError(f"family {family_id} has no registered model on {self.target}")
+        return self._families[family_id]
+
+    def list_models(self) -> list[dict]:
+        resp = self._call(self._stub.ListModels, pb.ListModelsRequest())
+        return [{"model_id": m.model.model_id, "weights_digest": m.model.weights_digest,
+                 "family_id": m.family_id} for m in resp.models]
+
+    def chunk_size(self) -> int:
+        if self._chunk_size is None:
+            self._chunk_size = self.stats()["chunk_size"]
+        return self._chunk_size
+
+    def hash_tokens(self, tokens: Sequence[int], family_id: str, *, tenant: str = "",
+                    extra_keys: Sequence[str | bytes] = ()) -> list[ChunkHash]:
+        """Chunk hashes of a prompt's full chunks, with this server's chunk size."""
+        return chunk_hashes(tokens, FamilyId(family_id), tenant=tenant or self.options.tenant,
+                            chunk_size=self.chunk_size(), extra_keys=extra_keys)
+
+    # -- put
+
+    def put(self, family_id: str, producer: str, entries: Sequence[EntryData],
+            tenant: str = "") -> PutResult:
+        """Store entries. Each batch of about ``options.max_put_bytes`` is atomic: all its
+        entries become visible at once or none does."""
+        family = self.family(family_id)
+        committed = present = sent = 0
+        for batch in batches(entries, self.options.max_put_bytes):
+            plan = plan_put(tenant or self.options.tenant, family_id, family, producer, batch)
+            res = self._call(self._stub.Reserve, plan.request)
+            try:
+                todo = [t for t in res.targets if not t.already_present]
+                if todo:
+                    self._call(self._stub.WriteSlabs, write_chunks(res.reservation_id, plan, todo),
+                               self.options.data_timeout_s)
+                committed += self._call(self._stub.Commit,
+                                        pb.CommitRequest(reservation_id=res.reservation_id)
+                                        ).entries_committed
+            except BaseException:
+                self._abort_quietly(res.reservation_id)
+                raise
+            present += sum(t.already_present for t in res.targets)
+            sent += sum(t.size_bytes for t in todo)
+        return PutResult(committed, present, sent)
+
+    def _abort_quietly(self, reservation_id: str) -> None:
+        try:
+            self._stub.Abort(pb.AbortRequest(reservation_id=reservation_id),
+                             timeout=self.options.timeout_s)
+        except grpc.RpcError:
+            pass   # already closed, or the server is gone; expiry reclaims it
+
+    # -- lookup and get
+
+    def lookup(self, family_id: str, hashes: Sequence[bytes], *, consumer: str = "",
+               producers: Sequence[str] = (), lease_ttl_s: int = 0, tenant: str = "") -> LookupResult:
+        req = pb.LookupRequest(tenant=tenant or self.options.tenant, family_id=family_id,
+                               chunk_hashes=hashes, consumer=consumer, producers=producers,
+                               lease_ttl_s=lease_ttl_s)
+        return lookup_from_proto(self._call(self._stub.Lookup, req))
+
+    def get(self, family_id: str, entries: Sequence[HitEntry], kinds: Sequence[Kind] = (Kind.K, Kind.V),
+            layers: tuple[int, int] | None = None, *, out: Mapping[Kind, Any] | None = None,
+            as_torch: bool = False, tenant: str = "") -> Slabs:
+        """Fetch ``kinds`` over ``layers`` = [start, end) of ``entries`` (from a lookup hit)
+        into ``out`` or fresh arrays ``[layers, tokens, ...]``; see :class:`Slabs`."""
+        family = self.family(family_id)
+        start, end = layers or (0, family.num_layers)
+        asm = SlabAssembler(family, entries, kinds, start, end, out, as_torch)
+        req = pb.GetSlabsRequest(tenant=tenant or self.options.tenant, family_id=family_id,
+                                 entry_ids=[e.entry_id for e in entries], kinds=[int(k) for k in kinds],
+                                 layer_start=start, layer_end=end)
+        try:
+            for run in self._stub.GetSlabs(req, timeout=self.options.data_timeout_s):
+                asm.feed(run)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+        return asm.result()
+
+    # -- housekeeping
+
+    def delete(self, family_id: str, *, entry_ids: Sequence[bytes] = (),
+               chunk_hashes: Sequence[bytes] = (), producer: str = "", tenant: str = "") -> int:
+        req = pb.DeleteRequest(tenant=tenant or self.options.tenant, family_id=family_id,
+                               entry_ids=entry_ids, chunk_hashes=chunk_hashes, producer=producer)
+        return self._call(self._stub.Delete, req).entries_deleted
+
+    def pin(self, family_id: str, entry_ids: Sequence[bytes], ttl_s: int, tenant: str = "") -> str:
+        req = pb.PinRequest(tenant=tenant or self.options.tenant, family_id=family_id,
+                            entry_ids=entry_ids, ttl_s=ttl_s)
+        return self._call(self._stub.Pin, req).lease_id
+
+    def unpin(self, lease_id: str) -> None:
+        self._call(self._stub.Unpin, pb.UnpinRequest(lease_id=lease_id))
+
+    def list_entries(self, *, family_id: str = "", producer: str = "", tenant: str = "",
+                     limit: int = 100, page_token: str = "") -> tuple[list[pb.EntryInfo], str]:
+        req = pb.ListEntriesRequest(tenant=tenant, family_id=family_id, producer=producer,
+                                    limit=limit, page_token=page_token)
+        resp = self._call(self._stub.ListEntries, req)
+        return list(resp.entries), resp.next_page_token
+
+    def stats(self) -> dict:
+        return stats_to_dict(self._call(self._stub.Stats, pb.StatsRequest()))
+
+
+def stats_to_dict(resp: pb.StatsResponse) -> dict:
+    tiers = {pb.Tier.Name(t.tier).removeprefix("TIER_").lower(): {
+        "capacity_bytes": t.capacity_bytes, "used_bytes": t.used_bytes,
+        "reserved_bytes": t.reserved_bytes, "entries": t.entries, "evictions": t.evictions}
+        for t in resp.tiers}
+    return {"node_id": resp.node_id, "chunk_size": resp.chunk_size, "entries": resp.entries,
+            "models": resp.models, "open_reservations": resp.open_reservations,
+            "uptime_s": resp.uptime_s, **tiers, "counters": dict(sorted(resp.counters.items()))}
+

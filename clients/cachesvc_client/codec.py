@@ -1,0 +1,325 @@
+"""Transport-free half of the SDK: records, request building, and assembly of fetched
+slabs into caller buffers. The sync and asyncio clients only move these messages.
+
+Arrays are handled as raw bytes (``uint8`` views), so every dtype — bfloat16 and fp8
+included — takes the same path, and torch tensors are written in place through
+``tensor.view(torch.uint8).numpy()`` without a copy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+import xxhash
+
+from cachesvc.keys import DType, EntryId, FamilyId, FamilySpec, Kind
+from cachesvc.v1 import cachesvc_pb2 as pb
+
+WRITE_PIECE_BYTES = 2 << 20
+"""Target size of one WriteChunk message."""
+
+NUMPY_DTYPES: dict[DType, np.dtype] = {
+    DType.FLOAT32: np.dtype(np.float32), DType.FLOAT16: np.dtype(np.float16),
+    DType.BFLOAT16: np.dtype(ml_dtypes.bfloat16),
+    DType.FLOAT8_E4M3FN: np.dtype(ml_dtypes.float8_e4m3fn),
+    DType.FLOAT8_E5M2: np.dtype(ml_dtypes.float8_e5m2),
+    DType.INT8: np.dtype(np.int8), DType.UINT8: np.dtype(np.uint8),
+}
+
+
+# ---------------------------------------------------------------- records
+
+@dataclass(frozen=True, slots=True)
+class Registered:
+    family_id: FamilyId
+    chunk_size: int        # the server's tokens per chunk: hash prompts with it
+    created: bool          # False when the identical model was already registered
+
+
+@dataclass(frozen=True, slots=True)
+class EntryData:
+    """One chunk's slabs to put. Arrays are token-major: K/V ``[tokens, kv_heads,
+    head_dim]``, E ``[tokens, hidden]``, in the family dtype (numpy or CPU torch)."""
+
+    chunk_hash: bytes
+    slabs: Mapping[tuple[Kind, int], Any]   # (kind, layer) -> array
+    position_offset: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class PutResult:
+    entries_committed: int    # newly visible entries
+    already_present: int      # identical entries that were already stored
+    bytes_sent: int
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    num_tokens: int
+    k_layers: tuple[int, ...]
+    v_layers: tuple[int, ...]
+    e_layers: tuple[int, ...]
+
+    def layers(self, kind: Kind) -> tuple[int, ...]:
+        return (self.k_layers, self.v_layers, self.e_layers)[kind - 1]
+
+
+@dataclass(frozen=True, slots=True)
+class HitEntry:
+    entry_id: EntryId
+    position_offset: int
+    layout: Layout
+    tier: int              # 1 memory, 2 disk
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    """One producer's hits: ``entries[i]`` covers chunk i of the looked-up prompt."""
+
+    producer: str
+    same_model: bool
+    entries: list[HitEntry]
+    grpc_address: str      # where to fetch
+
+    @property
+    def num_chunks(self) -> int:
+        return len(self.entries)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(e.layout.num_tokens for e in self.entries)
+
+
+@dataclass(frozen=True, slots=True)
+class LookupResult:
+    hits: list[Hit]        # longest first
+    lease_id: str          # "" unless a lease was asked for and something hit
+
+    def best(self, producer: str | None = None) -> Hit | None:
+        for hit in self.hits:
+            if producer is None or hit.producer == producer:
+                return hit
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class Missing:
+    entry_index: int
+    kind: Kind
+    layer_start: int
+    num_layers: int
+    reason: str
+
+
+@dataclass(slots=True)
+class Slabs:
+    """Fetched slabs: ``arrays[kind]`` is ``[num_layers, total_tokens, ...]``.
+
+    ``valid_chunks`` is how many leading entries arrived whole and checksum-clean for
+    every requested kind and layer; use only those (recompute the rest).
+    """
+
+    arrays: dict[Kind, Any]
+    layer_start: int
+    layer_end: int
+    token_offsets: list[int]   # token_offsets[i]: first token of entry i in the arrays
+    valid_chunks: int
+    missing: list[Missing] = field(default_factory=list)
+    bytes_received: int = 0
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing
+
+
+# ---------------------------------------------------------------- conversions
+
+def lookup_from_proto(resp: pb.LookupResponse) -> LookupResult:
+    layouts = [Layout(lay.num_tokens, tuple(lay.k_layers), tuple(lay.v_layers), tuple(lay.e_layers))
+               for lay in resp.layouts]
+    hits = [Hit(h.producer, h.same_model,
+                [HitEntry(EntryId(e.entry_id), e.position_offset, layouts[e.layout_index], e.tier)
+                 for e in h.entries], h.fetch.grpc_address)
+            for h in resp.hits]
+    return LookupResult(hits, resp.lease_id)
+
+
+def byte_view(array: Any) -> memoryview:
+    """A zero-copy byte view of a C-contiguous numpy array or CPU torch tensor."""
+    if hasattr(array, "detach"):   # torch, imported lazily by whoever made the tensor
+        if array.device.type != "cpu":
+            raise ValueError("only CPU tensors can be sent; move it with .cpu() first")
+        if not array.is_contiguous():
+            raise ValueError("tensor is not contiguous; call .contiguous() first")
+        import torch
+        array = array.detach().reshape(-1).view(torch.uint8).numpy()
+    arr = np.asarray(array)
+    if not arr.flags.c_contiguous:
+        raise ValueError("array is not C-contiguous; use np.ascontiguousarray first")
+    return memoryview(arr.reshape(-1).view(np.uint8))
+
+
+def _dtype_of(array: Any) -> str:
+    return str(array.dtype).rsplit(".", 1)[-1]
+
+
+# ---------------------------------------------------------------- put
+
+@dataclass(slots=True)
+class PutPlan:
+    """Reserve request plus the payload views of each entry, in payload order."""
+
+    request: pb.ReserveRequest
+    payloads: list[list[memoryview]]   # per entry, slab views sorted by (kind, layer)
+    size_bytes: int
+
+
+def plan_put(tenant: str, family_id: str, family: FamilySpec, producer: str,
+             entries: Sequence[EntryData], ttl_s: int = 0) -> PutPlan:
+    """Checksum each slab and describe the put. Raises ValueError for arrays that cannot
+    be what the family expects (the server checks shapes again and authoritatively)."""
+    req = pb.ReserveRequest(tenant=tenant, family_id=family_id, producer=producer, ttl_s=ttl_s)
+    payloads: list[list[memoryview]] = []
+    total = 0
+    for i, entry in enumerate(entries):
+        if not entry.slabs:
+            raise ValueError(f"entries[{i}] has no slabs")
+        num_tokens = {int(arr.shape[0]) for arr in entry.slabs.values()}
+        if len(num_tokens) != 1:
+            raise ValueError(f"entries[{i}]: slabs disagree on the token count {sorted(num_tokens)}")
+        spec = req.entries.add(chunk_hash=bytes(entry.chunk_hash),
+                               position_offset=entry.position_offset,
+                               num_tokens=num_tokens.pop())
+        views = []
+        for (kind, layer), arr in sorted(entry.slabs.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+            view = byte_view(arr)
+            try:
+                dtype = DType.parse(_dtype_of(arr))
+            except ValueError as exc:
+                raise ValueError(f"entries[{i}] {Kind(kind).name} layer {layer}: {exc}") from None
+            spec.slabs.add(kind=int(kind), layer=layer, shape=list(arr.shape), dtype=int(dtype),
+                           checksum=xxhash.xxh3_64_intdigest(view))
+            views.append(view)
+            total += len(view)
+        payloads.append(views)
+    return PutPlan(req, payloads, total)
+
+
+def write_chunks(reservation_id: str, plan: PutPlan, targets: Sequence[pb.EntryWriteTarget],
+                 piece_bytes: int = WRITE_PIECE_BYTES) -> Iterator[pb.WriteChunk]:
+    """WriteChunk messages for every entry the server still needs, in payload order.
+    Small slabs are joined into pieces of about ``piece_bytes``; large ones are split."""
+    for target in targets:
+        if target.already_present:
+            continue
+        offset = 0
+        pending: list[memoryview] = []
+        pending_bytes = 0
+        for view in plan.payloads[target.entry_index]:
+            for start in range(0, len(view), piece_bytes):
+                part = view[start:start + piece_bytes]
+                pending.append(part)
+                pending_bytes += len(part)
+                if pending_bytes >= piece_bytes:
+                    data = b"".join(pending)
+                    yield pb.WriteChunk(reservation_id=reservation_id,
+                                        entry_index=target.entry_index, offset=offset, data=data)
+                    offset += len(data)
+                    pending, pending_bytes = [], 0
+        if pending:
+            yield pb.WriteChunk(reservation_id=reservation_id, entry_index=target.entry_index,
+                                offset=offset, data=b"".join(pending))
+
+
+# ---------------------------------------------------------------- get
+
+class SlabAssembler:
+    """Receives SlabRun messages and writes them into per-kind destination arrays.
+
+    Destinations are ``[num_layers, total_tokens, *per_token]`` in the family dtype; a
+    run of entry i, layers [a, a+n) lands in ``dest[a-start:a-start+n, tok_i:tok_i+t_i]``.
+    Every slab is checksum-verified before it counts; a failure is a miss.
+    """
+
+    def __init__(self, family: FamilySpec, entries: Sequence[HitEntry], kinds: Sequence[Kind],
+                 layer_start: int, layer_end: int, out: Mapping[Kind, Any] | None,
+                 as_torch: bool) -> None:
+        self.family = family
+        self.kinds = list(kinds)
+        self.start, self.end = layer_start, layer_end
+        self.tokens = [e.layout.num_tokens for e in entries]
+        self.offsets = list(np.cumsum([0] + self.tokens[:-1])) if entries else []
+        total = sum(self.tokens)
+        self.arrays: dict[Kind, Any] = {}
+        self._bytes: dict[Kind, np.ndarray] = {}
+        for kind in self.kinds:
+            shape = (layer_end - layer_start, *family.slab_shape(kind, total))
+            arr = _destination(out.get(kind) if out else None, shape, family.dtype, as_torch, kind)
+            self.arrays[kind] = arr
+            self._bytes[kind] = _as_bytes(arr, shape, family.dtype.itemsize)
+        # layers still expected per (entry, kind); what is left at the end is missing
+        self._todo = {(i, k): set(range(layer_start, layer_end))
+                      for i in range(len(entries)) for k in self.kinds}
+        self.missing: list[Missing] = []
+        self.bytes_received = 0
+
+    def feed(self, run: pb.SlabRun) -> None:
+        kind, i, a, n = Kind(run.kind), run.entry_index, run.layer_start, run.num_layers
+        if (i, kind) not in self._todo:
+            raise ValueError(f"server sent entry {i} kind {kind.name}, which was not requested")
+        if run.missing:
+            self.missing.append(Missing(i, kind, a, n, run.missing_reason))
+            return
+        slab_bytes = self.family.slab_bytes(kind, self.tokens[i])
+        if len(run.data) != n * slab_bytes or len(run.checksums) != n:
+            self.missing.append(Missing(i, kind, a, n, "malformed run"))
+            return
+        self.bytes_received += len(run.data)
+        dest = self._bytes[kind]
+        t0, t = self.offsets[i], self.tokens[i]
+        row = dest.shape[2]   # bytes per token
+        data = memoryview(run.data)
+        for j in range(n):
+            piece = data[j * slab_bytes:(j + 1) * slab_bytes]
+            if xxhash.xxh3_64_intdigest(piece) != run.checksums[j]:
+                self.missing.append(Missing(i, kind, a + j, 1, "checksum mismatch"))
+                continue
+            layer = a + j
+            np.copyto(dest[layer - self.start, t0:t0 + t],
+                      np.frombuffer(piece, dtype=np.uint8).reshape(t, row))
+            self._todo[(i, kind)].discard(layer)
+
+    def result(self) -> Slabs:
+        for (i, kind), layers in sorted(self._todo.items()):
+            if layers and not any(m.entry_index == i and m.kind == kind for m in self.missing):
+                self.missing.append(Missing(i, kind, min(layers), len(layers), "not received"))
+        bad = {i for (i, _k), layers in self._todo.items() if layers}
+        valid = next((i for i in range(len(self.tokens)) if i in bad), len(self.tokens))
+        return Slabs(self.arrays, self.start, self.end, [int(o) for o in self.offsets], valid,
+                     self.missing, self.bytes_received)
+
+
+def _destination(given: Any, shape: tuple[int, ...], dtype: DType, as_torch: bool, kind: Kind) -> Any:
+    if given is None:
+        if as_torch:
+            import torch
+            return torch.empty(shape, dtype=getattr(torch, dtype.short_name))
+        return np.empty(shape, dtype=NUMPY_DTYPES[dtype])
+    if tuple(given.shape) != shape:
+        raise ValueError(f"out[{kind.name}] has shape {tuple(given.shape)}, expected {shape}")
+    if _dtype_of(given) != dtype.short_name:
+        raise ValueError(f"out[{kind.name}] has dtype {_dtype_of(given)}, expected {dtype.short_name}")
+    return given
+
+
+def _as_bytes(arr: Any, shape: tuple[int, ...], itemsize: int) -> np.ndarray:
+    """``[layers, tokens, bytes_per_token]`` uint8 view sharing memory with ``arr``."""
+    flat = byte_view(arr)
+    per_token = itemsize
+    for dim in shape[2:]:
+        per_token *= dim
+    return np.frombuffer(flat, dtype=np.uint8).reshape(shape[0], shape[1], per_token)

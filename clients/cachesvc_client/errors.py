@@ -1,0 +1,61 @@
+"""Typed exceptions of the SDK, mapped one to one from gRPC status codes."""
+
+from __future__ import annotations
+
+import grpc
+
+
+class CacheServiceError(Exception):
+    """Base of every error the service returns. ``code`` is the gRPC status code."""
+
+    retryable = False
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class InvalidArgumentError(CacheServiceError):
+    """The request is malformed (bad shape, dtype, hash, layer...)."""
+
+
+class NotFoundError(CacheServiceError):
+    """Unknown family, model, reservation or lease."""
+
+
+class FailedPreconditionError(CacheServiceError):
+    """Valid request, wrong state (model of another family, incomplete commit...)."""
+
+
+class ResourceExhaustedError(CacheServiceError):
+    """No room in the tier, or a message over the size limit."""
+
+
+class UnavailableError(CacheServiceError):
+    """The server is unreachable or shutting down. Safe to retry idempotent calls."""
+
+    retryable = True
+
+
+class DeadlineExceededError(CacheServiceError):
+    """The call's timeout passed."""
+
+    retryable = True
+
+
+_BY_CODE = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
+    grpc.StatusCode.OUT_OF_RANGE: InvalidArgumentError,
+    grpc.StatusCode.NOT_FOUND: NotFoundError,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPreconditionError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
+    grpc.StatusCode.UNAVAILABLE: UnavailableError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
+}
+
+
+def from_rpc_error(exc: grpc.RpcError) -> CacheServiceError:
+    code = exc.code() if hasattr(exc, "code") else None
+    details = exc.details() if hasattr(exc, "details") else str(exc)
+    cls = _BY_CODE.get(code, CacheServiceError)
+    return cls(f"{code.name if code else 'UNKNOWN'}: {details}", code)

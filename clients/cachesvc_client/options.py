@@ -1,0 +1,70 @@
+"""Client options: timeouts, retry policy, message limits, put batching."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from cachesvc.keys import DEFAULT_TENANT
+from cachesvc_client.codec import EntryData, byte_view
+
+# Safe to repeat: reading, and writes whose repetition changes nothing.
+IDEMPOTENT_METHODS = ("RegisterModel", "GetModel", "ListModels", "Lookup", "GetSlabs", "Delete",
+                      "ListEntries", "Stats")
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """gRPC's own retry, applied by the channel to idempotent methods on UNAVAILABLE."""
+
+    max_attempts: int = 4
+    initial_backoff_s: float = 0.05
+    max_backoff_s: float = 1.0
+    backoff_multiplier: float = 2.0
+
+    def service_config(self) -> str:
+        return json.dumps({"methodConfig": [{
+            "name": [{"service": "cachesvc.v1.CacheService", "method": m} for m in IDEMPOTENT_METHODS],
+            "retryPolicy": {
+                "maxAttempts": self.max_attempts,
+                "initialBackoff": f"{self.initial_backoff_s}s",
+                "maxBackoff": f"{self.max_backoff_s}s",
+                "backoffMultiplier": self.backoff_multiplier,
+                "retryableStatusCodes": ["UNAVAILABLE"],
+            }}]})
+
+
+@dataclass(frozen=True, slots=True)
+class ClientOptions:
+    tenant: str = DEFAULT_TENANT
+    timeout_s: float = 10.0              # control calls
+    data_timeout_s: float = 300.0        # WriteSlabs and GetSlabs streams
+    max_message_bytes: int = 64 << 20    # must match the server's limit
+    max_put_bytes: int = 256 << 20       # bytes per reservation (one atomic batch)
+    retry: RetryPolicy | None = RetryPolicy()
+
+    def channel_options(self) -> list[tuple[str, object]]:
+        opts: list[tuple[str, object]] = [
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+            ("grpc.max_send_message_length", self.max_message_bytes),
+            ("grpc.enable_retries", 1 if self.retry else 0),
+        ]
+        if self.retry:
+            opts.append(("grpc.service_config", self.retry.service_config()))
+        return opts
+
+
+def batches(entries: Sequence[EntryData], max_bytes: int) -> Iterator[list[EntryData]]:
+    """Consecutive groups of entries of at most ``max_bytes`` each (one entry at least)."""
+    batch: list[EntryData] = []
+    size = 0
+    for entry in entries:
+        entry_bytes = sum(len(byte_view(a)) for a in entry.slabs.values())
+        if batch and size + entry_bytes > max_bytes:
+            yield batch
+            batch, size = [], 0
+        batch.append(entry)
+        size += entry_bytes
+    if batch:
+        yield batch
