@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import signal
 import socket
@@ -20,6 +22,8 @@ from cachesvc.store import CacheStore, DiskMode, StoreConfig
 from cachesvc.v1 import cachesvc_pb2, cachesvc_pb2_grpc
 
 log = logging.getLogger(__name__)
+_M_MMAP_THRESHOLD = -3   # mallopt parameters from <malloc.h>
+_M_ARENA_MAX = -8
 SERVICE_NAME = cachesvc_pb2.DESCRIPTOR.services_by_name["CacheService"].full_name
 
 
@@ -54,7 +58,24 @@ class RunningServer:
         log.info("stopped")
 
 
+def _tame_malloc() -> None:
+    """Keep transient message buffers from inflating RSS (glibc only; best effort).
+
+    glibc raises its mmap threshold after the first large free, after which megabyte
+    message buffers come from per-thread heap arenas that keep freed memory: RSS
+    then creeps above the memory budget under sustained writes. A fixed threshold
+    returns every large buffer to the OS on free; two arenas bound the rest.
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, 128 << 10)
+        libc.mallopt(_M_ARENA_MAX, 2)
+    except (OSError, AttributeError):
+        pass
+
+
 def start_server(config: ServerConfig) -> RunningServer:
+    _tame_malloc()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.workers,
                                                     thread_name_prefix="rpc"),
                          options=grpc_options(config.max_message_bytes))

@@ -19,7 +19,7 @@ import xxhash
 from cachesvc.keys import DType, EntryId, FamilyId, FamilySpec, Kind
 from cachesvc.v1 import cachesvc_pb2 as pb
 
-WRITE_PIECE_BYTES = 2 << 20
+WRITE_PIECE_BYTES = 1 << 20
 """Target size of one WriteChunk message."""
 
 NUMPY_DTYPES: dict[DType, np.dtype] = {
