@@ -138,17 +138,23 @@ class CacheServicer(pb_grpc.CacheServiceServicer):
                 self.store.write(chunk.reservation_id, chunk.entry_index, chunk.offset, chunk.data)
                 received += len(chunk.data)
         except grpc.RpcError:
-            # The writer went away mid-put: nothing it wrote may become visible, and its
-            # memory comes back now rather than at expiry.
-            for reservation in seen:
-                try:
-                    self.store.abort(reservation)
-                except errors.NotFound:
-                    pass
-            log.warning("write stream broken; reservation aborted",
-                        extra={"reservations": sorted(seen)})
+            self._abort_broken(seen)
             raise
+        if not context.is_active():
+            # A writer that dies can also look like a stream that simply ended.
+            self._abort_broken(seen)
         return pb.WriteSlabsResponse(bytes_received=received)
+
+    def _abort_broken(self, reservations: set[str]) -> None:
+        """The writer went away mid-put: nothing it wrote may become visible, and its
+        memory comes back now rather than at expiry."""
+        for reservation in reservations:
+            try:
+                self.store.abort(reservation)
+            except errors.NotFound:
+                pass
+        log.warning("write stream broken; reservation aborted",
+                    extra={"reservations": sorted(reservations)})
 
     @_maps_errors
     def Commit(self, request, context):
@@ -166,16 +172,18 @@ class CacheServicer(pb_grpc.CacheServiceServicer):
         resp = pb.LookupResponse(lease_id=result.lease_id)
         layout_index: dict[int, int] = {}
         for hit in result.hits:
-            out = resp.hits.add(producer=hit.producer, same_model=hit.same_model,
-                                num_chunks=len(hit.entries), fetch=self.fetch)
-            add = out.entries.add
-            for meta, tier in hit.entries:
+            indices = []
+            for meta in hit.metas:
                 idx = layout_index.get(id(meta.layout))
                 if idx is None:
                     idx = layout_index[id(meta.layout)] = len(resp.layouts)
                     resp.layouts.append(_layout_to_proto(meta.layout))
-                add(entry_id=meta.entry_id, position_offset=meta.position_offset,
-                    layout_index=idx, tier=int(tier))
+                indices.append(idx)
+            resp.hits.add(producer=hit.producer, same_model=hit.same_model,
+                          num_chunks=len(hit.metas),
+                          entry_ids=b"".join(m.entry_id for m in hit.metas),
+                          position_offsets=[m.position_offset for m in hit.metas],
+                          layout_indices=indices, tiers=hit.tiers, fetch=self.fetch)
         return resp
 
     @_maps_errors

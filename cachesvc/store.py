@@ -133,7 +133,8 @@ class Reservation:
 class ProducerHit:
     producer: str
     same_model: bool
-    entries: list[tuple[EntryMeta, Tier]]   # entries[i] covers chunk i of the request
+    metas: list[EntryMeta]     # metas[i] covers chunk i of the request
+    tiers: list[int]           # Tier value of metas[i]
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,7 +171,9 @@ class CacheStore:
         models_path = Path(config.disk_dir) / "models.json" if disk_on else None
         self.models = ModelRegistry(models_path)
         self._entries: dict[EntryId, _Record] = {}
-        self._by_chunk: dict[tuple[str, str, bytes], list[_Record]] = {}
+        # (tenant, family) -> chunk hash -> producer -> records, newest last (a producer
+        # has several only when it wrote one chunk at several position offsets)
+        self._chunks: dict[tuple[str, str], dict[bytes, dict[str, list[_Record]]]] = {}
         self._mem_lru: OrderedDict[EntryId, _Record] = OrderedDict()   # oldest first
         self._disk_lru: OrderedDict[EntryId, _Record] = OrderedDict()
         self._disk_used = 0
@@ -361,7 +364,7 @@ class CacheStore:
                 rec = _Record(p.meta, p.mem_offset)
                 p.mem_offset = None     # ownership moves to the record
                 self._entries[p.meta.entry_id] = rec
-                self._by_chunk.setdefault(_chunk_key(p.meta), []).append(rec)
+                self._index_locked(rec)
                 self._mem_lru[p.meta.entry_id] = rec
                 committed.append(p.meta.entry_id)
             res.closed = True
@@ -418,17 +421,25 @@ class CacheStore:
         if not rec.disk_bytes:
             self._unindex_locked(rec)
 
+    def _index_locked(self, rec: _Record) -> None:
+        meta = rec.meta
+        by_hash = self._chunks.setdefault((meta.tenant, meta.family_id), {})
+        by_hash.setdefault(meta.chunk_hash, {}).setdefault(meta.producer, []).append(rec)
+
     def _unindex_locked(self, rec: _Record) -> None:
         """Remove from lookups (the record stays reachable by its holders)."""
         meta = rec.meta
         if self._entries.get(meta.entry_id) is rec:
             del self._entries[meta.entry_id]
-        chunk = self._by_chunk.get(_chunk_key(meta))
-        if chunk is not None:
-            if rec in chunk:
-                chunk.remove(rec)
-            if not chunk:
-                del self._by_chunk[_chunk_key(meta)]
+        by_hash = self._chunks.get((meta.tenant, meta.family_id), {})
+        producers = by_hash.get(meta.chunk_hash, {})
+        recs = producers.get(meta.producer, [])
+        if rec in recs:
+            recs.remove(rec)
+            if not recs:
+                del producers[meta.producer]
+                if not producers:
+                    del by_hash[meta.chunk_hash]
 
     def _delete_locked(self, rec: _Record) -> None:
         rec.deleted = True
@@ -468,7 +479,7 @@ class CacheStore:
                 continue
             rec = _Record(meta, disk_bytes=self._disk.file_bytes(meta))
             self._entries[meta.entry_id] = rec
-            self._by_chunk.setdefault(_chunk_key(meta), []).append(rec)
+            self._index_locked(rec)
             self._disk_lru[meta.entry_id] = rec
             self._disk_used += rec.disk_bytes
             kept += 1
@@ -555,7 +566,8 @@ class CacheStore:
                                              f"{model.family_id}, not {family_id}: its cache "
                                              "cannot be shared")
             runs = self._longest_runs_locked(tenant, family_id, chunk_hashes, set(producers))
-            hits = [ProducerHit(p, p == consumer, [(r.meta, r.tier) for r in recs])
+            hits = [ProducerHit(p, p == consumer, [r.meta for r in recs],
+                                [1 if r.mem_offset is not None else 2 for r in recs])
                     for p, recs in sorted(runs.items(), key=lambda kv: -len(kv[1]))]
             lease_id = ""
             if lease_ttl_s and hits:
@@ -567,27 +579,26 @@ class CacheStore:
 
     def _longest_runs_locked(self, tenant: str, family_id: str, hashes: Sequence[bytes],
                              only: set[str]) -> dict[str, list[_Record]]:
-        done: dict[str, list[_Record]] = {}
-        alive: dict[str, list[_Record]] = {}
-        for i, h in enumerate(hashes):
-            recs = self._by_chunk.get((tenant, family_id, bytes(h)), ())
-            here: dict[str, _Record] = {}
-            for rec in recs:   # the newest entry wins when a producer has several offsets
-                if not only or rec.meta.producer in only:
-                    here[rec.meta.producer] = rec
-            if i == 0:
-                alive = {p: [rec] for p, rec in here.items()}
-            else:
-                for p in list(alive):
-                    rec = here.get(p)
-                    if rec is None:
-                        done[p] = alive.pop(p)
-                    else:
-                        alive[p].append(rec)
-            if not alive:
-                break
-        done.update(alive)
-        return done
+        """For each producer of chunk 0, walk the chain while it has the next chunk.
+        O(producers × hit length) dict probes; this is the lookup hot path."""
+        by_hash = self._chunks.get((tenant, family_id))
+        if not by_hash or not hashes:
+            return {}
+        runs: dict[str, list[_Record]] = {}
+        for producer, recs in by_hash.get(bytes(hashes[0]), {}).items():
+            if only and producer not in only:
+                continue
+            run = [recs[-1]]
+            for h in hashes[1:]:
+                step = by_hash.get(h)
+                if step is None:
+                    break
+                newest = step.get(producer)
+                if not newest:
+                    break
+                run.append(newest[-1])
+            runs[producer] = run
+        return runs
 
     # ------------------------------------------------------------ read
 
@@ -695,10 +706,11 @@ class CacheStore:
             self.models.family(family_id)
             doomed = {id(r): r for r in (self._entries.get(EntryId(bytes(e))) for e in entry_ids)
                       if r is not None and r.meta.tenant == tenant and r.meta.family_id == family_id}
+            by_hash = self._chunks.get((tenant, family_id), {})
             for h in chunk_hashes:
-                for r in self._by_chunk.get((tenant, family_id, bytes(h)), ()):
-                    if not producer or r.meta.producer == producer:
-                        doomed[id(r)] = r
+                for p, recs in by_hash.get(bytes(h), {}).items():
+                    if not producer or p == producer:
+                        doomed.update((id(r), r) for r in recs)
             for rec in doomed.values():
                 self._delete_locked(rec)
             self.counters["entries_deleted"] += len(doomed)
@@ -790,10 +802,6 @@ class CacheStore:
     def _reap_loop(self) -> None:
         while not self._stop.wait(self.config.reap_interval_s):
             self.reap()
-
-
-def _chunk_key(meta: EntryMeta) -> tuple[str, str, bytes]:
-    return (meta.tenant, meta.family_id, meta.chunk_hash)
 
 
 def _tenant(tenant: str) -> str:

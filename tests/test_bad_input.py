@@ -240,10 +240,7 @@ def test_client_side_checks(client, rng):
 def test_tampered_run_is_a_miss_not_data():
     """The SDK verifies every slab: a run whose bytes do not match its checksum is
     reported missing and never counted valid."""
-    from cachesvc_client.codec import HitEntry, Layout
-    lay = Layout(256, (0, 1), (), ())
-    entries = [HitEntry(b"\0" * 16, 0, lay, 1)]
-    asm = SlabAssembler(TINY, entries, [Kind.K], 0, 2, None, False)
+    asm = SlabAssembler(TINY, [256], [Kind.K], 0, 2, None, False)
     good, bad = bytes(SLAB_K), bytearray(SLAB_K)
     bad[5] = 1
     asm.feed(pb.SlabRun(entry_index=0, kind=1, layer_start=0, num_layers=2,

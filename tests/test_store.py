@@ -44,11 +44,6 @@ def _hashes(n: int) -> list[bytes]:
     return chunk_hashes(list(range(256 * n)), FID)
 
 
-def _hit_chunks(store: CacheStore, hashes) -> int:
-    hits = store.lookup("", FID, hashes).hits
-    return len(hits[0].entries) if hits else 0
-
-
 def _read_all(store: CacheStore, entry_ids) -> list:
     return list(store.read("", FID, entry_ids, [Kind.K], 0, 0))
 
@@ -58,7 +53,7 @@ def test_lru_eviction_keeps_recently_read(tmp_path):
     hs = _hashes(4)
     for h in hs[:3]:
         _put(store, h)
-    first = store.lookup("", FID, hs[:1]).hits[0].entries[0][0].entry_id
+    first = store.lookup("", FID, hs[:1]).hits[0].metas[0].entry_id
     _read_all(store, [first])                     # chunk 0 becomes most recent
     _put(store, hs[3])                            # evicts chunk 1, the least recent
     present = [bool(store.lookup("", FID, [h]).hits) for h in hs]
@@ -85,7 +80,7 @@ def test_entry_being_read_is_not_freed(tmp_path):
     store = _store(tmp_path, memory_entries=1)
     hs = _hashes(2)
     payload = _put(store, hs[0], fill=7)
-    eid = store.lookup("", FID, hs[:1]).hits[0].entries[0][0].entry_id
+    eid = store.lookup("", FID, hs[:1]).hits[0].metas[0].entry_id
     reader = store.read("", FID, [eid], [Kind.K], 0, 0)   # read lease taken here
     with pytest.raises(errors.ResourceExhausted):
         _put(store, hs[1], fill=9)                          # cannot evict the one being read
@@ -120,9 +115,9 @@ def test_spill_mode_moves_evicted_entries_to_disk(tmp_path):
     hs = _hashes(5)
     payloads = [_put(store, h, fill=i + 1) for i, h in enumerate(hs)]
     hit = store.lookup("", FID, hs).hits[0]
-    assert len(hit.entries) == 5
-    assert [t for _, t in hit.entries].count(Tier.MEMORY) == 2
-    runs = _read_all(store, [m.entry_id for m, _ in hit.entries])
+    assert len(hit.metas) == 5
+    assert hit.tiers.count(Tier.MEMORY) == 2
+    runs = _read_all(store, [m.entry_id for m in hit.metas])
     got = {}
     for run in runs:
         got.setdefault(run.entry_index, b"")
@@ -148,8 +143,9 @@ def test_corrupt_disk_slab_is_a_miss_and_dropped(tmp_path):
     hs = _hashes(2)
     _put(store, hs[0])
     _put(store, hs[1])                            # chunk 0 spilled to disk
-    meta, tier = store.lookup("", FID, hs[:1]).hits[0].entries[0]
-    assert tier == Tier.DISK
+    hit = store.lookup("", FID, hs[:1]).hits[0]
+    meta = hit.metas[0]
+    assert hit.tiers[0] == Tier.DISK
     path = store._disk.path(meta.entry_id)
     raw = bytearray(path.read_bytes())
     raw[len(raw) // 2] ^= 0xFF                    # rot one payload byte
@@ -205,7 +201,7 @@ def test_reads_report_layers_never_stored(tmp_path):
     store = _store(tmp_path)
     h = _hashes(1)[0]
     _put(store, h)
-    eid = store.lookup("", FID, [h]).hits[0].entries[0][0].entry_id
+    eid = store.lookup("", FID, [h]).hits[0].metas[0].entry_id
     runs = list(store.read("", FID, [eid], [Kind.K, Kind.E], 1, 3))
     k_runs = [r for r in runs if r.kind == Kind.K]
     e_runs = [r for r in runs if r.kind == Kind.E]
@@ -220,7 +216,7 @@ def test_partial_prefix_and_producer_filter(tmp_path):
     for h in hs[:3]:
         _put(store, h)
     res = store.lookup("", FID, hs, consumer="m")
-    assert [(h.producer, len(h.entries), h.same_model) for h in res.hits] == [("m", 3, True)]
+    assert [(h.producer, len(h.metas), h.same_model) for h in res.hits] == [("m", 3, True)]
     assert store.lookup("", FID, hs, producers=["m2"]).hits == []
     other = chunk_hashes([7] + list(range(1, 256 * 4)), FID)   # first token differs
     assert store.lookup("", FID, other).hits == []              # so every chained hash does

@@ -256,31 +256,25 @@ class EntryLayout(_message.Message):
     e_layers: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, num_tokens: _Optional[int] = ..., k_layers: _Optional[_Iterable[int]] = ..., v_layers: _Optional[_Iterable[int]] = ..., e_layers: _Optional[_Iterable[int]] = ...) -> None: ...
 
-class HitEntry(_message.Message):
-    __slots__ = ("entry_id", "position_offset", "layout_index", "tier")
-    ENTRY_ID_FIELD_NUMBER: _ClassVar[int]
-    POSITION_OFFSET_FIELD_NUMBER: _ClassVar[int]
-    LAYOUT_INDEX_FIELD_NUMBER: _ClassVar[int]
-    TIER_FIELD_NUMBER: _ClassVar[int]
-    entry_id: bytes
-    position_offset: int
-    layout_index: int
-    tier: Tier
-    def __init__(self, entry_id: _Optional[bytes] = ..., position_offset: _Optional[int] = ..., layout_index: _Optional[int] = ..., tier: _Optional[_Union[Tier, str]] = ...) -> None: ...
-
 class LookupHit(_message.Message):
-    __slots__ = ("producer", "same_model", "num_chunks", "entries", "fetch")
+    __slots__ = ("producer", "same_model", "num_chunks", "entry_ids", "position_offsets", "layout_indices", "tiers", "fetch")
     PRODUCER_FIELD_NUMBER: _ClassVar[int]
     SAME_MODEL_FIELD_NUMBER: _ClassVar[int]
     NUM_CHUNKS_FIELD_NUMBER: _ClassVar[int]
-    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    ENTRY_IDS_FIELD_NUMBER: _ClassVar[int]
+    POSITION_OFFSETS_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_INDICES_FIELD_NUMBER: _ClassVar[int]
+    TIERS_FIELD_NUMBER: _ClassVar[int]
     FETCH_FIELD_NUMBER: _ClassVar[int]
     producer: str
     same_model: bool
     num_chunks: int
-    entries: _containers.RepeatedCompositeFieldContainer[HitEntry]
+    entry_ids: bytes
+    position_offsets: _containers.RepeatedScalarFieldContainer[int]
+    layout_indices: _containers.RepeatedScalarFieldContainer[int]
+    tiers: _containers.RepeatedScalarFieldContainer[Tier]
     fetch: FetchDescriptor
-    def __init__(self, producer: _Optional[str] = ..., same_model: _Optional[bool] = ..., num_chunks: _Optional[int] = ..., entries: _Optional[_Iterable[_Union[HitEntry, _Mapping]]] = ..., fetch: _Optional[_Union[FetchDescriptor, _Mapping]] = ...) -> None: ...
+    def __init__(self, producer: _Optional[str] = ..., same_model: _Optional[bool] = ..., num_chunks: _Optional[int] = ..., entry_ids: _Optional[bytes] = ..., position_offsets: _Optional[_Iterable[int]] = ..., layout_indices: _Optional[_Iterable[int]] = ..., tiers: _Optional[_Iterable[_Union[Tier, str]]] = ..., fetch: _Optional[_Union[FetchDescriptor, _Mapping]] = ...) -> None: ...
 
 class FetchDescriptor(_message.Message):
     __slots__ = ("node_id", "grpc_address", "transports")

@@ -12,8 +12,9 @@ from cachesvc.keys import ChunkHash, FamilyId, FamilySpec, Kind, chunk_hashes
 from cachesvc.v1 import cachesvc_pb2 as pb
 from cachesvc.v1 import cachesvc_pb2_grpc as pb_grpc
 from cachesvc.wire import family_from_proto, family_to_proto
-from cachesvc_client.codec import (EntryData, HitEntry, LookupResult, PutResult, Registered,
-                                   SlabAssembler, Slabs, lookup_from_proto, plan_put, write_chunks)
+from cachesvc_client.codec import (EntryData, Hit, HitEntry, LookupResult, PutResult, Registered,
+                                   SlabAssembler, Slabs, entry_columns, lookup_from_proto, plan_put,
+                                   write_chunks)
 from cachesvc_client.errors import CacheServiceError, from_rpc_error
 from cachesvc_client.options import ClientOptions, batches
 
@@ -138,16 +139,17 @@ class CacheClient:
                                lease_ttl_s=lease_ttl_s)
         return lookup_from_proto(self._call(self._stub.Lookup, req))
 
-    def get(self, family_id: str, entries: Sequence[HitEntry], kinds: Sequence[Kind] = (Kind.K, Kind.V),
+    def get(self, family_id: str, entries: Hit | Sequence[HitEntry], kinds: Sequence[Kind] = (Kind.K, Kind.V),
             layers: tuple[int, int] | None = None, *, out: Mapping[Kind, Any] | None = None,
             as_torch: bool = False, tenant: str = "") -> Slabs:
         """Fetch ``kinds`` over ``layers`` = [start, end) of ``entries`` (from a lookup hit)
         into ``out`` or fresh arrays ``[layers, tokens, ...]``; see :class:`Slabs`."""
         family = self.family(family_id)
         start, end = layers or (0, family.num_layers)
-        asm = SlabAssembler(family, entries, kinds, start, end, out, as_torch)
+        ids, tokens = entry_columns(entries)
+        asm = SlabAssembler(family, tokens, kinds, start, end, out, as_torch)
         req = pb.GetSlabsRequest(tenant=tenant or self.options.tenant, family_id=family_id,
-                                 entry_ids=[e.entry_id for e in entries], kinds=[int(k) for k in kinds],
+                                 entry_ids=ids, kinds=[int(k) for k in kinds],
                                  layer_start=start, layer_end=end)
         try:
             for run in self._stub.GetSlabs(req, timeout=self.options.data_timeout_s):

@@ -16,7 +16,7 @@ import ml_dtypes
 import numpy as np
 import xxhash
 
-from cachesvc.keys import DType, EntryId, FamilyId, FamilySpec, Kind
+from cachesvc.keys import ENTRY_ID_BYTES, DType, EntryId, FamilyId, FamilySpec, Kind
 from cachesvc.v1 import cachesvc_pb2 as pb
 
 WRITE_PIECE_BYTES = 1 << 20
@@ -78,20 +78,38 @@ class HitEntry:
 
 @dataclass(frozen=True, slots=True)
 class Hit:
-    """One producer's hits: ``entries[i]`` covers chunk i of the looked-up prompt."""
+    """One producer's hits, columnar: chunk i of the looked-up prompt is covered by
+    ``entry_ids[i]`` (with ``position_offsets[i]``, ``layouts[i]``, ``tiers[i]``).
+    ``hit[:k]`` is the hit cut to its first k chunks; ``entries`` builds per-entry
+    records on demand."""
 
     producer: str
     same_model: bool
-    entries: list[HitEntry]
+    entry_ids: list[EntryId]
+    position_offsets: list[int]
+    layouts: list[Layout]
+    tiers: list[int]       # 1 memory, 2 disk
     grpc_address: str      # where to fetch
 
     @property
     def num_chunks(self) -> int:
-        return len(self.entries)
+        return len(self.entry_ids)
 
     @property
     def num_tokens(self) -> int:
-        return sum(e.layout.num_tokens for e in self.entries)
+        return sum(lay.num_tokens for lay in self.layouts)
+
+    @property
+    def entries(self) -> list[HitEntry]:
+        return [HitEntry(*row) for row in zip(self.entry_ids, self.position_offsets,
+                                              self.layouts, self.tiers)]
+
+    def __getitem__(self, chunks: slice) -> "Hit":
+        if not isinstance(chunks, slice):
+            raise TypeError("index a Hit with a slice, e.g. hit[:k]; use hit.entries[i] for one")
+        return Hit(self.producer, self.same_model, self.entry_ids[chunks],
+                   self.position_offsets[chunks], self.layouts[chunks], self.tiers[chunks],
+                   self.grpc_address)
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,11 +159,20 @@ class Slabs:
 def lookup_from_proto(resp: pb.LookupResponse) -> LookupResult:
     layouts = [Layout(lay.num_tokens, tuple(lay.k_layers), tuple(lay.v_layers), tuple(lay.e_layers))
                for lay in resp.layouts]
-    hits = [Hit(h.producer, h.same_model,
-                [HitEntry(EntryId(e.entry_id), e.position_offset, layouts[e.layout_index], e.tier)
-                 for e in h.entries], h.fetch.grpc_address)
-            for h in resp.hits]
+    hits = []
+    for h in resp.hits:
+        blob, n = h.entry_ids, h.num_chunks
+        ids = [blob[i:i + ENTRY_ID_BYTES] for i in range(0, n * ENTRY_ID_BYTES, ENTRY_ID_BYTES)]
+        hits.append(Hit(h.producer, h.same_model, ids, list(h.position_offsets),
+                        [layouts[i] for i in h.layout_indices], list(h.tiers), h.fetch.grpc_address))
     return LookupResult(hits, resp.lease_id)
+
+
+def entry_columns(entries: "Hit | Sequence[HitEntry]") -> tuple[list[EntryId], list[int]]:
+    """Entry ids and token counts of a Hit (fast) or of a list of HitEntry."""
+    if isinstance(entries, Hit):
+        return entries.entry_ids, [lay.num_tokens for lay in entries.layouts]
+    return [e.entry_id for e in entries], [e.layout.num_tokens for e in entries]
 
 
 def byte_view(array: Any) -> memoryview:
@@ -245,14 +272,14 @@ class SlabAssembler:
     Every slab is checksum-verified before it counts; a failure is a miss.
     """
 
-    def __init__(self, family: FamilySpec, entries: Sequence[HitEntry], kinds: Sequence[Kind],
+    def __init__(self, family: FamilySpec, num_tokens: Sequence[int], kinds: Sequence[Kind],
                  layer_start: int, layer_end: int, out: Mapping[Kind, Any] | None,
                  as_torch: bool) -> None:
         self.family = family
         self.kinds = list(kinds)
         self.start, self.end = layer_start, layer_end
-        self.tokens = [e.layout.num_tokens for e in entries]
-        self.offsets = list(np.cumsum([0] + self.tokens[:-1])) if entries else []
+        self.tokens = list(num_tokens)
+        self.offsets = [int(o) for o in np.cumsum([0] + self.tokens[:-1])] if self.tokens else []
         total = sum(self.tokens)
         self.arrays: dict[Kind, Any] = {}
         self._bytes: dict[Kind, np.ndarray] = {}
@@ -263,7 +290,7 @@ class SlabAssembler:
             self._bytes[kind] = _as_bytes(arr, shape, family.dtype.itemsize)
         # layers still expected per (entry, kind); what is left at the end is missing
         self._todo = {(i, k): set(range(layer_start, layer_end))
-                      for i in range(len(entries)) for k in self.kinds}
+                      for i in range(len(self.tokens)) for k in self.kinds}
         self.missing: list[Missing] = []
         self.bytes_received = 0
 
@@ -299,7 +326,7 @@ class SlabAssembler:
                 self.missing.append(Missing(i, kind, min(layers), len(layers), "not received"))
         bad = {i for (i, _k), layers in self._todo.items() if layers}
         valid = next((i for i in range(len(self.tokens)) if i in bad), len(self.tokens))
-        return Slabs(self.arrays, self.start, self.end, [int(o) for o in self.offsets], valid,
+        return Slabs(self.arrays, self.start, self.end, self.offsets, valid,
                      self.missing, self.bytes_received)
 
 
