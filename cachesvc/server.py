@@ -13,18 +13,47 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from google.protobuf import message_factory
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from cachesvc.config import ServerConfig
 from cachesvc.servicer import CacheServicer
 from cachesvc.store import CacheStore, DiskMode, StoreConfig
-from cachesvc.v1 import cachesvc_pb2, cachesvc_pb2_grpc
+from cachesvc.v1 import cachesvc_pb2
 
 log = logging.getLogger(__name__)
 _M_MMAP_THRESHOLD = -3   # mallopt parameters from <malloc.h>
 _M_ARENA_MAX = -8
 SERVICE_NAME = cachesvc_pb2.DESCRIPTOR.services_by_name["CacheService"].full_name
+
+
+def add_cache_service(server: grpc.Server, servicer: CacheServicer) -> None:
+    """Register every CacheService method, like the generated ``add_..._to_server``,
+    except that the two bulk methods exchange raw bytes framed by cachesvc.framing
+    (same wire format, payload copied once instead of three or four times)."""
+    handlers = {}
+    for method in cachesvc_pb2.DESCRIPTOR.services_by_name["CacheService"].methods:
+        deserialize = message_factory.GetMessageClass(method.input_type).FromString
+        serialize = message_factory.GetMessageClass(method.output_type).SerializeToString
+        if method.name == "WriteSlabs":
+            deserialize = _raw
+        if method.name == "GetSlabs":
+            serialize = _raw
+        make = _HANDLER_KINDS[(method.client_streaming, method.server_streaming)]
+        handlers[method.name] = make(getattr(servicer, method.name),
+                                     request_deserializer=deserialize, response_serializer=serialize)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+
+
+def _raw(data: bytes) -> bytes:
+    return data
+
+
+_HANDLER_KINDS = {(False, False): grpc.unary_unary_rpc_method_handler,
+                  (True, False): grpc.stream_unary_rpc_method_handler,
+                  (False, True): grpc.unary_stream_rpc_method_handler,
+                  (True, True): grpc.stream_stream_rpc_method_handler}
 
 
 def grpc_options(max_message_bytes: int) -> list[tuple[str, int]]:
@@ -84,8 +113,7 @@ def start_server(config: ServerConfig) -> RunningServer:
         raise OSError(f"cannot listen on {config.host}:{config.port}")
     node_id = config.node_id or f"{socket.gethostname()}:{port}"
     store = CacheStore(store_config(config), node_id=node_id)
-    cachesvc_pb2_grpc.add_CacheServiceServicer_to_server(
-        CacheServicer(store, f"{config.host}:{port}"), server)
+    add_cache_service(server, CacheServicer(store, f"{config.host}:{port}"))
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

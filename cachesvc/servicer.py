@@ -12,6 +12,7 @@ import grpc
 
 from cachesvc import errors
 from cachesvc.entries import EntryMeta, Layout, SlabSpec
+from cachesvc.framing import decode_write_chunk, encode_slab_run
 from cachesvc.keys import DType, FamilySpec, Kind
 from cachesvc.models import ModelRecord
 from cachesvc.wire import family_from_proto, family_to_proto
@@ -130,10 +131,16 @@ class CacheServicer(pb_grpc.CacheServiceServicer):
 
     @_maps_errors
     def WriteSlabs(self, request_iterator, context):
+        """Requests arrive as raw bytes (see cachesvc.framing): the payload is copied
+        once, from the received buffer into the arena."""
         seen: set[str] = set()
         received = 0
         try:
-            for chunk in request_iterator:
+            for raw in request_iterator:
+                try:
+                    chunk = decode_write_chunk(raw)
+                except ValueError as exc:
+                    raise errors.InvalidArgument(f"malformed WriteChunk: {exc}") from None
                 seen.add(chunk.reservation_id)
                 self.store.write(chunk.reservation_id, chunk.entry_index, chunk.offset, chunk.data)
                 received += len(chunk.data)
@@ -187,14 +194,17 @@ class CacheServicer(pb_grpc.CacheServiceServicer):
         return resp
 
     @_maps_errors
-    def GetSlabs(self, request, context) -> Iterator[pb.SlabRun]:
+    def GetSlabs(self, request, context) -> Iterator[bytes]:
+        """Yields encoded SlabRun messages (cachesvc.framing): each payload is copied
+        once, from the arena into the message, while the store holds the entry."""
         runs = self.store.read(request.tenant, request.family_id, request.entry_ids,
                                _kinds(request.kinds), request.layer_start, request.layer_end)
         for run in runs:
-            yield pb.SlabRun(entry_index=run.entry_index, kind=int(run.kind),
-                             layer_start=run.layer_start, num_layers=run.num_layers,
-                             checksums=run.checksums, data=run.data,
-                             missing=bool(run.missing_reason), missing_reason=run.missing_reason)
+            header = pb.SlabRun(entry_index=run.entry_index, kind=int(run.kind),
+                                layer_start=run.layer_start, num_layers=run.num_layers,
+                                checksums=run.checksums, missing=bool(run.missing_reason),
+                                missing_reason=run.missing_reason)
+            yield encode_slab_run(header, run.data)
 
     @_maps_errors
     def Delete(self, request, context):

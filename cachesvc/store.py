@@ -145,14 +145,18 @@ class LookupResult:
 
 @dataclass(frozen=True, slots=True)
 class ReadRun:
-    """Consecutive layers of one kind of one entry, or a miss."""
+    """Consecutive layers of one kind of one entry, or a miss.
+
+    ``data`` may be a view of the memory tier: it is valid only until the next run is
+    requested from the iterator (the entry is held until then). Copy it to keep it.
+    """
 
     entry_index: int
     kind: Kind
     layer_start: int
     num_layers: int
     checksums: tuple[int, ...] = ()
-    data: bytes = b""
+    data: bytes | memoryview = b""
     missing_reason: str = ""   # non-empty: these layers are not available
 
 
@@ -667,7 +671,7 @@ class CacheStore:
         checksums = tuple(s.checksum for s in run)
         if rec.mem_offset is not None:
             start = rec.mem_offset + first.offset
-            data = bytes(self._arena.view[start:start + size])
+            data = self._arena.view[start:start + size]   # valid while the read holds rec
         else:
             try:
                 assert self._disk is not None

@@ -185,7 +185,9 @@ def test_checksum_mismatch_aborts_the_whole_put(setup, rng):
     plan.request.entries[1].slabs[3].checksum ^= 1        # lie about one slab
     res = stub.Reserve(plan.request, timeout=5)
     from cachesvc_client.codec import write_chunks
-    stub.WriteSlabs(write_chunks(res.reservation_id, plan, res.targets), timeout=5)
+    # standard protobuf messages work too: the framed bytes are ordinary WriteChunks
+    stub.WriteSlabs((pb.WriteChunk.FromString(raw) for raw in
+                     write_chunks(res.reservation_id, plan, res.targets)), timeout=5)
     with pytest.raises(grpc.RpcError) as e:
         stub.Commit(pb.CommitRequest(reservation_id=res.reservation_id), timeout=5)
     assert _code(e) == grpc.StatusCode.INVALID_ARGUMENT
@@ -243,8 +245,9 @@ def test_tampered_run_is_a_miss_not_data():
     asm = SlabAssembler(TINY, [256], [Kind.K], 0, 2, None, False)
     good, bad = bytes(SLAB_K), bytearray(SLAB_K)
     bad[5] = 1
-    asm.feed(pb.SlabRun(entry_index=0, kind=1, layer_start=0, num_layers=2,
-                        checksums=[xxhash.xxh3_64_intdigest(good)] * 2, data=good + bytes(bad)))
+    asm.feed((pb.SlabRun(entry_index=0, kind=1, layer_start=0, num_layers=2,
+                         checksums=[xxhash.xxh3_64_intdigest(good)] * 2),
+              memoryview(good + bytes(bad))))
     result = asm.result()
     assert result.valid_chunks == 0
     assert [(m.layer_start, m.reason) for m in result.missing] == [(1, "checksum mismatch")]

@@ -20,7 +20,7 @@ WRITER = textwrap.dedent("""
     from conftest import TINY, make_entry
     from cachesvc_client import CacheClient
     from cachesvc_client.codec import plan_put, write_chunks
-    from cachesvc.v1 import cachesvc_pb2_grpc as pb_grpc
+    from cachesvc.v1 import cachesvc_pb2 as pb, cachesvc_pb2_grpc as pb_grpc
     import grpc
     client = CacheClient({address!r})
     fid = client.register_model("p", "0123abcd", TINY).family_id
@@ -30,7 +30,8 @@ WRITER = textwrap.dedent("""
     res = stub.Reserve(plan.request)
     if {write!r}:
         def half_then_hang():
-            chunks = list(write_chunks(res.reservation_id, plan, res.targets, piece_bytes=4096))
+            chunks = [pb.WriteChunk.FromString(raw) for raw in
+                      write_chunks(res.reservation_id, plan, res.targets, piece_bytes=4096)]
             yield from chunks[: len(chunks) // 2]
             print("HALF", flush=True)
             time.sleep(3600)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 
@@ -45,7 +46,9 @@ def _hashes(n: int) -> list[bytes]:
 
 
 def _read_all(store: CacheStore, entry_ids) -> list:
-    return list(store.read("", FID, entry_ids, [Kind.K], 0, 0))
+    """Runs with their data copied while the store still holds the entry."""
+    return [dataclasses.replace(r, data=bytes(r.data))
+            for r in store.read("", FID, entry_ids, [Kind.K], 0, 0)]
 
 
 def test_lru_eviction_keeps_recently_read(tmp_path):
@@ -85,7 +88,7 @@ def test_entry_being_read_is_not_freed(tmp_path):
     with pytest.raises(errors.ResourceExhausted):
         _put(store, hs[1], fill=9)                          # cannot evict the one being read
     store.delete("", FID, [eid], [])                       # deleted while read...
-    data = b"".join(run.data for run in reader)             # ...still reads its own bytes
+    data = b"".join(bytes(run.data) for run in reader)      # ...still reads its own bytes
     assert data == payload
     _put(store, hs[1], fill=9)                              # freed once the reader is done
     assert store.stats()["entries"] == 1
@@ -202,7 +205,7 @@ def test_reads_report_layers_never_stored(tmp_path):
     h = _hashes(1)[0]
     _put(store, h)
     eid = store.lookup("", FID, [h]).hits[0].metas[0].entry_id
-    runs = list(store.read("", FID, [eid], [Kind.K, Kind.E], 1, 3))
+    runs = [dataclasses.replace(r, data=b"") for r in store.read("", FID, [eid], [Kind.K, Kind.E], 1, 3)]
     k_runs = [r for r in runs if r.kind == Kind.K]
     e_runs = [r for r in runs if r.kind == Kind.E]
     assert [(r.layer_start, r.num_layers, bool(r.missing_reason)) for r in k_runs] == [(1, 2, False)]

@@ -15,8 +15,8 @@ from cachesvc.v1 import cachesvc_pb2_grpc as pb_grpc
 from cachesvc.wire import family_from_proto, family_to_proto
 from cachesvc_client.client import stats_to_dict
 from cachesvc_client.codec import (EntryData, Hit, HitEntry, LookupResult, PutResult, Registered,
-                                   SlabAssembler, Slabs, entry_columns, lookup_from_proto, plan_put,
-                                   write_chunks)
+                                   SlabAssembler, Slabs, bulk_methods, entry_columns,
+                                   lookup_from_proto, plan_put, write_chunks)
 from cachesvc_client.errors import CacheServiceError, from_rpc_error
 from cachesvc_client.options import ClientOptions, batches
 
@@ -31,6 +31,7 @@ class AsyncCacheClient:
         self.options = options or ClientOptions()
         self._channel = aio.insecure_channel(target, options=self.options.channel_options())
         self._stub = pb_grpc.CacheServiceStub(self._channel)
+        self._get_slabs, self._write_slabs = bulk_methods(self._channel)
         self._families: dict[str, FamilySpec] = {}
         self._chunk_size: int | None = None
 
@@ -92,7 +93,7 @@ class AsyncCacheClient:
             try:
                 todo = [t for t in res.targets if not t.already_present]
                 if todo:
-                    await self._call(self._stub.WriteSlabs,
+                    await self._call(self._write_slabs,
                                      _aiter(write_chunks(res.reservation_id, plan, todo)),
                                      self.options.data_timeout_s)
                 resp = await self._call(self._stub.Commit,
@@ -129,7 +130,7 @@ class AsyncCacheClient:
                                  entry_ids=ids, kinds=[int(k) for k in kinds],
                                  layer_start=start, layer_end=end)
         try:
-            async for run in self._stub.GetSlabs(req, timeout=self.options.data_timeout_s):
+            async for run in self._get_slabs(req, timeout=self.options.data_timeout_s):
                 asm.feed(run)
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None

@@ -13,8 +13,8 @@ from cachesvc.v1 import cachesvc_pb2 as pb
 from cachesvc.v1 import cachesvc_pb2_grpc as pb_grpc
 from cachesvc.wire import family_from_proto, family_to_proto
 from cachesvc_client.codec import (EntryData, Hit, HitEntry, LookupResult, PutResult, Registered,
-                                   SlabAssembler, Slabs, entry_columns, lookup_from_proto, plan_put,
-                                   write_chunks)
+                                   SlabAssembler, Slabs, bulk_methods, entry_columns,
+                                   lookup_from_proto, plan_put, write_chunks)
 from cachesvc_client.errors import CacheServiceError, from_rpc_error
 from cachesvc_client.options import ClientOptions, batches
 
@@ -35,6 +35,7 @@ class CacheClient:
         self.options = options or ClientOptions()
         self._channel = grpc.insecure_channel(target, options=self.options.channel_options())
         self._stub = pb_grpc.CacheServiceStub(self._channel)
+        self._get_slabs, self._write_slabs = bulk_methods(self._channel)
         self._families: dict[str, FamilySpec] = {}
         self._chunk_size: int | None = None
 
@@ -111,7 +112,7 @@ class CacheClient:
             try:
                 todo = [t for t in res.targets if not t.already_present]
                 if todo:
-                    self._call(self._stub.WriteSlabs, write_chunks(res.reservation_id, plan, todo),
+                    self._call(self._write_slabs, write_chunks(res.reservation_id, plan, todo),
                                self.options.data_timeout_s)
                 committed += self._call(self._stub.Commit,
                                         pb.CommitRequest(reservation_id=res.reservation_id)
@@ -152,7 +153,7 @@ class CacheClient:
                                  entry_ids=ids, kinds=[int(k) for k in kinds],
                                  layer_start=start, layer_end=end)
         try:
-            for run in self._stub.GetSlabs(req, timeout=self.options.data_timeout_s):
+            for run in self._get_slabs(req, timeout=self.options.data_timeout_s):
                 asm.feed(run)
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None

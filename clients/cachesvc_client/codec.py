@@ -17,6 +17,7 @@ import numpy as np
 import xxhash
 
 from cachesvc.keys import ENTRY_ID_BYTES, DType, EntryId, FamilyId, FamilySpec, Kind
+from cachesvc.framing import decode_slab_run, encode_write_chunk
 from cachesvc.v1 import cachesvc_pb2 as pb
 
 WRITE_PIECE_BYTES = 1 << 20
@@ -237,9 +238,10 @@ def plan_put(tenant: str, family_id: str, family: FamilySpec, producer: str,
 
 
 def write_chunks(reservation_id: str, plan: PutPlan, targets: Sequence[pb.EntryWriteTarget],
-                 piece_bytes: int = WRITE_PIECE_BYTES) -> Iterator[pb.WriteChunk]:
-    """WriteChunk messages for every entry the server still needs, in payload order.
-    Small slabs are joined into pieces of about ``piece_bytes``; large ones are split."""
+                 piece_bytes: int = WRITE_PIECE_BYTES) -> Iterator[bytes]:
+    """Encoded WriteChunk messages (cachesvc.framing) for every entry the server still
+    needs, in payload order. Small slabs share a message of about ``piece_bytes``;
+    large ones are split. Each payload byte is copied once, into its message."""
     for target in targets:
         if target.already_present:
             continue
@@ -252,14 +254,27 @@ def write_chunks(reservation_id: str, plan: PutPlan, targets: Sequence[pb.EntryW
                 pending.append(part)
                 pending_bytes += len(part)
                 if pending_bytes >= piece_bytes:
-                    data = b"".join(pending)
-                    yield pb.WriteChunk(reservation_id=reservation_id,
-                                        entry_index=target.entry_index, offset=offset, data=data)
-                    offset += len(data)
+                    yield encode_write_chunk(reservation_id, target.entry_index, offset, pending)
+                    offset += pending_bytes
                     pending, pending_bytes = [], 0
         if pending:
-            yield pb.WriteChunk(reservation_id=reservation_id, entry_index=target.entry_index,
-                                offset=offset, data=b"".join(pending))
+            yield encode_write_chunk(reservation_id, target.entry_index, offset, pending)
+
+
+def bulk_methods(channel: Any) -> tuple[Any, Any]:
+    """(GetSlabs, WriteSlabs) callables on a sync or aio channel that exchange framed
+    bytes instead of generated messages: see cachesvc.framing."""
+    service = "/cachesvc.v1.CacheService/"
+    get_slabs = channel.unary_stream(service + "GetSlabs",
+                                     request_serializer=pb.GetSlabsRequest.SerializeToString,
+                                     response_deserializer=decode_slab_run)
+    write_slabs = channel.stream_unary(service + "WriteSlabs", request_serializer=_raw,
+                                       response_deserializer=pb.WriteSlabsResponse.FromString)
+    return get_slabs, write_slabs
+
+
+def _raw(data: bytes) -> bytes:
+    return data
 
 
 # ---------------------------------------------------------------- get
@@ -294,7 +309,9 @@ class SlabAssembler:
         self.missing: list[Missing] = []
         self.bytes_received = 0
 
-    def feed(self, run: pb.SlabRun) -> None:
+    def feed(self, message: tuple[pb.SlabRun, memoryview]) -> None:
+        """Take one decoded run (header, payload view) as the bulk GetSlabs yields it."""
+        run, data = message
         kind, i, a, n = Kind(run.kind), run.entry_index, run.layer_start, run.num_layers
         if (i, kind) not in self._todo:
             raise ValueError(f"server sent entry {i} kind {kind.name}, which was not requested")
@@ -302,14 +319,13 @@ class SlabAssembler:
             self.missing.append(Missing(i, kind, a, n, run.missing_reason))
             return
         slab_bytes = self.family.slab_bytes(kind, self.tokens[i])
-        if len(run.data) != n * slab_bytes or len(run.checksums) != n:
+        if len(data) != n * slab_bytes or len(run.checksums) != n:
             self.missing.append(Missing(i, kind, a, n, "malformed run"))
             return
-        self.bytes_received += len(run.data)
+        self.bytes_received += len(data)
         dest = self._bytes[kind]
         t0, t = self.offsets[i], self.tokens[i]
         row = dest.shape[2]   # bytes per token
-        data = memoryview(run.data)
         for j in range(n):
             piece = data[j * slab_bytes:(j + 1) * slab_bytes]
             if xxhash.xxh3_64_intdigest(piece) != run.checksums[j]:
