@@ -104,6 +104,7 @@ def plot(doc: dict, path: Path) -> None:
 def main(args: argparse.Namespace) -> int:
     doc = run(args)
     out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
     png = out.with_suffix(".png")
     plot(doc, png)
     doc.pop("_samples")

@@ -1,0 +1,45 @@
+"""The ``cachesvc`` command line, run as a user would."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import TINY, make_entry
+
+
+def _cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cachesvc.cli", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_stats_and_ls(server, client, rng):
+    reg = client.register_model("producer-a", "0123abcd", TINY)
+    hashes = client.hash_tokens(list(range(512)), reg.family_id)
+    client.put(reg.family_id, "producer-a", [make_entry(rng, TINY, h, 256) for h in hashes])
+    stats = json.loads(_cli("stats", "--target", server.address).stdout)
+    assert stats["entries"] == 2 and stats["models"] == 1 and stats["chunk_size"] == 256
+    out = _cli("ls", "--target", server.address).stdout.splitlines()
+    assert len(out) == 3 and all("producer-a" in line and "4/4/4" in line for line in out[1:])
+    models = _cli("ls", "--models", "--target", server.address).stdout
+    assert "producer-a" in models and reg.family_id in models
+
+
+def test_serve_rejects_bad_config():
+    proc = _cli("serve", "--memory-bytes", "plenty", timeout=30)
+    assert proc.returncode == 2 and "memory_bytes: not a size" in proc.stderr
+
+
+def test_bench_lookup_small(tmp_path):
+    out = tmp_path / "lookup.json"
+    proc = _cli("bench", "lookup", "--json", str(out), "--entries", "4096", "--batch", "1024",
+                "--rounds", "20")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    assert doc["index_entries"] == 4096
+    for key in ("p50_ms", "p99_ms", "chunks_per_s"):
+        assert doc[key] > 0 and doc["single"][key] > 0
+    assert doc["batched"]["chunks_per_call"] == 1024 and doc["single"]["chunks_per_call"] == 1
+    assert out.with_suffix(".png").stat().st_size > 10_000
+    assert "| batched | 1024 |" in proc.stdout
