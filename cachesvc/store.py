@@ -115,7 +115,7 @@ class _Reservation:
 
 @dataclass(slots=True)
 class _Lease:
-    entry_ids: list[EntryId]
+    records: list[_Record]     # the records pinned (not ids: an id can be re-put meanwhile)
     deadline: float
 
 
@@ -244,8 +244,9 @@ class CacheStore:
     # ------------------------------------------------------------ two-phase put
 
     def reserve(self, tenant: str, family_id: str, producer: str, entries: Sequence[EntryInput],
-                ttl_s: float = 0) -> Reservation:
+                ttl_s: int = 0) -> Reservation:
         tenant = _tenant(tenant)
+        _check_ttl(ttl_s, allow_zero=True)
         with self._lock:
             family = self.models.family(family_id)
             model = self.models.get(producer)
@@ -324,8 +325,9 @@ class CacheStore:
                 self._close_reservation(res, "puts_aborted")
                 raise InvalidArgument(f"{bad}; reservation {reservation_id} aborted")
             committed = self._publish(res)
-        for entry in committed:
-            self._persist_q.put(entry)
+        if self.config.disk_mode == DiskMode.WRITE_THROUGH:
+            for entry in committed:
+                self._persist_q.put(entry)
         return len(committed)
 
     def abort(self, reservation_id: str) -> None:
@@ -363,8 +365,9 @@ class CacheStore:
                 if p.mem_offset is None:
                     continue
                 old = self._entries.get(p.meta.entry_id)
-                if old is not None:
+                if old is not None:   # same key, other slabs: the new one replaces it
                     self._delete_locked(old)
+                    self._drop_disk_locked(old)   # its file path is the new entry's
                 rec = _Record(p.meta, p.mem_offset)
                 p.mem_offset = None     # ownership moves to the record
                 self._entries[p.meta.entry_id] = rec
@@ -420,7 +423,7 @@ class CacheStore:
         assert rec.mem_offset is not None and not rec.busy
         self._arena.free(rec.mem_offset)
         rec.mem_offset = None
-        self._mem_lru.pop(rec.meta.entry_id, None)
+        _pop_if(self._mem_lru, rec)
         self.counters["mem_evictions"] += 1
         if not rec.disk_bytes:
             self._unindex_locked(rec)
@@ -457,11 +460,19 @@ class CacheStore:
         if rec.mem_offset is not None:
             self._arena.free(rec.mem_offset)
             rec.mem_offset = None
-            self._mem_lru.pop(rec.meta.entry_id, None)
-        if rec.disk_bytes:
-            self._disk_lru.pop(rec.meta.entry_id, None)
-            self._disk_used -= rec.disk_bytes
-            rec.disk_bytes = 0
+            _pop_if(self._mem_lru, rec)
+        self._drop_disk_locked(rec)
+
+    def _drop_disk_locked(self, rec: _Record) -> None:
+        """Forget rec's disk copy; delete the file unless a successor with the same id
+        (a re-put) owns that path now."""
+        if not rec.disk_bytes:
+            return
+        _pop_if(self._disk_lru, rec)
+        self._disk_used -= rec.disk_bytes
+        rec.disk_bytes = 0
+        successor = self._entries.get(rec.meta.entry_id)
+        if successor is None or successor is rec:
             assert self._disk is not None
             self._disk.remove(rec.meta.entry_id)
 
@@ -533,11 +544,7 @@ class CacheStore:
                 break
             if rec.busy:
                 continue
-            self._disk_lru.pop(rec.meta.entry_id)
-            self._disk_used -= rec.disk_bytes
-            rec.disk_bytes = 0
-            assert self._disk is not None
-            self._disk.remove(rec.meta.entry_id)
+            self._drop_disk_locked(rec)
             self.counters["disk_evictions"] += 1
             if rec.mem_offset is None:
                 self._unindex_locked(rec)
@@ -733,7 +740,7 @@ class CacheStore:
         for rec in recs:
             rec.pins += 1
         lease_id = secrets.token_hex(12)
-        self._leases[lease_id] = _Lease([r.meta.entry_id for r in recs], time.monotonic() + ttl_s)
+        self._leases[lease_id] = _Lease(list(recs), time.monotonic() + ttl_s)
         return lease_id
 
     def unpin(self, lease_id: str) -> None:
@@ -744,11 +751,9 @@ class CacheStore:
             self._unpin_locked(lease)
 
     def _unpin_locked(self, lease: _Lease) -> None:
-        for entry in lease.entry_ids:
-            rec = self._entries.get(entry)
-            if rec is not None and rec.pins > 0:
-                rec.pins -= 1
-                self._release_locked(rec)
+        for rec in lease.records:
+            rec.pins -= 1
+            self._release_locked(rec)
 
     def list_entries(self, tenant: str, family_id: str, producer: str, limit: int,
                      page_token: str) -> tuple[list[tuple[EntryMeta, Tier, bool]], str]:
@@ -806,6 +811,12 @@ class CacheStore:
     def _reap_loop(self) -> None:
         while not self._stop.wait(self.config.reap_interval_s):
             self.reap()
+
+
+def _pop_if(lru: OrderedDict[EntryId, _Record], rec: _Record) -> None:
+    """Remove rec from an id-keyed map only if it is rec (not a re-put successor)."""
+    if lru.get(rec.meta.entry_id) is rec:
+        del lru[rec.meta.entry_id]
 
 
 def _tenant(tenant: str) -> str:

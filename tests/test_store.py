@@ -29,11 +29,11 @@ def _store(tmp_path, memory_entries=4, mode=DiskMode.OFF, disk_entries=100, **kw
     return store
 
 
-def _put(store: CacheStore, chunk: bytes, fill: int = 1) -> bytes:
+def _put(store: CacheStore, chunk: bytes, fill: int = 1, layers: int = TINY.num_layers) -> bytes:
     """Put one K-only entry whose bytes are all ``fill``; returns its payload."""
-    payload = bytes([fill]) * ENTRY_BYTES
+    payload = bytes([fill]) * SLAB * layers
     slabs = [SlabSpec(Kind.K, layer, TINY.slab_shape(Kind.K, 256), TINY.dtype,
-                      xxhash.xxh3_64_intdigest(payload[:SLAB])) for layer in range(TINY.num_layers)]
+                      xxhash.xxh3_64_intdigest(payload[:SLAB])) for layer in range(layers)]
     res = store.reserve("", FID, "m", [EntryInput(chunk, 0, 256, slabs)])
     if not res.already_present[0]:
         store.write(res.reservation_id, 0, 0, memoryview(payload))
@@ -225,3 +225,42 @@ def test_partial_prefix_and_producer_filter(tmp_path):
     assert store.lookup("", FID, other).hits == []              # so every chained hash does
     assert store.lookup("other-tenant", FID, hs).hits == []
     np.testing.assert_equal(store.stats()["counters"]["hit_chunks"], 3)
+
+
+@pytest.mark.parametrize("holder", ["reader", "lease"])
+def test_replacing_an_entry_someone_holds(tmp_path, holder):
+    """A re-put with other slabs replaces the entry; whoever held the old one keeps its
+    bytes; letting go frees exactly the old one and never touches the new one."""
+    store = _store(tmp_path, memory_entries=3, mode=DiskMode.SPILL)
+    hs = _hashes(4)
+    old_payload = _put(store, hs[0], fill=1, layers=2)
+    eid = store.lookup("", FID, hs[:1]).hits[0].metas[0].entry_id
+    if holder == "reader":
+        reader = store.read("", FID, [eid], [Kind.K], 0, 0)
+    else:
+        lease_id = store.lookup("", FID, hs[:1], lease_ttl_s=60).lease_id
+    new_payload = _put(store, hs[0], fill=2, layers=4)          # same key, more layers
+    if holder == "reader":
+        assert b"".join(bytes(r.data) for r in reader) == old_payload   # old bytes to the end
+    else:
+        store.unpin(lease_id)
+    s = store.stats()
+    assert (s["entries"], s["memory"]["entries"]) == (1, 1)      # the new one, in the LRU
+    assert s["memory"]["used_bytes"] == len(new_payload)        # the old one is freed
+    hit = store.lookup("", FID, hs[:1]).hits[0]
+    assert hit.metas[0].layout.k_layers == (0, 1, 2, 3)
+    assert b"".join(bytes(r.data) for r in store.read("", FID, [eid], [Kind.K], 0, 0)) == new_payload
+    for h in hs[1:]:                                             # it spills and reads back
+        _put(store, h)
+    hit = store.lookup("", FID, hs[:1]).hits[0]
+    assert hit.tiers[0] == Tier.DISK
+    assert b"".join(bytes(r.data) for r in store.read("", FID, [eid], [Kind.K], 0, 0)) == new_payload
+    store.close()
+
+
+def test_reservation_ttl_is_bounded(tmp_path):
+    store = _store(tmp_path)
+    slabs = [SlabSpec(Kind.K, 0, TINY.slab_shape(Kind.K, 256), TINY.dtype, 0)]
+    with pytest.raises(errors.InvalidArgument, match="ttl"):
+        store.reserve("", FID, "m", [EntryInput(_hashes(1)[0], 0, 256, slabs)], ttl_s=10**6)
+    assert store.stats()["memory"]["reserved_bytes"] == 0

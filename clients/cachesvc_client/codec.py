@@ -17,6 +17,7 @@ import numpy as np
 import xxhash
 
 from cachesvc.keys import ENTRY_ID_BYTES, DType, EntryId, FamilyId, FamilySpec, Kind
+from cachesvc.entries import Layout
 from cachesvc.framing import decode_slab_run, encode_write_chunk
 from cachesvc.v1 import cachesvc_pb2 as pb
 
@@ -56,17 +57,6 @@ class PutResult:
     entries_committed: int    # newly visible entries
     already_present: int      # identical entries that were already stored
     bytes_sent: int
-
-
-@dataclass(frozen=True, slots=True)
-class Layout:
-    num_tokens: int
-    k_layers: tuple[int, ...]
-    v_layers: tuple[int, ...]
-    e_layers: tuple[int, ...]
-
-    def layers(self, kind: Kind) -> tuple[int, ...]:
-        return (self.k_layers, self.v_layers, self.e_layers)[kind - 1]
 
 
 @dataclass(frozen=True, slots=True)
