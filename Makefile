@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 EXTRAS ?= dev,bench,torch
 JSON   ?= bench-results
 
-.PHONY: demo test venv proto check-proto bench-lookup bench clean
+.PHONY: demo test lint venv proto check-proto bench-lookup bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,8 +20,11 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m cachesvc_client.demo
 
-test: $(STAMP)
+test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check cachesvc clients bench tests
 
 # Regenerate the gRPC stubs from protos/ (committed; check-proto verifies they match).
 proto: $(STAMP)

@@ -125,7 +125,7 @@ class CacheServicer(pb_grpc.CacheServiceServicer):
         targets = [pb.EntryWriteTarget(entry_index=i, size_bytes=meta.size_bytes,
                                        slab_offsets=_request_order_offsets(meta, request.entries[i]),
                                        already_present=present)
-                   for i, (meta, present) in enumerate(zip(res.entries, res.already_present))]
+                   for i, (meta, present) in enumerate(zip(res.entries, res.already_present, strict=True))]
         return pb.ReserveResponse(reservation_id=res.reservation_id, targets=targets,
                                   expires_in_ms=int(res.expires_in_s * 1000))
 

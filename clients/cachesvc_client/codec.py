@@ -93,7 +93,7 @@ class Hit:
     @property
     def entries(self) -> list[HitEntry]:
         return [HitEntry(*row) for row in zip(self.entry_ids, self.position_offsets,
-                                              self.layouts, self.tiers)]
+                                              self.layouts, self.tiers, strict=True)]
 
     def __getitem__(self, chunks: slice) -> "Hit":
         if not isinstance(chunks, slice):
