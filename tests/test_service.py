@@ -169,3 +169,17 @@ def test_family_spec_is_fetched_by_a_fresh_client(server, client, rng):
         hit = fresh.lookup(reg.family_id, h).best()
         assert fresh.get(reg.family_id, hit.entries).valid_chunks == 1
 
+
+
+def test_async_client_typed_errors(server):
+    from cachesvc_client import FailedPreconditionError, NotFoundError
+
+    async def main():
+        async with AsyncCacheClient(server.address) as ac:
+            reg = await ac.register_model("p", "0123abcd", TINY)
+            with pytest.raises(NotFoundError, match="family 'f+' is not known"):
+                await ac.lookup("f" * 32, [b"\0" * 32])
+            with pytest.raises(FailedPreconditionError, match="other weights"):
+                await ac.register_model("p", "99999999", TINY)
+            return reg
+    assert asyncio.run(main()).created
