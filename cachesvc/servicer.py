@@ -15,10 +15,11 @@ from cachesvc.entries import EntryMeta, Layout, SlabSpec
 from cachesvc.framing import decode_write_chunk, encode_slab_run
 from cachesvc.keys import DType, FamilySpec, Kind
 from cachesvc.models import ModelRecord
-from cachesvc.wire import family_from_proto, family_to_proto
-from cachesvc.store import CacheStore, EntryInput
+from cachesvc.records import EntryInput
+from cachesvc.store import CacheStore
 from cachesvc.v1 import cachesvc_pb2 as pb
 from cachesvc.v1 import cachesvc_pb2_grpc as pb_grpc
+from cachesvc.wire import family_from_proto, family_to_proto
 
 log = logging.getLogger(__name__)
 

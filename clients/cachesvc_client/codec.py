@@ -193,7 +193,6 @@ class PutPlan:
 
     request: pb.ReserveRequest
     payloads: list[list[memoryview]]   # per entry, slab views sorted by (kind, layer)
-    size_bytes: int
 
 
 def plan_put(tenant: str, family_id: str, family: FamilySpec, producer: str,
@@ -202,7 +201,6 @@ def plan_put(tenant: str, family_id: str, family: FamilySpec, producer: str,
     be what the family expects (the server checks shapes again and authoritatively)."""
     req = pb.ReserveRequest(tenant=tenant, family_id=family_id, producer=producer, ttl_s=ttl_s)
     payloads: list[list[memoryview]] = []
-    total = 0
     for i, entry in enumerate(entries):
         if not entry.slabs:
             raise ValueError(f"entries[{i}] has no slabs")
@@ -213,7 +211,7 @@ def plan_put(tenant: str, family_id: str, family: FamilySpec, producer: str,
                                position_offset=entry.position_offset,
                                num_tokens=num_tokens.pop())
         views = []
-        for (kind, layer), arr in sorted(entry.slabs.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        for (kind, layer), arr in sorted(entry.slabs.items(), key=lambda kv: kv[0]):
             view = byte_view(arr)
             try:
                 dtype = DType.parse(_dtype_of(arr))
@@ -222,9 +220,8 @@ def plan_put(tenant: str, family_id: str, family: FamilySpec, producer: str,
             spec.slabs.add(kind=int(kind), layer=layer, shape=list(arr.shape), dtype=int(dtype),
                            checksum=xxhash.xxh3_64_intdigest(view))
             views.append(view)
-            total += len(view)
         payloads.append(views)
-    return PutPlan(req, payloads, total)
+    return PutPlan(req, payloads)
 
 
 def write_chunks(reservation_id: str, plan: PutPlan, targets: Sequence[pb.EntryWriteTarget],
