@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import subprocess
+import sys
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -183,3 +186,45 @@ def test_async_client_typed_errors(server):
                 await ac.register_model("p", "99999999", TINY)
             return reg
     assert asyncio.run(main()).created
+
+
+def test_async_pin_list(server, rng):
+    async def main():
+        async with AsyncCacheClient(server.address) as ac:
+            reg = await ac.register_model("p", "0123abcd", TINY)
+            hashes = await ac.hash_tokens(list(range(512)), reg.family_id)
+            await ac.put(reg.family_id, "p", [make_entry(rng, TINY, h, 256) for h in hashes])
+            hit = (await ac.lookup(reg.family_id, hashes)).best()
+            lease = await ac.pin(reg.family_id, hit.entry_ids, ttl_s=30)
+            rows, _ = await ac.list_entries(family_id=reg.family_id)
+            await ac.unpin(lease)
+            rows_after, _ = await ac.list_entries(family_id=reg.family_id)
+            return await ac.list_models(), rows, rows_after
+    models, rows, rows_after = asyncio.run(main())
+    assert [m["model_id"] for m in models] == ["p"]
+    assert [r.pinned for r in rows] == [True, True] and not any(r.pinned for r in rows_after)
+
+
+def test_sdk_works_without_torch(server):
+    """torch is optional: with it unimportable, numpy puts and gets still work."""
+    code = f"""
+import sys
+sys.modules["torch"] = None          # any `import torch` now fails
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+import numpy as np
+from conftest import TINY, make_entry
+from cachesvc_client import CacheClient, Kind
+c = CacheClient({server.address!r})
+fid = c.register_model("p", "0123abcd", TINY).family_id
+h = c.hash_tokens(list(range(256)), fid)
+e = make_entry(np.random.default_rng(0), TINY, h[0], 256)
+c.put(fid, "p", [e])
+got = c.get(fid, c.lookup(fid, h).best(), (Kind.K,))
+assert got.arrays[Kind.K][1].tobytes() == e.slabs[(Kind.K, 1)].tobytes()
+try:
+    c.get(fid, c.lookup(fid, h).best(), (Kind.K,), as_torch=True)
+except ImportError:
+    print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "ok", out.stderr[-2000:]

@@ -142,6 +142,27 @@ class AsyncCacheClient:
                                entry_ids=entry_ids, chunk_hashes=chunk_hashes, producer=producer)
         return (await self._call(self._stub.Delete, req)).entries_deleted
 
+    async def pin(self, family_id: str, entry_ids: Sequence[bytes], ttl_s: int,
+                  tenant: str = "") -> str:
+        req = pb.PinRequest(tenant=tenant or self.options.tenant, family_id=family_id,
+                            entry_ids=entry_ids, ttl_s=ttl_s)
+        return (await self._call(self._stub.Pin, req)).lease_id
+
+    async def unpin(self, lease_id: str) -> None:
+        await self._call(self._stub.Unpin, pb.UnpinRequest(lease_id=lease_id))
+
+    async def list_models(self) -> list[dict]:
+        resp = await self._call(self._stub.ListModels, pb.ListModelsRequest())
+        return [{"model_id": m.model.model_id, "weights_digest": m.model.weights_digest,
+                 "family_id": m.family_id} for m in resp.models]
+
+    async def list_entries(self, *, family_id: str = "", producer: str = "", tenant: str = "",
+                           limit: int = 100, page_token: str = "") -> tuple[list[pb.EntryInfo], str]:
+        req = pb.ListEntriesRequest(tenant=tenant, family_id=family_id, producer=producer,
+                                    limit=limit, page_token=page_token)
+        resp = await self._call(self._stub.ListEntries, req)
+        return list(resp.entries), resp.next_page_token
+
     async def stats(self) -> dict:
         return stats_to_dict(await self._call(self._stub.Stats, pb.StatsRequest()))
 
