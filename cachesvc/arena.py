@@ -3,15 +3,18 @@
 Why an arena rather than one ``bytearray`` per entry: entries are megabytes each, and
 glibc raises its mmap threshold after the first large free, after which such buffers
 come from the heap and fragment it, so RSS drifts above the budget under churn. A
-single mapping makes "capacity is never exceeded" a property of the allocator, keeps
-RSS ≤ budget + interpreter overhead whatever the load, and is the region a same-host
-data plane can later share.
+single mapping makes "capacity is never exceeded" a property of the allocator, and
+keeps RSS ≤ budget + interpreter overhead whatever the load.
+
+The mapping is a shared ``memfd``: the same-host data plane hands its descriptor to
+local clients (over a Unix socket), which then copy slabs straight out of it.
 """
 
 from __future__ import annotations
 
 import bisect
 import mmap
+import os
 from dataclasses import dataclass
 
 ALIGN_BYTES = 256
@@ -45,7 +48,9 @@ class Arena:
         if capacity_bytes < ALIGN_BYTES:
             raise ValueError(f"memory capacity must be at least {ALIGN_BYTES} bytes")
         self.capacity_bytes = capacity_bytes - capacity_bytes % ALIGN_BYTES
-        self._map = mmap.mmap(-1, self.capacity_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self.fd = os.memfd_create("cachesvc-arena", os.MFD_CLOEXEC)
+        os.ftruncate(self.fd, self.capacity_bytes)
+        self._map = mmap.mmap(self.fd, self.capacity_bytes, flags=mmap.MAP_SHARED)
         self.view = memoryview(self._map)
         self._starts: list[int] = [0]           # free extent offsets, ascending
         self._sizes: list[int] = [self.capacity_bytes]  # sizes parallel to _starts
@@ -91,8 +96,8 @@ class Arena:
             page = mmap.PAGESIZE
             lo = (offset + page - 1) // page * page
             hi = (offset + size) // page * page
-            if hi > lo:
-                self._map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+            if hi > lo:   # shmem pages: REMOVE frees them (DONTNEED would not)
+                self._map.madvise(mmap.MADV_REMOVE, lo, hi - lo)
 
     def extent_bytes(self, offset: int) -> int:
         """Rounded size of the extent at ``offset`` (what it costs the budget)."""
@@ -105,3 +110,4 @@ class Arena:
     def close(self) -> None:
         self.view.release()
         self._map.close()
+        os.close(self.fd)

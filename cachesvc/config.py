@@ -72,6 +72,10 @@ class ServerConfig:
     host: str = _opt("127.0.0.1", help="address to listen on")
     port: int = _opt(7070, parse=int, help="gRPC port; 0 picks a free one")
     port_file: str = _opt("", help="write the bound port to this file once serving")
+    data_port: int = _opt(0, parse=int, help="TCP port of the socket data plane; 0 picks a free one")
+    shm: bool = _opt(True, parse=parse_bool,
+                     help="offer same-host clients the memory tier as shared memory (any local "
+                          "user who can reach the node can then read every cached slab)")
     node_id: str = _opt("", help="name of this node; default host:port")
     memory_bytes: int = _opt(factory=default_memory_bytes, parse=parse_size,
                              help="memory tier budget (default: 1/4 of available RAM)")

@@ -75,8 +75,9 @@ class LookupResult:
 class ReadRun:
     """Consecutive layers of one kind of one entry, or a miss.
 
-    ``data`` may be a view of the memory tier: it is valid only until the next run is
-    requested from the iterator (the entry is held until then). Copy it to keep it.
+    ``data`` may be a view of the memory tier (then ``arena_offset`` says where): it is
+    valid until the read iterator finishes or is closed, since every entry of the read is
+    held until then. Copy it to keep it longer.
     """
 
     entry_index: int
@@ -86,3 +87,4 @@ class ReadRun:
     checksums: tuple[int, ...] = ()
     data: bytes | memoryview = b""
     missing_reason: str = ""   # non-empty: these layers are not available
+    arena_offset: int = -1     # byte offset of data in the memory tier; -1 if not there

@@ -18,6 +18,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from cachesvc.config import ServerConfig
+from cachesvc.dataplane.protocol import host_id
+from cachesvc.dataplane.server import DataPlaneServer
 from cachesvc.servicer import CacheServicer
 from cachesvc.store import CacheStore, DiskMode, StoreConfig
 from cachesvc.v1 import cachesvc_pb2
@@ -75,14 +77,17 @@ def store_config(config: ServerConfig) -> StoreConfig:
 class RunningServer:
     server: grpc.Server
     store: CacheStore
+    dataplane: DataPlaneServer
     health: health.HealthServicer
     port: int
 
     def stop(self, grace_s: float) -> None:
-        """Refuse new RPCs, let in-flight ones finish for up to ``grace_s``, then make the
-        store durable and release it."""
+        """Refuse new calls and transfers, let in-flight ones finish for up to ``grace_s``,
+        then make the store durable and release it."""
         self.health.enter_graceful_shutdown()
-        self.server.stop(grace_s).wait()
+        stopped = self.server.stop(grace_s)
+        self.dataplane.stop(grace_s)
+        stopped.wait()
         self.store.close()
         log.info("stopped")
 
@@ -113,23 +118,28 @@ def start_server(config: ServerConfig) -> RunningServer:
         raise OSError(f"cannot listen on {config.host}:{config.port}")
     node_id = config.node_id or f"{socket.gethostname()}:{port}"
     store = CacheStore(store_config(config), node_id=node_id)
-    add_cache_service(server, CacheServicer(store, f"{config.host}:{port}"))
+    dataplane = DataPlaneServer(store, config.host, config.data_port, config.shm)
+    fetch = cachesvc_pb2.FetchDescriptor(node_id=node_id, grpc_address=f"{config.host}:{port}",
+                                         transports=dataplane.transports(), host_id=host_id())
+    add_cache_service(server, CacheServicer(store, fetch))
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     store.start()
+    dataplane.start()
     server.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("serving", extra={"address": f"{config.host}:{port}", "node_id": node_id,
                                "memory_bytes": config.memory_bytes, "disk_mode": config.disk_mode,
-                               "data_dir": config.data_dir, "chunk_size": config.chunk_size})
+                               "data_dir": config.data_dir, "chunk_size": config.chunk_size,
+                               "transports": sorted(fetch.transports)})
     if config.port_file:
         tmp = Path(config.port_file + ".tmp")
         tmp.write_text(str(port))
         tmp.replace(config.port_file)
-    return RunningServer(server, store, health_servicer, port)
+    return RunningServer(server, store, dataplane, health_servicer, port)
 
 
 def serve(config: ServerConfig) -> int:

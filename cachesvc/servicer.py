@@ -23,19 +23,8 @@ from cachesvc.wire import family_from_proto, family_to_proto
 
 log = logging.getLogger(__name__)
 
-_CODES: dict[type[errors.CacheError], grpc.StatusCode] = {
-    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
-    errors.NotFound: grpc.StatusCode.NOT_FOUND,
-    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
-    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
-}
-
-
 def _status_for(exc: errors.CacheError) -> grpc.StatusCode:
-    for cls in type(exc).__mro__:
-        if cls in _CODES:
-            return _CODES[cls]
-    return grpc.StatusCode.INVALID_ARGUMENT
+    return grpc.StatusCode[exc.status]
 
 
 def _maps_errors(method: Callable) -> Callable:
@@ -95,9 +84,9 @@ def _kinds(values) -> list[Kind]:
 
 
 class CacheServicer(pb_grpc.CacheServiceServicer):
-    def __init__(self, store: CacheStore, grpc_address: str) -> None:
+    def __init__(self, store: CacheStore, fetch: pb.FetchDescriptor) -> None:
         self.store = store
-        self.fetch = pb.FetchDescriptor(node_id=store.node_id, grpc_address=grpc_address)
+        self.fetch = fetch    # this node's endpoints, handed out with every hit
 
     @_maps_errors
     def RegisterModel(self, request, context):
@@ -199,7 +188,8 @@ class CacheServicer(pb_grpc.CacheServiceServicer):
         """Yields encoded SlabRun messages (cachesvc.framing): each payload is copied
         once, from the arena into the message, while the store holds the entry."""
         runs = self.store.read(request.tenant, request.family_id, request.entry_ids,
-                               _kinds(request.kinds), request.layer_start, request.layer_end)
+                               _kinds(request.kinds), request.layer_start, request.layer_end,
+                               request.layer_major)
         for run in runs:
             header = pb.SlabRun(entry_index=run.entry_index, kind=int(run.kind),
                                 layer_start=run.layer_start, num_layers=run.num_layers,
@@ -239,7 +229,7 @@ class CacheServicer(pb_grpc.CacheServiceServicer):
         return pb.StatsResponse(node_id=s["node_id"], chunk_size=s["chunk_size"], tiers=tiers,
                                 entries=s["entries"], models=s["models"],
                                 open_reservations=s["open_reservations"], counters=s["counters"],
-                                uptime_s=s["uptime_s"])
+                                uptime_s=s["uptime_s"], fetch=self.fetch)
 
 
 def _request_order_offsets(meta: EntryMeta, spec: pb.EntrySpec) -> list[int]:

@@ -119,6 +119,11 @@ class CacheStore:
         if self._disk is not None:
             self._load_disk()
 
+    @property
+    def arena(self) -> Arena:
+        """The memory tier's arena (the same-host data plane shares its memfd)."""
+        return self._arena
+
     # ------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
@@ -538,9 +543,12 @@ class CacheStore:
     # ------------------------------------------------------------ read
 
     def read(self, tenant: str, family_id: str, entry_ids: Sequence[bytes], kinds: Sequence[Kind],
-             layer_start: int, layer_end: int) -> Iterator[ReadRun]:
-        """Runs of the requested slabs; each entry is held (cannot be freed) while read.
-        Validation happens before the first yield so errors surface immediately."""
+             layer_start: int, layer_end: int, layer_major: bool = False) -> Iterator[ReadRun]:
+        """Runs of the requested slabs; each entry is held (cannot be freed) until the
+        iterator finishes or is closed. Validation happens before the first yield so
+        errors surface immediately. Order: entry, kind, layer runs; or, with
+        ``layer_major``, one slab per run in (layer, entry, kind) order, so a reader can
+        use layer l as soon as it has arrived."""
         tenant = _tenant(tenant)
         with self._lock:
             family = self.models.family(family_id)
@@ -562,17 +570,22 @@ class CacheStore:
                     r.readers += 1
                     if r.mem_offset is not None:
                         self._mem_lru.move_to_end(r.meta.entry_id)
-        return self._read_runs(recs, kinds, layer_start, end)
+        return self._read_runs(recs, kinds, layer_start, end, layer_major)
 
     def _read_runs(self, recs: list[_Record | None], kinds: Sequence[Kind], start: int,
-                   end: int) -> Iterator[ReadRun]:
+                   end: int, layer_major: bool) -> Iterator[ReadRun]:
         try:
-            for index, rec in enumerate(recs):
-                for kind in kinds:
-                    if rec is None:
-                        yield ReadRun(index, kind, start, end - start, missing_reason="entry not found")
-                        continue
-                    yield from self._entry_runs(index, rec, kind, start, end)
+            if layer_major:
+                order = ((index, rec, kind, layer, layer + 1) for layer in range(start, end)
+                         for index, rec in enumerate(recs) for kind in kinds)
+            else:
+                order = ((index, rec, kind, start, end)
+                         for index, rec in enumerate(recs) for kind in kinds)
+            for index, rec, kind, a, b in order:
+                if rec is None:
+                    yield ReadRun(index, kind, a, b - a, missing_reason="entry not found")
+                else:
+                    yield from self._entry_runs(index, rec, kind, a, b)
         finally:
             with self._lock:
                 for rec in recs:
@@ -603,7 +616,9 @@ class CacheStore:
         if rec.mem_offset is not None:
             start = rec.mem_offset + first.offset
             data = self._arena.view[start:start + size]   # valid while the read holds rec
+            arena_offset = start
         else:
+            arena_offset = -1
             try:
                 assert self._disk is not None
                 data = self._disk.read(rec.meta, first.offset, size)
@@ -619,7 +634,7 @@ class CacheStore:
         with self._lock:
             self.counters["slabs_read"] += len(run)
             self.counters["bytes_read"] += size
-        return ReadRun(index, kind, first.layer, len(run), checksums, data)
+        return ReadRun(index, kind, first.layer, len(run), checksums, data, "", arena_offset)
 
     def _quarantine(self, rec: _Record) -> None:
         log.error("checksum failure on disk", extra={"entry": rec.meta.entry_id.hex()})

@@ -277,7 +277,7 @@ class LookupHit(_message.Message):
     def __init__(self, producer: _Optional[str] = ..., same_model: _Optional[bool] = ..., num_chunks: _Optional[int] = ..., entry_ids: _Optional[bytes] = ..., position_offsets: _Optional[_Iterable[int]] = ..., layout_indices: _Optional[_Iterable[int]] = ..., tiers: _Optional[_Iterable[_Union[Tier, str]]] = ..., fetch: _Optional[_Union[FetchDescriptor, _Mapping]] = ...) -> None: ...
 
 class FetchDescriptor(_message.Message):
-    __slots__ = ("node_id", "grpc_address", "transports")
+    __slots__ = ("node_id", "grpc_address", "transports", "host_id")
     class TransportsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -288,10 +288,12 @@ class FetchDescriptor(_message.Message):
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     GRPC_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     TRANSPORTS_FIELD_NUMBER: _ClassVar[int]
+    HOST_ID_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     grpc_address: str
     transports: _containers.ScalarMap[str, bytes]
-    def __init__(self, node_id: _Optional[str] = ..., grpc_address: _Optional[str] = ..., transports: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
+    host_id: str
+    def __init__(self, node_id: _Optional[str] = ..., grpc_address: _Optional[str] = ..., transports: _Optional[_Mapping[str, bytes]] = ..., host_id: _Optional[str] = ...) -> None: ...
 
 class LookupResponse(_message.Message):
     __slots__ = ("hits", "layouts", "lease_id")
@@ -304,20 +306,22 @@ class LookupResponse(_message.Message):
     def __init__(self, hits: _Optional[_Iterable[_Union[LookupHit, _Mapping]]] = ..., layouts: _Optional[_Iterable[_Union[EntryLayout, _Mapping]]] = ..., lease_id: _Optional[str] = ...) -> None: ...
 
 class GetSlabsRequest(_message.Message):
-    __slots__ = ("tenant", "family_id", "entry_ids", "kinds", "layer_start", "layer_end")
+    __slots__ = ("tenant", "family_id", "entry_ids", "kinds", "layer_start", "layer_end", "layer_major")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     FAMILY_ID_FIELD_NUMBER: _ClassVar[int]
     ENTRY_IDS_FIELD_NUMBER: _ClassVar[int]
     KINDS_FIELD_NUMBER: _ClassVar[int]
     LAYER_START_FIELD_NUMBER: _ClassVar[int]
     LAYER_END_FIELD_NUMBER: _ClassVar[int]
+    LAYER_MAJOR_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     family_id: str
     entry_ids: _containers.RepeatedScalarFieldContainer[bytes]
     kinds: _containers.RepeatedScalarFieldContainer[Kind]
     layer_start: int
     layer_end: int
-    def __init__(self, tenant: _Optional[str] = ..., family_id: _Optional[str] = ..., entry_ids: _Optional[_Iterable[bytes]] = ..., kinds: _Optional[_Iterable[_Union[Kind, str]]] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ...) -> None: ...
+    layer_major: bool
+    def __init__(self, tenant: _Optional[str] = ..., family_id: _Optional[str] = ..., entry_ids: _Optional[_Iterable[bytes]] = ..., kinds: _Optional[_Iterable[_Union[Kind, str]]] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., layer_major: _Optional[bool] = ...) -> None: ...
 
 class SlabRun(_message.Message):
     __slots__ = ("entry_index", "kind", "layer_start", "num_layers", "checksums", "data", "missing", "missing_reason")
@@ -456,7 +460,7 @@ class TierStats(_message.Message):
     def __init__(self, tier: _Optional[_Union[Tier, str]] = ..., capacity_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., reserved_bytes: _Optional[int] = ..., entries: _Optional[int] = ..., evictions: _Optional[int] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("node_id", "chunk_size", "tiers", "entries", "models", "open_reservations", "counters", "uptime_s")
+    __slots__ = ("node_id", "chunk_size", "tiers", "entries", "models", "open_reservations", "counters", "uptime_s", "fetch")
     class CountersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -472,6 +476,7 @@ class StatsResponse(_message.Message):
     OPEN_RESERVATIONS_FIELD_NUMBER: _ClassVar[int]
     COUNTERS_FIELD_NUMBER: _ClassVar[int]
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
+    FETCH_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     chunk_size: int
     tiers: _containers.RepeatedCompositeFieldContainer[TierStats]
@@ -480,4 +485,5 @@ class StatsResponse(_message.Message):
     open_reservations: int
     counters: _containers.ScalarMap[str, int]
     uptime_s: int
-    def __init__(self, node_id: _Optional[str] = ..., chunk_size: _Optional[int] = ..., tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., entries: _Optional[int] = ..., models: _Optional[int] = ..., open_reservations: _Optional[int] = ..., counters: _Optional[_Mapping[str, int]] = ..., uptime_s: _Optional[int] = ...) -> None: ...
+    fetch: FetchDescriptor
+    def __init__(self, node_id: _Optional[str] = ..., chunk_size: _Optional[int] = ..., tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., entries: _Optional[int] = ..., models: _Optional[int] = ..., open_reservations: _Optional[int] = ..., counters: _Optional[_Mapping[str, int]] = ..., uptime_s: _Optional[int] = ..., fetch: _Optional[_Union[FetchDescriptor, _Mapping]] = ...) -> None: ...

@@ -3,11 +3,13 @@ calls; make one client per process and reuse it."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import grpc
 
+from cachesvc.dataplane.protocol import host_id
 from cachesvc.keys import ChunkHash, FamilyId, FamilySpec, Kind, chunk_hashes
 from cachesvc.v1 import cachesvc_pb2 as pb
 from cachesvc.v1 import cachesvc_pb2_grpc as pb_grpc
@@ -17,6 +19,7 @@ from cachesvc_client.codec import (EntryData, Hit, HitEntry, LookupResult, PutRe
                                    lookup_from_proto, plan_put, write_chunks)
 from cachesvc_client.errors import CacheServiceError, from_rpc_error
 from cachesvc_client.options import ClientOptions, batches
+from cachesvc_client.transports import ShmTransport, SocketTransport
 
 __all__ = ["CacheClient"]
 
@@ -38,6 +41,8 @@ class CacheClient:
         self._get_slabs, self._write_slabs = bulk_methods(self._channel)
         self._families: dict[str, FamilySpec] = {}
         self._chunk_size: int | None = None
+        self._transports: dict[str, SocketTransport | None] = {}
+        self._transports_lock = threading.Lock()
 
     # -- lifecycle
 
@@ -48,6 +53,9 @@ class CacheClient:
             raise CacheServiceError(f"{self.target} not reachable within {timeout_s} s") from None
 
     def close(self) -> None:
+        for transport in self._transports.values():
+            if transport is not None:
+                transport.close()
         self._channel.close()
 
     def __enter__(self) -> "CacheClient":
@@ -142,22 +150,69 @@ class CacheClient:
 
     def get(self, family_id: str, entries: Hit | Sequence[HitEntry], kinds: Sequence[Kind] = (Kind.K, Kind.V),
             layers: tuple[int, int] | None = None, *, out: Mapping[Kind, Any] | None = None,
-            as_torch: bool = False, tenant: str = "") -> Slabs:
-        """Fetch ``kinds`` over ``layers`` = [start, end) of ``entries`` (from a lookup hit)
-        into ``out`` or fresh arrays ``[layers, tokens, ...]``; see :class:`Slabs`."""
+            as_torch: bool = False, tenant: str = "", transport: str | None = None) -> Slabs:
+        """Fetch ``kinds`` over ``layers`` = [start, end) of ``entries`` (a lookup hit, or
+        some of its entries) into ``out`` or fresh arrays ``[layers, tokens, ...]``; see
+        :class:`Slabs`. ``transport`` overrides ``options.transport``."""
+        stream = self.stream(family_id, entries, kinds, layers, out=out, as_torch=as_torch,
+                             tenant=tenant, transport=transport, layer_major=False)
+        for _ in stream:
+            pass
+        return stream.result()
+
+    def stream(self, family_id: str, entries: Hit | Sequence[HitEntry],
+               kinds: Sequence[Kind] = (Kind.K, Kind.V), layers: tuple[int, int] | None = None,
+               *, out: Mapping[Kind, Any] | None = None, as_torch: bool = False, tenant: str = "",
+               transport: str | None = None, layer_major: bool = True) -> "LayerStream":
+        """Like :meth:`get`, but iterate it to receive each layer index as soon as every
+        requested slab of that layer has landed (or been reported missing), in order;
+        ``result()`` then gives the :class:`Slabs`. Compute on layer l while later
+        layers are still in flight."""
         family = self.family(family_id)
         start, end = layers or (0, family.num_layers)
         ids, tokens = entry_columns(entries)
         asm = SlabAssembler(family, tokens, kinds, start, end, out, as_torch)
         req = pb.GetSlabsRequest(tenant=tenant or self.options.tenant, family_id=family_id,
-                                 entry_ids=ids, kinds=[int(k) for k in kinds],
-                                 layer_start=start, layer_end=end)
+                                 entry_ids=ids, kinds=[int(k) for k in kinds], layer_start=start,
+                                 layer_end=end, layer_major=layer_major)
+        chosen = self._transport(transport or self.options.transport)
+        frames = self._grpc_fetch(req, asm) if chosen is None else chosen.fetch(req, asm)
+        return LayerStream(frames, asm, chosen.name if chosen else "grpc")
+
+    def _grpc_fetch(self, req: pb.GetSlabsRequest, asm: SlabAssembler) -> Iterator[None]:
         try:
-            for run in self._get_slabs(req, timeout=self.options.data_timeout_s):
-                asm.feed(run)
+            for message in self._get_slabs(req, timeout=self.options.data_timeout_s):
+                asm.feed(message)
+                yield
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
-        return asm.result()
+
+    def _transport(self, name: str) -> SocketTransport | None:
+        """The transport for ``name`` ("auto", "shm", "tcp", "grpc"); None means gRPC."""
+        if name == "grpc":
+            return None
+        if name not in ("auto", "shm", "tcp"):
+            raise ValueError(f"transport must be auto, shm, tcp or grpc; got {name!r}")
+        with self._transports_lock:
+            if name not in self._transports:
+                self._transports[name] = self._open_transport(name)
+            return self._transports[name]
+
+    def _open_transport(self, name: str) -> SocketTransport | None:
+        fetch = self._call(self._stub.Stats, pb.StatsRequest()).fetch
+        offered = dict(fetch.transports)
+        io = self.options.io_timeout_s
+        if name in ("auto", "shm") and "shm" in offered:
+            if fetch.host_id == host_id():
+                return ShmTransport(offered["shm"], io)
+            if name == "shm":
+                raise CacheServiceError(f"{self.target} is on another host: shm is not possible")
+        if name in ("auto", "tcp") and "tcp" in offered:
+            return SocketTransport(offered["tcp"].decode(), io)
+        if name == "auto":
+            return None
+        raise CacheServiceError(f"{self.target} does not offer the {name} transport "
+                                f"(offers: {', '.join(sorted(offered)) or 'grpc only'})")
 
     # -- housekeeping
 
@@ -195,3 +250,21 @@ def stats_to_dict(resp: pb.StatsResponse) -> dict:
             "models": resp.models, "open_reservations": resp.open_reservations,
             "uptime_s": resp.uptime_s, **tiers, "counters": dict(sorted(resp.counters.items()))}
 
+
+
+class LayerStream:
+    """Iterate for completed layer indices (ascending); ``result()`` once exhausted.
+    ``transport`` says which path moved the bytes."""
+
+    def __init__(self, frames: Iterator[None], asm: SlabAssembler, transport: str) -> None:
+        self._frames = frames
+        self._asm = asm
+        self.transport = transport
+
+    def __iter__(self) -> Iterator[int]:
+        for _ in self._frames:
+            yield from self._asm.take_completed_layers()
+        yield from self._asm.take_completed_layers()
+
+    def result(self) -> Slabs:
+        return self._asm.result()

@@ -295,33 +295,63 @@ class SlabAssembler:
                       for i in range(len(self.tokens)) for k in self.kinds}
         self.missing: list[Missing] = []
         self.bytes_received = 0
+        self._left = dict.fromkeys(range(layer_start, layer_end), len(self.tokens) * len(self.kinds))
+        self._completed: list[int] = []
+
+    def regions(self, run: pb.SlabRun) -> list[memoryview]:
+        """The destination bytes of each slab of ``run``, in layer order: a transport
+        receives or copies payloads straight into them. ValueError if not requested."""
+        kind, i, a, n = Kind(run.kind), run.entry_index, run.layer_start, run.num_layers
+        if (i, kind) not in self._todo or not self.start <= a <= a + n <= self.end or n == 0:
+            raise ValueError(f"server sent entry {i} {kind.name} layers [{a}, {a + n}), "
+                             "which were not requested")
+        dest, t0, t = self._bytes[kind], self.offsets[i], self.tokens[i]
+        return [memoryview(dest[a - self.start + j, t0:t0 + t]).cast("B") for j in range(n)]
+
+    def accept(self, run: pb.SlabRun, regions: Sequence[memoryview]) -> None:
+        """The payload of ``run`` has landed in ``regions``: verify and account it."""
+        kind, i, a = Kind(run.kind), run.entry_index, run.layer_start
+        self.bytes_received += sum(len(r) for r in regions)
+        for j, region in enumerate(regions):
+            if len(run.checksums) != len(regions) or \
+                    xxhash.xxh3_64_intdigest(region) != run.checksums[j]:
+                self.missing.append(Missing(i, kind, a + j, 1, "checksum mismatch"))
+            else:
+                self._todo[(i, kind)].discard(a + j)
+            self._account(a + j)
+
+    def miss(self, run: pb.SlabRun, reason: str = "") -> None:
+        kind, i, a, n = Kind(run.kind), run.entry_index, run.layer_start, run.num_layers
+        self.missing.append(Missing(i, kind, a, n, reason or run.missing_reason))
+        for layer in range(max(a, self.start), min(a + n, self.end)):
+            self._account(layer)
 
     def feed(self, message: tuple[pb.SlabRun, memoryview]) -> None:
-        """Take one decoded run (header, payload view) as the bulk GetSlabs yields it."""
+        """Take one decoded gRPC run (header, payload view)."""
         run, data = message
-        kind, i, a, n = Kind(run.kind), run.entry_index, run.layer_start, run.num_layers
-        if (i, kind) not in self._todo:
-            raise ValueError(f"server sent entry {i} kind {kind.name}, which was not requested")
         if run.missing:
-            self.missing.append(Missing(i, kind, a, n, run.missing_reason))
+            self.miss(run)
             return
-        slab_bytes = self.family.slab_bytes(kind, self.tokens[i])
-        if len(data) != n * slab_bytes or len(run.checksums) != n:
-            self.missing.append(Missing(i, kind, a, n, "malformed run"))
+        regions = self.regions(run)
+        if len(data) != sum(len(r) for r in regions):
+            self.miss(run, "malformed run")
             return
-        self.bytes_received += len(data)
-        dest = self._bytes[kind]
-        t0, t = self.offsets[i], self.tokens[i]
-        row = dest.shape[2]   # bytes per token
-        for j in range(n):
-            piece = data[j * slab_bytes:(j + 1) * slab_bytes]
-            if xxhash.xxh3_64_intdigest(piece) != run.checksums[j]:
-                self.missing.append(Missing(i, kind, a + j, 1, "checksum mismatch"))
-                continue
-            layer = a + j
-            np.copyto(dest[layer - self.start, t0:t0 + t],
-                      np.frombuffer(piece, dtype=np.uint8).reshape(t, row))
-            self._todo[(i, kind)].discard(layer)
+        pos = 0
+        for region in regions:
+            region[:] = data[pos:pos + len(region)]
+            pos += len(region)
+        self.accept(run, regions)
+
+    def _account(self, layer: int) -> None:
+        self._left[layer] -= 1
+        if self._left[layer] == 0:
+            self._completed.append(layer)
+
+    def take_completed_layers(self) -> list[int]:
+        """Layers whose every requested slab has landed or been reported missing since
+        the last call, ascending."""
+        done, self._completed = sorted(self._completed), []
+        return done
 
     def result(self) -> Slabs:
         for (i, kind), layers in sorted(self._todo.items()):

@@ -59,3 +59,10 @@ def from_rpc_error(exc: grpc.RpcError) -> CacheServiceError:
     details = exc.details() if hasattr(exc, "details") else str(exc)
     cls = _BY_CODE.get(code, CacheServiceError)
     return cls(f"{code.name if code else 'UNKNOWN'}: {details}", code)
+
+
+def error_for_status(status: str, message: str) -> CacheServiceError:
+    """The typed error for a gRPC status *name* (as the socket data plane reports it)."""
+    code = getattr(grpc.StatusCode, status, None)
+    cls = _BY_CODE.get(code, CacheServiceError)
+    return cls(f"{status}: {message}", code)

@@ -42,6 +42,10 @@ class ClientOptions:
     data_timeout_s: float = 300.0        # WriteSlabs and GetSlabs streams
     max_message_bytes: int = 64 << 20    # must match the server's limit
     max_put_bytes: int = 256 << 20       # bytes per reservation (one atomic batch)
+    # How gets move bytes: "auto" (shm on the node's host, else tcp, else grpc), or one
+    # of "shm", "tcp", "grpc" (then an error if the node does not offer it).
+    transport: str = "auto"
+    io_timeout_s: float = 30.0           # socket data plane: longest wait for any byte
     retry: RetryPolicy | None = RetryPolicy()
 
     def channel_options(self) -> list[tuple[str, object]]:

@@ -1,0 +1,132 @@
+"""Wire format of the socket data plane (TCP and the same-host Unix socket).
+
+All integers are little-endian. Metadata reuses the control plane's protobuf messages
+(``GetSlabsRequest`` for requests, ``SlabRun`` without ``data`` for run headers), so
+there is one schema; only payload bytes travel raw, straight from the server's arena
+(``sendall``) into the caller's buffers (``recv_into``).
+
+Request::
+
+    b"CSDP" | u8 version | u8 op | u16 reserved | u32 body_len | body
+
+    op GET      body = GetSlabsRequest; answered by RUN frames with inline payloads, then END
+    op GET_SHM  body = GetSlabsRequest; answered by RUN frames whose payload stays in the
+                shared arena (arena_offset >= 0) or follows inline (disk-resident runs),
+                then END. The server holds every entry of the request until the client
+                sends RELEASE (or closes, or ``release_timeout_s`` passes).
+    op RELEASE  no body, no answer
+    op MAP      no body (Unix socket only); answered by a MAP frame carrying the arena's
+                file descriptor (SCM_RIGHTS) and, as header, its size in bytes (u64)
+
+Response frame::
+
+    u8 type | 3 pad | u32 header_len | u64 payload_len | i64 arena_offset | header | payload?
+
+    RUN    header = SlabRun (no data); payload inline iff arena_offset == -1
+    END    no header
+    ERROR  header = b"CODE:message" (CODE a gRPC status name); the request is over, the
+           connection stays usable
+    MAP    header = u64 arena size
+"""
+
+from __future__ import annotations
+
+import enum
+import socket
+import struct
+from dataclasses import dataclass
+
+MAGIC = b"CSDP"
+VERSION = 1
+REQUEST = struct.Struct("<4sBBHI")
+FRAME = struct.Struct("<B3xIQq")
+MAX_BODY_BYTES = 16 << 20
+
+
+class Op(enum.IntEnum):
+    GET = 1
+    GET_SHM = 2
+    RELEASE = 3
+    MAP = 4
+
+
+class FrameType(enum.IntEnum):
+    RUN = 1
+    END = 2
+    ERROR = 3
+    MAP = 4
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    type: FrameType
+    header: bytes
+    payload_bytes: int
+    arena_offset: int      # -1: payload (if any) follows inline
+
+
+class ProtocolError(Exception):
+    """The peer sent something that is not this protocol; drop the connection."""
+
+
+def pack_request(op: Op, body: bytes = b"") -> bytes:
+    return REQUEST.pack(MAGIC, VERSION, op, 0, len(body)) + body
+
+
+def pack_frame(kind: FrameType, header: bytes = b"", payload_bytes: int = 0,
+               arena_offset: int = -1) -> bytes:
+    return FRAME.pack(kind, len(header), payload_bytes, arena_offset) + header
+
+
+def recv_exact(sock: socket.socket, size: int) -> bytes:
+    """``size`` bytes, or ConnectionError if the peer closes first."""
+    buf = bytearray(size)
+    recv_into_exact(sock, memoryview(buf))
+    return bytes(buf)
+
+
+def recv_into_exact(sock: socket.socket, view: memoryview) -> None:
+    got = 0
+    while got < len(view):
+        n = sock.recv_into(view[got:])
+        if n == 0:
+            raise ConnectionError("peer closed the connection mid-message")
+        got += n
+
+
+def read_request(sock: socket.socket) -> tuple[Op, bytes] | None:
+    """The next request, or None when the peer closed cleanly between requests."""
+    first = sock.recv(REQUEST.size, socket.MSG_WAITALL)
+    if not first:
+        return None
+    if len(first) != REQUEST.size:
+        raise ConnectionError("peer closed the connection mid-request")
+    magic, version, op, _, body_len = REQUEST.unpack(first)
+    if magic != MAGIC or version != VERSION:
+        raise ProtocolError(f"not a cachesvc data-plane request (magic {magic!r}, v{version})")
+    if body_len > MAX_BODY_BYTES:
+        raise ProtocolError(f"request body of {body_len} bytes is over {MAX_BODY_BYTES}")
+    try:
+        op = Op(op)
+    except ValueError:
+        raise ProtocolError(f"unknown op {op}") from None
+    return op, recv_exact(sock, body_len) if body_len else b""
+
+
+def read_frame(sock: socket.socket) -> Frame:
+    kind, header_len, payload_bytes, arena_offset = FRAME.unpack(recv_exact(sock, FRAME.size))
+    try:
+        kind = FrameType(kind)
+    except ValueError:
+        raise ProtocolError(f"unknown frame type {kind}") from None
+    header = recv_exact(sock, header_len) if header_len else b""
+    return Frame(kind, header, payload_bytes, arena_offset)
+
+
+def host_id() -> str:
+    """Identifies this boot of this host: the shared-memory path needs the same one."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as fh:
+            return fh.read().strip()
+    except OSError:
+        return socket.gethostname()

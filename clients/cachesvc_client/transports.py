@@ -1,0 +1,205 @@
+"""Client side of the socket data plane (protocol: cachesvc.dataplane.protocol).
+
+``SocketTransport`` fetches over TCP, receiving each slab straight into its place in the
+caller's buffer (``recv_into``, no intermediate copy). ``ShmTransport`` is for a node on
+the same host: it maps the node's memory tier once (the arena's memfd, passed over a
+Unix socket) and copies each slab out with one memcpy, holding the entries only until it
+has. Both verify every slab's checksum; a mismatch is a miss.
+
+A fetch is a generator that yields after every run, so a caller can consume layers as
+they complete. Connections are pooled per transport and reused; one that failed is
+closed, never reused.
+"""
+
+from __future__ import annotations
+
+import mmap
+import socket
+import threading
+from collections.abc import Iterator
+
+from cachesvc.dataplane.protocol import (FRAME, FrameType, Op, pack_request, read_frame,
+                                         recv_exact, recv_into_exact)
+from cachesvc.v1 import cachesvc_pb2 as pb
+from cachesvc_client.codec import SlabAssembler
+from cachesvc_client.errors import CacheServiceError, UnavailableError, error_for_status
+
+_SCRATCH_BYTES = 1 << 20
+
+
+class SocketTransport:
+    """Pooled connections to one node's data plane over TCP (``"host:port"``) or, for
+    :class:`ShmTransport`, its abstract Unix socket."""
+
+    name = "tcp"
+
+    def __init__(self, address: str, io_timeout_s: float = 30.0) -> None:
+        self.address = address
+        self.io_timeout_s = io_timeout_s
+        self._idle: list[socket.socket] = []
+        self._lock = threading.Lock()
+
+    def _connect(self) -> socket.socket:
+        host, port = self.address.rsplit(":", 1)
+        sock = socket.create_connection((host, int(port)), timeout=self.io_timeout_s)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+
+    def _take(self) -> socket.socket:
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+        try:
+            return self._connect()
+        except OSError as exc:
+            raise UnavailableError(f"data plane {self.name} {self.address!r} unreachable: {exc}") from None
+
+    def _give_back(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._idle.append(sock)
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for sock in idle:
+            sock.close()
+
+    def fetch(self, request: pb.GetSlabsRequest, asm: SlabAssembler) -> Iterator[None]:
+        """Run one GetSlabs request into ``asm``; yields after every run."""
+        sock = self._take()
+        ok = False
+        try:
+            sock.sendall(pack_request(self._op(), request.SerializeToString()))
+            yield from self._receive(sock, asm)
+            ok = True
+        except (ConnectionError, OSError) as exc:
+            raise UnavailableError(f"data plane {self.name} {self.address!r} failed mid-transfer: "
+                                   f"{exc or type(exc).__name__}") from None
+        finally:
+            if ok:
+                self._give_back(sock)
+            else:
+                sock.close()   # its state is unknown: never reuse it
+
+    def _op(self) -> Op:
+        return Op.GET
+
+    def _receive(self, sock: socket.socket, asm: SlabAssembler) -> Iterator[None]:
+        while True:
+            frame = read_frame(sock)
+            if frame.type == FrameType.END:
+                return
+            if frame.type == FrameType.ERROR:
+                status, _, message = frame.header.decode(errors="replace").partition(":")
+                raise error_for_status(status, message)
+            run = pb.SlabRun.FromString(frame.header)
+            if run.missing:
+                asm.miss(run)
+            elif frame.arena_offset >= 0:
+                self._copy_from_arena(run, frame.arena_offset, frame.payload_bytes, asm)
+            else:
+                self._recv_run(sock, run, frame.payload_bytes, asm)
+            yield
+
+    def _recv_run(self, sock: socket.socket, run: pb.SlabRun, size: int, asm: SlabAssembler) -> None:
+        try:
+            regions = asm.regions(run)
+        except ValueError:
+            regions = []
+        if not regions or sum(len(r) for r in regions) != size:
+            _discard(sock, size)   # keep the stream in step, count it as a miss
+            asm.miss(run, "run does not fit the request")
+            return
+        for region in regions:
+            recv_into_exact(sock, region)
+        asm.accept(run, regions)
+
+    def _copy_from_arena(self, run: pb.SlabRun, offset: int, size: int, asm: SlabAssembler) -> None:
+        raise ConnectionError("node sent an arena offset over a connection without shm")
+
+
+class ShmTransport(SocketTransport):
+    """Same-host: copy slabs out of the node's memory tier, mapped read-only."""
+
+    name = "shm"
+
+    def __init__(self, unix_name: bytes, io_timeout_s: float = 30.0) -> None:
+        super().__init__(unix_name.decode(), io_timeout_s)
+        self._arena: mmap.mmap | None = None
+        self._map_lock = threading.Lock()
+
+    def _connect(self) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.io_timeout_s)
+        try:
+            sock.connect(self.address)
+            with self._map_lock:
+                if self._arena is None:
+                    self._arena = _map_arena(sock)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def _op(self) -> Op:
+        return Op.GET_SHM
+
+    def _receive(self, sock: socket.socket, asm: SlabAssembler) -> Iterator[None]:
+        yield from super()._receive(sock, asm)
+        sock.sendall(pack_request(Op.RELEASE))   # the node may free or evict them now
+
+    def _copy_from_arena(self, run: pb.SlabRun, offset: int, size: int, asm: SlabAssembler) -> None:
+        assert self._arena is not None
+        try:
+            regions = asm.regions(run)
+        except ValueError:
+            regions = []
+        if not regions or sum(len(r) for r in regions) != size or offset + size > len(self._arena):
+            asm.miss(run, "run does not fit the request")
+            return
+        src = memoryview(self._arena)
+        for region in regions:
+            region[:] = src[offset:offset + len(region)]
+            offset += len(region)
+        src.release()
+        asm.accept(run, regions)
+
+    def close(self) -> None:
+        super().close()
+        with self._map_lock:
+            if self._arena is not None:
+                self._arena.close()
+                self._arena = None
+
+
+def _map_arena(sock: socket.socket) -> mmap.mmap:
+    """Ask for the node's arena and map it read-only."""
+    sock.sendall(pack_request(Op.MAP))
+    fds: list[int] = []
+    head = bytearray()
+    while len(head) < FRAME.size:
+        msg, fds_now, _flags, _addr = socket.recv_fds(sock, FRAME.size - len(head), 1)
+        if not msg:
+            raise ConnectionError("node closed the connection during MAP")
+        head += msg
+        fds += fds_now
+    kind, header_len, _, _ = FRAME.unpack(bytes(head))
+    header = recv_exact(sock, header_len)
+    if kind == FrameType.ERROR:
+        raise CacheServiceError(f"MAP refused: {header.decode(errors='replace')}")
+    if kind != FrameType.MAP or not fds:
+        raise ConnectionError("node did not pass its memory tier")
+    try:
+        size = int.from_bytes(header[:8], "little")
+        return mmap.mmap(fds[0], size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+    finally:
+        for fd in fds:
+            socket.close(fd)
+
+
+def _discard(sock: socket.socket, size: int) -> None:
+    scratch = memoryview(bytearray(min(size, _SCRATCH_BYTES)))
+    while size:
+        n = min(size, len(scratch))
+        recv_into_exact(sock, scratch[:n])
+        size -= n
