@@ -187,15 +187,15 @@ class CacheServicer(pb_grpc.CacheServiceServicer):
     def GetSlabs(self, request, context) -> Iterator[bytes]:
         """Yields encoded SlabRun messages (cachesvc.framing): each payload is copied
         once, from the arena into the message, while the store holds the entry."""
-        runs = self.store.read(request.tenant, request.family_id, request.entry_ids,
-                               _kinds(request.kinds), request.layer_start, request.layer_end,
-                               request.layer_major)
-        for run in runs:
-            header = pb.SlabRun(entry_index=run.entry_index, kind=int(run.kind),
-                                layer_start=run.layer_start, num_layers=run.num_layers,
-                                checksums=run.checksums, missing=bool(run.missing_reason),
-                                missing_reason=run.missing_reason)
-            yield encode_slab_run(header, run.data)
+        with self.store.read(request.tenant, request.family_id, request.entry_ids,
+                             _kinds(request.kinds), request.layer_start, request.layer_end,
+                             request.layer_major) as runs:
+            for run in runs:
+                header = pb.SlabRun(entry_index=run.entry_index, kind=int(run.kind),
+                                    layer_start=run.layer_start, num_layers=run.num_layers,
+                                    checksums=run.checksums, missing=bool(run.missing_reason),
+                                    missing_reason=run.missing_reason)
+                yield encode_slab_run(header, run.data)
 
     @_maps_errors
     def Delete(self, request, context):

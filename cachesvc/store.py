@@ -19,7 +19,7 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -543,10 +543,11 @@ class CacheStore:
     # ------------------------------------------------------------ read
 
     def read(self, tenant: str, family_id: str, entry_ids: Sequence[bytes], kinds: Sequence[Kind],
-             layer_start: int, layer_end: int, layer_major: bool = False) -> Iterator[ReadRun]:
-        """Runs of the requested slabs; each entry is held (cannot be freed) until the
-        iterator finishes or is closed. Validation happens before the first yield so
-        errors surface immediately. Order: entry, kind, layer runs; or, with
+             layer_start: int, layer_end: int, layer_major: bool = False) -> "ReadHandle":
+        """Runs of the requested slabs. Every entry is held (never freed or evicted) until
+        the handle is closed, however far it was iterated: use it as a context manager.
+        Validation happens here, so errors surface before any run. Order: entry, kind,
+        layer runs; or, with
         ``layer_major``, one slab per run in (layer, entry, kind) order, so a reader can
         use layer l as soon as it has arrived."""
         tenant = _tenant(tenant)
@@ -570,28 +571,29 @@ class CacheStore:
                     r.readers += 1
                     if r.mem_offset is not None:
                         self._mem_lru.move_to_end(r.meta.entry_id)
-        return self._read_runs(recs, kinds, layer_start, end, layer_major)
+        return ReadHandle(self._read_runs(recs, kinds, layer_start, end, layer_major),
+                          lambda: self._end_read(recs))
 
     def _read_runs(self, recs: list[_Record | None], kinds: Sequence[Kind], start: int,
                    end: int, layer_major: bool) -> Iterator[ReadRun]:
-        try:
-            if layer_major:
-                order = ((index, rec, kind, layer, layer + 1) for layer in range(start, end)
-                         for index, rec in enumerate(recs) for kind in kinds)
+        if layer_major:
+            order = ((index, rec, kind, layer, layer + 1) for layer in range(start, end)
+                     for index, rec in enumerate(recs) for kind in kinds)
+        else:
+            order = ((index, rec, kind, start, end)
+                     for index, rec in enumerate(recs) for kind in kinds)
+        for index, rec, kind, a, b in order:
+            if rec is None:
+                yield ReadRun(index, kind, a, b - a, missing_reason="entry not found")
             else:
-                order = ((index, rec, kind, start, end)
-                         for index, rec in enumerate(recs) for kind in kinds)
-            for index, rec, kind, a, b in order:
-                if rec is None:
-                    yield ReadRun(index, kind, a, b - a, missing_reason="entry not found")
-                else:
-                    yield from self._entry_runs(index, rec, kind, a, b)
-        finally:
-            with self._lock:
-                for rec in recs:
-                    if rec is not None:
-                        rec.readers -= 1
-                        self._release_locked(rec)
+                yield from self._entry_runs(index, rec, kind, a, b)
+
+    def _end_read(self, recs: list[_Record | None]) -> None:
+        with self._lock:
+            for rec in recs:
+                if rec is not None:
+                    rec.readers -= 1
+                    self._release_locked(rec)
 
     def _entry_runs(self, index: int, rec: _Record, kind: Kind, start: int,
                     end: int) -> Iterator[ReadRun]:
@@ -725,7 +727,8 @@ class CacheStore:
                          "used_bytes": self._disk_used, "reserved_bytes": 0,
                          "entries": len(self._disk_lru),
                          "evictions": self.counters["disk_evictions"]},
-                "counters": dict(self.counters),
+                "counters": {**self.counters, "entries_being_read":
+                             sum(1 for r in self._entries.values() if r.readers)},
                 "uptime_s": int(time.time() - self.started_at),
             }
 
@@ -750,6 +753,32 @@ class CacheStore:
     def _reap_loop(self) -> None:
         while not self._stop.wait(self.config.reap_interval_s):
             self.reap()
+
+
+class ReadHandle:
+    """Iterate for the :class:`ReadRun` s of one read; ``close()`` (or leaving the
+    ``with`` block) lets go of its entries. Views in the runs stay valid until then."""
+
+    def __init__(self, runs: Iterator[ReadRun], release: Callable[[], None]) -> None:
+        self._runs = runs
+        self._release: Callable[[], None] | None = release
+
+    def __iter__(self) -> Iterator[ReadRun]:
+        return self._runs
+
+    def close(self) -> None:
+        if self._release is not None:
+            release, self._release = self._release, None
+            release()
+
+    def __enter__(self) -> "ReadHandle":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:   # a handle dropped unclosed must not pin entries forever
+        self.close()
 
 
 def _pop_if(lru: OrderedDict[EntryId, _Record], rec: _Record) -> None:

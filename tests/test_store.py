@@ -47,8 +47,8 @@ def _hashes(n: int) -> list[bytes]:
 
 def _read_all(store: CacheStore, entry_ids) -> list:
     """Runs with their data copied while the store still holds the entry."""
-    return [dataclasses.replace(r, data=bytes(r.data))
-            for r in store.read("", FID, entry_ids, [Kind.K], 0, 0)]
+    with store.read("", FID, entry_ids, [Kind.K], 0, 0) as runs:
+        return [dataclasses.replace(r, data=bytes(r.data)) for r in runs]
 
 
 def test_lru_eviction_keeps_recently_read(tmp_path):
@@ -90,7 +90,10 @@ def test_entry_being_read_is_not_freed(tmp_path):
     store.delete("", FID, [eid], [])                       # deleted while read...
     data = b"".join(bytes(run.data) for run in reader)      # ...still reads its own bytes
     assert data == payload
-    _put(store, hs[1], fill=9)                              # freed once the reader is done
+    with pytest.raises(errors.ResourceExhausted):
+        _put(store, hs[1], fill=9)                          # read to the end: still held
+    reader.close()
+    _put(store, hs[1], fill=9)                              # freed once the reader closes
     assert store.stats()["entries"] == 1
 
 
@@ -205,7 +208,8 @@ def test_reads_report_layers_never_stored(tmp_path):
     h = _hashes(1)[0]
     _put(store, h)
     eid = store.lookup("", FID, [h]).hits[0].metas[0].entry_id
-    runs = [dataclasses.replace(r, data=b"") for r in store.read("", FID, [eid], [Kind.K, Kind.E], 1, 3)]
+    with store.read("", FID, [eid], [Kind.K, Kind.E], 1, 3) as handle:
+        runs = [dataclasses.replace(r, data=b"") for r in handle]
     k_runs = [r for r in runs if r.kind == Kind.K]
     e_runs = [r for r in runs if r.kind == Kind.E]
     assert [(r.layer_start, r.num_layers, bool(r.missing_reason)) for r in k_runs] == [(1, 2, False)]
@@ -242,6 +246,7 @@ def test_replacing_an_entry_someone_holds(tmp_path, holder):
     new_payload = _put(store, hs[0], fill=2, layers=4)          # same key, more layers
     if holder == "reader":
         assert b"".join(bytes(r.data) for r in reader) == old_payload   # old bytes to the end
+        reader.close()
     else:
         store.unpin(lease_id)
     s = store.stats()
@@ -249,12 +254,12 @@ def test_replacing_an_entry_someone_holds(tmp_path, holder):
     assert s["memory"]["used_bytes"] == len(new_payload)        # the old one is freed
     hit = store.lookup("", FID, hs[:1]).hits[0]
     assert hit.metas[0].layout.k_layers == (0, 1, 2, 3)
-    assert b"".join(bytes(r.data) for r in store.read("", FID, [eid], [Kind.K], 0, 0)) == new_payload
+    assert b"".join(r.data for r in _read_all(store, [eid])) == new_payload
     for h in hs[1:]:                                             # it spills and reads back
         _put(store, h)
     hit = store.lookup("", FID, hs[:1]).hits[0]
     assert hit.tiers[0] == Tier.DISK
-    assert b"".join(bytes(r.data) for r in store.read("", FID, [eid], [Kind.K], 0, 0)) == new_payload
+    assert b"".join(r.data for r in _read_all(store, [eid])) == new_payload
     store.close()
 
 

@@ -18,15 +18,13 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Iterator
 
 from google.protobuf.message import DecodeError
 
 from cachesvc.dataplane.protocol import FrameType, Op, ProtocolError, pack_frame, read_request
 from cachesvc.errors import CacheError
 from cachesvc.keys import Kind
-from cachesvc.records import ReadRun
-from cachesvc.store import CacheStore
+from cachesvc.store import CacheStore, ReadHandle
 from cachesvc.v1 import cachesvc_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -151,7 +149,7 @@ class DataPlaneServer:
         finally:
             runs.close()   # releases every entry of the request
 
-    def _send_runs(self, conn: socket.socket, runs: Iterator[ReadRun], shm: bool) -> None:
+    def _send_runs(self, conn: socket.socket, runs: ReadHandle, shm: bool) -> None:
         for run in runs:
             header = pb.SlabRun(entry_index=run.entry_index, kind=int(run.kind),
                                 layer_start=run.layer_start, num_layers=run.num_layers,

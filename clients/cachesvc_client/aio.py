@@ -17,7 +17,7 @@ from cachesvc_client.client import stats_to_dict
 from cachesvc_client.codec import (EntryData, Hit, HitEntry, LookupResult, PutResult, Registered,
                                    SlabAssembler, Slabs, bulk_methods, entry_columns,
                                    lookup_from_proto, plan_put, write_chunks)
-from cachesvc_client.errors import CacheServiceError, from_rpc_error
+from cachesvc_client.errors import CacheServiceError, NotFoundError, from_rpc_error
 from cachesvc_client.options import ClientOptions, batches
 
 __all__ = ["AsyncCacheClient"]
@@ -73,7 +73,7 @@ class AsyncCacheClient:
             for m in resp.models:
                 self._families[m.family_id] = family_from_proto(m.model.family)
         if family_id not in self._families:
-            raise CacheServiceError(f"family {family_id} has no registered model on {self.target}")
+            raise NotFoundError(f"family {family_id} has no registered model on {self.target}")
         return self._families[family_id]
 
     async def hash_tokens(self, tokens: Sequence[int], family_id: str, *, tenant: str = "",

@@ -17,7 +17,7 @@ from cachesvc.wire import family_from_proto, family_to_proto
 from cachesvc_client.codec import (EntryData, Hit, HitEntry, LookupResult, PutResult, Registered,
                                    SlabAssembler, Slabs, bulk_methods, entry_columns,
                                    lookup_from_proto, plan_put, write_chunks)
-from cachesvc_client.errors import CacheServiceError, from_rpc_error
+from cachesvc_client.errors import CacheServiceError, NotFoundError, from_rpc_error
 from cachesvc_client.options import ClientOptions, batches
 from cachesvc_client.transports import ShmTransport, SocketTransport
 
@@ -87,7 +87,7 @@ class CacheClient:
             for m in self._call(self._stub.ListModels, pb.ListModelsRequest()).models:
                 self._families[m.family_id] = family_from_proto(m.model.family)
         if family_id not in self._families:
-            raise CacheServiceError(f"family {family_id} has no registered model on {self.target}")
+            raise NotFoundError(f"family {family_id} has no registered model on {self.target}")
         return self._families[family_id]
 
     def list_models(self) -> list[dict]:
@@ -265,6 +265,11 @@ class LayerStream:
         for _ in self._frames:
             yield from self._asm.take_completed_layers()
         yield from self._asm.take_completed_layers()
+
+    @property
+    def arrays(self) -> dict[Kind, Any]:
+        """The destination arrays, filling as layers complete (``[layers, tokens, ...]``)."""
+        return self._asm.arrays
 
     def result(self) -> Slabs:
         return self._asm.result()

@@ -354,13 +354,15 @@ class SlabAssembler:
         return done
 
     def result(self) -> Slabs:
+        """What has landed so far (side-effect free: callable mid-transfer)."""
+        missing = list(self.missing)
         for (i, kind), layers in sorted(self._todo.items()):
             if layers and not any(m.entry_index == i and m.kind == kind for m in self.missing):
-                self.missing.append(Missing(i, kind, min(layers), len(layers), "not received"))
+                missing.append(Missing(i, kind, min(layers), len(layers), "not received"))
         bad = {i for (i, _k), layers in self._todo.items() if layers}
         valid = next((i for i in range(len(self.tokens)) if i in bad), len(self.tokens))
-        return Slabs(self.arrays, self.start, self.end, self.offsets, valid,
-                     self.missing, self.bytes_received)
+        return Slabs(self.arrays, self.start, self.end, self.offsets, valid, missing,
+                     self.bytes_received)
 
 
 def _destination(given: Any, shape: tuple[int, ...], dtype: DType, as_torch: bool, kind: Kind) -> Any:
