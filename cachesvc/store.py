@@ -213,6 +213,15 @@ class CacheStore:
 
     def write(self, reservation_id: str, entry_index: int, offset: int, data: memoryview) -> int:
         """Copy one in-order piece of an entry's payload; returns bytes received so far."""
+        def copy(dest: memoryview) -> None:
+            dest[:] = data
+        return self.write_from(reservation_id, entry_index, offset, len(data), copy)
+
+    def write_from(self, reservation_id: str, entry_index: int, offset: int, size: int,
+                   fill: Callable[[memoryview], None]) -> int:
+        """Let ``fill`` put the next ``size`` bytes of an entry's payload straight into the
+        memory tier (a socket's ``recv_into``, a copy). If ``fill`` raises, nothing of it
+        counts and the error propagates (the caller aborts). Returns bytes received."""
         res = self._reservation(reservation_id)
         with res.lock:
             if res.closed:
@@ -226,16 +235,16 @@ class CacheStore:
             if offset != p.received:
                 raise InvalidArgument(f"entry {entry_index}: write at offset {offset} but "
                                       f"{p.received} bytes received so far (writes go in order)")
-            end = offset + len(data)
+            end = offset + size
             if end > p.meta.size_bytes:
-                raise InvalidArgument(f"entry {entry_index}: write of {len(data)} bytes at "
+                raise InvalidArgument(f"entry {entry_index}: write of {size} bytes at "
                                       f"{offset} overruns the entry's {p.meta.size_bytes} bytes")
             base = p.mem_offset
-            self._arena.view[base + offset:base + end] = data
+            fill(self._arena.view[base + offset:base + end])
             p.received = end
             res.deadline = time.monotonic() + res.ttl_s
         with self._lock:
-            self.counters["bytes_written"] += len(data)
+            self.counters["bytes_written"] += size
         return end
 
     def commit(self, reservation_id: str) -> int:

@@ -223,3 +223,63 @@ def test_concurrent_gets_over_each_transport(client, rng):
     for t in threads:
         t.join()
     assert not errors, errors[0]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_put_over_every_transport(client, rng, transport):
+    reg = client.register_model("p", "0123abcd", TINY)
+    hashes = client.hash_tokens(list(range(5 * 256)), reg.family_id)
+    entries = [make_entry(rng, TINY, h, 256) for h in hashes]
+    put = client.put(reg.family_id, "p", entries, transport=transport)
+    assert put.entries_committed == 5
+    hit = client.lookup(reg.family_id, hashes).best()
+    other = "grpc" if transport != "grpc" else "tcp"         # read back another way
+    _check(client.get(reg.family_id, hit, (Kind.K, Kind.V, Kind.E), transport=other),
+           entries, (Kind.K, Kind.V, Kind.E), range(4))
+
+
+WRITER = textwrap.dedent("""
+    import socket, sys
+    from cachesvc.dataplane.protocol import pack_write
+    host, port = sys.argv[1].rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(pack_write(sys.argv[2], 0, 0, int(sys.argv[3])))
+    sock.sendall(b"x" * (int(sys.argv[3]) // 2))       # half the payload, then hang
+    print("HALF", flush=True)
+    import time; time.sleep(3600)
+""")
+
+
+def test_writer_killed_mid_write_aborts_the_put(client, rng):
+    from cachesvc_client.codec import plan_put
+    reg = client.register_model("p", "0123abcd", TINY)
+    hashes = client.hash_tokens(list(range(256)), reg.family_id)
+    plan = plan_put("default", reg.family_id, TINY, "p", [make_entry(rng, TINY, hashes[0], 256)])
+    res = client._call(client._stub.Reserve, plan.request)
+    address = client._call(client._stub.Stats, pb.StatsRequest()).fetch.transports["tcp"].decode()
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, address, res.reservation_id,
+                             str(res.targets[0].size_bytes)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "HALF"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 5
+    while client.stats()["open_reservations"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stats = client.stats()
+    assert stats["open_reservations"] == 0 and stats["memory"]["reserved_bytes"] == 0
+    assert stats["counters"]["puts_aborted"] == 1 and stats["entries"] == 0
+
+
+def test_refused_write_keeps_the_connection_in_step(client, rng):
+    reg = client.register_model("p", "0123abcd", TINY)
+    address = client._call(client._stub.Stats, pb.StatsRequest()).fetch.transports["tcp"].decode()
+    host, port = address.rsplit(":", 1)
+    with socket.create_connection((host, int(port))) as sock:
+        from cachesvc.dataplane.protocol import pack_write
+        sock.sendall(pack_write("no-such-reservation", 0, 0, 5000) + b"y" * 5000)
+        frame = read_frame(sock)
+        assert frame.type == FrameType.ERROR and frame.header.startswith(b"NOT_FOUND:")
+        sock.sendall(pack_request(Op.GET, pb.GetSlabsRequest(family_id=reg.family_id, kinds=[1],
+                                                              entry_ids=[b"\0" * 16]).SerializeToString()))
+        frames = [read_frame(sock), read_frame(sock)]          # the same connection still works
+        assert [f.type for f in frames] == [FrameType.RUN, FrameType.END]

@@ -17,6 +17,11 @@ Request::
     op RELEASE  no body, no answer
     op MAP      no body (Unix socket only); answered by a MAP frame carrying the arena's
                 file descriptor (SCM_RIGHTS) and, as header, its size in bytes (u64)
+    op WRITE    body = u32 entry_index | u64 offset | u64 size | reservation id (UTF-8),
+                followed by ``size`` payload bytes, which land straight in the reserved
+                memory; answered by END (taken) or ERROR (the payload was consumed and
+                dropped; a broken connection aborts the reservation). Reserve and Commit
+                stay on the control plane.
 
 Response frame::
 
@@ -48,6 +53,15 @@ class Op(enum.IntEnum):
     GET_SHM = 2
     RELEASE = 3
     MAP = 4
+    WRITE = 5
+
+
+WRITE_HEAD = struct.Struct("<IQQ")
+
+
+def pack_write(reservation_id: str, entry_index: int, offset: int, size: int) -> bytes:
+    return pack_request(Op.WRITE, WRITE_HEAD.pack(entry_index, offset, size) +
+                        reservation_id.encode())
 
 
 class FrameType(enum.IntEnum):
@@ -92,6 +106,15 @@ def recv_into_exact(sock: socket.socket, view: memoryview) -> None:
         if n == 0:
             raise ConnectionError("peer closed the connection mid-message")
         got += n
+
+
+def discard(sock: socket.socket, size: int) -> None:
+    """Read and drop ``size`` bytes, to keep a stream in step past a refused payload."""
+    scratch = memoryview(bytearray(min(size, 1 << 20) or 1))
+    while size:
+        n = min(size, len(scratch))
+        recv_into_exact(sock, scratch[:n])
+        size -= n
 
 
 def read_request(sock: socket.socket) -> tuple[Op, bytes] | None:

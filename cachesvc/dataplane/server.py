@@ -21,7 +21,8 @@ import time
 
 from google.protobuf.message import DecodeError
 
-from cachesvc.dataplane.protocol import FrameType, Op, ProtocolError, pack_frame, read_request
+from cachesvc.dataplane.protocol import (WRITE_HEAD, FrameType, Op, ProtocolError, discard,
+                                         pack_frame, read_request, recv_into_exact)
 from cachesvc.errors import CacheError
 from cachesvc.keys import Kind
 from cachesvc.store import CacheStore, ReadHandle
@@ -111,6 +112,8 @@ class DataPlaneServer:
                     self._send_map(conn, local)
                 elif op in (Op.GET, Op.GET_SHM):
                     self._get(conn, body, shm=op == Op.GET_SHM and local)
+                elif op == Op.WRITE:
+                    self._write(conn, body)
                 with self._lock:
                     self._conns[conn] = False
         except (ProtocolError, ConnectionError, OSError) as exc:
@@ -148,6 +151,27 @@ class DataPlaneServer:
                 self._await_release(conn)
         finally:
             runs.close()   # releases every entry of the request
+
+    def _write(self, conn: socket.socket, body: bytes) -> None:
+        """Receive one piece of a reserved entry straight into the memory tier."""
+        if len(body) < WRITE_HEAD.size:
+            raise ProtocolError("WRITE body too short")
+        entry_index, offset, size = WRITE_HEAD.unpack_from(body)
+        reservation_id = body[WRITE_HEAD.size:].decode(errors="replace")
+        try:
+            self.store.write_from(reservation_id, entry_index, offset, size,
+                                  lambda dest: recv_into_exact(conn, dest))
+        except CacheError as exc:
+            discard(conn, size)            # keep the stream in step
+            conn.sendall(_error(exc.status, str(exc)))
+            return
+        except (ConnectionError, OSError):
+            try:                           # the writer died mid-payload: nothing may show
+                self.store.abort(reservation_id)
+            except CacheError:
+                pass
+            raise
+        conn.sendall(pack_frame(FrameType.END))
 
     def _send_runs(self, conn: socket.socket, runs: ReadHandle, shm: bool) -> None:
         for run in runs:

@@ -109,17 +109,22 @@ class CacheClient:
     # -- put
 
     def put(self, family_id: str, producer: str, entries: Sequence[EntryData],
-            tenant: str = "") -> PutResult:
+            tenant: str = "", transport: str | None = None) -> PutResult:
         """Store entries. Each batch of about ``options.max_put_bytes`` is atomic: all its
-        entries become visible at once or none does."""
+        entries become visible at once or none does. Reserve and Commit go over gRPC; the
+        bytes over ``transport`` (default ``options.transport``; shm writes through the
+        node's Unix socket)."""
         family = self.family(family_id)
+        chosen = self._transport(transport or self.options.transport)
         committed = present = sent = 0
         for batch in batches(entries, self.options.max_put_bytes):
             plan = plan_put(tenant or self.options.tenant, family_id, family, producer, batch)
             res = self._call(self._stub.Reserve, plan.request)
             try:
                 todo = [t for t in res.targets if not t.already_present]
-                if todo:
+                if todo and chosen is not None:
+                    chosen.write(res.reservation_id, plan, todo)
+                elif todo:
                     self._call(self._write_slabs, write_chunks(res.reservation_id, plan, todo),
                                self.options.data_timeout_s)
                 committed += self._call(self._stub.Commit,

@@ -16,15 +16,16 @@ from __future__ import annotations
 import mmap
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
-from cachesvc.dataplane.protocol import (FRAME, FrameType, Op, pack_request, read_frame,
-                                         recv_exact, recv_into_exact)
+from cachesvc.dataplane.protocol import (FRAME, FrameType, Op, discard, pack_request, pack_write,
+                                         read_frame, recv_exact, recv_into_exact)
 from cachesvc.v1 import cachesvc_pb2 as pb
-from cachesvc_client.codec import SlabAssembler
+from cachesvc_client.codec import PutPlan, SlabAssembler
 from cachesvc_client.errors import CacheServiceError, UnavailableError, error_for_status
 
-_SCRATCH_BYTES = 1 << 20
+WRITE_WINDOW = 16
+"""WRITE requests in flight per connection before waiting for an answer."""
 
 
 class SocketTransport:
@@ -81,6 +82,45 @@ class SocketTransport:
             else:
                 sock.close()   # its state is unknown: never reuse it
 
+    def write(self, reservation_id: str, plan: PutPlan, targets: Sequence[pb.EntryWriteTarget]) -> None:
+        """Send the payload of every target entry (one WRITE each), straight into the
+        node's reserved memory. Pipelined with at most WRITE_WINDOW answers outstanding:
+        unbounded pipelining deadlocks once the answers fill the socket buffers."""
+        sock = self._take()
+        ok = False
+        failure: CacheServiceError | None = None
+        outstanding = 0
+
+        def take_answer() -> None:
+            nonlocal failure, outstanding
+            frame = read_frame(sock)
+            outstanding -= 1
+            if frame.type == FrameType.ERROR and failure is None:
+                status, _, message = frame.header.decode(errors="replace").partition(":")
+                failure = error_for_status(status, message)
+
+        try:
+            for target in targets:
+                if outstanding >= WRITE_WINDOW:
+                    take_answer()
+                sock.sendall(pack_write(reservation_id, target.entry_index, 0, target.size_bytes))
+                for view in plan.payloads[target.entry_index]:
+                    sock.sendall(view)
+                outstanding += 1
+            while outstanding:
+                take_answer()
+            ok = True
+        except (ConnectionError, OSError) as exc:
+            raise UnavailableError(f"data plane {self.name} {self.address!r} failed mid-write: "
+                                   f"{exc or type(exc).__name__}") from None
+        finally:
+            if ok:
+                self._give_back(sock)
+            else:
+                sock.close()
+        if failure is not None:
+            raise failure
+
     def _op(self) -> Op:
         return Op.GET
 
@@ -107,7 +147,7 @@ class SocketTransport:
         except ValueError:
             regions = []
         if not regions or sum(len(r) for r in regions) != size:
-            _discard(sock, size)   # keep the stream in step, count it as a miss
+            discard(sock, size)   # keep the stream in step, count it as a miss
             asm.miss(run, "run does not fit the request")
             return
         for region in regions:
@@ -196,10 +236,3 @@ def _map_arena(sock: socket.socket) -> mmap.mmap:
         for fd in fds:
             socket.close(fd)
 
-
-def _discard(sock: socket.socket, size: int) -> None:
-    scratch = memoryview(bytearray(min(size, _SCRATCH_BYTES)))
-    while size:
-        n = min(size, len(scratch))
-        recv_into_exact(sock, scratch[:n])
-        size -= n
