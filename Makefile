@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 EXTRAS ?= dev,bench,torch
 JSON   ?= bench-results
 
-.PHONY: demo test lint venv proto check-proto bench-lookup bench clean
+.PHONY: demo test lint venv proto bench-lookup bench-dataplane bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,7 +34,11 @@ bench-lookup: $(STAMP)
 	mkdir -p $(JSON)
 	$(VENV)/bin/cachesvc bench lookup --json $(JSON)/lookup.json
 
-bench: bench-lookup
+bench-dataplane: $(STAMP)
+	mkdir -p $(JSON)
+	$(VENV)/bin/cachesvc bench dataplane --json $(JSON)/dataplane.json
+
+bench: bench-lookup bench-dataplane
 
 clean:
 	rm -rf $(VENV) build *.egg-info $(JSON)

@@ -61,8 +61,9 @@ def _ls(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     if args.bench == "lookup":
         from cachesvc_bench.lookup import main as bench_main
-        return bench_main(args)
-    raise SystemExit(f"unknown benchmark {args.bench}")
+    else:
+        from cachesvc_bench.dataplane import main as bench_main
+    return bench_main(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,11 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--tenant", default="")
             p.add_argument("--limit", type=int, default=100)
     bench = sub.add_parser("bench", help="run a benchmark")
-    bench.add_argument("bench", choices=["lookup"])
+    bench.add_argument("bench", choices=["lookup", "dataplane"])
     bench.add_argument("--json", required=True, help="write the JSON result here")
-    bench.add_argument("--entries", type=int, default=100_000, help="index size")
-    bench.add_argument("--batch", type=int, default=1024, help="hashes per batched lookup")
-    bench.add_argument("--rounds", type=int, default=300, help="timed batched lookups")
+    bench.add_argument("--entries", type=int, default=100_000, help="lookup: index size")
+    bench.add_argument("--batch", type=int, default=1024, help="lookup: hashes per batched lookup")
+    bench.add_argument("--rounds", type=int, default=300, help="lookup: timed batched lookups")
+    bench.add_argument("--paths", default="grpc,tcp,shm", help="dataplane: paths to measure")
+    bench.add_argument("--repeats", type=int, default=3, help="dataplane: timed rounds (best kept)")
     bench.set_defaults(func=_bench)
     return parser
 

@@ -43,3 +43,20 @@ def test_bench_lookup_small(tmp_path):
     assert doc["batched"]["chunks_per_call"] == 1024 and doc["single"]["chunks_per_call"] == 1
     assert out.with_suffix(".png").stat().st_size > 10_000
     assert "| batched | 1024 |" in proc.stdout
+
+
+def test_bench_dataplane_fields(tmp_path):
+    out = tmp_path / "dataplane.json"
+    proc = _cli("bench", "dataplane", "--json", str(out), "--paths", "tcp,shm", "--repeats", "1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    rows = doc["rows"]
+    assert {(r["path"], r["op"]) for r in rows} == {(p, o) for p in ("tcp", "shm") for o in ("get", "put")}
+    for r in rows:
+        assert r["size_bytes"] > 0 and r["gbps"] > 0 and r["ceiling_gbps"] > 0
+    assert {r["request"] for r in rows} >= {"4MiB", "64MiB", "256MiB", "smollm2-2048tok-kv",
+                                            "smollm2-2048tok-kv-layerwise"}
+    assert set(doc["layerwise_vs_whole"]) == {"tcp", "shm"}
+    assert "get_gbps" in doc["lmcache"] and "put_gbps" in doc["lmcache"]
+    assert out.with_suffix(".png").stat().st_size > 10_000
+    assert "| shm | get | 256MiB |" in proc.stdout

@@ -1,0 +1,189 @@
+"""``cachesvc bench dataplane``: GET and PUT throughput of every data path, each against
+the ceiling of its own transport measured in the same run.
+
+Paths: ``grpc`` (portable), ``tcp`` (socket data plane), ``shm`` (same host: copy out of
+the node's shared memory tier; puts through its Unix socket). Sizes: 4, 64 and 256 MiB
+(entries of one 4 MiB E slab), and the realistic request, 2048 tokens × 30 layers of K
+and V in bf16 (SmolLM2-135M shape, 47 MB), fetched whole and layer by layer.
+
+Ceilings: ``grpc`` and ``tcp`` against a raw loopback TCP stream between two processes;
+``shm`` GET against memcpy of the same bytes in the reader's piece size (one slab), and
+``shm`` PUT against a raw Unix-socket stream. UCX and LMCache need their own installs,
+which this version does not make: the JSON says "not run" rather than inventing figures.
+
+All destination buffers are preallocated and reused, as a serving engine's would be.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+from tqdm import tqdm
+
+from cachesvc.keys import DType, FamilySpec, Kind
+from cachesvc_bench.ceilings import memcpy_gbps, socket_gbps
+from cachesvc_bench.common import BenchServer, machine, markdown_table, write_json
+from cachesvc_client import CacheClient, EntryData
+
+MIB = 1 << 20
+PATHS = ("grpc", "tcp", "shm")
+# One 4 MiB E slab per entry: 256 tokens × 8192 × bf16.
+WIDE = FamilySpec("LlamaForCausalLM", 1, 1, 1, 8192, 10000.0, "", "bench-dataplane", DType.BFLOAT16)
+SMOL = FamilySpec("LlamaForCausalLM", 30, 3, 64, 576, 100000.0, "", "bench-smollm2", DType.BFLOAT16)
+
+
+@dataclasses.dataclass
+class Case:
+    name: str            # size label
+    family: FamilySpec
+    num_chunks: int
+    kinds: tuple[Kind, ...]
+    layer_wise: bool = False
+
+
+CASES = [Case("4MiB", WIDE, 1, (Kind.E,)), Case("64MiB", WIDE, 16, (Kind.E,)),
+         Case("256MiB", WIDE, 64, (Kind.E,)),
+         Case("smollm2-2048tok-kv", SMOL, 8, (Kind.K, Kind.V)),
+         Case("smollm2-2048tok-kv-layerwise", SMOL, 8, (Kind.K, Kind.V), layer_wise=True)]
+
+
+def _entries(family: FamilySpec, hashes, kinds, rng) -> list[EntryData]:
+    slabs = {(kind, layer): rng.standard_normal(family.slab_shape(kind, 256), dtype=np.float32)
+             .astype(ml_dtypes.bfloat16) for kind in kinds for layer in range(family.num_layers)}
+    return [EntryData(h, slabs) for h in hashes]
+
+
+def _best(fn, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats + 1):          # the first round warms up
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def run_case(client: CacheClient, case: Case, path: str, repeats: int, rng, ceilings) -> list[dict]:
+    producer = f"bench-{case.family.tokenizer_fingerprint}"
+    fid = client.register_model(producer, "0123abcd", case.family).family_id
+    # distinct prompts per (path, case) so puts are never "already present"
+    base = sum(map(ord, path + case.name)) * 10**6
+    entries = _entries(case.family, client.hash_tokens(
+        list(range(base, base + case.num_chunks * 256)), fid), case.kinds, rng)
+    size = sum(a.nbytes for e in entries for a in e.slabs.values())
+    rows = []
+    if not case.layer_wise:
+        round_ = [0]
+
+        def put() -> None:
+            round_[0] += 1
+            fresh = [dataclasses.replace(e, position_offset=round_[0]) for e in entries]
+            client.put(fid, producer, fresh, transport=path)
+        t = _best(put, repeats)
+        rows.append(_row(path, "put", case, size, t, ceilings["put"][path](size)))
+    client.put(fid, producer, entries, transport=path)
+    hit = client.lookup(fid, [e.chunk_hash for e in entries]).best()
+    out = {k: np.empty((case.family.num_layers, case.num_chunks * 256,
+                        *case.family.slab_shape(k, 1)[1:]), dtype=ml_dtypes.bfloat16)
+           for k in case.kinds}
+
+    def get() -> None:
+        if case.layer_wise:
+            stream = client.stream(fid, hit, case.kinds, out=out, transport=path)
+            for _layer in stream:
+                pass
+            got = stream.result()
+        else:
+            got = client.get(fid, hit, case.kinds, out=out, transport=path)
+        assert got.complete, got.missing[:2]
+    t = _best(get, repeats)
+    piece = case.family.slab_bytes(case.kinds[0], 256)
+    rows.append(_row(path, "get", case, size, t, ceilings["get"][path](size, piece)))
+    client.delete(fid, chunk_hashes=[e.chunk_hash for e in entries])
+    return rows
+
+
+def _row(path: str, op: str, case: Case, size: int, seconds: float, ceiling: float) -> dict:
+    gbps = size / seconds / 1e9
+    return {"path": path, "op": op, "request": case.name, "size_bytes": size,
+            "gbps": round(gbps, 3), "ceiling_gbps": round(ceiling, 3),
+            "of_ceiling": round(gbps / ceiling, 3), "seconds": round(seconds, 4)}
+
+
+def _ceiling_table() -> tuple[dict, dict]:
+    """(functions (size, piece) -> GB/s per op and path, the memo of what was measured)."""
+    cache: dict = {}
+
+    def memo(key, fn):
+        if key not in cache:
+            cache[key] = fn()
+        return cache[key]
+    tcp = lambda size, piece=None: memo(("tcp", size), lambda: socket_gbps(size))  # noqa: E731
+    unix = lambda size, piece=None: memo(("unix", size), lambda: socket_gbps(size, unix=True))  # noqa: E731
+    copy = lambda size, piece=None: memo(("memcpy", size, piece), lambda: memcpy_gbps(size, piece))  # noqa: E731
+    return {"get": {"grpc": tcp, "tcp": tcp, "shm": copy},
+            "put": {"grpc": tcp, "tcp": tcp, "shm": unix}}, cache
+
+
+def run(args: argparse.Namespace) -> dict:
+    rng = np.random.default_rng(0)
+    ceilings, measured = _ceiling_table()
+    rows: list[dict] = []
+    with BenchServer(["--memory-bytes", "3GiB", "--disk-mode", "off"]) as srv, \
+            CacheClient(srv.address) as client:
+        todo = [(case, path) for case in CASES for path in args.paths.split(",")]
+        for case, path in tqdm(todo, desc="dataplane", unit="case"):
+            rows.extend(run_case(client, case, path, args.repeats, rng, ceilings))
+    whole = {r["path"]: r["gbps"] for r in rows if r["request"] == "smollm2-2048tok-kv"}
+    layer = {r["path"]: r["gbps"] for r in rows if r["request"] == "smollm2-2048tok-kv-layerwise"}
+    return {
+        "benchmark": "dataplane", "machine": machine(), "rows": rows,
+        "ceilings": {"/".join(map(str, k)): round(v, 3) for k, v in measured.items()},
+        "layerwise_vs_whole": {p: round(layer[p] / whole[p], 3) for p in whole if p in layer},
+        "lmcache": {"get_gbps": None, "put_gbps": None,
+                    "status": "not run: LMCache's lm:// server needs its own virtualenv, "
+                              "not built by this version of the benchmark"},
+        "ucx": {"status": "not run: ucxx is not installed by this version"},
+    }
+
+
+def plot(doc: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = doc["rows"]
+    labels = [f"{r['path']} {r['op']}\n{r['request']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(max(8, len(rows) * 0.55), 4.5))
+    xs = np.arange(len(rows))
+    ax.bar(xs - 0.2, [r["gbps"] for r in rows], 0.4, label="cachesvc")
+    ax.bar(xs + 0.2, [r["ceiling_gbps"] for r in rows], 0.4, label="transport ceiling (same run)",
+           color="lightgrey")
+    ax.set_xticks(xs, labels, rotation=70, fontsize=7)
+    ax.set_ylabel("GB/s (1e9 B/s)")
+    ax.set_title("cachesvc data plane vs the ceiling of each transport")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(args: argparse.Namespace) -> int:
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    doc = run(args)
+    png = out.with_suffix(".png")
+    plot(doc, png)
+    doc["plot"] = str(png)
+    write_json(out, doc)
+    print(json.dumps(doc, indent=2))
+    print()
+    print(markdown_table(["path", "op", "request", "MB", "GB/s", "ceiling GB/s", "× ceiling"],
+                         [[r["path"], r["op"], r["request"], round(r["size_bytes"] / 1e6, 1),
+                           r["gbps"], r["ceiling_gbps"], r["of_ceiling"]] for r in doc["rows"]]))
+    print(f"\nlayer-by-layer / whole (realistic request): {doc['layerwise_vs_whole']}")
+    print(f"LMCache: {doc['lmcache']['status']}; UCX: {doc['ucx']['status']}")
+    return 0
