@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 EXTRAS ?= dev,bench,torch
 JSON   ?= bench-results
 
-.PHONY: demo test lint venv proto bench-lookup bench-dataplane bench clean
+.PHONY: demo test lint venv proto lmcache-venv bench-lookup bench-dataplane bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,11 +34,24 @@ bench-lookup: $(STAMP)
 	mkdir -p $(JSON)
 	$(VENV)/bin/cachesvc bench lookup --json $(JSON)/lookup.json
 
-bench-dataplane: $(STAMP)
+# LMCache 0.5.6 pins differ from ours (protobuf<7, setuptools): its own virtualenv,
+# CPU torch first so nothing pulls a CUDA build.
+LMC := .lmcache/venv
+$(LMC)/.installed:
+	$(PYTHON) -m venv $(LMC)
+	$(LMC)/bin/pip install --quiet --upgrade pip
+	$(LMC)/bin/pip install --quiet torch==2.13.0
+	echo "torch==2.13.0" > .lmcache/constraints.txt
+	$(LMC)/bin/pip install --quiet lmcache==0.5.6 -c .lmcache/constraints.txt
+	touch $@
+
+lmcache-venv: $(LMC)/.installed
+
+bench-dataplane: $(STAMP) lmcache-venv
 	mkdir -p $(JSON)
 	$(VENV)/bin/cachesvc bench dataplane --json $(JSON)/dataplane.json
 
 bench: bench-lookup bench-dataplane
 
 clean:
-	rm -rf $(VENV) build *.egg-info $(JSON)
+	rm -rf $(VENV) .lmcache build *.egg-info $(JSON)

@@ -9,7 +9,8 @@ and V in bf16 (SmolLM2-135M shape, 47 MB), fetched whole and layer by layer.
 Ceilings: ``grpc`` and ``tcp`` against a raw loopback TCP stream between two processes;
 ``shm`` GET against memcpy of the same bytes in the reader's piece size (one slab), and
 ``shm`` PUT against a raw Unix-socket stream. UCX and LMCache need their own installs,
-which this version does not make: the JSON says "not run" rather than inventing figures.
+when absent the JSON says "not run" rather than inventing figures.
+LMCache runs in its own virtualenv (``make lmcache-venv``) through bench/lmcache_worker.py.
 
 All destination buffers are preallocated and reused, as a serving engine's would be.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import subprocess
 import time
 from pathlib import Path
 
@@ -145,11 +147,37 @@ def run(args: argparse.Namespace) -> dict:
         "benchmark": "dataplane", "machine": machine(), "rows": rows,
         "ceilings": {"/".join(map(str, k)): round(v, 3) for k, v in measured.items()},
         "layerwise_vs_whole": {p: round(layer[p] / whole[p], 3) for p in whole if p in layer},
-        "lmcache": {"get_gbps": None, "put_gbps": None,
-                    "status": "not run: LMCache's lm:// server needs its own virtualenv, "
-                              "not built by this version of the benchmark"},
+        "lmcache": lmcache_rows(args, rows),
         "ucx": {"status": "not run: ucxx is not installed by this version"},
     }
+
+
+LMCACHE_PYTHON = Path(".lmcache/venv/bin/python")
+WORKER = Path(__file__).with_name("lmcache_worker.py")
+
+
+def lmcache_rows(args: argparse.Namespace, rows: list[dict]) -> dict:
+    """LMCache 0.5.6's own lm:// server and client on the same 64 and 256 MiB of 4 MiB
+    chunks, in its own virtualenv; compared with our same-host path on those sizes."""
+    python = Path(args.lmcache_python)
+    if not python.exists():
+        return {"get_gbps": None, "put_gbps": None,
+                "status": f"not run: {python} missing (make lmcache-venv builds it)"}
+    sizes = []
+    for label, chunks in (("64MiB", 16), ("256MiB", 64)):
+        proc = subprocess.run([str(python), str(WORKER), "--chunks", str(chunks), "--repeats",
+                               str(args.repeats)], capture_output=True, text=True, timeout=600)
+        if proc.returncode != 0:
+            return {"get_gbps": None, "put_gbps": None,
+                    "status": f"failed: {proc.stderr.strip().splitlines()[-1:]}"}
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        ours = {r["op"]: r["gbps"] for r in rows if r["path"] == "shm" and r["request"] == label}
+        sizes.append({"request": label, **result,
+                      "shm_get_vs_lmcache": round(ours["get"] / result["get_gbps"], 2) if "get" in ours else None,
+                      "shm_put_vs_lmcache": round(ours["put"] / result["put_gbps"], 2) if "put" in ours else None})
+    head = sizes[-1]
+    return {"get_gbps": head["get_gbps"], "put_gbps": head["put_gbps"], "request": head["request"],
+            "sizes": sizes, "status": "ok: lmcache 0.5.6, LMCServerConnector -> lmcache.v1.server"}
 
 
 def plot(doc: dict, path: Path) -> None:
@@ -185,5 +213,8 @@ def main(args: argparse.Namespace) -> int:
                          [[r["path"], r["op"], r["request"], round(r["size_bytes"] / 1e6, 1),
                            r["gbps"], r["ceiling_gbps"], r["of_ceiling"]] for r in doc["rows"]]))
     print(f"\nlayer-by-layer / whole (realistic request): {doc['layerwise_vs_whole']}")
+    for size in doc["lmcache"].get("sizes", []):
+        print(f"LMCache {size['request']}: get {size['get_gbps']} GB/s, put {size['put_gbps']} GB/s; "
+              f"cachesvc shm is {size['shm_get_vs_lmcache']}x on get, {size['shm_put_vs_lmcache']}x on put")
     print(f"LMCache: {doc['lmcache']['status']}; UCX: {doc['ucx']['status']}")
     return 0

@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--rounds", type=int, default=300, help="lookup: timed batched lookups")
     bench.add_argument("--paths", default="grpc,tcp,shm", help="dataplane: paths to measure")
     bench.add_argument("--repeats", type=int, default=3, help="dataplane: timed rounds (best kept)")
+    bench.add_argument("--lmcache-python", default=".lmcache/venv/bin/python",
+                       help="dataplane: python of LMCache's virtualenv (make lmcache-venv)")
     bench.set_defaults(func=_bench)
     return parser
 

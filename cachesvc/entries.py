@@ -6,6 +6,7 @@ layer-ascending, so any contiguous layer range of one kind is one contiguous byt
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 
 from cachesvc.errors import InvalidArgument
@@ -74,11 +75,14 @@ class EntryMeta:
 
     def slab_run(self, kind: Kind, layer_start: int, layer_end: int) -> list[list[Slab]]:
         """The slabs of ``kind`` in [layer_start, layer_end), grouped in runs of
-        consecutive layers (each run is contiguous in the payload)."""
+        consecutive layers (each run is contiguous in the payload). O(log slabs + hit):
+        slabs are sorted by (kind, layer), so the kind's range is found by bisection."""
+        base = sum(len(self.layout.layers(k)) for k in Kind if k < kind)
+        layers = self.layout.layers(kind)
+        lo = base + bisect.bisect_left(layers, layer_start)
+        hi = base + bisect.bisect_left(layers, layer_end)
         runs: list[list[Slab]] = []
-        for slab in self.slabs:
-            if slab.kind != kind or not layer_start <= slab.layer < layer_end:
-                continue
+        for slab in self.slabs[lo:hi]:
             if runs and runs[-1][-1].layer + 1 == slab.layer:
                 runs[-1].append(slab)
             else:

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from cachesvc.dataplane.protocol import FrameType, Op, pack_request, read_frame
+from cachesvc.dataplane.protocol import FrameType, Op, pack_request, read_frame, unpack_runs
 from cachesvc.v1 import cachesvc_pb2 as pb
 from cachesvc_client import (CacheClient, CacheServiceError, ClientOptions, InvalidArgumentError,
                              Kind, UnavailableError)
@@ -184,7 +184,9 @@ def test_shm_client_that_never_releases_is_dropped_after_the_timeout(server_fact
         frames = []
         while not frames or frames[-1].type != FrameType.END:
             frames.append(read_frame(sock))
-        assert all(f.arena_offset >= 0 for f in frames[:-1])   # offsets, no inline bytes
+        refs = [ref for f in frames[:-1] for ref in unpack_runs(f.header)]
+        assert len(refs) == 3 and all(r.arena_offset >= 0 for r in refs)   # offsets only
+        assert all(f.payload_bytes == 0 for f in frames[:-1])               # no inline bytes
         assert client.stats()["counters"]["entries_being_read"] == 3
         time.sleep(1.5)
         assert client.stats()["counters"]["entries_being_read"] == 0
@@ -282,4 +284,4 @@ def test_refused_write_keeps_the_connection_in_step(client, rng):
         sock.sendall(pack_request(Op.GET, pb.GetSlabsRequest(family_id=reg.family_id, kinds=[1],
                                                               entry_ids=[b"\0" * 16]).SerializeToString()))
         frames = [read_frame(sock), read_frame(sock)]          # the same connection still works
-        assert [f.type for f in frames] == [FrameType.RUN, FrameType.END]
+        assert [f.type for f in frames] == [FrameType.RUNS, FrameType.END]

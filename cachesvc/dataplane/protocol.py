@@ -9,9 +9,9 @@ Request::
 
     b"CSDP" | u8 version | u8 op | u16 reserved | u32 body_len | body
 
-    op GET      body = GetSlabsRequest; answered by RUN frames with inline payloads, then END
-    op GET_SHM  body = GetSlabsRequest; answered by RUN frames whose payload stays in the
-                shared arena (arena_offset >= 0) or follows inline (disk-resident runs),
+    op GET      body = GetSlabsRequest; answered by RUNS frames with inline payloads, then END
+    op GET_SHM  body = GetSlabsRequest; answered by RUNS frames whose payloads stay in the
+                shared arena (arena_offset >= 0) or follow inline (disk-resident runs),
                 then END. The server holds every entry of the request until the client
                 sends RELEASE (or closes, or ``release_timeout_s`` passes).
     op RELEASE  no body, no answer
@@ -27,7 +27,10 @@ Response frame::
 
     u8 type | 3 pad | u32 header_len | u64 payload_len | i64 arena_offset | header | payload?
 
-    RUN    header = SlabRun (no data); payload inline iff arena_offset == -1
+    RUNS   header = u32 count, then per run: u32 len | SlabRun (no data) | i64 arena_offset |
+           u64 size; the payload is the inline runs' bytes (arena_offset == -1, not
+           missing), concatenated in order. One frame per layer in layer-major order
+           (or per ~4 MB), so per-slab costs are paid per frame, not per slab.
     END    no header
     ERROR  header = b"CODE:message" (CODE a gRPC status name); the request is over, the
            connection stays usable
@@ -65,7 +68,7 @@ def pack_write(reservation_id: str, entry_index: int, offset: int, size: int) ->
 
 
 class FrameType(enum.IntEnum):
-    RUN = 1
+    RUNS = 1
     END = 2
     ERROR = 3
     MAP = 4
@@ -90,6 +93,54 @@ def pack_request(op: Op, body: bytes = b"") -> bytes:
 def pack_frame(kind: FrameType, header: bytes = b"", payload_bytes: int = 0,
                arena_offset: int = -1) -> bytes:
     return FRAME.pack(kind, len(header), payload_bytes, arena_offset) + header
+
+
+RUN_TAIL = struct.Struct("<qQ")
+
+
+@dataclass(frozen=True, slots=True)
+class RunRef:
+    """One run inside a RUNS frame."""
+
+    header: bytes          # serialized SlabRun without data
+    arena_offset: int      # -1: inline in the frame's payload (or missing)
+    size: int              # payload bytes of the run
+
+
+def pack_runs(refs: list[RunRef]) -> bytes:
+    parts = [struct.pack("<I", len(refs))]
+    for ref in refs:
+        parts += [struct.pack("<I", len(ref.header)), ref.header,
+                  RUN_TAIL.pack(ref.arena_offset, ref.size)]
+    return b"".join(parts)
+
+
+def unpack_runs(header: bytes) -> list[RunRef]:
+    try:
+        (count,), pos, refs = struct.unpack_from("<I", header), 4, []
+        for _ in range(count):
+            (size,) = struct.unpack_from("<I", header, pos)
+            run_header = header[pos + 4:pos + 4 + size]
+            offset, run_bytes = RUN_TAIL.unpack_from(header, pos + 4 + size)
+            refs.append(RunRef(run_header, offset, run_bytes))
+            pos += 4 + size + RUN_TAIL.size
+    except struct.error as exc:
+        raise ProtocolError(f"malformed RUNS header: {exc}") from None
+    return refs
+
+
+def send_parts(sock: socket.socket, parts: list[bytes | memoryview]) -> None:
+    """sendall of several buffers with as few syscalls as the kernel allows."""
+    views = [memoryview(p).cast("B") for p in parts if len(p)]
+    while views:
+        sent = sock.sendmsg(views[:512])
+        while sent:
+            if sent >= len(views[0]):
+                sent -= len(views[0])
+                views.pop(0)
+            else:
+                views[0] = views[0][sent:]
+                sent = 0
 
 
 def recv_exact(sock: socket.socket, size: int) -> bytes:

@@ -21,14 +21,18 @@ import time
 
 from google.protobuf.message import DecodeError
 
-from cachesvc.dataplane.protocol import (WRITE_HEAD, FrameType, Op, ProtocolError, discard,
-                                         pack_frame, read_request, recv_into_exact)
+from cachesvc.dataplane.protocol import (WRITE_HEAD, FrameType, Op, ProtocolError, RunRef, discard,
+                                         pack_frame, pack_runs, read_request, recv_into_exact,
+                                         send_parts)
 from cachesvc.errors import CacheError
 from cachesvc.keys import Kind
 from cachesvc.store import CacheStore, ReadHandle
 from cachesvc.v1 import cachesvc_pb2 as pb
 
 log = logging.getLogger(__name__)
+
+BATCH_BYTES = 4 << 20
+"""Target payload of one RUNS frame outside layer-major order."""
 
 
 class DataPlaneServer:
@@ -146,7 +150,7 @@ class DataPlaneServer:
             conn.sendall(_error(exc.status, str(exc)))
             return
         try:
-            self._send_runs(conn, runs, shm)
+            self._send_runs(conn, runs, shm, req.layer_major)
             if shm:
                 self._await_release(conn)
         finally:
@@ -173,20 +177,34 @@ class DataPlaneServer:
             raise
         conn.sendall(pack_frame(FrameType.END))
 
-    def _send_runs(self, conn: socket.socket, runs: ReadHandle, shm: bool) -> None:
+    def _send_runs(self, conn: socket.socket, runs: ReadHandle, shm: bool, layer_major: bool) -> None:
+        """Runs go out batched in RUNS frames: one per layer in layer-major order (so a
+        layer is never held back by the next), otherwise one per ~BATCH_BYTES."""
+        batch: list[tuple[RunRef, bytes | memoryview]] = []
+        batch_bytes, batch_layer = 0, -1
         for run in runs:
+            if batch and (batch_bytes + len(run.data) > BATCH_BYTES or
+                          (layer_major and run.layer_start != batch_layer)):
+                self._send_batch(conn, batch)
+                batch, batch_bytes = [], 0
+            batch_layer = run.layer_start
             header = pb.SlabRun(entry_index=run.entry_index, kind=int(run.kind),
                                 layer_start=run.layer_start, num_layers=run.num_layers,
                                 checksums=run.checksums, missing=bool(run.missing_reason),
                                 missing_reason=run.missing_reason).SerializeToString()
-            if run.missing_reason:
-                conn.sendall(pack_frame(FrameType.RUN, header))
-            elif shm and run.arena_offset >= 0:
-                conn.sendall(pack_frame(FrameType.RUN, header, len(run.data), run.arena_offset))
-            else:
-                conn.sendall(pack_frame(FrameType.RUN, header, len(run.data)))
-                conn.sendall(run.data)
+            in_arena = shm and run.arena_offset >= 0 and not run.missing_reason
+            batch.append((RunRef(header, run.arena_offset if in_arena else -1, len(run.data)),
+                          b"" if in_arena else run.data))
+            batch_bytes += len(run.data)
+        if batch:
+            self._send_batch(conn, batch)
         conn.sendall(pack_frame(FrameType.END))
+
+    @staticmethod
+    def _send_batch(conn: socket.socket, batch: list[tuple[RunRef, bytes | memoryview]]) -> None:
+        inline = [data for _ref, data in batch if len(data)]
+        header = pack_runs([ref for ref, _data in batch])
+        send_parts(conn, [pack_frame(FrameType.RUNS, header, sum(len(d) for d in inline)), *inline])
 
     def _await_release(self, conn: socket.socket) -> None:
         """Hold the entries until the client has copied them out of the arena."""

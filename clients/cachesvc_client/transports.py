@@ -19,7 +19,7 @@ import threading
 from collections.abc import Iterator, Sequence
 
 from cachesvc.dataplane.protocol import (FRAME, FrameType, Op, discard, pack_request, pack_write,
-                                         read_frame, recv_exact, recv_into_exact)
+                                         read_frame, recv_exact, recv_into_exact, unpack_runs)
 from cachesvc.v1 import cachesvc_pb2 as pb
 from cachesvc_client.codec import PutPlan, SlabAssembler
 from cachesvc_client.errors import CacheServiceError, UnavailableError, error_for_status
@@ -132,13 +132,20 @@ class SocketTransport:
             if frame.type == FrameType.ERROR:
                 status, _, message = frame.header.decode(errors="replace").partition(":")
                 raise error_for_status(status, message)
-            run = pb.SlabRun.FromString(frame.header)
-            if run.missing:
-                asm.miss(run)
-            elif frame.arena_offset >= 0:
-                self._copy_from_arena(run, frame.arena_offset, frame.payload_bytes, asm)
-            else:
-                self._recv_run(sock, run, frame.payload_bytes, asm)
+            if frame.type != FrameType.RUNS:
+                raise ConnectionError(f"unexpected {frame.type.name} frame")
+            inline_left = frame.payload_bytes
+            for ref in unpack_runs(frame.header):
+                run = pb.SlabRun.FromString(ref.header)
+                if run.missing:
+                    asm.miss(run)
+                elif ref.arena_offset >= 0:
+                    self._copy_from_arena(run, ref.arena_offset, ref.size, asm)
+                else:
+                    self._recv_run(sock, run, ref.size, asm)
+                    inline_left -= ref.size
+            if inline_left:
+                raise ConnectionError(f"RUNS frame payload off by {inline_left} bytes")
             yield
 
     def _recv_run(self, sock: socket.socket, run: pb.SlabRun, size: int, asm: SlabAssembler) -> None:
