@@ -184,11 +184,16 @@ def plot(doc: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = doc["rows"]
+    rows = list(doc["rows"])
+    for size in doc["lmcache"].get("sizes", []):   # LMCache's own server, same sizes
+        for op in ("get", "put"):
+            rows.append({"path": "LMCache", "op": op, "request": size["request"],
+                         "gbps": size[f"{op}_gbps"], "ceiling_gbps": 0})
     labels = [f"{r['path']} {r['op']}\n{r['request']}" for r in rows]
     fig, ax = plt.subplots(figsize=(max(8, len(rows) * 0.55), 4.5))
     xs = np.arange(len(rows))
-    ax.bar(xs - 0.2, [r["gbps"] for r in rows], 0.4, label="cachesvc")
+    ax.bar(xs - 0.2, [r["gbps"] for r in rows], 0.4, label="cachesvc (LMCache 0.5.6 at right)",
+           color=["tab:orange" if r["path"] == "LMCache" else "tab:blue" for r in rows])
     ax.bar(xs + 0.2, [r["ceiling_gbps"] for r in rows], 0.4, label="transport ceiling (same run)",
            color="lightgrey")
     ax.set_xticks(xs, labels, rotation=70, fontsize=7)
