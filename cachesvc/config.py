@@ -79,6 +79,8 @@ class ServerConfig:
     node_id: str = _opt("", help="name of this node; default host:port")
     memory_bytes: int = _opt(factory=default_memory_bytes, parse=parse_size,
                              help="memory tier budget (default: 1/4 of available RAM)")
+    data_io_timeout_s: float = _opt(30.0, parse=float,
+                                    help="data plane: longest wait for a peer inside a request")
     shm_release_timeout_s: float = _opt(60.0, parse=float,
                                         help="how long a same-host client may hold entries "
                                              "it is copying out of shared memory")

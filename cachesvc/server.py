@@ -119,7 +119,7 @@ def start_server(config: ServerConfig) -> RunningServer:
     node_id = config.node_id or f"{socket.gethostname()}:{port}"
     store = CacheStore(store_config(config), node_id=node_id)
     dataplane = DataPlaneServer(store, config.host, config.data_port, config.shm,
-                                config.shm_release_timeout_s)
+                                config.shm_release_timeout_s, config.data_io_timeout_s)
     fetch = cachesvc_pb2.FetchDescriptor(node_id=node_id, grpc_address=f"{config.host}:{port}",
                                          transports=dataplane.transports(), host_id=host_id())
     add_cache_service(server, CacheServicer(store, fetch))

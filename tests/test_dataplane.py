@@ -285,3 +285,26 @@ def test_refused_write_keeps_the_connection_in_step(client, rng):
                                                               entry_ids=[b"\0" * 16]).SerializeToString()))
         frames = [read_frame(sock), read_frame(sock)]          # the same connection still works
         assert [f.type for f in frames] == [FrameType.RUNS, FrameType.END]
+
+
+def test_stalled_writer_is_dropped_and_its_put_aborted(server_factory, rng):
+    """Alive but silent mid-payload: the node gives up after --data-io-timeout-s."""
+    from cachesvc_client.codec import plan_put
+    srv = server_factory("--memory-bytes", "64MiB", "--data-io-timeout-s", "1")
+    with CacheClient(srv.address) as client:
+        reg = client.register_model("p", "0123abcd", TINY)
+        hashes = client.hash_tokens(list(range(256)), reg.family_id)
+        plan = plan_put("default", reg.family_id, TINY, "p", [make_entry(rng, TINY, hashes[0], 256)])
+        res = client._call(client._stub.Reserve, plan.request)
+        host, port = client._call(client._stub.Stats, pb.StatsRequest()).fetch.transports["tcp"] \
+            .decode().rsplit(":", 1)
+        with socket.create_connection((host, int(port))) as sock:
+            from cachesvc.dataplane.protocol import pack_write
+            sock.sendall(pack_write(res.reservation_id, 0, 0, res.targets[0].size_bytes) + b"z" * 100)
+            start = time.monotonic()
+            while client.stats()["open_reservations"] and time.monotonic() - start < 5:
+                time.sleep(0.05)
+            took = time.monotonic() - start
+        stats = client.stats()
+        assert stats["open_reservations"] == 0 and stats["counters"]["puts_aborted"] == 1
+        assert took < 2.5, f"stalled writer held its reservation {took:.1f} s"

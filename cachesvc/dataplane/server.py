@@ -40,9 +40,12 @@ class DataPlaneServer:
     Unix socket (no file to clean up; reachable from this host's network namespace)."""
 
     def __init__(self, store: CacheStore, host: str, tcp_port: int, shm: bool,
-                 release_timeout_s: float = 60.0) -> None:
+                 release_timeout_s: float = 60.0, io_timeout_s: float = 30.0) -> None:
         self.store = store
         self.release_timeout_s = release_timeout_s
+        # Bounds every wait for a peer inside a request: a WRITE holds its reservation's
+        # lock while receiving, and a stalled writer must not hold it (or the reaper) forever.
+        self.io_timeout_s = io_timeout_s
         self._tcp = socket.create_server((host, tcp_port), reuse_port=False)
         self.tcp_address = f"{host}:{self._tcp.getsockname()[1]}"
         self._unix: socket.socket | None = None
@@ -111,6 +114,7 @@ class DataPlaneServer:
                     return
                 with self._lock:
                     self._conns[conn] = True
+                conn.settimeout(self.io_timeout_s)
                 op, body = request
                 if op == Op.MAP:
                     self._send_map(conn, local)
@@ -118,6 +122,7 @@ class DataPlaneServer:
                     self._get(conn, body, shm=op == Op.GET_SHM and local)
                 elif op == Op.WRITE:
                     self._write(conn, body)
+                conn.settimeout(None)   # idle pooled connections may wait indefinitely
                 with self._lock:
                     self._conns[conn] = False
         except (ProtocolError, ConnectionError, OSError) as exc:
@@ -216,7 +221,7 @@ class DataPlaneServer:
                         extra={"timeout_s": self.release_timeout_s})
             raise ConnectionError("release timeout") from None
         finally:
-            conn.settimeout(None)
+            conn.settimeout(self.io_timeout_s)
         if request is None:
             raise ConnectionError("client closed before releasing")
         if request[0] != Op.RELEASE:
