@@ -308,3 +308,22 @@ def test_stalled_writer_is_dropped_and_its_put_aborted(server_factory, rng):
         stats = client.stats()
         assert stats["open_reservations"] == 0 and stats["counters"]["puts_aborted"] == 1
         assert took < 2.5, f"stalled writer held its reservation {took:.1f} s"
+
+
+def test_pool_drops_connections_the_peer_closed(server_factory, rng):
+    """A pooled connection the node closed while idle is dropped, not used and failed."""
+    srv = server_factory("--memory-bytes", "64MiB")
+    with CacheClient(srv.address) as client:
+        fid, hit, entries = _fill(client, rng, 2)
+        client.get(fid, hit, (Kind.K,), transport="tcp")             # leaves a pooled connection
+        transport = client._transports["tcp"]
+        pooled = transport._idle[0]
+        start = time.monotonic()
+        assert transport._take() is pooled                          # healthy: reused, no wait
+        assert time.monotonic() - start < 0.5
+        transport._give_back(pooled)
+        pooled.shutdown(socket.SHUT_RD)                              # as if the node hung up
+        pooled_peer_closed = transport._take()
+        assert pooled_peer_closed is not pooled                     # replaced by a new one
+        transport._give_back(pooled_peer_closed)
+        _check(client.get(fid, hit, (Kind.K,), transport="tcp"), entries, (Kind.K,), range(4))

@@ -13,12 +13,13 @@ closed, never reused.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import socket
 import threading
 from collections.abc import Iterator, Sequence
 
-from cachesvc.dataplane.protocol import (FRAME, FrameType, Op, discard, pack_request, pack_write,
+from cachesvc.dataplane.protocol import (FRAME, Frame, FrameType, Op, discard, pack_request, pack_write,
                                          read_frame, recv_exact, recv_into_exact, unpack_runs)
 from cachesvc.v1 import cachesvc_pb2 as pb
 from cachesvc_client.codec import PutPlan, SlabAssembler
@@ -47,13 +48,37 @@ class SocketTransport:
         return sock
 
     def _take(self) -> socket.socket:
-        with self._lock:
-            if self._idle:
-                return self._idle.pop()
+        """A pooled connection that is still open, or a new one."""
+        while True:
+            with self._lock:
+                sock = self._idle.pop() if self._idle else None
+            if sock is None:
+                break
+            if _still_open(sock):
+                return sock
+            sock.close()   # the node closed it while idle (e.g. it restarted)
         try:
             return self._connect()
         except OSError as exc:
             raise UnavailableError(f"data plane {self.name} {self.address!r} unreachable: {exc}") from None
+
+    @contextlib.contextmanager
+    def _connection(self, doing: str) -> Iterator[socket.socket]:
+        """A connection for one request: back to the pool if the request completed,
+        closed otherwise (its state is unknown); socket failures become UnavailableError."""
+        sock = self._take()
+        ok = False
+        try:
+            yield sock
+            ok = True
+        except (ConnectionError, OSError) as exc:
+            raise UnavailableError(f"data plane {self.name} {self.address!r} failed {doing}: "
+                                   f"{exc or type(exc).__name__}") from None
+        finally:
+            if ok:
+                self._give_back(sock)
+            else:
+                sock.close()
 
     def _give_back(self, sock: socket.socket) -> None:
         with self._lock:
@@ -66,60 +91,30 @@ class SocketTransport:
             sock.close()
 
     def fetch(self, request: pb.GetSlabsRequest, asm: SlabAssembler) -> Iterator[None]:
-        """Run one GetSlabs request into ``asm``; yields after every run."""
-        sock = self._take()
-        ok = False
-        try:
+        """Run one GetSlabs request into ``asm``; yields after every frame."""
+        with self._connection("mid-transfer") as sock:
             sock.sendall(pack_request(self._op(), request.SerializeToString()))
             yield from self._receive(sock, asm)
-            ok = True
-        except (ConnectionError, OSError) as exc:
-            raise UnavailableError(f"data plane {self.name} {self.address!r} failed mid-transfer: "
-                                   f"{exc or type(exc).__name__}") from None
-        finally:
-            if ok:
-                self._give_back(sock)
-            else:
-                sock.close()   # its state is unknown: never reuse it
 
     def write(self, reservation_id: str, plan: PutPlan, targets: Sequence[pb.EntryWriteTarget]) -> None:
         """Send the payload of every target entry (one WRITE each), straight into the
         node's reserved memory. Pipelined with at most WRITE_WINDOW answers outstanding:
         unbounded pipelining deadlocks once the answers fill the socket buffers."""
-        sock = self._take()
-        ok = False
-        failure: CacheServiceError | None = None
-        outstanding = 0
-
-        def take_answer() -> None:
-            nonlocal failure, outstanding
-            frame = read_frame(sock)
-            outstanding -= 1
-            if frame.type == FrameType.ERROR and failure is None:
-                status, _, message = frame.header.decode(errors="replace").partition(":")
-                failure = error_for_status(status, message)
-
-        try:
+        failures: list[CacheServiceError] = []
+        with self._connection("mid-write") as sock:
+            outstanding = 0
             for target in targets:
                 if outstanding >= WRITE_WINDOW:
-                    take_answer()
+                    failures += _answer_error(read_frame(sock))
+                    outstanding -= 1
                 sock.sendall(pack_write(reservation_id, target.entry_index, 0, target.size_bytes))
                 for view in plan.payloads[target.entry_index]:
                     sock.sendall(view)
                 outstanding += 1
-            while outstanding:
-                take_answer()
-            ok = True
-        except (ConnectionError, OSError) as exc:
-            raise UnavailableError(f"data plane {self.name} {self.address!r} failed mid-write: "
-                                   f"{exc or type(exc).__name__}") from None
-        finally:
-            if ok:
-                self._give_back(sock)
-            else:
-                sock.close()
-        if failure is not None:
-            raise failure
+            for _ in range(outstanding):
+                failures += _answer_error(read_frame(sock))
+        if failures:
+            raise failures[0]
 
     def _op(self) -> Op:
         return Op.GET
@@ -217,6 +212,30 @@ class ShmTransport(SocketTransport):
             if self._arena is not None:
                 self._arena.close()
                 self._arena = None
+
+
+def _answer_error(frame: Frame) -> list[CacheServiceError]:
+    """[] for END, [the typed error] for an ERROR frame."""
+    if frame.type != FrameType.ERROR:
+        return []
+    status, _, message = frame.header.decode(errors="replace").partition(":")
+    return [error_for_status(status, message)]
+
+
+def _still_open(sock: socket.socket) -> bool:
+    """False if the peer has closed this idle connection (or sent something unasked).
+    Non-blocking for the peek: a socket with a timeout would otherwise wait it out."""
+    timeout = sock.gettimeout()
+    sock.setblocking(False)
+    try:
+        sock.recv(1, socket.MSG_PEEK)     # returns only on EOF or unexpected data
+        return False
+    except BlockingIOError:
+        return True                       # nothing to read: open and idle
+    except OSError:
+        return False
+    finally:
+        sock.settimeout(timeout)
 
 
 def _map_arena(sock: socket.socket) -> mmap.mmap:
