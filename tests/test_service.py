@@ -111,7 +111,13 @@ def test_async_client_round_trip(server, rng):
             entries = [make_entry(rng, TINY, h, 256) for h in hashes]
             put = await ac.put(reg.family_id, "p", entries)
             hit = (await ac.lookup(reg.family_id, hashes)).best()
-            gets = await asyncio.gather(*(ac.get(reg.family_id, hit.entries, (k,)) for k in Kind))
+            gets = await asyncio.gather(*(ac.get(reg.family_id, hit.entries, (k,), transport=t)
+                                          for k, t in zip(Kind, ("grpc", "tcp", "shm"), strict=True)))
+            more = await ac.put(reg.family_id, "p", [make_entry(rng, TINY, h, 256) for h in
+                                                     await ac.hash_tokens(list(range(9, 9 + 512)),
+                                                                          reg.family_id)],
+                                transport="tcp")
+            assert more.entries_committed == 2
             return put, entries, gets
     put, entries, gets = asyncio.run(main())
     assert put.entries_committed == 4

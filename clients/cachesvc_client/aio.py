@@ -1,8 +1,10 @@
 """asyncio client: the same calls as :class:`~cachesvc_client.client.CacheClient`, awaited.
-Request building and result assembly are shared (cachesvc_client.codec)."""
+Request building and result assembly are shared (cachesvc_client.codec); socket data
+plane transfers run in a worker thread (``asyncio.to_thread``) so the loop stays free."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -19,6 +21,7 @@ from cachesvc_client.codec import (EntryData, Hit, HitEntry, LookupResult, PutRe
                                    lookup_from_proto, plan_put, write_chunks)
 from cachesvc_client.errors import CacheServiceError, NotFoundError, from_rpc_error
 from cachesvc_client.options import ClientOptions, batches
+from cachesvc_client.transports import SocketTransport, choose_transport
 
 __all__ = ["AsyncCacheClient"]
 
@@ -34,6 +37,7 @@ class AsyncCacheClient:
         self._get_slabs, self._write_slabs = bulk_methods(self._channel)
         self._families: dict[str, FamilySpec] = {}
         self._chunk_size: int | None = None
+        self._transports: dict[str, SocketTransport | None] = {}
 
     async def __aenter__(self) -> "AsyncCacheClient":
         return self
@@ -42,10 +46,12 @@ class AsyncCacheClient:
         await self.close()
 
     async def close(self) -> None:
+        for transport in self._transports.values():
+            if transport is not None:
+                transport.close()
         await self._channel.close()
 
     async def wait_ready(self, timeout_s: float = 10.0) -> None:
-        import asyncio
         try:
             await asyncio.wait_for(self._channel.channel_ready(), timeout_s)
         except asyncio.TimeoutError:
@@ -83,16 +89,30 @@ class AsyncCacheClient:
         return chunk_hashes(tokens, FamilyId(family_id), tenant=tenant or self.options.tenant,
                             chunk_size=self._chunk_size, extra_keys=extra_keys)
 
+    async def _transport(self, name: str | None) -> SocketTransport | None:
+        """As CacheClient._transport; socket transports run in a worker thread."""
+        name = name or self.options.transport
+        if name == "grpc":
+            return None
+        if name not in self._transports:
+            fetch = (await self._call(self._stub.Stats, pb.StatsRequest())).fetch
+            self._transports[name] = choose_transport(name, fetch, self.target,
+                                                      self.options.io_timeout_s)
+        return self._transports[name]
+
     async def put(self, family_id: str, producer: str, entries: Sequence[EntryData],
-                  tenant: str = "") -> PutResult:
+                  tenant: str = "", transport: str | None = None) -> PutResult:
         family = await self.family(family_id)
+        chosen = await self._transport(transport)
         committed = present = sent = 0
         for batch in batches(entries, self.options.max_put_bytes):
             plan = plan_put(tenant or self.options.tenant, family_id, family, producer, batch)
             res = await self._call(self._stub.Reserve, plan.request)
             try:
                 todo = [t for t in res.targets if not t.already_present]
-                if todo:
+                if todo and chosen is not None:
+                    await asyncio.to_thread(chosen.write, res.reservation_id, plan, todo)
+                elif todo:
                     await self._call(self._write_slabs,
                                      _aiter(write_chunks(res.reservation_id, plan, todo)),
                                      self.options.data_timeout_s)
@@ -121,14 +141,18 @@ class AsyncCacheClient:
     async def get(self, family_id: str, entries: Hit | Sequence[HitEntry],
                   kinds: Sequence[Kind] = (Kind.K, Kind.V), layers: tuple[int, int] | None = None,
                   *, out: Mapping[Kind, Any] | None = None, as_torch: bool = False,
-                  tenant: str = "") -> Slabs:
+                  tenant: str = "", transport: str | None = None) -> Slabs:
         family = await self.family(family_id)
+        chosen = await self._transport(transport)
         start, end = layers or (0, family.num_layers)
         ids, tokens = entry_columns(entries)
         asm = SlabAssembler(family, tokens, kinds, start, end, out, as_torch)
         req = pb.GetSlabsRequest(tenant=tenant or self.options.tenant, family_id=family_id,
                                  entry_ids=ids, kinds=[int(k) for k in kinds],
                                  layer_start=start, layer_end=end)
+        if chosen is not None:
+            await asyncio.to_thread(_drain, chosen.fetch(req, asm))
+            return asm.result()
         try:
             async for run in self._get_slabs(req, timeout=self.options.data_timeout_s):
                 asm.feed(run)
@@ -165,6 +189,11 @@ class AsyncCacheClient:
 
     async def stats(self) -> dict:
         return stats_to_dict(await self._call(self._stub.Stats, pb.StatsRequest()))
+
+
+def _drain(frames) -> None:
+    for _ in frames:
+        pass
 
 
 async def _aiter(items):

@@ -9,7 +9,6 @@ from typing import Any
 
 import grpc
 
-from cachesvc.dataplane.protocol import host_id
 from cachesvc.keys import ChunkHash, FamilyId, FamilySpec, Kind, chunk_hashes
 from cachesvc.v1 import cachesvc_pb2 as pb
 from cachesvc.v1 import cachesvc_pb2_grpc as pb_grpc
@@ -19,7 +18,7 @@ from cachesvc_client.codec import (EntryData, Hit, HitEntry, LookupResult, PutRe
                                    lookup_from_proto, plan_put, write_chunks)
 from cachesvc_client.errors import CacheServiceError, NotFoundError, from_rpc_error
 from cachesvc_client.options import ClientOptions, batches
-from cachesvc_client.transports import ShmTransport, SocketTransport
+from cachesvc_client.transports import SocketTransport, choose_transport
 
 __all__ = ["CacheClient"]
 
@@ -193,31 +192,16 @@ class CacheClient:
             raise from_rpc_error(exc) from None
 
     def _transport(self, name: str) -> SocketTransport | None:
-        """The transport for ``name`` ("auto", "shm", "tcp", "grpc"); None means gRPC."""
+        """The transport for ``name`` ("auto", "shm", "tcp", "grpc"); None means gRPC.
+        Resolved once per name from the node's endpoints, then reused (it pools)."""
         if name == "grpc":
             return None
-        if name not in ("auto", "shm", "tcp"):
-            raise ValueError(f"transport must be auto, shm, tcp or grpc; got {name!r}")
         with self._transports_lock:
             if name not in self._transports:
-                self._transports[name] = self._open_transport(name)
+                fetch = self._call(self._stub.Stats, pb.StatsRequest()).fetch
+                self._transports[name] = choose_transport(name, fetch, self.target,
+                                                          self.options.io_timeout_s)
             return self._transports[name]
-
-    def _open_transport(self, name: str) -> SocketTransport | None:
-        fetch = self._call(self._stub.Stats, pb.StatsRequest()).fetch
-        offered = dict(fetch.transports)
-        io = self.options.io_timeout_s
-        if name in ("auto", "shm") and "shm" in offered:
-            if fetch.host_id == host_id():
-                return ShmTransport(offered["shm"], io)
-            if name == "shm":
-                raise CacheServiceError(f"{self.target} is on another host: shm is not possible")
-        if name in ("auto", "tcp") and "tcp" in offered:
-            return SocketTransport(offered["tcp"].decode(), io)
-        if name == "auto":
-            return None
-        raise CacheServiceError(f"{self.target} does not offer the {name} transport "
-                                f"(offers: {', '.join(sorted(offered)) or 'grpc only'})")
 
     # -- housekeeping
 

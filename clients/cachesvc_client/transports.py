@@ -19,8 +19,9 @@ import socket
 import threading
 from collections.abc import Iterator, Sequence
 
-from cachesvc.dataplane.protocol import (FRAME, Frame, FrameType, Op, discard, pack_request, pack_write,
-                                         read_frame, recv_exact, recv_into_exact, unpack_runs)
+from cachesvc.dataplane.protocol import (FRAME, Frame, FrameType, Op, discard, host_id, pack_request,
+                                         pack_write, read_frame, recv_exact, recv_into_exact,
+                                         unpack_runs)
 from cachesvc.v1 import cachesvc_pb2 as pb
 from cachesvc_client.codec import PutPlan, SlabAssembler
 from cachesvc_client.errors import CacheServiceError, UnavailableError, error_for_status
@@ -212,6 +213,31 @@ class ShmTransport(SocketTransport):
             if self._arena is not None:
                 self._arena.close()
                 self._arena = None
+
+
+TRANSPORT_NAMES = ("auto", "shm", "tcp", "grpc")
+
+
+def choose_transport(name: str, fetch: pb.FetchDescriptor, target: str,
+                     io_timeout_s: float) -> SocketTransport | None:
+    """The transport ``name`` resolves to for a node with endpoints ``fetch``; None is
+    gRPC. "auto": shm on the node's host, else tcp, else gRPC."""
+    if name not in TRANSPORT_NAMES:
+        raise ValueError(f"transport must be one of {', '.join(TRANSPORT_NAMES)}; got {name!r}")
+    if name == "grpc":
+        return None
+    offered = dict(fetch.transports)
+    if name in ("auto", "shm") and "shm" in offered:
+        if fetch.host_id == host_id():
+            return ShmTransport(offered["shm"], io_timeout_s)
+        if name == "shm":
+            raise CacheServiceError(f"{target} is on another host: shm is not possible")
+    if name in ("auto", "tcp") and "tcp" in offered:
+        return SocketTransport(offered["tcp"].decode(), io_timeout_s)
+    if name == "auto":
+        return None
+    raise CacheServiceError(f"{target} does not offer the {name} transport "
+                            f"(offers: {', '.join(sorted(offered)) or 'grpc only'})")
 
 
 def _answer_error(frame: Frame) -> list[CacheServiceError]:
