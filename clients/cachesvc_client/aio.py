@@ -5,6 +5,7 @@ plane transfers run in a worker thread (``asyncio.to_thread``) so the loop stays
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -152,13 +153,13 @@ class AsyncCacheClient:
                                  layer_start=start, layer_end=end)
         if chosen is not None:
             await asyncio.to_thread(_drain, chosen.fetch(req, asm))
-            return asm.result()
+            return dataclasses.replace(asm.result(), transport=chosen.name)
         try:
             async for run in self._get_slabs(req, timeout=self.options.data_timeout_s):
                 asm.feed(run)
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
-        return asm.result()
+        return dataclasses.replace(asm.result(), transport="grpc")
 
     async def delete(self, family_id: str, *, entry_ids: Sequence[bytes] = (),
                      chunk_hashes: Sequence[bytes] = (), producer: str = "", tenant: str = "") -> int:

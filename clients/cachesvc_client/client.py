@@ -261,4 +261,6 @@ class LayerStream:
         return self._asm.arrays
 
     def result(self) -> Slabs:
-        return self._asm.result()
+        slabs = self._asm.result()
+        slabs.transport = self.transport
+        return slabs

@@ -139,6 +139,7 @@ class Slabs:
     valid_chunks: int
     missing: list[Missing] = field(default_factory=list)
     bytes_received: int = 0
+    transport: str = ""        # which path moved the bytes: "shm", "tcp" or "grpc"
 
     @property
     def complete(self) -> bool:

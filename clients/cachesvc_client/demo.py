@@ -88,8 +88,15 @@ def main() -> int:
             whole = client.get(reg.family_id, hit, (Kind.K, Kind.V, Kind.E))
             t_get = time.perf_counter() - t0
             _verify(whole, entries, range(30))
-            print(f"   get whole (K, V, E, layers 0-29): {whole.bytes_received / 1e6:.0f} MB in "
-                  f"{t_get:.2f} s ({gbps(whole.bytes_received, t_get)}), byte-identical")
+            print(f"   get whole (K, V, E, layers 0-29) over {whole.transport}: "
+                  f"{whole.bytes_received / 1e6:.0f} MB in {t_get:.2f} s "
+                  f"({gbps(whole.bytes_received, t_get)}), byte-identical")
+            t0 = time.perf_counter()
+            again = client.get(reg.family_id, hit, (Kind.K, Kind.V, Kind.E), out=whole.arrays)
+            t_again = time.perf_counter() - t0
+            _verify(again, entries, range(30))
+            print(f"   again into the same buffers (as a serving engine reuses its KV memory): "
+                  f"{t_again:.2f} s ({gbps(again.bytes_received, t_again)})")
             t0 = time.perf_counter()
             kv = client.get(reg.family_id, hit, (Kind.K, Kind.V), (0, 20))
             e20 = client.get(reg.family_id, hit, (Kind.E,), (20, 21))
