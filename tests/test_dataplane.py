@@ -327,3 +327,15 @@ def test_pool_drops_connections_the_peer_closed(server_factory, rng):
         assert pooled_peer_closed is not pooled                     # replaced by a new one
         transport._give_back(pooled_peer_closed)
         _check(client.get(fid, hit, (Kind.K,), transport="tcp"), entries, (Kind.K,), range(4))
+
+
+def test_auto_falls_back_to_tcp_when_shm_is_unreachable(client, rng):
+    """Same boot id but an unreachable Unix socket (as in a container)."""
+    from cachesvc_client.transports import choose_transport
+    fid, hit, entries = _fill(client, rng, 1)
+    fetch = client._call(client._stub.Stats, pb.StatsRequest()).fetch
+    fetch.transports["shm"] = b"\0cachesvc-nobody-listens-here"
+    chosen = choose_transport("auto", fetch, client.target, 5)
+    assert chosen is not None and chosen.name == "tcp"
+    with pytest.raises(UnavailableError, match="unreachable"):
+        choose_transport("shm", fetch, client.target, 5)

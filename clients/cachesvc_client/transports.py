@@ -85,6 +85,10 @@ class SocketTransport:
         with self._lock:
             self._idle.append(sock)
 
+    def probe(self) -> None:
+        """Connect once (and keep the connection pooled); UnavailableError if we cannot."""
+        self._give_back(self._take())
+
     def close(self) -> None:
         with self._lock:
             idle, self._idle = self._idle, []
@@ -229,8 +233,14 @@ def choose_transport(name: str, fetch: pb.FetchDescriptor, target: str,
     offered = dict(fetch.transports)
     if name in ("auto", "shm") and "shm" in offered:
         if fetch.host_id == host_id():
-            return ShmTransport(offered["shm"], io_timeout_s)
-        if name == "shm":
+            shm = ShmTransport(offered["shm"], io_timeout_s)
+            try:
+                shm.probe()   # same boot id is not enough: a container shares it but not
+                return shm    # the network namespace its abstract socket lives in
+            except UnavailableError:
+                if name == "shm":
+                    raise
+        elif name == "shm":
             raise CacheServiceError(f"{target} is on another host: shm is not possible")
     if name in ("auto", "tcp") and "tcp" in offered:
         return SocketTransport(offered["tcp"].decode(), io_timeout_s)
