@@ -33,8 +33,6 @@ from cachesvc_bench.ceilings import memcpy_gbps, socket_gbps
 from cachesvc_bench.common import BenchServer, machine, markdown_table, write_json
 from cachesvc_client import CacheClient, EntryData
 
-MIB = 1 << 20
-PATHS = ("grpc", "tcp", "shm")
 # One 4 MiB E slab per entry: 256 tokens × 8192 × bf16.
 WIDE = FamilySpec("LlamaForCausalLM", 1, 1, 1, 8192, 10000.0, "", "bench-dataplane", DType.BFLOAT16)
 SMOL = FamilySpec("LlamaForCausalLM", 30, 3, 64, 576, 100000.0, "", "bench-smollm2", DType.BFLOAT16)
@@ -152,7 +150,6 @@ def run(args: argparse.Namespace) -> dict:
     }
 
 
-LMCACHE_PYTHON = Path(".lmcache/venv/bin/python")
 WORKER = Path(__file__).with_name("lmcache_worker.py")
 
 

@@ -83,9 +83,6 @@ class ModelRegistry:
             raise NotFound(f"family {family_id!r} is not known: register a model of it "
                            "first") from None
 
-    def has_family(self, family_id: str) -> bool:
-        return family_id in self._families
-
     def models(self) -> list[ModelRecord]:
         return sorted(self._models.values(), key=lambda r: r.model_id)
 
