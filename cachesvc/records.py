@@ -1,9 +1,11 @@
-"""Records the store takes and returns: its configuration, put inputs, and the results
-of reserve, lookup and read. Plain data, no behaviour (cachesvc.store acts on them)."""
+"""What the store takes and returns: its configuration, put inputs, the results of
+reserve, lookup and read, and the handle that holds a read's entries. Plain data, but
+for that handle's release (cachesvc.store acts on the rest)."""
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,3 +90,29 @@ class ReadRun:
     data: bytes | memoryview = b""
     missing_reason: str = ""   # non-empty: these layers are not available
     arena_offset: int = -1     # byte offset of data in the memory tier; -1 if not there
+
+
+class ReadHandle:
+    """Iterate for the :class:`ReadRun` s of one read; ``close()`` (or leaving the
+    ``with`` block) lets go of its entries. Views in the runs stay valid until then."""
+
+    def __init__(self, runs: Iterator[ReadRun], release: Callable[[], None]) -> None:
+        self._runs = runs
+        self._release: Callable[[], None] | None = release
+
+    def __iter__(self) -> Iterator[ReadRun]:
+        return self._runs
+
+    def close(self) -> None:
+        if self._release is not None:
+            release, self._release = self._release, None
+            release()
+
+    def __enter__(self) -> "ReadHandle":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:   # a handle dropped unclosed must not pin entries forever
+        self.close()

@@ -32,8 +32,8 @@ from cachesvc.errors import FailedPrecondition, InvalidArgument, NotFound, Resou
 from cachesvc.keys import (DEFAULT_TENANT, ENTRY_ID_BYTES, EntryId, FamilyId, FamilySpec, Kind,
                            check_chunk_hashes)
 from cachesvc.models import ModelRecord, ModelRegistry, Registration
-from cachesvc.records import (DiskMode, EntryInput, LookupResult, ProducerHit, ReadRun,
-                              Reservation, StoreConfig, Tier)
+from cachesvc.records import (DiskMode, EntryInput, LookupResult, ProducerHit, ReadHandle,
+                              ReadRun, Reservation, StoreConfig, Tier)
 
 log = logging.getLogger(__name__)
 
@@ -764,32 +764,6 @@ class CacheStore:
             self.reap()
 
 
-class ReadHandle:
-    """Iterate for the :class:`ReadRun` s of one read; ``close()`` (or leaving the
-    ``with`` block) lets go of its entries. Views in the runs stay valid until then."""
-
-    def __init__(self, runs: Iterator[ReadRun], release: Callable[[], None]) -> None:
-        self._runs = runs
-        self._release: Callable[[], None] | None = release
-
-    def __iter__(self) -> Iterator[ReadRun]:
-        return self._runs
-
-    def close(self) -> None:
-        if self._release is not None:
-            release, self._release = self._release, None
-            release()
-
-    def __enter__(self) -> "ReadHandle":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:   # a handle dropped unclosed must not pin entries forever
-        self.close()
-
-
 def _pop_if(lru: OrderedDict[EntryId, _Record], rec: _Record) -> None:
     """Remove rec from an id-keyed map only if it is rec (not a re-put successor)."""
     if lru.get(rec.meta.entry_id) is rec:
@@ -823,4 +797,4 @@ def _split_run(run: list, max_bytes: int) -> Iterator[list]:
 
 
 __all__ = ["CacheStore", "StoreConfig", "DiskMode", "EntryInput", "Tier", "Reservation",
-           "LookupResult", "ProducerHit", "ReadRun"]
+           "LookupResult", "ProducerHit", "ReadHandle", "ReadRun"]
