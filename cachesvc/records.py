@@ -29,6 +29,7 @@ class DiskMode(str, enum.Enum):
 @dataclass(frozen=True, slots=True)
 class StoreConfig:
     memory_capacity_bytes: int
+    memory_prefault: bool = False         # allocate the whole tier at start (see Arena)
     chunk_size: int = 256
     disk_dir: Path | None = None          # required unless disk_mode is OFF
     disk_capacity_bytes: int = 0

@@ -66,7 +66,8 @@ def grpc_options(max_message_bytes: int) -> list[tuple[str, int]]:
 
 def store_config(config: ServerConfig) -> StoreConfig:
     mode = DiskMode(config.disk_mode)
-    return StoreConfig(memory_capacity_bytes=config.memory_bytes, chunk_size=config.chunk_size,
+    return StoreConfig(memory_capacity_bytes=config.memory_bytes,
+                       memory_prefault=config.memory_prefault, chunk_size=config.chunk_size,
                        disk_dir=Path(config.data_dir).expanduser() if mode != DiskMode.OFF else None,
                        disk_capacity_bytes=config.disk_bytes, disk_mode=mode,
                        disk_fsync=config.disk_fsync, reservation_ttl_s=config.reservation_ttl_s,

@@ -91,7 +91,7 @@ class CacheStore:
         self.config = config
         self.node_id = node_id
         self._lock = threading.Lock()
-        self._arena = Arena(config.memory_capacity_bytes)
+        self._arena = Arena(config.memory_capacity_bytes, config.memory_prefault)
         disk_on = config.disk_mode != DiskMode.OFF
         if disk_on and config.disk_dir is None:
             raise ValueError("disk_dir is required when the disk tier is on")

@@ -54,3 +54,21 @@ def test_bytes_round_trip():
 def test_too_small():
     with pytest.raises(ValueError):
         Arena(10)
+
+
+def _rss_shmem_kib() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("RssShmem:"):
+            return int(line.split()[1])
+    raise RuntimeError("no RssShmem")
+
+
+def test_prefault_maps_the_whole_arena():
+    before = _rss_shmem_kib()
+    arena = Arena(64 << 20, prefault=True)
+    grown = _rss_shmem_kib() - before
+    lazy = Arena(64 << 20)
+    lazy_grown = _rss_shmem_kib() - before - grown
+    assert grown >= 63 * 1024 and lazy_grown < 1024
+    arena.close()
+    lazy.close()
