@@ -5,50 +5,21 @@ from __future__ import annotations
 import json
 import os
 import platform
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import psutil
 
+from cachesvc.launcher import ServerProcess
 
-@dataclass
-class BenchServer:
-    """``cachesvc serve`` in a child process on a free port of 127.0.0.1."""
 
-    args: Sequence[str]
-    proc: subprocess.Popen | None = None
-    port: int = 0
-    workdir: Path | None = None
-
-    def __enter__(self) -> "BenchServer":
-        self.workdir = Path(tempfile.mkdtemp(prefix="cachesvc-bench-"))
-        port_file = self.workdir / "port"
-        cmd = [sys.executable, "-m", "cachesvc.cli", "serve", "--port", "0", "--port-file",
-               str(port_file), "--data-dir", str(self.workdir / "data"), "--log-level", "warning",
-               *self.args]
-        self.proc = subprocess.Popen(cmd, stderr=open(self.workdir / "server.log", "wb"))
-        deadline = time.monotonic() + 30
-        while not port_file.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"server did not start; see {self.workdir / 'server.log'}")
-            time.sleep(0.02)
-        self.port = int(port_file.read_text())
-        return self
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def __exit__(self, *exc: object) -> None:
-        assert self.proc is not None
-        self.proc.terminate()
-        self.proc.wait(30)
+def bench_server(*args: str) -> ServerProcess:
+    """A quiet ``cachesvc serve`` in a fresh temporary directory (use with ``with``)."""
+    workdir = Path(tempfile.mkdtemp(prefix="cachesvc-bench-"))
+    return ServerProcess(workdir, ["--log-level", "warning", *args])
 
 
 def machine() -> dict:

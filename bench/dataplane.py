@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from cachesvc.keys import DType, FamilySpec, Kind
 from cachesvc_bench.ceilings import memcpy_gbps, socket_gbps
-from cachesvc_bench.common import BenchServer, machine, markdown_table, write_json
+from cachesvc_bench.common import bench_server, machine, markdown_table, write_json
 from cachesvc_client import CacheClient, EntryData
 
 # One 4 MiB E slab per entry: 256 tokens × 8192 × bf16.
@@ -136,7 +136,7 @@ def run(args: argparse.Namespace) -> dict:
     rows: list[dict] = []
     # Prefaulted, as a production node runs: otherwise every put lands in never-touched
     # shared memory (the arena never fills here) and measures page faults, not transport.
-    with BenchServer(["--memory-bytes", "3GiB", "--disk-mode", "off", "--memory-prefault", "true"]) as srv, \
+    with bench_server("--memory-bytes", "3GiB", "--disk-mode", "off", "--memory-prefault", "true") as srv, \
             CacheClient(srv.address) as client:
         todo = [(case, path) for case in CASES for path in args.paths.split(",")]
         for case, path in tqdm(todo, desc="dataplane", unit="case"):

@@ -23,7 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cachesvc.keys import DType, FamilySpec, Kind
-from cachesvc_bench.common import (BenchServer, latency_summary, machine, markdown_table,
+from cachesvc_bench.common import (bench_server, latency_summary, machine, markdown_table,
                                    write_json)
 from cachesvc_client import CacheClient, EntryData
 
@@ -47,7 +47,7 @@ def build_index(client: CacheClient, family_id: str, prompts: int, batch: int) -
 
 def run(args: argparse.Namespace) -> dict:
     prompts = -(-args.entries // args.batch)
-    with BenchServer(["--memory-bytes", "1GiB", "--disk-mode", "off"]) as srv, \
+    with bench_server("--memory-bytes", "1GiB", "--disk-mode", "off") as srv, \
             CacheClient(srv.address) as client:
         reg = client.register_model("producer", "0123abcd", INDEX_FAMILY)
         chains = build_index(client, reg.family_id, prompts, args.batch)

@@ -15,8 +15,6 @@ here, so the demo neither collides with a running server nor writes into your ho
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,6 +23,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from cachesvc.launcher import ServerProcess
 from cachesvc_client import CacheClient, DType, EntryData, FamilySpec, Kind
 
 SMOLLM2_SHAPE = FamilySpec(architecture="LlamaForCausalLM", num_layers=30, num_kv_heads=3,
@@ -34,23 +33,13 @@ SMOLLM2_SHAPE = FamilySpec(architecture="LlamaForCausalLM", num_layers=30, num_k
 NUM_CHUNKS = 64
 
 
-def start_server(data_dir: Path) -> tuple[subprocess.Popen, str]:
-    port_file = Path(tempfile.mkdtemp(prefix="cachesvc-demo-")) / "port"
-    cmd = [sys.executable, "-m", "cachesvc.cli", "serve", "--port", "0", "--port-file",
-           str(port_file), "--data-dir", str(data_dir), "--log-format", "text"]
-    proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while not port_file.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit("cachesvc serve did not start")
-        time.sleep(0.02)
-    return proc, f"127.0.0.1:{port_file.read_text()}"
+def start_server(data_dir: Path) -> ServerProcess:
+    return ServerProcess(Path(tempfile.mkdtemp(prefix="cachesvc-demo-")), ("--log-format", "text"),
+                         data_dir=data_dir).start()
 
 
-def stop_server(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGTERM)
-    code = proc.wait(60)
-    print(f"  server drained and exited with code {code}")
+def stop_server(server: ServerProcess) -> None:
+    print(f"  server drained and exited with code {server.stop()}")
 
 
 def gbps(nbytes: int, seconds: float) -> str:
@@ -59,7 +48,8 @@ def gbps(nbytes: int, seconds: float) -> str:
 
 def main() -> int:
     data_dir = Path(os.environ.get("CACHESVC_DEMO_DIR", ".cachesvc-data/demo")).resolve()
-    proc, address = start_server(data_dir)
+    server = start_server(data_dir)
+    address = server.address
     print(f"cachesvc serving on {address} (data dir {data_dir})")
     rng = np.random.default_rng(2026)
     try:
@@ -107,10 +97,10 @@ def main() -> int:
             print(f"   get for a plan (KV of layers 0-19 + E at layer 20): {moved / 1e6:.0f} MB "
                   f"({moved / total:.0%} of the entry set) in {t_plan:.2f} s, byte-identical")
     finally:
-        stop_server(proc)
-    proc, address = start_server(data_dir)
+        stop_server(server)
+    server = start_server(data_dir)
     try:
-        with CacheClient(address) as client:
+        with CacheClient(server.address) as client:
             hit = client.lookup(reg.family_id, hashes).best()
             t0 = time.perf_counter()
             back = client.get(reg.family_id, hit, (Kind.K, Kind.V, Kind.E))
@@ -126,7 +116,7 @@ def main() -> int:
                   f"{stats['memory']['capacity_bytes'] / 2**30:.1f} GiB")
             client.delete(reg.family_id, chunk_hashes=hashes)   # leave the data dir empty
     finally:
-        stop_server(proc)
+        stop_server(server)
     return 0
 
 
