@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from cachesvc.records import ReadRun
 from cachesvc.v1 import cachesvc_pb2 as pb
 
 _LEN = 2   # protobuf wire type of bytes fields
@@ -113,3 +114,16 @@ def encode_slab_run(header: pb.SlabRun, data: bytes | memoryview) -> bytes:
 def decode_slab_run(raw: bytes) -> tuple[pb.SlabRun, memoryview]:
     head, data = split(raw, RUN_DATA_FIELD)
     return pb.SlabRun.FromString(head), data
+
+
+def slab_run_header(run: ReadRun) -> pb.SlabRun:
+    """The SlabRun of a read run, without its payload (both transports send the payload
+    their own way)."""
+    return pb.SlabRun(entry_index=run.entry_index, kind=int(run.kind), layer_start=run.layer_start,
+                      num_layers=run.num_layers, checksums=run.checksums,
+                      missing=bool(run.missing_reason), missing_reason=run.missing_reason)
+
+
+def passthrough(data: bytes) -> bytes:
+    """gRPC (de)serializer for messages already framed by this module."""
+    return data

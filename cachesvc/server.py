@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 from cachesvc.config import ServerConfig
 from cachesvc.dataplane.protocol import host_id
 from cachesvc.dataplane.server import DataPlaneServer
+from cachesvc.framing import passthrough
 from cachesvc.servicer import CacheServicer
 from cachesvc.store import CacheStore, DiskMode, StoreConfig
 from cachesvc.v1 import cachesvc_pb2
@@ -39,17 +40,13 @@ def add_cache_service(server: grpc.Server, servicer: CacheServicer) -> None:
         deserialize = message_factory.GetMessageClass(method.input_type).FromString
         serialize = message_factory.GetMessageClass(method.output_type).SerializeToString
         if method.name == "WriteSlabs":
-            deserialize = _raw
+            deserialize = passthrough
         if method.name == "GetSlabs":
-            serialize = _raw
+            serialize = passthrough
         make = _HANDLER_KINDS[(method.client_streaming, method.server_streaming)]
         handlers[method.name] = make(getattr(servicer, method.name),
                                      request_deserializer=deserialize, response_serializer=serialize)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
-
-
-def _raw(data: bytes) -> bytes:
-    return data
 
 
 _HANDLER_KINDS = {(False, False): grpc.unary_unary_rpc_method_handler,

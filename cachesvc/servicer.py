@@ -12,7 +12,7 @@ import grpc
 
 from cachesvc import errors
 from cachesvc.entries import EntryMeta, Layout, SlabSpec
-from cachesvc.framing import decode_write_chunk, encode_slab_run
+from cachesvc.framing import decode_write_chunk, encode_slab_run, slab_run_header
 from cachesvc.keys import DType, FamilySpec, Kind
 from cachesvc.models import ModelRecord
 from cachesvc.records import EntryInput
@@ -191,11 +191,7 @@ class CacheServicer(pb_grpc.CacheServiceServicer):
                              _kinds(request.kinds), request.layer_start, request.layer_end,
                              request.layer_major) as runs:
             for run in runs:
-                header = pb.SlabRun(entry_index=run.entry_index, kind=int(run.kind),
-                                    layer_start=run.layer_start, num_layers=run.num_layers,
-                                    checksums=run.checksums, missing=bool(run.missing_reason),
-                                    missing_reason=run.missing_reason)
-                yield encode_slab_run(header, run.data)
+                yield encode_slab_run(slab_run_header(run), run.data)
 
     @_maps_errors
     def Delete(self, request, context):

@@ -25,6 +25,7 @@ from cachesvc.dataplane.protocol import (WRITE_HEAD, FrameType, Op, ProtocolErro
                                          pack_frame, pack_runs, read_request, recv_into_exact,
                                          send_parts)
 from cachesvc.errors import CacheError
+from cachesvc.framing import slab_run_header
 from cachesvc.keys import Kind
 from cachesvc.store import CacheStore, ReadHandle
 from cachesvc.v1 import cachesvc_pb2 as pb
@@ -193,10 +194,7 @@ class DataPlaneServer:
                 self._send_batch(conn, batch)
                 batch, batch_bytes = [], 0
             batch_layer = run.layer_start
-            header = pb.SlabRun(entry_index=run.entry_index, kind=int(run.kind),
-                                layer_start=run.layer_start, num_layers=run.num_layers,
-                                checksums=run.checksums, missing=bool(run.missing_reason),
-                                missing_reason=run.missing_reason).SerializeToString()
+            header = slab_run_header(run).SerializeToString()
             in_arena = shm and run.arena_offset >= 0 and not run.missing_reason
             batch.append((RunRef(header, run.arena_offset if in_arena else -1, len(run.data)),
                           b"" if in_arena else run.data))

@@ -18,7 +18,7 @@ import xxhash
 
 from cachesvc.keys import ENTRY_ID_BYTES, DType, EntryId, FamilyId, FamilySpec, Kind
 from cachesvc.entries import Layout
-from cachesvc.framing import decode_slab_run, encode_write_chunk
+from cachesvc.framing import decode_slab_run, encode_write_chunk, passthrough
 from cachesvc.v1 import cachesvc_pb2 as pb
 
 WRITE_PIECE_BYTES = 1 << 20
@@ -256,13 +256,9 @@ def bulk_methods(channel: Any) -> tuple[Any, Any]:
     get_slabs = channel.unary_stream(service + "GetSlabs",
                                      request_serializer=pb.GetSlabsRequest.SerializeToString,
                                      response_deserializer=decode_slab_run)
-    write_slabs = channel.stream_unary(service + "WriteSlabs", request_serializer=_raw,
+    write_slabs = channel.stream_unary(service + "WriteSlabs", request_serializer=passthrough,
                                        response_deserializer=pb.WriteSlabsResponse.FromString)
     return get_slabs, write_slabs
-
-
-def _raw(data: bytes) -> bytes:
-    return data
 
 
 # ---------------------------------------------------------------- get
