@@ -7,6 +7,7 @@ layer-ascending, so any contiguous layer range of one kind is one contiguous byt
 from __future__ import annotations
 
 import bisect
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from cachesvc.errors import InvalidArgument
@@ -88,6 +89,20 @@ class EntryMeta:
             else:
                 runs.append([slab])
         return runs
+
+
+def split_run(run: list[Slab], max_bytes: int) -> Iterator[list[Slab]]:
+    """Split a run of slabs into pieces of about ``max_bytes`` (at least one slab each)."""
+    piece: list[Slab] = []
+    size = 0
+    for slab in run:
+        if piece and size + slab.size_bytes > max_bytes:
+            yield piece
+            piece, size = [], 0
+        piece.append(slab)
+        size += slab.size_bytes
+    if piece:
+        yield piece
 
 
 def plan_entry(index: int, tenant: str, family_id: FamilyId, family: FamilySpec, producer: str,

@@ -27,7 +27,7 @@ import xxhash
 
 from cachesvc.arena import Arena
 from cachesvc.disk import DiskTier
-from cachesvc.entries import EntryMeta, plan_entry
+from cachesvc.entries import EntryMeta, plan_entry, split_run
 from cachesvc.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from cachesvc.keys import (DEFAULT_TENANT, ENTRY_ID_BYTES, EntryId, FamilyId, FamilySpec, Kind,
                            check_chunk_hashes)
@@ -38,6 +38,7 @@ from cachesvc.records import (DiskMode, EntryInput, LookupResult, ProducerHit, R
 log = logging.getLogger(__name__)
 
 MAX_LEASE_TTL_S = 3600
+_MEMORY, _DISK = Tier.MEMORY, Tier.DISK   # module globals: _Record.tier is on the lookup path
 MAX_TENANT_CHARS = 128
 
 
@@ -58,7 +59,16 @@ class _Record:
 
     @property
     def tier(self) -> Tier:
-        return Tier.MEMORY if self.mem_offset is not None else Tier.DISK
+        return _MEMORY if self.mem_offset is not None else _DISK
+
+
+@dataclass(slots=True)
+class _ReadTally:
+    """What one read delivered; added to the counters once, when the read ends (taking
+    the store lock once per run would put it on the data plane's hot path)."""
+
+    slabs: int = 0
+    size_bytes: int = 0
 
 
 @dataclass(slots=True)
@@ -515,8 +525,7 @@ class CacheStore:
                                              f"{model.family_id}, not {family_id}: its cache "
                                              "cannot be shared")
             runs = self._longest_runs_locked(tenant, family_id, chunk_hashes, set(producers))
-            hits = [ProducerHit(p, p == consumer, [r.meta for r in recs],
-                                [1 if r.mem_offset is not None else 2 for r in recs])
+            hits = [ProducerHit(p, p == consumer, [r.meta for r in recs], [r.tier for r in recs])
                     for p, recs in sorted(runs.items(), key=lambda kv: -len(kv[1]))]
             lease_id = ""
             if lease_ttl_s and hits:
@@ -580,11 +589,12 @@ class CacheStore:
                     r.readers += 1
                     if r.mem_offset is not None:
                         self._mem_lru.move_to_end(r.meta.entry_id)
-        return ReadHandle(self._read_runs(recs, kinds, layer_start, end, layer_major),
-                          lambda: self._end_read(recs))
+        tally = _ReadTally()
+        return ReadHandle(self._read_runs(recs, kinds, layer_start, end, layer_major, tally),
+                          lambda: self._end_read(recs, tally))
 
     def _read_runs(self, recs: list[_Record | None], kinds: Sequence[Kind], start: int,
-                   end: int, layer_major: bool) -> Iterator[ReadRun]:
+                   end: int, layer_major: bool, tally: _ReadTally) -> Iterator[ReadRun]:
         if layer_major:
             order = ((index, rec, kind, layer, layer + 1) for layer in range(start, end)
                      for index, rec in enumerate(recs) for kind in kinds)
@@ -594,11 +604,17 @@ class CacheStore:
         for index, rec, kind, a, b in order:
             if rec is None:
                 yield ReadRun(index, kind, a, b - a, missing_reason="entry not found")
-            else:
-                yield from self._entry_runs(index, rec, kind, a, b)
+                continue
+            for run in self._entry_runs(index, rec, kind, a, b):
+                if not run.missing_reason:
+                    tally.slabs += run.num_layers
+                    tally.size_bytes += len(run.data)
+                yield run
 
-    def _end_read(self, recs: list[_Record | None]) -> None:
+    def _end_read(self, recs: list[_Record | None], tally: _ReadTally) -> None:
         with self._lock:
+            self.counters["slabs_read"] += tally.slabs
+            self.counters["bytes_read"] += tally.size_bytes
             for rec in recs:
                 if rec is not None:
                     rec.readers -= 1
@@ -611,7 +627,7 @@ class CacheStore:
             if run[0].layer > layer:
                 yield ReadRun(index, kind, layer, run[0].layer - layer,
                               missing_reason=f"{kind.name} not stored for these layers")
-            for piece in _split_run(run, self.config.max_run_bytes):
+            for piece in split_run(run, self.config.max_run_bytes):
                 out = self._run_bytes(index, rec, kind, piece)
                 yield out
                 if out.missing_reason:
@@ -642,9 +658,6 @@ class CacheStore:
                     return ReadRun(index, kind, first.layer, len(run),
                                    missing_reason="checksum mismatch on disk; entry dropped")
                 pos += slab.size_bytes
-        with self._lock:
-            self.counters["slabs_read"] += len(run)
-            self.counters["bytes_read"] += size
         return ReadRun(index, kind, first.layer, len(run), checksums, data, "", arena_offset)
 
     def _quarantine(self, rec: _Record) -> None:
@@ -780,20 +793,6 @@ def _check_ttl(ttl_s: int, allow_zero: bool) -> None:
     low = 0 if allow_zero else 1
     if not low <= ttl_s <= MAX_LEASE_TTL_S:
         raise InvalidArgument(f"lease ttl must be in {low}..{MAX_LEASE_TTL_S} s, got {ttl_s}")
-
-
-def _split_run(run: list, max_bytes: int) -> Iterator[list]:
-    """Split a run of slabs into pieces of about ``max_bytes`` (at least one slab each)."""
-    piece: list = []
-    size = 0
-    for slab in run:
-        if piece and size + slab.size_bytes > max_bytes:
-            yield piece
-            piece, size = [], 0
-        piece.append(slab)
-        size += slab.size_bytes
-    if piece:
-        yield piece
 
 
 __all__ = ["CacheStore", "StoreConfig", "DiskMode", "EntryInput", "Tier", "Reservation",
