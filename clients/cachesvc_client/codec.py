@@ -305,6 +305,19 @@ class SlabAssembler:
         dest, t0, t = self._bytes[kind], self.offsets[i], self.tokens[i]
         return [memoryview(dest[a - self.start + j, t0:t0 + t]).cast("B") for j in range(n)]
 
+    def fit(self, run: pb.SlabRun, size: int) -> list[memoryview] | None:
+        """The regions for ``run`` if its ``size`` payload bytes fit them; otherwise the
+        run is recorded as a miss and None returned (a run that cannot be placed is
+        never data)."""
+        try:
+            regions = self.regions(run)
+        except ValueError:
+            regions = []
+        if not regions or sum(len(r) for r in regions) != size:
+            self.miss(run, "run does not fit the request")
+            return None
+        return regions
+
     def accept(self, run: pb.SlabRun, regions: Sequence[memoryview]) -> None:
         """The payload of ``run`` has landed in ``regions``: verify and account it."""
         kind, i, a = Kind(run.kind), run.entry_index, run.layer_start
@@ -329,9 +342,8 @@ class SlabAssembler:
         if run.missing:
             self.miss(run)
             return
-        regions = self.regions(run)
-        if len(data) != sum(len(r) for r in regions):
-            self.miss(run, "malformed run")
+        regions = self.fit(run, len(data))
+        if regions is None:
             return
         pos = 0
         for region in regions:

@@ -130,8 +130,7 @@ class SocketTransport:
             if frame.type == FrameType.END:
                 return
             if frame.type == FrameType.ERROR:
-                status, _, message = frame.header.decode(errors="replace").partition(":")
-                raise error_for_status(status, message)
+                raise _frame_error(frame)
             if frame.type != FrameType.RUNS:
                 raise ConnectionError(f"unexpected {frame.type.name} frame")
             inline_left = frame.payload_bytes
@@ -149,13 +148,9 @@ class SocketTransport:
             yield
 
     def _recv_run(self, sock: socket.socket, run: pb.SlabRun, size: int, asm: SlabAssembler) -> None:
-        try:
-            regions = asm.regions(run)
-        except ValueError:
-            regions = []
-        if not regions or sum(len(r) for r in regions) != size:
-            discard(sock, size)   # keep the stream in step, count it as a miss
-            asm.miss(run, "run does not fit the request")
+        regions = asm.fit(run, size)
+        if regions is None:
+            discard(sock, size)   # keep the stream in step
             return
         for region in regions:
             recv_into_exact(sock, region)
@@ -197,12 +192,11 @@ class ShmTransport(SocketTransport):
 
     def _copy_from_arena(self, run: pb.SlabRun, offset: int, size: int, asm: SlabAssembler) -> None:
         assert self._arena is not None
-        try:
-            regions = asm.regions(run)
-        except ValueError:
-            regions = []
-        if not regions or sum(len(r) for r in regions) != size or offset + size > len(self._arena):
-            asm.miss(run, "run does not fit the request")
+        regions = asm.fit(run, size)
+        if regions is None:
+            return
+        if offset + size > len(self._arena):
+            asm.miss(run, "arena range out of bounds")
             return
         src = memoryview(self._arena)
         for region in regions:
@@ -250,12 +244,15 @@ def choose_transport(name: str, fetch: pb.FetchDescriptor, target: str,
                             f"(offers: {', '.join(sorted(offered)) or 'grpc only'})")
 
 
+def _frame_error(frame: Frame) -> CacheServiceError:
+    """The typed error an ERROR frame carries ("STATUS:message")."""
+    status, _, message = frame.header.decode(errors="replace").partition(":")
+    return error_for_status(status, message)
+
+
 def _answer_error(frame: Frame) -> list[CacheServiceError]:
     """[] for END, [the typed error] for an ERROR frame."""
-    if frame.type != FrameType.ERROR:
-        return []
-    status, _, message = frame.header.decode(errors="replace").partition(":")
-    return [error_for_status(status, message)]
+    return [_frame_error(frame)] if frame.type == FrameType.ERROR else []
 
 
 def _still_open(sock: socket.socket) -> bool:
