@@ -7,7 +7,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from cachesvc.keys import DEFAULT_TENANT
-from cachesvc_client.codec import EntryData, byte_view
+from cachesvc_client.codec import EntryData
 
 # Safe to repeat: reading, and writes whose repetition changes nothing.
 IDEMPOTENT_METHODS = ("RegisterModel", "GetModel", "ListModels", "Lookup", "GetSlabs", "Delete",
@@ -64,7 +64,7 @@ def batches(entries: Sequence[EntryData], max_bytes: int) -> Iterator[list[Entry
     batch: list[EntryData] = []
     size = 0
     for entry in entries:
-        entry_bytes = sum(len(byte_view(a)) for a in entry.slabs.values())
+        entry_bytes = sum(a.nbytes for a in entry.slabs.values())   # numpy and torch alike
         if batch and size + entry_bytes > max_bytes:
             yield batch
             batch, size = [], 0
