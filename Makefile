@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-EXTRAS ?= dev,bench,torch
+EXTRAS ?= dev,bench,torch,ucx
 JSON   ?= bench-results
 
 .PHONY: demo test lint venv proto lmcache-venv bench-lookup bench-dataplane bench clean

@@ -2,14 +2,17 @@
 the ceiling of its own transport measured in the same run.
 
 Paths: ``grpc`` (portable), ``tcp`` (socket data plane), ``shm`` (same host: copy out of
-the node's shared memory tier; puts through its Unix socket). Sizes: 4, 64 and 256 MiB
+the node's shared memory tier; puts through its Unix socket), ``ucx`` (ucxx tagged
+messages; on one host UCX itself picks its shared-memory transports). Sizes: 4, 64 and 256 MiB
 (entries of one 4 MiB E slab), and the realistic request, 2048 tokens × 30 layers of K
 and V in bf16 (SmolLM2-135M shape, 47 MB), fetched whole and layer by layer.
 
 Ceilings: ``grpc`` and ``tcp`` against a raw loopback TCP stream between two processes;
 ``shm`` GET against memcpy of the same bytes in the reader's piece size (one slab), and
-``shm`` PUT against a raw Unix-socket stream. UCX and LMCache need their own installs,
-when absent the JSON says "not run" rather than inventing figures.
+``shm`` PUT against a raw Unix-socket stream; ``ucx`` against raw ucxx tagged messages
+of one slab each between two processes, with the node's UCX settings. UCX (the ``ucx``
+extra) and LMCache need their own installs; when absent the JSON says "not run" rather
+than inventing figures.
 LMCache runs in its own virtualenv (``make lmcache-venv``) through bench/lmcache_worker.py.
 
 All destination buffers are preallocated and reused, as a serving engine's would be.
@@ -28,10 +31,11 @@ import ml_dtypes
 import numpy as np
 from tqdm import tqdm
 
+from cachesvc.dataplane import ucxlib
 from cachesvc.keys import DType, FamilySpec, Kind
-from cachesvc_bench.ceilings import memcpy_gbps, socket_gbps
+from cachesvc_bench.ceilings import memcpy_gbps, socket_gbps, ucx_gbps, ucx_version
 from cachesvc_bench.common import bench_server, machine, markdown_table, write_json
-from cachesvc_client import CacheClient, EntryData
+from cachesvc_client import CacheClient, ClientOptions, EntryData
 
 # One 4 MiB E slab per entry: 256 tokens × 8192 × bf16.
 WIDE = FamilySpec("LlamaForCausalLM", 1, 1, 1, 8192, 10000.0, "", "bench-dataplane", DType.BFLOAT16)
@@ -51,6 +55,26 @@ CASES = [Case("4MiB", WIDE, 1, (Kind.E,)), Case("64MiB", WIDE, 16, (Kind.E,)),
          Case("256MiB", WIDE, 64, (Kind.E,)),
          Case("smollm2-2048tok-kv", SMOL, 8, (Kind.K, Kind.V)),
          Case("smollm2-2048tok-kv-layerwise", SMOL, 8, (Kind.K, Kind.V), layer_wise=True)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """A server and client configuration; paths that share one share a server."""
+
+    server_args: tuple[str, ...] = ()
+    options: ClientOptions = ClientOptions()
+
+
+@dataclasses.dataclass(frozen=True)
+class Route:
+    """How a benchmark path is reached: the client transport and the setup."""
+
+    transport: str
+    setup: Setup = Setup()
+
+
+# UCX restricted to TCP: the network path it takes between hosts without RDMA.
+PATHS = {"ucx-tcp": Route("ucx", Setup(("--ucx-tls", "tcp,self"), ClientOptions(ucx_tls="tcp,self")))}
 
 
 def _entries(family: FamilySpec, hashes, kinds, rng) -> list[EntryData]:
@@ -76,6 +100,7 @@ def run_case(client: CacheClient, case: Case, path: str, repeats: int, rng, ceil
     entries = _entries(case.family, client.hash_tokens(
         list(range(base, base + case.num_chunks * 256)), fid), case.kinds, rng)
     size = sum(a.nbytes for e in entries for a in e.slabs.values())
+    transport = PATHS.get(path, Route(path)).transport
     rows = []
     if not case.layer_wise:
         round_ = [0]
@@ -83,10 +108,11 @@ def run_case(client: CacheClient, case: Case, path: str, repeats: int, rng, ceil
         def put() -> None:
             round_[0] += 1
             fresh = [dataclasses.replace(e, position_offset=round_[0]) for e in entries]
-            client.put(fid, producer, fresh, transport=path)
+            client.put(fid, producer, fresh, transport=transport)
         t = _best(put, repeats)
-        rows.append(_row(path, "put", case, size, t, ceilings["put"][path](size)))
-    client.put(fid, producer, entries, transport=path)
+        piece = case.family.slab_bytes(case.kinds[0], 256)
+        rows.append(_row(path, "put", case, size, t, ceilings["put"][path](size, piece)))
+    client.put(fid, producer, entries, transport=transport)
     hit = client.lookup(fid, [e.chunk_hash for e in entries]).best()
     out = {k: np.empty((case.family.num_layers, case.num_chunks * 256,
                         *case.family.slab_shape(k, 1)[1:]), dtype=ml_dtypes.bfloat16)
@@ -94,12 +120,12 @@ def run_case(client: CacheClient, case: Case, path: str, repeats: int, rng, ceil
 
     def get() -> None:
         if case.layer_wise:
-            stream = client.stream(fid, hit, case.kinds, out=out, transport=path)
+            stream = client.stream(fid, hit, case.kinds, out=out, transport=transport)
             for _layer in stream:
                 pass
             got = stream.result()
         else:
-            got = client.get(fid, hit, case.kinds, out=out, transport=path)
+            got = client.get(fid, hit, case.kinds, out=out, transport=transport)
         assert got.complete, got.missing[:2]
     t = _best(get, repeats)
     piece = case.family.slab_bytes(case.kinds[0], 256)
@@ -126,8 +152,15 @@ def _ceiling_table() -> tuple[dict, dict]:
     tcp = lambda size, piece=None: memo(("tcp", size), lambda: socket_gbps(size))  # noqa: E731
     unix = lambda size, piece=None: memo(("unix", size), lambda: socket_gbps(size, unix=True))  # noqa: E731
     copy = lambda size, piece=None: memo(("memcpy", size, piece), lambda: memcpy_gbps(size, piece))  # noqa: E731
-    return {"get": {"grpc": tcp, "tcp": tcp, "shm": copy},
-            "put": {"grpc": tcp, "tcp": tcp, "shm": unix}}, cache
+    # UCX GET sends from the node's memfd arena, a PUT from the client's numpy buffers:
+    # on one host the kind of memory decides the speed (ceilings.ucx_gbps).
+    ucx_get = lambda size, piece: memo(("ucx-from-shared", size, piece), lambda: ucx_gbps(size, piece))  # noqa: E731
+    ucx_put = lambda size, piece: memo(("ucx-from-anon", size, piece),  # noqa: E731
+                                       lambda: ucx_gbps(size, piece, shared=False))
+    ucx_tcp = lambda size, piece: memo(("ucx-tcp", size, piece),  # noqa: E731
+                                       lambda: ucx_gbps(size, piece, tls="tcp,self"))
+    return {"get": {"grpc": tcp, "tcp": tcp, "shm": copy, "ucx": ucx_get, "ucx-tcp": ucx_tcp},
+            "put": {"grpc": tcp, "tcp": tcp, "shm": unix, "ucx": ucx_put, "ucx-tcp": ucx_tcp}}, cache
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -136,11 +169,20 @@ def run(args: argparse.Namespace) -> dict:
     rows: list[dict] = []
     # Prefaulted, as a production node runs: otherwise every put lands in never-touched
     # shared memory (the arena never fills here) and measures page faults, not transport.
-    with bench_server("--memory-bytes", "3GiB", "--disk-mode", "off", "--memory-prefault", "true") as srv, \
-            CacheClient(srv.address) as client:
-        todo = [(case, path) for case in CASES for path in args.paths.split(",")]
-        for case, path in tqdm(todo, desc="dataplane", unit="case"):
-            rows.extend(run_case(client, case, path, args.repeats, rng, ceilings))
+    paths = args.paths or "grpc,tcp,shm" + (",ucx,ucx-tcp" if ucxlib.available() else "")
+    todo = [(case, path) for path in paths.split(",") for case in CASES]
+    progress = tqdm(total=len(todo), desc="dataplane", unit="case")
+    for setup in dict.fromkeys(PATHS.get(p, Route(p)).setup for p in paths.split(",")):
+        # Prefaulted, as a production node runs: otherwise every put lands in never-touched
+        # shared memory (the arena never fills here) and measures page faults, not transport.
+        with bench_server("--memory-bytes", "3GiB", "--disk-mode", "off", "--memory-prefault",
+                          "true", *setup.server_args) as srv, \
+                CacheClient(srv.address, options=setup.options) as client:
+            for case, path in todo:
+                if PATHS.get(path, Route(path)).setup == setup:
+                    rows.extend(run_case(client, case, path, args.repeats, rng, ceilings))
+                    progress.update()
+    progress.close()
     whole = {r["path"]: r["gbps"] for r in rows if r["request"] == "smollm2-2048tok-kv"}
     layer = {r["path"]: r["gbps"] for r in rows if r["request"] == "smollm2-2048tok-kv-layerwise"}
     return {
@@ -148,8 +190,19 @@ def run(args: argparse.Namespace) -> dict:
         "ceilings": {"/".join(map(str, k)): round(v, 3) for k, v in measured.items()},
         "layerwise_vs_whole": {p: round(layer[p] / whole[p], 3) for p in whole if p in layer},
         "lmcache": lmcache_rows(args, rows),
-        "ucx": {"status": "not run: ucxx is not installed by this version"},
+        "ucx": ucx_notes(paths),
     }
+
+
+def ucx_notes(paths: str) -> dict:
+    if "ucx" not in paths.split(","):
+        return {"status": "not run" + ("" if ucxlib.available() else
+                                       ": ucxx is not installed (pip install 'cachesvc[ucx]')")}
+    shmem_thp = Path("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
+    return {"status": f"ok: ucxx {ucx_version()}",
+            "shmem_thp": shmem_thp.read_text().strip() if shmem_thp.exists() else "unknown",
+            # The same raw transfer from huge-page-backed anonymous memory, for comparison.
+            "ceiling_from_anon_64MiB_gbps": round(ucx_gbps(64 << 20, 4 << 20, shared=False), 3)}
 
 
 WORKER = Path(__file__).with_name("lmcache_worker.py")

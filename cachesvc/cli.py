@@ -89,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--entries", type=int, default=100_000, help="lookup: index size")
     bench.add_argument("--batch", type=int, default=1024, help="lookup: hashes per batched lookup")
     bench.add_argument("--rounds", type=int, default=300, help="lookup: timed batched lookups")
-    bench.add_argument("--paths", default="grpc,tcp,shm", help="dataplane: paths to measure")
+    bench.add_argument("--paths", default="", help="dataplane: paths to measure (default: "
+                       "grpc,tcp,shm, and ucx when ucxx is installed)")
     bench.add_argument("--repeats", type=int, default=3, help="dataplane: timed rounds (best kept)")
     bench.add_argument("--lmcache-python", default=".lmcache/venv/bin/python",
                        help="dataplane: python of LMCache's virtualenv (make lmcache-venv)")

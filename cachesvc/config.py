@@ -76,6 +76,12 @@ class ServerConfig:
     shm: bool = _opt(True, parse=parse_bool,
                      help="offer same-host clients the memory tier as shared memory (any local "
                           "user who can reach the node can then read every cached slab)")
+    ucx: str = _opt("auto", choices=("auto", "on", "off"),
+                    help="UCX data plane (needs the ucx extra): auto = when ucxx imports")
+    ucx_tls: str = _opt("", help="UCX transports (UCX_TLS), e.g. rc,sm,self on an InfiniBand "
+                                 "host; empty = UCX's own choice")
+    ucx_net_devices: str = _opt("", help="UCX network devices (UCX_NET_DEVICES); empty = lo "
+                                         "when host is a loopback address, else all")
     node_id: str = _opt("", help="name of this node; default host:port")
     memory_bytes: int = _opt(factory=default_memory_bytes, parse=parse_size,
                              help="memory tier budget (default: 1/4 of available RAM)")

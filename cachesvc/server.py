@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import ipaddress
 import logging
 import signal
 import socket
@@ -11,6 +12,7 @@ import threading
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from google.protobuf import message_factory
@@ -18,12 +20,16 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from cachesvc.config import ServerConfig
+from cachesvc.dataplane import ucxlib
 from cachesvc.dataplane.protocol import host_id
 from cachesvc.dataplane.server import DataPlaneServer
 from cachesvc.framing import passthrough
 from cachesvc.servicer import CacheServicer
 from cachesvc.store import CacheStore, DiskMode, StoreConfig
 from cachesvc.v1 import cachesvc_pb2
+
+if TYPE_CHECKING:   # ucxx is optional: imported only when UCX is on
+    from cachesvc.dataplane.ucx import UcxNode
 
 log = logging.getLogger(__name__)
 _M_MMAP_THRESHOLD = -3   # mallopt parameters from <malloc.h>
@@ -76,6 +82,7 @@ class RunningServer:
     server: grpc.Server
     store: CacheStore
     dataplane: DataPlaneServer
+    ucx: UcxNode | None
     health: health.HealthServicer
     port: int
 
@@ -85,6 +92,8 @@ class RunningServer:
         self.health.enter_graceful_shutdown()
         stopped = self.server.stop(grace_s)
         self.dataplane.stop(grace_s)
+        if self.ucx is not None:
+            self.ucx.stop(grace_s)
         stopped.wait()
         self.store.close()
         log.info("stopped")
@@ -106,6 +115,19 @@ def _tame_malloc() -> None:
         pass
 
 
+def start_ucx(config: ServerConfig, store: CacheStore) -> UcxNode | None:
+    """The node's UCX worker, or None when UCX is off or (with "auto") not installed."""
+    if config.ucx == "off" or (config.ucx == "auto" and not ucxlib.available()):
+        return None
+    if not ucxlib.available():
+        raise RuntimeError("--ucx on needs ucxx: pip install 'cachesvc[ucx]'")
+    from cachesvc.dataplane.ucx import UcxNode
+    devices = config.ucx_net_devices
+    if not devices and ipaddress.ip_address(socket.gethostbyname(config.host)).is_loopback:
+        devices = "lo"   # nothing of a test or laptop node is reachable from outside
+    return UcxNode(store, config.data_io_timeout_s, config.ucx_tls, devices)
+
+
 def start_server(config: ServerConfig) -> RunningServer:
     _tame_malloc()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.workers,
@@ -118,8 +140,10 @@ def start_server(config: ServerConfig) -> RunningServer:
     store = CacheStore(store_config(config), node_id=node_id)
     dataplane = DataPlaneServer(store, config.host, config.data_port, config.shm,
                                 config.shm_release_timeout_s, config.data_io_timeout_s)
+    ucx = start_ucx(config, store)
+    transports = dataplane.transports() | (ucx.transports() if ucx is not None else {})
     fetch = cachesvc_pb2.FetchDescriptor(node_id=node_id, grpc_address=f"{config.host}:{port}",
-                                         transports=dataplane.transports(), host_id=host_id())
+                                         transports=transports, host_id=host_id())
     add_cache_service(server, CacheServicer(store, fetch))
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -127,6 +151,8 @@ def start_server(config: ServerConfig) -> RunningServer:
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     store.start()
     dataplane.start()
+    if ucx is not None:
+        ucx.start()
     server.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -138,7 +164,7 @@ def start_server(config: ServerConfig) -> RunningServer:
         tmp = Path(config.port_file + ".tmp")
         tmp.write_text(str(port))
         tmp.replace(config.port_file)
-    return RunningServer(server, store, dataplane, health_servicer, port)
+    return RunningServer(server, store, dataplane, ucx, health_servicer, port)
 
 
 def serve(config: ServerConfig) -> int:

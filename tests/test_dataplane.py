@@ -22,7 +22,7 @@ from cachesvc_client import (CacheClient, CacheServiceError, ClientOptions, Inva
                              Kind, UnavailableError)
 from conftest import TINY, make_entry, same_bytes
 
-TRANSPORTS = ["grpc", "tcp", "shm"]
+TRANSPORTS = ["grpc", "tcp", "shm", "ucx"]
 
 
 def _fill(client: CacheClient, rng, n: int, family=TINY):
@@ -335,7 +335,7 @@ def test_auto_falls_back_to_tcp_when_shm_is_unreachable(client, rng):
     fid, hit, entries = _fill(client, rng, 1)
     fetch = client._call(client._stub.Stats, pb.StatsRequest()).fetch
     fetch.transports["shm"] = b"\0cachesvc-nobody-listens-here"
-    chosen = choose_transport("auto", fetch, client.target, 5)
+    chosen = choose_transport("auto", fetch, client.target, ClientOptions(io_timeout_s=5))
     assert chosen is not None and chosen.name == "tcp"
     with pytest.raises(UnavailableError, match="unreachable"):
-        choose_transport("shm", fetch, client.target, 5)
+        choose_transport("shm", fetch, client.target, ClientOptions(io_timeout_s=5))

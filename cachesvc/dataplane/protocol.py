@@ -23,6 +23,18 @@ Request::
                 dropped; a broken connection aborts the reservation). Reserve and Commit
                 stay on the control plane.
 
+Over UCX (cachesvc.dataplane.ucx) the same requests and frames travel as tagged
+messages instead of a byte stream. A request goes to the node's worker on REQUEST_TAG::
+
+    request (as above) | u64 reply_tag | u16 address_len | client worker address
+
+and everything the node answers goes to ``reply_tag``, in order: each frame as one
+message, then each inline run's payload as one message *per layer* (so it lands straight
+in the caller's per-layer buffer). A UCX WRITE body adds the sizes of the payload's
+parts, which follow on ``reply_tag | 1``, one message each::
+
+    WRITE body | u32 parts | u64 size * parts   (then the reservation id, as above)
+
 Response frame::
 
     u8 type | 3 pad | u32 header_len | u64 payload_len | i64 arena_offset | header | payload?
@@ -65,6 +77,59 @@ WRITE_HEAD = struct.Struct("<IQQ")
 def pack_write(reservation_id: str, entry_index: int, offset: int, size: int) -> bytes:
     return pack_request(Op.WRITE, WRITE_HEAD.pack(entry_index, offset, size) +
                         reservation_id.encode())
+
+
+REQUEST_TAG = 0xC5C5_0000_0000_0001
+"""UCX tag of requests to a node; clients use tags below 2**63 for their answers."""
+UCX_ROUTE = struct.Struct("<QH")
+
+
+def pack_ucx_request(op: Op, reply_tag: int, address: bytes, body: bytes = b"") -> bytes:
+    return pack_request(op, body) + UCX_ROUTE.pack(reply_tag, len(address)) + address
+
+
+def unpack_ucx_request(message: bytes) -> tuple[Op, bytes, int, bytes]:
+    """(op, body, reply_tag, client worker address) of a UCX request message."""
+    if len(message) < REQUEST.size:
+        raise ProtocolError("UCX request shorter than its header")
+    magic, version, op, _, body_len = REQUEST.unpack_from(message)
+    if magic != MAGIC or version != VERSION:
+        raise ProtocolError(f"not a cachesvc data-plane request (magic {magic!r}, v{version})")
+    end = REQUEST.size + body_len
+    if len(message) < end + UCX_ROUTE.size:
+        raise ProtocolError("UCX request truncated")
+    reply_tag, address_len = UCX_ROUTE.unpack_from(message, end)
+    address = message[end + UCX_ROUTE.size:end + UCX_ROUTE.size + address_len]
+    if len(address) != address_len or not address_len:
+        raise ProtocolError("UCX request without a full reply address")
+    try:
+        return Op(op), message[REQUEST.size:end], reply_tag, address
+    except ValueError:
+        raise ProtocolError(f"unknown op {op}") from None
+
+
+PARTS = struct.Struct("<I")
+
+
+def pack_ucx_write(reservation_id: str, entry_index: int, offset: int,
+                   parts: list[int]) -> bytes:
+    return (WRITE_HEAD.pack(entry_index, offset, sum(parts)) + PARTS.pack(len(parts)) +
+            struct.pack(f"<{len(parts)}Q", *parts) + reservation_id.encode())
+
+
+def unpack_ucx_write(body: bytes) -> tuple[str, int, int, int, list[int]]:
+    """(reservation id, entry index, offset, size, part sizes) of a UCX WRITE body."""
+    try:
+        entry_index, offset, size = WRITE_HEAD.unpack_from(body)
+        (count,) = PARTS.unpack_from(body, WRITE_HEAD.size)
+        start = WRITE_HEAD.size + PARTS.size
+        parts = list(struct.unpack_from(f"<{count}Q", body, start))
+    except struct.error as exc:
+        raise ProtocolError(f"malformed UCX WRITE: {exc}") from None
+    if sum(parts) != size:
+        raise ProtocolError(f"UCX WRITE parts add up to {sum(parts)}, not {size}")
+    reservation_id = body[start + 8 * count:].decode(errors="replace")
+    return reservation_id, entry_index, offset, size, parts
 
 
 class FrameType(enum.IntEnum):
@@ -185,6 +250,18 @@ def read_request(sock: socket.socket) -> tuple[Op, bytes] | None:
     except ValueError:
         raise ProtocolError(f"unknown op {op}") from None
     return op, recv_exact(sock, body_len) if body_len else b""
+
+
+def unpack_frame(message: bytes) -> Frame:
+    """A frame that arrived as one message (UCX)."""
+    if len(message) < FRAME.size:
+        raise ProtocolError("frame shorter than its header")
+    kind, header_len, payload_bytes, arena_offset = FRAME.unpack_from(message)
+    try:
+        kind = FrameType(kind)
+    except ValueError:
+        raise ProtocolError(f"unknown frame type {kind}") from None
+    return Frame(kind, message[FRAME.size:FRAME.size + header_len], payload_bytes, arena_offset)
 
 
 def read_frame(sock: socket.socket) -> Frame:

@@ -18,15 +18,18 @@ import secrets
 import socket
 import threading
 import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 from google.protobuf.message import DecodeError
 
 from cachesvc.dataplane.protocol import (WRITE_HEAD, FrameType, Op, ProtocolError, RunRef, discard,
                                          pack_frame, pack_runs, read_request, recv_into_exact,
                                          send_parts)
-from cachesvc.errors import CacheError
+from cachesvc.errors import CacheError, InvalidArgument
 from cachesvc.framing import slab_run_header
 from cachesvc.keys import Kind
+from cachesvc.records import ReadRun
 from cachesvc.store import CacheStore, ReadHandle
 from cachesvc.v1 import cachesvc_pb2 as pb
 
@@ -137,7 +140,7 @@ class DataPlaneServer:
 
     def _send_map(self, conn: socket.socket, local: bool) -> None:
         if not local:
-            conn.sendall(_error("FAILED_PRECONDITION", "MAP is only offered on the Unix socket"))
+            conn.sendall(error_frame("FAILED_PRECONDITION", "MAP is only offered on the Unix socket"))
             return
         arena = self.store.arena
         frame = pack_frame(FrameType.MAP, arena.capacity_bytes.to_bytes(8, "little"))
@@ -145,18 +148,12 @@ class DataPlaneServer:
 
     def _get(self, conn: socket.socket, body: bytes, shm: bool) -> None:
         try:
-            req = pb.GetSlabsRequest.FromString(body)
-            kinds = [Kind(k) for k in req.kinds]
-            runs = self.store.read(req.tenant, req.family_id, req.entry_ids, kinds,
-                                   req.layer_start, req.layer_end, req.layer_major)
-        except (DecodeError, ValueError) as exc:
-            conn.sendall(_error("INVALID_ARGUMENT", f"bad GetSlabsRequest: {exc}"))
-            return
+            runs, layer_major = open_read(self.store, body)
         except CacheError as exc:
-            conn.sendall(_error(exc.status, str(exc)))
+            conn.sendall(error_frame(exc.status, str(exc)))
             return
         try:
-            self._send_runs(conn, runs, shm, req.layer_major)
+            self._send_runs(conn, runs, shm, layer_major)
             if shm:
                 self._await_release(conn)
         finally:
@@ -173,7 +170,7 @@ class DataPlaneServer:
                                   lambda dest: recv_into_exact(conn, dest))
         except CacheError as exc:
             discard(conn, size)            # keep the stream in step
-            conn.sendall(_error(exc.status, str(exc)))
+            conn.sendall(error_frame(exc.status, str(exc)))
             return
         except (ConnectionError, OSError):
             try:                           # the writer died mid-payload: nothing may show
@@ -184,30 +181,10 @@ class DataPlaneServer:
         conn.sendall(pack_frame(FrameType.END))
 
     def _send_runs(self, conn: socket.socket, runs: ReadHandle, shm: bool, layer_major: bool) -> None:
-        """Runs go out batched in RUNS frames: one per layer in layer-major order (so a
-        layer is never held back by the next), otherwise one per ~BATCH_BYTES."""
-        batch: list[tuple[RunRef, bytes | memoryview]] = []
-        batch_bytes, batch_layer = 0, -1
-        for run in runs:
-            if batch and (batch_bytes + len(run.data) > BATCH_BYTES or
-                          (layer_major and run.layer_start != batch_layer)):
-                self._send_batch(conn, batch)
-                batch, batch_bytes = [], 0
-            batch_layer = run.layer_start
-            header = slab_run_header(run).SerializeToString()
-            in_arena = shm and run.arena_offset >= 0 and not run.missing_reason
-            batch.append((RunRef(header, run.arena_offset if in_arena else -1, len(run.data)),
-                          b"" if in_arena else run.data))
-            batch_bytes += len(run.data)
-        if batch:
-            self._send_batch(conn, batch)
+        for batch in run_batches(runs, shm, layer_major):
+            send_parts(conn, [pack_frame(FrameType.RUNS, batch.header, batch.inline_bytes),
+                              *batch.inline])
         conn.sendall(pack_frame(FrameType.END))
-
-    @staticmethod
-    def _send_batch(conn: socket.socket, batch: list[tuple[RunRef, bytes | memoryview]]) -> None:
-        inline = [data for _ref, data in batch if len(data)]
-        header = pack_runs([ref for ref, _data in batch])
-        send_parts(conn, [pack_frame(FrameType.RUNS, header, sum(len(d) for d in inline)), *inline])
 
     def _await_release(self, conn: socket.socket) -> None:
         """Hold the entries until the client has copied them out of the arena."""
@@ -226,7 +203,60 @@ class DataPlaneServer:
             raise ProtocolError(f"expected RELEASE after a GET_SHM, got {request[0].name}")
 
 
-def _error(status: str, message: str) -> bytes:
+def open_read(store: CacheStore, body: bytes) -> tuple[ReadHandle, bool]:
+    """Start the read a serialized GetSlabsRequest asks for: (its runs, layer_major).
+    Raises CacheError (InvalidArgument for a body that is not a valid request)."""
+    try:
+        req = pb.GetSlabsRequest.FromString(body)
+        kinds = [Kind(k) for k in req.kinds]
+    except (DecodeError, ValueError) as exc:
+        raise InvalidArgument(f"bad GetSlabsRequest: {exc}") from None
+    return store.read(req.tenant, req.family_id, req.entry_ids, kinds, req.layer_start,
+                      req.layer_end, req.layer_major), req.layer_major
+
+
+@dataclass(frozen=True, slots=True)
+class RunBatch:
+    """One RUNS frame's worth of runs."""
+
+    header: bytes                         # packed run headers (protocol.pack_runs)
+    inline: list[bytes | memoryview]      # payloads that travel in the frame, in order
+    layers: list[int]                     # layers in each inline payload (equal slabs)
+
+    @property
+    def inline_bytes(self) -> int:
+        return sum(len(d) for d in self.inline)
+
+
+def run_batches(runs: Iterable[ReadRun], shm: bool, layer_major: bool) -> Iterator[RunBatch]:
+    """The runs of a read grouped into RUNS frames.
+
+    One frame per layer in layer-major order (a layer is never held back by the next),
+    otherwise one per ~BATCH_BYTES. With ``shm`` a run in the memory tier travels as
+    its arena offset instead of inline bytes.
+    """
+    refs: list[RunRef] = []
+    inline: list[bytes | memoryview] = []
+    layers: list[int] = []
+    batch_bytes, batch_layer = 0, -1
+    for run in runs:
+        if refs and (batch_bytes + len(run.data) > BATCH_BYTES or
+                     (layer_major and run.layer_start != batch_layer)):
+            yield RunBatch(pack_runs(refs), inline, layers)
+            refs, inline, layers, batch_bytes = [], [], [], 0
+        batch_layer = run.layer_start
+        in_arena = shm and run.arena_offset >= 0 and not run.missing_reason
+        refs.append(RunRef(slab_run_header(run).SerializeToString(),
+                           run.arena_offset if in_arena else -1, len(run.data)))
+        if len(run.data) and not in_arena:
+            inline.append(run.data)
+            layers.append(run.num_layers)
+        batch_bytes += len(run.data)
+    if refs:
+        yield RunBatch(pack_runs(refs), inline, layers)
+
+
+def error_frame(status: str, message: str) -> bytes:
     return pack_frame(FrameType.ERROR, f"{status}:{message}".encode())
 
 

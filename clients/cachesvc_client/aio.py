@@ -22,7 +22,7 @@ from cachesvc_client.codec import (EntryData, Hit, HitEntry, LookupResult, PutRe
                                    lookup_from_proto, plan_put, write_chunks)
 from cachesvc_client.errors import CacheServiceError, NotFoundError, from_rpc_error
 from cachesvc_client.options import ClientOptions, batches
-from cachesvc_client.transports import SocketTransport, choose_transport
+from cachesvc_client.transports import Transport, choose_transport
 
 __all__ = ["AsyncCacheClient"]
 
@@ -38,7 +38,7 @@ class AsyncCacheClient:
         self._get_slabs, self._write_slabs = bulk_methods(self._channel)
         self._families: dict[str, FamilySpec] = {}
         self._chunk_size: int | None = None
-        self._transports: dict[str, SocketTransport | None] = {}
+        self._transports: dict[str, Transport | None] = {}
 
     async def __aenter__(self) -> "AsyncCacheClient":
         return self
@@ -90,15 +90,14 @@ class AsyncCacheClient:
         return chunk_hashes(tokens, FamilyId(family_id), tenant=tenant or self.options.tenant,
                             chunk_size=self._chunk_size, extra_keys=extra_keys)
 
-    async def _transport(self, name: str | None) -> SocketTransport | None:
+    async def _transport(self, name: str | None) -> Transport | None:
         """As CacheClient._transport; socket transports run in a worker thread."""
         name = name or self.options.transport
         if name == "grpc":
             return None
         if name not in self._transports:
             fetch = (await self._call(self._stub.Stats, pb.StatsRequest())).fetch
-            self._transports[name] = choose_transport(name, fetch, self.target,
-                                                      self.options.io_timeout_s)
+            self._transports[name] = choose_transport(name, fetch, self.target, self.options)
         return self._transports[name]
 
     async def put(self, family_id: str, producer: str, entries: Sequence[EntryData],

@@ -18,7 +18,7 @@ from cachesvc_client.codec import (EntryData, Hit, HitEntry, LookupResult, PutRe
                                    lookup_from_proto, plan_put, write_chunks)
 from cachesvc_client.errors import CacheServiceError, NotFoundError, from_rpc_error
 from cachesvc_client.options import ClientOptions, batches
-from cachesvc_client.transports import SocketTransport, choose_transport
+from cachesvc_client.transports import Transport, choose_transport
 
 __all__ = ["CacheClient"]
 
@@ -40,7 +40,7 @@ class CacheClient:
         self._get_slabs, self._write_slabs = bulk_methods(self._channel)
         self._families: dict[str, FamilySpec] = {}
         self._chunk_size: int | None = None
-        self._transports: dict[str, SocketTransport | None] = {}
+        self._transports: dict[str, Transport | None] = {}
         self._transports_lock = threading.Lock()
 
     # -- lifecycle
@@ -191,16 +191,15 @@ class CacheClient:
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
 
-    def _transport(self, name: str) -> SocketTransport | None:
-        """The transport for ``name`` ("auto", "shm", "tcp", "grpc"); None means gRPC.
+    def _transport(self, name: str) -> Transport | None:
+        """The transport for ``name`` ("auto", "shm", "ucx", "tcp", "grpc"); None means gRPC.
         Resolved once per name from the node's endpoints, then reused (it pools)."""
         if name == "grpc":
             return None
         with self._transports_lock:
             if name not in self._transports:
                 fetch = self._call(self._stub.Stats, pb.StatsRequest()).fetch
-                self._transports[name] = choose_transport(name, fetch, self.target,
-                                                          self.options.io_timeout_s)
+                self._transports[name] = choose_transport(name, fetch, self.target, self.options)
             return self._transports[name]
 
     # -- housekeeping

@@ -139,7 +139,7 @@ class Slabs:
     valid_chunks: int
     missing: list[Missing] = field(default_factory=list)
     bytes_received: int = 0
-    transport: str = ""        # which path moved the bytes: "shm", "tcp" or "grpc"
+    transport: str = ""        # which path moved the bytes: "shm", "ucx", "tcp" or "grpc"
 
     @property
     def complete(self) -> bool:

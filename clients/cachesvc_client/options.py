@@ -42,10 +42,12 @@ class ClientOptions:
     data_timeout_s: float = 300.0        # WriteSlabs and GetSlabs streams
     max_message_bytes: int = 64 << 20    # must match the server's limit
     max_put_bytes: int = 256 << 20       # bytes per reservation (one atomic batch)
-    # How gets move bytes: "auto" (shm on the node's host, else tcp, else grpc), or one
-    # of "shm", "tcp", "grpc" (then an error if the node does not offer it).
+    # How bytes move: "auto" (shm on the node's host, else ucx with RDMA, else tcp, else
+    # grpc), or one of "shm", "ucx", "tcp", "grpc" (an error if the node lacks it).
     transport: str = "auto"
-    io_timeout_s: float = 30.0           # socket data plane: longest wait for any byte
+    io_timeout_s: float = 30.0           # data plane: longest wait for any progress
+    ucx_tls: str = ""                    # UCX transports (UCX_TLS); "" = UCX's own choice
+    ucx_net_devices: str = ""            # UCX network devices (UCX_NET_DEVICES); "" = all
     retry: RetryPolicy | None = RetryPolicy()
 
     def channel_options(self) -> list[tuple[str, object]]:

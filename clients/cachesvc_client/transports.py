@@ -18,13 +18,28 @@ import mmap
 import socket
 import threading
 from collections.abc import Iterator, Sequence
+from typing import Protocol
 
+from cachesvc.dataplane import ucxlib
 from cachesvc.dataplane.protocol import (FRAME, Frame, FrameType, Op, discard, host_id, pack_request,
                                          pack_write, read_frame, recv_exact, recv_into_exact,
                                          unpack_runs)
 from cachesvc.v1 import cachesvc_pb2 as pb
 from cachesvc_client.codec import PutPlan, SlabAssembler
 from cachesvc_client.errors import CacheServiceError, UnavailableError, error_for_status
+from cachesvc_client.options import ClientOptions
+
+
+class Transport(Protocol):
+    """A data-plane path to one node (sockets here, UCX in cachesvc_client.ucx)."""
+
+    name: str
+
+    def probe(self) -> None: ...
+    def close(self) -> None: ...
+    def fetch(self, request: pb.GetSlabsRequest, asm: SlabAssembler) -> Iterator[None]: ...
+    def write(self, reservation_id: str, plan: PutPlan,
+              targets: Sequence[pb.EntryWriteTarget]) -> None: ...
 
 WRITE_WINDOW = 16
 """WRITE requests in flight per connection before waiting for an answer."""
@@ -110,14 +125,14 @@ class SocketTransport:
             outstanding = 0
             for target in targets:
                 if outstanding >= WRITE_WINDOW:
-                    failures += _answer_error(read_frame(sock))
+                    failures += answer_error(read_frame(sock))
                     outstanding -= 1
                 sock.sendall(pack_write(reservation_id, target.entry_index, 0, target.size_bytes))
                 for view in plan.payloads[target.entry_index]:
                     sock.sendall(view)
                 outstanding += 1
             for _ in range(outstanding):
-                failures += _answer_error(read_frame(sock))
+                failures += answer_error(read_frame(sock))
         if failures:
             raise failures[0]
 
@@ -130,7 +145,7 @@ class SocketTransport:
             if frame.type == FrameType.END:
                 return
             if frame.type == FrameType.ERROR:
-                raise _frame_error(frame)
+                raise frame_error(frame)
             if frame.type != FrameType.RUNS:
                 raise ConnectionError(f"unexpected {frame.type.name} frame")
             inline_left = frame.payload_bytes
@@ -213,13 +228,16 @@ class ShmTransport(SocketTransport):
                 self._arena = None
 
 
-TRANSPORT_NAMES = ("auto", "shm", "tcp", "grpc")
+TRANSPORT_NAMES = ("auto", "shm", "ucx", "tcp", "grpc")
 
 
 def choose_transport(name: str, fetch: pb.FetchDescriptor, target: str,
-                     io_timeout_s: float) -> SocketTransport | None:
+                     options: ClientOptions) -> Transport | None:
     """The transport ``name`` resolves to for a node with endpoints ``fetch``; None is
-    gRPC. "auto": shm on the node's host, else tcp, else gRPC."""
+    gRPC. "auto": shm on the node's host; else UCX if the node's UCX has an RDMA device
+    (over plain TCP our socket path is the faster one: docs/dataplane.md); else tcp;
+    else UCX; else gRPC."""
+    io_timeout_s = options.io_timeout_s
     if name not in TRANSPORT_NAMES:
         raise ValueError(f"transport must be one of {', '.join(TRANSPORT_NAMES)}; got {name!r}")
     if name == "grpc":
@@ -236,6 +254,15 @@ def choose_transport(name: str, fetch: pb.FetchDescriptor, target: str,
                     raise
         elif name == "shm":
             raise CacheServiceError(f"{target} is on another host: shm is not possible")
+    ucx_usable = "ucx" in offered and ucxlib.available()
+    if name == "ucx" or (name == "auto" and ucx_usable and
+                         ("ucx.rdma" in offered or "tcp" not in offered)):
+        if not ucx_usable:
+            why = "it does not offer UCX" if "ucx" not in offered else \
+                "ucxx is not installed here (pip install 'cachesvc[ucx]')"
+            raise CacheServiceError(f"cannot use ucx with {target}: {why}")
+        from cachesvc_client.ucx import UcxTransport   # imports ucxx, only now
+        return UcxTransport(offered["ucx"], io_timeout_s, options.ucx_tls, options.ucx_net_devices)
     if name in ("auto", "tcp") and "tcp" in offered:
         return SocketTransport(offered["tcp"].decode(), io_timeout_s)
     if name == "auto":
@@ -244,15 +271,15 @@ def choose_transport(name: str, fetch: pb.FetchDescriptor, target: str,
                             f"(offers: {', '.join(sorted(offered)) or 'grpc only'})")
 
 
-def _frame_error(frame: Frame) -> CacheServiceError:
+def frame_error(frame: Frame) -> CacheServiceError:
     """The typed error an ERROR frame carries ("STATUS:message")."""
     status, _, message = frame.header.decode(errors="replace").partition(":")
     return error_for_status(status, message)
 
 
-def _answer_error(frame: Frame) -> list[CacheServiceError]:
+def answer_error(frame: Frame) -> list[CacheServiceError]:
     """[] for END, [the typed error] for an ERROR frame."""
-    return [_frame_error(frame)] if frame.type == FrameType.ERROR else []
+    return [frame_error(frame)] if frame.type == FrameType.ERROR else []
 
 
 def _still_open(sock: socket.socket) -> bool:
