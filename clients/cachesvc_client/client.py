@@ -100,10 +100,13 @@ class CacheClient:
         return self._chunk_size
 
     def hash_tokens(self, tokens: Sequence[int], family_id: str, *, tenant: str = "",
-                    extra_keys: Sequence[str | bytes] = ()) -> list[ChunkHash]:
-        """Chunk hashes of a prompt's full chunks, with this server's chunk size."""
+                    extra_keys: Sequence[str | bytes] = (),
+                    include_partial: bool = False) -> list[ChunkHash]:
+        """Chunk hashes of a prompt's full chunks (and, with ``include_partial``, of a
+        trailing partial chunk), with this server's chunk size."""
         return chunk_hashes(tokens, FamilyId(family_id), tenant=tenant or self.options.tenant,
-                            chunk_size=self.chunk_size(), extra_keys=extra_keys)
+                            chunk_size=self.chunk_size(), extra_keys=extra_keys,
+                            include_partial=include_partial)
 
     # -- put
 

@@ -1,0 +1,230 @@
+"""Consumer side: reuse cached chunks of the same model or of another model of the family.
+
+For a prompt of N tokens the consumer looks up its chunks, picks a producer and a plan,
+and assembles a cache for the first N-1 tokens; ``generate()`` then runs the last prompt
+token and decodes as usual, with the user's sampling settings.
+
+Assembly runs layer by layer while the plan's slabs stream in (loader.SlabLoader):
+
+- a reused layer takes the producer's K/V for the n cached tokens, then the consumer runs
+  its own layer on the uncached suffix tokens, which attend to that prefix;
+- a recompute group [a, b) starts from the producer's E at layer a for the cached tokens,
+  followed by the suffix's own hidden state, and runs the consumer's layers a..b-1 over
+  all of them; the group's K/V are the consumer's own, and the hidden state leaving the
+  group carries the suffix on.
+
+With the plan that recomputes every layer this is exactly the consumer's full prefill
+(E at layer 0 is the embedding output). A slab that is missing or fails its checksum
+makes the consumer use only the leading chunks that arrived whole, and recompute the
+rest; it never uses bytes that did not verify.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from cachesvc.keys import DType, Kind
+from cachesvc_client import CacheClient, Hit, LookupResult
+from cachesvc_connectors.hf.decoder import DecoderStack
+from cachesvc_connectors.hf.family import FamilyMismatchError, family_of, weights_digest
+from cachesvc_connectors.hf.loader import SlabLoader, plan_requests
+from cachesvc_connectors.plan import Plan
+
+
+@dataclass(frozen=True)
+class ConsumerOptions:
+    # Plans for producers other than this model, by producer model id; ``default_plan``
+    # for any other producer of the family. A producer with neither is not used.
+    plans: Mapping[str, Plan] = field(default_factory=dict)
+    default_plan: Plan | None = None
+    producers: Sequence[str] = ()     # consider only these producers (checked: same family)
+    dtype: DType = DType.BFLOAT16     # slab dtype of the family (as the producers stored)
+    transport: str | None = None      # data-plane path; None = the client's default
+    pipelined: bool = True            # compute while later slabs load
+
+
+@dataclass
+class ReuseReport:
+    """What a prefill reused and what it cost. Times in seconds."""
+
+    mode: str = "prefill"             # "same_model", "cross_model" or "prefill" (nothing reused)
+    producer: str = ""
+    plan: str = ""
+    prompt_tokens: int = 0
+    reused_tokens: int = 0            # prefix tokens taken from the producer
+    recomputed_layers: int = 0
+    bytes_fetched: int = 0
+    fetch_s: float = 0.0              # the loader's wall time
+    wait_s: float = 0.0               # time compute waited for slabs
+    hidden_fraction: float = 0.0      # share of fetch_s overlapped with compute
+    prefill_s: float = 0.0            # lookup + load + assembly (to a cache of N-1 tokens)
+    transport: str = ""
+    fallback: str = ""                # why less (or nothing) was reused
+
+
+@dataclass
+class Prefill:
+    cache: DynamicCache               # holds the first N-1 prompt tokens
+    report: ReuseReport
+
+
+class Consumer:
+    """Answers prompts with ``model``, reusing cached chunks where a plan allows."""
+
+    def __init__(self, client: CacheClient, model, tokenizer, model_id: str,
+                 options: ConsumerOptions = ConsumerOptions()) -> None:
+        self.client = client
+        self.model = model
+        self.stack = DecoderStack(model)
+        self.model_id = model_id
+        self.options = options
+        self.family = family_of(model, tokenizer, options.dtype)
+        self.family_id = client.register_model(model_id, weights_digest(model), self.family).family_id
+        self._check_producers(options.producers)
+
+    def _check_producers(self, producers: Sequence[str]) -> None:
+        """Refuse, by name, a producer registered under another family."""
+        for model in self.client.list_models():
+            if model["model_id"] in producers and model["family_id"] != self.family_id:
+                raise FamilyMismatchError(
+                    f"producer {model['model_id']!r} is of family {model['family_id'][:12]} and "
+                    f"consumer {self.model_id!r} of family {self.family_id[:12]}: their caches are "
+                    f"not shareable (architecture, shapes, RoPE, tokenizer or slab dtype differ)")
+
+    # ------------------------------------------------------------------ choice
+
+    def choose(self, result: LookupResult) -> tuple[Hit | None, Plan | None, str]:
+        """The hit and plan to use, longest usable hit first: this model's own entries
+        reuse every layer; another producer's need a plan. Hits are cut to the leading
+        chunks that hold every slab the plan needs."""
+        why = []
+        for hit in sorted(result.hits, key=lambda h: (-h.num_tokens, not h.same_model)):
+            if self.options.producers and hit.producer not in self.options.producers:
+                continue
+            if hit.same_model or hit.producer == self.model_id:
+                plan = Plan.full_reuse(self.stack.num_layers)
+            else:
+                plan = self.options.plans.get(hit.producer, self.options.default_plan)
+                if plan is None:
+                    why.append(f"no plan for producer {hit.producer!r}")
+                    continue
+            hit = _usable_prefix(hit, plan)
+            if hit.num_chunks:
+                return hit, plan, ""
+            why.append(f"{hit.producer!r} lacks slabs the plan {plan.describe()} needs")
+        return None, None, "; ".join(why) or "no cached chunks"
+
+    # ------------------------------------------------------------------ prefill
+
+    @torch.no_grad()
+    def prefill(self, input_ids: Sequence[int] | torch.Tensor) -> Prefill:
+        """A cache of the first N-1 tokens of the prompt, reusing what a plan allows."""
+        t0 = time.perf_counter()
+        ids = [int(t) for t in (input_ids.reshape(-1).tolist() if torch.is_tensor(input_ids) else input_ids)]
+        if len(ids) < 2:
+            raise ValueError("a prompt needs at least 2 tokens")
+        report = ReuseReport(prompt_tokens=len(ids))
+        hashes = self.client.hash_tokens(ids, self.family_id, include_partial=True)
+        result = self.client.lookup(self.family_id, hashes, consumer=self.model_id)
+        hit, plan, report.fallback = self.choose(result)
+        cache = None
+        if hit is not None and plan is not None:
+            cache = self._reuse(ids, hit, plan, report)
+        if cache is None:
+            cache = DynamicCache(config=self.model.config)
+            self.model.model(input_ids=torch.tensor([ids[:-1]]), past_key_values=cache, use_cache=True)
+            report.mode, report.reused_tokens, report.recomputed_layers = "prefill", 0, self.stack.num_layers
+        report.prefill_s = time.perf_counter() - t0
+        return Prefill(cache, report)
+
+    def _reuse(self, ids: list[int], hit: Hit, plan: Plan, report: ReuseReport) -> DynamicCache | None:
+        loader = SlabLoader(self.client, self.family_id, hit, plan_requests(plan), self.options.transport)
+        if self.options.pipelined:
+            loader.start()
+        else:
+            loader._run()
+        n = min(hit.num_tokens, len(ids) - 1)   # the last prompt token runs in generate()
+        cache = self._assemble(ids, n, plan, loader)
+        valid = loader.join()
+        report.bytes_fetched, report.fetch_s = loader.bytes_fetched, loader.fetch_s
+        report.wait_s, report.hidden_fraction = loader.wait_s, loader.hidden_fraction
+        report.transport = loader.transport_used
+        if valid < hit.num_chunks:
+            report.fallback = "; ".join(loader.errors) or "a load came back short"
+            if valid == 0:
+                return None
+            # The slabs of the leading `valid` chunks verified: assemble again from those
+            # (already in memory), and recompute the rest with the suffix.
+            n = min(n, sum(layout.num_tokens for layout in hit.layouts[:valid]))
+            cache = self._assemble(ids, n, plan, loader)
+        if cache is None:
+            return None
+        report.mode = "same_model" if plan.recomputed_layers == 0 and \
+            (hit.same_model or hit.producer == self.model_id) else "cross_model"
+        report.producer, report.plan = hit.producer, plan.describe()
+        report.reused_tokens, report.recomputed_layers = n, plan.recomputed_layers
+        return cache
+
+    def _assemble(self, ids: list[int], n: int, plan: Plan, loader: SlabLoader) -> DynamicCache | None:
+        """Layer by layer: the producer's K/V for reused layers, the consumer's own layers
+        over [E; suffix] for recompute groups; the suffix (tokens n..N-2) through every
+        layer. None if a slab it needs never arrived."""
+        cache = DynamicCache(config=self.model.config)
+        dtype = self.stack.dtype
+        suffix = self.stack.embed(torch.tensor([ids[n:-1]])) if len(ids) - 1 > n else None
+        layer = 0
+        while layer < self.stack.num_layers:
+            group = plan.group_at(layer)
+            if group is not None:
+                start, stop = group
+                entering = loader.wait(Kind.E, start)
+                if entering is None:
+                    return None
+                hidden = entering[:n].to(dtype).unsqueeze(0)
+                if suffix is not None:
+                    hidden = torch.cat([hidden, suffix], dim=1)
+                hidden = self.stack.run(hidden, start, stop, 0, cache)
+                suffix = hidden[:, n:] if suffix is not None else None
+                layer = stop
+                continue
+            keys, values = loader.wait(Kind.K, layer), loader.wait(Kind.V, layer)
+            if keys is None or values is None:
+                return None
+            cache.update(_head_major(keys[:n], dtype), _head_major(values[:n], dtype), layer)
+            if suffix is not None:
+                suffix = self.stack.run(suffix, layer, layer + 1, n, cache)
+            layer += 1
+        return cache
+
+    # ------------------------------------------------------------------ generation
+
+    @torch.no_grad()
+    def generate(self, input_ids: Sequence[int] | torch.Tensor, **generate_kwargs) -> tuple[torch.Tensor, ReuseReport]:
+        """``model.generate`` over the prompt with the assembled cache; returns the full
+        sequences (prompt included, as ``generate`` does) and the reuse report."""
+        ids = input_ids.reshape(1, -1) if torch.is_tensor(input_ids) else torch.tensor([list(input_ids)])
+        pre = self.prefill(ids[0])
+        out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                  past_key_values=pre.cache, **generate_kwargs)
+        return out, pre.report
+
+
+def _head_major(slab: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Token-major ``[tokens, kv_heads, head_dim]`` to the cache's ``[1, kv_heads, tokens, head_dim]``."""
+    return slab.to(dtype).transpose(0, 1).unsqueeze(0).contiguous()
+
+
+def _usable_prefix(hit: Hit, plan: Plan) -> Hit:
+    """The leading chunks of ``hit`` that hold every slab the plan needs."""
+    needs = {kind: set(layers) for kind, layers in plan.needs().items()}
+    keep = 0
+    for layout in hit.layouts:
+        if any(not layers <= set(layout.layers(kind)) for kind, layers in needs.items()):
+            break
+        keep += 1
+    return hit[:keep]

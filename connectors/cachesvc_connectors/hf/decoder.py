@@ -1,0 +1,120 @@
+"""Run a decoder-only transformers model one layer at a time.
+
+``DecoderStack`` exposes the pieces of a Llama-style model (embedding, decoder layers,
+rotary embedding, final norm, LM head) so the consumer can run any layer range over any
+token positions, with a cache it assembles itself. Running layers [a, b) from the hidden
+state entering a is exact: the same operations as the model's own forward.
+
+Masks are built here, not by transformers' helpers: those infer the past length from the
+cache's first layer, which is wrong while a mixed cache is being assembled (some layers
+hold the producer's prefix, others are still empty).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+
+class UnsupportedModelError(TypeError):
+    """The model's decoder loop does not fit what the connector runs."""
+
+
+class DecoderStack:
+    """A causal LM's inner model, layer by layer. Invariants: ``layers[i].forward`` takes
+    (hidden, attention_mask, position_embeddings, position_ids, past_key_values,
+    use_cache) and returns the hidden state; one rotary embedding (or one per layer type)."""
+
+    def __init__(self, model) -> None:
+        inner = getattr(model, "model", None)
+        missing = [name for name in ("embed_tokens", "layers", "norm", "rotary_emb")
+                   if inner is None or not hasattr(inner, name)]
+        if missing or not hasattr(model, "lm_head"):
+            raise UnsupportedModelError(
+                f"{type(model).__name__} is not a decoder-only model the connector can run "
+                f"layer by layer: missing {', '.join(missing or ['lm_head'])} (supported: "
+                f"Llama, Qwen2, Mistral, Gemma 3 text, and models with the same decoder loop)")
+        params = inspect.signature(type(inner.layers[0]).forward).parameters
+        needed = ("hidden_states", "attention_mask", "position_embeddings", "past_key_values")
+        absent = [p for p in needed if p not in params]
+        if absent:
+            raise UnsupportedModelError(f"{type(inner.layers[0]).__name__}.forward lacks "
+                                        f"{', '.join(absent)}: its decoder loop differs")
+        self.model = model
+        self.inner = inner
+        self.config = getattr(model.config, "text_config", None) or model.config
+        self.layers = inner.layers
+        self.num_layers = len(self.layers)
+        self.layer_types = list(getattr(self.config, "layer_types", None) or
+                                ["full_attention"] * self.num_layers)
+        self._rotary_by_type = "layer_type" in inspect.signature(inner.rotary_emb.forward).parameters
+        impl = getattr(self.config, "_attn_implementation", None) or "sdpa"
+        if impl not in ("sdpa", "eager"):
+            raise UnsupportedModelError(f"attention implementation {impl!r}: the connector "
+                                        f"builds masks for 'sdpa' and 'eager'")
+        self._bool_masks = impl == "sdpa"
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.inner.embed_tokens.weight.dtype
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.inner.embed_tokens(input_ids)
+
+    def window(self, layer: int) -> int | None:
+        """The sliding window of ``layer`` in tokens, or None for full attention."""
+        if getattr(self.config, "layer_types", None):
+            if self.layer_types[layer] != "sliding_attention":
+                return None
+        elif getattr(self.config, "use_sliding_window", True) is False:
+            return None
+        return getattr(self.config, "sliding_window", None)
+
+    def rotary(self, hidden: torch.Tensor, positions: torch.Tensor, layer: int):
+        if self._rotary_by_type:
+            return self.inner.rotary_emb(hidden, positions, self.layer_types[layer])
+        return self.inner.rotary_emb(hidden, positions)
+
+    def mask(self, q_start: int, q_len: int, kv_len: int, window: int | None) -> torch.Tensor:
+        """[1, 1, q_len, kv_len]: query at absolute position q_start+i sees keys 0..q_start+i
+        (the last ``window`` of them with a sliding window)."""
+        q = torch.arange(q_start, q_start + q_len).unsqueeze(1)
+        k = torch.arange(kv_len).unsqueeze(0)
+        allowed = k <= q
+        if window:
+            allowed &= k > q - window
+        allowed = allowed[None, None]
+        if self._bool_masks:
+            return allowed
+        return torch.zeros(allowed.shape, dtype=self.dtype).masked_fill(~allowed, torch.finfo(self.dtype).min)
+
+    def run(self, hidden: torch.Tensor, start: int, stop: int, q_start: int, cache) -> torch.Tensor:
+        """Run layers [start, stop) on ``hidden`` ([1, q, hidden]) for the tokens at
+        positions q_start..q_start+q-1, appending their K/V to ``cache`` (which must hold
+        exactly q_start tokens at each of these layers)."""
+        q_len = hidden.shape[1]
+        positions = torch.arange(q_start, q_start + q_len).unsqueeze(0)
+        rotary: dict = {}
+        masks: dict = {}
+        for layer in range(start, stop):
+            key = self.layer_types[layer] if self._rotary_by_type else None
+            if key not in rotary:
+                rotary[key] = self.rotary(hidden, positions, layer)
+            window = self.window(layer)
+            if window and q_start + q_len > window:
+                raise UnsupportedModelError(
+                    f"layer {layer} has a sliding window of {window} tokens and this context has "
+                    f"{q_start + q_len}: the connector does not assemble windowed caches yet")
+            if window not in masks:
+                masks[window] = self.mask(q_start, q_len, q_start + q_len, window)
+            hidden = self.layers[layer](hidden, attention_mask=masks[window],
+                                        position_embeddings=rotary[key], position_ids=positions,
+                                        past_key_values=cache, use_cache=True)
+            if isinstance(hidden, tuple):   # older decoder layers return (hidden, ...)
+                hidden = hidden[0]
+        return hidden
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits of the last position of ``hidden`` (the output of the last layer)."""
+        return self.model.lm_head(self.inner.norm(hidden[:, -1:]))

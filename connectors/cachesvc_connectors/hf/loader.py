@@ -1,0 +1,110 @@
+"""Pipelined slab loading: fetch a plan's slabs in a background thread, in the order the
+consumer needs them, and let it wait for each (kind, layer) as it gets there.
+
+Requests run one after another (the data plane is the bottleneck, not the request
+count): E of the first recompute group first, so recompute can start at once, then every
+other needed slab in layer order. The consumer computes on layer l while later layers
+are in flight; ``wait_s`` is the time it spent blocked, ``fetch_s`` the loader's own wall
+time, so ``1 - wait_s / fetch_s`` of the loading was hidden under compute.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+from cachesvc.keys import Kind
+from cachesvc_client import CacheClient, CacheServiceError, Hit
+from cachesvc_connectors.plan import Plan
+
+
+@dataclass(frozen=True, slots=True)
+class LoadRequest:
+    kinds: tuple[Kind, ...]
+    start: int          # first layer
+    stop: int           # one past the last layer
+
+
+def plan_requests(plan: Plan) -> list[LoadRequest]:
+    """E of the first group first; then K/V of reused ranges and E of later groups in
+    layer order."""
+    first = [LoadRequest((Kind.E,), plan.groups[0][0], plan.groups[0][0] + 1)] if plan.groups else []
+    rest: list[tuple[int, LoadRequest]] = [(a, LoadRequest((Kind.K, Kind.V), a, b))
+                                           for a, b in plan.reused_ranges()]
+    rest += [(a, LoadRequest((Kind.E,), a, a + 1)) for a, _ in plan.groups[1:]]
+    return first + [r for _, r in sorted(rest, key=lambda item: item[0])]
+
+
+class SlabLoader:
+    """Fetches ``requests`` for the chunks of ``hit`` in a background thread."""
+
+    def __init__(self, client: CacheClient, family_id: str, hit: Hit,
+                 requests: list[LoadRequest], transport: str | None = None) -> None:
+        self.client, self.family_id, self.hit = client, family_id, hit
+        self.requests = requests
+        self.transport = transport
+        self._slabs: dict[tuple[Kind, int], torch.Tensor] = {}   # [tokens, ...] per (kind, layer)
+        self._ready = {(k, layer): threading.Event()
+                       for r in requests for k in r.kinds for layer in range(r.start, r.stop)}
+        self.valid_chunks = hit.num_chunks   # lowered by any request that came back short
+        self.errors: list[str] = []
+        self.bytes_fetched = 0
+        self.fetch_s = 0.0
+        self.wait_s = 0.0
+        self.transport_used = ""
+        self._thread = threading.Thread(target=self._run, name="slab-loader", daemon=True)
+
+    def start(self) -> "SlabLoader":
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        t0 = time.perf_counter()
+        for req in self.requests:
+            try:
+                stream = self.client.stream(self.family_id, self.hit, req.kinds, (req.start, req.stop),
+                                            as_torch=True, transport=self.transport)
+                for layer in stream:
+                    for kind in req.kinds:
+                        self._slabs[(kind, layer)] = stream.arrays[kind][layer - req.start]
+                        self._ready[(kind, layer)].set()
+                slabs = stream.result()
+                self.transport_used = slabs.transport
+                self.bytes_fetched += slabs.bytes_received
+                if slabs.valid_chunks < self.valid_chunks:
+                    self.valid_chunks = slabs.valid_chunks
+                    self.errors += [f"{m.kind.name}{m.layer_start} of chunk {m.entry_index}: {m.reason}"
+                                    for m in slabs.missing[:3]]
+            except CacheServiceError as exc:   # a failed load is a miss: recompute
+                self.valid_chunks = 0
+                self.errors.append(f"{type(exc).__name__}: {exc}")
+            finally:
+                for kind in req.kinds:         # wake waiters even when the request failed
+                    for layer in range(req.start, req.stop):
+                        self._ready[(kind, layer)].set()
+        self.fetch_s = time.perf_counter() - t0
+
+    def wait(self, kind: Kind, layer: int) -> torch.Tensor | None:
+        """The slab ``[tokens, ...]`` of (kind, layer) once loaded; None if it failed."""
+        event = self._ready[(kind, layer)]
+        if not event.is_set():
+            t0 = time.perf_counter()
+            event.wait()
+            self.wait_s += time.perf_counter() - t0
+        return self._slabs.get((kind, layer))
+
+    def join(self) -> int:
+        """Wait for every request; the number of leading chunks that arrived whole."""
+        if self._thread.is_alive():
+            t0 = time.perf_counter()
+            self._thread.join()
+            self.wait_s += time.perf_counter() - t0
+        return self.valid_chunks
+
+    @property
+    def hidden_fraction(self) -> float:
+        """Share of the fetch time the consumer did not wait for (0..1)."""
+        return max(0.0, 1.0 - self.wait_s / self.fetch_s) if self.fetch_s > 0 else 0.0
