@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 EXTRAS ?= dev,bench,torch,ucx,hf
 JSON   ?= bench-results
 
-.PHONY: demo test lint venv proto lmcache-venv bench-lookup bench-dataplane bench clean
+.PHONY: demo demo-storage test lint venv proto lmcache-venv bench-lookup bench-dataplane bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
+	$(PY) -m cachesvc_connectors.demo
+
+# The storage-only walkthrough (issue 2): put, lookup, get, restart from disk.
+demo-storage: $(STAMP)
 	$(PY) -m cachesvc_client.demo
 
 test: lint

@@ -61,6 +61,10 @@ def _ls(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     if args.bench == "lookup":
         from cachesvc_bench.lookup import main as bench_main
+    elif args.bench == "quality":
+        from cachesvc_bench.quality import main as bench_main
+    elif args.bench == "reuse":
+        from cachesvc_bench.reuse import main as bench_main
     else:
         from cachesvc_bench.dataplane import main as bench_main
     return bench_main(args)
@@ -84,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--tenant", default="")
             p.add_argument("--limit", type=int, default=100)
     bench = sub.add_parser("bench", help="run a benchmark")
-    bench.add_argument("bench", choices=["lookup", "dataplane"])
+    bench.add_argument("bench", choices=["lookup", "dataplane", "quality", "reuse"])
     bench.add_argument("--json", required=True, help="write the JSON result here")
     bench.add_argument("--entries", type=int, default=100_000, help="lookup: index size")
     bench.add_argument("--batch", type=int, default=1024, help="lookup: hashes per batched lookup")
@@ -94,6 +98,20 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=3, help="dataplane: timed rounds (best kept)")
     bench.add_argument("--lmcache-python", default=".lmcache/venv/bin/python",
                        help="dataplane: python of LMCache's virtualenv (make lmcache-venv)")
+    bench.add_argument("--consumers", default="codes-upper,codes-all",
+                       help="quality, reuse: fine-tuned consumers of SmolLM2")
+    bench.add_argument("--prompts", type=int, default=100, help="quality: held-out prompts per pair; "
+                       "reuse: prompts per context length")
+    bench.add_argument("--records", type=int, default=25, help="quality: records per context")
+    bench.add_argument("--seed", type=int, default=0, help="quality, reuse: data seed")
+    bench.add_argument("--plans", default="none;[0,2);[10,12);[20,22);[28,30);[20,24);[20,26);"
+                       "[10,20);[20,30);[15,30)", help="quality: plans, ';'-separated (single "
+                       "groups at several depths and sizes; 'none' is full reuse)")
+    bench.add_argument("--plan", default="codes-upper=[20,26);codes-all=[15,30)",
+                       help="reuse: the plan of each consumer in mode 'plan'")
+    bench.add_argument("--prompts-per-context", type=int, default=8,
+                       help="reuse: prompts per context length")
+    bench.add_argument("--contexts", default="512,1024,2048,4096", help="reuse: context lengths")
     bench.set_defaults(func=_bench)
     return parser
 

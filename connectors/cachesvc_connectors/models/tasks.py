@@ -1,0 +1,109 @@
+"""The repository's own task data: generated, deterministic, nothing downloaded.
+
+**Access-code lookup.** A long shared context lists staff records (name, department,
+access code); the question names one person and the answer is their code, alone on the
+line, e.g. ``K7Q2``. The context is what a producer prefills once and consumers
+reuse; the question is the uncached suffix. The base model reads the records but answers
+in prose (or with the wrong code); the fine-tunes learn the terse format and precise
+copying, so the task separates a fine-tune from its base and a good reuse plan from a
+bad one (a plan that corrupts the context's keys/values makes the copy fail).
+
+Score: exact match of the first answer line with the code (1/0); also reported: whether
+the code appears anywhere in the answer (``contains``) and edit similarity.
+"""
+
+from __future__ import annotations
+
+import difflib
+import random
+from dataclasses import dataclass
+
+FIRST = ("Ada Alan Alice Amir Ana Ben Bo Carla Chen Dana Dev Eli Emma Eva Femi Gil Hana Ivan Iris "
+         "Jon Juno Kai Kim Lars Lea Lin Luca Maya Milo Nia Noor Omar Otto Pia Raj Rosa Sam Sara "
+         "Tao Uma Vera Wes Yara Yuki Zane Zoe").split()
+LAST = ("Abbott Baker Castro Diaz Evans Fischer Garcia Haddad Ito Jensen Kowalski Lopez Moreau "
+        "Nakamura Okafor Petrov Quinn Rossi Silva Tanaka Ueda Varga Weber Xu Young Zhang Berg "
+        "Costa Duarte Ekström Farouk Greco Holm Ivanova Jovanovic Kaur Lund Mendes Novak Ortiz").split()
+DEPTS = ("Sales", "Finance", "Research", "Legal", "Support", "Logistics", "Design", "Security",
+         "Marketing", "Operations")
+CODE_CHARS = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"
+SYSTEM = "You answer questions about the records you are given."
+
+
+@dataclass(frozen=True, slots=True)
+class Example:
+    context: str        # the shared part (records), first in the prompt
+    question: str       # the uncached suffix
+    answer: str         # the code
+
+
+def make_code(rng: random.Random) -> str:
+    return "".join(rng.choice(CODE_CHARS) for _ in range(4))
+
+
+def make_example(rng: random.Random, num_records: int) -> Example:
+    names: set[tuple[str, str]] = set()
+    while len(names) < num_records:
+        names.add((rng.choice(FIRST), rng.choice(LAST)))
+    records = [(first, last, rng.choice(DEPTS), make_code(rng)) for first, last in sorted(names, key=lambda _: rng.random())]
+    lines = [f"Record {i + 1}: {f} {l_}, {d} department, access code {c}."
+             for i, (f, l_, d, c) in enumerate(records)]
+    first, last, _, code = rng.choice(records)
+    return Example("Staff records:\n" + "\n".join(lines), f"Access code of {first} {last}?", code)
+
+
+def dataset(split: str, count: int, num_records: int, seed: int = 0) -> list[Example]:
+    """``count`` examples; "train" and "test" never share a seed stream."""
+    offset = {"train": 0, "test": 1_000_003, "profile": 2_000_029}[split]
+    rng = random.Random(seed * 7919 + offset)
+    return [make_example(rng, num_records) for _ in range(count)]
+
+
+def messages(example: Example) -> list[dict]:
+    """Chat messages with the context first, so every prompt over it shares a prefix."""
+    return [{"role": "system", "content": SYSTEM},
+            {"role": "user", "content": f"{example.context}\n\n{example.question}"}]
+
+
+def prompt_ids(tokenizer, example: Example) -> list[int]:
+    ids = tokenizer.apply_chat_template(messages(example), add_generation_prompt=True, tokenize=True)
+    if not isinstance(ids, list):   # transformers 5 may return a BatchEncoding
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+def context_ids(tokenizer, example: Example) -> list[int]:
+    """The prompt's tokens up to the end of the context: what a producer stores. Cut at a
+    line end (a context ending mid-token makes models emit junk)."""
+    full = prompt_ids(tokenizer, example)
+    marker = tokenizer.encode("\n\n" + example.question, add_special_tokens=False)
+    for cut in range(len(full) - len(marker), 0, -1):
+        if full[cut:cut + 2] == marker[:2]:
+            return full[:cut]
+    return full
+
+
+@dataclass(frozen=True, slots=True)
+class Score:
+    exact: float
+    contains: float
+    edit_similarity: float
+
+
+def score(answer: str, expected: str) -> Score:
+    first = answer.strip().splitlines()[0].strip() if answer.strip() else ""
+    return Score(float(first == expected), float(expected in answer),
+                 difflib.SequenceMatcher(None, first, expected).ratio())
+
+
+TOKENS_PER_RECORD = 21.5   # SmolLM2's tokenizer on these records (measured; only a first guess)
+
+
+def sized_dataset(tokenizer, split: str, count: int, context_tokens: int, seed: int = 0) -> list[Example]:
+    """``count`` examples whose contexts are about ``context_tokens`` long (within one
+    record); the record count is calibrated on the first example."""
+    records = max(2, round((context_tokens - 20) / TOKENS_PER_RECORD))
+    probe = dataset(split, 1, records, seed)[0]
+    measured = len(context_ids(tokenizer, probe))
+    records = max(2, round(records * context_tokens / measured))
+    return dataset(split, count, records, seed + context_tokens)
