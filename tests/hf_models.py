@@ -8,8 +8,9 @@ import torch
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
-from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
-                          PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM)
+from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM,
+                          MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast, Qwen2Config,
+                          Qwen2ForCausalLM)
 
 VOCAB = 256
 
@@ -27,6 +28,7 @@ ARCHITECTURES = {
     "llama": (LlamaConfig, LlamaForCausalLM),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM),
     "mistral": (MistralConfig, MistralForCausalLM),
+    "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM),   # sliding-window layers, rotary per layer type
 }
 
 
@@ -38,6 +40,8 @@ def tiny_model(arch: str = "llama", seed: int = 0, num_layers: int = 4, **overri
                   max_position_embeddings=4096, rope_theta=10000.0, tie_word_embeddings=False)
     if arch == "mistral":
         kwargs["sliding_window"] = 4096
+    if arch == "gemma3":
+        kwargs.update(head_dim=16, sliding_window=1024)
     kwargs.update(overrides)
     torch.manual_seed(seed)
     model = model_cls(config_cls(**kwargs)).eval()

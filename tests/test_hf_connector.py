@@ -39,7 +39,7 @@ def pair():
     return base, fine_tune_of(base, range(2, 4)), tokenizer()
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gemma3"])
 def test_plan_recomputing_every_layer_equals_full_prefill(client: CacheClient, arch):
     base, tok = tiny_model(arch, seed=0), tokenizer()
     # Every decoder layer differs; the embedding is shared, as in a LoRA fine-tune (E at
@@ -213,6 +213,20 @@ def test_unreachable_data_plane_means_prefill(server_factory, pair):
         logits, report = _reuse_logits(consumer, ids)
         assert report.mode == "prefill" and "unreachable" in report.fallback
         assert torch.allclose(logits, last_logits(base, ids), atol=1e-4, rtol=0)
+
+
+def test_context_longer_than_a_sliding_window_is_exact(client):
+    """Every position is stored and reused; the window is applied by the mask."""
+    base, tok = tiny_model("gemma3", seed=0, sliding_window=128), tokenizer()
+    tuned = fine_tune_of(base, range(4))
+    ids = _prompt(600, seed=14)
+    Producer(client, base, tok, "g", ProducerOptions(dtype=FP32)).store(ids)
+    consumer = Consumer(client, tuned, tok, "g2", ConsumerOptions(dtype=FP32, default_plan=Plan.recompute_all(4)))
+    logits, report = _reuse_logits(consumer, ids)
+    assert report.reused_tokens == 512
+    assert torch.allclose(logits, last_logits(tuned, ids), atol=1e-4, rtol=0)
+    out, _ = consumer.generate(ids, max_new_tokens=6, do_sample=False)
+    assert out[0, 600:].tolist() == greedy(tuned, ids, 6)
 
 
 def test_model_whose_decoder_loop_does_not_fit_is_refused_clearly():

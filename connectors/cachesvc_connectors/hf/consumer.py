@@ -136,7 +136,7 @@ class Consumer:
         if hit is not None and plan is not None:
             cache = self._reuse(ids, hit, plan, report)
         if cache is None:
-            cache = DynamicCache(config=self.model.config)
+            cache = DynamicCache()
             self.model.model(input_ids=torch.tensor([ids[:-1]]), past_key_values=cache, use_cache=True)
             report.mode, report.reused_tokens, report.recomputed_layers = "prefill", 0, self.stack.num_layers
         report.prefill_s = time.perf_counter() - t0
@@ -174,7 +174,7 @@ class Consumer:
         """Layer by layer: the producer's K/V for reused layers, the consumer's own layers
         over [E; suffix] for recompute groups; the suffix (tokens n..N-2) through every
         layer. None if a slab it needs never arrived."""
-        cache = DynamicCache(config=self.model.config)
+        cache = DynamicCache()
         dtype = self.stack.dtype
         suffix = self.stack.embed(torch.tensor([ids[n:-1]])) if len(ids) - 1 > n else None
         layer = 0

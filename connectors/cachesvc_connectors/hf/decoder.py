@@ -8,6 +8,11 @@ state entering a is exact: the same operations as the model's own forward.
 Masks are built here, not by transformers' helpers: those infer the past length from the
 cache's first layer, which is wrong while a mixed cache is being assembled (some layers
 hold the producer's prefix, others are still empty).
+
+Caches are plain ``DynamicCache()`` (no config), whose layers keep every token, also on
+sliding-window layers: a config-built cache keeps only the last window of a sliding
+layer, so the producer would store (and the consumer index) the wrong positions. The
+window is applied by the mask instead.
 """
 
 from __future__ import annotations
@@ -102,10 +107,6 @@ class DecoderStack:
             if key not in rotary:
                 rotary[key] = self.rotary(hidden, positions, layer)
             window = self.window(layer)
-            if window and q_start + q_len > window:
-                raise UnsupportedModelError(
-                    f"layer {layer} has a sliding window of {window} tokens and this context has "
-                    f"{q_start + q_len}: the connector does not assemble windowed caches yet")
             if window not in masks:
                 masks[window] = self.mask(q_start, q_len, q_start + q_len, window)
             hidden = self.layers[layer](hidden, attention_mask=masks[window],

@@ -67,7 +67,7 @@ class Producer:
         if not hashes:
             return StoreReport(len(ids), 0, 0, 0, 0, 0, 0.0, 0.0)
         t0 = time.perf_counter()
-        cache = DynamicCache(config=self.model.config)
+        cache = DynamicCache()
         out = self.model.model(input_ids=torch.tensor([ids[:covered]]), past_key_values=cache,
                                use_cache=True, output_hidden_states=True)
         prefill_s = time.perf_counter() - t0
