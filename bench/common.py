@@ -7,7 +7,7 @@ import os
 import platform
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -55,3 +55,15 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> s
 
 def write_json(path: str | Path, doc: dict) -> None:
     Path(path).write_text(json.dumps(doc, indent=2))
+
+
+def publish(json_path: str | Path, doc: dict, plot: Callable[[dict, Path], None]) -> Path:
+    """Plot next to the JSON (same name, .png), write the JSON, print it; the plot's path."""
+    out = Path(json_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    png = out.with_suffix(".png")
+    plot(doc, png)
+    doc["plot"] = str(png)
+    write_json(out, doc)
+    print(json.dumps(doc, indent=2))
+    return png

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from cachesvc_bench.common import bench_server, machine, markdown_table, write_json
+from cachesvc_bench.common import bench_server, machine, markdown_table, publish
 from cachesvc_client import CacheClient
 from cachesvc_connectors.evaluate import BASE, REFERENCE, SAME, PairEvaluator, plan_name, summarize
 from cachesvc_connectors.models import finetune, smollm2, tasks
@@ -88,9 +88,7 @@ def plot(doc: dict, path: Path) -> None:
 
 def main(args: argparse.Namespace) -> int:
     doc = run(args)
-    write_json(args.json, doc)
-    png = Path(args.json).with_suffix(".png")
-    plot(doc, png)
+    png = publish(args.json, doc, plot)
     print(markdown_table(
         ["consumer", "context", "mode", "TTFT s", "× full", "exact [95% CI]", "gain retained",
          "identical", "KL", "recomputed", "MB fetched", "hidden"],

@@ -31,7 +31,7 @@ from transformers import DynamicCache
 from cachesvc.keys import DType, Kind
 from cachesvc_client import CacheClient, Hit, LookupResult
 from cachesvc_connectors.hf.decoder import DecoderStack
-from cachesvc_connectors.hf.family import FamilyMismatchError, family_of, weights_digest
+from cachesvc_connectors.hf.family import FamilyMismatchError, register
 from cachesvc_connectors.hf.loader import SlabLoader, plan_requests
 from cachesvc_connectors.plan import Plan
 
@@ -78,13 +78,10 @@ class Consumer:
 
     def __init__(self, client: CacheClient, model, tokenizer, model_id: str,
                  options: ConsumerOptions = ConsumerOptions()) -> None:
-        self.client = client
-        self.model = model
+        self.client, self.model, self.model_id, self.options = client, model, model_id, options
         self.stack = DecoderStack(model)
-        self.model_id = model_id
-        self.options = options
-        self.family = family_of(model, tokenizer, options.dtype)
-        self.family_id = client.register_model(model_id, weights_digest(model), self.family).family_id
+        self.registration = register(client, model, tokenizer, model_id, options.dtype)
+        self.family_id = self.registration.family_id
         self._check_producers(options.producers)
 
     def _check_producers(self, producers: Sequence[str]) -> None:

@@ -9,6 +9,7 @@ of weights within the family; a changed model gets a new digest.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 
 import torch
 import xxhash
@@ -66,3 +67,20 @@ def weights_digest(model) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    """A model registered with the service: its family and weights digest."""
+
+    model_id: str
+    family: FamilySpec
+    family_id: str
+    weights_digest: str
+
+
+def register(client, model, tokenizer, model_id: str, dtype: DType) -> Registration:
+    """Register ``model`` as ``model_id`` (idempotent for the same weights)."""
+    family = family_of(model, tokenizer, dtype)
+    digest = weights_digest(model)
+    return Registration(model_id, family, client.register_model(model_id, digest, family).family_id, digest)

@@ -19,7 +19,7 @@ from transformers import DynamicCache
 from cachesvc.keys import DType, Kind
 from cachesvc_client import CacheClient, EntryData
 from cachesvc_connectors.hf.decoder import DecoderStack
-from cachesvc_connectors.hf.family import TORCH_DTYPES, family_of, weights_digest
+from cachesvc_connectors.hf.family import TORCH_DTYPES, register
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,13 +49,10 @@ class Producer:
 
     def __init__(self, client: CacheClient, model, tokenizer, model_id: str,
                  options: ProducerOptions = ProducerOptions()) -> None:
-        self.client = client
-        self.model = model
+        self.client, self.model, self.model_id, self.options = client, model, model_id, options
         self.stack = DecoderStack(model)
-        self.model_id = model_id
-        self.options = options
-        self.family = family_of(model, tokenizer, options.dtype)
-        self.family_id = client.register_model(model_id, weights_digest(model), self.family).family_id
+        self.registration = register(client, model, tokenizer, model_id, options.dtype)
+        self.family_id = self.registration.family_id
         self._dtype = TORCH_DTYPES[options.dtype]
 
     @torch.no_grad()

@@ -17,6 +17,7 @@ import argparse
 import json
 import math
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -50,7 +51,9 @@ RECIPES = {
     # The common case: a LoRA over every layer.
     "codes-all": Recipe("codes-all", (0, 30)),
     # Adapted on the upper third only: its critical layers are known to be 20..29.
-    "codes-upper": Recipe("codes-upper", (20, 30)),
+    # Adapters on a third of the layers learn the task more slowly: 240 steps reached 0.30
+    # exact match against 0.90 for codes-all, too coarse to tell plans apart.
+    "codes-upper": Recipe("codes-upper", (20, 30), steps=600),
 }
 
 
@@ -103,6 +106,14 @@ def _example_tensors(tokenizer, example: tasks.Example) -> tuple[torch.Tensor, t
     return ids, labels
 
 
+def _trained_with(path: Path, recipe: Recipe) -> bool:
+    try:
+        saved = json.loads((path / "recipe.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return all(saved.get(k) == (list(v) if isinstance(v, tuple) else v) for k, v in asdict(recipe).items())
+
+
 def path_of(name: str) -> Path:
     return smollm2.model_dir() / name
 
@@ -110,8 +121,10 @@ def path_of(name: str) -> Path:
 def train(recipe: Recipe) -> Path:
     """Train, merge and save ``recipe``'s consumer (skipped when already cached)."""
     out = path_of(recipe.name)
-    if (out / "recipe.json").exists():
+    if _trained_with(out, recipe):
         return out
+    if out.exists():   # made by another recipe: replace it
+        shutil.rmtree(out)
     torch.manual_seed(recipe.seed)
     torch.set_num_threads(recipe.threads)
     model, tokenizer = smollm2.load()
