@@ -70,6 +70,17 @@ def test_recomputing_the_adapted_layers_is_exact_and_full_reuse_is_not(client, p
     assert errors["full reuse"] > 1e-2      # the test could tell a wrong plan apart
 
 
+def test_loading_without_pipelining_gives_the_same_cache(client, pair):
+    base, tuned, tok = pair
+    ids = _prompt(600, seed=15)
+    Producer(client, base, tok, "base", ProducerOptions(dtype=FP32)).store(ids)
+    plan = Plan(4, ((1, 3),))
+    got = [_reuse_logits(Consumer(client, tuned, tok, "tuned", ConsumerOptions(
+        dtype=FP32, default_plan=plan, pipelined=pipelined)), ids) for pipelined in (True, False)]
+    assert torch.equal(got[0][0], got[1][0])
+    assert got[1][1].hidden_fraction == 0 and got[1][1].wait_s == got[1][1].fetch_s > 0   # all before compute
+
+
 def test_plan_fetches_only_the_slabs_it_needs(client, pair):
     base, tuned, tok = pair
     ids = _prompt(520, seed=2)

@@ -144,7 +144,7 @@ class Consumer:
         if self.options.pipelined:
             loader.start()
         else:
-            loader._run()
+            loader.run()
         n = min(hit.num_tokens, len(ids) - 1)   # the last prompt token runs in generate()
         cache = self._assemble(ids, n, plan, loader)
         valid = loader.join()

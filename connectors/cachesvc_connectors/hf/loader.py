@@ -55,13 +55,16 @@ class SlabLoader:
         self.fetch_s = 0.0
         self.wait_s = 0.0
         self.transport_used = ""
-        self._thread = threading.Thread(target=self._run, name="slab-loader", daemon=True)
+        self._background = False
+        self._thread = threading.Thread(target=self.run, name="slab-loader", daemon=True)
 
     def start(self) -> "SlabLoader":
+        """Load in the background (``run`` loads in the calling thread instead)."""
+        self._background = True
         self._thread.start()
         return self
 
-    def _run(self) -> None:
+    def run(self) -> None:
         t0 = time.perf_counter()
         for req in self.requests:
             try:
@@ -86,6 +89,8 @@ class SlabLoader:
                     for layer in range(req.start, req.stop):
                         self._ready[(kind, layer)].set()
         self.fetch_s = time.perf_counter() - t0
+        if not self._background:   # the caller waited for all of it
+            self.wait_s += self.fetch_s
 
     def wait(self, kind: Kind, layer: int) -> torch.Tensor | None:
         """The slab ``[tokens, ...]`` of (kind, layer) once loaded; None if it failed."""
