@@ -107,7 +107,7 @@ def _run(client: CacheClient) -> None:
     evaluator = PairEvaluator(client, base, consumer_model, tokenizer, smollm2.NAME, CONSUMER)
     with tqdm(total=len(examples), desc="5. quality", unit="prompt") as bar:
         results = evaluator.run(examples, [plan, Plan.full_reuse(layers)], progress=bar.update)
-    print(f"5. quality on {len(examples)} held-out prompts (~600-token contexts; exact match of the code):")
+    print(f"5. quality on {len(examples)} held-out prompts (~500-token contexts; exact match of the code):")
     for row in summarize(results):
         print(f"      {row['variant']:<18} exact {row['quality']:.2f} {row['quality_ci']}  gain retained "
               f"{row['gain_retained']:.2f}  identical to the consumer {row['fidelity']['identical']:.2f}  "
