@@ -55,6 +55,7 @@ class UcxNode:
         self.io_timeout_s = io_timeout_s
         self._worker = ucxlib.Worker(tls, net_devices)
         self._stopping = threading.Event()
+        self._grace_s = 0.0
         self._thread: threading.Thread | None = None
         self._running: list[_Running] = []
         self._answers: list[tuple[Any, bytes]] = []   # small sends kept alive until done
@@ -72,10 +73,12 @@ class UcxNode:
         self._thread.start()
 
     def stop(self, grace_s: float) -> None:
-        """Let transfers in flight finish for up to ``grace_s``, then cancel the rest."""
+        """Let transfers in flight finish for up to ``grace_s``, then cancel the rest
+        (and wait for that: the memory tier they send from is closed next)."""
+        self._grace_s = grace_s
         self._stopping.set()
         if self._thread is not None:
-            self._thread.join(grace_s + 1.0)
+            self._thread.join()
 
     # ------------------------------------------------------------ the loop
 
@@ -84,7 +87,7 @@ class UcxNode:
         try:
             while True:
                 if self._stopping.is_set():
-                    stop_by = stop_by or time.monotonic() + self.io_timeout_s
+                    stop_by = stop_by or time.monotonic() + self._grace_s
                     if not self._running or time.monotonic() > stop_by:
                         break
                 message = None if self._stopping.is_set() else self._worker.take(REQUEST_TAG)
