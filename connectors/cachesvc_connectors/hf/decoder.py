@@ -59,6 +59,7 @@ class DecoderStack:
             raise UnsupportedModelError(f"attention implementation {impl!r}: the connector "
                                         f"builds masks for 'sdpa' and 'eager'")
         self._bool_masks = impl == "sdpa"
+        self._memo: dict[tuple, tuple] = {}   # (q_start, q_len, layer type, window) -> (rotary, mask)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -100,21 +101,26 @@ class DecoderStack:
         exactly q_start tokens at each of these layers)."""
         q_len = hidden.shape[1]
         positions = torch.arange(q_start, q_start + q_len).unsqueeze(0)
-        rotary: dict = {}
-        masks: dict = {}
         for layer in range(start, stop):
-            key = self.layer_types[layer] if self._rotary_by_type else None
-            if key not in rotary:
-                rotary[key] = self.rotary(hidden, positions, layer)
-            window = self.window(layer)
-            if window not in masks:
-                masks[window] = self.mask(q_start, q_len, q_start + q_len, window)
-            hidden = self.layers[layer](hidden, attention_mask=masks[window],
-                                        position_embeddings=rotary[key], position_ids=positions,
-                                        past_key_values=cache, use_cache=True)
+            rotary, mask = self._positional(hidden, positions, q_start, layer)
+            hidden = self.layers[layer](hidden, attention_mask=mask, position_embeddings=rotary,
+                                        position_ids=positions, past_key_values=cache, use_cache=True)
             if isinstance(hidden, tuple):   # older decoder layers return (hidden, ...)
                 hidden = hidden[0]
         return hidden
+
+    def _positional(self, hidden: torch.Tensor, positions: torch.Tensor, q_start: int, layer: int):
+        """Rotary embeddings and mask for these positions at ``layer``, memoized: the
+        consumer runs the same suffix through every reused layer one call at a time, and
+        they depend only on the positions, the layer type and the window."""
+        key = (q_start, hidden.shape[1], self.layer_types[layer] if self._rotary_by_type else None,
+               self.window(layer))
+        if key not in self._memo:
+            if len(self._memo) >= 16:
+                self._memo.clear()
+            self._memo[key] = (self.rotary(hidden, positions, layer),
+                               self.mask(q_start, hidden.shape[1], q_start + hidden.shape[1], key[3]))
+        return self._memo[key]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits of the last position of ``hidden`` (the output of the last layer)."""
