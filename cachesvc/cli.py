@@ -112,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--prompts-per-context", type=int, default=8,
                        help="reuse: prompts per context length")
     bench.add_argument("--contexts", default="512,1024,2048,4096", help="reuse: context lengths")
+    bench.add_argument("--device", default="cpu", help="reuse: torch device of the models (cpu, cuda)")
+    bench.add_argument("--synthetic", default="", help="reuse: random-weight pairs at these shapes "
+                       "(smollm2-135m,llama-3.2-1b,llama-3.1-8b) instead of the real SmolLM2 pairs: "
+                       "TTFT and fidelity only")
     bench.set_defaults(func=_bench)
     return parser
 

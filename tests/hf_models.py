@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import torch
 from tokenizers import Tokenizer
@@ -13,6 +14,8 @@ from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, Llam
                           Qwen2ForCausalLM)
 
 VOCAB = 256
+# Where the tiny models run: "cpu" in CI; "cuda" checks the connector's GPU path.
+DEVICE = torch.device(os.environ.get("CACHESVC_TEST_DEVICE", "cpu"))
 
 
 def tokenizer(variant: str = "") -> PreTrainedTokenizerFast:
@@ -46,7 +49,7 @@ def tiny_model(arch: str = "llama", seed: int = 0, num_layers: int = 4, **overri
     torch.manual_seed(seed)
     model = model_cls(config_cls(**kwargs)).eval()
     model.config.architectures = [model_cls.__name__]
-    return model
+    return model.to(DEVICE)
 
 
 def fine_tune_of(base, layers: range, seed: int = 1, scale: float = 0.5):
@@ -57,18 +60,19 @@ def fine_tune_of(base, layers: range, seed: int = 1, scale: float = 0.5):
     with torch.no_grad():
         for layer in layers:
             for param in tuned.model.layers[layer].parameters():
-                param.add_(torch.randn(param.shape, generator=gen) * scale * param.std())
+                param.add_(torch.randn(param.shape, generator=gen).to(param.device) * scale * param.std())
     return tuned
 
 
 @torch.no_grad()
 def last_logits(model, ids: list[int]) -> torch.Tensor:
     """The model's own full prefill: logits at the last prompt position."""
-    return model(input_ids=torch.tensor([ids]), logits_to_keep=1).logits[0, -1]
+    return model(input_ids=torch.tensor([ids], device=model.device), logits_to_keep=1).logits[0, -1]
 
 
 @torch.no_grad()
 def greedy(model, ids: list[int], new_tokens: int = 8) -> list[int]:
-    out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+    input_ids = torch.tensor([ids], device=model.device)
+    out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                          max_new_tokens=new_tokens, do_sample=False)
     return out[0, len(ids):].tolist()

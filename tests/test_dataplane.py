@@ -94,6 +94,15 @@ def test_errors_are_typed_and_the_connection_stays_usable(client, rng, transport
     _check(client.get(fid, hit, (Kind.K,), transport=transport), entries, (Kind.K,), range(4))
 
 
+def test_shm_copy_threads_stream_the_same_bytes_in_order(server_factory, rng):
+    srv = server_factory("--memory-bytes", "64MiB")
+    with CacheClient(srv.address, ClientOptions(copy_threads=3)) as client:
+        fid, hit, entries = _fill(client, rng, 6)
+        stream = client.stream(fid, hit, (Kind.K, Kind.V, Kind.E), transport="shm")
+        assert list(stream) == [0, 1, 2, 3]
+        _check(stream.result(), entries, (Kind.K, Kind.V, Kind.E), range(4))
+
+
 @pytest.mark.parametrize("transport", ["tcp", "shm"])
 def test_rotten_disk_bytes_are_a_miss(server_factory, rng, transport):
     srv = server_factory("--memory-bytes", "64MiB")

@@ -28,7 +28,7 @@ def _prompt(n: int, seed: int = 0) -> list[int]:
 def _reuse_logits(consumer: Consumer, ids: list[int]):
     """Logits at the last prompt position through the connector's cache, and its report."""
     pre = consumer.prefill(ids)
-    out = consumer.model(input_ids=torch.tensor([ids[-1:]]), past_key_values=pre.cache)
+    out = consumer.model(input_ids=consumer.stack.ids(ids[-1:]), past_key_values=pre.cache)
     return out.logits[0, -1], pre.report
 
 
@@ -81,6 +81,23 @@ def test_loading_without_pipelining_gives_the_same_cache(client, pair):
     assert got[1][1].hidden_fraction == 0 and got[1][1].wait_s == got[1][1].fetch_s > 0   # all before compute
 
 
+def test_a_cache_outlives_the_next_prefill_of_its_consumer(client):
+    """Slabs land in staging buffers the next prefill reuses: a returned cache must not
+    point into them (one KV head is the case where a transpose needs no copy)."""
+    model, tok = tiny_model("llama", seed=3, num_key_value_heads=1), tokenizer()
+    # 513 tokens: the cache holds the 512 reused ones and no suffix (which would copy).
+    first, second = _prompt(513, seed=21), _prompt(513, seed=22)
+    producer = Producer(client, model, tok, "mqa", ProducerOptions(dtype=FP32))
+    consumer = Consumer(client, model, tok, "mqa", ConsumerOptions(dtype=FP32))
+    producer.store(first)
+    kept = consumer.prefill(first)
+    producer.store(second)
+    assert consumer.prefill(second).report.reused_tokens == 512
+    out = model(input_ids=consumer.stack.ids(first[-1:]), past_key_values=kept.cache)
+    assert kept.report.reused_tokens == 512
+    assert torch.allclose(out.logits[0, -1], last_logits(model, first), atol=1e-4, rtol=0)
+
+
 def test_plan_fetches_only_the_slabs_it_needs(client, pair):
     base, tuned, tok = pair
     ids = _prompt(520, seed=2)
@@ -114,8 +131,8 @@ def test_sampling_settings_reach_generate(client, pair):
     torch.manual_seed(11)
     out, _ = consumer.generate(ids, **kwargs)
     torch.manual_seed(11)
-    full = base.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                         **kwargs)
+    input_ids = consumer.stack.ids(ids)
+    full = base.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
     assert out[0].tolist() == full[0].tolist()
 
 

@@ -318,13 +318,15 @@ class SlabAssembler:
             return None
         return regions
 
-    def accept(self, run: pb.SlabRun, regions: Sequence[memoryview]) -> None:
-        """The payload of ``run`` has landed in ``regions``: verify and account it."""
+    def accept(self, run: pb.SlabRun, regions: Sequence[memoryview],
+               digests: Sequence[int] | None = None) -> None:
+        """The payload of ``run`` has landed in ``regions``: verify and account it.
+        ``digests``: the regions' xxh3-64, where the copying thread already took them."""
         kind, i, a = Kind(run.kind), run.entry_index, run.layer_start
         self.bytes_received += sum(len(r) for r in regions)
         for j, region in enumerate(regions):
-            if len(run.checksums) != len(regions) or \
-                    xxhash.xxh3_64_intdigest(region) != run.checksums[j]:
+            digest = digests[j] if digests is not None else xxhash.xxh3_64_intdigest(region)
+            if len(run.checksums) != len(regions) or digest != run.checksums[j]:
                 self.missing.append(Missing(i, kind, a + j, 1, "checksum mismatch"))
             else:
                 self._todo[(i, kind)].discard(a + j)

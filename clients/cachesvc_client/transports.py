@@ -4,7 +4,9 @@
 caller's buffer (``recv_into``, no intermediate copy). ``ShmTransport`` is for a node on
 the same host: it maps the node's memory tier once (the arena's memfd, passed over a
 Unix socket) and copies each slab out with one memcpy, holding the entries only until it
-has. Both verify every slab's checksum; a mismatch is a miss.
+has; with ``copy_threads`` > 1 the copies and checksums of a frame's slabs run in a pool
+(both release the GIL, so a consumer computing in another thread keeps going). Both
+verify every slab's checksum; a mismatch is a miss.
 
 A fetch is a generator that yields after every run, so a caller can consume layers as
 they complete. Connections are pooled per transport and reused; one that failed is
@@ -18,7 +20,11 @@ import mmap
 import socket
 import threading
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Protocol
+
+import numpy as np
+import xxhash
 
 from cachesvc.dataplane import ucxlib
 from cachesvc.dataplane.protocol import (FRAME, Frame, FrameType, Op, discard, host_id, pack_request,
@@ -140,27 +146,36 @@ class SocketTransport:
         return Op.GET
 
     def _receive(self, sock: socket.socket, asm: SlabAssembler) -> Iterator[None]:
-        while True:
-            frame = read_frame(sock)
-            if frame.type == FrameType.END:
-                return
-            if frame.type == FrameType.ERROR:
-                raise frame_error(frame)
-            if frame.type != FrameType.RUNS:
-                raise ConnectionError(f"unexpected {frame.type.name} frame")
-            inline_left = frame.payload_bytes
-            for ref in unpack_runs(frame.header):
-                run = pb.SlabRun.FromString(ref.header)
-                if run.missing:
-                    asm.miss(run)
-                elif ref.arena_offset >= 0:
-                    self._copy_from_arena(run, ref.arena_offset, ref.size, asm)
-                else:
-                    self._recv_run(sock, run, ref.size, asm)
-                    inline_left -= ref.size
-            if inline_left:
-                raise ConnectionError(f"RUNS frame payload off by {inline_left} bytes")
-            yield
+        pending: list[tuple[pb.SlabRun, list[memoryview], Future]] = []   # arena copies in flight
+        try:
+            while True:
+                frame = read_frame(sock)
+                if frame.type == FrameType.END:
+                    return
+                if frame.type == FrameType.ERROR:
+                    raise frame_error(frame)
+                if frame.type != FrameType.RUNS:
+                    raise ConnectionError(f"unexpected {frame.type.name} frame")
+                inline_left = frame.payload_bytes
+                for ref in unpack_runs(frame.header):
+                    run = pb.SlabRun.FromString(ref.header)
+                    if run.missing:
+                        asm.miss(run)
+                    elif ref.arena_offset >= 0:
+                        self._copy_from_arena(run, ref.arena_offset, ref.size, asm, pending)
+                    else:
+                        self._recv_run(sock, run, ref.size, asm)
+                        inline_left -= ref.size
+                if inline_left:
+                    raise ConnectionError(f"RUNS frame payload off by {inline_left} bytes")
+                for run, regions, copied in pending:   # in order: layers complete in order
+                    asm.accept(run, regions, copied.result())
+                pending.clear()
+                yield
+        finally:
+            # Never leave a copy running into the caller's memory, nor out of entries the
+            # node may free once this connection is gone.
+            wait([copied for _, _, copied in pending])
 
     def _recv_run(self, sock: socket.socket, run: pb.SlabRun, size: int, asm: SlabAssembler) -> None:
         regions = asm.fit(run, size)
@@ -171,7 +186,8 @@ class SocketTransport:
             recv_into_exact(sock, region)
         asm.accept(run, regions)
 
-    def _copy_from_arena(self, run: pb.SlabRun, offset: int, size: int, asm: SlabAssembler) -> None:
+    def _copy_from_arena(self, run: pb.SlabRun, offset: int, size: int, asm: SlabAssembler,
+                         pending: list) -> None:
         raise ConnectionError("node sent an arena offset over a connection without shm")
 
 
@@ -180,10 +196,12 @@ class ShmTransport(SocketTransport):
 
     name = "shm"
 
-    def __init__(self, unix_name: bytes, io_timeout_s: float = 30.0) -> None:
+    def __init__(self, unix_name: bytes, io_timeout_s: float = 30.0, copy_threads: int = 0) -> None:
         super().__init__(unix_name.decode(), io_timeout_s)
         self._arena: mmap.mmap | None = None
         self._map_lock = threading.Lock()
+        self._copiers = ThreadPoolExecutor(copy_threads, thread_name_prefix="shm-copy") \
+            if copy_threads > 1 else None
 
     def _connect(self) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -205,7 +223,8 @@ class ShmTransport(SocketTransport):
         yield from super()._receive(sock, asm)
         sock.sendall(pack_request(Op.RELEASE))   # the node may free or evict them now
 
-    def _copy_from_arena(self, run: pb.SlabRun, offset: int, size: int, asm: SlabAssembler) -> None:
+    def _copy_from_arena(self, run: pb.SlabRun, offset: int, size: int, asm: SlabAssembler,
+                         pending: list) -> None:
         assert self._arena is not None
         regions = asm.fit(run, size)
         if regions is None:
@@ -213,19 +232,36 @@ class ShmTransport(SocketTransport):
         if offset + size > len(self._arena):
             asm.miss(run, "arena range out of bounds")
             return
-        src = memoryview(self._arena)
-        for region in regions:
-            region[:] = src[offset:offset + len(region)]
-            offset += len(region)
-        src.release()
-        asm.accept(run, regions)
+        if self._copiers is None:
+            asm.accept(run, regions, _copy_and_digest(self._arena, offset, regions))
+        else:
+            pending.append((run, regions, self._copiers.submit(_copy_and_digest, self._arena, offset, regions)))
 
     def close(self) -> None:
         super().close()
+        if self._copiers is not None:
+            self._copiers.shutdown(wait=True)
         with self._map_lock:
             if self._arena is not None:
                 self._arena.close()
                 self._arena = None
+
+
+def _copy_and_digest(arena: mmap.mmap, offset: int, regions: list[memoryview]) -> list[int]:
+    """Copy consecutive arena bytes from ``offset`` into ``regions``; their xxh3-64 digests,
+    taken from the copies (what the caller will use). numpy's copy and xxhash release the
+    GIL."""
+    src = memoryview(arena)
+    try:
+        digests = []
+        for region in regions:
+            n = len(region)
+            np.copyto(np.frombuffer(region, np.uint8), np.frombuffer(src[offset:offset + n], np.uint8))
+            digests.append(xxhash.xxh3_64_intdigest(region))
+            offset += n
+        return digests
+    finally:
+        src.release()
 
 
 TRANSPORT_NAMES = ("auto", "shm", "ucx", "tcp", "grpc")
@@ -245,7 +281,7 @@ def choose_transport(name: str, fetch: pb.FetchDescriptor, target: str,
     offered = dict(fetch.transports)
     if name in ("auto", "shm") and "shm" in offered:
         if fetch.host_id == host_id():
-            shm = ShmTransport(offered["shm"], io_timeout_s)
+            shm = ShmTransport(offered["shm"], io_timeout_s, options.copy_threads)
             try:
                 shm.probe()   # same boot id is not enough: a container shares it but not
                 return shm    # the network namespace its abstract socket lives in

@@ -106,13 +106,14 @@ class PairEvaluator:
     def _answer(self, out, prompt_len: int, t0: float, first: _FirstToken,
                 report: ReuseReport | None = None) -> Answer:
         text = self.tokenizer.decode(out.sequences[0, prompt_len:], skip_special_tokens=True)
-        return Answer(text, torch.log_softmax(out.logits[0][0].float(), -1), first.at - t0, report)
+        return Answer(text, torch.log_softmax(out.logits[0][0].float().cpu(), -1), first.at - t0, report)
 
     @torch.no_grad()
     def full_prefill(self, model, ids: list[int]) -> Answer:
         first = _FirstToken()
         t0 = time.perf_counter()
-        out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        input_ids = torch.tensor([ids], device=model.device)
+        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                              streamer=first, **self._gen_kwargs())
         return self._answer(out, len(ids), t0, first)
 
@@ -127,13 +128,21 @@ class PairEvaluator:
             progress: Callable[[], None] = lambda: None) -> dict[str, VariantResult]:
         """Every variant on every example; results by variant name: ``consumer``
         (full prefill), ``producer``, ``same_model`` (if asked) and ``plan:<groups>``."""
+        samples = [(tasks.context_ids(self.tokenizer, e), tasks.prompt_ids(self.tokenizer, e), e.answer)
+                   for e in examples]
+        return self.run_ids(samples, plans, same_model, progress)
+
+    def run_ids(self, samples: Sequence[tuple[list[int], list[int], str]], plans: Sequence[Plan],
+                same_model: bool = False, progress: Callable[[], None] = lambda: None
+                ) -> dict[str, VariantResult]:
+        """As :meth:`run`, over (context ids, prompt ids, true answer) samples; the prompt
+        starts with the context. Task scores are meaningless where the answer is unknown
+        (random-token prompts): read only fidelity and TTFT there."""
         names = [REFERENCE, BASE] + ([SAME] if same_model else []) + [plan_name(p) for p in plans]
         results = {name: VariantResult(name) for name in names}
         for plan in plans:
             results[plan_name(plan)].recomputed_layers = plan.recomputed_layers
-        for example in examples:
-            ids = tasks.prompt_ids(self.tokenizer, example)
-            context = tasks.context_ids(self.tokenizer, example)
+        for context, ids, truth in samples:
             ref = self.full_prefill(self.consumer_model, ids)
             answers = {REFERENCE: ref, BASE: self.full_prefill(self.producer_model, ids)}
             if same_model:
@@ -143,7 +152,7 @@ class PairEvaluator:
             for plan in plans:
                 answers[plan_name(plan)] = self.reuse(self.consumer(plan, self.producer.model_id), ids)
             for name, ans in answers.items():
-                _record(results[name], ans, ref, example.answer)
+                _record(results[name], ans, ref, truth)
             hashes = self.client.hash_tokens(context, self.producer.family_id)
             self.client.delete(self.producer.family_id, chunk_hashes=hashes)   # both producers'
             progress()
@@ -213,7 +222,7 @@ def summarize(results: dict[str, VariantResult]) -> list[dict]:
 def layer_deviation(producer_model, consumer_model, ids: list[int]) -> list[dict]:
     """Per layer: relative L2 deviation ‖X_consumer − X_producer‖ / ‖X_consumer‖ of K, V
     (post-RoPE, as cached) and E (the hidden state entering the layer)."""
-    outs = [m.model(input_ids=torch.tensor([ids]), use_cache=True, output_hidden_states=True)
+    outs = [m.model(input_ids=torch.tensor([ids], device=m.device), use_cache=True, output_hidden_states=True)
             for m in (producer_model, consumer_model)]
     rows = []
     for layer in range(len(consumer_model.model.layers)):

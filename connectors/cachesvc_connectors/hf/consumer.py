@@ -21,6 +21,7 @@ rest; it never uses bytes that did not verify.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ from cachesvc.keys import DType, Kind
 from cachesvc_client import CacheClient, Hit, LookupResult
 from cachesvc_connectors.hf.decoder import DecoderStack
 from cachesvc_connectors.hf.family import FamilyMismatchError, register
-from cachesvc_connectors.hf.loader import SlabLoader, plan_requests
+from cachesvc_connectors.hf.loader import SlabLoader, Staging, plan_requests
 from cachesvc_connectors.plan import Plan
 
 
@@ -74,7 +75,9 @@ class Prefill:
 
 
 class Consumer:
-    """Answers prompts with ``model``, reusing cached chunks where a plan allows."""
+    """Answers prompts with ``model``, reusing cached chunks where a plan allows. One
+    prefill runs at a time (they share the staging buffers); use one consumer per thread
+    for concurrency."""
 
     def __init__(self, client: CacheClient, model, tokenizer, model_id: str,
                  options: ConsumerOptions = ConsumerOptions()) -> None:
@@ -83,6 +86,8 @@ class Consumer:
         self.registration = register(client, model, tokenizer, model_id, options.dtype)
         self.family_id = self.registration.family_id
         self._check_producers(options.producers)
+        self._staging = Staging(pinned=self.stack.device.type == "cuda")
+        self._lock = threading.Lock()
 
     def _check_producers(self, producers: Sequence[str]) -> None:
         """Refuse, by name, a producer registered under another family."""
@@ -131,16 +136,18 @@ class Consumer:
         hit, plan, report.fallback = self.choose(result)
         cache = None
         if hit is not None and plan is not None:
-            cache = self._reuse(ids, hit, plan, report)
+            with self._lock:
+                cache = self._reuse(ids, hit, plan, report)
         if cache is None:
             cache = DynamicCache()
-            self.model.model(input_ids=torch.tensor([ids[:-1]]), past_key_values=cache, use_cache=True)
+            self.model.model(input_ids=self.stack.ids(ids[:-1]), past_key_values=cache, use_cache=True)
             report.mode, report.reused_tokens, report.recomputed_layers = "prefill", 0, self.stack.num_layers
         report.prefill_s = time.perf_counter() - t0
         return Prefill(cache, report)
 
     def _reuse(self, ids: list[int], hit: Hit, plan: Plan, report: ReuseReport) -> DynamicCache | None:
-        loader = SlabLoader(self.client, self.family_id, hit, plan_requests(plan), self.options.transport)
+        loader = SlabLoader(self.client, self.family_id, hit, plan_requests(plan), self.options.transport,
+                            self.stack.device, self._staging)
         if self.options.pipelined:
             loader.start()
         else:
@@ -173,7 +180,7 @@ class Consumer:
         layer. None if a slab it needs never arrived."""
         cache = DynamicCache()
         dtype = self.stack.dtype
-        suffix = self.stack.embed(torch.tensor([ids[n:-1]])) if len(ids) - 1 > n else None
+        suffix = self.stack.embed(self.stack.ids(ids[n:-1])) if len(ids) - 1 > n else None
         layer = 0
         while layer < self.stack.num_layers:
             group = plan.group_at(layer)
@@ -204,7 +211,8 @@ class Consumer:
     def generate(self, input_ids: Sequence[int] | torch.Tensor, **generate_kwargs) -> tuple[torch.Tensor, ReuseReport]:
         """``model.generate`` over the prompt with the assembled cache; returns the full
         sequences (prompt included, as ``generate`` does) and the reuse report."""
-        ids = input_ids.reshape(1, -1) if torch.is_tensor(input_ids) else torch.tensor([list(input_ids)])
+        ids = input_ids.reshape(1, -1).to(self.stack.device) if torch.is_tensor(input_ids) \
+            else self.stack.ids(input_ids)
         pre = self.prefill(ids[0])
         out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                                   past_key_values=pre.cache, **generate_kwargs)
@@ -212,8 +220,11 @@ class Consumer:
 
 
 def _head_major(slab: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Token-major ``[tokens, kv_heads, head_dim]`` to the cache's ``[1, kv_heads, tokens, head_dim]``."""
-    return slab.to(dtype).transpose(0, 1).unsqueeze(0).contiguous()
+    """Token-major ``[tokens, kv_heads, head_dim]`` as the cache's ``[1, kv_heads, tokens,
+    head_dim]``: a view, since ``DynamicCache.update`` copies what it is given (it
+    concatenates onto its empty start), which also keeps the cache out of the staging
+    buffers the next prefill reuses (test_a_cache_outlives_the_next_prefill_of_its_consumer)."""
+    return slab.to(dtype).transpose(0, 1).unsqueeze(0)
 
 
 def _usable_prefix(hit: Hit, plan: Plan) -> Hit:

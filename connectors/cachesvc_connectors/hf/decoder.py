@@ -65,6 +65,15 @@ class DecoderStack:
     def dtype(self) -> torch.dtype:
         return self.inner.embed_tokens.weight.dtype
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model's weights live: every tensor the stack builds goes there."""
+        return self.inner.embed_tokens.weight.device
+
+    def ids(self, token_ids) -> torch.Tensor:
+        """``[1, n]`` token ids on the model's device."""
+        return torch.tensor([list(token_ids)], dtype=torch.long, device=self.device)
+
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.inner.embed_tokens(input_ids)
 
@@ -85,22 +94,23 @@ class DecoderStack:
     def mask(self, q_start: int, q_len: int, kv_len: int, window: int | None) -> torch.Tensor:
         """[1, 1, q_len, kv_len]: query at absolute position q_start+i sees keys 0..q_start+i
         (the last ``window`` of them with a sliding window)."""
-        q = torch.arange(q_start, q_start + q_len).unsqueeze(1)
-        k = torch.arange(kv_len).unsqueeze(0)
+        q = torch.arange(q_start, q_start + q_len, device=self.device).unsqueeze(1)
+        k = torch.arange(kv_len, device=self.device).unsqueeze(0)
         allowed = k <= q
         if window:
             allowed &= k > q - window
         allowed = allowed[None, None]
         if self._bool_masks:
             return allowed
-        return torch.zeros(allowed.shape, dtype=self.dtype).masked_fill(~allowed, torch.finfo(self.dtype).min)
+        blocked = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
+        return blocked.masked_fill(~allowed, torch.finfo(self.dtype).min)
 
     def run(self, hidden: torch.Tensor, start: int, stop: int, q_start: int, cache) -> torch.Tensor:
         """Run layers [start, stop) on ``hidden`` ([1, q, hidden]) for the tokens at
         positions q_start..q_start+q-1, appending their K/V to ``cache`` (which must hold
         exactly q_start tokens at each of these layers)."""
         q_len = hidden.shape[1]
-        positions = torch.arange(q_start, q_start + q_len).unsqueeze(0)
+        positions = torch.arange(q_start, q_start + q_len, device=self.device).unsqueeze(0)
         for layer in range(start, stop):
             rotary, mask = self._positional(hidden, positions, q_start, layer)
             hidden = self.layers[layer](hidden, attention_mask=mask, position_embeddings=rotary,

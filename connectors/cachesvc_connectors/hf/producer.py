@@ -65,32 +65,35 @@ class Producer:
             return StoreReport(len(ids), 0, 0, 0, 0, 0, 0.0, 0.0)
         t0 = time.perf_counter()
         cache = DynamicCache()
-        out = self.model.model(input_ids=torch.tensor([ids[:covered]]), past_key_values=cache,
+        out = self.model.model(input_ids=self.stack.ids(ids[:covered]), past_key_values=cache,
                                use_cache=True, output_hidden_states=True)
+        slabs = self._host_slabs(out.past_key_values, out.hidden_states)
         prefill_s = time.perf_counter() - t0
-        entries = [EntryData(h, self._slabs(out.past_key_values, out.hidden_states,
-                                            i * chunk, min((i + 1) * chunk, covered)))
+        entries = [EntryData(h, {key: slab[i * chunk:min((i + 1) * chunk, covered)]
+                                 for key, slab in slabs.items()})
                    for i, h in enumerate(hashes)]
         t1 = time.perf_counter()
         put = self.client.put(self.family_id, self.model_id, entries, transport=self.options.transport)
         return StoreReport(len(ids), covered, len(hashes), put.entries_committed, put.already_present,
                            put.bytes_sent, prefill_s, time.perf_counter() - t1)
 
-    def _slabs(self, cache, hidden_states, start: int, stop: int) -> dict:
-        """Token-major slabs of tokens [start, stop) in the family dtype."""
+    def _host_slabs(self, cache, hidden_states) -> dict:
+        """Token-major slabs over every covered token, in the family dtype, in host memory
+        (one copy per layer and kind off the model's device; a chunk is a row slice of it,
+        contiguous because the layout is token-major)."""
         opts, slabs = self.options, {}
         kv_layers = range(self.stack.num_layers) if opts.kv_layers is None else opts.kv_layers
         e_layers = range(self.stack.num_layers) if opts.e_layers is None else opts.e_layers
         for layer in kv_layers:
             keys, values = cache.layers[layer].keys, cache.layers[layer].values
             if Kind.K in opts.kinds:
-                slabs[(Kind.K, layer)] = self._token_major(keys[0, :, start:stop].transpose(0, 1))
+                slabs[(Kind.K, layer)] = self._token_major(keys[0].transpose(0, 1))
             if Kind.V in opts.kinds:
-                slabs[(Kind.V, layer)] = self._token_major(values[0, :, start:stop].transpose(0, 1))
+                slabs[(Kind.V, layer)] = self._token_major(values[0].transpose(0, 1))
         if Kind.E in opts.kinds:
             for layer in e_layers:   # hidden_states[l] is the input of layer l (l < L)
-                slabs[(Kind.E, layer)] = self._token_major(hidden_states[layer][0, start:stop])
+                slabs[(Kind.E, layer)] = self._token_major(hidden_states[layer][0])
         return slabs
 
     def _token_major(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.to(self._dtype).contiguous()
+        return tensor.to(self._dtype).contiguous().cpu()

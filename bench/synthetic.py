@@ -1,0 +1,81 @@
+"""Random-weight model pairs at real models' shapes, for timing where weights can't travel.
+
+TTFT depends on a model's shape, not its weights, so a (producer, consumer) pair of
+random weights at a real model's shape times reuse as the real pair would. The consumer
+is the producer with its upper third of layers perturbed, the shape of a fine-tune
+adapted on a subset of layers. Task quality means nothing here: only fidelity to the
+consumer's own prefill is reported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Shape:
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vocab: int
+
+
+SHAPES = {
+    "smollm2-135m": Shape(30, 576, 9, 3, 1536, 49152),
+    "llama-3.2-1b": Shape(16, 2048, 32, 8, 8192, 128256),
+    "llama-3.1-8b": Shape(32, 4096, 32, 8, 14336, 128256),
+}
+
+
+def tokenizer(vocab: int):
+    """A word-level tokenizer over ``vocab`` made-up words (the family needs one)."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+    words = {f"w{i}": i for i in range(vocab - 1)} | {"[UNK]": vocab - 1}
+    tok = Tokenizer(WordLevel(words, unk_token="[UNK]"))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="[UNK]")
+
+
+def adapted_layers(shape: Shape) -> range:
+    """The consumer's perturbed layers: the upper third."""
+    return range(round(shape.layers * 2 / 3), shape.layers)
+
+
+def default_plan(shape: Shape) -> tuple[int, int]:
+    """The first ~13% of layers of the adapted block ([20,24) on SmolLM2's 30 layers)."""
+    start = adapted_layers(shape).start
+    return start, min(shape.layers, start + max(1, round(shape.layers * 4 / 30)))
+
+
+@torch.no_grad()
+def pair(name: str, device: str, dtype: torch.dtype | None = None):
+    """(producer, consumer, tokenizer) at ``SHAPES[name]``, built on ``device``: bf16 on a GPU,
+    fp32 on the CPU (whose bf16 matmuls are many times slower here)."""
+    dtype = dtype or (torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16)
+    from transformers import LlamaConfig, LlamaForCausalLM
+    s = SHAPES[name]
+    config = LlamaConfig(vocab_size=s.vocab, hidden_size=s.hidden, intermediate_size=s.intermediate,
+                         num_hidden_layers=s.layers, num_attention_heads=s.heads,
+                         num_key_value_heads=s.kv_heads, max_position_embeddings=8192,
+                         tie_word_embeddings=False, architectures=["LlamaForCausalLM"])
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)    # built in ``dtype``: an 8B model in fp32 would double the peak
+    try:
+        with torch.device(device):
+            producer = LlamaForCausalLM(config).eval()
+            consumer = LlamaForCausalLM(config).eval()
+    finally:
+        torch.set_default_dtype(default)
+    consumer.load_state_dict(producer.state_dict())
+    gen = torch.Generator(device=device).manual_seed(1)
+    for layer in adapted_layers(s):
+        for param in consumer.model.layers[layer].parameters():
+            noise = torch.randn(param.shape, generator=gen, device=device, dtype=torch.float32)
+            param.add_((noise * 0.5 * param.float().std()).to(dtype))
+    return producer, consumer, tokenizer(s.vocab)
