@@ -15,6 +15,7 @@ from cachesvc.entries import EntryMeta, Layout, SlabSpec
 from cachesvc.framing import decode_write_chunk, encode_slab_run, slab_run_header
 from cachesvc.keys import DType, FamilySpec, Kind
 from cachesvc.models import ModelRecord
+from cachesvc.profiles import ProfileRecord
 from cachesvc.records import EntryInput
 from cachesvc.store import CacheStore
 from cachesvc.v1 import cachesvc_pb2 as pb
@@ -62,6 +63,11 @@ def _model_to_proto(rec: ModelRecord) -> pb.GetModelResponse:
         family_id=rec.family_id)
 
 
+def _profile_to_proto(rec: ProfileRecord) -> pb.ProfileSpec:
+    return pb.ProfileSpec(producer=rec.producer, consumer=rec.consumer, producer_digest=rec.producer_digest,
+                          consumer_digest=rec.consumer_digest, document=rec.document)
+
+
 def _slab_from_proto(msg: pb.SlabSpec, where: str) -> SlabSpec:
     try:
         kind, dtype = Kind(msg.kind), DType(msg.dtype)
@@ -103,6 +109,26 @@ class CacheServicer(pb_grpc.CacheServiceServicer):
     @_maps_errors
     def ListModels(self, request, context):
         return pb.ListModelsResponse(models=[_model_to_proto(r) for r in self.store.list_models()])
+
+    @_maps_errors
+    def PutProfile(self, request, context):
+        m = request.profile
+        rec = self.store.put_profile(m.producer, m.consumer, m.producer_digest, m.consumer_digest,
+                                     m.document)
+        return pb.PutProfileResponse(version=rec.version, replaced=rec.version > 1)
+
+    @_maps_errors
+    def GetProfile(self, request, context):
+        rec = self.store.get_profile(request.producer, request.consumer)
+        return pb.GetProfileResponse(profile=_profile_to_proto(rec), version=rec.version)
+
+    @_maps_errors
+    def ListProfiles(self, request, context):
+        return pb.ListProfilesResponse(profiles=[
+            pb.ProfileInfo(producer=r.producer, consumer=r.consumer, producer_digest=r.producer_digest,
+                           consumer_digest=r.consumer_digest, version=r.version, stale=stale,
+                           size_bytes=len(r.document))
+            for r, stale in self.store.list_profiles(request.producer, request.consumer)])
 
     @_maps_errors
     def Reserve(self, request, context):

@@ -32,6 +32,7 @@ from cachesvc.errors import FailedPrecondition, InvalidArgument, NotFound, Resou
 from cachesvc.keys import (DEFAULT_TENANT, ENTRY_ID_BYTES, EntryId, FamilyId, FamilySpec, Kind,
                            check_chunk_hashes)
 from cachesvc.models import ModelRecord, ModelRegistry, Registration
+from cachesvc.profiles import ProfileRecord, ProfileRegistry
 from cachesvc.records import (DiskMode, EntryInput, LookupResult, ProducerHit, ReadHandle,
                               ReadRun, Reservation, StoreConfig, Tier)
 
@@ -108,6 +109,7 @@ class CacheStore:
         self._disk = DiskTier(config.disk_dir, config.disk_fsync) if disk_on else None
         models_path = Path(config.disk_dir) / "models.json" if disk_on else None
         self.models = ModelRegistry(models_path)
+        self.profiles = ProfileRegistry(self.models, Path(config.disk_dir) / "profiles.json" if disk_on else None)
         self._entries: dict[EntryId, _Record] = {}
         # (tenant, family) -> chunk hash -> producer -> records, newest last (a producer
         # has several only when it wrote one chunk at several position offsets)
@@ -179,6 +181,22 @@ class CacheStore:
     def list_models(self) -> list[ModelRecord]:
         with self._lock:
             return self.models.models()
+
+    # ------------------------------------------------------------ reuse profiles
+
+    def put_profile(self, producer: str, consumer: str, producer_digest: str, consumer_digest: str,
+                    document: bytes) -> ProfileRecord:
+        with self._lock:
+            return self.profiles.put(producer, consumer, producer_digest, consumer_digest, document)
+
+    def get_profile(self, producer: str, consumer: str) -> ProfileRecord:
+        with self._lock:
+            return self.profiles.get(producer, consumer)
+
+    def list_profiles(self, producer: str = "", consumer: str = "") -> list[tuple[ProfileRecord, bool]]:
+        """Matching profiles with their staleness."""
+        with self._lock:
+            return [(rec, self.profiles.stale(rec)) for rec in self.profiles.list(producer, consumer)]
 
     # ------------------------------------------------------------ two-phase put
 

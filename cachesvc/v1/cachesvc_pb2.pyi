@@ -487,3 +487,79 @@ class StatsResponse(_message.Message):
     uptime_s: int
     fetch: FetchDescriptor
     def __init__(self, node_id: _Optional[str] = ..., chunk_size: _Optional[int] = ..., tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., entries: _Optional[int] = ..., models: _Optional[int] = ..., open_reservations: _Optional[int] = ..., counters: _Optional[_Mapping[str, int]] = ..., uptime_s: _Optional[int] = ..., fetch: _Optional[_Union[FetchDescriptor, _Mapping]] = ...) -> None: ...
+
+class ProfileSpec(_message.Message):
+    __slots__ = ("producer", "consumer", "producer_digest", "consumer_digest", "document")
+    PRODUCER_FIELD_NUMBER: _ClassVar[int]
+    CONSUMER_FIELD_NUMBER: _ClassVar[int]
+    PRODUCER_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    CONSUMER_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENT_FIELD_NUMBER: _ClassVar[int]
+    producer: str
+    consumer: str
+    producer_digest: str
+    consumer_digest: str
+    document: bytes
+    def __init__(self, producer: _Optional[str] = ..., consumer: _Optional[str] = ..., producer_digest: _Optional[str] = ..., consumer_digest: _Optional[str] = ..., document: _Optional[bytes] = ...) -> None: ...
+
+class PutProfileRequest(_message.Message):
+    __slots__ = ("profile",)
+    PROFILE_FIELD_NUMBER: _ClassVar[int]
+    profile: ProfileSpec
+    def __init__(self, profile: _Optional[_Union[ProfileSpec, _Mapping]] = ...) -> None: ...
+
+class PutProfileResponse(_message.Message):
+    __slots__ = ("version", "replaced")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    REPLACED_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    replaced: bool
+    def __init__(self, version: _Optional[int] = ..., replaced: _Optional[bool] = ...) -> None: ...
+
+class GetProfileRequest(_message.Message):
+    __slots__ = ("producer", "consumer")
+    PRODUCER_FIELD_NUMBER: _ClassVar[int]
+    CONSUMER_FIELD_NUMBER: _ClassVar[int]
+    producer: str
+    consumer: str
+    def __init__(self, producer: _Optional[str] = ..., consumer: _Optional[str] = ...) -> None: ...
+
+class GetProfileResponse(_message.Message):
+    __slots__ = ("profile", "version")
+    PROFILE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    profile: ProfileSpec
+    version: int
+    def __init__(self, profile: _Optional[_Union[ProfileSpec, _Mapping]] = ..., version: _Optional[int] = ...) -> None: ...
+
+class ListProfilesRequest(_message.Message):
+    __slots__ = ("producer", "consumer")
+    PRODUCER_FIELD_NUMBER: _ClassVar[int]
+    CONSUMER_FIELD_NUMBER: _ClassVar[int]
+    producer: str
+    consumer: str
+    def __init__(self, producer: _Optional[str] = ..., consumer: _Optional[str] = ...) -> None: ...
+
+class ProfileInfo(_message.Message):
+    __slots__ = ("producer", "consumer", "producer_digest", "consumer_digest", "version", "stale", "size_bytes")
+    PRODUCER_FIELD_NUMBER: _ClassVar[int]
+    CONSUMER_FIELD_NUMBER: _ClassVar[int]
+    PRODUCER_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    CONSUMER_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STALE_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    producer: str
+    consumer: str
+    producer_digest: str
+    consumer_digest: str
+    version: int
+    stale: bool
+    size_bytes: int
+    def __init__(self, producer: _Optional[str] = ..., consumer: _Optional[str] = ..., producer_digest: _Optional[str] = ..., consumer_digest: _Optional[str] = ..., version: _Optional[int] = ..., stale: _Optional[bool] = ..., size_bytes: _Optional[int] = ...) -> None: ...
+
+class ListProfilesResponse(_message.Message):
+    __slots__ = ("profiles",)
+    PROFILES_FIELD_NUMBER: _ClassVar[int]
+    profiles: _containers.RepeatedCompositeFieldContainer[ProfileInfo]
+    def __init__(self, profiles: _Optional[_Iterable[_Union[ProfileInfo, _Mapping]]] = ...) -> None: ...

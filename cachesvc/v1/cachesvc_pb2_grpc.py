@@ -51,6 +51,21 @@ class CacheServiceStub:
                 request_serializer=cachesvc_dot_v1_dot_cachesvc__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=cachesvc_dot_v1_dot_cachesvc__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.PutProfile = channel.unary_unary(
+                '/cachesvc.v1.CacheService/PutProfile',
+                request_serializer=cachesvc_dot_v1_dot_cachesvc__pb2.PutProfileRequest.SerializeToString,
+                response_deserializer=cachesvc_dot_v1_dot_cachesvc__pb2.PutProfileResponse.FromString,
+                _registered_method=True)
+        self.GetProfile = channel.unary_unary(
+                '/cachesvc.v1.CacheService/GetProfile',
+                request_serializer=cachesvc_dot_v1_dot_cachesvc__pb2.GetProfileRequest.SerializeToString,
+                response_deserializer=cachesvc_dot_v1_dot_cachesvc__pb2.GetProfileResponse.FromString,
+                _registered_method=True)
+        self.ListProfiles = channel.unary_unary(
+                '/cachesvc.v1.CacheService/ListProfiles',
+                request_serializer=cachesvc_dot_v1_dot_cachesvc__pb2.ListProfilesRequest.SerializeToString,
+                response_deserializer=cachesvc_dot_v1_dot_cachesvc__pb2.ListProfilesResponse.FromString,
+                _registered_method=True)
         self.Reserve = channel.unary_unary(
                 '/cachesvc.v1.CacheService/Reserve',
                 request_serializer=cachesvc_dot_v1_dot_cachesvc__pb2.ReserveRequest.SerializeToString,
@@ -126,6 +141,25 @@ class CacheServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListModels(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PutProfile(self, request, context):
+        """Reuse profiles per (producer, consumer), versioned by both weights digests.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetProfile(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListProfiles(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -217,6 +251,21 @@ def add_CacheServiceServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=cachesvc_dot_v1_dot_cachesvc__pb2.ListModelsRequest.FromString,
                     response_serializer=cachesvc_dot_v1_dot_cachesvc__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'PutProfile': grpc.unary_unary_rpc_method_handler(
+                    servicer.PutProfile,
+                    request_deserializer=cachesvc_dot_v1_dot_cachesvc__pb2.PutProfileRequest.FromString,
+                    response_serializer=cachesvc_dot_v1_dot_cachesvc__pb2.PutProfileResponse.SerializeToString,
+            ),
+            'GetProfile': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetProfile,
+                    request_deserializer=cachesvc_dot_v1_dot_cachesvc__pb2.GetProfileRequest.FromString,
+                    response_serializer=cachesvc_dot_v1_dot_cachesvc__pb2.GetProfileResponse.SerializeToString,
+            ),
+            'ListProfiles': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListProfiles,
+                    request_deserializer=cachesvc_dot_v1_dot_cachesvc__pb2.ListProfilesRequest.FromString,
+                    response_serializer=cachesvc_dot_v1_dot_cachesvc__pb2.ListProfilesResponse.SerializeToString,
             ),
             'Reserve': grpc.unary_unary_rpc_method_handler(
                     servicer.Reserve,
@@ -357,6 +406,87 @@ class CacheService:
             '/cachesvc.v1.CacheService/ListModels',
             cachesvc_dot_v1_dot_cachesvc__pb2.ListModelsRequest.SerializeToString,
             cachesvc_dot_v1_dot_cachesvc__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutProfile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cachesvc.v1.CacheService/PutProfile',
+            cachesvc_dot_v1_dot_cachesvc__pb2.PutProfileRequest.SerializeToString,
+            cachesvc_dot_v1_dot_cachesvc__pb2.PutProfileResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetProfile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cachesvc.v1.CacheService/GetProfile',
+            cachesvc_dot_v1_dot_cachesvc__pb2.GetProfileRequest.SerializeToString,
+            cachesvc_dot_v1_dot_cachesvc__pb2.GetProfileResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListProfiles(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cachesvc.v1.CacheService/ListProfiles',
+            cachesvc_dot_v1_dot_cachesvc__pb2.ListProfilesRequest.SerializeToString,
+            cachesvc_dot_v1_dot_cachesvc__pb2.ListProfilesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -7,7 +7,7 @@ from cachesvc.keys import DType, FamilySpec, Kind, canonical_json, chunk_hashes
 from cachesvc_client.aio import AsyncCacheClient
 from cachesvc_client.client import CacheClient
 from cachesvc_client.codec import (EntryData, Hit, HitEntry, Layout, LookupResult, Missing,
-                                   PutResult, Registered, Slabs)
+                                   PutResult, Registered, Slabs, StoredProfile)
 from cachesvc_client.errors import (CacheServiceError, DeadlineExceededError,
                                     FailedPreconditionError, InvalidArgumentError, NotFoundError,
                                     ResourceExhaustedError, UnavailableError)
@@ -16,7 +16,7 @@ from cachesvc_client.options import ClientOptions, RetryPolicy
 __all__ = [
     "AsyncCacheClient", "CacheClient", "ClientOptions", "RetryPolicy", "DType", "FamilySpec", "Kind",
     "EntryData", "Hit", "HitEntry", "Layout", "LookupResult", "Missing", "PutResult", "Registered",
-    "Slabs", "canonical_json", "chunk_hashes", "CacheServiceError", "DeadlineExceededError",
+    "Slabs", "StoredProfile", "canonical_json", "chunk_hashes", "CacheServiceError", "DeadlineExceededError",
     "FailedPreconditionError", "InvalidArgumentError", "NotFoundError", "ResourceExhaustedError",
     "UnavailableError",
 ]

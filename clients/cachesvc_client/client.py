@@ -3,6 +3,7 @@ calls; make one client per process and reuse it."""
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -14,7 +15,7 @@ from cachesvc.v1 import cachesvc_pb2 as pb
 from cachesvc.v1 import cachesvc_pb2_grpc as pb_grpc
 from cachesvc.wire import family_from_proto, family_to_proto
 from cachesvc_client.codec import (EntryData, Hit, HitEntry, LookupResult, PutResult, Registered,
-                                   SlabAssembler, Slabs, bulk_methods, entry_columns,
+                                   SlabAssembler, Slabs, StoredProfile, bulk_methods, entry_columns,
                                    lookup_from_proto, plan_put, write_chunks)
 from cachesvc_client.errors import CacheServiceError, NotFoundError, from_rpc_error
 from cachesvc_client.options import ClientOptions, batches
@@ -93,6 +94,29 @@ class CacheClient:
         resp = self._call(self._stub.ListModels, pb.ListModelsRequest())
         return [{"model_id": m.model.model_id, "weights_digest": m.model.weights_digest,
                  "family_id": m.family_id} for m in resp.models]
+
+    # ------------------------------------------------------------ reuse profiles
+
+    def put_profile(self, producer: str, consumer: str, producer_digest: str, consumer_digest: str,
+                    document: dict) -> int:
+        """Store the pair's profile (measured on these weights); its version."""
+        spec = pb.ProfileSpec(producer=producer, consumer=consumer, producer_digest=producer_digest,
+                              consumer_digest=consumer_digest,
+                              document=json.dumps(document, separators=(",", ":")).encode())
+        return self._call(self._stub.PutProfile, pb.PutProfileRequest(profile=spec)).version
+
+    def get_profile(self, producer: str, consumer: str) -> StoredProfile:
+        """The pair's current profile. NotFoundError if there is none,
+        FailedPreconditionError if it is stale (a model changed since)."""
+        resp = self._call(self._stub.GetProfile, pb.GetProfileRequest(producer=producer, consumer=consumer))
+        m = resp.profile
+        return StoredProfile(m.producer, m.consumer, m.producer_digest, m.consumer_digest, resp.version,
+                             json.loads(m.document), False, len(m.document))
+
+    def list_profiles(self, producer: str = "", consumer: str = "") -> list[StoredProfile]:
+        resp = self._call(self._stub.ListProfiles, pb.ListProfilesRequest(producer=producer, consumer=consumer))
+        return [StoredProfile(p.producer, p.consumer, p.producer_digest, p.consumer_digest, p.version,
+                              None, p.stale, p.size_bytes) for p in resp.profiles]
 
     def chunk_size(self) -> int:
         if self._chunk_size is None:

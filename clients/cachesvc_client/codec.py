@@ -43,6 +43,21 @@ class Registered:
 
 
 @dataclass(frozen=True, slots=True)
+class StoredProfile:
+    """A reuse profile as the service holds it: the JSON ``document`` the connectors
+    write, measured on the two weights digests; ``stale`` once either model changed."""
+
+    producer: str
+    consumer: str
+    producer_digest: str
+    consumer_digest: str
+    version: int
+    document: dict | None = None    # None in listings
+    stale: bool = False
+    size_bytes: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class EntryData:
     """One chunk's slabs to put. Arrays are token-major: K/V ``[tokens, kv_heads,
     head_dim]``, E ``[tokens, hidden]``, in the family dtype (numpy or CPU torch)."""

@@ -11,7 +11,7 @@ from cachesvc_client.codec import EntryData
 
 # Safe to repeat: reading, and writes whose repetition changes nothing.
 IDEMPOTENT_METHODS = ("RegisterModel", "GetModel", "ListModels", "Lookup", "GetSlabs", "Delete",
-                      "ListEntries", "Stats")
+                      "ListEntries", "Stats", "GetProfile", "ListProfiles")
 
 
 @dataclass(frozen=True, slots=True)
