@@ -70,6 +70,11 @@ def _bench(args: argparse.Namespace) -> int:
     return bench_main(args)
 
 
+def _profile(args: argparse.Namespace) -> int:
+    from cachesvc_connectors.profile_cmd import main as profile_main   # torch lives there, not here
+    return profile_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cachesvc", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -87,6 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--producer", default="")
             p.add_argument("--tenant", default="")
             p.add_argument("--limit", type=int, default=100)
+    prof = sub.add_parser("profile", help="profile a (producer, consumer) pair's reuse plans")
+    try:
+        from cachesvc_connectors.profile_cmd import add_arguments as profile_arguments
+        profile_arguments(prof)
+    except ImportError:       # the connectors' extras are not installed
+        prof.add_argument("rest", nargs=argparse.REMAINDER)
+    prof.set_defaults(func=_profile)
     bench = sub.add_parser("bench", help="run a benchmark")
     bench.add_argument("bench", choices=["lookup", "dataplane", "quality", "reuse"])
     bench.add_argument("--json", required=True, help="write the JSON result here")

@@ -30,18 +30,25 @@ import torch
 from transformers import DynamicCache
 
 from cachesvc.keys import DType, Kind
-from cachesvc_client import CacheClient, Hit, LookupResult
+from cachesvc_client import CacheClient, FailedPreconditionError, Hit, LookupResult, NotFoundError
 from cachesvc_connectors.hf.decoder import DecoderStack
 from cachesvc_connectors.hf.family import FamilyMismatchError, register
 from cachesvc_connectors.hf.loader import SlabLoader, Staging, plan_requests
 from cachesvc_connectors.plan import Plan
+from cachesvc_connectors.profiler import best_plan
+
+PROFILE_TTL_S = 30.0   # how long a consumer trusts the profile it read (re-profiling replaces it)
 
 
 @dataclass(frozen=True)
 class ConsumerOptions:
-    # Plans for producers other than this model, by producer model id; ``default_plan``
-    # for any other producer of the family. A producer with neither is not used.
+    # Plans for producers other than this model, by producer model id; else the plan the
+    # pair's profile in the service's registry names (the fewest recomputed layers whose
+    # measured quality reaches ``min_quality``); else ``default_plan``. A producer with
+    # none is not used: the consumer recomputes rather than reuse unprofiled.
     plans: Mapping[str, Plan] = field(default_factory=dict)
+    use_profiles: bool = True
+    min_quality: float = 0.95         # identical-answer rate to the consumer's own prefill
     default_plan: Plan | None = None
     producers: Sequence[str] = ()     # consider only these producers (checked: same family)
     dtype: DType = DType.BFLOAT16     # slab dtype of the family (as the producers stored)
@@ -88,6 +95,7 @@ class Consumer:
         self._check_producers(options.producers)
         self._staging = Staging(pinned=self.stack.device.type == "cuda")
         self._lock = threading.Lock()
+        self._profiles: dict[str, tuple[float, dict | None, str]] = {}   # producer -> (at, doc, why)
 
     def _check_producers(self, producers: Sequence[str]) -> None:
         """Refuse, by name, a producer registered under another family."""
@@ -111,15 +119,48 @@ class Consumer:
             if hit.same_model or hit.producer == self.model_id:
                 plan = Plan.full_reuse(self.stack.num_layers)
             else:
-                plan = self.options.plans.get(hit.producer, self.options.default_plan)
+                plan, reason = self.plan_for(hit.producer)
                 if plan is None:
-                    why.append(f"no plan for producer {hit.producer!r}")
+                    why.append(reason)
                     continue
             hit = _usable_prefix(hit, plan)
             if hit.num_chunks:
                 return hit, plan, ""
             why.append(f"{hit.producer!r} lacks slabs the plan {plan.describe()} needs")
         return None, None, "; ".join(why) or "no cached chunks"
+
+    def plan_for(self, producer: str) -> tuple[Plan | None, str]:
+        """The plan for reusing ``producer``'s entries, or None and why not."""
+        if producer in self.options.plans:
+            return self.options.plans[producer], ""
+        if self.options.use_profiles:
+            document, reason = self._profile(producer)
+            if document is not None:
+                plan = best_plan(document, self.options.min_quality)
+                if plan is not None:
+                    return plan, ""
+                best = max(document["plans"], key=lambda r: (r["quality"], -r["recomputed_layers"]))
+                return None, (f"no profiled plan of {producer!r} reaches quality {self.options.min_quality} "
+                              f"(best {best['quality']} with {best['plan']}): recomputing")
+            if self.options.default_plan is None:
+                return None, f"no plan for producer {producer!r} ({reason})"
+        if self.options.default_plan is not None:
+            return self.options.default_plan, ""
+        return None, f"no plan for producer {producer!r}"
+
+    def _profile(self, producer: str) -> tuple[dict | None, str]:
+        """The pair's profile from the registry, cached for PROFILE_TTL_S."""
+        now = time.monotonic()
+        cached = self._profiles.get(producer)
+        if cached is None or now - cached[0] > PROFILE_TTL_S:
+            try:
+                cached = (now, self.client.get_profile(producer, self.model_id).document, "")
+            except NotFoundError:
+                cached = (now, None, "the pair is not profiled")
+            except FailedPreconditionError:
+                cached = (now, None, "its profile is stale: re-profile the pair")
+            self._profiles[producer] = cached
+        return cached[1], cached[2]
 
     # ------------------------------------------------------------------ prefill
 

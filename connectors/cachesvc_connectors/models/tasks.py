@@ -14,9 +14,13 @@ the code appears anywhere in the answer (``contains``) and edit similarity.
 
 from __future__ import annotations
 
+import argparse
 import difflib
+import json
 import random
-from dataclasses import dataclass
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 FIRST = ("Ada Alan Alice Amir Ana Ben Bo Carla Chen Dana Dev Eli Emma Eva Femi Gil Hana Ivan Iris "
          "Jon Juno Kai Kim Lars Lea Lin Luca Maya Milo Nia Noor Omar Otto Pia Raj Rosa Sam Sara "
@@ -107,3 +111,41 @@ def sized_dataset(tokenizer, split: str, count: int, context_tokens: int, seed: 
     measured = len(context_ids(tokenizer, probe))
     records = max(2, round(records * context_tokens / measured))
     return dataset(split, count, records, seed + context_tokens)
+
+
+def write_jsonl(path: str | Path, examples: list[Example]) -> None:
+    Path(path).write_text("".join(json.dumps(asdict(e)) + "\n" for e in examples))
+
+
+def read_jsonl(path: str | Path) -> list[Example]:
+    """Examples from a JSONL file of {"context", "question", "answer"} objects (the answer
+    may be empty where only fidelity to the consumer is scored)."""
+    out = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                doc = json.loads(line)
+                out.append(Example(doc["context"], doc["question"], doc.get("answer", "")))
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ValueError(f"{path}:{n}: not a {{context, question, answer}} object: {exc}") from None
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="write access-code examples as JSONL (profiling data)")
+    parser.add_argument("--split", default="profile", choices=["train", "test", "profile"])
+    parser.add_argument("--count", type=int, default=50)
+    parser.add_argument("--records", type=int, default=25, help="records per context (~21.5 tokens each)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("out", help="JSONL file to write ('-' for stdout)")
+    args = parser.parse_args(argv)
+    examples = dataset(args.split, args.count, args.records, args.seed)
+    if args.out == "-":
+        sys.stdout.writelines(json.dumps(asdict(e)) + "\n" for e in examples)
+    else:
+        write_jsonl(args.out, examples)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
