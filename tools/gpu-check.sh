@@ -13,7 +13,7 @@ source tools/gpu-env.sh || exit 1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
 if [ -z "${SKIP_TESTS:-}" ]; then
-  CACHESVC_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider tests/test_hf_connector.py 2>&1 \
+  CACHESVC_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider tests/test_hf_connector.py tests/test_profiler.py 2>&1 \
     | tee "$OUT/tests-cuda.log" | tail -15
 fi
 python3 -m cachesvc.cli bench reuse --device cuda --synthetic "${SHAPES:-smollm2-135m,llama-3.2-1b,llama-3.1-8b}" \

@@ -76,7 +76,9 @@ def main(args: argparse.Namespace) -> int:
     bars: dict[str, tqdm] = {}
 
     def progress(phase: str, done: int, total: int) -> None:
-        bar = bars.setdefault(phase, tqdm(total=total, desc=f"profile {phase}", unit="prompt", file=sys.stderr))
+        if phase not in bars:
+            bars[phase] = tqdm(total=total, desc=f"profile {phase}", unit="prompt", file=sys.stderr)
+        bar = bars[phase]
         bar.n = done
         bar.refresh()
 
