@@ -129,18 +129,27 @@ class Profiler:
             recomputed[a] = cache
         del produced
 
-        suffix = self.consumer.embed(self.consumer.ids(teacher))
+        # The suffix entering layer l under full reuse. Below a plan's first group every
+        # plan reads the producer's K/V, so its suffix enters that group exactly as here:
+        # each plan runs only from its first group up.
+        entering = [self.consumer.embed(self.consumer.ids(teacher))]
+        shared = DynamicCache()
+        for layer in range(L - 1):
+            shared.update(keys[layer], values[layer], layer)
+            entering.append(self.consumer.run(entering[-1], layer, layer + 1, n, shared))
+        del shared
         scores = {}
         for plan in plans:
+            start = plan.groups[0][0] if plan.groups else L - 1
             cache = DynamicCache()
-            for layer in range(L):
+            for layer in range(start, L):
                 group = plan.group_at(layer)
                 if group is None:
                     cache.update(keys[layer], values[layer], layer)
                 else:
                     own = recomputed[group[0]].layers[layer]
                     cache.update(own.keys, own.values, layer)
-            hidden = self.consumer.run(suffix, 0, L, n, cache)
+            hidden = self.consumer.run(entering[start], start, L, n, cache)
             logits = self.consumer.model.lm_head(self.consumer.inner.norm(hidden[:, first:]))
             got = torch.log_softmax(logits[0].float(), -1)
             kl = (reference.exp() * (reference - got)).sum(-1)
