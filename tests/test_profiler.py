@@ -13,10 +13,9 @@ from cachesvc.keys import DType
 from cachesvc_client import CacheClient
 from cachesvc_connectors.hf import Consumer, ConsumerOptions, Producer, ProducerOptions
 from cachesvc_connectors.hf.family import weights_digest
-from cachesvc_connectors.plan import Plan
+from cachesvc_connectors.plan import Plan, best_plan
 from cachesvc_connectors.profiler import (PlanResult, Profiler, ProfilerOptions, Score, StateFile,
-                                          best_plan, frontier, multi_group_candidates, profile,
-                                          single_windows)
+                                          frontier, multi_group_candidates, profile, single_windows)
 from hf_models import fine_tune_of, tiny_model, tokenizer
 
 FP32 = ProfilerOptions(window_sizes=(1, 2, 4), dtype=DType.FLOAT32)

@@ -82,3 +82,13 @@ class Plan:
         if not self.groups:
             return "full reuse"
         return ",".join(f"[{a},{b})" for a, b in self.groups)
+
+
+def best_plan(document: dict, min_quality: float) -> Plan | None:
+    """The frontier plan with the fewest recomputed layers whose quality reaches
+    ``min_quality``; None if none does."""
+    L = document["num_layers"]
+    for row in sorted(document["plans"], key=lambda r: (r["recomputed_layers"], -r["quality"])):
+        if row["frontier"] and row["quality"] >= min_quality:
+            return Plan(L, tuple(tuple(g) for g in row["groups"]))
+    return None

@@ -320,7 +320,9 @@ def profile(profiler: Profiler, samples: Sequence[tuple[list[int], list[int]]], 
             "max_groups": opts.max_groups, "full_reuse_quality": round(baseline.quality, 4),
             "layer_sensitivity": sensitivity, "plans": plans,
             "frontier": [r.plan.describe() for r in front],
-            "elapsed_s": round(time.perf_counter() - t0, 1)}
+            "elapsed_s": round(time.perf_counter() - t0, 1),
+            # scoring time summed over the state file: the whole profile's cost, resumed or not
+            "scoring_s": round(sum(d.get("seconds", 0.0) for d in state.lines), 1)}
 
 
 def _run_phase(profiler: Profiler, samples, state: StateFile, phase: int, plans: list[Plan],
@@ -329,19 +331,11 @@ def _run_phase(profiler: Profiler, samples, state: StateFile, phase: int, plans:
     by_name = {p.describe(): p for p in plans}
     for i, (context, prompt) in enumerate(samples):
         if i not in done:
+            t0 = time.perf_counter()
             scores = profiler.score_prompt(context, prompt, plans)
             done[i] = {p.describe(): [s.identical, s.kl, s.first_kl] for p, s in scores.items()}
-            state.append({"phase": phase, "prompt": i, "scores": done[i]})
+            state.append({"phase": phase, "prompt": i, "scores": done[i],
+                          "seconds": round(time.perf_counter() - t0, 2)})
         for name, (identical, kl, first_kl) in done[i].items():
             results[by_name[name]].add(Score(identical, kl, first_kl))
         progress(f"phase {phase}", i + 1, len(samples))
-
-
-def best_plan(document: dict, min_quality: float) -> Plan | None:
-    """The frontier plan with the fewest recomputed layers whose quality reaches
-    ``min_quality``; None if none does."""
-    L = document["num_layers"]
-    for row in sorted(document["plans"], key=lambda r: (r["recomputed_layers"], -r["quality"])):
-        if row["frontier"] and row["quality"] >= min_quality:
-            return Plan(L, tuple(tuple(g) for g in row["groups"]))
-    return None

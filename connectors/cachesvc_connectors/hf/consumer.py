@@ -34,8 +34,7 @@ from cachesvc_client import CacheClient, FailedPreconditionError, Hit, LookupRes
 from cachesvc_connectors.hf.decoder import DecoderStack
 from cachesvc_connectors.hf.family import FamilyMismatchError, register
 from cachesvc_connectors.hf.loader import SlabLoader, Staging, plan_requests
-from cachesvc_connectors.plan import Plan
-from cachesvc_connectors.profiler import best_plan
+from cachesvc_connectors.plan import Plan, best_plan
 
 PROFILE_TTL_S = 30.0   # how long a consumer trusts the profile it read (re-profiling replaces it)
 
