@@ -35,6 +35,8 @@ from cachesvc_connectors.hf.decoder import DecoderStack
 from cachesvc_connectors.hf.family import FamilyMismatchError, register
 from cachesvc_connectors.hf.loader import SlabLoader, Staging, plan_requests
 from cachesvc_connectors.plan import Plan, best_plan
+from cachesvc_connectors.planner import CostModel
+from cachesvc_connectors.planner import choose as choose_plan
 
 PROFILE_TTL_S = 30.0   # how long a consumer trusts the profile it read (re-profiling replaces it)
 
@@ -49,6 +51,11 @@ class ConsumerOptions:
     use_profiles: bool = True
     min_quality: float = 0.95         # identical-answer rate to the consumer's own prefill
     default_plan: Plan | None = None
+    # With a TTFT target the planner picks, among the profile's frontier plans that reach
+    # min_quality and the full prefill, the best quality predicted to meet it (planner.py);
+    # ``cost`` is calibrated on this host when not given.
+    ttft_target_s: float | None = None
+    cost: CostModel | None = None
     producers: Sequence[str] = ()     # consider only these producers (checked: same family)
     dtype: DType = DType.BFLOAT16     # slab dtype of the family (as the producers stored)
     transport: str | None = None      # data-plane path; None = the client's default
@@ -72,6 +79,7 @@ class ReuseReport:
     prefill_s: float = 0.0            # lookup + load + assembly (to a cache of N-1 tokens)
     transport: str = ""
     fallback: str = ""                # why less (or nothing) was reused
+    predicted_ttft_s: float | None = None   # the planner's prediction, with a TTFT target
 
 
 @dataclass
@@ -95,6 +103,9 @@ class Consumer:
         self._staging = Staging(pinned=self.stack.device.type == "cuda")
         self._lock = threading.Lock()
         self._profiles: dict[str, tuple[float, dict | None, str]] = {}   # producer -> (at, doc, why)
+        self.cost = options.cost
+        if self.cost is None and options.ttft_target_s is not None:
+            self.cost = CostModel.calibrate(self.stack, self.registration.family)
 
     def _check_producers(self, producers: Sequence[str]) -> None:
         """Refuse, by name, a producer registered under another family."""
@@ -107,7 +118,8 @@ class Consumer:
 
     # ------------------------------------------------------------------ choice
 
-    def choose(self, result: LookupResult) -> tuple[Hit | None, Plan | None, str]:
+    def choose(self, result: LookupResult, prompt_tokens: int = 0,
+               report: ReuseReport | None = None) -> tuple[Hit | None, Plan | None, str]:
         """The hit and plan to use, longest usable hit first: this model's own entries
         reuse every layer; another producer's need a plan. Hits are cut to the leading
         chunks that hold every slab the plan needs."""
@@ -118,7 +130,7 @@ class Consumer:
             if hit.same_model or hit.producer == self.model_id:
                 plan = Plan.full_reuse(self.stack.num_layers)
             else:
-                plan, reason = self.plan_for(hit.producer)
+                plan, reason = self.plan_for(hit.producer, hit.num_tokens, prompt_tokens, report)
                 if plan is None:
                     why.append(reason)
                     continue
@@ -128,12 +140,25 @@ class Consumer:
             why.append(f"{hit.producer!r} lacks slabs the plan {plan.describe()} needs")
         return None, None, "; ".join(why) or "no cached chunks"
 
-    def plan_for(self, producer: str) -> tuple[Plan | None, str]:
+    def plan_for(self, producer: str, cached_tokens: int = 0, prompt_tokens: int = 0,
+                 report: ReuseReport | None = None) -> tuple[Plan | None, str]:
         """The plan for reusing ``producer``'s entries, or None and why not."""
         if producer in self.options.plans:
             return self.options.plans[producer], ""
         if self.options.use_profiles:
             document, reason = self._profile(producer)
+            if document is not None and self.options.ttft_target_s is not None and self.cost is not None:
+                n = min(cached_tokens, max(prompt_tokens - 1, 0))
+                frontier = [(Plan(document["num_layers"], tuple(tuple(g) for g in row["groups"])), row["quality"])
+                            for row in document["plans"]
+                            if row["frontier"] and row["quality"] >= self.options.min_quality]
+                choice = choose_plan(frontier, self.cost, n, max(prompt_tokens - 1 - n, 0),
+                                     self.options.ttft_target_s)
+                if report is not None:
+                    report.predicted_ttft_s = round(choice.predicted_ttft_s, 4)
+                if choice.plan is None:
+                    return None, f"planner: full prefill ({choice.why})"
+                return choice.plan, ""
             if document is not None:
                 plan = best_plan(document, self.options.min_quality)
                 if plan is not None:
@@ -173,7 +198,7 @@ class Consumer:
         report = ReuseReport(prompt_tokens=len(ids))
         hashes = self.client.hash_tokens(ids, self.family_id, include_partial=True)
         result = self.client.lookup(self.family_id, hashes, consumer=self.model_id)
-        hit, plan, report.fallback = self.choose(result)
+        hit, plan, report.fallback = self.choose(result, len(ids), report)
         cache = None
         if hit is not None and plan is not None:
             with self._lock:
@@ -196,6 +221,8 @@ class Consumer:
         cache = self._assemble(ids, n, plan, loader)
         valid = loader.join()
         report.bytes_fetched, report.fetch_s = loader.bytes_fetched, loader.fetch_s
+        if self.cost is not None:
+            self.cost.observe_load(loader.bytes_fetched, loader.fetch_s)
         report.wait_s, report.hidden_fraction = loader.wait_s, loader.hidden_fraction
         report.transport = loader.transport_used
         if valid < hit.num_chunks:

@@ -1,0 +1,142 @@
+"""SLO-aware plan choice: the best-quality plan whose predicted TTFT meets a target.
+
+Cost model (seconds; n cached context tokens, s uncached suffix tokens, L layers):
+
+- a decoder layer over q new tokens attending to p cached ones costs
+  ``layer_s(q, p) = c0 + c1·q + c2·q·(p + q)`` (fixed overhead, the projections and MLP
+  linear in q, attention in q·(p+q)); the three constants are fitted by least squares to
+  timings of the consumer's own layer on this host (:meth:`CostModel.calibrate`);
+- loading moves ``bytes(plan, n)`` = n · (2·reused layers·K-or-V bytes per token +
+  groups·E bytes per token) at ``bandwidth_Bps``, after ``fetch_overhead_s`` (lookup,
+  descriptor, first frame); the consumer measures its loads and keeps an exponential
+  average of the bandwidth it actually got (:meth:`CostModel.observe_load`);
+- compute for a plan: every group layer over n+s tokens from scratch, every reused layer
+  over the s suffix tokens attending to n, and the first decode step (one token through
+  every layer plus the LM head: ``head_s``);
+- loading is pipelined under compute, so ``TTFT ≈ fetch_overhead + max(load, compute) +
+  head``; a full prefill is ``L·layer_s(n+s, 0) + head``.
+
+The planner chooses among the profile's frontier plans and the full prefill (quality 1 by
+definition): the highest quality whose predicted TTFT meets the target; ties go to the
+faster. When nothing meets the target it takes the fastest and says so.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from cachesvc.keys import FamilySpec, Kind
+from cachesvc_connectors.plan import Plan
+
+
+@dataclass
+class CostModel:
+    c0: float                        # s per layer call
+    c1: float                        # s per new token per layer
+    c2: float                        # s per (new token × attended token) per layer
+    num_layers: int
+    head_s: float                    # the first decode step
+    kv_bytes_per_token: int          # one K (or V) slab row of one layer
+    e_bytes_per_token: int           # one E row
+    bandwidth_Bps: float = 2e9
+    fetch_overhead_s: float = 0.005
+
+    def layer_s(self, q: int, past: int) -> float:
+        return self.c0 + self.c1 * q + self.c2 * q * (past + q)
+
+    def load_bytes(self, plan: Plan, n: int) -> int:
+        reused = plan.num_layers - plan.recomputed_layers
+        return n * (2 * reused * self.kv_bytes_per_token + len(plan.groups) * self.e_bytes_per_token)
+
+    def prefill_s(self, tokens: int) -> float:
+        return self.num_layers * self.layer_s(tokens, 0) + self.head_s
+
+    def predict(self, plan: Plan, n: int, s: int) -> float:
+        """Predicted TTFT of reusing n cached tokens under ``plan`` with s suffix tokens."""
+        compute = plan.recomputed_layers * self.layer_s(n + s, 0)
+        compute += (plan.num_layers - plan.recomputed_layers) * (self.layer_s(s, n) if s else 0.0)
+        load = self.load_bytes(plan, n) / self.bandwidth_Bps
+        return self.fetch_overhead_s + max(load, compute) + self.head_s
+
+    def observe_load(self, nbytes: int, seconds: float, weight: float = 0.2) -> None:
+        """Fold a measured load into the bandwidth estimate (exponential average)."""
+        if nbytes > 0 and seconds > 0:
+            self.bandwidth_Bps = (1 - weight) * self.bandwidth_Bps + weight * nbytes / seconds
+
+    @classmethod
+    @torch.no_grad()
+    def calibrate(cls, stack, family: FamilySpec, sizes: tuple[int, ...] = (16, 128, 512, 1024),
+                  repeats: int = 2, bandwidth_Bps: float = 2e9) -> CostModel:
+        """Fit the layer model to timings of ``stack``'s layer 0 on this host (a few
+        seconds on a CPU); ``head_s`` is timed as one decode step after 1024 tokens."""
+        from transformers import DynamicCache
+        rows, times = [], []
+        hidden_size = stack.config.hidden_size
+        for past in (0, max(sizes)):
+            for q in sizes:
+                cache = DynamicCache()
+                if past:
+                    stack.run(torch.zeros(1, past, hidden_size, dtype=stack.dtype, device=stack.device),
+                              0, 1, 0, cache)
+                x = torch.randn(1, q, hidden_size, dtype=stack.dtype, device=stack.device)
+                best = float("inf")
+                for _ in range(repeats):
+                    trial = DynamicCache()
+                    if past:
+                        trial.update(cache.layers[0].keys, cache.layers[0].values, 0)
+                    _sync(stack.device)
+                    t0 = time.perf_counter()
+                    stack.run(x, 0, 1, past, trial)
+                    _sync(stack.device)
+                    best = min(best, time.perf_counter() - t0)
+                rows.append([1.0, q, q * (past + q)])
+                times.append(best)
+        coef, *_ = np.linalg.lstsq(np.asarray(rows), np.asarray(times), rcond=None)
+        c0, c1, c2 = (max(float(c), 0.0) for c in coef)
+        head = stack.num_layers * (c0 + c1 + c2 * (max(sizes) + 1))
+        x = torch.randn(1, 1, hidden_size, dtype=stack.dtype, device=stack.device)
+        _sync(stack.device)
+        t0 = time.perf_counter()
+        stack.logits(x)
+        _sync(stack.device)
+        head += time.perf_counter() - t0
+        item = family.dtype.itemsize
+        return cls(c0, c1, c2, stack.num_layers, head, family.slab_bytes(Kind.K, 1),
+                   family.hidden_size * item, bandwidth_Bps)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    plan: Plan | None         # None: full prefill
+    quality: float
+    predicted_ttft_s: float
+    meets_target: bool
+    why: str
+
+
+def choose(frontier: list[tuple[Plan, float]], cost: CostModel, n: int, s: int,
+           ttft_target_s: float | None) -> Choice:
+    """Among the (plan, quality) pairs (already held to the caller's minimum quality) and
+    the full prefill: with a target, the best quality predicted to meet it, ties to the
+    faster, or the fastest of all when none does; without one, the fastest plan."""
+    options = [(None, 1.0, cost.prefill_s(n + s))]
+    options += [(plan, quality, cost.predict(plan, n, s)) for plan, quality in frontier]
+    if ttft_target_s is None:
+        plan, quality, ttft = min(options[1:] or options, key=lambda o: (o[2], -o[1]))
+        return Choice(plan, quality, ttft, True, "no target: fastest profiled plan")
+    meeting = [o for o in options if o[2] <= ttft_target_s]
+    if meeting:
+        plan, quality, ttft = max(meeting, key=lambda o: (o[1], -o[2]))
+        return Choice(plan, quality, ttft, True, f"best quality within {ttft_target_s * 1e3:.0f} ms")
+    plan, quality, ttft = min(options, key=lambda o: o[2])
+    return Choice(plan, quality, ttft, False,
+                  f"nothing meets {ttft_target_s * 1e3:.0f} ms; fastest predicted {ttft * 1e3:.0f} ms")
