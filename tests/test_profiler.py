@@ -18,7 +18,7 @@ from cachesvc_connectors.profiler import (PlanResult, Profiler, ProfilerOptions,
                                           frontier, multi_group_candidates, profile, single_windows)
 from hf_models import fine_tune_of, tiny_model, tokenizer
 
-FP32 = ProfilerOptions(window_sizes=(1, 2, 4), dtype=DType.FLOAT32)
+FP32 = ProfilerOptions(window_sizes=(1, 2, 4), dtype=DType.FLOAT32, pilot_prompts=2)
 
 
 def _samples(count: int, context: int = 48, seed: int = 0) -> list[tuple[list[int], list[int]]]:
@@ -40,7 +40,8 @@ def test_windows_cover_every_size_and_the_top():
     plans = single_windows(30, (1, 6, 20))
     assert Plan(30, ((29, 30),)) in plans and Plan(30, ((24, 30),)) in plans and Plan(30, ((10, 30),)) in plans
     assert Plan(30, ((3, 9),)) not in plans and Plan(30, ((4, 10),)) in plans     # stride 2 for size 6
-    assert all(p.recomputed_layers in (1, 6, 20) for p in plans)
+    assert Plan(30, ((3, 23),)) not in plans and Plan(30, ((5, 25),)) in plans    # stride 5 for size 20
+    assert all(p.recomputed_layers in (1, 6, 20) for p in plans) and len(plans) == 30 + 13 + 3
 
 
 def test_exact_plans_score_exact_and_the_profile_finds_the_adapted_layers(tmp_path, pair):
@@ -70,7 +71,7 @@ def test_a_rerun_resumes_from_the_state_file(tmp_path, pair):
     profiler.score_prompt = lambda *a: calls.append(1) or score(*a)
     again = profile(profiler, _samples(3), StateFile(path, {"run": 2}))
     phase_two = any(row["multi_group"] for row in first["plans"])
-    assert len(calls) == 1 + (3 if phase_two else 0)
+    assert len(calls) == 1 + (2 if phase_two else 0)      # the pilot prompts score candidates again
     assert [r["quality"] for r in again["plans"]] == [r["quality"] for r in first["plans"]]
     with pytest.raises(ValueError, match="another profiling run"):
         StateFile(path, {"run": 3})

@@ -53,7 +53,8 @@ PROFILE_FORMAT = 1
 
 @dataclass(frozen=True)
 class ProfilerOptions:
-    window_sizes: tuple[int, ...] = (1, 2, 3, 4, 6, 8, 10, 12, 15, 20)
+    window_sizes: tuple[int, ...] = (1, 2, 3, 4, 6, 8, 10, 15, 20)
+    pilot_prompts: int = 10           # phase 2's candidates come from these prompts' results
     max_groups: int = 2
     max_candidates: int = 12          # multi-group plans measured in phase 2
     max_new_tokens: int = 8           # reference answer length (greedy)
@@ -68,11 +69,13 @@ class Score:
 
 
 def single_windows(num_layers: int, sizes: Sequence[int]) -> list[Plan]:
-    """Windows of each size: every start up to size 4, every 2nd up to 10, every 5th
-    beyond; plus the window of each size ending at the top layer."""
+    """Windows of each size: every start for sizes 1 and 2, every 2nd start up to size 8,
+    every 5th beyond; plus the window of each size ending at the top layer. (The cost of
+    a profile is mostly one pass per start up to its largest window; this keeps it near
+    L²/4 layer passes per prompt.)"""
     plans = set()
     for size in sorted({s for s in sizes if 0 < s <= num_layers}):
-        stride = 1 if size <= 4 else 2 if size <= 10 else 5
+        stride = 1 if size <= 2 else 2 if size <= 8 else 5
         starts = set(range(0, num_layers - size + 1, stride)) | {num_layers - size}
         plans |= {Plan(num_layers, ((a, a + size),)) for a in starts}
     return sorted(plans, key=lambda p: p.groups)
@@ -280,26 +283,35 @@ class StateFile:
 
 def profile(profiler: Profiler, samples: Sequence[tuple[list[int], list[int]]], state: StateFile,
             progress: Callable[[str, int, int], None] = lambda phase, done, total: None) -> dict:
-    """Run both phases over ``samples`` (context ids, prompt ids); the profile document
-    (without the models' names and digests, which the caller adds)."""
+    """Both phases over ``samples`` (context ids, prompt ids); the profile document
+    (without the models' names and digests, which the caller adds).
+
+    Phase 2's candidates are chosen from the single windows' results on the first
+    ``pilot_prompts`` prompts, so every later prompt scores singles and candidates in one
+    pass (the per-start passes are the expensive part); only the pilot prompts are
+    scored a second time, for the candidates. Every plan ends up measured on every prompt."""
     L, opts = profiler.num_layers, profiler.options
     t0 = time.perf_counter()
     singles = [Plan.full_reuse(L)] + single_windows(L, opts.window_sizes) + [Plan.recompute_all(L)]
     singles = list(dict.fromkeys(singles))
     results = {p: PlanResult(p) for p in singles}
-    _run_phase(profiler, samples, state, 1, singles, results, progress)
+    pilot = min(opts.pilot_prompts, len(samples))
+    _run_phase(profiler, samples, range(pilot), state, 1, singles, results, progress)
 
-    baseline = results[Plan.full_reuse(L)]
     saved = state.candidates()
     if saved is None:
-        chosen = multi_group_candidates(list(results.values()), baseline, L, opts.max_groups, opts.max_candidates)
+        chosen = multi_group_candidates(list(results.values()), results[Plan.full_reuse(L)], L,
+                                        opts.max_groups, opts.max_candidates)
+        chosen = [p for p in chosen if p not in results]
         state.append({"candidates": [[list(g) for g in p.groups] for p in chosen]})
     else:
         chosen = [Plan(L, tuple(tuple(g) for g in groups)) for groups in saved]
     for p in chosen:
-        results.setdefault(p, PlanResult(p))
+        results[p] = PlanResult(p)
+    _run_phase(profiler, samples, range(pilot, len(samples)), state, 1, singles + chosen, results, progress)
     if chosen:
-        _run_phase(profiler, samples, state, 2, chosen, results, progress)
+        _run_phase(profiler, samples, range(pilot), state, 2, chosen, results, progress)
+    baseline = results[Plan.full_reuse(L)]
 
     front = frontier(list(results.values()))
     on_front = {r.plan for r in front}
@@ -325,12 +337,13 @@ def profile(profiler: Profiler, samples: Sequence[tuple[list[int], list[int]]], 
             "scoring_s": round(sum(d.get("seconds", 0.0) for d in state.lines), 1)}
 
 
-def _run_phase(profiler: Profiler, samples, state: StateFile, phase: int, plans: list[Plan],
-               results: dict[Plan, PlanResult], progress) -> None:
+def _run_phase(profiler: Profiler, samples, indices: range, state: StateFile, phase: int,
+               plans: list[Plan], results: dict[Plan, PlanResult], progress) -> None:
     done = state.done(phase)
     by_name = {p.describe(): p for p in plans}
-    for i, (context, prompt) in enumerate(samples):
+    for i in indices:
         if i not in done:
+            context, prompt = samples[i]
             t0 = time.perf_counter()
             scores = profiler.score_prompt(context, prompt, plans)
             done[i] = {p.describe(): [s.identical, s.kl, s.first_kl] for p, s in scores.items()}
@@ -338,4 +351,5 @@ def _run_phase(profiler: Profiler, samples, state: StateFile, phase: int, plans:
                           "seconds": round(time.perf_counter() - t0, 2)})
         for name, (identical, kl, first_kl) in done[i].items():
             results[by_name[name]].add(Score(identical, kl, first_kl))
-        progress(f"phase {phase}", i + 1, len(samples))
+        progress("plans" if phase == 1 else "pilot prompts, multi-group plans", i + 1,
+                 len(samples) if phase == 1 else len(indices))
