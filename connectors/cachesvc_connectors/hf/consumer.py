@@ -31,6 +31,7 @@ from transformers import DynamicCache
 
 from cachesvc.keys import DType, Kind
 from cachesvc_client import CacheClient, FailedPreconditionError, Hit, LookupResult, NotFoundError
+from cachesvc_connectors.drift import DriftGuard, DriftOptions
 from cachesvc_connectors.hf.decoder import DecoderStack
 from cachesvc_connectors.hf.family import FamilyMismatchError, register
 from cachesvc_connectors.hf.loader import SlabLoader, Staging, plan_requests
@@ -56,6 +57,7 @@ class ConsumerOptions:
     # ``cost`` is calibrated on this host when not given.
     ttft_target_s: float | None = None
     cost: CostModel | None = None
+    drift: DriftOptions | None = None  # check a sample of cross-model answers (drift.py)
     producers: Sequence[str] = ()     # consider only these producers (checked: same family)
     dtype: DType = DType.BFLOAT16     # slab dtype of the family (as the producers stored)
     transport: str | None = None      # data-plane path; None = the client's default
@@ -86,6 +88,7 @@ class ReuseReport:
 class Prefill:
     cache: DynamicCache               # holds the first N-1 prompt tokens
     report: ReuseReport
+    plan: Plan | None = None          # the plan used, when something was reused
 
 
 class Consumer:
@@ -104,6 +107,7 @@ class Consumer:
         self._lock = threading.Lock()
         self._profiles: dict[str, tuple[float, dict | None, str]] = {}   # producer -> (at, doc, why)
         self.cost = options.cost
+        self.guard = DriftGuard(self, options.drift) if options.drift is not None else None
         if self.cost is None and options.ttft_target_s is not None:
             self.cost = CostModel.calibrate(self.stack, self.registration.family)
 
@@ -143,6 +147,11 @@ class Consumer:
     def plan_for(self, producer: str, cached_tokens: int = 0, prompt_tokens: int = 0,
                  report: ReuseReport | None = None) -> tuple[Plan | None, str]:
         """The plan for reusing ``producer``'s entries, or None and why not."""
+        if self.guard is not None:
+            demoted, replacement = self.guard.replacement(producer)
+            if demoted:
+                return replacement, "" if replacement else \
+                    f"drift guard demoted {producer!r}'s plan to a full prefill: re-profile the pair"
         if producer in self.options.plans:
             return self.options.plans[producer], ""
         if self.options.use_profiles:
@@ -207,8 +216,25 @@ class Consumer:
             cache = DynamicCache()
             self.model.model(input_ids=self.stack.ids(ids[:-1]), past_key_values=cache, use_cache=True)
             report.mode, report.reused_tokens, report.recomputed_layers = "prefill", 0, self.stack.num_layers
+            plan = None
         report.prefill_s = time.perf_counter() - t0
-        return Prefill(cache, report)
+        return Prefill(cache, report, plan)
+
+    @torch.no_grad()
+    def prefill_with(self, ids: Sequence[int], producer: str, plan: Plan) -> Prefill | None:
+        """A prefill reusing ``producer``'s entries under ``plan`` (the drift guard's check);
+        None when they are no longer there whole."""
+        ids = list(ids)
+        report = ReuseReport(prompt_tokens=len(ids))
+        hashes = self.client.hash_tokens(ids, self.family_id, include_partial=True)
+        result = self.client.lookup(self.family_id, hashes, consumer=self.model_id, producers=[producer])
+        hits = [h for h in result.hits if h.producer == producer]
+        hit = _usable_prefix(max(hits, key=lambda h: h.num_tokens), plan) if hits else None
+        if hit is None or not hit.num_chunks:
+            return None
+        with self._lock:
+            cache = self._reuse(ids, hit, plan, report)
+        return Prefill(cache, report, plan) if cache is not None else None
 
     def _reuse(self, ids: list[int], hit: Hit, plan: Plan, report: ReuseReport) -> DynamicCache | None:
         loader = SlabLoader(self.client, self.family_id, hit, plan_requests(plan), self.options.transport,
@@ -283,7 +309,23 @@ class Consumer:
         pre = self.prefill(ids[0])
         out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                                   past_key_values=pre.cache, **generate_kwargs)
+        if self.guard is not None and pre.report.mode == "cross_model" and pre.plan is not None:
+            expected, ladder = self._expectation(pre.report.producer, pre.plan)
+            self.guard.observe(ids[0].tolist(), pre.report.producer, pre.plan, expected, ladder)
         return out, pre.report
+
+    def _expectation(self, producer: str, plan: Plan) -> tuple[float | None, list[Plan]]:
+        """The plan's quality in the pair's profile and the frontier plans recomputing
+        more layers (the drift guard's demotion ladder); (None, []) without a profile."""
+        document = self._profiles.get(producer, (0.0, None, ""))[1]
+        if document is None:
+            return None, []
+        rows = [r for r in document["plans"] if r["frontier"]]
+        mine = next((r["quality"] for r in document["plans"] if r["plan"] == plan.describe()), None)
+        ladder = [Plan(document["num_layers"], tuple(tuple(g) for g in r["groups"]))
+                  for r in sorted(rows, key=lambda r: r["recomputed_layers"])
+                  if r["recomputed_layers"] > plan.recomputed_layers]
+        return mine, ladder
 
 
 def _head_major(slab: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
