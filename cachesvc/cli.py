@@ -65,6 +65,8 @@ def _bench(args: argparse.Namespace) -> int:
         from cachesvc_bench.quality import main as bench_main
     elif args.bench == "reuse":
         from cachesvc_bench.reuse import main as bench_main
+    elif args.bench == "plan":
+        from cachesvc_bench.plan import main as bench_main
     else:
         from cachesvc_bench.dataplane import main as bench_main
     return bench_main(args)
@@ -100,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
         prof.add_argument("rest", nargs=argparse.REMAINDER)
     prof.set_defaults(func=_profile)
     bench = sub.add_parser("bench", help="run a benchmark")
-    bench.add_argument("bench", choices=["lookup", "dataplane", "quality", "reuse"])
+    bench.add_argument("bench", choices=["lookup", "dataplane", "quality", "reuse", "plan"])
     bench.add_argument("--json", required=True, help="write the JSON result here")
     bench.add_argument("--entries", type=int, default=100_000, help="lookup: index size")
     bench.add_argument("--batch", type=int, default=1024, help="lookup: hashes per batched lookup")
@@ -111,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--lmcache-python", default=".lmcache/venv/bin/python",
                        help="dataplane: python of LMCache's virtualenv (make lmcache-venv)")
     bench.add_argument("--consumers", default="codes-upper,codes-all",
-                       help="quality, reuse: fine-tuned consumers of SmolLM2")
+                       help="quality, reuse, plan: fine-tuned consumers of SmolLM2")
     bench.add_argument("--prompts", type=int, default=100, help="quality: held-out prompts per pair; "
                        "reuse: prompts per context length")
     bench.add_argument("--records", type=int, default=25, help="quality: records per context")
@@ -122,8 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--plan", default="codes-upper=[20,24);codes-all=[15,30)",
                        help="reuse: the plan of each consumer in mode 'plan'")
     bench.add_argument("--prompts-per-context", type=int, default=8,
-                       help="reuse: prompts per context length")
-    bench.add_argument("--contexts", default="512,1024,2048,4096", help="reuse: context lengths")
+                       help="reuse, plan: prompts per context length")
+    bench.add_argument("--contexts", default="512,1024,2048,4096",
+                       help="reuse, plan: context lengths (plan: use 1024,4096)")
+    bench.add_argument("--profiles", default="bench-results", help="plan: folder of profile-<consumer>.json")
+    bench.add_argument("--targets", default="0.25,0.5,1.2",
+                       help="plan: TTFT targets as fractions of the measured full prefill")
     bench.add_argument("--device", default="cpu", help="reuse: torch device of the models (cpu, cuda)")
     bench.add_argument("--synthetic", default="", help="reuse: random-weight pairs at these shapes "
                        "(smollm2-135m,llama-3.2-1b,llama-3.1-8b) instead of the real SmolLM2 pairs: "
