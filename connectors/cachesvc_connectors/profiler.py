@@ -55,6 +55,7 @@ PROFILE_FORMAT = 1
 class ProfilerOptions:
     window_sizes: tuple[int, ...] = (1, 2, 3, 4, 6, 8, 10, 15, 20)
     pilot_prompts: int = 10           # phase 2's candidates come from these prompts' results
+    batch: int = 16                   # plans per batched suffix pass
     max_groups: int = 2
     max_candidates: int = 12          # multi-group plans measured in phase 2
     max_new_tokens: int = 8           # reference answer length (greedy)
@@ -141,22 +142,28 @@ class Profiler:
             shared.update(keys[layer], values[layer], layer)
             entering.append(self.consumer.run(entering[-1], layer, layer + 1, n, shared))
         del shared
-        scores = {}
+        # Plans with the same first layer run as one batch: the weights are read once per
+        # layer for the whole batch (small-batch layers on a CPU are bound by that read).
+        by_start: dict[int, list[Plan]] = {}
         for plan in plans:
-            start = plan.groups[0][0] if plan.groups else L - 1
-            cache = DynamicCache()
-            for layer in range(start, L):
-                group = plan.group_at(layer)
-                if group is None:
-                    cache.update(keys[layer], values[layer], layer)
-                else:
-                    own = recomputed[group[0]].layers[layer]
-                    cache.update(own.keys, own.values, layer)
-            hidden = self.consumer.run(entering[start], start, L, n, cache)
-            logits = self.consumer.model.lm_head(self.consumer.inner.norm(hidden[:, first:]))
-            got = torch.log_softmax(logits[0].float(), -1)
-            kl = (reference.exp() * (reference - got)).sum(-1)
-            scores[plan] = Score(float(torch.equal(got.argmax(-1), target)), float(kl.mean()), float(kl[0]))
+            by_start.setdefault(plan.groups[0][0] if plan.groups else L - 1, []).append(plan)
+        scores = {}
+        for start, group in by_start.items():
+            for i in range(0, len(group), self.options.batch):
+                batch = group[i:i + self.options.batch]
+                cache = DynamicCache()
+                for layer in range(start, L):
+                    sources = [(keys[layer], values[layer]) if (g := plan.group_at(layer)) is None else
+                               (recomputed[g[0]].layers[layer].keys, recomputed[g[0]].layers[layer].values)
+                               for plan in batch]
+                    cache.update(torch.cat([k for k, _ in sources]), torch.cat([v for _, v in sources]), layer)
+                hidden = self.consumer.run(entering[start].expand(len(batch), -1, -1), start, L, n, cache)
+                logits = self.consumer.model.lm_head(self.consumer.inner.norm(hidden[:, first:]))
+                got = torch.log_softmax(logits.float(), -1)                       # [batch, answer, vocab]
+                kl = (reference.exp() * (reference - got)).sum(-1)                # [batch, answer]
+                for b, plan in enumerate(batch):
+                    scores[plan] = Score(float(torch.equal(got[b].argmax(-1), target)),
+                                         float(kl[b].mean()), float(kl[b, 0]))
         return scores
 
 
