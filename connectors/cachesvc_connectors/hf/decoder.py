@@ -128,8 +128,15 @@ class DecoderStack:
         if key not in self._memo:
             if len(self._memo) >= 16:
                 self._memo.clear()
-            self._memo[key] = (self.rotary(hidden, positions, layer),
-                               self.mask(q_start, hidden.shape[1], q_start + hidden.shape[1], key[3]))
+            q_len, window = hidden.shape[1], key[3]
+            if self._bool_masks and q_start == 0 and (window is None or q_len <= window):
+                # Plain causal attention from position 0: no mask, so sdpa runs causal
+                # itself (its fused kernels take no explicit mask; 1.5x faster on 4096
+                # tokens here). Not for eager, which masks only what it is given.
+                mask = None
+            else:
+                mask = self.mask(q_start, q_len, q_start + q_len, window)
+            self._memo[key] = (self.rotary(hidden, positions, layer), mask)
         return self._memo[key]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
