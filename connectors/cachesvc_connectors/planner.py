@@ -3,9 +3,12 @@
 Cost model (seconds; n cached context tokens, s uncached suffix tokens, L layers):
 
 - a decoder layer over q new tokens attending to p cached ones costs
-  ``layer_s(q, p) = c0 + c1·q + c2·q·(p + q)`` (fixed overhead, the projections and MLP
-  linear in q, attention in q·(p+q)); the three constants are fitted by least squares to
-  timings of the consumer's own layer on this host (:meth:`CostModel.calibrate`);
+  ``layer_s(q, p) = c0 + c1·q + c·q·(p + q)`` (fixed overhead, the projections and MLP
+  linear in q, attention in q·(p+q)), with ``c = c2`` for causal attention from position
+  0 (sdpa's fused causal kernel) and ``c = c3`` with a past (an explicit mask, a slower
+  kernel: 1.5–2× on this host). c0, c1, c2 are fitted by least squares to timings of the
+  consumer's own layer on this host from position 0, then c3 to the timings with a past
+  (:meth:`CostModel.calibrate`);
 - loading moves ``bytes(plan, n)`` = n · (2·reused layers·K-or-V bytes per token +
   groups·E bytes per token) at ``bandwidth_Bps``, after ``fetch_overhead_s`` (lookup,
   descriptor, first frame); the consumer measures its loads and keeps an exponential
@@ -37,16 +40,18 @@ from cachesvc_connectors.plan import Plan
 class CostModel:
     c0: float                        # s per layer call
     c1: float                        # s per new token per layer
-    c2: float                        # s per (new token × attended token) per layer
+    c2: float                        # s per (new token × attended token) per layer, from position 0
     num_layers: int
     head_s: float                    # the first decode step
     kv_bytes_per_token: int          # one K (or V) slab row of one layer
     e_bytes_per_token: int           # one E row
     bandwidth_Bps: float = 2e9
     fetch_overhead_s: float = 0.005
+    c3: float | None = None          # the same with a past (None: c2)
 
     def layer_s(self, q: int, past: int) -> float:
-        return self.c0 + self.c1 * q + self.c2 * q * (past + q)
+        attention = self.c2 if past == 0 or self.c3 is None else self.c3
+        return self.c0 + self.c1 * q + attention * q * (past + q)
 
     def load_bytes(self, plan: Plan, n: int) -> int:
         reused = plan.num_layers - plan.recomputed_layers
@@ -69,12 +74,12 @@ class CostModel:
 
     @classmethod
     @torch.no_grad()
-    def calibrate(cls, stack, family: FamilySpec, sizes: tuple[int, ...] = (16, 128, 512, 1024),
+    def calibrate(cls, stack, family: FamilySpec, sizes: tuple[int, ...] = (16, 128, 512, 1024, 2048),
                   repeats: int = 2, bandwidth_Bps: float = 2e9) -> CostModel:
         """Fit the layer model to timings of ``stack``'s layer 0 on this host (a few
-        seconds on a CPU); ``head_s`` is timed as one decode step after 1024 tokens."""
+        seconds on a CPU); ``head_s`` is one decode step after the largest size."""
         from transformers import DynamicCache
-        rows, times = [], []
+        rows: list[tuple[int, int, float]] = []   # (q, past, seconds)
         hidden_size = stack.config.hidden_size
         for past in (0, max(sizes)):
             for q in sizes:
@@ -93,11 +98,15 @@ class CostModel:
                     stack.run(x, 0, 1, past, trial)
                     _sync(stack.device)
                     best = min(best, time.perf_counter() - t0)
-                rows.append([1.0, q, q * (past + q)])
-                times.append(best)
-        coef, *_ = np.linalg.lstsq(np.asarray(rows), np.asarray(times), rcond=None)
+                rows.append((q, past, best))
+        fresh = [(q, t) for q, past, t in rows if past == 0]
+        coef, *_ = np.linalg.lstsq(np.asarray([[1.0, q, q * q] for q, _ in fresh]),
+                                   np.asarray([t for _, t in fresh]), rcond=None)
         c0, c1, c2 = (max(float(c), 0.0) for c in coef)
-        head = stack.num_layers * (c0 + c1 + c2 * (max(sizes) + 1))
+        # c3 from the timings with a past, what c0 and c1 leave (least squares through 0).
+        with_past = [(q * (past + q), t - c0 - c1 * q) for q, past, t in rows if past]
+        c3 = max(sum(x * r for x, r in with_past) / sum(x * x for x, _ in with_past), 0.0)
+        head = stack.num_layers * (c0 + c1 + c3 * (max(sizes) + 1))
         x = torch.randn(1, 1, hidden_size, dtype=stack.dtype, device=stack.device)
         _sync(stack.device)
         t0 = time.perf_counter()
@@ -106,7 +115,7 @@ class CostModel:
         head += time.perf_counter() - t0
         item = family.dtype.itemsize
         return cls(c0, c1, c2, stack.num_layers, head, family.slab_bytes(Kind.K, 1),
-                   family.hidden_size * item, bandwidth_Bps)
+                   family.hidden_size * item, bandwidth_Bps, c3=c3)
 
 
 def _sync(device: torch.device) -> None:
