@@ -26,14 +26,8 @@ from cachesvc_client import CacheClient
 from cachesvc_connectors.evaluate import BASE, REFERENCE, PairEvaluator, plan_name, summarize
 from cachesvc_connectors.hf.decoder import DecoderStack
 from cachesvc_connectors.models import finetune, smollm2, tasks
-from cachesvc_connectors.plan import Plan
+from cachesvc_connectors.plan import profile_frontier
 from cachesvc_connectors.planner import CostModel, choose
-
-
-def _frontier(document: dict) -> list[tuple[Plan, float]]:
-    L = document["num_layers"]
-    return [(Plan(L, tuple(tuple(g) for g in r["groups"])), r["quality"])
-            for r in document["plans"] if r["frontier"]]
 
 
 def _bandwidth(client: CacheClient, evaluator: PairEvaluator, tokenizer, tokens: int) -> float:
@@ -68,7 +62,7 @@ def run(args: argparse.Namespace) -> dict:
                 raise SystemExit(f"{path} missing: run `cachesvc profile --producer smollm2 "
                                  f"--consumer finetune:{name} --out {path} ...` first")
             document = json.loads(path.read_text())
-            frontier = _frontier(document)
+            frontier = profile_frontier(document)
             consumer, _ = smollm2.load(finetune.ensure([name])[name])
             evaluator = PairEvaluator(client, base, consumer, tokenizer, smollm2.NAME, name)
             cost = CostModel.calibrate(DecoderStack(consumer), evaluator.producer.registration.family)

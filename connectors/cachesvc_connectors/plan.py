@@ -87,8 +87,14 @@ class Plan:
 def best_plan(document: dict, min_quality: float) -> Plan | None:
     """The frontier plan with the fewest recomputed layers whose quality reaches
     ``min_quality``; None if none does."""
+    frontier = profile_frontier(document, min_quality)
+    return frontier[0][0] if frontier else None
+
+
+def profile_frontier(document: dict, min_quality: float = 0.0) -> list[tuple[Plan, float]]:
+    """A profile document's frontier as (plan, quality), fewest recomputed layers first,
+    keeping those whose quality reaches ``min_quality``."""
     L = document["num_layers"]
-    for row in sorted(document["plans"], key=lambda r: (r["recomputed_layers"], -r["quality"])):
-        if row["frontier"] and row["quality"] >= min_quality:
-            return Plan(L, tuple(tuple(g) for g in row["groups"]))
-    return None
+    rows = sorted((r for r in document["plans"] if r["frontier"] and r["quality"] >= min_quality),
+                  key=lambda r: (r["recomputed_layers"], -r["quality"]))
+    return [(Plan(L, tuple(tuple(g) for g in r["groups"])), r["quality"]) for r in rows]

@@ -35,7 +35,7 @@ from cachesvc_connectors.drift import DriftGuard, DriftOptions
 from cachesvc_connectors.hf.decoder import DecoderStack
 from cachesvc_connectors.hf.family import FamilyMismatchError, register
 from cachesvc_connectors.hf.loader import SlabLoader, Staging, plan_requests
-from cachesvc_connectors.plan import Plan, best_plan
+from cachesvc_connectors.plan import Plan, best_plan, profile_frontier
 from cachesvc_connectors.planner import CostModel
 from cachesvc_connectors.planner import choose as choose_plan
 
@@ -158,9 +158,7 @@ class Consumer:
             document, reason = self._profile(producer)
             if document is not None and self.options.ttft_target_s is not None and self.cost is not None:
                 n = min(cached_tokens, max(prompt_tokens - 1, 0))
-                frontier = [(Plan(document["num_layers"], tuple(tuple(g) for g in row["groups"])), row["quality"])
-                            for row in document["plans"]
-                            if row["frontier"] and row["quality"] >= self.options.min_quality]
+                frontier = profile_frontier(document, self.options.min_quality)
                 choice = choose_plan(frontier, self.cost, n, max(prompt_tokens - 1 - n, 0),
                                      self.options.ttft_target_s)
                 if report is not None:
@@ -320,12 +318,8 @@ class Consumer:
         document = self._profiles.get(producer, (0.0, None, ""))[1]
         if document is None:
             return None, []
-        rows = [r for r in document["plans"] if r["frontier"]]
         mine = next((r["quality"] for r in document["plans"] if r["plan"] == plan.describe()), None)
-        ladder = [Plan(document["num_layers"], tuple(tuple(g) for g in r["groups"]))
-                  for r in sorted(rows, key=lambda r: r["recomputed_layers"])
-                  if r["recomputed_layers"] > plan.recomputed_layers]
-        return mine, ladder
+        return mine, [p for p, _ in profile_frontier(document) if p.recomputed_layers > plan.recomputed_layers]
 
 
 def _head_major(slab: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
