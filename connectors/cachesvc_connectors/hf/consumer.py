@@ -203,9 +203,7 @@ class Consumer:
         if len(ids) < 2:
             raise ValueError("a prompt needs at least 2 tokens")
         report = ReuseReport(prompt_tokens=len(ids))
-        hashes = self.client.hash_tokens(ids, self.family_id, include_partial=True)
-        result = self.client.lookup(self.family_id, hashes, consumer=self.model_id)
-        hit, plan, report.fallback = self.choose(result, len(ids), report)
+        hit, plan, report.fallback = self.choose(self._lookup(ids), len(ids), report)
         cache = None
         if hit is not None and plan is not None:
             with self._lock:
@@ -224,15 +222,18 @@ class Consumer:
         None when they are no longer there whole."""
         ids = list(ids)
         report = ReuseReport(prompt_tokens=len(ids))
-        hashes = self.client.hash_tokens(ids, self.family_id, include_partial=True)
-        result = self.client.lookup(self.family_id, hashes, consumer=self.model_id, producers=[producer])
-        hits = [h for h in result.hits if h.producer == producer]
+        hits = [h for h in self._lookup(ids, [producer]).hits if h.producer == producer]
         hit = _usable_prefix(max(hits, key=lambda h: h.num_tokens), plan) if hits else None
         if hit is None or not hit.num_chunks:
             return None
         with self._lock:
             cache = self._reuse(ids, hit, plan, report)
         return Prefill(cache, report, plan) if cache is not None else None
+
+    def _lookup(self, ids: list[int], producers: Sequence[str] = ()) -> LookupResult:
+        """The service's hits for the prompt's chunks, a trailing partial chunk included."""
+        hashes = self.client.hash_tokens(ids, self.family_id, include_partial=True)
+        return self.client.lookup(self.family_id, hashes, consumer=self.model_id, producers=producers)
 
     def _reuse(self, ids: list[int], hit: Hit, plan: Plan, report: ReuseReport) -> DynamicCache | None:
         loader = SlabLoader(self.client, self.family_id, hit, plan_requests(plan), self.options.transport,

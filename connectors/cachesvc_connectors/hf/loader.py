@@ -61,19 +61,17 @@ class Staging:
     def out(self, family: FamilySpec, tokens: int, requests: list[LoadRequest]) -> list[dict[Kind, torch.Tensor]]:
         """Per request, its destination ``[layers, tokens, ...]`` per kind: disjoint rows
         of one buffer per kind."""
-        rows = {kind: sum(r.stop - r.start for r in requests if kind in r.kinds)
-                for r in requests for kind in r.kinds}
+        rows: dict[Kind, int] = {}              # request index -> its first row, per kind
+        starts = []
+        for r in requests:
+            starts.append({kind: rows.get(kind, 0) for kind in r.kinds})
+            for kind in r.kinds:
+                rows[kind] = rows.get(kind, 0) + r.stop - r.start
         dtype = getattr(torch, family.dtype.short_name)
         whole = {kind: self._buffer(kind, n * family.slab_bytes(kind, tokens))
                  .view(dtype).view(n, *family.slab_shape(kind, tokens)) for kind, n in rows.items()}
-        at = dict.fromkeys(rows, 0)
-        out = []
-        for r in requests:
-            n = r.stop - r.start
-            out.append({kind: whole[kind][at[kind]:at[kind] + n] for kind in r.kinds})
-            for kind in r.kinds:
-                at[kind] += n
-        return out
+        return [{kind: whole[kind][at:at + r.stop - r.start] for kind, at in first.items()}
+                for r, first in zip(requests, starts, strict=True)]
 
     def _buffer(self, kind: Kind, nbytes: int) -> torch.Tensor:
         flat = self._flat.get(kind)
@@ -173,4 +171,3 @@ class SlabLoader:
     def hidden_fraction(self) -> float:
         """Share of the fetch time the consumer did not wait for (0..1)."""
         return max(0.0, 1.0 - self.wait_s / self.fetch_s) if self.fetch_s > 0 else 0.0
-
