@@ -128,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--contexts", default="512,1024,2048,4096",
                        help="reuse, plan: context lengths (plan: use 1024,4096)")
     bench.add_argument("--profiles", default="bench-results", help="plan: folder of profile-<consumer>.json")
+    bench.add_argument("--blend", default="0.15", help="plan: CacheBlend-style baselines, shares of "
+                       "recomputed tokens (comma-separated; empty for none)")
     bench.add_argument("--targets", default="0.25,0.5,1.2",
                        help="plan: TTFT targets as fractions of the measured full prefill")
     bench.add_argument("--device", default="cpu", help="reuse: torch device of the models (cpu, cuda)")

@@ -30,10 +30,14 @@ def test_cost_model_predictions():
     assert abs(cost.prefill_s(2020) - (30 * 0.202 + 0.01)) < 1e-9
     plan = Plan(L, ((20, 24),))
     assert cost.load_bytes(plan, 2000) == 2000 * (2 * 26 * 384 + 1152)
-    compute = 4 * 0.202 + 26 * 0.002
-    assert abs(cost.predict(plan, 2000, 20) - (compute + 0.01)) < 1e-9          # compute-bound
+    compute, last = 4 * 0.202 + 26 * 0.002, 30 * 1e-4 + 0.01       # the last prompt token, the head
+    assert abs(cost.predict(plan, 2000, 20) - (compute + last)) < 1e-9          # compute-bound
     slow = _cost(bandwidth_Bps=1e6)
-    assert abs(slow.predict(plan, 2000, 20) - (slow.load_bytes(plan, 2000) / 1e6 + 0.01)) < 1e-9
+    assert abs(slow.predict(plan, 2000, 20) - (slow.load_bytes(plan, 2000) / 1e6 + last)) < 1e-9
+    # CacheBlend at 15%: layer 0 over all 2020 tokens, layer 1 over 600 + 20, the rest over 300 + 20.
+    blend = 0.202 + 0.062 + 28 * 0.032
+    assert abs(cost.predict_blend(0.15, 2000, 20) - (blend + last)) < 1e-9
+    assert abs(_cost(request_s=0.5).prefill_s(2020) - (30 * 0.202 + 0.01 + 0.5)) < 1e-9
     cost.observe_load(4_000_000, 0.001)                                            # 4 GB/s measured
     assert 1e9 < cost.bandwidth_Bps < 4e9
 
@@ -54,7 +58,7 @@ def test_calibration_on_a_real_layer_is_sane():
     model = tiny_model("llama", seed=0)
     cost = CostModel.calibrate(DecoderStack(model), family_of(model, tokenizer(), DType.FLOAT32),
                                sizes=(8, 64, 256), repeats=1)
-    assert min(cost.c0, cost.c1, cost.c2) >= 0 and cost.c0 + cost.c1 > 0 and cost.head_s > 0
+    assert min(cost.c0, cost.c1, cost.c2, cost.request_s) >= 0 and cost.c0 + cost.c1 > 0 and cost.head_s > 0
     assert cost.prefill_s(512) > cost.prefill_s(64)
     assert cost.kv_bytes_per_token == 2 * 16 * 4 and cost.e_bytes_per_token == 64 * 4
 

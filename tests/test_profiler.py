@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
 
 import pytest
 
@@ -116,3 +118,35 @@ def test_consumer_takes_its_plan_from_the_registry_or_recomputes(client: CacheCl
     client.register_model("tuned", weights_digest(changed), consumer.registration.family, replace=True)
     fresh = Consumer(client, changed, tok, "tuned", ConsumerOptions(dtype=DType.FLOAT32))
     assert "stale" in fresh.prefill(ids).report.fallback
+
+
+def test_profile_command_writes_plots_and_registers(server, client, tmp_path, pair):
+    """``cachesvc profile`` as a user runs it, on HF model folders: the frontier with
+    predicted TTFTs, the plot, and the profile in the service's registry."""
+    base, tuned = pair
+    tok = tokenizer()
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    for name, model in (("base", base), ("tuned", tuned)):
+        model.save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    rng = random.Random(5)
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps({
+        "context": " ".join(f"w{rng.randrange(255)}" for _ in range(40)),
+        "question": " ".join(f"w{rng.randrange(255)}" for _ in range(5)), "answer": ""}) for _ in range(3)))
+    out = tmp_path / "profile.json"
+    proc = subprocess.run([sys.executable, "-m", "cachesvc.cli", "profile", "--producer", str(tmp_path / "base"),
+                           "--consumer", str(tmp_path / "tuned"), "--data", str(data), "--out", str(out),
+                           "--window-sizes", "1,2", "--dtype", "float32", "--target", server.address,
+                           "--ttft-context", "512"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert doc["prompts"] == 3 and doc["producer"] == "base" and doc["consumer"] == "tuned"
+    assert doc["ttft_model"]["context_tokens"] == 512
+    ttft = {r["plan"]: r["predicted_ttft_s"] for r in doc["plans"]}
+    assert all(t > 0 for t in ttft.values()) and len(set(ttft.values())) > 1 and doc["ttft_model"]["prefill_s"] > 0
+    assert out.with_suffix(".png").stat().st_size > 10_000
+    printed = json.loads(proc.stdout)
+    assert printed["frontier"][0]["plan"] == "full reuse"
+    stored = client.get_profile("base", "tuned")
+    assert stored.document["plans"] == doc["plans"] and stored.consumer_digest == weights_digest(tuned)

@@ -6,7 +6,9 @@ answers the full prompt (context + question) greedily:
 - ``consumer``: the consumer's own full prefill (the reference for fidelity);
 - ``producer``: the producer alone (the base the fine-tune should beat);
 - ``plan:<groups>``: the consumer through the connector with that plan; ``full reuse``
-  is the empty plan.
+  is the empty plan;
+- ``cacheblend:<ratio>``: the consumer reusing every layer of the producer's K/V with
+  CacheBlend-style selective token recompute (hf/blend.py), the paper's other baseline.
 
 Two kinds of figures per variant: *task quality* against the ground truth (exact match,
 contains, edit similarity) with ``gain_retained = (variant − producer) / (consumer −
@@ -28,6 +30,7 @@ import torch
 from cachesvc.keys import DType, Kind
 from cachesvc_client import CacheClient
 from cachesvc_connectors.hf import Consumer, ConsumerOptions, Producer, ProducerOptions, ReuseReport
+from cachesvc_connectors.hf.blend import BlendConsumer
 from cachesvc_connectors.models import tasks
 from cachesvc_connectors.plan import Plan
 
@@ -88,15 +91,18 @@ class PairEvaluator:
         self.own = Producer(client, consumer_model, tokenizer, consumer_id, ProducerOptions(dtype=dtype))
         self.consumer_id, self.dtype = consumer_id, dtype
         self.max_new_tokens = max_new_tokens
-        self._consumers: dict[tuple[Plan | None, str], Consumer] = {}
+        self._consumers: dict[tuple[Plan | float | None, str], Consumer] = {}
 
-    def consumer(self, plan: Plan | None, producer: str) -> Consumer:
-        """A consumer that reads only ``producer``'s entries (None plan: same model)."""
+    def consumer(self, plan: Plan | float | None, producer: str) -> Consumer:
+        """A consumer that reads only ``producer``'s entries: with ``plan`` (None: same
+        model), or blending with that share of recomputed tokens (a float)."""
         key = (plan, producer)
         if key not in self._consumers:
-            self._consumers[key] = Consumer(
-                self.client, self.consumer_model, self.tokenizer, self.consumer_id,
-                ConsumerOptions(default_plan=plan, producers=[producer], dtype=self.dtype))
+            options = ConsumerOptions(default_plan=plan if isinstance(plan, Plan) else None,
+                                      producers=[producer], dtype=self.dtype)
+            args = (self.client, self.consumer_model, self.tokenizer, self.consumer_id, options)
+            self._consumers[key] = BlendConsumer(*args, ratio=plan) if isinstance(plan, float) \
+                else Consumer(*args)
         return self._consumers[key]
 
     def _gen_kwargs(self) -> dict:
@@ -125,20 +131,23 @@ class PairEvaluator:
         return self._answer(out, len(ids), t0, first, report)
 
     def run(self, examples: Sequence[tasks.Example], plans: Sequence[Plan], same_model: bool = False,
-            progress: Callable[[], None] = lambda: None) -> dict[str, VariantResult]:
+            progress: Callable[[], None] = lambda: None, blends: Sequence[float] = ()
+            ) -> dict[str, VariantResult]:
         """Every variant on every example; results by variant name: ``consumer``
-        (full prefill), ``producer``, ``same_model`` (if asked) and ``plan:<groups>``."""
+        (full prefill), ``producer``, ``same_model`` (if asked), ``plan:<groups>`` and
+        ``cacheblend:<ratio>`` (for each of ``blends``)."""
         samples = [(tasks.context_ids(self.tokenizer, e), tasks.prompt_ids(self.tokenizer, e), e.answer)
                    for e in examples]
-        return self.run_ids(samples, plans, same_model, progress)
+        return self.run_ids(samples, plans, same_model, progress, blends)
 
     def run_ids(self, samples: Sequence[tuple[list[int], list[int], str]], plans: Sequence[Plan],
-                same_model: bool = False, progress: Callable[[], None] = lambda: None
-                ) -> dict[str, VariantResult]:
+                same_model: bool = False, progress: Callable[[], None] = lambda: None,
+                blends: Sequence[float] = ()) -> dict[str, VariantResult]:
         """As :meth:`run`, over (context ids, prompt ids, true answer) samples; the prompt
         starts with the context. Task scores are meaningless where the answer is unknown
         (random-token prompts): read only fidelity and TTFT there."""
-        names = [REFERENCE, BASE] + ([SAME] if same_model else []) + [plan_name(p) for p in plans]
+        names = [REFERENCE, BASE] + ([SAME] if same_model else []) + [plan_name(p) for p in plans] + \
+            [blend_name(r) for r in blends]
         results = {name: VariantResult(name) for name in names}
         for plan in plans:
             results[plan_name(plan)].recomputed_layers = plan.recomputed_layers
@@ -151,6 +160,8 @@ class PairEvaluator:
             self.producer.store(context)
             for plan in plans:
                 answers[plan_name(plan)] = self.reuse(self.consumer(plan, self.producer.model_id), ids)
+            for ratio in blends:
+                answers[blend_name(ratio)] = self.reuse(self.consumer(float(ratio), self.producer.model_id), ids)
             for name, ans in answers.items():
                 _record(results[name], ans, ref, truth)
             hashes = self.client.hash_tokens(context, self.producer.family_id)
@@ -161,6 +172,10 @@ class PairEvaluator:
 
 def plan_name(plan: Plan) -> str:
     return f"plan:{plan.describe()}"
+
+
+def blend_name(ratio: float) -> str:
+    return f"cacheblend:{ratio:g}"
 
 
 def _record(result: VariantResult, ans: Answer, ref: Answer, truth: str) -> None:

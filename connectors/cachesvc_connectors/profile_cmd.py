@@ -22,6 +22,8 @@ from tqdm import tqdm
 
 from cachesvc.keys import DType
 
+SUFFIX_TOKENS = 16    # the question after the cached context, in the TTFT prediction
+
 
 def _load(spec: str):
     from cachesvc_connectors.models import finetune, smollm2
@@ -49,6 +51,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                         help="slab dtype of the family (the producer's tensors are rounded through it)")
     parser.add_argument("--target", default="", help="store the profile in this cachesvc server")
+    parser.add_argument("--ttft-context", type=int, default=4096,
+                        help="predict each plan's TTFT at this many cached tokens (cost model "
+                             "calibrated on this host; plotted)")
+    parser.add_argument("--bandwidth", type=float, default=2e9,
+                        help="data-plane bytes/s the TTFT prediction assumes")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -86,6 +93,7 @@ def main(args: argparse.Namespace) -> int:
                 **profile(Profiler(producer, consumer, options), samples, state, progress)}
     for bar in bars.values():
         bar.close()
+    document["ttft_model"] = _predict_ttft(document, consumer, tokenizer, dtype, args)
     out.write_text(json.dumps(document, indent=1))
     plot(document, out.with_suffix(".png"))
     if args.target:
@@ -106,11 +114,28 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict_ttft(document: dict, consumer, tokenizer, dtype: DType, args: argparse.Namespace) -> dict:
+    """Adds each plan's predicted TTFT at ``--ttft-context`` cached tokens and a short
+    suffix, from a cost model calibrated on this host (planner.py); returns the setting."""
+    from cachesvc_connectors.hf.decoder import DecoderStack
+    from cachesvc_connectors.hf.family import family_of
+    from cachesvc_connectors.plan import Plan
+    from cachesvc_connectors.planner import CostModel
+    cost = CostModel.calibrate(DecoderStack(consumer), family_of(consumer, tokenizer, dtype),
+                               bandwidth_Bps=args.bandwidth)
+    n, s = args.ttft_context, SUFFIX_TOKENS
+    for row in document["plans"]:
+        plan = Plan(document["num_layers"], tuple(tuple(g) for g in row["groups"]))
+        row["predicted_ttft_s"] = round(cost.predict(plan, n, s), 4)
+    return {"context_tokens": n, "suffix_tokens": s, "prefill_s": round(cost.prefill_s(n + s + 1), 4),
+            "cost_model": dict(vars(cost))}
+
+
 def plot(document: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(17, 4.2))
     plans = document["plans"]
     for multi, marker, label in ((False, "o", "single group"), (True, "s", "two or more groups")):
         rows = [p for p in plans if p["multi_group"] == multi]
@@ -125,6 +150,16 @@ def plot(document: dict, path: Path) -> None:
     left.set(xlabel="recomputed layers", ylabel="identical to consumer prefill",
              title=f"{document['producer']} -> {document['consumer']} ({document['prompts']} prompts)")
     left.legend(fontsize=8, loc="lower right")
+    ttft = document.get("ttft_model")
+    if ttft:
+        middle.scatter([p["predicted_ttft_s"] for p in plans], [p["quality"] for p in plans], s=14, alpha=0.4,
+                       label="plans")
+        middle.step([p["predicted_ttft_s"] for p in front], [p["quality"] for p in front], where="post",
+                     color="black", label="frontier")
+        middle.scatter([ttft["prefill_s"]], [1.0], marker="D", color="tab:red", label="full prefill")
+        middle.set(xlabel=f"predicted TTFT (s) at {ttft['context_tokens']} cached tokens",
+                   ylabel="identical to consumer prefill", title="quality against predicted TTFT")
+        middle.legend(fontsize=8, loc="lower right")
     sens = document["layer_sensitivity"]
     right.bar([s["layer"] for s in sens], [s["kl"] for s in sens], color="tab:orange")
     right.axhline(next(p["kl"] for p in plans if p["recomputed_layers"] == 0), color="gray", ls="--",

@@ -291,7 +291,7 @@ class Consumer:
             keys, values = loader.wait(Kind.K, layer), loader.wait(Kind.V, layer)
             if keys is None or values is None:
                 return None
-            cache.update(_head_major(keys[:n], dtype), _head_major(values[:n], dtype), layer)
+            cache.update(head_major(keys[:n], dtype), head_major(values[:n], dtype), layer)
             if suffix is not None:
                 suffix = self.stack.run(suffix, layer, layer + 1, n, cache)
             layer += 1
@@ -323,7 +323,7 @@ class Consumer:
         return mine, [p for p, _ in profile_frontier(document) if p.recomputed_layers > plan.recomputed_layers]
 
 
-def _head_major(slab: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def head_major(slab: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Token-major ``[tokens, kv_heads, head_dim]`` as the cache's ``[1, kv_heads, tokens,
     head_dim]``: a view, since ``DynamicCache.update`` copies what it is given (it
     concatenates onto its empty start), which also keeps the cache out of the staging

@@ -91,11 +91,10 @@ class DecoderStack:
             return self.inner.rotary_emb(hidden, positions, self.layer_types[layer])
         return self.inner.rotary_emb(hidden, positions)
 
-    def mask(self, q_start: int, q_len: int, kv_len: int, window: int | None) -> torch.Tensor:
-        """[1, 1, q_len, kv_len]: query at absolute position q_start+i sees keys 0..q_start+i
-        (the last ``window`` of them with a sliding window)."""
-        q = torch.arange(q_start, q_start + q_len, device=self.device).unsqueeze(1)
-        k = torch.arange(kv_len, device=self.device).unsqueeze(0)
+    def mask(self, positions: torch.Tensor, kv_len: int, window: int | None) -> torch.Tensor:
+        """[1, 1, q, kv_len]: the query at absolute position ``positions[i]`` sees keys
+        0..positions[i] (the last ``window`` of them with a sliding window)."""
+        k, q = torch.arange(kv_len, device=self.device).unsqueeze(0), positions.unsqueeze(1)
         allowed = k <= q
         if window:
             allowed &= k > q - window
@@ -119,6 +118,21 @@ class DecoderStack:
                 hidden = hidden[0]
         return hidden
 
+    def run_at(self, hidden: torch.Tensor, layer: int, positions: torch.Tensor,
+               keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """Run ``layer`` on ``hidden`` ([1, q, hidden]) for tokens at the sorted absolute
+        ``positions`` ([q], any gaps) against a whole layer of K/V (``keys``/``values``
+        [1, kv_heads, T, head_dim], positions 0..T-1): the layer's K/V of these tokens
+        overwrite their rows in place before attention, and each query sees keys up to its
+        own position. This is selective token recompute (CacheBlend); rows not in
+        ``positions`` are whatever the caller put there (another model's K/V)."""
+        mask = self.mask(positions, keys.shape[2], self.window(layer))
+        ids = positions.unsqueeze(0)
+        hidden = self.layers[layer](hidden, attention_mask=mask, position_embeddings=self.rotary(hidden, ids, layer),
+                                    position_ids=ids, past_key_values=_Overwrite(keys, values, positions),
+                                    use_cache=True)
+        return hidden[0] if isinstance(hidden, tuple) else hidden
+
     def _positional(self, hidden: torch.Tensor, positions: torch.Tensor, q_start: int, layer: int):
         """Rotary embeddings and mask for these positions at ``layer``, memoized: the
         consumer runs the same suffix through every reused layer one call at a time, and
@@ -135,10 +149,23 @@ class DecoderStack:
                 # tokens here). Not for eager, which masks only what it is given.
                 mask = None
             else:
-                mask = self.mask(q_start, q_len, q_start + q_len, window)
+                mask = self.mask(positions[0], q_start + q_len, window)
             self._memo[key] = (self.rotary(hidden, positions, layer), mask)
         return self._memo[key]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits of the last position of ``hidden`` (the output of the last layer)."""
         return self.model.lm_head(self.inner.norm(hidden[:, -1:]))
+
+
+class _Overwrite:
+    """The one cache method a decoder layer's attention calls (``update``), writing the
+    new tokens' K/V into their rows of a full layer and returning the whole layer."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
+        self.keys, self.values, self.positions = keys, values, positions
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args, **kwargs):
+        self.keys[:, :, self.positions] = keys.to(self.keys.dtype)
+        self.values[:, :, self.positions] = values.to(self.values.dtype)
+        return self.keys, self.values
