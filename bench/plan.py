@@ -6,9 +6,15 @@ bench-results/profile-<consumer>.json``) and each context length: every frontier
 and the baselines (the consumer's full prefill, full reuse of the producer's K/V, and
 CacheBlend-style selective token recompute at ``--blend``) on held-out prompts, with task
 quality, ``gain_retained``, fidelity, measured TTFT and the planner's predicted TTFT (per
-request). The cost model is calibrated before any measurement: layer times on this host,
-load bandwidth and fixed fetch cost from timed fetches. Then the planner's choice under
-three TTFT targets (fractions of the measured full prefill).
+request). The cost model is calibrated before any measurement: layer times on this host
+up to the longest context, the load bandwidth from timed fetches, and the fixed
+per-request costs from a full prefill and a full reuse of one profile prompt
+(``CostModel.fit_fixed_costs``). Then the planner's choice under three TTFT targets
+(fractions of the measured full prefill).
+
+``--synthetic SHAPES`` (with ``--device cuda`` on a lent GPU machine) does the same for
+random-weight pairs at real shapes, profiled in the run on random prompts: TTFT, the
+planner and fidelity, no task quality.
 
 Dominance. Quality is fidelity to the consumer's own prefill (identical greedy answers),
 on the profile's own prompts: the profile measured every frontier plan there, and this
@@ -30,7 +36,14 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
 from cachesvc.keys import Kind
+from cachesvc_bench import synthetic
 from cachesvc_bench.common import bench_server, machine, markdown_table, publish
 from cachesvc_client import CacheClient
 from cachesvc_connectors.evaluate import BASE, REFERENCE, PairEvaluator, blend_name, plan_name, summarize
@@ -38,41 +51,111 @@ from cachesvc_connectors.hf.decoder import DecoderStack
 from cachesvc_connectors.models import finetune, smollm2, tasks
 from cachesvc_connectors.plan import Plan, best_plan, profile_frontier
 from cachesvc_connectors.planner import CostModel, choose
+from cachesvc_connectors.profiler import Profiler, ProfilerOptions, StateFile, profile
 
 TTFT_NOISE = 0.05
+SYNTHETIC_WINDOWS = (1, 2, 4, 8, 12)   # a quicker search for the random-weight pairs
 
 
-def _data_plane(client: CacheClient, evaluator: PairEvaluator, tokenizer, tokens: int) -> tuple[float, float]:
-    """Bytes/s of a K/V fetch of every layer of a stored context, and the fixed cost of a
-    lookup plus a fetch of its first chunk beyond its bytes (best of 3 each)."""
-    example = tasks.sized_dataset(tokenizer, "profile", 1, tokens, seed=99)[0]
-    context = tasks.context_ids(tokenizer, example)
+def _bandwidth(client: CacheClient, evaluator: PairEvaluator, context: list[int]) -> float:
+    """Bytes/s of a K/V fetch of every layer of a stored context (best of 3)."""
     evaluator.producer.store(context)
     family = evaluator.producer.family_id
     hashes = client.hash_tokens(context, family)
     hit = client.lookup(family, hashes).best()
-    best, first = float("inf"), float("inf")
+    best = float("inf")
     for _ in range(3):
         t0 = time.perf_counter()
         slabs = client.get(family, hit, (Kind.K, Kind.V), as_torch=True)
         best = min(best, time.perf_counter() - t0)
-    bandwidth = slabs.bytes_received / best
-    for _ in range(3):
-        t0 = time.perf_counter()
-        one = client.get(family, client.lookup(family, hashes).best()[:1], (Kind.K, Kind.V), as_torch=True)
-        first = min(first, time.perf_counter() - t0 - one.bytes_received / bandwidth)
     client.delete(family, chunk_hashes=hashes)
-    return bandwidth, max(first, 0.0)
+    return slabs.bytes_received / best
 
 
-def _shapes(tokenizer, examples, chunk: int) -> list[tuple[int, int, int]]:
-    """Per example (n cached tokens, s suffix tokens before the last, prompt tokens)."""
+Sample = tuple[list[int], list[int], str]     # context ids, prompt ids (context first), answer
+
+
+def _shapes(samples: list[Sample], chunk: int) -> list[tuple[int, int, int]]:
+    """Per sample (n cached tokens, s suffix tokens before the last, prompt tokens)."""
     shapes = []
-    for e in examples:
-        context, prompt = tasks.context_ids(tokenizer, e), tasks.prompt_ids(tokenizer, e)
+    for context, prompt, _ in samples:
         n = min(len(context) // chunk * chunk, len(prompt) - 1)
         shapes.append((n, len(prompt) - 1 - n, len(prompt)))
     return shapes
+
+
+@dataclass
+class PairSetup:
+    """One (producer, consumer) pair to measure: its models, its profile, the profile's
+    prompts and held-out samples of a given context length."""
+
+    name: str
+    producer: object
+    consumer: object
+    tokenizer: object
+    producer_id: str
+    document: dict
+    profile_samples: list[Sample]
+    samples: Callable[[int], list[Sample]]
+
+
+def _sample(tokenizer, example: tasks.Example) -> Sample:
+    return tasks.context_ids(tokenizer, example), tasks.prompt_ids(tokenizer, example), example.answer
+
+
+def _real_pairs(args: argparse.Namespace) -> Iterator[PairSetup]:
+    """SmolLM2 and its fine-tunes, with the profiles ``cachesvc profile`` wrote."""
+    base, tokenizer = smollm2.load()
+    base.to(args.device)
+    for name in args.consumers.split(","):
+        path = Path(args.profiles) / f"profile-{name}.json"
+        if not path.exists():
+            raise SystemExit(f"{path} missing: run `cachesvc profile --producer smollm2 "
+                             f"--consumer finetune:{name} --out {path} ...` first")
+        document = json.loads(path.read_text())
+        consumer, _ = smollm2.load(finetune.ensure([name])[name])
+        consumer.to(args.device)
+        examples = tasks.read_jsonl(document["data"])[:document["prompts"]]
+        yield PairSetup(name, base, consumer, tokenizer, smollm2.NAME, document,
+                        [_sample(tokenizer, e) for e in examples],
+                        lambda tokens: [_sample(tokenizer, e) for e in tasks.sized_dataset(
+                            tokenizer, "test", args.prompts_per_context, tokens, args.seed)])
+
+
+def _synthetic_pairs(args: argparse.Namespace) -> Iterator[PairSetup]:
+    """Random-weight pairs at real shapes (bench/synthetic.py), profiled here on random
+    512-token prompts: TTFT, the planner and fidelity where the real weights are not at
+    hand (a lent GPU machine). Task quality means nothing here."""
+    import tempfile
+    for name in args.synthetic.split(","):
+        shape = synthetic.SHAPES[name]
+        producer, consumer, tokenizer = synthetic.pair(name, args.device)
+        rng = random.Random(args.seed)
+        question = [rng.randrange(shape.vocab) for _ in range(16)]
+        profile_samples = [synthetic.random_sample(rng, 512, question, shape.vocab)
+                           for _ in range(args.profile_prompts)]
+        with tempfile.TemporaryDirectory() as tmp:
+            document = profile(Profiler(producer, consumer, ProfilerOptions(window_sizes=SYNTHETIC_WINDOWS)),
+                               [(c, p) for c, p, _ in profile_samples],
+                               StateFile(Path(tmp) / "state.jsonl", {"synthetic": name}))
+        yield PairSetup(name, producer, consumer, tokenizer, f"{name}-base", document, profile_samples,
+                        lambda tokens, rng=rng, question=question, vocab=shape.vocab: [
+                            synthetic.random_sample(rng, tokens, question, vocab)
+                            for _ in range(args.prompts_per_context)])
+
+
+def _fixed_costs(evaluator: PairEvaluator, cost: CostModel, sample: Sample, chunk: int, repeats: int = 3) -> None:
+    """Fit the cost model's fixed per-request costs to a full prefill and a full reuse of
+    one profile prompt (best of ``repeats``), before anything is measured."""
+    context, prompt, _ = sample
+    evaluator.producer.store(context)
+    reuse = evaluator.consumer(Plan.full_reuse(cost.num_layers), evaluator.producer.model_id)
+    prefill_s = min(evaluator.full_prefill(evaluator.consumer_model, prompt).ttft_s for _ in range(repeats))
+    reuse_s = min(evaluator.reuse(reuse, prompt).ttft_s for _ in range(repeats))
+    n, s, tokens = _shapes([sample], chunk)[0]
+    cost.fit_fixed_costs((tokens, prefill_s), (n, s, reuse_s))
+    family = evaluator.producer.family_id
+    evaluator.client.delete(family, chunk_hashes=evaluator.client.hash_tokens(context, family))
 
 
 def _predicted(cost: CostModel, what: Plan | float | None, n: int, s: int, prompt_tokens: int) -> float:
@@ -82,18 +165,17 @@ def _predicted(cost: CostModel, what: Plan | float | None, n: int, s: int, promp
     return cost.predict(what, n, s) if isinstance(what, Plan) else cost.predict_blend(what, n, s)
 
 
-def _profile_prompts(evaluator: PairEvaluator, document: dict, frontier, blends, name: str) -> dict:
+def _profile_prompts(evaluator: PairEvaluator, pair: PairSetup, frontier, blends) -> dict:
     """The baselines (and full reuse and the default plan, as a check) on the profile's
     own prompts: identical-answer rates comparable with the profile's."""
-    examples = tasks.read_jsonl(document["data"])[:document["prompts"]]
-    L = document["num_layers"]
-    default = best_plan(document, 0.95)
+    L = pair.document["num_layers"]
+    default = best_plan(pair.document, 0.95)
     plans = [Plan.full_reuse(L)] + ([default] if default is not None and default.groups else [])
-    with tqdm(total=len(examples), desc=f"baselines {name} @profile prompts", unit="prompt") as bar:
-        results = evaluator.run(examples, plans, progress=bar.update, blends=blends)
+    with tqdm(total=len(pair.profile_samples), desc=f"baselines {pair.name} @profile prompts", unit="prompt") as bar:
+        results = evaluator.run_ids(pair.profile_samples, plans, progress=bar.update, blends=blends)
     summary = {r["variant"]: r for r in summarize(results)}
     profiled = dict((p.describe(), q) for p, q in frontier)
-    return {"prompts": len(examples), "data": document["data"],
+    return {"prompts": len(pair.profile_samples),
             "identical": {v: summary[v]["fidelity"]["identical"] for v in summary if v not in (REFERENCE, BASE)},
             "profile_says": {plan_name(p): profiled.get(p.describe()) for p in plans}}
 
@@ -126,35 +208,33 @@ def _dominance(name: str, tokens: int, measured: dict, frontier, cost: CostModel
 
 
 def run(args: argparse.Namespace) -> dict:
-    base, tokenizer = smollm2.load()
-    L = base.config.num_hidden_layers
     contexts = [int(c) for c in args.contexts.split(",")]
     fractions = [float(f) for f in args.targets.split(",")]
     blends = [float(b) for b in args.blend.split(",") if b]
     chunk = 256
     rows, choices, pairs, dominance = [], [], [], []
-    with bench_server("--memory-bytes", "2GiB", "--disk-mode", "off") as srv, \
+    memory = "24GiB" if args.device.startswith("cuda") else "2GiB"
+    with bench_server("--memory-bytes", memory, "--disk-mode", "off") as srv, \
             CacheClient(srv.address) as client:
-        for name in args.consumers.split(","):
-            path = Path(args.profiles) / f"profile-{name}.json"
-            if not path.exists():
-                raise SystemExit(f"{path} missing: run `cachesvc profile --producer smollm2 "
-                                 f"--consumer finetune:{name} --out {path} ...` first")
-            document = json.loads(path.read_text())
-            frontier = profile_frontier(document)
-            consumer, _ = smollm2.load(finetune.ensure([name])[name])
-            evaluator = PairEvaluator(client, base, consumer, tokenizer, smollm2.NAME, name)
-            cost = CostModel.calibrate(DecoderStack(consumer), evaluator.producer.registration.family)
-            cost.bandwidth_Bps, cost.fetch_overhead_s = _data_plane(client, evaluator, tokenizer, max(contexts))
-            on_profile = _profile_prompts(evaluator, document, frontier, blends, name)
-            pairs.append({"consumer": name, "cost_model": dict(vars(cost)), "profile_prompts": document["prompts"],
-                          "baselines_on_profile_prompts": on_profile})
+        for pair in (_synthetic_pairs(args) if args.synthetic else _real_pairs(args)):
+            name, L = pair.name, pair.document["num_layers"]
+            frontier = profile_frontier(pair.document)
+            evaluator = PairEvaluator(client, pair.producer, pair.consumer, pair.tokenizer, pair.producer_id, name)
+            sizes = tuple(sorted({16, 128, 512, 1024, *contexts}))
+            cost = CostModel.calibrate(DecoderStack(pair.consumer), evaluator.producer.registration.family,
+                                       sizes=sizes)
+            cost.bandwidth_Bps = _bandwidth(client, evaluator, pair.samples(max(contexts))[0][0])
+            _fixed_costs(evaluator, cost, pair.profile_samples[-1], chunk)
+            on_profile = _profile_prompts(evaluator, pair, frontier, blends)
+            pairs.append({"consumer": name, "cost_model": dict(vars(cost)), "profile_prompts": pair.document["prompts"],
+                          "baselines_on_profile_prompts": on_profile,
+                          "frontier": [{"plan": p.describe(), "quality": q} for p, q in frontier]})
             plans = [plan for plan, _ in frontier]
             for tokens in contexts:
-                examples = tasks.sized_dataset(tokenizer, "test", args.prompts_per_context, tokens, args.seed)
-                shapes = _shapes(tokenizer, examples, chunk)
-                with tqdm(total=len(examples), desc=f"plan {name} @{tokens}", unit="prompt") as bar:
-                    results = evaluator.run(examples, plans, progress=bar.update, blends=blends)
+                samples = pair.samples(tokens)
+                shapes = _shapes(samples, chunk)
+                with tqdm(total=len(samples), desc=f"plan {name} @{tokens}", unit="prompt") as bar:
+                    results = evaluator.run_ids(samples, plans, progress=bar.update, blends=blends)
                 summary = {r["variant"]: r for r in summarize(results)}
                 # (variant, label, kind, recomputed layers or their equivalent, quality on the
                 # profile's prompts, what runs: None = prefill, a plan, or a blend ratio)
@@ -177,7 +257,7 @@ def run(args: argparse.Namespace) -> dict:
                            "ttft_s": r["ttft_s"], "predicted_ttft_s": round(sorted(predicted)[len(predicted) // 2], 4),
                            "prediction_error_median": round(sorted(errors)[len(errors) // 2], 3),
                            "within_20pct": round(sum(e <= 0.2 for e in errors) / len(errors), 3),
-                           "prompts": len(examples),
+                           "prompts": len(samples),
                            "requests": [{"n": n, "s": s, "measured_s": round(m, 4), "predicted_s": round(p, 4)}
                                         for (n, s, _), m, p in zip(shapes, per_request, predicted, strict=True)]}
                     rows.append(row)
@@ -195,14 +275,18 @@ def run(args: argparse.Namespace) -> dict:
                                     "measured_ttft_s": got["ttft_s"], "met": got["ttft_s"] <= target,
                                     "quality": got["quality"], "gain_retained": got["gain_retained"],
                                     "why": choice.why})
-                identical = on_profile["identical"]
-                baselines = {"full reuse": (identical[plan_name(Plan.full_reuse(L))], measured["full reuse"]["ttft_s"])}
-                baselines |= {f"cacheblend {r:.0%}": (identical[blend_name(r)], measured[f"cacheblend {r:.0%}"]["ttft_s"])
-                              for r in blends}
+                # Full reuse is a frontier plan: its profiled quality (this run's measurement
+                # on the same prompts is in baselines_on_profile_prompts, as a check).
+                baselines = {label: (row["quality_on_profile_prompts"], row["ttft_s"])
+                             for label, row in measured.items() if row["kind"] in ("full reuse", "cacheblend")}
                 dominance += _dominance(name, tokens, measured, frontier, cost, n, s, baselines)
     requests = [(r["within_20pct"], r["prompts"]) for r in rows]
     within = sum(w * n for w, n in requests) / sum(n for _, n in requests)
-    return {"benchmark": "plan", "machine": machine(), "producer": smollm2.NAME, "pairs": pairs,
+    facts = machine()
+    if args.device.startswith("cuda"):
+        facts["gpu"] = torch.cuda.get_device_name(torch.device(args.device))
+    return {"benchmark": "plan", "machine": facts, "device": args.device,
+            "producer": "synthetic" if args.synthetic else smollm2.NAME, "pairs": pairs,
             "rows": rows, "choices": choices, "dominance": dominance,
             "prediction_within_20pct": round(within, 3)}
 

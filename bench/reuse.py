@@ -105,10 +105,10 @@ def run_synthetic(args: argparse.Namespace) -> dict:
             evaluator = PairEvaluator(client, producer, consumer, tokenizer, f"{name}-base", f"{name}-tuned")
             rng = random.Random(args.seed)
             question = [rng.randrange(shape.vocab) for _ in range(16)]
-            evaluator.run_ids([_random_sample(rng, 512, question, shape.vocab)],   # warm-up, not kept
+            evaluator.run_ids([synthetic.random_sample(rng, 512, question, shape.vocab)],   # warm-up, not kept
                               [Plan.full_reuse(shape.layers), plan], same_model=True)
             for tokens in contexts:
-                samples = [_random_sample(rng, tokens, question, shape.vocab)
+                samples = [synthetic.random_sample(rng, tokens, question, shape.vocab)
                            for _ in range(args.prompts_per_context)]
                 with tqdm(total=len(samples), desc=f"reuse {name} @{tokens}", unit="prompt") as bar:
                     results = evaluator.run_ids(samples, [Plan.full_reuse(shape.layers), plan],
@@ -120,11 +120,6 @@ def run_synthetic(args: argparse.Namespace) -> dict:
                 torch.cuda.empty_cache()
     return {"benchmark": "reuse", "machine": _machine(args.device), "device": args.device,
             "producer": "synthetic", "rows": rows}
-
-
-def _random_sample(rng: random.Random, tokens: int, question: list[int], vocab: int):
-    context = [rng.randrange(vocab) for _ in range(tokens)]
-    return context, context + question, ""
 
 
 def _machine(device: str) -> dict:

@@ -41,6 +41,12 @@ def tokenizer(vocab: int):
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="[UNK]")
 
 
+def random_sample(rng, tokens: int, question: list[int], vocab: int) -> tuple[list[int], list[int], str]:
+    """A random ``tokens``-token context, the prompt (context then ``question``), no answer."""
+    context = [rng.randrange(vocab) for _ in range(tokens)]
+    return context, context + question, ""
+
+
 def adapted_layers(shape: Shape) -> range:
     """The consumer's perturbed layers: the upper third."""
     return range(round(shape.layers * 2 / 3), shape.layers)

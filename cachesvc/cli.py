@@ -132,10 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "recomputed tokens (comma-separated; empty for none)")
     bench.add_argument("--targets", default="0.25,0.5,1.2",
                        help="plan: TTFT targets as fractions of the measured full prefill")
-    bench.add_argument("--device", default="cpu", help="reuse: torch device of the models (cpu, cuda)")
-    bench.add_argument("--synthetic", default="", help="reuse: random-weight pairs at these shapes "
+    bench.add_argument("--device", default="cpu", help="reuse, plan: torch device of the models (cpu, cuda)")
+    bench.add_argument("--synthetic", default="", help="reuse, plan: random-weight pairs at these shapes "
                        "(smollm2-135m,llama-3.2-1b,llama-3.1-8b) instead of the real SmolLM2 pairs: "
-                       "TTFT and fidelity only")
+                       "TTFT and fidelity only (plan: profiled in the run)")
+    bench.add_argument("--profile-prompts", type=int, default=20,
+                       help="plan --synthetic: random prompts the pair is profiled on")
     bench.set_defaults(func=_bench)
     return parser
 

@@ -42,6 +42,18 @@ def test_cost_model_predictions():
     assert 1e9 < cost.bandwidth_Bps < 4e9
 
 
+def test_fixed_costs_are_what_the_layers_leave_unexplained():
+    cost = _cost()
+    # A prefill of 2020 tokens: 30 layers, the head, and 0.3 s the layers do not explain. A
+    # full reuse of 2000 + 20: every layer over the 20 suffix tokens (compute-bound here),
+    # the last token and the head, the same 0.3 s, and 0.05 s more.
+    reuse = 0.3 + 0.05 + 30 * 0.002 + (30 * 1e-4 + 0.01)
+    cost.fit_fixed_costs((2020, 30 * 0.202 + 0.01 + 0.3), (2000, 20, reuse))
+    assert abs(cost.request_s - 0.3) < 1e-9 and abs(cost.fetch_overhead_s - 0.05) < 1e-9
+    cost.fit_fixed_costs((2020, 1.0), (2000, 20, 0.0))             # faster than the layers: no negative cost
+    assert cost.request_s == 0.0 and cost.fetch_overhead_s == 0.0
+
+
 def test_choice_under_three_targets():
     cost = _cost()
     assert choose(FRONTIER, cost, 2000, 20, 10.0).plan is None                     # prefill fits: quality 1

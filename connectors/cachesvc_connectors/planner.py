@@ -56,6 +56,7 @@ class CostModel:
     fetch_overhead_s: float = 0.005
     c3: float | None = None          # the same with a past (None: c2)
     request_s: float = 0.0           # fixed per request: generate()'s setup
+    layer_scale: float = 1.0         # whole forward / layers timed alone (applied to c0..c3)
 
     def layer_s(self, q: int, past: int) -> float:
         attention = self.c2 if past == 0 or self.c3 is None else self.c3
@@ -93,6 +94,19 @@ class CostModel:
         compute += (self.num_layers - 2) * layer(math.ceil(ratio * n) + s)
         load = self.load_bytes(Plan.full_reuse(self.num_layers), n) / self.bandwidth_Bps
         return self.request_s + self.fetch_overhead_s + max(load, compute) + self._finish_s(total)
+
+    def fit_fixed_costs(self, prefill: tuple[int, float], reuse: tuple[int, int, float]) -> None:
+        """Set ``request_s`` and ``fetch_overhead_s`` from two measured requests: a full
+        prefill of N tokens that took t (``(N, t)``), and a full reuse of n cached and s
+        suffix tokens that took t' (``(n, s, t')``). What the layer model leaves
+        unexplained is taken as fixed per request: ``generate()``'s setup, and for reuse
+        the lookup, the loader's start and the per-layer assembly (60–80 ms on a GPU
+        host, where the layers themselves take a few)."""
+        tokens, took = prefill
+        self.request_s = max(took - (self.prefill_s(tokens) - self.request_s), 0.0)
+        n, s, took = reuse
+        self.fetch_overhead_s = 0.0
+        self.fetch_overhead_s = max(took - self.predict(Plan.full_reuse(self.num_layers), n, s), 0.0)
 
     def observe_load(self, nbytes: int, seconds: float, weight: float = 0.2) -> None:
         """Fold a measured load into the bandwidth estimate (exponential average)."""
@@ -147,6 +161,7 @@ class CostModel:
         whole = timed(lambda: stack.run(x, 0, stack.num_layers, 0, DynamicCache()))
         factor = whole / (stack.num_layers * cost.layer_s(whole_tokens, 0))
         cost.c0, cost.c1, cost.c2, cost.c3 = (c * factor for c in (c0, c1, c2, c3))
+        cost.layer_scale = factor
         cost.head_s = timed(lambda: stack.logits(x[:, :1]))
         ids = stack.ids(range(16))
         generate = timed(lambda: stack.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
