@@ -207,6 +207,54 @@ def _dominance(name: str, tokens: int, measured: dict, frontier, cost: CostModel
     return out
 
 
+def _variants(frontier, blends: list[float], on_profile: dict, L: int) -> list[tuple]:
+    """(variant, label, kind, recomputed layers or their equivalent, quality on the
+    profile's prompts, what runs: None = prefill, a plan, or a blend ratio)."""
+    out = [(REFERENCE, "prefill", "full prefill", L, 1.0, None)]
+    out += [(plan_name(p), p.describe(), "full reuse" if not p.groups else "plan", p.recomputed_layers, q, p)
+            for p, q in frontier]
+    out += [(blend_name(r), f"cacheblend {r:.0%}", "cacheblend", round(1 + min(1.0, 2 * r) + (L - 2) * r, 1),
+             on_profile["identical"][blend_name(r)], r) for r in blends]
+    return out
+
+
+def _rows(name: str, tokens: int, variants: list[tuple], results: dict, shapes, cost: CostModel) -> dict[str, dict]:
+    """One row per variant at one length, by label, with per-request predicted TTFTs."""
+    summary = {r["variant"]: r for r in summarize(results)}
+    rows = {}
+    for variant, label, kind, recomputed, profile_quality, what in variants:
+        r, per_request = summary[variant], results[variant].ttft_s
+        predicted = [_predicted(cost, what, *shape) for shape in shapes]
+        errors = [abs(p - m) / m for p, m in zip(predicted, per_request, strict=True)]
+        rows[label] = {
+            "consumer": name, "context_tokens": tokens, "plan": label, "kind": kind,
+            "recomputed_layers": recomputed, "quality": r["quality"], "quality_ci": r["quality_ci"],
+            "base_quality": summary[BASE]["quality"], "gain_retained": r["gain_retained"],
+            "fidelity": r["fidelity"], "quality_on_profile_prompts": profile_quality,
+            "ttft_s": r["ttft_s"], "predicted_ttft_s": round(sorted(predicted)[len(predicted) // 2], 4),
+            "prediction_error_median": round(sorted(errors)[len(errors) // 2], 3),
+            "within_20pct": round(sum(e <= 0.2 for e in errors) / len(errors), 3), "prompts": len(shapes),
+            "requests": [{"n": n, "s": s, "measured_s": round(m, 4), "predicted_s": round(p, 4)}
+                         for (n, s, _), m, p in zip(shapes, per_request, predicted, strict=True)]}
+    return rows
+
+
+def _choices(name: str, tokens: int, measured: dict, frontier, cost: CostModel, n: int, s: int,
+             fractions: list[float]) -> list[dict]:
+    """The planner's choice under each target (a fraction of the measured prefill)."""
+    out = []
+    for fraction in fractions:
+        target = fraction * measured["prefill"]["ttft_s"]
+        choice = choose(frontier, cost, n, s, target)
+        got = measured[choice.plan.describe() if choice.plan else "prefill"]
+        out.append({"consumer": name, "context_tokens": tokens, "target_s": round(target, 4),
+                    "target_vs_full_prefill": fraction, "chosen": got["plan"],
+                    "predicted_ttft_s": round(choice.predicted_ttft_s, 4), "measured_ttft_s": got["ttft_s"],
+                    "met": got["ttft_s"] <= target, "quality": got["quality"],
+                    "gain_retained": got["gain_retained"], "why": choice.why})
+    return out
+
+
 def run(args: argparse.Namespace) -> dict:
     contexts = [int(c) for c in args.contexts.split(",")]
     fractions = [float(f) for f in args.targets.split(",")]
@@ -220,61 +268,24 @@ def run(args: argparse.Namespace) -> dict:
             name, L = pair.name, pair.document["num_layers"]
             frontier = profile_frontier(pair.document)
             evaluator = PairEvaluator(client, pair.producer, pair.consumer, pair.tokenizer, pair.producer_id, name)
-            sizes = tuple(sorted({16, 128, 512, 1024, *contexts}))
             cost = CostModel.calibrate(DecoderStack(pair.consumer), evaluator.producer.registration.family,
-                                       sizes=sizes)
+                                       sizes=tuple(sorted({16, 128, 512, 1024, *contexts})))
             cost.bandwidth_Bps = _bandwidth(client, evaluator, pair.samples(max(contexts))[0][0])
             _fixed_costs(evaluator, cost, pair.profile_samples[-1], chunk)
             on_profile = _profile_prompts(evaluator, pair, frontier, blends)
             pairs.append({"consumer": name, "cost_model": dict(vars(cost)), "profile_prompts": pair.document["prompts"],
                           "baselines_on_profile_prompts": on_profile,
                           "frontier": [{"plan": p.describe(), "quality": q} for p, q in frontier]})
-            plans = [plan for plan, _ in frontier]
+            variants = _variants(frontier, blends, on_profile, L)
             for tokens in contexts:
                 samples = pair.samples(tokens)
                 shapes = _shapes(samples, chunk)
                 with tqdm(total=len(samples), desc=f"plan {name} @{tokens}", unit="prompt") as bar:
-                    results = evaluator.run_ids(samples, plans, progress=bar.update, blends=blends)
-                summary = {r["variant"]: r for r in summarize(results)}
-                # (variant, label, kind, recomputed layers or their equivalent, quality on the
-                # profile's prompts, what runs: None = prefill, a plan, or a blend ratio)
-                variants = [(REFERENCE, "prefill", "full prefill", L, 1.0, None)]
-                variants += [(plan_name(p), p.describe(), "full reuse" if not p.groups else "plan",
-                              p.recomputed_layers, q, p) for p, q in frontier]
-                variants += [(blend_name(r), f"cacheblend {r:.0%}", "cacheblend",
-                              round(1 + min(1.0, 2 * r) + (L - 2) * r, 1), on_profile["identical"][blend_name(r)], r)
-                             for r in blends]
-                measured = {}
-                for variant, label, kind, recomputed, profile_quality, what in variants:
-                    r, per_request = summary[variant], results[variant].ttft_s
-                    predicted = [_predicted(cost, what, *shape) for shape in shapes]
-                    errors = [abs(p - m) / m for p, m in zip(predicted, per_request, strict=True)]
-                    row = {"consumer": name, "context_tokens": tokens, "plan": label, "kind": kind,
-                           "recomputed_layers": recomputed,
-                           "quality": r["quality"], "quality_ci": r["quality_ci"],
-                           "base_quality": summary[BASE]["quality"], "gain_retained": r["gain_retained"],
-                           "fidelity": r["fidelity"], "quality_on_profile_prompts": profile_quality,
-                           "ttft_s": r["ttft_s"], "predicted_ttft_s": round(sorted(predicted)[len(predicted) // 2], 4),
-                           "prediction_error_median": round(sorted(errors)[len(errors) // 2], 3),
-                           "within_20pct": round(sum(e <= 0.2 for e in errors) / len(errors), 3),
-                           "prompts": len(samples),
-                           "requests": [{"n": n, "s": s, "measured_s": round(m, 4), "predicted_s": round(p, 4)}
-                                        for (n, s, _), m, p in zip(shapes, per_request, predicted, strict=True)]}
-                    rows.append(row)
-                    measured[label] = row
-                full = measured["prefill"]["ttft_s"]
+                    results = evaluator.run_ids(samples, [p for p, _ in frontier], progress=bar.update, blends=blends)
+                measured = _rows(name, tokens, variants, results, shapes, cost)
+                rows += measured.values()
                 n, s = shapes[0][0], shapes[0][1]
-                for fraction in fractions:
-                    target = fraction * full
-                    choice = choose(frontier, cost, n, s, target)
-                    label = choice.plan.describe() if choice.plan else "prefill"
-                    got = measured[label]
-                    choices.append({"consumer": name, "context_tokens": tokens, "target_s": round(target, 4),
-                                    "target_vs_full_prefill": fraction, "chosen": label,
-                                    "predicted_ttft_s": round(choice.predicted_ttft_s, 4),
-                                    "measured_ttft_s": got["ttft_s"], "met": got["ttft_s"] <= target,
-                                    "quality": got["quality"], "gain_retained": got["gain_retained"],
-                                    "why": choice.why})
+                choices += _choices(name, tokens, measured, frontier, cost, n, s, fractions)
                 # Full reuse is a frontier plan: its profiled quality (this run's measurement
                 # on the same prompts is in baselines_on_profile_prompts, as a check).
                 baselines = {label: (row["quality_on_profile_prompts"], row["ttft_s"])
