@@ -38,6 +38,11 @@ def _ls(args: argparse.Namespace) -> int:
             for m in client.list_models():
                 print(f"{m['model_id']:<32} family={m['family_id']} digest={m['weights_digest'][:16]}")
             return 0
+        if args.profiles:
+            for p in client.list_profiles():
+                state = "stale" if p.stale else (f"flagged x{p.flags}: {p.flagged}" if p.flags else "ok")
+                print(f"{p.producer:<28} -> {p.consumer:<28} v{p.version:<3} {p.size_bytes:>8} B  {state}")
+            return 0
         token, shown = "", 0
         print(f"{'entry_id':<32} {'producer':<20} {'chunk_hash':<16} {'offset':>7} "
               f"{'tokens':>6} {'bytes':>10} {'tier':<6} layers(K/V/E)")
@@ -84,12 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(serve)
     serve.set_defaults(func=_serve)
     for name, func, help_ in (("stats", _stats, "print server statistics as JSON"),
-                              ("ls", _ls, "list entries or models")):
+                              ("ls", _ls, "list entries, models or profiles")):
         p = sub.add_parser(name, help=help_)
         p.add_argument("--target", default="127.0.0.1:7070", help="server host:port")
         p.set_defaults(func=func)
         if name == "ls":
             p.add_argument("--models", action="store_true", help="list models instead")
+            p.add_argument("--profiles", action="store_true",
+                           help="list reuse profiles (stale, or flagged for re-profiling) instead")
             p.add_argument("--family", default="")
             p.add_argument("--producer", default="")
             p.add_argument("--tenant", default="")

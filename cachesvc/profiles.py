@@ -4,13 +4,16 @@ A profile is a JSON document the connectors write (``cachesvc profile``) and rea
 choose a plan); the service checks only what it can: both models registered, one family,
 the digests the profile was measured on equal to the registered ones at put time, a JSON
 object of bounded size. A profile whose digests no longer match (a model was registered
-again with other weights) is *stale*: listed as such, never served by ``get``.
+again with other weights) is *stale*: listed as such, never served by ``get``. A profile
+can be *flagged* for re-profiling (a consumer's drift guard saw it fail): still served,
+listed with the reason, until the next ``put`` replaces it.
 Persisted beside the model registry, written atomically.
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -20,6 +23,7 @@ from cachesvc.errors import FailedPrecondition, InvalidArgument, NotFound
 from cachesvc.models import ModelRegistry
 
 MAX_PROFILE_BYTES = 4 << 20
+MAX_FLAG_BYTES = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +34,8 @@ class ProfileRecord:
     consumer_digest: str
     document: bytes        # UTF-8 JSON object
     version: int
+    flagged: str = ""      # the last re-profiling flag on this version ("" = none)
+    flags: int = 0
 
 
 class ProfileRegistry:
@@ -43,7 +49,7 @@ class ProfileRegistry:
             for doc in json.loads(path.read_text()):
                 rec = ProfileRecord(doc["producer"], doc["consumer"], doc["producer_digest"],
                                     doc["consumer_digest"], base64.b64decode(doc["document"]),
-                                    doc["version"])
+                                    doc["version"], doc.get("flagged", ""), doc.get("flags", 0))
                 self._profiles[(rec.producer, rec.consumer)] = rec
 
     def put(self, producer: str, consumer: str, producer_digest: str, consumer_digest: str,
@@ -85,6 +91,24 @@ class ProfileRegistry:
                                      "was registered with other weights since; re-profile the pair")
         return rec
 
+    def flag(self, producer: str, consumer: str, version: int, reason: str) -> tuple[bool, int]:
+        """Mark the pair for re-profiling with ``reason``, if ``version`` (0: any) is still
+        the current one; (applied, flags on the current version)."""
+        if not reason.strip():
+            raise InvalidArgument("a flag needs a reason (what the drift guard saw)")
+        if len(reason.encode()) > MAX_FLAG_BYTES:
+            raise InvalidArgument(f"flag reason has {len(reason.encode())} bytes, more than the "
+                                  f"{MAX_FLAG_BYTES} allowed")
+        rec = self._profiles.get((producer, consumer))
+        if rec is None:
+            raise NotFound(f"no profile for producer {producer!r} and consumer {consumer!r}")
+        if version and version != rec.version:
+            return False, rec.flags
+        rec = dataclasses.replace(rec, flagged=reason, flags=rec.flags + 1)
+        self._profiles[(producer, consumer)] = rec
+        self._save()
+        return True, rec.flags
+
     def stale(self, rec: ProfileRecord) -> bool:
         """True when either model is gone or registered with other weights."""
         try:
@@ -102,6 +126,7 @@ class ProfileRegistry:
             return
         docs = [{"producer": r.producer, "consumer": r.consumer, "producer_digest": r.producer_digest,
                  "consumer_digest": r.consumer_digest, "version": r.version,
+                 "flagged": r.flagged, "flags": r.flags,
                  "document": base64.b64encode(r.document).decode()} for r in self.list()]
         tmp = self._path.with_suffix(".tmp")
         tmp.write_text(json.dumps(docs))

@@ -120,14 +120,20 @@ class CacheServicer(pb_grpc.CacheServiceServicer):
     @_maps_errors
     def GetProfile(self, request, context):
         rec = self.store.get_profile(request.producer, request.consumer)
-        return pb.GetProfileResponse(profile=_profile_to_proto(rec), version=rec.version)
+        return pb.GetProfileResponse(profile=_profile_to_proto(rec), version=rec.version, flagged=rec.flagged)
+
+    @_maps_errors
+    def FlagProfile(self, request, context):
+        applied, flags = self.store.flag_profile(request.producer, request.consumer, request.version,
+                                                 request.reason)
+        return pb.FlagProfileResponse(applied=applied, flags=flags)
 
     @_maps_errors
     def ListProfiles(self, request, context):
         return pb.ListProfilesResponse(profiles=[
             pb.ProfileInfo(producer=r.producer, consumer=r.consumer, producer_digest=r.producer_digest,
                            consumer_digest=r.consumer_digest, version=r.version, stale=stale,
-                           size_bytes=len(r.document))
+                           size_bytes=len(r.document), flagged=r.flagged, flags=r.flags)
             for r, stale in self.store.list_profiles(request.producer, request.consumer)])
 
     @_maps_errors

@@ -193,6 +193,10 @@ class CacheStore:
         with self._lock:
             return self.profiles.get(producer, consumer)
 
+    def flag_profile(self, producer: str, consumer: str, version: int, reason: str) -> tuple[bool, int]:
+        with self._lock:
+            return self.profiles.flag(producer, consumer, version, reason)
+
     def list_profiles(self, producer: str = "", consumer: str = "") -> list[tuple[ProfileRecord, bool]]:
         """Matching profiles with their staleness."""
         with self._lock:

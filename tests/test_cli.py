@@ -24,6 +24,11 @@ def test_stats_and_ls(server, client, rng):
     assert len(out) == 3 and all("producer-a" in line and "4/4/4" in line for line in out[1:])
     models = _cli("ls", "--models", "--target", server.address).stdout
     assert "producer-a" in models and reg.family_id in models
+    client.register_model("consumer-b", "4567cdef", TINY)
+    client.put_profile("producer-a", "consumer-b", "0123abcd", "4567cdef", {"plans": []})
+    client.flag_profile("producer-a", "consumer-b", "plan [2,4) drifted")
+    [line] = _cli("ls", "--profiles", "--target", server.address).stdout.splitlines()
+    assert "producer-a" in line and "consumer-b" in line and "flagged x1: plan [2,4) drifted" in line
 
 
 def test_serve_rejects_bad_config():

@@ -58,8 +58,11 @@ def test_swapped_consumer_is_demoted_and_the_profiled_one_is_not(client, tmp_pat
     first_plan = drifting.plan_for("base")[0]
     took = _requests(drifting, contexts, rng, 200)
     assert took is not None and took <= 200
+    drifting.guard.drain()
     [event] = drifting.guard.events
     assert event.plan == first_plan.describe() and event.rate < event.expected - 0.1
+    [listed] = client.list_profiles("base", "tuned")          # the service knows: re-profile
+    assert event.reported == "applied" and listed.flags == 1 and f"plan {event.plan} gave" in listed.flagged
     metrics = drifting.guard.metrics()
     assert metrics["demotions"] == 1 and metrics["flagged_pairs"] == ["base"]
     demoted_to = drifting.plan_for("base")[0]

@@ -70,13 +70,35 @@ def test_bad_profiles_are_refused_and_nothing_is_stored(client):
     assert client.list_profiles() == [] and client.stats()["entries"] == 0   # the server still serves
 
 
+def test_flags_stick_to_their_version_until_re_profiling(client):
+    _pair(client)
+    client.put_profile("base", "tuned", "aaaa0000", "bbbb0000", DOC)
+    assert client.flag_profile("base", "tuned", "plan [2,4) gave 0.40, promised 0.97", version=1)
+    assert client.flag_profile("base", "tuned", "again")                       # any version
+    [info] = client.list_profiles()
+    assert (info.flagged, info.flags) == ("again", 2)
+    assert client.get_profile("base", "tuned").flagged == "again"                # still served
+    assert client.put_profile("base", "tuned", "aaaa0000", "bbbb0000", DOC) == 2   # re-profiled
+    assert client.get_profile("base", "tuned").flagged == ""
+    # A guard that judged version 1 does not flag version 2.
+    assert not client.flag_profile("base", "tuned", "late report on the old profile", version=1)
+    assert client.list_profiles()[0].flags == 0
+    for args, error, message in ((("base", "tuned", ""), InvalidArgumentError, "needs a reason"),
+                                 (("base", "tuned", "x" * 2000), InvalidArgumentError, "more than the 1024"),
+                                 (("tuned", "base", "why"), NotFoundError, "no profile for producer 'tuned'")):
+        with pytest.raises(error, match=message):
+            client.flag_profile(*args)
+    assert client.list_profiles()[0].flags == 0
+
+
 def test_profiles_survive_a_restart(server_factory):
     srv = server_factory("--memory-bytes", "64MiB")
     with CacheClient(srv.address) as client:
         _pair(client)
         client.put_profile("base", "tuned", "aaaa0000", "bbbb0000", DOC)
+        client.flag_profile("base", "tuned", "drifted")
     srv.stop()
     again = server_factory("--memory-bytes", "64MiB", workdir=srv.workdir)
     with CacheClient(again.address) as client:
         got = client.get_profile("base", "tuned")
-        assert got.document == DOC and got.version == 1
+        assert got.document == DOC and got.version == 1 and got.flagged == "drifted"

@@ -525,12 +525,34 @@ class GetProfileRequest(_message.Message):
     def __init__(self, producer: _Optional[str] = ..., consumer: _Optional[str] = ...) -> None: ...
 
 class GetProfileResponse(_message.Message):
-    __slots__ = ("profile", "version")
+    __slots__ = ("profile", "version", "flagged")
     PROFILE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    FLAGGED_FIELD_NUMBER: _ClassVar[int]
     profile: ProfileSpec
     version: int
-    def __init__(self, profile: _Optional[_Union[ProfileSpec, _Mapping]] = ..., version: _Optional[int] = ...) -> None: ...
+    flagged: str
+    def __init__(self, profile: _Optional[_Union[ProfileSpec, _Mapping]] = ..., version: _Optional[int] = ..., flagged: _Optional[str] = ...) -> None: ...
+
+class FlagProfileRequest(_message.Message):
+    __slots__ = ("producer", "consumer", "version", "reason")
+    PRODUCER_FIELD_NUMBER: _ClassVar[int]
+    CONSUMER_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    producer: str
+    consumer: str
+    version: int
+    reason: str
+    def __init__(self, producer: _Optional[str] = ..., consumer: _Optional[str] = ..., version: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class FlagProfileResponse(_message.Message):
+    __slots__ = ("applied", "flags")
+    APPLIED_FIELD_NUMBER: _ClassVar[int]
+    FLAGS_FIELD_NUMBER: _ClassVar[int]
+    applied: bool
+    flags: int
+    def __init__(self, applied: _Optional[bool] = ..., flags: _Optional[int] = ...) -> None: ...
 
 class ListProfilesRequest(_message.Message):
     __slots__ = ("producer", "consumer")
@@ -541,7 +563,7 @@ class ListProfilesRequest(_message.Message):
     def __init__(self, producer: _Optional[str] = ..., consumer: _Optional[str] = ...) -> None: ...
 
 class ProfileInfo(_message.Message):
-    __slots__ = ("producer", "consumer", "producer_digest", "consumer_digest", "version", "stale", "size_bytes")
+    __slots__ = ("producer", "consumer", "producer_digest", "consumer_digest", "version", "stale", "size_bytes", "flagged", "flags")
     PRODUCER_FIELD_NUMBER: _ClassVar[int]
     CONSUMER_FIELD_NUMBER: _ClassVar[int]
     PRODUCER_DIGEST_FIELD_NUMBER: _ClassVar[int]
@@ -549,6 +571,8 @@ class ProfileInfo(_message.Message):
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STALE_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FLAGGED_FIELD_NUMBER: _ClassVar[int]
+    FLAGS_FIELD_NUMBER: _ClassVar[int]
     producer: str
     consumer: str
     producer_digest: str
@@ -556,7 +580,9 @@ class ProfileInfo(_message.Message):
     version: int
     stale: bool
     size_bytes: int
-    def __init__(self, producer: _Optional[str] = ..., consumer: _Optional[str] = ..., producer_digest: _Optional[str] = ..., consumer_digest: _Optional[str] = ..., version: _Optional[int] = ..., stale: _Optional[bool] = ..., size_bytes: _Optional[int] = ...) -> None: ...
+    flagged: str
+    flags: int
+    def __init__(self, producer: _Optional[str] = ..., consumer: _Optional[str] = ..., producer_digest: _Optional[str] = ..., consumer_digest: _Optional[str] = ..., version: _Optional[int] = ..., stale: _Optional[bool] = ..., size_bytes: _Optional[int] = ..., flagged: _Optional[str] = ..., flags: _Optional[int] = ...) -> None: ...
 
 class ListProfilesResponse(_message.Message):
     __slots__ = ("profiles",)

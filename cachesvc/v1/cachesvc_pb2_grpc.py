@@ -66,6 +66,11 @@ class CacheServiceStub:
                 request_serializer=cachesvc_dot_v1_dot_cachesvc__pb2.ListProfilesRequest.SerializeToString,
                 response_deserializer=cachesvc_dot_v1_dot_cachesvc__pb2.ListProfilesResponse.FromString,
                 _registered_method=True)
+        self.FlagProfile = channel.unary_unary(
+                '/cachesvc.v1.CacheService/FlagProfile',
+                request_serializer=cachesvc_dot_v1_dot_cachesvc__pb2.FlagProfileRequest.SerializeToString,
+                response_deserializer=cachesvc_dot_v1_dot_cachesvc__pb2.FlagProfileResponse.FromString,
+                _registered_method=True)
         self.Reserve = channel.unary_unary(
                 '/cachesvc.v1.CacheService/Reserve',
                 request_serializer=cachesvc_dot_v1_dot_cachesvc__pb2.ReserveRequest.SerializeToString,
@@ -160,6 +165,12 @@ class CacheServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListProfiles(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FlagProfile(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -266,6 +277,11 @@ def add_CacheServiceServicer_to_server(servicer, server):
                     servicer.ListProfiles,
                     request_deserializer=cachesvc_dot_v1_dot_cachesvc__pb2.ListProfilesRequest.FromString,
                     response_serializer=cachesvc_dot_v1_dot_cachesvc__pb2.ListProfilesResponse.SerializeToString,
+            ),
+            'FlagProfile': grpc.unary_unary_rpc_method_handler(
+                    servicer.FlagProfile,
+                    request_deserializer=cachesvc_dot_v1_dot_cachesvc__pb2.FlagProfileRequest.FromString,
+                    response_serializer=cachesvc_dot_v1_dot_cachesvc__pb2.FlagProfileResponse.SerializeToString,
             ),
             'Reserve': grpc.unary_unary_rpc_method_handler(
                     servicer.Reserve,
@@ -487,6 +503,33 @@ class CacheService:
             '/cachesvc.v1.CacheService/ListProfiles',
             cachesvc_dot_v1_dot_cachesvc__pb2.ListProfilesRequest.SerializeToString,
             cachesvc_dot_v1_dot_cachesvc__pb2.ListProfilesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FlagProfile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cachesvc.v1.CacheService/FlagProfile',
+            cachesvc_dot_v1_dot_cachesvc__pb2.FlagProfileRequest.SerializeToString,
+            cachesvc_dot_v1_dot_cachesvc__pb2.FlagProfileResponse.FromString,
             options,
             channel_credentials,
             insecure,

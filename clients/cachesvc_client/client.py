@@ -111,12 +111,18 @@ class CacheClient:
         resp = self._call(self._stub.GetProfile, pb.GetProfileRequest(producer=producer, consumer=consumer))
         m = resp.profile
         return StoredProfile(m.producer, m.consumer, m.producer_digest, m.consumer_digest, resp.version,
-                             json.loads(m.document), False, len(m.document))
+                             json.loads(m.document), False, len(m.document), resp.flagged)
 
     def list_profiles(self, producer: str = "", consumer: str = "") -> list[StoredProfile]:
         resp = self._call(self._stub.ListProfiles, pb.ListProfilesRequest(producer=producer, consumer=consumer))
         return [StoredProfile(p.producer, p.consumer, p.producer_digest, p.consumer_digest, p.version,
-                              None, p.stale, p.size_bytes) for p in resp.profiles]
+                              None, p.stale, p.size_bytes, p.flagged, p.flags) for p in resp.profiles]
+
+    def flag_profile(self, producer: str, consumer: str, reason: str, version: int = 0) -> bool:
+        """Ask for the pair to be re-profiled (what was seen, in ``reason``). With
+        ``version``, only if that version is still the current one; True if applied."""
+        request = pb.FlagProfileRequest(producer=producer, consumer=consumer, version=version, reason=reason)
+        return self._call(self._stub.FlagProfile, request).applied
 
     def chunk_size(self) -> int:
         if self._chunk_size is None:

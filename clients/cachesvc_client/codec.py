@@ -45,7 +45,8 @@ class Registered:
 @dataclass(frozen=True, slots=True)
 class StoredProfile:
     """A reuse profile as the service holds it: the JSON ``document`` the connectors
-    write, measured on the two weights digests; ``stale`` once either model changed."""
+    write, measured on the two weights digests; ``stale`` once either model changed;
+    ``flagged`` (a reason) once a consumer's drift guard asked for re-profiling."""
 
     producer: str
     consumer: str
@@ -55,6 +56,8 @@ class StoredProfile:
     document: dict | None = None    # None in listings
     stale: bool = False
     size_bytes: int = 0
+    flagged: str = ""
+    flags: int = 0
 
 
 @dataclass(frozen=True, slots=True)

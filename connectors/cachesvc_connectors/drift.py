@@ -9,7 +9,9 @@ keeps the identical-answer rate over the last ``window`` samples. Once ``min_sam
 are in and the rate is below the expected quality (the profile's, or
 ``expected_quality``) by more than ``margin``, it **demotes** the plan to the next one
 on the profile's frontier that recomputes more layers, or to the full prefill when there
-is none, and flags the pair for re-profiling. Every check and demotion is counted;
+is none, and flags the pair for re-profiling: in ``metrics()`` and in the service's
+profile registry (``FlagProfile``, naming the profile version it judged), where
+``ListProfiles`` shows it to whoever re-profiles. Every check and demotion is counted;
 ``metrics()`` returns them.
 """
 
@@ -25,6 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from cachesvc_client import CacheServiceError
 from cachesvc_connectors.plan import Plan
 
 
@@ -49,6 +52,7 @@ class DemotionEvent:
     rate: float
     expected: float
     samples: int
+    reported: str = ""                # how the service took the flag ("applied", "stale", or an error)
 
 
 @dataclass
@@ -107,6 +111,7 @@ class DriftGuard:
         reused = _greedy(consumer, ids, pre.cache, n_new)
         full = _greedy(consumer, ids, None, n_new)
         same = reused == full
+        event = None
         with self._lock:
             self.identical += same
             watch = self._watch.setdefault((producer, plan), _PlanWatch(expected))
@@ -121,9 +126,26 @@ class DriftGuard:
                 target = better[0] if better else None
                 self._demoted[producer] = target
                 self.flagged.add(producer)
-                self.events.append(DemotionEvent(time.time(), producer, plan.describe(),
-                                                 target.describe() if target else "full prefill",
-                                                 round(rate, 4), expected, len(watch.recent)))
+                event = DemotionEvent(time.time(), producer, plan.describe(),
+                                      target.describe() if target else "full prefill",
+                                      round(rate, 4), expected, len(watch.recent))
+                self.events.append(event)
+        if event is not None:       # outside the lock: an RPC
+            event.reported = self._report(event)
+
+    def _report(self, event: DemotionEvent) -> str:
+        """Flag the pair in the service's registry (best effort: the demotion stands
+        either way, and the metrics keep the flag)."""
+        consumer = self.consumer
+        reason = (f"drift guard of {consumer.model_id!r}: plan {event.plan} gave {event.rate:.2f} identical "
+                  f"answers over {event.samples} checks, profile promised {event.expected:.2f}; "
+                  f"demoted to {event.demoted_to}")
+        try:
+            applied = consumer.client.flag_profile(event.producer, consumer.model_id, reason,
+                                                   consumer.profile_version(event.producer))
+        except CacheServiceError as exc:
+            return f"not recorded: {exc}"
+        return "applied" if applied else "not applied: the profile was replaced since"
 
     def drain(self) -> None:
         """Wait for the checks in flight (tests, shutdown)."""

@@ -105,7 +105,7 @@ class Consumer:
         self._check_producers(options.producers)
         self._staging = Staging(pinned=self.stack.device.type == "cuda")
         self._lock = threading.Lock()
-        self._profiles: dict[str, tuple[float, dict | None, str]] = {}   # producer -> (at, doc, why)
+        self._profiles: dict[str, tuple[float, dict | None, str, int]] = {}   # producer -> (at, doc, why, version)
         self.cost = options.cost
         self.guard = DriftGuard(self, options.drift) if options.drift is not None else None
         if self.cost is None and options.ttft_target_s is not None:
@@ -185,13 +185,18 @@ class Consumer:
         cached = self._profiles.get(producer)
         if cached is None or now - cached[0] > PROFILE_TTL_S:
             try:
-                cached = (now, self.client.get_profile(producer, self.model_id).document, "")
+                stored = self.client.get_profile(producer, self.model_id)
+                cached = (now, stored.document, "", stored.version)
             except NotFoundError:
-                cached = (now, None, "the pair is not profiled")
+                cached = (now, None, "the pair is not profiled", 0)
             except FailedPreconditionError:
-                cached = (now, None, "its profile is stale: re-profile the pair")
+                cached = (now, None, "its profile is stale: re-profile the pair", 0)
             self._profiles[producer] = cached
         return cached[1], cached[2]
+
+    def profile_version(self, producer: str) -> int:
+        """The version of the pair's profile this consumer last read (0: none)."""
+        return self._profiles.get(producer, (0.0, None, "", 0))[3]
 
     # ------------------------------------------------------------------ prefill
 
@@ -316,7 +321,7 @@ class Consumer:
     def _expectation(self, producer: str, plan: Plan) -> tuple[float | None, list[Plan]]:
         """The plan's quality in the pair's profile and the frontier plans recomputing
         more layers (the drift guard's demotion ladder); (None, []) without a profile."""
-        document = self._profiles.get(producer, (0.0, None, ""))[1]
+        document = self._profiles.get(producer, (0.0, None, "", 0))[1]
         if document is None:
             return None, []
         mine = next((r["quality"] for r in document["plans"] if r["plan"] == plan.describe()), None)
