@@ -116,6 +116,8 @@ def _real_pairs(args: argparse.Namespace) -> Iterator[PairSetup]:
             raise SystemExit(f"{path} missing: run `cachesvc profile --producer smollm2 "
                              f"--consumer finetune:{name} --out {path} ...` first")
         document = json.loads(path.read_text())
+        if "data" not in document:
+            raise SystemExit(f"{path} does not name the data it was profiled on ('data'): profile again")
         consumer, _ = smollm2.load(finetune.ensure([name])[name])
         consumer.to(args.device)
         examples = tasks.read_jsonl(document["data"])[:document["prompts"]]

@@ -89,7 +89,7 @@ def main(args: argparse.Namespace) -> int:
         bar.n = done
         bar.refresh()
 
-    document = {"producer": producer_id, "consumer": consumer_id, **digests,
+    document = {"producer": producer_id, "consumer": consumer_id, **digests, "data": str(args.data),
                 **profile(Profiler(producer, consumer, options), samples, state, progress)}
     for bar in bars.values():
         bar.close()
