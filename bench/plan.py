@@ -9,9 +9,9 @@ CacheBlend-style selective token recompute at ``--blend``) on held-out prompts, 
 profile's measure: the fine-tunes' task score is 0 at these lengths for the consumer's
 own prefill too, since they were trained on 170–650-token contexts; ``task_exact`` and
 ``gain_retained`` are kept), measured TTFT and the planner's predicted TTFT (per
-request). The cost model is calibrated before any measurement: layer times on this host
-up to the longest context, the load bandwidth from timed fetches, and the fixed
-per-request costs from a full prefill and a full reuse of one profile prompt
+request). The cost model is calibrated before any measurement, on samples never
+measured: layer times on this host up to the longest context, the load bandwidth from
+timed fetches, and the fixed and per-byte costs from a full prefill and two full reuses
 (``CostModel.fit_fixed_costs``). Then the planner's choice under three TTFT targets
 (fractions of the measured full prefill).
 
@@ -19,15 +19,15 @@ per-request costs from a full prefill and a full reuse of one profile prompt
 random-weight pairs at real shapes, profiled in the run on random prompts: TTFT, the
 planner and fidelity, no task quality.
 
-Dominance. Quality is fidelity to the consumer's own prefill (identical greedy answers),
-on the profile's own prompts: the profile measured every frontier plan there, and this
-benchmark measures the baselines on the same prompts (and full reuse and the planner's
-default plan again, as a check that the two harnesses agree). Three or four held-out
-prompts per length would not separate anything. For each baseline B and length, the
-planner is asked twice: with B's measured TTFT as the target (equal TTFT: is the plan it
-picks better?) and for the fastest plan whose profiled quality reaches B's (equal
-quality: is it faster?). B is dominated when either answer is strictly better and no
-worse on the other axis (TTFT within 5%, the run-to-run noise here).
+Dominance. Quality is fidelity to the consumer's own prefill (identical greedy answers)
+on the profile's own 50 prompts, measured in this run through the serving path for every
+frontier plan and baseline alike (three or four held-out prompts per length would not
+separate anything; the profile's own figures reuse the whole context, the serving path
+only its whole chunks, so they are kept beside as ``profile_quality``). For each
+baseline B and length, the planner, given those qualities, is asked twice: with B's
+measured TTFT as the target (equal TTFT: is the plan it picks better?) and for the
+fastest plan whose quality reaches B's (equal quality: is it faster?). B is dominated
+when either answer is strictly better and no worse on the other axis (TTFT within 5%).
 """
 
 from __future__ import annotations
@@ -52,27 +52,12 @@ from cachesvc_client import CacheClient
 from cachesvc_connectors.evaluate import BASE, REFERENCE, PairEvaluator, blend_name, plan_name, summarize
 from cachesvc_connectors.hf.decoder import DecoderStack
 from cachesvc_connectors.models import finetune, smollm2, tasks
-from cachesvc_connectors.plan import Plan, best_plan, profile_frontier
+from cachesvc_connectors.plan import Plan, profile_frontier
 from cachesvc_connectors.planner import CostModel, choose
 from cachesvc_connectors.profiler import Profiler, ProfilerOptions, StateFile, profile
 
 TTFT_NOISE = 0.05
 SYNTHETIC_WINDOWS = (1, 2, 4, 8, 12)   # a quicker search for the random-weight pairs
-
-
-def _bandwidth(client: CacheClient, evaluator: PairEvaluator, context: list[int]) -> float:
-    """Bytes/s of a K/V fetch of every layer of a stored context (best of 3)."""
-    evaluator.producer.store(context)
-    family = evaluator.producer.family_id
-    hashes = client.hash_tokens(context, family)
-    hit = client.lookup(family, hashes).best()
-    best = float("inf")
-    for _ in range(3):
-        t0 = time.perf_counter()
-        slabs = client.get(family, hit, (Kind.K, Kind.V), as_torch=True)
-        best = min(best, time.perf_counter() - t0)
-    client.delete(family, chunk_hashes=hashes)
-    return slabs.bytes_received / best
 
 
 Sample = tuple[list[int], list[int], str]     # context ids, prompt ids (context first), answer
@@ -100,6 +85,7 @@ class PairSetup:
     document: dict
     profile_samples: list[Sample]
     samples: Callable[[int], list[Sample]]
+    probe: Callable[[int], Sample]           # one sample of a length, never measured (calibration)
 
 
 def _sample(tokenizer, example: tasks.Example) -> Sample:
@@ -124,7 +110,9 @@ def _real_pairs(args: argparse.Namespace) -> Iterator[PairSetup]:
         yield PairSetup(name, base, consumer, tokenizer, smollm2.NAME, document,
                         [_sample(tokenizer, e) for e in examples],
                         lambda tokens: [_sample(tokenizer, e) for e in tasks.sized_dataset(
-                            tokenizer, "test", args.prompts_per_context, tokens, args.seed)])
+                            tokenizer, "test", args.prompts_per_context, tokens, args.seed)],
+                        lambda tokens: _sample(tokenizer, tasks.sized_dataset(tokenizer, "profile", 1, tokens,
+                                                                              seed=99)[0]))
 
 
 def _synthetic_pairs(args: argparse.Namespace) -> Iterator[PairSetup]:
@@ -146,21 +134,35 @@ def _synthetic_pairs(args: argparse.Namespace) -> Iterator[PairSetup]:
         yield PairSetup(name, producer, consumer, tokenizer, f"{name}-base", document, profile_samples,
                         lambda tokens, rng=rng, question=question, vocab=shape.vocab: [
                             synthetic.random_sample(rng, tokens, question, vocab)
-                            for _ in range(args.prompts_per_context)])
+                            for _ in range(args.prompts_per_context)],
+                        lambda tokens, question=question, vocab=shape.vocab: synthetic.random_sample(
+                            random.Random(args.seed + 99), tokens, question, vocab))
 
 
-def _fixed_costs(evaluator: PairEvaluator, cost: CostModel, sample: Sample, chunk: int, repeats: int = 3) -> None:
-    """Fit the cost model's fixed per-request costs to a full prefill and a full reuse of
-    one profile prompt (best of ``repeats``), before anything is measured."""
-    context, prompt, _ = sample
-    evaluator.producer.store(context)
+def _calibrate_requests(client: CacheClient, evaluator: PairEvaluator, cost: CostModel, small: Sample,
+                        large: Sample, chunk: int, repeats: int = 3) -> None:
+    """Before anything is measured, on samples never measured: the load bandwidth (a K/V
+    fetch of every layer of ``large``), and the cost model's fixed and per-byte costs
+    fitted to a full prefill of ``small`` and full reuses of both (best of ``repeats``)."""
     reuse = evaluator.consumer(Plan.full_reuse(cost.num_layers), evaluator.producer.model_id)
-    prefill_s = min(evaluator.full_prefill(evaluator.consumer_model, prompt).ttft_s for _ in range(repeats))
-    reuse_s = min(evaluator.reuse(reuse, prompt).ttft_s for _ in range(repeats))
-    n, s, tokens = _shapes([sample], chunk)[0]
-    cost.fit_fixed_costs((tokens, prefill_s), (n, s, reuse_s))
     family = evaluator.producer.family_id
-    evaluator.client.delete(family, chunk_hashes=evaluator.client.hash_tokens(context, family))
+    timed = []
+    for context, prompt, _ in (small, large):
+        evaluator.producer.store(context)
+        timed.append(min(evaluator.reuse(reuse, prompt).ttft_s for _ in range(repeats)))
+    hashes = client.hash_tokens(large[0], family)
+    hit = client.lookup(family, hashes).best()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        slabs = client.get(family, hit, (Kind.K, Kind.V), as_torch=True)
+        best = min(best, time.perf_counter() - t0)
+    cost.bandwidth_Bps = slabs.bytes_received / best
+    prefill_s = min(evaluator.full_prefill(evaluator.consumer_model, small[1]).ttft_s for _ in range(repeats))
+    (n, s, tokens), (n2, s2, _) = _shapes([small, large], chunk)
+    cost.fit_fixed_costs((tokens, prefill_s), (n, s, timed[0]), (n2, s2, timed[1]))
+    for context, _, _ in (small, large):
+        evaluator.client.delete(family, chunk_hashes=evaluator.client.hash_tokens(context, family))
 
 
 def _predicted(cost: CostModel, what: Plan | float | None, n: int, s: int, prompt_tokens: int) -> float:
@@ -171,24 +173,23 @@ def _predicted(cost: CostModel, what: Plan | float | None, n: int, s: int, promp
 
 
 def _profile_prompts(evaluator: PairEvaluator, pair: PairSetup, frontier, blends) -> dict:
-    """The baselines (and full reuse and the default plan, as a check) on the profile's
-    own prompts: identical-answer rates comparable with the profile's."""
-    L = pair.document["num_layers"]
-    default = best_plan(pair.document, 0.95)
-    plans = [Plan.full_reuse(L)] + ([default] if default is not None and default.groups else [])
-    with tqdm(total=len(pair.profile_samples), desc=f"baselines {pair.name} @profile prompts", unit="prompt") as bar:
-        results = evaluator.run_ids(pair.profile_samples, plans, progress=bar.update, blends=blends)
+    """Every frontier plan and the baselines on the profile's own prompts, through the
+    serving path: identical-answer rates measured alike for all (the profile's own figures
+    reuse the whole context, the serving path only its whole chunks, so they differ)."""
+    with tqdm(total=len(pair.profile_samples), desc=f"quality {pair.name} @profile prompts", unit="prompt") as bar:
+        results = evaluator.run_ids(pair.profile_samples, [p for p, _ in frontier], progress=bar.update,
+                                    blends=blends)
     summary = {r["variant"]: r for r in summarize(results)}
-    profiled = dict((p.describe(), q) for p, q in frontier)
     return {"prompts": len(pair.profile_samples),
             "identical": {v: summary[v]["fidelity"]["identical"] for v in summary if v not in (REFERENCE, BASE)},
-            "profile_says": {plan_name(p): profiled.get(p.describe()) for p in plans}}
+            "profile_says": {plan_name(p): q for p, q in frontier}}
 
 
 def _dominance(name: str, tokens: int, measured: dict, frontier, cost: CostModel, n: int, s: int,
                baselines: dict[str, tuple[float, float]]) -> list[dict]:
     """For each baseline (label -> (quality, measured TTFT)): the planner's plan at the
-    baseline's TTFT and at its quality, and whether either dominates it."""
+    baseline's TTFT and at its quality, and whether either dominates it. ``frontier``
+    holds the plans with their qualities measured like the baselines'."""
     quality_of = dict((p.describe(), q) for p, q in frontier) | {"prefill": 1.0}
     out = []
     for label, (quality, ttft) in baselines.items():
@@ -215,17 +216,20 @@ def _dominance(name: str, tokens: int, measured: dict, frontier, cost: CostModel
 def _variants(frontier, blends: list[float], on_profile: dict, L: int) -> list[tuple]:
     """(variant, label, kind, recomputed layers or their equivalent, quality on the
     profile's prompts, what runs: None = prefill, a plan, or a blend ratio)."""
+    identical = on_profile["identical"]
     out = [(REFERENCE, "prefill", "full prefill", L, 1.0, None)]
-    out += [(plan_name(p), p.describe(), "full reuse" if not p.groups else "plan", p.recomputed_layers, q, p)
-            for p, q in frontier]
+    out += [(plan_name(p), p.describe(), "full reuse" if not p.groups else "plan", p.recomputed_layers,
+             identical[plan_name(p)], p) for p, _ in frontier]
     out += [(blend_name(r), f"cacheblend {r:.0%}", "cacheblend", round(1 + min(1.0, 2 * r) + (L - 2) * r, 1),
              on_profile["identical"][blend_name(r)], r) for r in blends]
     return out
 
 
-def _rows(name: str, tokens: int, variants: list[tuple], results: dict, shapes, cost: CostModel) -> dict[str, dict]:
+def _rows(name: str, tokens: int, variants: list[tuple], results: dict, shapes, cost: CostModel,
+          frontier) -> dict[str, dict]:
     """One row per variant at one length, by label, with per-request predicted TTFTs."""
     summary = {r["variant"]: r for r in summarize(results)}
+    profiled = {p.describe(): q for p, q in frontier}
     rows = {}
     for variant, label, kind, recomputed, profile_quality, what in variants:
         r, per_request = summary[variant], results[variant].ttft_s
@@ -237,6 +241,7 @@ def _rows(name: str, tokens: int, variants: list[tuple], results: dict, shapes, 
             "task_exact": r["quality"], "task_exact_ci": r["quality_ci"],
             "base_task_exact": summary[BASE]["quality"], "gain_retained": r["gain_retained"],
             "fidelity": r["fidelity"], "quality_on_profile_prompts": profile_quality,
+            "profile_quality": profiled.get(label),
             "ttft_s": r["ttft_s"], "predicted_ttft_s": round(sorted(predicted)[len(predicted) // 2], 4),
             "prediction_error_median": round(sorted(errors)[len(errors) // 2], 3),
             "within_20pct": round(sum(e <= 0.2 for e in errors) / len(errors), 3), "prompts": len(shapes),
@@ -276,11 +281,10 @@ def run(args: argparse.Namespace) -> dict:
             evaluator = PairEvaluator(client, pair.producer, pair.consumer, pair.tokenizer, pair.producer_id, name)
             cost = CostModel.calibrate(DecoderStack(pair.consumer), evaluator.producer.registration.family,
                                        sizes=tuple(sorted({16, 128, 512, 1024, *contexts})))
-            cost.bandwidth_Bps = _bandwidth(client, evaluator, pair.samples(max(contexts))[0][0])
-            _fixed_costs(evaluator, cost, pair.profile_samples[-1], chunk)
+            _calibrate_requests(client, evaluator, cost, pair.probe(512), pair.probe(max(contexts)), chunk)
             on_profile = _profile_prompts(evaluator, pair, frontier, blends)
             pairs.append({"consumer": name, "cost_model": dict(vars(cost)), "profile_prompts": pair.document["prompts"],
-                          "baselines_on_profile_prompts": on_profile,
+                          "quality_on_profile_prompts": on_profile,
                           "frontier": [{"plan": p.describe(), "quality": q} for p, q in frontier]})
             variants = _variants(frontier, blends, on_profile, L)
             for tokens in contexts:
@@ -288,15 +292,14 @@ def run(args: argparse.Namespace) -> dict:
                 shapes = _shapes(samples, chunk)
                 with tqdm(total=len(samples), desc=f"plan {name} @{tokens}", unit="prompt") as bar:
                     results = evaluator.run_ids(samples, [p for p, _ in frontier], progress=bar.update, blends=blends)
-                measured = _rows(name, tokens, variants, results, shapes, cost)
+                measured = _rows(name, tokens, variants, results, shapes, cost, frontier)
                 rows += measured.values()
                 n, s = shapes[0][0], shapes[0][1]
                 choices += _choices(name, tokens, measured, frontier, cost, n, s, fractions)
-                # Full reuse is a frontier plan: its profiled quality (this run's measurement
-                # on the same prompts is in baselines_on_profile_prompts, as a check).
                 baselines = {label: (row["quality_on_profile_prompts"], row["ttft_s"])
                              for label, row in measured.items() if row["kind"] in ("full reuse", "cacheblend")}
-                dominance += _dominance(name, tokens, measured, frontier, cost, n, s, baselines)
+                as_measured = [(p, measured[p.describe()]["quality_on_profile_prompts"]) for p, _ in frontier]
+                dominance += _dominance(name, tokens, measured, as_measured, cost, n, s, baselines)
     requests = [(r["within_20pct"], r["prompts"]) for r in rows]
     within = sum(w * n for w, n in requests) / sum(n for _, n in requests)
     facts = machine()

@@ -50,8 +50,15 @@ def test_fixed_costs_are_what_the_layers_leave_unexplained():
     reuse = 0.3 + 0.05 + 30 * 0.002 + (30 * 1e-4 + 0.01)
     cost.fit_fixed_costs((2020, 30 * 0.202 + 0.01 + 0.3), (2000, 20, reuse))
     assert abs(cost.request_s - 0.3) < 1e-9 and abs(cost.fetch_overhead_s - 0.05) < 1e-9
+    # A second, larger reuse: what grows with the loaded bytes is the per-byte cost.
+    plain = _cost(request_s=0.3)                     # what the layers and the load explain
+
+    def measured(n: int) -> float:
+        return plain.predict(Plan(L), n, 20) + 0.05 + 2e-9 * plain.load_bytes(Plan(L), n)
+    cost.fit_fixed_costs((2020, 30 * 0.202 + 0.01 + 0.3), (2000, 20, measured(2000)), (8000, 20, measured(8000)))
+    assert abs(cost.copy_s_per_byte - 2e-9) < 1e-15 and abs(cost.fetch_overhead_s - 0.05) < 1e-9
     cost.fit_fixed_costs((2020, 1.0), (2000, 20, 0.0))             # faster than the layers: no negative cost
-    assert cost.request_s == 0.0 and cost.fetch_overhead_s == 0.0
+    assert cost.request_s == 0.0 and cost.fetch_overhead_s == 0.0 and cost.copy_s_per_byte == 0.0
 
 
 def test_choice_under_three_targets():

@@ -21,9 +21,12 @@ prompt token, L layers):
 - compute for a plan: every group layer over n+s tokens from scratch, every reused layer
   over the s suffix tokens attending to n, then the last prompt token through every layer
   attending to n+s (``generate()`` runs it);
-- loading is pipelined under compute, so ``TTFT ≈ request + fetch_overhead +
-  max(load, compute) + last token + head``; a full prefill is ``request + L·layer_s(N, 0)
-  + head`` for an N-token prompt.
+- loading is pipelined under compute, but the consumer's own work on what arrives
+  (conversion into its cache) is not: ``copy_s_per_byte``;
+- so ``TTFT ≈ request + fetch_overhead + max(load, compute) + bytes·copy + last token +
+  head``; a full prefill is ``request + L·layer_s(N, 0) + head`` for an N-token prompt.
+  The fixed and per-byte terms are fitted to a measured prefill and two measured full
+  reuses (:meth:`CostModel.fit_fixed_costs`), where a benchmark or a deployment has them.
 
 The planner chooses among the profile's frontier plans and the full prefill (quality 1 by
 definition): the highest quality whose predicted TTFT meets the target; ties go to the
@@ -56,6 +59,7 @@ class CostModel:
     fetch_overhead_s: float = 0.005
     c3: float | None = None          # the same with a past (None: c2)
     request_s: float = 0.0           # fixed per request: generate()'s setup
+    copy_s_per_byte: float = 0.0     # the consumer's own work per loaded byte, not overlapped
     layer_scale: float = 1.0         # whole forward / layers timed alone (applied to c0..c3)
 
     def layer_s(self, q: int, past: int) -> float:
@@ -78,8 +82,9 @@ class CostModel:
         """Predicted TTFT of reusing n cached tokens under ``plan`` with s suffix tokens."""
         compute = plan.recomputed_layers * self.layer_s(n + s, 0)
         compute += (plan.num_layers - plan.recomputed_layers) * (self.layer_s(s, n) if s else 0.0)
-        load = self.load_bytes(plan, n) / self.bandwidth_Bps
-        return self.request_s + self.fetch_overhead_s + max(load, compute) + self._finish_s(n + s)
+        nbytes = self.load_bytes(plan, n)
+        return self.request_s + self.fetch_overhead_s + max(nbytes / self.bandwidth_Bps, compute) + \
+            nbytes * self.copy_s_per_byte + self._finish_s(n + s)
 
     def predict_blend(self, ratio: float, n: int, s: int) -> float:
         """Predicted TTFT of CacheBlend-style selective recompute (hf/blend.py): layer 0
@@ -92,21 +97,32 @@ class CostModel:
             return self.c0 + self.c1 * q + masked * q * total
         compute = self.layer_s(total, 0) + layer(math.ceil(min(1.0, 2 * ratio) * n) + s)
         compute += (self.num_layers - 2) * layer(math.ceil(ratio * n) + s)
-        load = self.load_bytes(Plan.full_reuse(self.num_layers), n) / self.bandwidth_Bps
-        return self.request_s + self.fetch_overhead_s + max(load, compute) + self._finish_s(total)
+        nbytes = self.load_bytes(Plan.full_reuse(self.num_layers), n)
+        return self.request_s + self.fetch_overhead_s + max(nbytes / self.bandwidth_Bps, compute) + \
+            nbytes * self.copy_s_per_byte + self._finish_s(total)
 
-    def fit_fixed_costs(self, prefill: tuple[int, float], reuse: tuple[int, int, float]) -> None:
-        """Set ``request_s`` and ``fetch_overhead_s`` from two measured requests: a full
-        prefill of N tokens that took t (``(N, t)``), and a full reuse of n cached and s
-        suffix tokens that took t' (``(n, s, t')``). What the layer model leaves
-        unexplained is taken as fixed per request: ``generate()``'s setup, and for reuse
-        the lookup, the loader's start and the per-layer assembly (60–80 ms on a GPU
-        host, where the layers themselves take a few)."""
+    def fit_fixed_costs(self, prefill: tuple[int, float], reuse: tuple[int, int, float],
+                        larger_reuse: tuple[int, int, float] | None = None) -> None:
+        """Fit what the layer model leaves unexplained to measured requests: a full
+        prefill of N tokens that took t (``(N, t)``) gives ``request_s`` (``generate()``'s
+        setup); full reuses of n cached and s suffix tokens that took t' (``(n, s, t')``)
+        give ``fetch_overhead_s`` (the lookup, the loader's start, the per-layer
+        assembly: 60–80 ms on a GPU host, where the layers take a few), and with a second,
+        larger one, ``copy_s_per_byte`` (the consumer's own work on each loaded byte,
+        which on a 2-core host does not overlap compute)."""
         tokens, took = prefill
         self.request_s = max(took - (self.prefill_s(tokens) - self.request_s), 0.0)
-        n, s, took = reuse
-        self.fetch_overhead_s = 0.0
-        self.fetch_overhead_s = max(took - self.predict(Plan.full_reuse(self.num_layers), n, s), 0.0)
+        self.fetch_overhead_s = self.copy_s_per_byte = 0.0
+        full = Plan.full_reuse(self.num_layers)
+
+        def unexplained(n: int, s: int, took: float) -> tuple[float, int]:
+            return took - self.predict(full, n, s), self.load_bytes(full, n)
+        small, small_bytes = unexplained(*reuse)
+        if larger_reuse is not None:
+            large, large_bytes = unexplained(*larger_reuse)
+            if large_bytes > small_bytes:
+                self.copy_s_per_byte = max((large - small) / (large_bytes - small_bytes), 0.0)
+        self.fetch_overhead_s = max(small - small_bytes * self.copy_s_per_byte, 0.0)
 
     def observe_load(self, nbytes: int, seconds: float, weight: float = 0.2) -> None:
         """Fold a measured load into the bandwidth estimate (exponential average)."""
