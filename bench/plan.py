@@ -42,6 +42,7 @@ from tqdm import tqdm
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -52,7 +53,7 @@ from cachesvc_client import CacheClient
 from cachesvc_connectors.evaluate import BASE, REFERENCE, PairEvaluator, blend_name, plan_name, summarize
 from cachesvc_connectors.hf.decoder import DecoderStack
 from cachesvc_connectors.models import finetune, smollm2, tasks
-from cachesvc_connectors.plan import Plan, profile_frontier
+from cachesvc_connectors.plan import Plan, blend_shares, profile_frontier
 from cachesvc_connectors.planner import CostModel, choose
 from cachesvc_connectors.profiler import Profiler, ProfilerOptions, StateFile, profile
 
@@ -213,19 +214,28 @@ def _dominance(name: str, tokens: int, measured: dict, frontier, cost: CostModel
     return out
 
 
-def _variants(frontier, blends: list[float], on_profile: dict, L: int) -> list[tuple]:
-    """(variant, label, kind, recomputed layers or their equivalent, quality on the
-    profile's prompts, what runs: None = prefill, a plan, or a blend ratio)."""
+class Variant(NamedTuple):
+    name: str                       # the evaluator's result key
+    label: str                      # the row's "plan"
+    kind: str                       # "full prefill", "full reuse", "plan" or "cacheblend"
+    recomputed: float               # layers, or their equivalent for a blend
+    quality: float                  # on the profile's prompts, through the serving path
+    what: Plan | float | None       # what runs: None = prefill, a plan, or a blend ratio
+
+
+def _variants(frontier, blends: list[float], on_profile: dict, L: int) -> list[Variant]:
     identical = on_profile["identical"]
-    out = [(REFERENCE, "prefill", "full prefill", L, 1.0, None)]
-    out += [(plan_name(p), p.describe(), "full reuse" if not p.groups else "plan", p.recomputed_layers,
-             identical[plan_name(p)], p) for p, _ in frontier]
-    out += [(blend_name(r), f"cacheblend {r:.0%}", "cacheblend", round(1 + min(1.0, 2 * r) + (L - 2) * r, 1),
-             on_profile["identical"][blend_name(r)], r) for r in blends]
+    out = [Variant(REFERENCE, "prefill", "full prefill", L, 1.0, None)]
+    out += [Variant(plan_name(p), p.describe(), "full reuse" if not p.groups else "plan", p.recomputed_layers,
+                    identical[plan_name(p)], p) for p, _ in frontier]
+    for r in blends:
+        first, rest = blend_shares(r)
+        out.append(Variant(blend_name(r), f"cacheblend {r:.0%}", "cacheblend", round(1 + first + (L - 2) * rest, 1),
+                           identical[blend_name(r)], r))
     return out
 
 
-def _rows(name: str, tokens: int, variants: list[tuple], results: dict, shapes, cost: CostModel,
+def _rows(name: str, tokens: int, variants: list[Variant], results: dict, shapes, cost: CostModel,
           frontier) -> dict[str, dict]:
     """One row per variant at one length, by label, with per-request predicted TTFTs."""
     summary = {r["variant"]: r for r in summarize(results)}

@@ -91,19 +91,25 @@ class PairEvaluator:
         self.own = Producer(client, consumer_model, tokenizer, consumer_id, ProducerOptions(dtype=dtype))
         self.consumer_id, self.dtype = consumer_id, dtype
         self.max_new_tokens = max_new_tokens
-        self._consumers: dict[tuple[Plan | float | None, str], Consumer] = {}
+        self._consumers: dict[tuple[str, str], Consumer] = {}     # (variant, producer)
 
-    def consumer(self, plan: Plan | float | None, producer: str) -> Consumer:
-        """A consumer that reads only ``producer``'s entries: with ``plan`` (None: same
-        model), or blending with that share of recomputed tokens (a float)."""
-        key = (plan, producer)
+    def consumer(self, plan: Plan | None, producer: str) -> Consumer:
+        """A consumer that reads only ``producer``'s entries, with ``plan`` (None: same model)."""
+        key = (plan_name(plan) if plan is not None else SAME, producer)
         if key not in self._consumers:
-            options = ConsumerOptions(default_plan=plan if isinstance(plan, Plan) else None,
-                                      producers=[producer], dtype=self.dtype)
-            args = (self.client, self.consumer_model, self.tokenizer, self.consumer_id, options)
-            self._consumers[key] = BlendConsumer(*args, ratio=plan) if isinstance(plan, float) \
-                else Consumer(*args)
+            self._consumers[key] = Consumer(*self._consumer_args(producer, plan))
         return self._consumers[key]
+
+    def blend_consumer(self, ratio: float, producer: str) -> BlendConsumer:
+        """A CacheBlend-style consumer of ``producer``'s entries recomputing ``ratio`` of the tokens."""
+        key = (blend_name(ratio), producer)
+        if key not in self._consumers:
+            self._consumers[key] = BlendConsumer(*self._consumer_args(producer), ratio=ratio)
+        return self._consumers[key]
+
+    def _consumer_args(self, producer: str, plan: Plan | None = None) -> tuple:
+        return (self.client, self.consumer_model, self.tokenizer, self.consumer_id,
+                ConsumerOptions(default_plan=plan, producers=[producer], dtype=self.dtype))
 
     def _gen_kwargs(self) -> dict:
         return dict(max_new_tokens=self.max_new_tokens, do_sample=False, output_logits=True,
@@ -161,7 +167,7 @@ class PairEvaluator:
             for plan in plans:
                 answers[plan_name(plan)] = self.reuse(self.consumer(plan, self.producer.model_id), ids)
             for ratio in blends:
-                answers[blend_name(ratio)] = self.reuse(self.consumer(float(ratio), self.producer.model_id), ids)
+                answers[blend_name(ratio)] = self.reuse(self.blend_consumer(ratio, self.producer.model_id), ids)
             for name, ans in answers.items():
                 _record(results[name], ans, ref, truth)
             hashes = self.client.hash_tokens(context, self.producer.family_id)

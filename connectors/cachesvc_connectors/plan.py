@@ -98,3 +98,10 @@ def profile_frontier(document: dict, min_quality: float = 0.0) -> list[tuple[Pla
     rows = sorted((r for r in document["plans"] if r["frontier"] and r["quality"] >= min_quality),
                   key=lambda r: (r["recomputed_layers"], -r["quality"]))
     return [(Plan(L, tuple(tuple(g) for g in r["groups"])), r["quality"]) for r in rows]
+
+
+def blend_shares(ratio: float) -> tuple[float, float]:
+    """CacheBlend-style selective recompute (hf/blend.py) at ``ratio``: the shares of the
+    cached tokens recomputed at layer 1 and at every layer after it (layer 0 recomputes
+    all). Gradual filtering: twice the ratio first, then the ratio."""
+    return min(1.0, 2 * ratio), ratio

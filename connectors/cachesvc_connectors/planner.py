@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from cachesvc.keys import FamilySpec, Kind
-from cachesvc_connectors.plan import Plan
+from cachesvc_connectors.plan import Plan, blend_shares
 
 
 @dataclass
@@ -82,9 +82,7 @@ class CostModel:
         """Predicted TTFT of reusing n cached tokens under ``plan`` with s suffix tokens."""
         compute = plan.recomputed_layers * self.layer_s(n + s, 0)
         compute += (plan.num_layers - plan.recomputed_layers) * (self.layer_s(s, n) if s else 0.0)
-        nbytes = self.load_bytes(plan, n)
-        return self.request_s + self.fetch_overhead_s + max(nbytes / self.bandwidth_Bps, compute) + \
-            nbytes * self.copy_s_per_byte + self._finish_s(n + s)
+        return self._reuse_ttft(compute, self.load_bytes(plan, n), n + s)
 
     def predict_blend(self, ratio: float, n: int, s: int) -> float:
         """Predicted TTFT of CacheBlend-style selective recompute (hf/blend.py): layer 0
@@ -92,14 +90,19 @@ class CostModel:
         over ratio of them (and the suffix), each attending to all n+s under a mask; the
         load is full reuse's."""
         total, masked = n + s, self.c3 if self.c3 is not None else self.c2
+        first, rest = blend_shares(ratio)
 
         def layer(q: int) -> float:
             return self.c0 + self.c1 * q + masked * q * total
-        compute = self.layer_s(total, 0) + layer(math.ceil(min(1.0, 2 * ratio) * n) + s)
-        compute += (self.num_layers - 2) * layer(math.ceil(ratio * n) + s)
-        nbytes = self.load_bytes(Plan.full_reuse(self.num_layers), n)
-        return self.request_s + self.fetch_overhead_s + max(nbytes / self.bandwidth_Bps, compute) + \
-            nbytes * self.copy_s_per_byte + self._finish_s(total)
+        compute = self.layer_s(total, 0) + layer(math.ceil(first * n) + s)
+        compute += (self.num_layers - 2) * layer(math.ceil(rest * n) + s)
+        return self._reuse_ttft(compute, self.load_bytes(Plan.full_reuse(self.num_layers), n), total)
+
+    def _reuse_ttft(self, compute_s: float, nbytes: int, cached: int) -> float:
+        """TTFT of a reuse that computes for ``compute_s`` while ``nbytes`` load under it,
+        leaving ``cached`` tokens for ``generate()``'s last prompt token."""
+        return self.request_s + self.fetch_overhead_s + max(nbytes / self.bandwidth_Bps, compute_s) + \
+            nbytes * self.copy_s_per_byte + self._finish_s(cached)
 
     def fit_fixed_costs(self, prefill: tuple[int, float], reuse: tuple[int, int, float],
                         larger_reuse: tuple[int, int, float] | None = None) -> None:

@@ -27,7 +27,7 @@ from transformers import DynamicCache
 from cachesvc.keys import Kind
 from cachesvc_connectors.hf.consumer import Consumer, ReuseReport, head_major
 from cachesvc_connectors.hf.loader import SlabLoader
-from cachesvc_connectors.plan import Plan
+from cachesvc_connectors.plan import Plan, blend_shares
 
 
 def deviation(new_keys: torch.Tensor, new_values: torch.Tensor, old_keys: torch.Tensor,
@@ -76,7 +76,7 @@ class BlendConsumer(Consumer):
     def _assemble(self, ids: list[int], n: int, plan: Plan, loader: SlabLoader) -> DynamicCache | None:
         stack, dtype = self.stack, self.stack.dtype
         total = len(ids) - 1
-        keep = [math.ceil(min(1.0, 2 * self.ratio) * n), math.ceil(self.ratio * n)]   # after layers 0, 1
+        keep = [math.ceil(share * n) for share in blend_shares(self.ratio)]   # chosen after layers 0, 1
         cache = DynamicCache()
         hidden = stack.run(stack.embed(stack.ids(ids[:-1])), 0, 1, 0, cache)
         positions = torch.arange(total, device=stack.device)
@@ -85,19 +85,18 @@ class BlendConsumer(Consumer):
             if keys is None or values is None:
                 return None
             old_keys, old_values = head_major(keys[:n], dtype), head_major(values[:n], dtype)
-            if layer == 0:
-                new_keys, new_values = cache.layers[0].keys, cache.layers[0].values
-            else:
+            if layer > 0:
                 full_keys = old_keys.new_empty(*old_keys.shape[:2], total, old_keys.shape[3])
                 full_values = torch.empty_like(full_keys)
                 full_keys[:, :, :n], full_values[:, :, :n] = old_keys, old_values
                 if len(positions):
                     hidden = stack.run_at(hidden, layer, positions, full_keys, full_values)
                 cache.update(full_keys, full_values, layer)
-                new_keys, new_values = full_keys[:, :, positions], full_values[:, :, positions]
             if layer < len(keep):
+                # The layer's own K/V of the cached tokens computed here, against the producer's.
                 cached = positions[positions < n]
-                scores = deviation(new_keys[:, :, :len(cached)], new_values[:, :, :len(cached)],
+                new_keys, new_values = cache.layers[layer].keys, cache.layers[layer].values
+                scores = deviation(new_keys[:, :, cached], new_values[:, :, cached],
                                    old_keys[:, :, cached], old_values[:, :, cached])
                 chosen = select(positions, scores, n, keep[layer])
                 positions, hidden = positions[chosen], hidden[:, chosen]

@@ -84,6 +84,19 @@ class ReuseReport:
     predicted_ttft_s: float | None = None   # the planner's prediction, with a TTFT target
 
 
+@dataclass(frozen=True)
+class _ProfileRead:
+    """What the registry answered for one producer, and when (time.monotonic())."""
+
+    at: float
+    document: dict | None = None      # None: not usable, ``why``
+    why: str = ""
+    version: int = 0
+
+
+_NO_PROFILE = _ProfileRead(0.0)
+
+
 @dataclass
 class Prefill:
     cache: DynamicCache               # holds the first N-1 prompt tokens
@@ -105,7 +118,7 @@ class Consumer:
         self._check_producers(options.producers)
         self._staging = Staging(pinned=self.stack.device.type == "cuda")
         self._lock = threading.Lock()
-        self._profiles: dict[str, tuple[float, dict | None, str, int]] = {}   # producer -> (at, doc, why, version)
+        self._profiles: dict[str, _ProfileRead] = {}   # by producer
         self.cost = options.cost
         self.guard = DriftGuard(self, options.drift) if options.drift is not None else None
         if self.cost is None and options.ttft_target_s is not None:
@@ -182,21 +195,21 @@ class Consumer:
     def _profile(self, producer: str) -> tuple[dict | None, str]:
         """The pair's profile from the registry, cached for PROFILE_TTL_S."""
         now = time.monotonic()
-        cached = self._profiles.get(producer)
-        if cached is None or now - cached[0] > PROFILE_TTL_S:
+        read = self._profiles.get(producer)
+        if read is None or now - read.at > PROFILE_TTL_S:
             try:
                 stored = self.client.get_profile(producer, self.model_id)
-                cached = (now, stored.document, "", stored.version)
+                read = _ProfileRead(now, stored.document, version=stored.version)
             except NotFoundError:
-                cached = (now, None, "the pair is not profiled", 0)
+                read = _ProfileRead(now, why="the pair is not profiled")
             except FailedPreconditionError:
-                cached = (now, None, "its profile is stale: re-profile the pair", 0)
-            self._profiles[producer] = cached
-        return cached[1], cached[2]
+                read = _ProfileRead(now, why="its profile is stale: re-profile the pair")
+            self._profiles[producer] = read
+        return read.document, read.why
 
     def profile_version(self, producer: str) -> int:
         """The version of the pair's profile this consumer last read (0: none)."""
-        return self._profiles.get(producer, (0.0, None, "", 0))[3]
+        return self._profiles.get(producer, _NO_PROFILE).version
 
     # ------------------------------------------------------------------ prefill
 
@@ -321,7 +334,7 @@ class Consumer:
     def _expectation(self, producer: str, plan: Plan) -> tuple[float | None, list[Plan]]:
         """The plan's quality in the pair's profile and the frontier plans recomputing
         more layers (the drift guard's demotion ladder); (None, []) without a profile."""
-        document = self._profiles.get(producer, (0.0, None, "", 0))[1]
+        document = self._profiles.get(producer, _NO_PROFILE).document
         if document is None:
             return None, []
         mine = next((r["quality"] for r in document["plans"] if r["plan"] == plan.describe()), None)
