@@ -20,11 +20,11 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m cachesvc_connectors.demo
+	$(PY) -m cachesvc_lab.demo
 
 # The storage-only walkthrough (issue 2): put, lookup, get, restart from disk.
 demo-storage: $(STAMP)
-	$(PY) -m cachesvc_client.demo
+	$(PY) -m cachesvc_lab.storage_demo
 
 test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -11,7 +11,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from cachesvc.launcher import ServerProcess
+from cachesvc.node.launcher import ServerProcess
 from cachesvc_client import CacheClient, DType, EntryData, FamilySpec, Kind
 
 

@@ -2,7 +2,7 @@ import random
 
 import pytest
 
-from cachesvc.arena import ALIGN_BYTES, Arena
+from cachesvc.node.arena import ALIGN_BYTES, Arena
 
 
 def test_alloc_free_coalesce():

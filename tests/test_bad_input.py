@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import xxhash
 
-from cachesvc.keys import Kind
+from cachesvc.wire.keys import Kind
 from cachesvc.v1 import cachesvc_pb2 as pb
 from cachesvc.v1 import cachesvc_pb2_grpc as pb_grpc
-from cachesvc.wire import family_to_proto
+from cachesvc.wire.convert import family_to_proto
 from cachesvc_client import (CacheClient, ClientOptions, EntryData, InvalidArgumentError,
                              ResourceExhaustedError)
 from cachesvc_client.codec import SlabAssembler, plan_put

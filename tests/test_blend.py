@@ -9,8 +9,8 @@ import torch
 
 from cachesvc_client import DType
 from cachesvc_connectors.hf import Consumer, ConsumerOptions, Producer, ProducerOptions
-from cachesvc_connectors.hf.blend import BlendConsumer, select
-from cachesvc_connectors.plan import Plan
+from cachesvc_lab.blend import BlendConsumer, select
+from cachesvc_connectors.reuse.plan import Plan
 from hf_models import fine_tune_of, last_logits, tiny_model, tokenizer
 from test_hf_connector import _prompt, _reuse_logits
 

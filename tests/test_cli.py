@@ -10,7 +10,7 @@ from conftest import TINY, make_entry
 
 
 def _cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cachesvc.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "cachesvc.node.cli", *args], capture_output=True,
                           text=True, timeout=timeout)
 
 

@@ -1,6 +1,6 @@
 import pytest
 
-from cachesvc.config import load_config, parse_size
+from cachesvc.node.config import load_config, parse_size
 
 
 def test_sizes():

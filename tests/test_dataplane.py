@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from cachesvc.dataplane.protocol import FrameType, Op, pack_request, read_frame, unpack_runs
+from cachesvc.wire.protocol import FrameType, Op, pack_request, read_frame, unpack_runs
 from cachesvc.v1 import cachesvc_pb2 as pb
 from cachesvc_client import (CacheClient, CacheServiceError, ClientOptions, InvalidArgumentError,
                              Kind, UnavailableError)
@@ -141,7 +141,7 @@ def test_server_killed_mid_transfer_is_an_error_in_bounded_time(server_factory, 
 
 READER = textwrap.dedent("""
     import socket, sys, time
-    from cachesvc.dataplane.protocol import Op, pack_request, read_frame
+    from cachesvc.wire.protocol import Op, pack_request, read_frame
     from cachesvc.v1 import cachesvc_pb2 as pb
     req = pb.GetSlabsRequest.FromString(bytes.fromhex(sys.argv[3]))
     if sys.argv[1] == "tcp":
@@ -251,7 +251,7 @@ def test_put_over_every_transport(client, rng, transport):
 
 WRITER = textwrap.dedent("""
     import socket, sys
-    from cachesvc.dataplane.protocol import pack_write
+    from cachesvc.wire.protocol import pack_write
     host, port = sys.argv[1].rsplit(":", 1)
     sock = socket.create_connection((host, int(port)))
     sock.sendall(pack_write(sys.argv[2], 0, 0, int(sys.argv[3])))
@@ -286,7 +286,7 @@ def test_refused_write_keeps_the_connection_in_step(client, rng):
     address = client._call(client._stub.Stats, pb.StatsRequest()).fetch.transports["tcp"].decode()
     host, port = address.rsplit(":", 1)
     with socket.create_connection((host, int(port))) as sock:
-        from cachesvc.dataplane.protocol import pack_write
+        from cachesvc.wire.protocol import pack_write
         sock.sendall(pack_write("no-such-reservation", 0, 0, 5000) + b"y" * 5000)
         frame = read_frame(sock)
         assert frame.type == FrameType.ERROR and frame.header.startswith(b"NOT_FOUND:")
@@ -308,7 +308,7 @@ def test_stalled_writer_is_dropped_and_its_put_aborted(server_factory, rng):
         host, port = client._call(client._stub.Stats, pb.StatsRequest()).fetch.transports["tcp"] \
             .decode().rsplit(":", 1)
         with socket.create_connection((host, int(port))) as sock:
-            from cachesvc.dataplane.protocol import pack_write
+            from cachesvc.wire.protocol import pack_write
             sock.sendall(pack_write(res.reservation_id, 0, 0, res.targets[0].size_bytes) + b"z" * 100)
             start = time.monotonic()
             while client.stats()["open_reservations"] and time.monotonic() - start < 5:

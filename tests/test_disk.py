@@ -3,9 +3,9 @@
 import numpy as np
 import xxhash
 
-from cachesvc.disk import DiskTier
-from cachesvc.entries import SlabSpec, plan_entry
-from cachesvc.keys import Kind
+from cachesvc.node.disk import DiskTier
+from cachesvc.node.entries import SlabSpec, plan_entry
+from cachesvc.wire.keys import Kind
 from conftest import TINY
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import random
 
-from cachesvc.keys import DType
-from cachesvc_connectors.drift import DriftOptions
+from cachesvc.wire.keys import DType
+from cachesvc_connectors.reuse import DriftOptions
 from cachesvc_connectors.hf import Consumer, ConsumerOptions, Producer, ProducerOptions
 from cachesvc_connectors.hf.family import family_of, weights_digest
 from cachesvc_connectors.profiler import Profiler, ProfilerOptions, StateFile, profile

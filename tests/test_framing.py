@@ -2,7 +2,7 @@
 
 import pytest
 
-from cachesvc import framing
+from cachesvc.wire import framing
 from cachesvc.v1 import cachesvc_pb2 as pb
 
 

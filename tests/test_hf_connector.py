@@ -13,7 +13,7 @@ from cachesvc_client import CacheClient, DType, Kind
 from cachesvc_connectors.hf import (Consumer, ConsumerOptions, FamilyMismatchError, Producer,
                                     ProducerOptions, UnsupportedModelError)
 from cachesvc_connectors.hf.loader import plan_requests
-from cachesvc_connectors.plan import Plan
+from cachesvc_connectors.reuse.plan import Plan
 from hf_models import fine_tune_of, greedy, last_logits, tiny_model, tokenizer
 
 FP32 = DType.FLOAT32   # exactness tests store fp32 slabs; bf16 would round E and K/V

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cachesvc.keys import (DType, FamilySpec, canonical_json, chain_root, chunk_hashes, entry_id,
+from cachesvc.wire.keys import (DType, FamilySpec, canonical_json, chain_root, chunk_hashes, entry_id,
                            family_id)
 
 VECTORS = json.loads((Path(__file__).parent / "vectors" / "keys.json").read_text())
@@ -25,7 +25,7 @@ def _family(doc) -> FamilySpec:
 
 
 def _reference_chain(tokens, fam_id, tenant, chunk_size, extras, include_partial):
-    """Written from the spec text, not from cachesvc.keys."""
+    """Written from the spec text, not from cachesvc.wire.keys."""
     lp = lambda b: struct.pack("<I", len(b)) + b  # noqa: E731
     h = hashlib.sha256(b"cachesvc-chain-v1\x00" + lp(tenant.encode()) + lp(fam_id.encode()) +
                        struct.pack("<I", chunk_size)).digest()

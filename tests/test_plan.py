@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from cachesvc.keys import Kind
-from cachesvc_connectors.plan import Plan
+from cachesvc.wire.keys import Kind
+from cachesvc_connectors.reuse.plan import Plan
 
 
 def test_parse_forms_and_describe_round_trip():

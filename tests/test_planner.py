@@ -6,12 +6,13 @@ from __future__ import annotations
 import dataclasses
 import random
 
-from cachesvc.keys import DType
+from cachesvc.wire.keys import DType
 from cachesvc_connectors.hf import Consumer, ConsumerOptions, Producer, ProducerOptions
 from cachesvc_connectors.hf.decoder import DecoderStack
 from cachesvc_connectors.hf.family import family_of, weights_digest
-from cachesvc_connectors.plan import Plan
-from cachesvc_connectors.planner import CostModel, choose
+from cachesvc_connectors.reuse.plan import Plan
+from cachesvc_connectors.hf.calibrate import calibrate
+from cachesvc_connectors.reuse import CostModel, choose
 from cachesvc_connectors.profiler import Profiler, ProfilerOptions, StateFile, profile
 from hf_models import fine_tune_of, tiny_model, tokenizer
 
@@ -75,7 +76,7 @@ def test_choice_under_three_targets():
 
 def test_calibration_on_a_real_layer_is_sane():
     model = tiny_model("llama", seed=0)
-    cost = CostModel.calibrate(DecoderStack(model), family_of(model, tokenizer(), DType.FLOAT32),
+    cost = calibrate(DecoderStack(model), family_of(model, tokenizer(), DType.FLOAT32),
                                sizes=(8, 64, 256), repeats=1)
     assert min(cost.c0, cost.c1, cost.c2, cost.request_s) >= 0 and cost.c0 + cost.c1 > 0 and cost.head_s > 0
     assert cost.prefill_s(512) > cost.prefill_s(64)

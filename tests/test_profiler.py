@@ -11,11 +11,11 @@ import sys
 
 import pytest
 
-from cachesvc.keys import DType
+from cachesvc.wire.keys import DType
 from cachesvc_client import CacheClient
 from cachesvc_connectors.hf import Consumer, ConsumerOptions, Producer, ProducerOptions
 from cachesvc_connectors.hf.family import weights_digest
-from cachesvc_connectors.plan import Plan, best_plan
+from cachesvc_connectors.reuse import Plan, best_plan
 from cachesvc_connectors.profiler import (PlanResult, Profiler, ProfilerOptions, Score, StateFile,
                                           frontier, multi_group_candidates, profile, single_windows)
 from hf_models import fine_tune_of, tiny_model, tokenizer
@@ -135,7 +135,7 @@ def test_profile_command_writes_plots_and_registers(server, client, tmp_path, pa
         "context": " ".join(f"w{rng.randrange(255)}" for _ in range(40)),
         "question": " ".join(f"w{rng.randrange(255)}" for _ in range(5)), "answer": ""}) for _ in range(3)))
     out = tmp_path / "profile.json"
-    proc = subprocess.run([sys.executable, "-m", "cachesvc.cli", "profile", "--producer", str(tmp_path / "base"),
+    proc = subprocess.run([sys.executable, "-m", "cachesvc.node.cli", "profile", "--producer", str(tmp_path / "base"),
                            "--consumer", str(tmp_path / "tuned"), "--data", str(data), "--out", str(out),
                            "--window-sizes", "1,2", "--dtype", "float32", "--target", server.address,
                            "--ttft-context", "512"], capture_output=True, text=True, timeout=300)

@@ -9,7 +9,7 @@ import torch
 
 from cachesvc_client import CacheClient, DType
 from cachesvc_connectors.hf import Consumer, ConsumerOptions, Producer, ProducerOptions
-from cachesvc_connectors.models import smollm2, tasks
+from cachesvc_lab import smollm2, tasks
 
 
 @pytest.fixture(scope="module")

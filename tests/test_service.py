@@ -57,7 +57,7 @@ def test_layer_range_and_partial_hit_and_trailing_chunk(client: CacheClient, rng
 
 
 def test_partial_chunk_entry_can_be_stored_explicitly(client: CacheClient, rng):
-    from cachesvc.keys import chunk_hashes
+    from cachesvc.wire.keys import chunk_hashes
     reg = client.register_model("p", "0123abcd", TINY)
     hashes = chunk_hashes(list(range(300)), reg.family_id, include_partial=True)
     entries = [make_entry(rng, TINY, hashes[0], 256), make_entry(rng, TINY, hashes[1], 44)]

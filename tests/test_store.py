@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import xxhash
 
-from cachesvc import errors
-from cachesvc.entries import SlabSpec
-from cachesvc.keys import Kind, chunk_hashes
-from cachesvc.store import CacheStore, DiskMode, EntryInput, StoreConfig, Tier
+from cachesvc.wire import errors
+from cachesvc.node.entries import SlabSpec
+from cachesvc.wire.keys import Kind, chunk_hashes
+from cachesvc.node.store import CacheStore, DiskMode, EntryInput, StoreConfig, Tier
 from conftest import TINY
 
 FID = TINY.family_id()

@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from cachesvc.dataplane import ucxlib
-from cachesvc.dataplane.protocol import REQUEST_TAG
+from cachesvc.wire import ucxlib
+from cachesvc.wire.protocol import REQUEST_TAG
 from cachesvc.v1 import cachesvc_pb2 as pb
 from cachesvc_client import CacheClient, CacheServiceError, ClientOptions, InvalidArgumentError, Kind
 from cachesvc_client.transports import choose_transport
@@ -84,7 +84,7 @@ def test_refusals_are_typed_and_the_worker_stays_usable(client, rng):
 
 GARBAGE = textwrap.dedent("""
     import sys
-    from cachesvc.dataplane.ucxlib import Worker
+    from cachesvc.wire.ucxlib import Worker
     w = Worker()
     ep = w.endpoint(bytes.fromhex(sys.argv[1]))
     w.wait([w.send(ep, b"not a request at all", int(sys.argv[2]))], 10)
@@ -121,9 +121,9 @@ def test_node_killed_mid_transfer_is_an_error_in_bounded_time(server_factory, rn
 # payloads nor goes away; or that sends a WRITE's header and never its payload.
 STALLER = textwrap.dedent("""
     import sys, time
-    from cachesvc.dataplane.protocol import (REQUEST_TAG, Op, pack_ucx_request,
+    from cachesvc.wire.protocol import (REQUEST_TAG, Op, pack_ucx_request,
                                              pack_ucx_write)
-    from cachesvc.dataplane.ucxlib import Worker
+    from cachesvc.wire.ucxlib import Worker
     w = Worker()
     ep = w.endpoint(bytes.fromhex(sys.argv[2]))
     if sys.argv[1] == "get":

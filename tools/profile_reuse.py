@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from cachesvc.keys import Kind
+from cachesvc.wire.keys import Kind
 from cachesvc_bench import synthetic
 from cachesvc_bench.common import bench_server
 from cachesvc_client import CacheClient

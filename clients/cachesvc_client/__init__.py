@@ -3,7 +3,7 @@
     from cachesvc_client import CacheClient, FamilySpec, DType, Kind, EntryData
 """
 
-from cachesvc.keys import DType, FamilySpec, Kind, canonical_json, chunk_hashes
+from cachesvc.wire.keys import DType, FamilySpec, Kind, canonical_json, chunk_hashes
 from cachesvc_client.aio import AsyncCacheClient
 from cachesvc_client.client import CacheClient
 from cachesvc_client.codec import (EntryData, Hit, HitEntry, Layout, LookupResult, Missing,

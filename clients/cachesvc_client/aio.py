@@ -12,10 +12,10 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from cachesvc.keys import ChunkHash, FamilyId, FamilySpec, Kind, chunk_hashes
+from cachesvc.wire.keys import ChunkHash, FamilyId, FamilySpec, Kind, chunk_hashes
 from cachesvc.v1 import cachesvc_pb2 as pb
 from cachesvc.v1 import cachesvc_pb2_grpc as pb_grpc
-from cachesvc.wire import family_from_proto, family_to_proto
+from cachesvc.wire.convert import family_from_proto, family_to_proto
 from cachesvc_client.client import stats_to_dict
 from cachesvc_client.codec import (EntryData, Hit, HitEntry, LookupResult, PutResult, Registered,
                                    SlabAssembler, Slabs, bulk_methods, entry_columns,

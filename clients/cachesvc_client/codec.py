@@ -16,9 +16,9 @@ import ml_dtypes
 import numpy as np
 import xxhash
 
-from cachesvc.keys import ENTRY_ID_BYTES, DType, EntryId, FamilyId, FamilySpec, Kind
-from cachesvc.entries import Layout
-from cachesvc.framing import decode_slab_run, encode_write_chunk, passthrough
+from cachesvc.wire.keys import ENTRY_ID_BYTES, DType, EntryId, FamilyId, FamilySpec, Kind
+from cachesvc.wire.layout import Layout
+from cachesvc.wire.framing import decode_slab_run, encode_write_chunk, passthrough
 from cachesvc.v1 import cachesvc_pb2 as pb
 
 WRITE_PIECE_BYTES = 1 << 20
@@ -245,7 +245,7 @@ def plan_put(tenant: str, family_id: str, family: FamilySpec, producer: str,
 
 def write_chunks(reservation_id: str, plan: PutPlan, targets: Sequence[pb.EntryWriteTarget],
                  piece_bytes: int = WRITE_PIECE_BYTES) -> Iterator[bytes]:
-    """Encoded WriteChunk messages (cachesvc.framing) for every entry the server still
+    """Encoded WriteChunk messages (cachesvc.wire.framing) for every entry the server still
     needs, in payload order. Small slabs share a message of about ``piece_bytes``;
     large ones are split. Each payload byte is copied once, into its message."""
     for target in targets:
@@ -269,7 +269,7 @@ def write_chunks(reservation_id: str, plan: PutPlan, targets: Sequence[pb.EntryW
 
 def bulk_methods(channel: Any) -> tuple[Any, Any]:
     """(GetSlabs, WriteSlabs) callables on a sync or aio channel that exchange framed
-    bytes instead of generated messages: see cachesvc.framing."""
+    bytes instead of generated messages: see cachesvc.wire.framing."""
     service = "/cachesvc.v1.CacheService/"
     get_slabs = channel.unary_stream(service + "GetSlabs",
                                      request_serializer=pb.GetSlabsRequest.SerializeToString,
@@ -398,7 +398,7 @@ def _destination(given: Any, shape: tuple[int, ...], dtype: DType, as_torch: boo
     if given is None:
         if as_torch:
             import torch
-            return torch.empty(shape, dtype=getattr(torch, dtype.short_name))
+            return torch.empty(shape, dtype=dtype.to_torch())
         return np.empty(shape, dtype=NUMPY_DTYPES[dtype])
     if tuple(given.shape) != shape:
         raise ValueError(f"out[{kind.name}] has shape {tuple(given.shape)}, expected {shape}")

@@ -6,7 +6,7 @@ import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from cachesvc.keys import DEFAULT_TENANT
+from cachesvc.wire.keys import DEFAULT_TENANT
 from cachesvc_client.codec import EntryData
 
 # Safe to repeat: reading, and writes whose repetition changes nothing.

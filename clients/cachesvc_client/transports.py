@@ -1,4 +1,4 @@
-"""Client side of the socket data plane (protocol: cachesvc.dataplane.protocol).
+"""Client side of the socket data plane (protocol: cachesvc.wire.protocol).
 
 ``SocketTransport`` fetches over TCP, receiving each slab straight into its place in the
 caller's buffer (``recv_into``, no intermediate copy). ``ShmTransport`` is for a node on
@@ -26,8 +26,8 @@ from typing import Protocol
 import numpy as np
 import xxhash
 
-from cachesvc.dataplane import ucxlib
-from cachesvc.dataplane.protocol import (FRAME, Frame, FrameType, Op, discard, host_id, pack_request,
+from cachesvc.wire import ucxlib
+from cachesvc.wire.protocol import (FRAME, Frame, FrameType, Op, discard, host_id, pack_request,
                                          pack_write, read_frame, recv_exact, recv_into_exact,
                                          unpack_runs)
 from cachesvc.v1 import cachesvc_pb2 as pb

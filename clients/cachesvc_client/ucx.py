@@ -1,5 +1,5 @@
-"""Client side of the UCX data plane (node side and message layout: cachesvc.dataplane.ucx
-and cachesvc.dataplane.protocol).
+"""Client side of the UCX data plane (node side and message layout: cachesvc.node.dataplane.ucx
+and cachesvc.wire.protocol).
 
 Every payload message is one layer of one run, received straight into its place in the
 caller's buffer; run headers and checksums are those of the socket path, verified the
@@ -17,8 +17,8 @@ import secrets
 import threading
 from collections.abc import Iterator, Sequence
 
-from cachesvc.dataplane import ucxlib
-from cachesvc.dataplane.protocol import (REQUEST_TAG, FrameType, Op, ProtocolError, pack_ucx_request,
+from cachesvc.wire import ucxlib
+from cachesvc.wire.protocol import (REQUEST_TAG, FrameType, Op, ProtocolError, pack_ucx_request,
                                          pack_ucx_write, unpack_frame, unpack_runs)
 from cachesvc.v1 import cachesvc_pb2 as pb
 from cachesvc_client.codec import PutPlan, SlabAssembler

@@ -43,12 +43,10 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
-from cachesvc.keys import DType
+from cachesvc.wire.keys import DType
 from cachesvc_connectors.hf.decoder import DecoderStack
-from cachesvc_connectors.hf.family import TORCH_DTYPES
-from cachesvc_connectors.plan import Plan
-
-PROFILE_FORMAT = 1
+from cachesvc_connectors.reuse.plan import Plan
+from cachesvc_connectors.reuse.profile import LayerSensitivity, PlanRow, ReuseProfile
 
 
 @dataclass(frozen=True)
@@ -92,7 +90,7 @@ class Profiler:
             raise ValueError("producer and consumer differ in layer count: not one family")
         self.num_layers = self.consumer.num_layers
         self.options = options
-        self._slab_dtype = TORCH_DTYPES[options.dtype]
+        self._slab_dtype = options.dtype.to_torch()
 
     def _stored(self, tensor: torch.Tensor) -> torch.Tensor:
         """As the consumer would read it back from the service."""
@@ -290,8 +288,8 @@ class StateFile:
 
 def profile(profiler: Profiler, samples: Sequence[tuple[list[int], list[int]]], state: StateFile,
             progress: Callable[[str, int, int], None] = lambda phase, done, total: None) -> dict:
-    """Both phases over ``samples`` (context ids, prompt ids); the profile document
-    (without the models' names and digests, which the caller adds).
+    """Both phases over ``samples`` (context ids, prompt ids); the profile's JSON document
+    (reuse.profile.ReuseProfile; without the models' names and digests, which the caller adds).
 
     Phase 2's candidates are chosen from the single windows' results on the first
     ``pilot_prompts`` prompts, so every later prompt scores singles and candidates in one
@@ -320,28 +318,22 @@ def profile(profiler: Profiler, samples: Sequence[tuple[list[int], list[int]]], 
         _run_phase(profiler, samples, range(pilot), state, 2, chosen, results, progress)
     baseline = results[Plan.full_reuse(L)]
 
-    front = frontier(list(results.values()))
-    on_front = {r.plan for r in front}
+    on_front = {r.plan for r in frontier(list(results.values()))}
     n = len(samples)
-    plans = [{"plan": r.plan.describe(), "groups": [list(g) for g in r.plan.groups],
-              "recomputed_layers": r.plan.recomputed_layers, "e_loads": len(r.plan.groups),
-              "quality": round(r.quality, 4), "quality_ci": [round(x, 4) for x in wilson(sum(r.identical), n)],
-              "kl": round(r.mean_kl, 5), "first_token_kl": round(sum(r.first_kl) / n, 5),
-              "frontier": r.plan in on_front, "multi_group": r.plan in chosen}
-             for r in sorted(results.values(), key=lambda r: (r.plan.recomputed_layers, r.plan.groups))]
-    sensitivity = [{"layer": layer, "quality": round(results[Plan(L, ((layer, layer + 1),))].quality, 4),
-                    "kl": round(results[Plan(L, ((layer, layer + 1),))].mean_kl, 5)}
-                   for layer in range(L) if Plan(L, ((layer, layer + 1),)) in results]
-    return {"format": PROFILE_FORMAT, "num_layers": L, "prompts": n,
-            "metric": f"identical greedy answer ({opts.max_new_tokens} tokens) to the consumer's own "
-                      "full prefill; kl: mean KL over the answer tokens",
-            "slab_dtype": opts.dtype.short_name, "window_sizes": list(opts.window_sizes),
-            "max_groups": opts.max_groups, "full_reuse_quality": round(baseline.quality, 4),
-            "layer_sensitivity": sensitivity, "plans": plans,
-            "frontier": [r.plan.describe() for r in front],
-            "elapsed_s": round(time.perf_counter() - t0, 1),
-            # scoring time summed over the state file: the whole profile's cost, resumed or not
-            "scoring_s": round(sum(d.get("seconds", 0.0) for d in state.lines), 1)}
+    rows = tuple(PlanRow(r.plan, round(r.quality, 4), tuple(round(x, 4) for x in wilson(sum(r.identical), n)),
+                         round(r.mean_kl, 5), round(sum(r.first_kl) / n, 5), r.plan in on_front, r.plan in chosen)
+                 for r in sorted(results.values(), key=lambda r: (r.plan.recomputed_layers, r.plan.groups)))
+    sensitivity = tuple(LayerSensitivity(layer, round(results[single].quality, 4), round(results[single].mean_kl, 5))
+                        for layer in range(L) if (single := Plan(L, ((layer, layer + 1),))) in results)
+    return ReuseProfile(
+        num_layers=L, prompts=n, plans=rows,
+        metric=f"identical greedy answer ({opts.max_new_tokens} tokens) to the consumer's own "
+               "full prefill; kl: mean KL over the answer tokens",
+        slab_dtype=opts.dtype.short_name, window_sizes=tuple(opts.window_sizes), max_groups=opts.max_groups,
+        full_reuse_quality=round(baseline.quality, 4), layer_sensitivity=sensitivity,
+        elapsed_s=round(time.perf_counter() - t0, 1),
+        # scoring time summed over the state file: the whole profile's cost, resumed or not
+        scoring_s=round(sum(d.get("seconds", 0.0) for d in state.lines), 1)).to_json()
 
 
 def _run_phase(profiler: Profiler, samples, indices: range, state: StateFile, phase: int,

@@ -29,21 +29,19 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from cachesvc.keys import DType, Kind
-from cachesvc_client import CacheClient, FailedPreconditionError, Hit, LookupResult, NotFoundError
-from cachesvc_connectors.drift import DriftGuard, DriftOptions
+from cachesvc.wire.keys import DType, Kind
+from cachesvc_client import CacheClient, Hit, LookupResult
+from cachesvc_connectors.hf.calibrate import calibrate
 from cachesvc_connectors.hf.decoder import DecoderStack
 from cachesvc_connectors.hf.family import FamilyMismatchError, register
 from cachesvc_connectors.hf.loader import SlabLoader, Staging, plan_requests
-from cachesvc_connectors.plan import Plan, best_plan, profile_frontier
-from cachesvc_connectors.planner import CostModel
-from cachesvc_connectors.planner import choose as choose_plan
-
-PROFILE_TTL_S = 30.0   # how long a consumer trusts the profile it read (re-profiling replaces it)
+from cachesvc_connectors.hf.verify import AnswerVerifier
+from cachesvc_connectors.reuse import Choice, CostModel, DriftGuard, DriftOptions, Plan, PlanPolicy, PlanSelector
 
 
 @dataclass(frozen=True)
 class ConsumerOptions:
+    # How plans are chosen (reuse.planner, where the same fields make a PlanPolicy).
     # Plans for producers other than this model, by producer model id; else the plan the
     # pair's profile in the service's registry names (the fewest recomputed layers whose
     # measured quality reaches ``min_quality``); else ``default_plan``. A producer with
@@ -84,19 +82,6 @@ class ReuseReport:
     predicted_ttft_s: float | None = None   # the planner's prediction, with a TTFT target
 
 
-@dataclass(frozen=True)
-class _ProfileRead:
-    """What the registry answered for one producer, and when (time.monotonic())."""
-
-    at: float
-    document: dict | None = None      # None: not usable, ``why``
-    why: str = ""
-    version: int = 0
-
-
-_NO_PROFILE = _ProfileRead(0.0)
-
-
 @dataclass
 class Prefill:
     cache: DynamicCache               # holds the first N-1 prompt tokens
@@ -118,11 +103,14 @@ class Consumer:
         self._check_producers(options.producers)
         self._staging = Staging(pinned=self.stack.device.type == "cuda")
         self._lock = threading.Lock()
-        self._profiles: dict[str, _ProfileRead] = {}   # by producer
         self.cost = options.cost
-        self.guard = DriftGuard(self, options.drift) if options.drift is not None else None
         if self.cost is None and options.ttft_target_s is not None:
-            self.cost = CostModel.calibrate(self.stack, self.registration.family)
+            self.cost = calibrate(self.stack, self.registration.family)
+        verifier = AnswerVerifier(self)
+        self.guard = DriftGuard(verifier, verifier.flag, options.drift) if options.drift is not None else None
+        policy = PlanPolicy(options.plans, options.use_profiles, options.min_quality, options.default_plan,
+                            options.ttft_target_s)
+        self.selector = PlanSelector(client, model_id, policy, self.cost, self.guard)
 
     def _check_producers(self, producers: Sequence[str]) -> None:
         """Refuse, by name, a producer registered under another family."""
@@ -138,8 +126,8 @@ class Consumer:
     def choose(self, result: LookupResult, prompt_tokens: int = 0,
                report: ReuseReport | None = None) -> tuple[Hit | None, Plan | None, str]:
         """The hit and plan to use, longest usable hit first: this model's own entries
-        reuse every layer; another producer's need a plan. Hits are cut to the leading
-        chunks that hold every slab the plan needs."""
+        reuse every layer; another producer's need a plan (reuse.planner). Hits are cut to
+        the leading chunks that hold every slab the plan needs."""
         why = []
         for hit in sorted(result.hits, key=lambda h: (-h.num_tokens, not h.same_model)):
             if self.options.producers and hit.producer not in self.options.producers:
@@ -147,69 +135,28 @@ class Consumer:
             if hit.same_model or hit.producer == self.model_id:
                 plan = Plan.full_reuse(self.stack.num_layers)
             else:
-                plan, reason = self.plan_for(hit.producer, hit.num_tokens, prompt_tokens, report)
-                if plan is None:
-                    why.append(reason)
+                choice = self.plan_for(hit.producer, hit.num_tokens, prompt_tokens)
+                if report is not None and choice.predicted_ttft_s is not None:
+                    report.predicted_ttft_s = round(choice.predicted_ttft_s, 4)
+                if choice.plan is None:
+                    why.append(choice.why)
                     continue
+                plan = choice.plan
             hit = _usable_prefix(hit, plan)
             if hit.num_chunks:
                 return hit, plan, ""
             why.append(f"{hit.producer!r} lacks slabs the plan {plan.describe()} needs")
         return None, None, "; ".join(why) or "no cached chunks"
 
-    def plan_for(self, producer: str, cached_tokens: int = 0, prompt_tokens: int = 0,
-                 report: ReuseReport | None = None) -> tuple[Plan | None, str]:
-        """The plan for reusing ``producer``'s entries, or None and why not."""
-        if self.guard is not None:
-            demoted, replacement = self.guard.replacement(producer)
-            if demoted:
-                return replacement, "" if replacement else \
-                    f"drift guard demoted {producer!r}'s plan to a full prefill: re-profile the pair"
-        if producer in self.options.plans:
-            return self.options.plans[producer], ""
-        if self.options.use_profiles:
-            document, reason = self._profile(producer)
-            if document is not None and self.options.ttft_target_s is not None and self.cost is not None:
-                n = min(cached_tokens, max(prompt_tokens - 1, 0))
-                frontier = profile_frontier(document, self.options.min_quality)
-                choice = choose_plan(frontier, self.cost, n, max(prompt_tokens - 1 - n, 0),
-                                     self.options.ttft_target_s)
-                if report is not None:
-                    report.predicted_ttft_s = round(choice.predicted_ttft_s, 4)
-                if choice.plan is None:
-                    return None, f"planner: full prefill ({choice.why})"
-                return choice.plan, ""
-            if document is not None:
-                plan = best_plan(document, self.options.min_quality)
-                if plan is not None:
-                    return plan, ""
-                best = max(document["plans"], key=lambda r: (r["quality"], -r["recomputed_layers"]))
-                return None, (f"no profiled plan of {producer!r} reaches quality {self.options.min_quality} "
-                              f"(best {best['quality']} with {best['plan']}): recomputing")
-            if self.options.default_plan is None:
-                return None, f"no plan for producer {producer!r} ({reason})"
-        if self.options.default_plan is not None:
-            return self.options.default_plan, ""
-        return None, f"no plan for producer {producer!r}"
-
-    def _profile(self, producer: str) -> tuple[dict | None, str]:
-        """The pair's profile from the registry, cached for PROFILE_TTL_S."""
-        now = time.monotonic()
-        read = self._profiles.get(producer)
-        if read is None or now - read.at > PROFILE_TTL_S:
-            try:
-                stored = self.client.get_profile(producer, self.model_id)
-                read = _ProfileRead(now, stored.document, version=stored.version)
-            except NotFoundError:
-                read = _ProfileRead(now, why="the pair is not profiled")
-            except FailedPreconditionError:
-                read = _ProfileRead(now, why="its profile is stale: re-profile the pair")
-            self._profiles[producer] = read
-        return read.document, read.why
+    def plan_for(self, producer: str, cached_tokens: int = 0, prompt_tokens: int = 0) -> Choice:
+        """The plan for reusing ``producer``'s entries (``Choice.plan`` None: recompute,
+        ``Choice.why`` says why)."""
+        return self.selector.choose(producer, cached_tokens, prompt_tokens)
 
     def profile_version(self, producer: str) -> int:
         """The version of the pair's profile this consumer last read (0: none)."""
-        return self._profiles.get(producer, _NO_PROFILE).version
+        read = self.selector.last_read(producer)
+        return read.version if read is not None else 0
 
     # ------------------------------------------------------------------ prefill
 
@@ -327,18 +274,9 @@ class Consumer:
         out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                                   past_key_values=pre.cache, **generate_kwargs)
         if self.guard is not None and pre.report.mode == "cross_model" and pre.plan is not None:
-            expected, ladder = self._expectation(pre.report.producer, pre.plan)
+            expected, ladder = self.selector.expectation(pre.report.producer, pre.plan)
             self.guard.observe(ids[0].tolist(), pre.report.producer, pre.plan, expected, ladder)
         return out, pre.report
-
-    def _expectation(self, producer: str, plan: Plan) -> tuple[float | None, list[Plan]]:
-        """The plan's quality in the pair's profile and the frontier plans recomputing
-        more layers (the drift guard's demotion ladder); (None, []) without a profile."""
-        document = self._profiles.get(producer, _NO_PROFILE).document
-        if document is None:
-            return None, []
-        mine = next((r["quality"] for r in document["plans"] if r["plan"] == plan.describe()), None)
-        return mine, [p for p, _ in profile_frontier(document) if p.recomputed_layers > plan.recomputed_layers]
 
 
 def head_major(slab: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

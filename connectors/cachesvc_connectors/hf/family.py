@@ -14,11 +14,7 @@ from dataclasses import dataclass
 import torch
 import xxhash
 
-from cachesvc.keys import DType, FamilySpec, canonical_json
-
-TORCH_DTYPES = {DType.FLOAT32: torch.float32, DType.FLOAT16: torch.float16,
-                DType.BFLOAT16: torch.bfloat16}
-
+from cachesvc.wire.keys import DType, FamilySpec, canonical_json
 
 class FamilyMismatchError(ValueError):
     """A consumer asked to reuse entries of a producer from another family."""

@@ -26,9 +26,9 @@ from dataclasses import dataclass
 
 import torch
 
-from cachesvc.keys import FamilySpec, Kind
+from cachesvc.wire.keys import FamilySpec, Kind
 from cachesvc_client import CacheClient, CacheServiceError, Hit
-from cachesvc_connectors.plan import Plan
+from cachesvc_connectors.reuse.plan import Plan
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +67,7 @@ class Staging:
             starts.append({kind: rows.get(kind, 0) for kind in r.kinds})
             for kind in r.kinds:
                 rows[kind] = rows.get(kind, 0) + r.stop - r.start
-        dtype = getattr(torch, family.dtype.short_name)
+        dtype = family.dtype.to_torch()
         whole = {kind: self._buffer(kind, n * family.slab_bytes(kind, tokens))
                  .view(dtype).view(n, *family.slab_shape(kind, tokens)) for kind, n in rows.items()}
         return [{kind: whole[kind][at:at + r.stop - r.start] for kind, at in first.items()}

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from cachesvc.keys import DType, Kind
+from cachesvc.wire.keys import DType, Kind
 from cachesvc_client import CacheClient, EntryData
 from cachesvc_connectors.hf.decoder import DecoderStack
-from cachesvc_connectors.hf.family import TORCH_DTYPES, register
+from cachesvc_connectors.hf.family import register
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +53,7 @@ class Producer:
         self.stack = DecoderStack(model)
         self.registration = register(client, model, tokenizer, model_id, options.dtype)
         self.family_id = self.registration.family_id
-        self._dtype = TORCH_DTYPES[options.dtype]
+        self._dtype = options.dtype.to_torch()
 
     @torch.no_grad()
     def store(self, input_ids: Sequence[int] | torch.Tensor) -> StoreReport:

@@ -1,0 +1,123 @@
+"""Transport ceilings measured in the benchmark's own run: what the hardware and the
+kernel give before cachesvc adds anything."""
+
+from __future__ import annotations
+
+import mmap
+import multiprocessing as mp
+import os
+import socket
+import time
+
+import numpy as np
+
+from cachesvc.wire.protocol import recv_into_exact
+
+
+def memcpy_gbps(size_bytes: int, piece_bytes: int | None = None, repeats: int = 3) -> float:
+    """Best of ``repeats`` copies of ``size_bytes`` between two warm buffers, whole or in
+    ``piece_bytes`` pieces (slab-sized pieces are what a same-host reader copies)."""
+    src = np.ones(size_bytes, np.uint8)
+    dst = np.zeros(size_bytes, np.uint8)
+    step = piece_bytes or size_bytes
+    best = 0.0
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        for i in range(0, size_bytes, step):
+            np.copyto(dst[i:i + step], src[i:i + step])
+        best = max(best, size_bytes / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def _sender(family: int, address, size_bytes: int, repeats: int) -> None:
+    payload = memoryview(np.ones(size_bytes, np.uint8))
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.connect(address)
+        for _ in range(repeats):
+            sock.sendall(payload)
+            sock.recv(1)            # the receiver's ack paces the rounds
+
+
+def socket_gbps(size_bytes: int, unix: bool = False, repeats: int = 3) -> float:
+    """Best of ``repeats`` one-way streams of ``size_bytes`` from a child process
+    (``sendall``) into a preallocated buffer here (``recv_into``): loopback TCP, or a Unix
+    socket with ``unix``."""
+    family = socket.AF_UNIX if unix else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as listener:
+        listener.bind("\0cachesvc-ceiling-%d" % time.monotonic_ns() if unix else ("127.0.0.1", 0))
+        listener.listen(1)
+        ctx = mp.get_context("spawn")
+        child = ctx.Process(target=_sender, args=(family, listener.getsockname(), size_bytes,
+                                                  repeats + 1))
+        child.start()
+        conn, _ = listener.accept()
+        buf = memoryview(np.empty(size_bytes, np.uint8))
+        best = 0.0
+        with conn:
+            for _ in range(repeats + 1):
+                t0 = time.perf_counter()
+                recv_into_exact(conn, buf)
+                best = max(best, size_bytes / (time.perf_counter() - t0) / 1e9)
+                conn.sendall(b"k")
+        child.join(30)
+    return best
+
+
+
+def _ucx_sender(conn, tls: str, net_devices: str, size_bytes: int, piece_bytes: int,
+                repeats: int, shared: bool) -> None:
+    from cachesvc.wire.ucxlib import Worker
+    worker = Worker(tls, net_devices)
+    conn.send(worker.address)
+    ep = worker.endpoint(conn.recv())
+    if shared:   # like the node's memory tier: a memfd mapping
+        fd = os.memfd_create("ceiling")
+        os.ftruncate(fd, size_bytes)
+        payload = memoryview(mmap.mmap(fd, size_bytes, flags=mmap.MAP_SHARED))
+        payload[:] = b"\1" * size_bytes
+    else:        # numpy's own buffer: large ones get transparent huge pages
+        payload = memoryview(np.ones(size_bytes, np.uint8))
+    for _ in range(repeats):
+        worker.take_within(2, 30)                    # the receiver has posted its receives
+        worker.wait([worker.send(ep, payload[i:i + piece_bytes], 1)
+                     for i in range(0, size_bytes, piece_bytes)], 30)
+    worker.close()
+
+
+def ucx_gbps(size_bytes: int, piece_bytes: int, repeats: int = 3, tls: str = "",
+             sender_net_devices: str = "lo", shared: bool = True) -> float:
+    """Best of ``repeats`` one-way transfers of ``size_bytes`` as ``piece_bytes`` tagged
+    messages from a child process into a preallocated buffer here, over ucxx with the
+    settings cachesvc uses (worker-address endpoints, the sender on ``lo`` like a test
+    node, this side on UCX's own choice of devices).
+
+    ``shared``: send from a memfd mapping, as the node does. This matters on one host:
+    UCX then reads the sender's memory with CMA, which is ~5x faster from transparent
+    huge pages, and hosts that give them to anonymous memory often do not give them to
+    shared memory (``/sys/kernel/mm/transparent_hugepage/shmem_enabled``)."""
+    from cachesvc.wire.ucxlib import Worker
+    worker = Worker(tls, "")
+    ctx = mp.get_context("spawn")
+    here, there = ctx.Pipe()
+    child = ctx.Process(target=_ucx_sender, args=(there, tls, sender_net_devices, size_bytes,
+                                                  piece_bytes, repeats + 1, shared))
+    child.start()
+    ep = worker.endpoint(here.recv())
+    here.send(worker.address)
+    buf = memoryview(np.empty(size_bytes, np.uint8))
+    best = 0.0
+    for _ in range(repeats + 1):
+        receives = [worker.recv(ep, buf[i:i + piece_bytes], 1)
+                    for i in range(0, size_bytes, piece_bytes)]
+        t0 = time.perf_counter()
+        worker.wait([worker.send(ep, b"g", 2)], 30)
+        worker.wait(receives, 30)
+        best = max(best, size_bytes / (time.perf_counter() - t0) / 1e9)
+    child.join(30)
+    worker.close()
+    return best
+
+
+def ucx_version() -> str:
+    from importlib.metadata import version
+    return version("ucxx-cu12")

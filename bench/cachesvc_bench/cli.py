@@ -1,0 +1,54 @@
+"""``cachesvc bench``: the benchmarks, registered as a ``cachesvc`` subcommand through the
+``cachesvc.commands`` entry point. Importing this module is cheap (argparse only): each
+benchmark is imported when it runs."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+HELP = "run a benchmark (JSON + markdown table + plot)"
+BENCHMARKS = ("lookup", "dataplane", "quality", "reuse", "plan")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("bench", choices=BENCHMARKS)
+    parser.add_argument("--json", required=True, help="write the JSON result here")
+    parser.add_argument("--entries", type=int, default=100_000, help="lookup: index size")
+    parser.add_argument("--batch", type=int, default=1024, help="lookup: hashes per batched lookup")
+    parser.add_argument("--rounds", type=int, default=300, help="lookup: timed batched lookups")
+    parser.add_argument("--paths", default="", help="dataplane: paths to measure (default: "
+                        "grpc,tcp,shm, and ucx when ucxx is installed)")
+    parser.add_argument("--repeats", type=int, default=3, help="dataplane: timed rounds (best kept)")
+    parser.add_argument("--lmcache-python", default=".lmcache/venv/bin/python",
+                        help="dataplane: python of LMCache's virtualenv (make lmcache-venv)")
+    parser.add_argument("--consumers", default="codes-upper,codes-all",
+                        help="quality, reuse, plan: fine-tuned consumers of SmolLM2")
+    parser.add_argument("--prompts", type=int, default=100, help="quality: held-out prompts per pair; "
+                        "reuse: prompts per context length")
+    parser.add_argument("--records", type=int, default=25, help="quality: records per context")
+    parser.add_argument("--seed", type=int, default=0, help="quality, reuse: data seed")
+    parser.add_argument("--plans", default="none;[0,2);[10,12);[20,22);[28,30);[20,24);[20,26);"
+                        "[10,20);[20,30);[15,30)", help="quality: plans, ';'-separated (single "
+                        "groups at several depths and sizes; 'none' is full reuse)")
+    parser.add_argument("--plan", default="codes-upper=[20,24);codes-all=[15,30)",
+                        help="reuse: the plan of each consumer in mode 'plan'")
+    parser.add_argument("--prompts-per-context", type=int, default=8,
+                        help="reuse, plan: prompts per context length")
+    parser.add_argument("--contexts", default="512,1024,2048,4096",
+                        help="reuse, plan: context lengths (plan: use 1024,4096)")
+    parser.add_argument("--profiles", default="bench-results", help="plan: folder of profile-<consumer>.json")
+    parser.add_argument("--blend", default="0.15", help="plan: CacheBlend-style baselines, shares of "
+                        "recomputed tokens (comma-separated; empty for none)")
+    parser.add_argument("--targets", default="0.25,0.5,1.2",
+                        help="plan: TTFT targets as fractions of the measured full prefill")
+    parser.add_argument("--device", default="cpu", help="reuse, plan: torch device of the models (cpu, cuda)")
+    parser.add_argument("--synthetic", default="", help="reuse, plan: random-weight pairs at these shapes "
+                        "(smollm2-135m,llama-3.2-1b,llama-3.1-8b) instead of the real SmolLM2 pairs: "
+                        "TTFT and fidelity only (plan: profiled in the run)")
+    parser.add_argument("--profile-prompts", type=int, default=20,
+                        help="plan --synthetic: random prompts the pair is profiled on")
+
+
+def main(args: argparse.Namespace) -> int:
+    return importlib.import_module(f"cachesvc_bench.{args.bench}").main(args)

@@ -1,0 +1,162 @@
+"""``cachesvc bench reuse``: TTFT and quality of reuse on the real SmolLM2 pairs.
+
+For each fine-tuned consumer and context length (512 … 4096 tokens of access-code
+records), on held-out prompts, TTFT (prompt in, first token out; models loaded) in
+four modes: ``full_prefill`` (the consumer alone), ``same_model`` (the consumer reusing
+its own stored prefix), ``full_reuse`` (the producer's KV, nothing recomputed) and
+``plan`` (the producer's KV with the consumer's plan, ``--plan``), each with quality,
+``gain_retained`` over the producer alone and fidelity to the consumer's own prefill.
+
+``--device cuda`` runs the models on a GPU (the loader moves slabs there under compute);
+``--synthetic SHAPES`` times random-weight pairs at real models' shapes instead of the
+real pairs (bench/synthetic.py): TTFT and fidelity only, where the real weights are not
+at hand (a lent GPU machine) or too large for this host.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from cachesvc_bench import synthetic
+from cachesvc_bench.common import bench_server, machine, markdown_table, publish
+from cachesvc_client import CacheClient
+from cachesvc_lab.evaluate import BASE, REFERENCE, SAME, PairEvaluator, plan_name, summarize
+from cachesvc_lab import finetune, smollm2, tasks
+from cachesvc_connectors.reuse.plan import Plan
+
+MODES = {REFERENCE: "full_prefill", SAME: "same_model"}
+
+
+def _plans(text: str, num_layers: int) -> dict[str, Plan]:
+    out = {}
+    for item in filter(None, text.split(";")):
+        name, _, plan = item.partition("=")
+        out[name.strip()] = Plan.parse(plan, num_layers)
+    return out
+
+
+def _rows(consumer: str, tokens: int, actual: int, plan: Plan, layers: int, results: dict, prompts: int,
+          with_quality: bool = True) -> list[dict]:
+    """One row per mode from the evaluator's results at one context length."""
+    summary = {r["variant"]: r for r in summarize(results)}
+    modes = {**MODES, plan_name(Plan.full_reuse(layers)): "full_reuse", plan_name(plan): "plan"}
+    full_ttft = summary[REFERENCE]["ttft_s"]
+    rows = []
+    for variant, mode in modes.items():
+        r = summary[variant]
+        rows.append({"consumer": consumer, "context_tokens": tokens, "actual_context_tokens": actual,
+                     "mode": mode, "plan": plan.describe() if mode == "plan" else "",
+                     "ttft_s": r["ttft_s"], "ttft_vs_full_prefill": round(r["ttft_s"] / full_ttft, 3),
+                     "quality": r["quality"] if with_quality else None,
+                     "quality_ci": r["quality_ci"] if with_quality else None,
+                     "base_quality": summary[BASE]["quality"] if with_quality else None,
+                     "gain_retained": r["gain_retained"] if with_quality else None,
+                     "fidelity": r["fidelity"],
+                     "recomputed_layers": layers if mode == "full_prefill" else r["recomputed_layers"],
+                     "bytes_fetched": r.get("bytes_fetched", 0),
+                     "hidden_fraction": r.get("hidden_fraction"),
+                     "prompts": prompts})
+    return rows
+
+
+def run(args: argparse.Namespace) -> dict:
+    if args.synthetic:
+        return run_synthetic(args)
+    base, tokenizer = smollm2.load()
+    base.to(args.device)
+    layers = base.config.num_hidden_layers
+    plans = _plans(args.plan, layers)
+    contexts = [int(c) for c in args.contexts.split(",")]
+    rows = []
+    with bench_server("--memory-bytes", "2GiB", "--disk-mode", "off") as srv, \
+            CacheClient(srv.address) as client:
+        for name in args.consumers.split(","):
+            consumer, _ = smollm2.load(finetune.ensure([name])[name])
+            consumer.to(args.device)
+            plan = plans.get(name, Plan.full_reuse(layers))
+            evaluator = PairEvaluator(client, base, consumer, tokenizer, smollm2.NAME, name)
+            for tokens in contexts:
+                examples = tasks.sized_dataset(tokenizer, "test", args.prompts_per_context, tokens, args.seed)
+                actual = round(sum(len(tasks.context_ids(tokenizer, e)) for e in examples) / len(examples))
+                with tqdm(total=len(examples), desc=f"reuse {name} @{tokens}", unit="prompt") as bar:
+                    results = evaluator.run(examples, [Plan.full_reuse(layers), plan], same_model=True,
+                                            progress=bar.update)
+                rows += _rows(name, tokens, actual, plan, layers, results, len(examples))
+    return {"benchmark": "reuse", "machine": _machine(args.device), "device": args.device,
+            "producer": smollm2.NAME, "rows": rows}
+
+
+def run_synthetic(args: argparse.Namespace) -> dict:
+    """Random-weight pairs at real shapes: TTFT and fidelity (no task quality)."""
+    contexts = [int(c) for c in args.contexts.split(",")]
+    rows = []
+    memory = "24GiB" if args.device.startswith("cuda") else "2GiB"
+    with bench_server("--memory-bytes", memory, "--disk-mode", "off") as srv, \
+            CacheClient(srv.address) as client:
+        for name in args.synthetic.split(","):
+            shape = synthetic.SHAPES[name]
+            producer, consumer, tokenizer = synthetic.pair(name, args.device)
+            plan = Plan(shape.layers, (synthetic.default_plan(shape),))
+            evaluator = PairEvaluator(client, producer, consumer, tokenizer, f"{name}-base", f"{name}-tuned")
+            rng = random.Random(args.seed)
+            question = [rng.randrange(shape.vocab) for _ in range(16)]
+            evaluator.run_ids([synthetic.random_sample(rng, 512, question, shape.vocab)],   # warm-up, not kept
+                              [Plan.full_reuse(shape.layers), plan], same_model=True)
+            for tokens in contexts:
+                samples = [synthetic.random_sample(rng, tokens, question, shape.vocab)
+                           for _ in range(args.prompts_per_context)]
+                with tqdm(total=len(samples), desc=f"reuse {name} @{tokens}", unit="prompt") as bar:
+                    results = evaluator.run_ids(samples, [Plan.full_reuse(shape.layers), plan],
+                                                same_model=True, progress=bar.update)
+                rows += _rows(name, tokens, tokens, plan, shape.layers, results, len(samples),
+                              with_quality=False)
+            del producer, consumer, evaluator
+            if args.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+    return {"benchmark": "reuse", "machine": _machine(args.device), "device": args.device,
+            "producer": "synthetic", "rows": rows}
+
+
+def _machine(device: str) -> dict:
+    facts = machine()
+    if device.startswith("cuda"):
+        facts["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return facts
+
+
+def plot(doc: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    consumers = sorted({r["consumer"] for r in doc["rows"]})
+    fig, axes = plt.subplots(1, len(consumers), figsize=(6 * len(consumers), 4.2), squeeze=False)
+    for ax, name in zip(axes[0], consumers, strict=True):
+        for mode in ("full_prefill", "same_model", "full_reuse", "plan"):
+            rows = [r for r in doc["rows"] if r["consumer"] == name and r["mode"] == mode]
+            ax.plot([r["context_tokens"] for r in rows], [r["ttft_s"] for r in rows], marker="o",
+                    label=mode + (f" {rows[0]['plan']}" if rows and rows[0]["plan"] else ""))
+        ax.set(xlabel="context tokens", ylabel="TTFT (s)", title=f"{doc['producer']} -> {name}", xscale="log")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(args: argparse.Namespace) -> int:
+    doc = run(args)
+    png = publish(args.json, doc, plot)
+    print(markdown_table(
+        ["consumer", "context", "mode", "TTFT s", "× full", "exact [95% CI]", "gain retained",
+         "identical", "KL", "recomputed", "MB fetched", "hidden"],
+        [[r["consumer"], r["context_tokens"], r["mode"] + (f" {r['plan']}" if r["plan"] else ""),
+          r["ttft_s"], r["ttft_vs_full_prefill"],
+          "-" if r["quality"] is None else f"{r['quality']:.2f} {r['quality_ci']}",
+          r["gain_retained"], r["fidelity"]["identical"], r["fidelity"]["first_token_kl"],
+          r["recomputed_layers"], round(r["bytes_fetched"] / 1e6, 1), r["hidden_fraction"]]
+         for r in doc["rows"]]))
+    print(f"\nplot: {png}")
+    return 0

@@ -1,0 +1,79 @@
+"""Start ``cachesvc serve`` as a child process on a free port of 127.0.0.1 and wait until
+it serves. Used by the demo, the benchmarks and the tests (one launcher, not three)."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class ServerProcess:
+    """``args`` are extra ``cachesvc serve`` flags. The port file and the log
+    (``server.log``) live in ``workdir``; the disk tier in ``data_dir`` (default
+    ``workdir/data``). Usable as a context manager (start, then SIGTERM)."""
+
+    workdir: Path
+    args: Sequence[str] = ()
+    data_dir: Path | None = None
+    proc: subprocess.Popen | None = field(default=None, init=False)
+    port: int = field(default=0, init=False)
+
+    def __post_init__(self) -> None:
+        self.workdir = Path(self.workdir)
+        if self.data_dir is None:
+            self.data_dir = self.workdir / "data"
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 30) -> "ServerProcess":
+        port_file = self.workdir / "port"
+        port_file.unlink(missing_ok=True)
+        cmd = [sys.executable, "-m", "cachesvc.node.cli", "serve", "--host", "127.0.0.1", "--port", "0",
+               "--port-file", str(port_file), "--data-dir", str(self.data_dir), *self.args]
+        with open(self.workdir / "server.log", "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=log)
+        deadline = time.monotonic() + timeout_s
+        while not port_file.exists():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited {self.proc.returncode}: {self.log()[-2000:]}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server did not start in {timeout_s} s")
+            time.sleep(0.02)
+        self.port = int(port_file.read_text())
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 20) -> int:
+        """Send ``sig`` and wait; killed if it has not exited by ``timeout_s``."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout_s)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+
+    def rss_bytes(self) -> int:
+        assert self.proc is not None
+        with open(f"/proc/{self.proc.pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmRSS")
+
+    def log(self) -> str:
+        return (self.workdir / "server.log").read_text(errors="replace")
+
+    def __enter__(self) -> "ServerProcess":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,183 @@
+"""Build and run the cachesvc gRPC server (cache service + health + reflection)."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import ipaddress
+import logging
+import signal
+import socket
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import grpc
+from google.protobuf import message_factory
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from cachesvc.node.config import ServerConfig
+from cachesvc.wire import ucxlib
+from cachesvc.wire.protocol import host_id
+from cachesvc.node.dataplane.server import DataPlaneServer
+from cachesvc.wire.framing import passthrough
+from cachesvc.node.servicer import CacheServicer
+from cachesvc.node.store import CacheStore, DiskMode, StoreConfig
+from cachesvc.v1 import cachesvc_pb2
+
+if TYPE_CHECKING:   # ucxx is optional: imported only when UCX is on
+    from cachesvc.node.dataplane.ucx import UcxNode
+
+log = logging.getLogger(__name__)
+_M_MMAP_THRESHOLD = -3   # mallopt parameters from <malloc.h>
+_M_ARENA_MAX = -8
+SERVICE_NAME = cachesvc_pb2.DESCRIPTOR.services_by_name["CacheService"].full_name
+
+
+def add_cache_service(server: grpc.Server, servicer: CacheServicer) -> None:
+    """Register every CacheService method, like the generated ``add_..._to_server``,
+    except that the two bulk methods exchange raw bytes framed by cachesvc.wire.framing
+    (same wire format, payload copied once instead of three or four times)."""
+    handlers = {}
+    for method in cachesvc_pb2.DESCRIPTOR.services_by_name["CacheService"].methods:
+        deserialize = message_factory.GetMessageClass(method.input_type).FromString
+        serialize = message_factory.GetMessageClass(method.output_type).SerializeToString
+        if method.name == "WriteSlabs":
+            deserialize = passthrough
+        if method.name == "GetSlabs":
+            serialize = passthrough
+        make = _HANDLER_KINDS[(method.client_streaming, method.server_streaming)]
+        handlers[method.name] = make(getattr(servicer, method.name),
+                                     request_deserializer=deserialize, response_serializer=serialize)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+
+
+_HANDLER_KINDS = {(False, False): grpc.unary_unary_rpc_method_handler,
+                  (True, False): grpc.stream_unary_rpc_method_handler,
+                  (False, True): grpc.unary_stream_rpc_method_handler,
+                  (True, True): grpc.stream_stream_rpc_method_handler}
+
+
+def grpc_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    """Channel/server options shared by the server and the SDK."""
+    return [("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes)]
+
+
+def store_config(config: ServerConfig) -> StoreConfig:
+    mode = DiskMode(config.disk_mode)
+    return StoreConfig(memory_capacity_bytes=config.memory_bytes,
+                       memory_prefault=config.memory_prefault, chunk_size=config.chunk_size,
+                       disk_dir=Path(config.data_dir).expanduser() if mode != DiskMode.OFF else None,
+                       disk_capacity_bytes=config.disk_bytes, disk_mode=mode,
+                       disk_fsync=config.disk_fsync, reservation_ttl_s=config.reservation_ttl_s,
+                       max_run_bytes=min(4 << 20, config.max_message_bytes // 2))
+
+
+@dataclass
+class RunningServer:
+    server: grpc.Server
+    store: CacheStore
+    dataplane: DataPlaneServer
+    ucx: UcxNode | None
+    health: health.HealthServicer
+    port: int
+
+    def stop(self, grace_s: float) -> None:
+        """Refuse new calls and transfers, let in-flight ones finish for up to ``grace_s``,
+        then make the store durable and release it."""
+        self.health.enter_graceful_shutdown()
+        stopped = self.server.stop(grace_s)
+        self.dataplane.stop(grace_s)
+        if self.ucx is not None:
+            self.ucx.stop(grace_s)
+        stopped.wait()
+        self.store.close()
+        log.info("stopped")
+
+
+def _tame_malloc() -> None:
+    """Keep transient message buffers from inflating RSS (glibc only; best effort).
+
+    glibc raises its mmap threshold after the first large free, after which megabyte
+    message buffers come from per-thread heap arenas that keep freed memory: RSS
+    then creeps above the memory budget under sustained writes. A fixed threshold
+    returns every large buffer to the OS on free; two arenas bound the rest.
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, 128 << 10)
+        libc.mallopt(_M_ARENA_MAX, 2)
+    except (OSError, AttributeError):
+        pass
+
+
+def start_ucx(config: ServerConfig, store: CacheStore) -> UcxNode | None:
+    """The node's UCX worker, or None when UCX is off or (with "auto") not installed."""
+    if config.ucx == "off" or (config.ucx == "auto" and not ucxlib.available()):
+        return None
+    if not ucxlib.available():
+        raise RuntimeError("--ucx on needs ucxx: pip install 'cachesvc[ucx]'")
+    from cachesvc.node.dataplane.ucx import UcxNode
+    devices = config.ucx_net_devices
+    if not devices and ipaddress.ip_address(socket.gethostbyname(config.host)).is_loopback:
+        devices = "lo"   # nothing of a test or laptop node is reachable from outside
+    return UcxNode(store, config.data_io_timeout_s, config.ucx_tls, devices)
+
+
+def start_server(config: ServerConfig) -> RunningServer:
+    _tame_malloc()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.workers,
+                                                    thread_name_prefix="rpc"),
+                         options=grpc_options(config.max_message_bytes))
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    if port == 0:
+        raise OSError(f"cannot listen on {config.host}:{config.port}")
+    node_id = config.node_id or f"{socket.gethostname()}:{port}"
+    store = CacheStore(store_config(config), node_id=node_id)
+    dataplane = DataPlaneServer(store, config.host, config.data_port, config.shm,
+                                config.shm_release_timeout_s, config.data_io_timeout_s)
+    ucx = start_ucx(config, store)
+    transports = dataplane.transports() | (ucx.transports() if ucx is not None else {})
+    fetch = cachesvc_pb2.FetchDescriptor(node_id=node_id, grpc_address=f"{config.host}:{port}",
+                                         transports=transports, host_id=host_id())
+    add_cache_service(server, CacheServicer(store, fetch))
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    store.start()
+    dataplane.start()
+    if ucx is not None:
+        ucx.start()
+    server.start()
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("serving", extra={"address": f"{config.host}:{port}", "node_id": node_id,
+                               "memory_bytes": config.memory_bytes, "disk_mode": config.disk_mode,
+                               "data_dir": config.data_dir, "chunk_size": config.chunk_size,
+                               "transports": sorted(fetch.transports)})
+    if config.port_file:
+        tmp = Path(config.port_file + ".tmp")
+        tmp.write_text(str(port))
+        tmp.replace(config.port_file)
+    return RunningServer(server, store, dataplane, ucx, health_servicer, port)
+
+
+def serve(config: ServerConfig) -> int:
+    """Run until SIGTERM or SIGINT, then drain and exit 0."""
+    running = start_server(config)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("signal received; draining", extra={"signal": signal.Signals(signum).name})
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    stop.wait()
+    running.stop(config.grace_s)
+    return 0

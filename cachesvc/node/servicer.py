@@ -1,0 +1,273 @@
+"""gRPC servicer: converts proto <-> domain types and domain errors <-> status codes.
+Nothing here decides anything; the store does."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from collections.abc import Callable, Iterator
+
+import grpc
+
+from cachesvc.wire import errors
+from cachesvc.node.entries import EntryMeta, SlabSpec
+from cachesvc.wire.layout import Layout
+from cachesvc.wire.framing import decode_write_chunk, encode_slab_run, slab_run_header
+from cachesvc.wire.keys import DType, FamilySpec, Kind
+from cachesvc.node.models import ModelRecord
+from cachesvc.node.profiles import ProfileRecord
+from cachesvc.node.records import EntryInput
+from cachesvc.node.store import CacheStore
+from cachesvc.v1 import cachesvc_pb2 as pb
+from cachesvc.v1 import cachesvc_pb2_grpc as pb_grpc
+from cachesvc.wire.convert import family_from_proto, family_to_proto
+
+log = logging.getLogger(__name__)
+
+def _status_for(exc: errors.CacheError) -> grpc.StatusCode:
+    return grpc.StatusCode[exc.status]
+
+
+def _maps_errors(method: Callable) -> Callable:
+    """Turn domain errors into a gRPC status with the error's message, for unary and
+    streaming handlers alike."""
+    if inspect.isgeneratorfunction(method):
+        @functools.wraps(method)
+        def stream(self, request, context):
+            try:
+                yield from method(self, request, context)
+            except errors.CacheError as exc:
+                context.abort(_status_for(exc), str(exc))
+        return stream
+
+    @functools.wraps(method)
+    def unary(self, request, context):
+        try:
+            return method(self, request, context)
+        except errors.CacheError as exc:
+            context.abort(_status_for(exc), str(exc))
+    return unary
+
+
+def _family(msg: pb.FamilySpec) -> FamilySpec:
+    try:
+        return family_from_proto(msg)
+    except ValueError as exc:
+        raise errors.InvalidArgument(str(exc)) from None
+
+
+def _model_to_proto(rec: ModelRecord) -> pb.GetModelResponse:
+    return pb.GetModelResponse(
+        model=pb.ModelSpec(model_id=rec.model_id, weights_digest=rec.weights_digest,
+                           family=family_to_proto(rec.family)),
+        family_id=rec.family_id)
+
+
+def _profile_to_proto(rec: ProfileRecord) -> pb.ProfileSpec:
+    return pb.ProfileSpec(producer=rec.producer, consumer=rec.consumer, producer_digest=rec.producer_digest,
+                          consumer_digest=rec.consumer_digest, document=rec.document)
+
+
+def _slab_from_proto(msg: pb.SlabSpec, where: str) -> SlabSpec:
+    try:
+        kind, dtype = Kind(msg.kind), DType(msg.dtype)
+    except ValueError:
+        raise errors.InvalidArgument(f"{where}: kind {msg.kind} or dtype {msg.dtype} is not "
+                                     "a known value") from None
+    return SlabSpec(kind, msg.layer, tuple(msg.shape), dtype, msg.checksum)
+
+
+def _layout_to_proto(layout: Layout) -> pb.EntryLayout:
+    return pb.EntryLayout(num_tokens=layout.num_tokens, k_layers=layout.k_layers,
+                          v_layers=layout.v_layers, e_layers=layout.e_layers)
+
+
+def _kinds(values) -> list[Kind]:
+    try:
+        return [Kind(v) for v in values]
+    except ValueError:
+        raise errors.InvalidArgument(f"kinds {list(values)} contain an unknown value") from None
+
+
+class CacheServicer(pb_grpc.CacheServiceServicer):
+    def __init__(self, store: CacheStore, fetch: pb.FetchDescriptor) -> None:
+        self.store = store
+        self.fetch = fetch    # this node's endpoints, handed out with every hit
+
+    @_maps_errors
+    def RegisterModel(self, request, context):
+        m = request.model
+        reg = self.store.register_model(m.model_id, m.weights_digest, _family(m.family),
+                                        request.replace)
+        return pb.RegisterModelResponse(family_id=reg.record.family_id, created=reg.created,
+                                        chunk_size=self.store.config.chunk_size)
+
+    @_maps_errors
+    def GetModel(self, request, context):
+        return _model_to_proto(self.store.get_model(request.model_id))
+
+    @_maps_errors
+    def ListModels(self, request, context):
+        return pb.ListModelsResponse(models=[_model_to_proto(r) for r in self.store.list_models()])
+
+    @_maps_errors
+    def PutProfile(self, request, context):
+        m = request.profile
+        rec = self.store.put_profile(m.producer, m.consumer, m.producer_digest, m.consumer_digest,
+                                     m.document)
+        return pb.PutProfileResponse(version=rec.version, replaced=rec.version > 1)
+
+    @_maps_errors
+    def GetProfile(self, request, context):
+        rec = self.store.get_profile(request.producer, request.consumer)
+        return pb.GetProfileResponse(profile=_profile_to_proto(rec), version=rec.version, flagged=rec.flagged)
+
+    @_maps_errors
+    def FlagProfile(self, request, context):
+        applied, flags = self.store.flag_profile(request.producer, request.consumer, request.version,
+                                                 request.reason)
+        return pb.FlagProfileResponse(applied=applied, flags=flags)
+
+    @_maps_errors
+    def ListProfiles(self, request, context):
+        return pb.ListProfilesResponse(profiles=[
+            pb.ProfileInfo(producer=r.producer, consumer=r.consumer, producer_digest=r.producer_digest,
+                           consumer_digest=r.consumer_digest, version=r.version, stale=stale,
+                           size_bytes=len(r.document), flagged=r.flagged, flags=r.flags)
+            for r, stale in self.store.list_profiles(request.producer, request.consumer)])
+
+    @_maps_errors
+    def Reserve(self, request, context):
+        entries = [EntryInput(e.chunk_hash, e.position_offset, e.num_tokens,
+                              [_slab_from_proto(s, f"entries[{i}].slabs[{j}]")
+                               for j, s in enumerate(e.slabs)])
+                   for i, e in enumerate(request.entries)]
+        res = self.store.reserve(request.tenant, request.family_id, request.producer, entries,
+                                 request.ttl_s)
+        targets = [pb.EntryWriteTarget(entry_index=i, size_bytes=meta.size_bytes,
+                                       slab_offsets=_request_order_offsets(meta, request.entries[i]),
+                                       already_present=present)
+                   for i, (meta, present) in enumerate(zip(res.entries, res.already_present, strict=True))]
+        return pb.ReserveResponse(reservation_id=res.reservation_id, targets=targets,
+                                  expires_in_ms=int(res.expires_in_s * 1000))
+
+    @_maps_errors
+    def WriteSlabs(self, request_iterator, context):
+        """Requests arrive as raw bytes (see cachesvc.wire.framing): the payload is copied
+        once, from the received buffer into the arena."""
+        seen: set[str] = set()
+        received = 0
+        try:
+            for raw in request_iterator:
+                try:
+                    chunk = decode_write_chunk(raw)
+                except ValueError as exc:
+                    raise errors.InvalidArgument(f"malformed WriteChunk: {exc}") from None
+                seen.add(chunk.reservation_id)
+                self.store.write(chunk.reservation_id, chunk.entry_index, chunk.offset, chunk.data)
+                received += len(chunk.data)
+        except grpc.RpcError:
+            self._abort_broken(seen)
+            raise
+        if not context.is_active():
+            # A writer that dies can also look like a stream that simply ended.
+            self._abort_broken(seen)
+        return pb.WriteSlabsResponse(bytes_received=received)
+
+    def _abort_broken(self, reservations: set[str]) -> None:
+        """The writer went away mid-put: nothing it wrote may become visible, and its
+        memory comes back now rather than at expiry."""
+        for reservation in reservations:
+            try:
+                self.store.abort(reservation)
+            except errors.NotFound:
+                pass
+        log.warning("write stream broken; reservation aborted",
+                    extra={"reservations": sorted(reservations)})
+
+    @_maps_errors
+    def Commit(self, request, context):
+        return pb.CommitResponse(entries_committed=self.store.commit(request.reservation_id))
+
+    @_maps_errors
+    def Abort(self, request, context):
+        self.store.abort(request.reservation_id)
+        return pb.AbortResponse()
+
+    @_maps_errors
+    def Lookup(self, request, context):
+        result = self.store.lookup(request.tenant, request.family_id, request.chunk_hashes,
+                                   request.consumer, request.producers, request.lease_ttl_s)
+        resp = pb.LookupResponse(lease_id=result.lease_id)
+        layout_index: dict[int, int] = {}
+        for hit in result.hits:
+            indices = []
+            for meta in hit.metas:
+                idx = layout_index.get(id(meta.layout))
+                if idx is None:
+                    idx = layout_index[id(meta.layout)] = len(resp.layouts)
+                    resp.layouts.append(_layout_to_proto(meta.layout))
+                indices.append(idx)
+            resp.hits.add(producer=hit.producer, same_model=hit.same_model,
+                          num_chunks=len(hit.metas),
+                          entry_ids=b"".join(m.entry_id for m in hit.metas),
+                          position_offsets=[m.position_offset for m in hit.metas],
+                          layout_indices=indices, tiers=hit.tiers, fetch=self.fetch)
+        return resp
+
+    @_maps_errors
+    def GetSlabs(self, request, context) -> Iterator[bytes]:
+        """Yields encoded SlabRun messages (cachesvc.wire.framing): each payload is copied
+        once, from the arena into the message, while the store holds the entry."""
+        with self.store.read(request.tenant, request.family_id, request.entry_ids,
+                             _kinds(request.kinds), request.layer_start, request.layer_end,
+                             request.layer_major) as runs:
+            for run in runs:
+                yield encode_slab_run(slab_run_header(run), run.data)
+
+    @_maps_errors
+    def Delete(self, request, context):
+        n = self.store.delete(request.tenant, request.family_id, request.entry_ids,
+                              request.chunk_hashes, request.producer)
+        return pb.DeleteResponse(entries_deleted=n)
+
+    @_maps_errors
+    def Pin(self, request, context):
+        lease_id, n = self.store.pin(request.tenant, request.family_id, request.entry_ids,
+                                     request.ttl_s)
+        return pb.PinResponse(lease_id=lease_id, entries_pinned=n)
+
+    @_maps_errors
+    def Unpin(self, request, context):
+        self.store.unpin(request.lease_id)
+        return pb.UnpinResponse()
+
+    @_maps_errors
+    def ListEntries(self, request, context):
+        page, token = self.store.list_entries(request.tenant, request.family_id, request.producer,
+                                              request.limit, request.page_token)
+        return pb.ListEntriesResponse(entries=[_entry_info(m, t, p) for m, t, p in page],
+                                      next_page_token=token)
+
+    @_maps_errors
+    def Stats(self, request, context):
+        s = self.store.stats()
+        tiers = [pb.TierStats(tier=tier, **{k: v for k, v in s[name].items() if k != "free_extents"})
+                 for tier, name in ((pb.TIER_MEMORY, "memory"), (pb.TIER_DISK, "disk"))]
+        return pb.StatsResponse(node_id=s["node_id"], chunk_size=s["chunk_size"], tiers=tiers,
+                                entries=s["entries"], models=s["models"],
+                                open_reservations=s["open_reservations"], counters=s["counters"],
+                                uptime_s=s["uptime_s"], fetch=self.fetch)
+
+
+def _request_order_offsets(meta: EntryMeta, spec: pb.EntrySpec) -> list[int]:
+    where = {(s.kind, s.layer): s.offset for s in meta.slabs}
+    return [where[(Kind(s.kind), s.layer)] for s in spec.slabs]
+
+
+def _entry_info(meta: EntryMeta, tier, pinned: bool) -> pb.EntryInfo:
+    return pb.EntryInfo(entry_id=meta.entry_id, tenant=meta.tenant, family_id=meta.family_id,
+                        chunk_hash=meta.chunk_hash, producer=meta.producer,
+                        position_offset=meta.position_offset, layout=_layout_to_proto(meta.layout),
+                        size_bytes=meta.size_bytes, tier=int(tier), pinned=pinned)

@@ -1,0 +1,237 @@
+"""The fine-tuned consumers of SmolLM2: LoRA adapters on the access-code task.
+
+The repository ships each consumer's adapter (``cachesvc_lab/adapters/NAME.safetensors``,
+bf16, with ``NAME.json`` stating its recipe, the adapter file's sha256 and the merged
+weights' digest). :func:`ensure` merges a shipped adapter into SmolLM2 once and caches the
+merged model beside SmolLM2's conversion, so a fresh machine needs no training.
+``python -m cachesvc_lab.finetune [NAME ...]`` (``make finetune``) retrains adapters from
+their recipes and writes them into the package.
+
+**Why the digest is the same on every machine.** The merge runs in float64: each product
+of two bf16 values is exact in float64 (8 + 8 significant bits), and so is a sum of
+``rank`` of them, whatever order a BLAS kernel adds them in; adding that to the fp32 base
+weight and rounding once to fp32 is one IEEE operation per element. The base weights are
+the GGUF's dequantization (elementwise, exact). So the merged weights, and their digest,
+are bit-identical across CPUs, and a profile measured on one machine stays valid on another.
+Training itself is deterministic only on one machine (fixed seeds and thread count).
+
+LoRA is written out here (a few lines) rather than taken from peft: the adapters are
+merged into plain ``LlamaForCausalLM`` weights, so consumers load like any other model and
+the connector's family check sees the base's family.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from cachesvc_connectors.hf.family import weights_digest
+from cachesvc_lab import smollm2, tasks
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ADAPTERS = Path(__file__).parent / "adapters"       # shipped with the package
+ADAPTER_DTYPE = torch.bfloat16                        # exact products in float64 (see above)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    layers: tuple[int, int]          # decoder layers [start, stop) that get adapters
+    rank: int = 16
+    alpha: float = 32.0
+    projections: tuple[str, ...] = PROJECTIONS
+    steps: int = 240
+    batch: int = 1
+    lr: float = 1e-3
+    min_records: int = 8             # records per training context, drawn uniformly
+    max_records: int = 30
+    seed: int = 0
+    threads: int = 2
+
+
+RECIPES = {
+    # The common case: a LoRA over every layer.
+    "codes-all": Recipe("codes-all", (0, 30)),
+    # Adapted on the upper third only: its critical layers are known to be 20..29.
+    # Adapters on a third of the layers learn the task more slowly: 240 steps reached 0.30
+    # exact match against 0.90 for codes-all, too coarse to tell plans apart.
+    "codes-upper": Recipe("codes-upper", (20, 30), steps=600),
+}
+
+
+class LoRALinear(torch.nn.Module):
+    """``base(x) + scale · B(A(x))`` with A ~ Kaiming, B = 0 (starts as the base)."""
+
+    def __init__(self, base: torch.nn.Linear, rank: int, alpha: float) -> None:
+        super().__init__()
+        self.base = base
+        self.a = torch.nn.Parameter(torch.empty(rank, base.in_features))
+        self.b = torch.nn.Parameter(torch.zeros(base.out_features, rank))
+        torch.nn.init.kaiming_uniform_(self.a, a=math.sqrt(5))
+        self.scale = alpha / rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + (x @ self.a.T @ self.b.T) * self.scale
+
+
+def _targets(model, recipe: Recipe):
+    """(adapter name, parent module, attribute) of every adapted projection, in order."""
+    for index in range(*recipe.layers):
+        layer = model.model.layers[index]
+        for block_name, block in (("self_attn", layer.self_attn), ("mlp", layer.mlp)):
+            for proj in recipe.projections:
+                if hasattr(block, proj):
+                    yield f"layers.{index}.{block_name}.{proj}", block, proj
+
+
+def _adapt(model, recipe: Recipe) -> dict[str, LoRALinear]:
+    adapters = {}
+    for name, block, proj in _targets(model, recipe):
+        lora = LoRALinear(getattr(block, proj), recipe.rank, recipe.alpha)
+        setattr(block, proj, lora)
+        adapters[name] = lora
+    return adapters
+
+
+def merge(model, recipe: Recipe, tensors: dict[str, torch.Tensor]) -> None:
+    """Add ``scale · B @ A`` of every adapter in ``tensors`` (``NAME.a`` / ``NAME.b``, bf16)
+    to ``model``'s fp32 weights, in float64 (bit-identical on every CPU: module docstring)."""
+    scale = recipe.alpha / recipe.rank
+    with torch.no_grad():
+        for name, block, proj in _targets(model, recipe):
+            linear = getattr(block, proj)
+            delta = tensors[f"{name}.b"].double() @ tensors[f"{name}.a"].double()
+            linear.weight.copy_((linear.weight.double() + delta * scale).to(linear.weight.dtype))
+
+
+def _example_tensors(tokenizer, example: tasks.Example) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input ids and labels (-100 except on the answer and its end-of-turn token)."""
+    prompt = tasks.prompt_ids(tokenizer, example)
+    answer = tokenizer.encode(example.answer + "<|im_end|>", add_special_tokens=False)
+    ids = torch.tensor([prompt + answer])
+    labels = torch.tensor([[-100] * len(prompt) + answer])
+    return ids, labels
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def train(recipe: Recipe, out_dir: Path = ADAPTERS) -> Path:
+    """Train ``recipe``'s adapter and write ``NAME.safetensors`` + ``NAME.json`` into
+    ``out_dir``; returns the adapter's path."""
+    from safetensors.torch import save_file
+    torch.manual_seed(recipe.seed)
+    torch.set_num_threads(recipe.threads)
+    model, tokenizer = smollm2.load()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    adapters = _adapt(model, recipe)
+    params = [p for a in adapters.values() for p in (a.a, a.b)]
+    optim = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.0)
+    rng = random.Random(recipe.seed)
+    model.train()
+    t0, losses = time.perf_counter(), []
+    bar = tqdm(range(recipe.steps), desc=f"fine-tune {recipe.name}", unit="step")
+    for step in bar:
+        lr = recipe.lr * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / recipe.steps))
+        for group in optim.param_groups:
+            group["lr"] = lr
+        optim.zero_grad()
+        for _ in range(recipe.batch):
+            example = tasks.make_example(rng, rng.randint(recipe.min_records, recipe.max_records))
+            ids, labels = _example_tensors(tokenizer, example)
+            loss = model(input_ids=ids, labels=labels).loss / recipe.batch
+            loss.backward()
+            losses.append(loss.item() * recipe.batch)
+        optim.step()
+        bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
+    tensors = {f"{name}.{part}": getattr(lora, part).detach().to(ADAPTER_DTYPE).contiguous()
+               for name, lora in adapters.items() for part in ("a", "b")}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{recipe.name}.safetensors"
+    save_file(tensors, str(path))
+    base, _ = smollm2.load()
+    merge(base, recipe, tensors)
+    (out_dir / f"{recipe.name}.json").write_text(json.dumps(
+        {**asdict(recipe), "base": smollm2.NAME, "adapter_sha256": _sha256(path),
+         "weights_digest": weights_digest(base), "train_s": round(time.perf_counter() - t0, 1),
+         "final_loss": round(sum(losses[-20:]) / 20, 4)}, indent=2) + "\n")
+    return path
+
+
+def shipped(name: str, adapters: Path = ADAPTERS) -> tuple[Recipe, dict]:
+    """The recipe and metadata of a shipped adapter; raises FileNotFoundError if absent and
+    ValueError if its file does not match the recorded sha256 or the recipe changed."""
+    meta = json.loads((adapters / f"{name}.json").read_text())
+    recipe = RECIPES[name]
+    saved = {k: tuple(v) if isinstance(v, list) else v for k, v in meta.items() if k in asdict(recipe)}
+    if saved != asdict(recipe):
+        raise ValueError(f"adapter {name}: trained with another recipe than RECIPES[{name!r}]: "
+                         f"run `make finetune`")
+    if _sha256(adapters / f"{name}.safetensors") != meta["adapter_sha256"]:
+        raise ValueError(f"adapter {name}: file does not match its recorded sha256")
+    return recipe, meta
+
+
+def path_of(name: str) -> Path:
+    return smollm2.model_dir() / name
+
+
+def ensure(names: list[str] | None = None, adapters: Path = ADAPTERS) -> dict[str, Path]:
+    """The merged consumers' directories, merging a shipped adapter into SmolLM2 where the
+    cache does not hold it yet (a few seconds each). The cached copy is keyed by the
+    adapter's sha256; the merged weights must reproduce the shipped digest."""
+    from safetensors.torch import load_file
+    out = {}
+    for name in names or list(RECIPES):
+        recipe, meta = shipped(name, adapters)
+        path = path_of(name)
+        try:
+            if json.loads((path / "adapter.json").read_text())["adapter_sha256"] == meta["adapter_sha256"]:
+                out[name] = path
+                continue
+        except (OSError, ValueError, KeyError):
+            pass
+        model, tokenizer = smollm2.load()
+        merge(model, recipe, load_file(str(adapters / f"{name}.safetensors")))
+        digest = weights_digest(model)
+        if digest != meta["weights_digest"]:
+            raise RuntimeError(f"{name}: merged weights digest {digest[:16]} differs from the shipped "
+                               f"{meta['weights_digest'][:16]} (a different SmolLM2 conversion?)")
+        tmp = path.with_name(path.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "adapter.json").write_text(json.dumps(meta, indent=2))
+        shutil.rmtree(path, ignore_errors=True)
+        tmp.rename(path)
+        out[name] = path
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="retrain the fine-tunes' adapters from their recipes")
+    parser.add_argument("names", nargs="*", help=f"recipes: {', '.join(RECIPES)} (default: all)")
+    parser.add_argument("--out", type=Path, default=ADAPTERS, help="adapter folder (default: the package's)")
+    args = parser.parse_args(argv)
+    unknown = set(args.names) - set(RECIPES)
+    if unknown:
+        parser.error(f"unknown recipes: {', '.join(sorted(unknown))}")
+    for name in args.names or list(RECIPES):
+        print(f"{name}: {train(RECIPES[name], args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
