@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 EXTRAS ?= dev,bench,torch,ucx,hf
 JSON   ?= bench-results
 
-.PHONY: demo demo-storage test lint venv proto lmcache-venv bench-lookup bench-dataplane bench clean
+.PHONY: demo demo-storage finetune test lint venv proto lmcache-venv bench-lookup bench-dataplane bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,11 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m cachesvc_lab.demo
 
+# Retrain the fine-tunes' adapters from their recipes into lab/cachesvc_lab/adapters
+# (~40 min on 2 cores); `make demo` uses the shipped ones and needs no training.
+finetune: $(STAMP)
+	$(PY) -m cachesvc_lab.finetune
+
 # The storage-only walkthrough (issue 2): put, lookup, get, restart from disk.
 demo-storage: $(STAMP)
 	$(PY) -m cachesvc_lab.storage_demo
@@ -30,7 +35,7 @@ test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check cachesvc clients connectors bench tests
+	$(VENV)/bin/ruff check cachesvc clients connectors bench lab tools tests
 
 # Regenerate the gRPC stubs from protos/ (committed; check-proto verifies they match).
 proto: $(STAMP)

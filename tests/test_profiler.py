@@ -16,7 +16,7 @@ from cachesvc_client import CacheClient
 from cachesvc_connectors.hf import Consumer, ConsumerOptions, Producer, ProducerOptions
 from cachesvc_connectors.hf.family import weights_digest
 from cachesvc_connectors.reuse import Plan, best_plan
-from cachesvc_connectors.profiler import (PlanResult, Profiler, ProfilerOptions, Score, StateFile,
+from cachesvc_connectors.profiler import (PlanResult, Profiler, ProfilerOptions, PlanScore, StateFile,
                                           frontier, multi_group_candidates, profile, single_windows)
 from hf_models import fine_tune_of, tiny_model, tokenizer
 
@@ -85,7 +85,7 @@ def test_multi_group_search_proposes_pairs_that_beat_single_windows():
     def result(groups, identical):
         r = PlanResult(Plan(L, groups))
         for x in identical:
-            r.add(Score(x, 1.0 - x, 0.0))
+            r.add(PlanScore(x, 1.0 - x, 0.0))
         return r
     base = result((), [0, 0, 0, 0])
     singles = [result(((1, 2),), [1, 1, 0, 0]), result(((5, 6),), [0, 0, 1, 1]),

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from cachesvc.node.jsonfile import JsonFile
 from cachesvc.wire.errors import FailedPrecondition, InvalidArgument, NotFound
 from cachesvc.wire.keys import DType, FamilyId, FamilySpec, ModelId, check_digest, check_model_id
 
@@ -20,7 +19,7 @@ class ModelRecord:
 
 
 @dataclass(frozen=True, slots=True)
-class Registration:
+class RegisterOutcome:
     record: ModelRecord
     created: bool                     # False: the identical model was already registered
     replaced: ModelRecord | None      # the previous version when replace=True changed it
@@ -29,27 +28,26 @@ class Registration:
 class ModelRegistry:
     """model_id -> record, and family_id -> spec. Not thread-safe: the store locks.
 
-    With a ``path`` every change is written atomically (tmp + rename) so a restarted
-    server knows the producers of the entries it reloads from disk.
+    With a ``path`` every change is staged for an atomic write (tmp + rename) that the
+    store flushes outside its lock (:meth:`flush`), so a restarted server knows the
+    producers of the entries it reloads from disk.
     """
 
     def __init__(self, path: Path | None = None) -> None:
-        self._path = path
+        self._file = JsonFile(path)
         self._models: dict[str, ModelRecord] = {}
         self._families: dict[FamilyId, FamilySpec] = {}
-        if path is not None and path.exists():
-            for doc in json.loads(path.read_text()):
-                fam = doc["family"]
-                spec = FamilySpec(**{**fam, "dtype": DType(fam["dtype"])})
-                self._add(ModelRecord(ModelId(doc["model_id"]), doc["weights_digest"], spec,
-                                      spec.family_id()))
+        for doc in self._file.read() or ():
+            fam = doc["family"]
+            spec = FamilySpec(**{**fam, "dtype": DType(fam["dtype"])})
+            self._add(ModelRecord(ModelId(doc["model_id"]), doc["weights_digest"], spec, spec.family_id()))
 
     def _add(self, record: ModelRecord) -> None:
         self._models[record.model_id] = record
         self._families[record.family_id] = record.family
 
     def register(self, model_id: str, weights_digest: str, family: FamilySpec,
-                 replace: bool) -> Registration:
+                 replace: bool) -> RegisterOutcome:
         try:
             check_model_id(model_id)
             check_digest(weights_digest)
@@ -59,7 +57,7 @@ class ModelRegistry:
         record = ModelRecord(ModelId(model_id), weights_digest.lower(), family, family.family_id())
         old = self._models.get(model_id)
         if old == record:
-            return Registration(old, created=False, replaced=None)
+            return RegisterOutcome(old, created=False, replaced=None)
         if old is not None and not replace:
             what = "weights" if old.family_id == record.family_id else "family"
             raise FailedPrecondition(
@@ -68,7 +66,7 @@ class ModelRegistry:
                 "to replace it and drop the entries it produced")
         self._add(record)
         self._save()
-        return Registration(record, created=True, replaced=old)
+        return RegisterOutcome(record, created=True, replaced=old)
 
     def get(self, model_id: str) -> ModelRecord:
         try:
@@ -87,11 +85,10 @@ class ModelRegistry:
         return sorted(self._models.values(), key=lambda r: r.model_id)
 
     def _save(self) -> None:
-        if self._path is None:
-            return
-        docs = [{"model_id": r.model_id, "weights_digest": r.weights_digest,
-                 "family": {**asdict(r.family), "dtype": int(r.family.dtype)}}
-                for r in self.models()]
-        tmp = self._path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(docs, indent=1))
-        os.replace(tmp, self._path)
+        self._file.stage([{"model_id": r.model_id, "weights_digest": r.weights_digest,
+                           "family": {**asdict(r.family), "dtype": int(r.family.dtype)}}
+                          for r in self.models()])
+
+    def flush(self) -> None:
+        """Write staged changes to the file (without the store lock)."""
+        self._file.flush()

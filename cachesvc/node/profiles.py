@@ -7,7 +7,7 @@ object of bounded size. A profile whose digests no longer match (a model was reg
 again with other weights) is *stale*: listed as such, never served by ``get``. A profile
 can be *flagged* for re-profiling (a consumer's drift guard saw it fail): still served,
 listed with the reason, until the next ``put`` replaces it.
-Persisted beside the model registry, written atomically.
+Persisted beside the model registry, written atomically outside the store lock (jsonfile).
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from cachesvc.node.jsonfile import JsonFile
 from cachesvc.wire.errors import FailedPrecondition, InvalidArgument, NotFound
 from cachesvc.node.models import ModelRegistry
 
@@ -43,14 +43,13 @@ class ProfileRegistry:
 
     def __init__(self, models: ModelRegistry, path: Path | None = None) -> None:
         self._models = models
-        self._path = path
+        self._file = JsonFile(path)
         self._profiles: dict[tuple[str, str], ProfileRecord] = {}
-        if path is not None and path.exists():
-            for doc in json.loads(path.read_text()):
-                rec = ProfileRecord(doc["producer"], doc["consumer"], doc["producer_digest"],
-                                    doc["consumer_digest"], base64.b64decode(doc["document"]),
-                                    doc["version"], doc.get("flagged", ""), doc.get("flags", 0))
-                self._profiles[(rec.producer, rec.consumer)] = rec
+        for doc in self._file.read() or ():
+            rec = ProfileRecord(doc["producer"], doc["consumer"], doc["producer_digest"],
+                                doc["consumer_digest"], base64.b64decode(doc["document"]),
+                                doc["version"], doc.get("flagged", ""), doc.get("flags", 0))
+            self._profiles[(rec.producer, rec.consumer)] = rec
 
     def put(self, producer: str, consumer: str, producer_digest: str, consumer_digest: str,
             document: bytes) -> ProfileRecord:
@@ -122,12 +121,11 @@ class ProfileRegistry:
                 if (not producer or key[0] == producer) and (not consumer or key[1] == consumer)]
 
     def _save(self) -> None:
-        if self._path is None:
-            return
-        docs = [{"producer": r.producer, "consumer": r.consumer, "producer_digest": r.producer_digest,
-                 "consumer_digest": r.consumer_digest, "version": r.version,
-                 "flagged": r.flagged, "flags": r.flags,
-                 "document": base64.b64encode(r.document).decode()} for r in self.list()]
-        tmp = self._path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(docs))
-        os.replace(tmp, self._path)
+        self._file.stage([{"producer": r.producer, "consumer": r.consumer, "producer_digest": r.producer_digest,
+                           "consumer_digest": r.consumer_digest, "version": r.version,
+                           "flagged": r.flagged, "flags": r.flags,
+                           "document": base64.b64encode(r.document).decode()} for r in self.list()])
+
+    def flush(self) -> None:
+        """Write staged changes to the file (without the store lock)."""
+        self._file.flush()

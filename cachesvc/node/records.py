@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cachesvc.node.entries import EntryMeta, SlabSpec
-from cachesvc.wire.keys import Kind, Tier  # noqa: F401  (Tier: re-exported for the store)
+from cachesvc.wire.keys import Kind, Tier
 
 
 class DiskMode(str, enum.Enum):
@@ -58,11 +58,11 @@ class ProducerHit:
     producer: str
     same_model: bool
     metas: list[EntryMeta]     # metas[i] covers chunk i of the request
-    tiers: list[int]           # Tier value of metas[i]
+    tiers: list[Tier]          # where metas[i] lives
 
 
 @dataclass(frozen=True, slots=True)
-class LookupResult:
+class LookupAnswer:
     hits: list[ProducerHit]    # longest first
     lease_id: str
 

@@ -27,6 +27,10 @@ ModelId = NewType("ModelId", str)
 EntryId = NewType("EntryId", bytes)
 """16 bytes naming one entry: (tenant, family, chunk hash, producer, position offset)."""
 
+# The empty ids: "no consumer" in a lookup, "any" in a listing filter.
+NO_MODEL = ModelId("")
+NO_FAMILY = FamilyId("")
+
 CHUNK_HASH_BYTES = 32
 ENTRY_ID_BYTES = 16
 DEFAULT_CHUNK_SIZE = 256

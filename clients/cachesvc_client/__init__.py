@@ -3,7 +3,8 @@
     from cachesvc_client import CacheClient, FamilySpec, DType, Kind, EntryData
 """
 
-from cachesvc.wire.keys import DType, FamilySpec, Kind, canonical_json, chunk_hashes
+from cachesvc.wire.keys import (NO_FAMILY, NO_MODEL, ChunkHash, DType, EntryId, FamilyId, FamilySpec, Kind, ModelId,
+                                Tier, canonical_json, chunk_hashes)
 from cachesvc_client.aio import AsyncCacheClient
 from cachesvc_client.client import CacheClient
 from cachesvc_client.codec import (EntryData, Hit, HitEntry, Layout, LookupResult, Missing,
@@ -14,7 +15,8 @@ from cachesvc_client.errors import (CacheServiceError, DeadlineExceededError,
 from cachesvc_client.options import ClientOptions, RetryPolicy
 
 __all__ = [
-    "AsyncCacheClient", "CacheClient", "ClientOptions", "RetryPolicy", "DType", "FamilySpec", "Kind",
+    "AsyncCacheClient", "CacheClient", "ClientOptions", "RetryPolicy", "ChunkHash", "DType", "EntryId", "FamilyId",
+    "FamilySpec", "Kind", "ModelId", "NO_FAMILY", "NO_MODEL", "Tier",
     "EntryData", "Hit", "HitEntry", "Layout", "LookupResult", "Missing", "PutResult", "Registered",
     "Slabs", "StoredProfile", "canonical_json", "chunk_hashes", "CacheServiceError", "DeadlineExceededError",
     "FailedPreconditionError", "InvalidArgumentError", "NotFoundError", "ResourceExhaustedError",

@@ -12,7 +12,7 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from cachesvc.wire.keys import ChunkHash, FamilyId, FamilySpec, Kind, chunk_hashes
+from cachesvc.wire.keys import NO_FAMILY, NO_MODEL, ChunkHash, FamilyId, FamilySpec, Kind, ModelId, chunk_hashes
 from cachesvc.v1 import cachesvc_pb2 as pb
 from cachesvc.v1 import cachesvc_pb2_grpc as pb_grpc
 from cachesvc.wire.convert import family_from_proto, family_to_proto
@@ -64,7 +64,7 @@ class AsyncCacheClient:
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
 
-    async def register_model(self, model_id: str, weights_digest: str, family: FamilySpec,
+    async def register_model(self, model_id: ModelId, weights_digest: str, family: FamilySpec,
                              replace: bool = False) -> Registered:
         model = pb.ModelSpec(model_id=model_id, weights_digest=weights_digest,
                              family=family_to_proto(family))
@@ -74,7 +74,7 @@ class AsyncCacheClient:
         self._chunk_size = resp.chunk_size
         return Registered(FamilyId(resp.family_id), resp.chunk_size, resp.created)
 
-    async def family(self, family_id: str) -> FamilySpec:
+    async def family(self, family_id: FamilyId) -> FamilySpec:
         if family_id not in self._families:
             resp = await self._call(self._stub.ListModels, pb.ListModelsRequest())
             for m in resp.models:
@@ -83,7 +83,7 @@ class AsyncCacheClient:
             raise NotFoundError(f"family {family_id} has no registered model on {self.target}")
         return self._families[family_id]
 
-    async def hash_tokens(self, tokens: Sequence[int], family_id: str, *, tenant: str = "",
+    async def hash_tokens(self, tokens: Sequence[int], family_id: FamilyId, *, tenant: str = "",
                           extra_keys: Sequence[str | bytes] = (),
                           include_partial: bool = False) -> list[ChunkHash]:
         if self._chunk_size is None:
@@ -102,7 +102,7 @@ class AsyncCacheClient:
             self._transports[name] = choose_transport(name, fetch, self.target, self.options)
         return self._transports[name]
 
-    async def put(self, family_id: str, producer: str, entries: Sequence[EntryData],
+    async def put(self, family_id: FamilyId, producer: ModelId, entries: Sequence[EntryData],
                   tenant: str = "", transport: str | None = None) -> PutResult:
         family = await self.family(family_id)
         chosen = await self._transport(transport)
@@ -132,7 +132,7 @@ class AsyncCacheClient:
             sent += sum(t.size_bytes for t in todo)
         return PutResult(committed, present, sent)
 
-    async def lookup(self, family_id: str, hashes: Sequence[bytes], *, consumer: str = "",
+    async def lookup(self, family_id: FamilyId, hashes: Sequence[bytes], *, consumer: ModelId = NO_MODEL,
                      producers: Sequence[str] = (), lease_ttl_s: int = 0,
                      tenant: str = "") -> LookupResult:
         req = pb.LookupRequest(tenant=tenant or self.options.tenant, family_id=family_id,
@@ -140,7 +140,7 @@ class AsyncCacheClient:
                                lease_ttl_s=lease_ttl_s)
         return lookup_from_proto(await self._call(self._stub.Lookup, req))
 
-    async def get(self, family_id: str, entries: Hit | Sequence[HitEntry],
+    async def get(self, family_id: FamilyId, entries: Hit | Sequence[HitEntry],
                   kinds: Sequence[Kind] = (Kind.K, Kind.V), layers: tuple[int, int] | None = None,
                   *, out: Mapping[Kind, Any] | None = None, as_torch: bool = False,
                   tenant: str = "", transport: str | None = None) -> Slabs:
@@ -162,13 +162,13 @@ class AsyncCacheClient:
             raise from_rpc_error(exc) from None
         return dataclasses.replace(asm.result(), transport="grpc")
 
-    async def delete(self, family_id: str, *, entry_ids: Sequence[bytes] = (),
+    async def delete(self, family_id: FamilyId, *, entry_ids: Sequence[bytes] = (),
                      chunk_hashes: Sequence[bytes] = (), producer: str = "", tenant: str = "") -> int:
         req = pb.DeleteRequest(tenant=tenant or self.options.tenant, family_id=family_id,
                                entry_ids=entry_ids, chunk_hashes=chunk_hashes, producer=producer)
         return (await self._call(self._stub.Delete, req)).entries_deleted
 
-    async def pin(self, family_id: str, entry_ids: Sequence[bytes], ttl_s: int,
+    async def pin(self, family_id: FamilyId, entry_ids: Sequence[bytes], ttl_s: int,
                   tenant: str = "") -> str:
         req = pb.PinRequest(tenant=tenant or self.options.tenant, family_id=family_id,
                             entry_ids=entry_ids, ttl_s=ttl_s)
@@ -182,7 +182,7 @@ class AsyncCacheClient:
         return [{"model_id": m.model.model_id, "weights_digest": m.model.weights_digest,
                  "family_id": m.family_id} for m in resp.models]
 
-    async def list_entries(self, *, family_id: str = "", producer: str = "", tenant: str = "",
+    async def list_entries(self, *, family_id: FamilyId = NO_FAMILY, producer: ModelId = NO_MODEL, tenant: str = "",
                            limit: int = 100, page_token: str = "") -> tuple[list[pb.EntryInfo], str]:
         req = pb.ListEntriesRequest(tenant=tenant, family_id=family_id, producer=producer,
                                     limit=limit, page_token=page_token)

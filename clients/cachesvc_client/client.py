@@ -10,7 +10,7 @@ from typing import Any
 
 import grpc
 
-from cachesvc.wire.keys import ChunkHash, FamilyId, FamilySpec, Kind, chunk_hashes
+from cachesvc.wire.keys import NO_FAMILY, NO_MODEL, ChunkHash, FamilyId, FamilySpec, Kind, ModelId, chunk_hashes
 from cachesvc.v1 import cachesvc_pb2 as pb
 from cachesvc.v1 import cachesvc_pb2_grpc as pb_grpc
 from cachesvc.wire.convert import family_from_proto, family_to_proto
@@ -72,7 +72,7 @@ class CacheClient:
 
     # -- models
 
-    def register_model(self, model_id: str, weights_digest: str, family: FamilySpec,
+    def register_model(self, model_id: ModelId, weights_digest: str, family: FamilySpec,
                        replace: bool = False) -> Registered:
         model = pb.ModelSpec(model_id=model_id, weights_digest=weights_digest,
                              family=family_to_proto(family))
@@ -81,7 +81,7 @@ class CacheClient:
         self._chunk_size = resp.chunk_size
         return Registered(FamilyId(resp.family_id), resp.chunk_size, resp.created)
 
-    def family(self, family_id: str) -> FamilySpec:
+    def family(self, family_id: FamilyId) -> FamilySpec:
         """The family spec (cached; fetched from the server's model list if unknown)."""
         if family_id not in self._families:
             for m in self._call(self._stub.ListModels, pb.ListModelsRequest()).models:
@@ -97,7 +97,7 @@ class CacheClient:
 
     # ------------------------------------------------------------ reuse profiles
 
-    def put_profile(self, producer: str, consumer: str, producer_digest: str, consumer_digest: str,
+    def put_profile(self, producer: ModelId, consumer: ModelId, producer_digest: str, consumer_digest: str,
                     document: dict) -> int:
         """Store the pair's profile (measured on these weights); its version."""
         spec = pb.ProfileSpec(producer=producer, consumer=consumer, producer_digest=producer_digest,
@@ -105,7 +105,7 @@ class CacheClient:
                               document=json.dumps(document, separators=(",", ":")).encode())
         return self._call(self._stub.PutProfile, pb.PutProfileRequest(profile=spec)).version
 
-    def get_profile(self, producer: str, consumer: str) -> StoredProfile:
+    def get_profile(self, producer: ModelId, consumer: ModelId) -> StoredProfile:
         """The pair's current profile. NotFoundError if there is none,
         FailedPreconditionError if it is stale (a model changed since)."""
         resp = self._call(self._stub.GetProfile, pb.GetProfileRequest(producer=producer, consumer=consumer))
@@ -113,12 +113,12 @@ class CacheClient:
         return StoredProfile(m.producer, m.consumer, m.producer_digest, m.consumer_digest, resp.version,
                              json.loads(m.document), False, len(m.document), resp.flagged)
 
-    def list_profiles(self, producer: str = "", consumer: str = "") -> list[StoredProfile]:
+    def list_profiles(self, producer: ModelId = NO_MODEL, consumer: ModelId = NO_MODEL) -> list[StoredProfile]:
         resp = self._call(self._stub.ListProfiles, pb.ListProfilesRequest(producer=producer, consumer=consumer))
         return [StoredProfile(p.producer, p.consumer, p.producer_digest, p.consumer_digest, p.version,
                               None, p.stale, p.size_bytes, p.flagged, p.flags) for p in resp.profiles]
 
-    def flag_profile(self, producer: str, consumer: str, reason: str, version: int = 0) -> bool:
+    def flag_profile(self, producer: ModelId, consumer: ModelId, reason: str, version: int = 0) -> bool:
         """Ask for the pair to be re-profiled (what was seen, in ``reason``). With
         ``version``, only if that version is still the current one; True if applied."""
         request = pb.FlagProfileRequest(producer=producer, consumer=consumer, version=version, reason=reason)
@@ -129,7 +129,7 @@ class CacheClient:
             self._chunk_size = self.stats()["chunk_size"]
         return self._chunk_size
 
-    def hash_tokens(self, tokens: Sequence[int], family_id: str, *, tenant: str = "",
+    def hash_tokens(self, tokens: Sequence[int], family_id: FamilyId, *, tenant: str = "",
                     extra_keys: Sequence[str | bytes] = (),
                     include_partial: bool = False) -> list[ChunkHash]:
         """Chunk hashes of a prompt's full chunks (and, with ``include_partial``, of a
@@ -140,7 +140,7 @@ class CacheClient:
 
     # -- put
 
-    def put(self, family_id: str, producer: str, entries: Sequence[EntryData],
+    def put(self, family_id: FamilyId, producer: ModelId, entries: Sequence[EntryData],
             tenant: str = "", transport: str | None = None) -> PutResult:
         """Store entries. Each batch of about ``options.max_put_bytes`` is atomic: all its
         entries become visible at once or none does. Reserve and Commit go over gRPC; the
@@ -178,14 +178,14 @@ class CacheClient:
 
     # -- lookup and get
 
-    def lookup(self, family_id: str, hashes: Sequence[bytes], *, consumer: str = "",
+    def lookup(self, family_id: FamilyId, hashes: Sequence[bytes], *, consumer: ModelId = NO_MODEL,
                producers: Sequence[str] = (), lease_ttl_s: int = 0, tenant: str = "") -> LookupResult:
         req = pb.LookupRequest(tenant=tenant or self.options.tenant, family_id=family_id,
                                chunk_hashes=hashes, consumer=consumer, producers=producers,
                                lease_ttl_s=lease_ttl_s)
         return lookup_from_proto(self._call(self._stub.Lookup, req))
 
-    def get(self, family_id: str, entries: Hit | Sequence[HitEntry], kinds: Sequence[Kind] = (Kind.K, Kind.V),
+    def get(self, family_id: FamilyId, entries: Hit | Sequence[HitEntry], kinds: Sequence[Kind] = (Kind.K, Kind.V),
             layers: tuple[int, int] | None = None, *, out: Mapping[Kind, Any] | None = None,
             as_torch: bool = False, tenant: str = "", transport: str | None = None) -> Slabs:
         """Fetch ``kinds`` over ``layers`` = [start, end) of ``entries`` (a lookup hit, or
@@ -197,7 +197,7 @@ class CacheClient:
             pass
         return stream.result()
 
-    def stream(self, family_id: str, entries: Hit | Sequence[HitEntry],
+    def stream(self, family_id: FamilyId, entries: Hit | Sequence[HitEntry],
                kinds: Sequence[Kind] = (Kind.K, Kind.V), layers: tuple[int, int] | None = None,
                *, out: Mapping[Kind, Any] | None = None, as_torch: bool = False, tenant: str = "",
                transport: str | None = None, layer_major: bool = True) -> "LayerStream":
@@ -237,13 +237,13 @@ class CacheClient:
 
     # -- housekeeping
 
-    def delete(self, family_id: str, *, entry_ids: Sequence[bytes] = (),
+    def delete(self, family_id: FamilyId, *, entry_ids: Sequence[bytes] = (),
                chunk_hashes: Sequence[bytes] = (), producer: str = "", tenant: str = "") -> int:
         req = pb.DeleteRequest(tenant=tenant or self.options.tenant, family_id=family_id,
                                entry_ids=entry_ids, chunk_hashes=chunk_hashes, producer=producer)
         return self._call(self._stub.Delete, req).entries_deleted
 
-    def pin(self, family_id: str, entry_ids: Sequence[bytes], ttl_s: int, tenant: str = "") -> str:
+    def pin(self, family_id: FamilyId, entry_ids: Sequence[bytes], ttl_s: int, tenant: str = "") -> str:
         req = pb.PinRequest(tenant=tenant or self.options.tenant, family_id=family_id,
                             entry_ids=entry_ids, ttl_s=ttl_s)
         return self._call(self._stub.Pin, req).lease_id
@@ -251,7 +251,7 @@ class CacheClient:
     def unpin(self, lease_id: str) -> None:
         self._call(self._stub.Unpin, pb.UnpinRequest(lease_id=lease_id))
 
-    def list_entries(self, *, family_id: str = "", producer: str = "", tenant: str = "",
+    def list_entries(self, *, family_id: FamilyId = NO_FAMILY, producer: ModelId = NO_MODEL, tenant: str = "",
                      limit: int = 100, page_token: str = "") -> tuple[list[pb.EntryInfo], str]:
         req = pb.ListEntriesRequest(tenant=tenant, family_id=family_id, producer=producer,
                                     limit=limit, page_token=page_token)

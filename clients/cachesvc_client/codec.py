@@ -16,7 +16,7 @@ import ml_dtypes
 import numpy as np
 import xxhash
 
-from cachesvc.wire.keys import ENTRY_ID_BYTES, DType, EntryId, FamilyId, FamilySpec, Kind
+from cachesvc.wire.keys import ENTRY_ID_BYTES, DType, EntryId, FamilyId, FamilySpec, Kind, ModelId, Tier
 from cachesvc.wire.layout import Layout
 from cachesvc.wire.framing import decode_slab_run, encode_write_chunk, passthrough
 from cachesvc.v1 import cachesvc_pb2 as pb
@@ -48,8 +48,8 @@ class StoredProfile:
     write, measured on the two weights digests; ``stale`` once either model changed;
     ``flagged`` (a reason) once a consumer's drift guard asked for re-profiling."""
 
-    producer: str
-    consumer: str
+    producer: ModelId
+    consumer: ModelId
     producer_digest: str
     consumer_digest: str
     version: int
@@ -82,7 +82,7 @@ class HitEntry:
     entry_id: EntryId
     position_offset: int
     layout: Layout
-    tier: int              # 1 memory, 2 disk
+    tier: Tier
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,12 +92,12 @@ class Hit:
     ``hit[:k]`` is the hit cut to its first k chunks; ``entries`` builds per-entry
     records on demand."""
 
-    producer: str
+    producer: ModelId
     same_model: bool
     entry_ids: list[EntryId]
     position_offsets: list[int]
     layouts: list[Layout]
-    tiers: list[int]       # 1 memory, 2 disk
+    tiers: list[Tier]
     grpc_address: str      # where to fetch
 
     @property
@@ -166,6 +166,9 @@ class Slabs:
 
 # ---------------------------------------------------------------- conversions
 
+_TIERS = {int(t): t for t in Tier}   # a dict probe per chunk: lookups answer 1000s of chunks
+
+
 def lookup_from_proto(resp: pb.LookupResponse) -> LookupResult:
     layouts = [Layout(lay.num_tokens, tuple(lay.k_layers), tuple(lay.v_layers), tuple(lay.e_layers))
                for lay in resp.layouts]
@@ -174,7 +177,8 @@ def lookup_from_proto(resp: pb.LookupResponse) -> LookupResult:
         blob, n = h.entry_ids, h.num_chunks
         ids = [blob[i:i + ENTRY_ID_BYTES] for i in range(0, n * ENTRY_ID_BYTES, ENTRY_ID_BYTES)]
         hits.append(Hit(h.producer, h.same_model, ids, list(h.position_offsets),
-                        [layouts[i] for i in h.layout_indices], list(h.tiers), h.fetch.grpc_address))
+                        [layouts[i] for i in h.layout_indices], [_TIERS[t] for t in h.tiers],
+                        h.fetch.grpc_address))
     return LookupResult(hits, resp.lease_id)
 
 

@@ -61,7 +61,7 @@ class ProfilerOptions:
 
 
 @dataclass(frozen=True, slots=True)
-class Score:
+class PlanScore:
     identical: float      # 1.0 if the consumer's greedy answer is unchanged
     kl: float             # mean KL(consumer prefill || plan) over the answer tokens, nats
     first_kl: float       # the same at the first answer token
@@ -105,7 +105,7 @@ class Profiler:
         return out[0, len(prompt_ids):].tolist() or [int(ids[0, -1])]
 
     @torch.no_grad()
-    def score_prompt(self, context_ids: list[int], prompt_ids: list[int], plans: Sequence[Plan]) -> dict[Plan, Score]:
+    def score_prompt(self, context_ids: list[int], prompt_ids: list[int], plans: Sequence[Plan]) -> dict[Plan, PlanScore]:
         """Every plan's score on one prompt (the prompt starts with the context)."""
         n, L = len(context_ids), self.num_layers
         answer = self.reference_answer(prompt_ids)
@@ -160,7 +160,7 @@ class Profiler:
                 got = torch.log_softmax(logits.float(), -1)                       # [batch, answer, vocab]
                 kl = (reference.exp() * (reference - got)).sum(-1)                # [batch, answer]
                 for b, plan in enumerate(batch):
-                    scores[plan] = Score(float(torch.equal(got[b].argmax(-1), target)),
+                    scores[plan] = PlanScore(float(torch.equal(got[b].argmax(-1), target)),
                                          float(kl[b].mean()), float(kl[b, 0]))
         return scores
 
@@ -175,7 +175,7 @@ class PlanResult:
     kl: list[float] = field(default_factory=list)
     first_kl: list[float] = field(default_factory=list)
 
-    def add(self, score: Score) -> None:
+    def add(self, score: PlanScore) -> None:
         self.identical.append(score.identical)
         self.kl.append(score.kl)
         self.first_kl.append(score.first_kl)
@@ -349,6 +349,6 @@ def _run_phase(profiler: Profiler, samples, indices: range, state: StateFile, ph
             state.append({"phase": phase, "prompt": i, "scores": done[i],
                           "seconds": round(time.perf_counter() - t0, 2)})
         for name, (identical, kl, first_kl) in done[i].items():
-            results[by_name[name]].add(Score(identical, kl, first_kl))
+            results[by_name[name]].add(PlanScore(identical, kl, first_kl))
         progress("plans" if phase == 1 else "pilot prompts, multi-group plans", i + 1,
                  len(samples) if phase == 1 else len(indices))

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from cachesvc.wire.keys import DType, Kind
+from cachesvc.wire.keys import NO_MODEL, DType, Kind, ModelId
 from cachesvc_client import CacheClient, Hit, LookupResult
 from cachesvc_connectors.hf.calibrate import calibrate
 from cachesvc_connectors.hf.decoder import DecoderStack
@@ -67,7 +67,7 @@ class ReuseReport:
     """What a prefill reused and what it cost. Times in seconds."""
 
     mode: str = "prefill"             # "same_model", "cross_model" or "prefill" (nothing reused)
-    producer: str = ""
+    producer: ModelId = NO_MODEL
     plan: str = ""
     prompt_tokens: int = 0
     reused_tokens: int = 0            # prefix tokens taken from the producer
@@ -94,7 +94,7 @@ class Consumer:
     prefill runs at a time (they share the staging buffers); use one consumer per thread
     for concurrency."""
 
-    def __init__(self, client: CacheClient, model, tokenizer, model_id: str,
+    def __init__(self, client: CacheClient, model, tokenizer, model_id: ModelId,
                  options: ConsumerOptions = ConsumerOptions()) -> None:
         self.client, self.model, self.model_id, self.options = client, model, model_id, options
         self.stack = DecoderStack(model)
@@ -148,12 +148,12 @@ class Consumer:
             why.append(f"{hit.producer!r} lacks slabs the plan {plan.describe()} needs")
         return None, None, "; ".join(why) or "no cached chunks"
 
-    def plan_for(self, producer: str, cached_tokens: int = 0, prompt_tokens: int = 0) -> Choice:
+    def plan_for(self, producer: ModelId, cached_tokens: int = 0, prompt_tokens: int = 0) -> Choice:
         """The plan for reusing ``producer``'s entries (``Choice.plan`` None: recompute,
         ``Choice.why`` says why)."""
         return self.selector.choose(producer, cached_tokens, prompt_tokens)
 
-    def profile_version(self, producer: str) -> int:
+    def profile_version(self, producer: ModelId) -> int:
         """The version of the pair's profile this consumer last read (0: none)."""
         read = self.selector.last_read(producer)
         return read.version if read is not None else 0
@@ -182,7 +182,7 @@ class Consumer:
         return Prefill(cache, report, plan)
 
     @torch.no_grad()
-    def prefill_with(self, ids: Sequence[int], producer: str, plan: Plan) -> Prefill | None:
+    def prefill_with(self, ids: Sequence[int], producer: ModelId, plan: Plan) -> Prefill | None:
         """A prefill reusing ``producer``'s entries under ``plan`` (the drift guard's check);
         None when they are no longer there whole."""
         ids = list(ids)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import xxhash
 
-from cachesvc.wire.keys import DType, FamilySpec, canonical_json
+from cachesvc.wire.keys import DType, FamilyId, FamilySpec, ModelId, canonical_json
 
 class FamilyMismatchError(ValueError):
     """A consumer asked to reuse entries of a producer from another family."""
@@ -66,17 +66,17 @@ def weights_digest(model) -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class Registration:
+class ModelRegistration:
     """A model registered with the service: its family and weights digest."""
 
-    model_id: str
+    model_id: ModelId
     family: FamilySpec
-    family_id: str
+    family_id: FamilyId
     weights_digest: str
 
 
-def register(client, model, tokenizer, model_id: str, dtype: DType) -> Registration:
+def register(client, model, tokenizer, model_id: ModelId, dtype: DType) -> ModelRegistration:
     """Register ``model`` as ``model_id`` (idempotent for the same weights)."""
     family = family_of(model, tokenizer, dtype)
     digest = weights_digest(model)
-    return Registration(model_id, family, client.register_model(model_id, digest, family).family_id, digest)
+    return ModelRegistration(model_id, family, client.register_model(model_id, digest, family).family_id, digest)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cachesvc.wire.keys import FamilySpec, Kind
+from cachesvc.wire.keys import FamilyId, FamilySpec, Kind
 from cachesvc_client import CacheClient, CacheServiceError, Hit
 from cachesvc_connectors.reuse.plan import Plan
 
@@ -86,7 +86,7 @@ class Staging:
 class SlabLoader:
     """Fetches ``requests`` for the chunks of ``hit`` in a background thread."""
 
-    def __init__(self, client: CacheClient, family_id: str, hit: Hit,
+    def __init__(self, client: CacheClient, family_id: FamilyId, hit: Hit,
                  requests: list[LoadRequest], transport: str | None = None,
                  device: torch.device | str = "cpu", staging: Staging | None = None) -> None:
         self.client, self.family_id, self.hit = client, family_id, hit

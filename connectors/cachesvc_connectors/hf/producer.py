@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from cachesvc.wire.keys import DType, Kind
+from cachesvc.wire.keys import DType, Kind, ModelId
 from cachesvc_client import CacheClient, EntryData
 from cachesvc_connectors.hf.decoder import DecoderStack
 from cachesvc_connectors.hf.family import register
@@ -47,7 +47,7 @@ class StoreReport:
 class Producer:
     """Prefills prompts with ``model`` and stores their chunks as ``model_id``."""
 
-    def __init__(self, client: CacheClient, model, tokenizer, model_id: str,
+    def __init__(self, client: CacheClient, model, tokenizer, model_id: ModelId,
                  options: ProducerOptions = ProducerOptions()) -> None:
         self.client, self.model, self.model_id, self.options = client, model, model_id, options
         self.stack = DecoderStack(model)

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
+from cachesvc.wire.keys import ModelId
 from cachesvc_client import CacheServiceError
 from cachesvc_connectors.reuse.drift import DemotionEvent
 from cachesvc_connectors.reuse.plan import Plan
@@ -19,7 +20,7 @@ class AnswerVerifier:
         self.consumer = consumer
 
     @torch.no_grad()
-    def same_answer(self, ids: Sequence[int], producer: str, plan: Plan, max_new_tokens: int) -> bool | None:
+    def same_answer(self, ids: Sequence[int], producer: ModelId, plan: Plan, max_new_tokens: int) -> bool | None:
         pre = self.consumer.prefill_with(ids, producer, plan)
         if pre is None:
             return None

@@ -30,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from cachesvc.wire.keys import ModelId
 from cachesvc_connectors.reuse.plan import Plan
 
 
@@ -48,7 +49,7 @@ class DriftOptions:
 @dataclass
 class DemotionEvent:
     at: float                         # time.time()
-    producer: str
+    producer: ModelId
     plan: str
     demoted_to: str                   # "full prefill" when nothing reused is left
     rate: float
@@ -66,7 +67,7 @@ class _PlanWatch:
 class Verifier(Protocol):
     """Answers a prompt through a plan and with the consumer's own full prefill."""
 
-    def same_answer(self, ids: Sequence[int], producer: str, plan: Plan, max_new_tokens: int) -> bool | None:
+    def same_answer(self, ids: Sequence[int], producer: ModelId, plan: Plan, max_new_tokens: int) -> bool | None:
         """Whether both greedy answers are identical; None when ``producer``'s entries are
         no longer there whole (nothing to judge)."""
         ...
@@ -91,14 +92,14 @@ class DriftGuard:
 
     # ----------------------------------------------------------------- consumer hooks
 
-    def replacement(self, producer: str) -> tuple[bool, Plan | None]:
+    def replacement(self, producer: ModelId) -> tuple[bool, Plan | None]:
         """(demoted?, the plan to use instead; None = full prefill)."""
         with self._lock:
             if producer in self._demoted:
                 return True, self._demoted[producer]
         return False, None
 
-    def observe(self, ids: Sequence[int], producer: str, plan: Plan, expected: float | None,
+    def observe(self, ids: Sequence[int], producer: ModelId, plan: Plan, expected: float | None,
                 ladder: Sequence[Plan] = ()) -> None:
         """A cross-model request was answered with ``plan``; maybe check it. ``ladder``:
         the profile's frontier plans recomputing more layers, fewest first."""
@@ -116,7 +117,7 @@ class DriftGuard:
 
     # ----------------------------------------------------------------- the check
 
-    def _check(self, ids: list[int], producer: str, plan: Plan, expected: float, ladder: list[Plan]) -> None:
+    def _check(self, ids: list[int], producer: ModelId, plan: Plan, expected: float, ladder: list[Plan]) -> None:
         same = self.verifier.same_answer(ids, producer, plan, self.options.max_new_tokens)
         if same is None:           # nothing reusable any more: nothing to judge
             return

@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
+from cachesvc.wire.keys import ModelId
 from cachesvc_client import FailedPreconditionError, NotFoundError, StoredProfile
 from cachesvc_connectors.reuse.cost import CostModel
 from cachesvc_connectors.reuse.plan import Plan
@@ -75,13 +76,13 @@ class PlanPolicy:
 class ProfileSource(Protocol):
     """Where profiles come from (the SDK's CacheClient)."""
 
-    def get_profile(self, producer: str, consumer: str) -> StoredProfile: ...
+    def get_profile(self, producer: ModelId, consumer: ModelId) -> StoredProfile: ...
 
 
 class Demotions(Protocol):
     """The drift guard's side of plan choice."""
 
-    def replacement(self, producer: str) -> tuple[bool, Plan | None]: ...
+    def replacement(self, producer: ModelId) -> tuple[bool, Plan | None]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,14 +99,14 @@ class PlanSelector:
     """Answers "which plan for this producer's entries?" for one consumer model. Reads each
     pair's profile from the registry at most once per PROFILE_TTL_S. Thread-safe."""
 
-    def __init__(self, profiles: ProfileSource, consumer: str, policy: PlanPolicy,
+    def __init__(self, profiles: ProfileSource, consumer: ModelId, policy: PlanPolicy,
                  cost: CostModel | None = None, demotions: Demotions | None = None) -> None:
         self.profiles, self.consumer, self.policy = profiles, consumer, policy
         self.cost, self.demotions = cost, demotions
         self._reads: dict[str, ProfileRead] = {}
         self._lock = threading.Lock()
 
-    def choose(self, producer: str, cached_tokens: int = 0, prompt_tokens: int = 0) -> Choice:
+    def choose(self, producer: ModelId, cached_tokens: int = 0, prompt_tokens: int = 0) -> Choice:
         """The plan for reusing ``cached_tokens`` of ``producer``'s entries in a prompt of
         ``prompt_tokens`` (the last prompt token is always computed by the engine)."""
         if self.demotions is not None:
@@ -141,7 +142,7 @@ class PlanSelector:
             return Choice(policy.default_plan, source="default")
         return Choice(None, why)
 
-    def read(self, producer: str) -> ProfileRead:
+    def read(self, producer: ModelId) -> ProfileRead:
         """The pair's profile from the registry, cached for PROFILE_TTL_S."""
         now = time.monotonic()
         with self._lock:
@@ -161,12 +162,12 @@ class PlanSelector:
             self._reads[producer] = read
         return read
 
-    def last_read(self, producer: str) -> ProfileRead | None:
+    def last_read(self, producer: ModelId) -> ProfileRead | None:
         """The profile this selector last read for ``producer`` (no RPC)."""
         with self._lock:
             return self._reads.get(producer)
 
-    def expectation(self, producer: str, plan: Plan) -> tuple[float | None, list[Plan]]:
+    def expectation(self, producer: ModelId, plan: Plan) -> tuple[float | None, list[Plan]]:
         """The plan's quality in the pair's profile and the frontier plans recomputing more
         layers (the drift guard's demotion ladder); (None, []) without a profile."""
         read = self.last_read(producer)

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from cachesvc.wire.keys import NO_MODEL, ModelId
 from cachesvc_connectors.reuse.plan import Plan
 
 PROFILE_FORMAT = 1
@@ -115,8 +116,8 @@ class ReuseProfile:
     elapsed_s: float = 0.0
     scoring_s: float = 0.0
     # Who and what was profiled (the profile command fills these; the registry checks digests).
-    producer: str = ""
-    consumer: str = ""
+    producer: ModelId = NO_MODEL
+    consumer: ModelId = NO_MODEL
     producer_digest: str = ""
     consumer_digest: str = ""
     data: str = ""                       # the profiling data's path, as given
