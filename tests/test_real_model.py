@@ -49,3 +49,15 @@ def test_same_model_reuse_on_smollm2(client: CacheClient, smol, dtype):
         assert out[0].tolist() == full_out[0].tolist()
     else:
         assert kl < 1e-2          # bf16 rounding of K and V only
+
+
+def test_the_shipped_adapter_merges_into_the_recorded_weights(tmp_path, monkeypatch):
+    """A fresh model cache: SmolLM2's conversion plus the shipped adapter reproduce the
+    weights digest recorded when the adapter was trained (on another machine, in time)."""
+    from cachesvc_lab import finetune
+    monkeypatch.setattr(finetune, "path_of", lambda name: tmp_path / name)
+    path = finetune.ensure(["codes-upper"])["codes-upper"]
+    assert (path / "config.json").exists()
+    _, meta = finetune.shipped("codes-upper")
+    assert '"adapter_sha256"' in (path / "adapter.json").read_text()
+    assert meta["adapter_sha256"] in (path / "adapter.json").read_text()

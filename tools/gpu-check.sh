@@ -16,7 +16,7 @@ if [ -z "${SKIP_TESTS:-}" ]; then
   CACHESVC_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider tests/test_hf_connector.py tests/test_profiler.py 2>&1 \
     | tee "$OUT/tests-cuda.log" | tail -15
 fi
-python3 -m cachesvc.node.cli bench reuse --device cuda --synthetic "${SHAPES:-smollm2-135m,llama-3.2-1b,llama-3.1-8b}" \
+python3 -m cachesvc_bench reuse --device cuda --synthetic "${SHAPES:-smollm2-135m,llama-3.2-1b,llama-3.1-8b}" \
   --contexts "${CONTEXTS:-512,1024,2048,4096}" --prompts-per-context "${PROMPTS:-3}" \
   --json "$OUT/reuse-gpu.json" > "$OUT/reuse-gpu.log" 2>&1
 rc=$?

@@ -2,7 +2,6 @@
 # packages on PYTHONPATH, beside the machine's CUDA torch.
 mkdir -p "${OUT:-/tmp/gpu-check}" /tmp/pp
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || return 1
-ln -sfn "$PWD/clients/cachesvc_client" /tmp/pp/cachesvc_client
-ln -sfn "$PWD/bench" /tmp/pp/cachesvc_bench
-ln -sfn "$PWD/connectors/cachesvc_connectors" /tmp/pp/cachesvc_connectors
-export PYTHONPATH=/tmp/site:$PWD:/tmp/pp PYTHONUNBUFFERED=1
+# The source roots, as the wheel lays them out. Nothing is pip-installed, so no
+# `cachesvc.commands` entry point exists: run benchmarks as `python3 -m cachesvc_bench`.
+export PYTHONPATH=/tmp/site:$PWD:$PWD/clients:$PWD/connectors:$PWD/bench:$PWD/lab PYTHONUNBUFFERED=1
