@@ -117,7 +117,7 @@ def _real_pairs(args: argparse.Namespace) -> Iterator[PairSetup]:
 
 
 def _synthetic_pairs(args: argparse.Namespace) -> Iterator[PairSetup]:
-    """Random-weight pairs at real shapes (bench/synthetic.py), profiled here on random
+    """Random-weight pairs at real shapes (cachesvc_bench.synthetic), profiled here on random
     512-token prompts: TTFT, the planner and fidelity where the real weights are not at
     hand (a lent GPU machine). Task quality means nothing here."""
     import tempfile

@@ -9,7 +9,7 @@ its own stored prefix), ``full_reuse`` (the producer's KV, nothing recomputed) a
 
 ``--device cuda`` runs the models on a GPU (the loader moves slabs there under compute);
 ``--synthetic SHAPES`` times random-weight pairs at real models' shapes instead of the
-real pairs (bench/synthetic.py): TTFT and fidelity only, where the real weights are not
+real pairs (cachesvc_bench.synthetic): TTFT and fidelity only, where the real weights are not
 at hand (a lent GPU machine) or too large for this host.
 """
 

@@ -8,7 +8,7 @@ answers the full prompt (context + question) greedily:
 - ``plan:<groups>``: the consumer through the connector with that plan; ``full reuse``
   is the empty plan;
 - ``cacheblend:<ratio>``: the consumer reusing every layer of the producer's K/V with
-  CacheBlend-style selective token recompute (hf/blend.py), the paper's other baseline.
+  CacheBlend-style selective token recompute (cachesvc_lab.blend), the paper's other baseline.
 
 Two kinds of figures per variant: *task quality* against the ground truth (exact match,
 contains, edit similarity) with ``gain_retained = (variant − producer) / (consumer −

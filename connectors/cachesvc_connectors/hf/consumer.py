@@ -51,15 +51,25 @@ class ConsumerOptions:
     min_quality: float = 0.95         # identical-answer rate to the consumer's own prefill
     default_plan: Plan | None = None
     # With a TTFT target the planner picks, among the profile's frontier plans that reach
-    # min_quality and the full prefill, the best quality predicted to meet it (planner.py);
+    # min_quality and the full prefill, the best quality predicted to meet it (reuse.planner);
     # ``cost`` is calibrated on this host when not given.
     ttft_target_s: float | None = None
     cost: CostModel | None = None
-    drift: DriftOptions | None = None  # check a sample of cross-model answers (drift.py)
+    drift: DriftOptions | None = None  # check a sample of cross-model answers (reuse.drift)
     producers: Sequence[str] = ()     # consider only these producers (checked: same family)
     dtype: DType = DType.BFLOAT16     # slab dtype of the family (as the producers stored)
     transport: str | None = None      # data-plane path; None = the client's default
     pipelined: bool = True            # compute while later slabs load
+
+
+@dataclass(frozen=True, slots=True)
+class Selection:
+    """Which hit and plan a prefill uses; ``hit`` None: recompute, ``why`` says why."""
+
+    hit: Hit | None
+    plan: Plan | None
+    why: str = ""
+    predicted_ttft_s: float | None = None   # the planner's prediction, with a TTFT target
 
 
 @dataclass
@@ -123,12 +133,11 @@ class Consumer:
 
     # ------------------------------------------------------------------ choice
 
-    def choose(self, result: LookupResult, prompt_tokens: int = 0,
-               report: ReuseReport | None = None) -> tuple[Hit | None, Plan | None, str]:
+    def choose(self, result: LookupResult, prompt_tokens: int = 0) -> Selection:
         """The hit and plan to use, longest usable hit first: this model's own entries
         reuse every layer; another producer's need a plan (reuse.planner). Hits are cut to
         the leading chunks that hold every slab the plan needs."""
-        why = []
+        why, predicted = [], None
         for hit in sorted(result.hits, key=lambda h: (-h.num_tokens, not h.same_model)):
             if self.options.producers and hit.producer not in self.options.producers:
                 continue
@@ -136,17 +145,16 @@ class Consumer:
                 plan = Plan.full_reuse(self.stack.num_layers)
             else:
                 choice = self.plan_for(hit.producer, hit.num_tokens, prompt_tokens)
-                if report is not None and choice.predicted_ttft_s is not None:
-                    report.predicted_ttft_s = round(choice.predicted_ttft_s, 4)
+                predicted = choice.predicted_ttft_s if choice.predicted_ttft_s is not None else predicted
                 if choice.plan is None:
                     why.append(choice.why)
                     continue
                 plan = choice.plan
             hit = _usable_prefix(hit, plan)
             if hit.num_chunks:
-                return hit, plan, ""
+                return Selection(hit, plan, "", predicted)
             why.append(f"{hit.producer!r} lacks slabs the plan {plan.describe()} needs")
-        return None, None, "; ".join(why) or "no cached chunks"
+        return Selection(None, None, "; ".join(why) or "no cached chunks", predicted)
 
     def plan_for(self, producer: ModelId, cached_tokens: int = 0, prompt_tokens: int = 0) -> Choice:
         """The plan for reusing ``producer``'s entries (``Choice.plan`` None: recompute,
@@ -168,7 +176,10 @@ class Consumer:
         if len(ids) < 2:
             raise ValueError("a prompt needs at least 2 tokens")
         report = ReuseReport(prompt_tokens=len(ids))
-        hit, plan, report.fallback = self.choose(self._lookup(ids), len(ids), report)
+        selection = self.choose(self._lookup(ids), len(ids))
+        hit, plan, report.fallback = selection.hit, selection.plan, selection.why
+        if selection.predicted_ttft_s is not None:
+            report.predicted_ttft_s = round(selection.predicted_ttft_s, 4)
         cache = None
         if hit is not None and plan is not None:
             with self._lock:

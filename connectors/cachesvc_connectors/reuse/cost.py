@@ -79,7 +79,7 @@ class CostModel:
         return self._reuse_ttft(compute, self.load_bytes(plan, n), n + s)
 
     def predict_blend(self, ratio: float, n: int, s: int) -> float:
-        """Predicted TTFT of CacheBlend-style selective recompute (hf/blend.py): layer 0
+        """Predicted TTFT of CacheBlend-style selective recompute (cachesvc_lab.blend): layer 0
         over all n+s tokens, layer 1 over 2·ratio of the cached ones, the other layers
         over ratio of them (and the suffix), each attending to all n+s under a mask; the
         load is full reuse's."""
