@@ -8,7 +8,7 @@
 4. restart the server and read it back from the disk tier;
 5. print the lookup and transfer figures, and stop the server.
 
-Only the port (a free one) and the data directory (``.cachesvc-data/demo``) are chosen
+Only the port (a free one) and the data directory (``.cachesvc-data/storage-demo``) are chosen
 here, so the demo neither collides with a running server nor writes into your home.
 """
 
@@ -47,7 +47,7 @@ def gbps(nbytes: int, seconds: float) -> str:
 
 
 def main() -> int:
-    data_dir = Path(os.environ.get("CACHESVC_DEMO_DIR", ".cachesvc-data/demo")).resolve()
+    data_dir = Path(os.environ.get("CACHESVC_DEMO_DIR", ".cachesvc-data/storage-demo")).resolve()
     server = start_server(data_dir)
     address = server.address
     print(f"cachesvc serving on {address} (data dir {data_dir})")
