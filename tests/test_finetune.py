@@ -31,3 +31,16 @@ def test_the_merge_does_not_depend_on_summation_order():
     # the same in fp32 is not order-independent: that is why the merge runs in float64
     assert not torch.equal((b.float() @ a.float()), sum(b.float()[:, r:r + 1] * a.float()[r:r + 1, :]
                                                         for r in reversed(range(rank))))
+
+
+def test_seeded_task_data_is_the_same_in_every_process():
+    """Training, profiling and demo data come from seeded generators; a set of names once
+    made them depend on PYTHONHASHSEED (so on the process)."""
+    import os
+    import subprocess
+    import sys
+    code = ("from cachesvc_lab import tasks; import hashlib; "
+            "print(hashlib.sha256(repr(tasks.dataset('train', 8, 25, 0)).encode()).hexdigest())")
+    digests = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                              env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2", "3")}
+    assert len(digests) == 1
