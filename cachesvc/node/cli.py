@@ -18,6 +18,7 @@ from importlib.metadata import EntryPoint, entry_points
 
 from cachesvc.node.config import add_arguments, load_config
 from cachesvc.node.logs import setup_logging
+from cachesvc.wire.keys import Tier
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -64,7 +65,7 @@ def _ls(args: argparse.Namespace) -> int:
                 lay = e.layout
                 print(f"{e.entry_id.hex():<32} {e.producer:<20} {e.chunk_hash.hex()[:16]:<16} "
                       f"{e.position_offset:>7} {lay.num_tokens:>6} {e.size_bytes:>10} "
-                      f"{'mem' if e.tier == 1 else 'disk':<6} "
+                      f"{'mem' if e.tier == Tier.MEMORY else 'disk':<6} "
                       f"{len(lay.k_layers)}/{len(lay.v_layers)}/{len(lay.e_layers)}"
                       f"{' pinned' if e.pinned else ''}")
             shown += len(rows)

@@ -8,7 +8,7 @@ from cachesvc.wire.keys import (NO_FAMILY, NO_MODEL, ChunkHash, DType, EntryId, 
 from cachesvc_client.aio import AsyncCacheClient
 from cachesvc_client.client import CacheClient
 from cachesvc_client.codec import (EntryData, Hit, HitEntry, Layout, LookupResult, Missing,
-                                   PutResult, Registered, Slabs, StoredProfile)
+                                   PutResult, Registered, Slabs, StoredEntry, StoredProfile)
 from cachesvc_client.errors import (CacheServiceError, DeadlineExceededError,
                                     FailedPreconditionError, InvalidArgumentError, NotFoundError,
                                     ResourceExhaustedError, UnavailableError)
@@ -18,7 +18,7 @@ __all__ = [
     "AsyncCacheClient", "CacheClient", "ClientOptions", "RetryPolicy", "ChunkHash", "DType", "EntryId", "FamilyId",
     "FamilySpec", "Kind", "ModelId", "NO_FAMILY", "NO_MODEL", "Tier",
     "EntryData", "Hit", "HitEntry", "Layout", "LookupResult", "Missing", "PutResult", "Registered",
-    "Slabs", "StoredProfile", "canonical_json", "chunk_hashes", "CacheServiceError", "DeadlineExceededError",
+    "Slabs", "StoredEntry", "StoredProfile", "canonical_json", "chunk_hashes", "CacheServiceError", "DeadlineExceededError",
     "FailedPreconditionError", "InvalidArgumentError", "NotFoundError", "ResourceExhaustedError",
     "UnavailableError",
 ]

@@ -18,8 +18,8 @@ from cachesvc.v1 import cachesvc_pb2_grpc as pb_grpc
 from cachesvc.wire.convert import family_from_proto, family_to_proto
 from cachesvc_client.client import stats_to_dict
 from cachesvc_client.codec import (EntryData, Hit, HitEntry, LookupResult, PutResult, Registered,
-                                   SlabAssembler, Slabs, bulk_methods, entry_columns,
-                                   lookup_from_proto, plan_put, write_chunks)
+                                   SlabAssembler, Slabs, StoredEntry, bulk_methods, entries_from_proto,
+                                   entry_columns, lookup_from_proto, plan_put, write_chunks)
 from cachesvc_client.errors import CacheServiceError, NotFoundError, from_rpc_error
 from cachesvc_client.options import ClientOptions, batches
 from cachesvc_client.transports import Transport, choose_transport
@@ -183,11 +183,11 @@ class AsyncCacheClient:
                  "family_id": m.family_id} for m in resp.models]
 
     async def list_entries(self, *, family_id: FamilyId = NO_FAMILY, producer: ModelId = NO_MODEL, tenant: str = "",
-                           limit: int = 100, page_token: str = "") -> tuple[list[pb.EntryInfo], str]:
+                           limit: int = 100, page_token: str = "") -> tuple[list[StoredEntry], str]:
         req = pb.ListEntriesRequest(tenant=tenant, family_id=family_id, producer=producer,
                                     limit=limit, page_token=page_token)
         resp = await self._call(self._stub.ListEntries, req)
-        return list(resp.entries), resp.next_page_token
+        return entries_from_proto(resp), resp.next_page_token
 
     async def stats(self) -> dict:
         return stats_to_dict(await self._call(self._stub.Stats, pb.StatsRequest()))

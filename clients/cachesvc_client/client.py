@@ -15,8 +15,8 @@ from cachesvc.v1 import cachesvc_pb2 as pb
 from cachesvc.v1 import cachesvc_pb2_grpc as pb_grpc
 from cachesvc.wire.convert import family_from_proto, family_to_proto
 from cachesvc_client.codec import (EntryData, Hit, HitEntry, LookupResult, PutResult, Registered,
-                                   SlabAssembler, Slabs, StoredProfile, bulk_methods, entry_columns,
-                                   lookup_from_proto, plan_put, write_chunks)
+                                   SlabAssembler, Slabs, StoredEntry, StoredProfile, bulk_methods,
+                                   entries_from_proto, entry_columns, lookup_from_proto, plan_put, write_chunks)
 from cachesvc_client.errors import CacheServiceError, NotFoundError, from_rpc_error
 from cachesvc_client.options import ClientOptions, batches
 from cachesvc_client.transports import Transport, choose_transport
@@ -252,11 +252,11 @@ class CacheClient:
         self._call(self._stub.Unpin, pb.UnpinRequest(lease_id=lease_id))
 
     def list_entries(self, *, family_id: FamilyId = NO_FAMILY, producer: ModelId = NO_MODEL, tenant: str = "",
-                     limit: int = 100, page_token: str = "") -> tuple[list[pb.EntryInfo], str]:
+                     limit: int = 100, page_token: str = "") -> tuple[list[StoredEntry], str]:
         req = pb.ListEntriesRequest(tenant=tenant, family_id=family_id, producer=producer,
                                     limit=limit, page_token=page_token)
         resp = self._call(self._stub.ListEntries, req)
-        return list(resp.entries), resp.next_page_token
+        return entries_from_proto(resp), resp.next_page_token
 
     def stats(self) -> dict:
         return stats_to_dict(self._call(self._stub.Stats, pb.StatsRequest()))

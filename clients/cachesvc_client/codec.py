@@ -16,7 +16,7 @@ import ml_dtypes
 import numpy as np
 import xxhash
 
-from cachesvc.wire.keys import ENTRY_ID_BYTES, DType, EntryId, FamilyId, FamilySpec, Kind, ModelId, Tier
+from cachesvc.wire.keys import ENTRY_ID_BYTES, ChunkHash, DType, EntryId, FamilyId, FamilySpec, Kind, ModelId, Tier
 from cachesvc.wire.layout import Layout
 from cachesvc.wire.framing import decode_slab_run, encode_write_chunk, passthrough
 from cachesvc.v1 import cachesvc_pb2 as pb
@@ -83,6 +83,22 @@ class HitEntry:
     position_offset: int
     layout: Layout
     tier: Tier
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEntry:
+    """One entry as ``list_entries`` shows it."""
+
+    entry_id: EntryId
+    tenant: str
+    family_id: FamilyId
+    chunk_hash: ChunkHash
+    producer: ModelId
+    position_offset: int
+    layout: Layout
+    size_bytes: int
+    tier: Tier
+    pinned: bool              # held by a lease
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,9 +185,18 @@ class Slabs:
 _TIERS = {int(t): t for t in Tier}   # a dict probe per chunk: lookups answer 1000s of chunks
 
 
+def layout_from_proto(lay: pb.EntryLayout) -> Layout:
+    return Layout(lay.num_tokens, tuple(lay.k_layers), tuple(lay.v_layers), tuple(lay.e_layers))
+
+
+def entries_from_proto(resp: pb.ListEntriesResponse) -> list[StoredEntry]:
+    return [StoredEntry(EntryId(e.entry_id), e.tenant, FamilyId(e.family_id), ChunkHash(e.chunk_hash),
+                        ModelId(e.producer), e.position_offset, layout_from_proto(e.layout), e.size_bytes,
+                        _TIERS[e.tier], e.pinned) for e in resp.entries]
+
+
 def lookup_from_proto(resp: pb.LookupResponse) -> LookupResult:
-    layouts = [Layout(lay.num_tokens, tuple(lay.k_layers), tuple(lay.v_layers), tuple(lay.e_layers))
-               for lay in resp.layouts]
+    layouts = [layout_from_proto(lay) for lay in resp.layouts]
     hits = []
     for h in resp.hits:
         blob, n = h.entry_ids, h.num_chunks
