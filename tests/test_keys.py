@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from cachesvc.wire.keys import (DType, FamilySpec, canonical_json, chain_root, chunk_hashes, entry_id,
-                           family_id)
+                                family_id)
 
 VECTORS = json.loads((Path(__file__).parent / "vectors" / "keys.json").read_text())
 

@@ -122,7 +122,7 @@ def test_node_killed_mid_transfer_is_an_error_in_bounded_time(server_factory, rn
 STALLER = textwrap.dedent("""
     import sys, time
     from cachesvc.wire.protocol import (REQUEST_TAG, Op, pack_ucx_request,
-                                             pack_ucx_write)
+                                        pack_ucx_write)
     from cachesvc.wire.ucxlib import Worker
     w = Worker()
     ep = w.endpoint(bytes.fromhex(sys.argv[2]))

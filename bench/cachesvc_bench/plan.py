@@ -55,7 +55,7 @@ from cachesvc_connectors.hf.decoder import DecoderStack
 from cachesvc_lab import finetune, smollm2, tasks
 from cachesvc_connectors.hf.calibrate import calibrate
 from cachesvc_connectors.reuse import CostModel, Plan, ReuseProfile, blend_shares, choose
-from cachesvc_connectors.profiler import Profiler, ProfilerOptions, StateFile, profile
+from cachesvc_connectors.profiler import Profiler, ProfilerOptions, StateFile, measure
 
 TTFT_NOISE = 0.05
 SYNTHETIC_WINDOWS = (1, 2, 4, 8, 12)   # a quicker search for the random-weight pairs
@@ -129,9 +129,9 @@ def _synthetic_pairs(args: argparse.Namespace) -> Iterator[PairSetup]:
         profile_samples = [synthetic.random_sample(rng, 512, question, shape.vocab)
                            for _ in range(args.profile_prompts)]
         with tempfile.TemporaryDirectory() as tmp:
-            measured = ReuseProfile.from_json(profile(
-                Profiler(producer, consumer, ProfilerOptions(window_sizes=SYNTHETIC_WINDOWS)),
-                [(c, p) for c, p, _ in profile_samples], StateFile(Path(tmp) / "state.jsonl", {"synthetic": name})))
+            measured = measure(Profiler(producer, consumer, ProfilerOptions(window_sizes=SYNTHETIC_WINDOWS)),
+                               [(c, p) for c, p, _ in profile_samples],
+                               StateFile(Path(tmp) / "state.jsonl", {"synthetic": name}))
         yield PairSetup(name, producer, consumer, tokenizer, f"{name}-base", measured, profile_samples,
                         lambda tokens, rng=rng, question=question, vocab=shape.vocab: [
                             synthetic.random_sample(rng, tokens, question, vocab)

@@ -129,8 +129,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
             p.add_argument("--producer", default="")
             p.add_argument("--tenant", default="")
             p.add_argument("--limit", type=int, default=100)
-    for name, entry in sorted(registered_commands().items()):
-        if wanted is None or wanted == name or wanted not in (*NODE_COMMANDS, *registered_commands()):
+    registered = registered_commands()
+    for name, entry in sorted(registered.items()):
+        if wanted is None or wanted == name or wanted not in (*NODE_COMMANDS, *registered):
             _add_registered(sub, name, entry)
         else:
             p = sub.add_parser(name, help=f"see cachesvc {name} --help", add_help=False)

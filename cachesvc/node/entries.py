@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from cachesvc.wire.errors import InvalidArgument
 from cachesvc.wire.layout import Layout, intern_layout
 from cachesvc.wire.keys import (CHUNK_HASH_BYTES, ChunkHash, DType, EntryId, FamilyId, FamilySpec,
-                           Kind, entry_id)
+                                Kind, entry_id)
 
 
 @dataclass(frozen=True, slots=True)

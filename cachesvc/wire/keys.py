@@ -78,11 +78,6 @@ class DType(enum.IntEnum):
         return getattr(torch, self.short_name)
 
     @classmethod
-    def from_torch(cls, dtype) -> "DType":
-        """The DType of a torch dtype; ValueError for one slabs cannot hold."""
-        return cls.parse(str(dtype))
-
-    @classmethod
     def parse(cls, name: str) -> "DType":
         """Accept ``bfloat16``, ``BFLOAT16``, ``torch.bfloat16``; raise ValueError otherwise."""
         key = name.rsplit(".", 1)[-1].upper()

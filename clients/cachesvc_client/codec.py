@@ -182,7 +182,7 @@ class Slabs:
 
 # ---------------------------------------------------------------- conversions
 
-_TIERS = {int(t): t for t in Tier}   # a dict probe per chunk: lookups answer 1000s of chunks
+_TIERS = {int(t): t for t in Tier}   # proto enum value -> Tier (one map() per lookup hit)
 
 
 def layout_from_proto(lay: pb.EntryLayout) -> Layout:
@@ -202,7 +202,7 @@ def lookup_from_proto(resp: pb.LookupResponse) -> LookupResult:
         blob, n = h.entry_ids, h.num_chunks
         ids = [blob[i:i + ENTRY_ID_BYTES] for i in range(0, n * ENTRY_ID_BYTES, ENTRY_ID_BYTES)]
         hits.append(Hit(h.producer, h.same_model, ids, list(h.position_offsets),
-                        [layouts[i] for i in h.layout_indices], [_TIERS[t] for t in h.tiers],
+                        [layouts[i] for i in h.layout_indices], list(map(_TIERS.__getitem__, h.tiers)),
                         h.fetch.grpc_address))
     return LookupResult(hits, resp.lease_id)
 

@@ -28,8 +28,8 @@ import xxhash
 
 from cachesvc.wire import ucxlib
 from cachesvc.wire.protocol import (FRAME, Frame, FrameType, Op, discard, host_id, pack_request,
-                                         pack_write, read_frame, recv_exact, recv_into_exact,
-                                         unpack_runs)
+                                    pack_write, read_frame, recv_exact, recv_into_exact,
+                                    unpack_runs)
 from cachesvc.v1 import cachesvc_pb2 as pb
 from cachesvc_client.codec import PutPlan, SlabAssembler
 from cachesvc_client.errors import CacheServiceError, UnavailableError, error_for_status

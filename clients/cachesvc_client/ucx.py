@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 
 from cachesvc.wire import ucxlib
 from cachesvc.wire.protocol import (REQUEST_TAG, FrameType, Op, ProtocolError, pack_ucx_request,
-                                         pack_ucx_write, unpack_frame, unpack_runs)
+                                    pack_ucx_write, unpack_frame, unpack_runs)
 from cachesvc.v1 import cachesvc_pb2 as pb
 from cachesvc_client.codec import PutPlan, SlabAssembler
 from cachesvc_client.errors import CacheServiceError, UnavailableError

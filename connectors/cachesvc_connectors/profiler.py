@@ -288,8 +288,14 @@ class StateFile:
 
 def profile(profiler: Profiler, samples: Sequence[tuple[list[int], list[int]]], state: StateFile,
             progress: Callable[[str, int, int], None] = lambda phase, done, total: None) -> dict:
-    """Both phases over ``samples`` (context ids, prompt ids); the profile's JSON document
-    (reuse.profile.ReuseProfile; without the models' names and digests, which the caller adds).
+    """:func:`measure`'s profile as the JSON document the registry stores."""
+    return measure(profiler, samples, state, progress).to_json()
+
+
+def measure(profiler: Profiler, samples: Sequence[tuple[list[int], list[int]]], state: StateFile,
+            progress: Callable[[str, int, int], None] = lambda phase, done, total: None) -> ReuseProfile:
+    """Both phases over ``samples`` (context ids, prompt ids); the profile without the
+    models' names and digests, which the caller adds.
 
     Phase 2's candidates are chosen from the single windows' results on the first
     ``pilot_prompts`` prompts, so every later prompt scores singles and candidates in one
@@ -333,7 +339,7 @@ def profile(profiler: Profiler, samples: Sequence[tuple[list[int], list[int]]], 
         full_reuse_quality=round(baseline.quality, 4), layer_sensitivity=sensitivity,
         elapsed_s=round(time.perf_counter() - t0, 1),
         # scoring time summed over the state file: the whole profile's cost, resumed or not
-        scoring_s=round(sum(d.get("seconds", 0.0) for d in state.lines), 1)).to_json()
+        scoring_s=round(sum(d.get("seconds", 0.0) for d in state.lines), 1))
 
 
 def _run_phase(profiler: Profiler, samples, indices: range, state: StateFile, phase: int,

@@ -62,8 +62,7 @@ def main(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from cachesvc_connectors.hf.family import weights_digest
-    from cachesvc_connectors.profiler import Profiler, ProfilerOptions, StateFile, profile
-    from cachesvc_connectors.reuse import ReuseProfile
+    from cachesvc_connectors.profiler import Profiler, ProfilerOptions, StateFile, measure
     from cachesvc_lab import tasks
 
     (producer, tokenizer), producer_name = _load(args.producer)
@@ -92,7 +91,7 @@ def main(args: argparse.Namespace) -> int:
         bar.n = done
         bar.refresh()
 
-    measured = ReuseProfile.from_json(profile(Profiler(producer, consumer, options), samples, state, progress))
+    measured = measure(Profiler(producer, consumer, options), samples, state, progress)
     for bar in bars.values():
         bar.close()
     measured = dataclasses.replace(measured, producer=producer_id, consumer=consumer_id, data=str(args.data),

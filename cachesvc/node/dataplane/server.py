@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from google.protobuf.message import DecodeError
 
 from cachesvc.wire.protocol import (WRITE_HEAD, FrameType, Op, ProtocolError, RunRef, discard,
-                                         pack_frame, pack_runs, read_request, recv_into_exact,
-                                         send_parts)
+                                    pack_frame, pack_runs, read_request, recv_into_exact,
+                                    send_parts)
 from cachesvc.wire.errors import CacheError, InvalidArgument
 from cachesvc.wire.framing import slab_run_header
 from cachesvc.wire.keys import Kind

@@ -24,7 +24,7 @@ from typing import Any
 
 from cachesvc.wire import ucxlib
 from cachesvc.wire.protocol import (REQUEST_TAG, FrameType, Op, ProtocolError, pack_frame,
-                                         unpack_ucx_request, unpack_ucx_write)
+                                    unpack_ucx_request, unpack_ucx_write)
 from cachesvc.node.dataplane.server import error_frame, open_read, run_batches
 from cachesvc.wire.errors import CacheError
 from cachesvc.node.store import CacheStore
