@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import TINY, make_entry
 
 
@@ -65,3 +67,18 @@ def test_bench_dataplane_fields(tmp_path):
     assert "get_gbps" in doc["lmcache"] and "put_gbps" in doc["lmcache"]
     assert out.with_suffix(".png").stat().st_size > 10_000
     assert "| shm | get | 256MiB |" in proc.stdout
+
+
+def test_bench_reuse_takes_the_profiles_best_plan(tmp_path):
+    """`cachesvc bench reuse --plan NAME=profile` measures the profile's smallest plan at
+    --min-quality, several plans per consumer can be given, and a missing profile is a
+    clear exit."""
+    from cachesvc_bench.reuse import _plans
+    from cachesvc_connectors.reuse import Plan
+    from test_reuse_profile import _profile
+    (tmp_path / "profile-tuned.json").write_text(json.dumps(_profile().to_json()))
+    plans = _plans("tuned=profile;tuned=[0,2);other=[1,3)", 8, tmp_path, 0.95)
+    assert plans == {"tuned": [Plan(8, ((4, 6),)), Plan(8, ((0, 2),))], "other": [Plan(8, ((1, 3),))]}
+    assert _plans("tuned=profile", 8, tmp_path, 1.01) == {"tuned": [Plan(8, ((4, 6), (7, 8)))]}  # the best
+    with pytest.raises(SystemExit, match="profile-missing.json missing"):
+        _plans("missing=profile", 8, tmp_path, 0.95)

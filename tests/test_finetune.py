@@ -44,3 +44,37 @@ def test_seeded_task_data_is_the_same_in_every_process():
     digests = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                               env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2", "3")}
     assert len(digests) == 1
+
+
+def test_a_packed_step_scores_each_question_as_its_own_prompt():
+    """Training packs several questions over one context into one sequence (each question
+    block sees the context and itself only); its loss must equal the loss of the same
+    questions asked one prompt at a time."""
+    import random
+
+    from cachesvc_lab import smollm2, tasks
+    from hf_models import tiny_model
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(smollm2.converted()))
+    model = tiny_model("llama", vocab_size=len(tok))
+    examples = tasks.make_questions(random.Random(5), 12, 4)
+    packed = finetune.pack(tok, examples)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        loss = finetune._loss(model, packed)
+        for example in examples:
+            prompt = tasks.prompt_ids(tok, example)
+            answer = tok.encode(example.answer + "<|im_end|>", add_special_tokens=False)
+            logits = model(input_ids=torch.tensor([prompt + answer])).logits[0, len(prompt) - 1:-1]
+            total += torch.nn.functional.cross_entropy(logits, torch.tensor(answer), reduction="sum").item()
+            count += len(answer)
+    assert abs(loss.item() - total / count) < 1e-5
+    # and the blocks are really apart: letting question blocks see each other changes the loss
+    leaky = finetune.Packed(packed.ids, packed.positions, torch.ones_like(packed.mask).tril(), packed.labels)
+    with torch.no_grad():
+        assert abs(finetune._loss(model, leaky).item() - total / count) > 1e-4
+    # starting at a layer from the frozen layers' hidden state is the same step
+    with torch.no_grad():
+        resumed = finetune._loss(model, packed, 2, finetune.entering(model, packed, 2))
+    assert abs(resumed.item() - loss.item()) < 1e-5

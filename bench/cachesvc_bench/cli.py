@@ -31,13 +31,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plans", default="none;[0,2);[10,12);[20,22);[28,30);[20,24);[20,26);"
                         "[10,20);[20,30);[15,30)", help="quality: plans, ';'-separated (single "
                         "groups at several depths and sizes; 'none' is full reuse)")
-    parser.add_argument("--plan", default="codes-upper=[20,24);codes-all=[15,30)",
-                        help="reuse: the plan of each consumer in mode 'plan'")
-    parser.add_argument("--prompts-per-context", type=int, default=8,
-                        help="reuse, plan: prompts per context length")
+    parser.add_argument("--plan", default="codes-upper=profile;codes-all=profile",
+                        help="reuse: plans measured in mode 'plan', 'CONSUMER=PLAN' items ';'-separated "
+                        "(several per consumer allowed); PLAN 'profile' takes the profile's best plan "
+                        "(fewest layers at quality >= --min-quality, from --profiles)")
+    parser.add_argument("--min-quality", type=float, default=0.95,
+                        help="reuse: the quality a profile's best plan must reach")
+    parser.add_argument("--prompts-per-context", type=int, default=60,
+                        help="reuse, plan: prompts per context length (60 puts a 95%% interval at about "
+                        "±0.09 near 0.85, so plans 0.2 apart separate)")
+    parser.add_argument("--questions-per-context", type=int, default=6,
+                        help="reuse, plan: questions asked over each context (one prefill per model per context)")
     parser.add_argument("--contexts", default="512,1024,2048,4096",
                         help="reuse, plan: context lengths (plan: use 1024,4096)")
-    parser.add_argument("--profiles", default="bench-results", help="plan: folder of profile-<consumer>.json")
+    parser.add_argument("--profiles", default="bench-results", help="reuse, plan: folder of profile-<consumer>.json")
     parser.add_argument("--blend", default="0.15", help="plan: CacheBlend-style baselines, shares of "
                         "recomputed tokens (comma-separated; empty for none)")
     parser.add_argument("--targets", default="0.25,0.5,1.2",

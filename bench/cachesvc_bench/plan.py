@@ -6,10 +6,10 @@ bench-results/profile-<consumer>.json``) and each context length: every frontier
 and the baselines (the consumer's full prefill, full reuse of the producer's K/V, and
 CacheBlend-style selective token recompute at ``--blend``) on held-out prompts, with
 ``quality`` (the share of greedy answers identical to the consumer's own prefill, the
-profile's measure: the fine-tunes' task score is 0 at these lengths for the consumer's
-own prefill too, since they were trained on 170–650-token contexts; ``task_exact`` and
-``gain_retained`` are kept), measured TTFT and the planner's predicted TTFT (per
-request). The cost model is calibrated before any measurement, on samples never
+profile's measure), the task score ``task_exact`` and ``gain_retained`` over the producer
+alone, each with its 95% bootstrap interval, measured TTFT and the planner's predicted
+TTFT (per timed request: every reuse, and the full prefill once per context, since
+``--questions-per-context`` questions share a context). The cost model is calibrated before any measurement, on samples never
 measured: layer times on this host up to the longest context, the load bandwidth from
 timed fetches, and the fixed and per-byte costs from a full prefill and two full reuses
 (``CostModel.fit_fixed_costs``). Then the planner's choice under three TTFT targets
@@ -93,6 +93,11 @@ def _sample(tokenizer, example: tasks.Example) -> Sample:
     return tasks.context_ids(tokenizer, example), tasks.prompt_ids(tokenizer, example), example.answer
 
 
+def _contexts(args: argparse.Namespace) -> int:
+    """Contexts per length: ``--prompts-per-context`` prompts, ``--questions-per-context`` per context."""
+    return -(-args.prompts_per_context // args.questions_per_context)
+
+
 def _real_pairs(args: argparse.Namespace) -> Iterator[PairSetup]:
     """SmolLM2 and its fine-tunes, with the profiles ``cachesvc profile`` wrote."""
     base, tokenizer = smollm2.load()
@@ -110,8 +115,8 @@ def _real_pairs(args: argparse.Namespace) -> Iterator[PairSetup]:
         examples = tasks.read_jsonl(measured.data)[:measured.prompts]
         yield PairSetup(name, base, consumer, tokenizer, smollm2.NAME, measured,
                         [_sample(tokenizer, e) for e in examples],
-                        lambda tokens: [_sample(tokenizer, e) for e in tasks.sized_dataset(
-                            tokenizer, "test", args.prompts_per_context, tokens, args.seed)],
+                        lambda tokens: [_sample(tokenizer, e) for e in tasks.sized_questions(
+                            tokenizer, "test", _contexts(args), args.questions_per_context, tokens, args.seed)],
                         lambda tokens: _sample(tokenizer, tasks.sized_dataset(tokenizer, "profile", 1, tokens,
                                                                               seed=99)[0]))
 
@@ -243,20 +248,22 @@ def _rows(name: str, tokens: int, variants: list[Variant], results: dict, shapes
     rows = {}
     for variant, label, kind, recomputed, profile_quality, what in variants:
         r, per_request = summary[variant], results[variant].ttft_s
-        predicted = [_predicted(cost, what, *shape) for shape in shapes]
+        timed = [shapes[i] for i in results[variant].timed]     # a full prefill: once per context
+        predicted = [_predicted(cost, what, *shape) for shape in timed]
         errors = [abs(p - m) / m for p, m in zip(predicted, per_request, strict=True)]
         rows[label] = {
             "consumer": name, "context_tokens": tokens, "plan": label, "kind": kind,
             "recomputed_layers": recomputed, "quality": r["fidelity"]["identical"],
             "task_exact": r["quality"], "task_exact_ci": r["quality_ci"],
-            "base_task_exact": summary[BASE]["quality"], "gain_retained": r["gain_retained"],
+            "base_task_exact": summary[BASE]["quality"], "base_task_exact_ci": summary[BASE]["quality_ci"],
+            "gain_retained": r["gain_retained"], "gain_retained_ci": r["gain_retained_ci"],
             "fidelity": r["fidelity"], "quality_on_profile_prompts": profile_quality,
             "profile_quality": profiled.get(label),
             "ttft_s": r["ttft_s"], "predicted_ttft_s": round(sorted(predicted)[len(predicted) // 2], 4),
             "prediction_error_median": round(sorted(errors)[len(errors) // 2], 3),
             "within_20pct": round(sum(e <= 0.2 for e in errors) / len(errors), 3), "prompts": len(shapes),
             "requests": [{"n": n, "s": s, "measured_s": round(m, 4), "predicted_s": round(p, 4)}
-                         for (n, s, _), m, p in zip(shapes, per_request, predicted, strict=True)]}
+                         for (n, s, _), m, p in zip(timed, per_request, predicted, strict=True)]}
     return rows
 
 
@@ -310,7 +317,7 @@ def run(args: argparse.Namespace) -> dict:
                              for label, row in measured.items() if row["kind"] in ("full reuse", "cacheblend")}
                 as_measured = [(p, measured[p.describe()]["quality_on_profile_prompts"]) for p, _ in frontier]
                 dominance += _dominance(name, tokens, measured, as_measured, cost, n, s, baselines)
-    requests = [(r["within_20pct"], r["prompts"]) for r in rows]
+    requests = [(r["within_20pct"], len(r["requests"])) for r in rows]
     within = sum(w * n for w, n in requests) / sum(n for _, n in requests)
     facts = machine()
     if args.device.startswith("cuda"):
@@ -351,10 +358,11 @@ def main(args: argparse.Namespace) -> int:
     doc = run(args)
     png = publish(args.json, doc, plot)
     print(markdown_table(
-        ["consumer", "context", "plan", "recomputed", "identical", "quality (profile prompts)", "task exact",
-         "TTFT s", "predicted s", "median error", "within 20%"],
+        ["consumer", "context", "plan", "recomputed", "identical", "quality (profile prompts)",
+         "task exact [95% CI]", "gain retained [95% CI]", "TTFT s", "predicted s", "median error", "within 20%"],
         [[r["consumer"], r["context_tokens"], r["plan"], r["recomputed_layers"], r["quality"],
-          r["quality_on_profile_prompts"], f"{r['task_exact']:.2f} {r['task_exact_ci']}", r["ttft_s"],
+          r["quality_on_profile_prompts"], f"{r['task_exact']:.2f} {r['task_exact_ci']}",
+          f"{r['gain_retained']:.2f} {r['gain_retained_ci']}", r["ttft_s"],
           r["predicted_ttft_s"], r["prediction_error_median"], r["within_20pct"]] for r in doc["rows"]]))
     print()
     print(markdown_table(["consumer", "context", "target s", "chosen", "predicted s", "measured s", "met",

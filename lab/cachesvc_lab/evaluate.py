@@ -15,11 +15,19 @@ contains, edit similarity) with ``gain_retained = (variant − producer) / (cons
 producer)``; and *fidelity* to the consumer's full prefill (identical answers, edit
 similarity of answers, KL of the first-token distribution). Intervals are 95% bootstrap
 intervals over examples (2000 resamples, fixed seed).
+
+Several questions over one context (consecutive samples with the same context ids) cost
+one prefill per model: the first question's full prefill is timed, and the later ones
+are answered from that prefill's own cache of the context (the same computation, so the
+same answers; their TTFT is not a full prefill's and is not recorded). Reuse variants
+are timed on every question.
 """
 
 from __future__ import annotations
 
+import copy
 import difflib
+import itertools
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -41,8 +49,9 @@ REFERENCE, BASE, SAME = "consumer", "producer", "same_model"
 class Answer:
     text: str
     first_logprobs: torch.Tensor      # log-softmax of the first generated position
-    ttft_s: float                     # prompt in, first token out (model loaded)
+    ttft_s: float | None              # prompt in, first token out (model loaded); None: from a cached context
     report: ReuseReport | None = None
+    cache: object | None = None       # the model's own cache after the answer (full prefills only)
 
 
 @dataclass
@@ -57,6 +66,7 @@ class VariantResult:
     fidelity_es: list[float] = field(default_factory=list)      # ES to the consumer's answer
     kl: list[float] = field(default_factory=list)               # KL(consumer || variant), nats
     ttft_s: list[float] = field(default_factory=list)
+    timed: list[int] = field(default_factory=list)              # the sample index of each ttft_s
     recomputed_layers: int = 0
     bytes_fetched: list[int] = field(default_factory=list)
     hidden_fraction: list[float] = field(default_factory=list)
@@ -115,19 +125,24 @@ class PairEvaluator:
         return dict(max_new_tokens=self.max_new_tokens, do_sample=False, output_logits=True,
                     return_dict_in_generate=True, pad_token_id=self.tokenizer.eos_token_id)
 
-    def _answer(self, out, prompt_len: int, t0: float, first: _FirstToken,
+    def _answer(self, out, prompt_len: int, t0: float | None, first: _FirstToken,
                 report: ReuseReport | None = None) -> Answer:
         text = self.tokenizer.decode(out.sequences[0, prompt_len:], skip_special_tokens=True)
-        return Answer(text, torch.log_softmax(out.logits[0][0].float().cpu(), -1), first.at - t0, report)
+        return Answer(text, torch.log_softmax(out.logits[0][0].float().cpu(), -1),
+                      None if t0 is None else first.at - t0, report, out.past_key_values)
 
     @torch.no_grad()
-    def full_prefill(self, model, ids: list[int]) -> Answer:
+    def full_prefill(self, model, ids: list[int], context_cache=None) -> Answer:
+        """``model``'s greedy answer to ``ids``, timed from the prompt in; with
+        ``context_cache`` (the model's own cache of a prefix of ``ids``, left untouched)
+        only the rest is computed and the answer is not timed."""
         first = _FirstToken()
-        t0 = time.perf_counter()
         input_ids = torch.tensor([ids], device=model.device)
+        extra = {} if context_cache is None else {"past_key_values": copy.deepcopy(context_cache)}
+        t0 = time.perf_counter()
         out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                             streamer=first, **self._gen_kwargs())
-        return self._answer(out, len(ids), t0, first)
+                             streamer=first, **extra, **self._gen_kwargs())
+        return self._answer(out, len(ids), t0 if context_cache is None else None, first)
 
     @torch.no_grad()
     def reuse(self, consumer: Consumer, ids: list[int]) -> Answer:
@@ -157,22 +172,29 @@ class PairEvaluator:
         results = {name: VariantResult(name) for name in names}
         for plan in plans:
             results[plan_name(plan)].recomputed_layers = plan.recomputed_layers
-        for context, ids, truth in samples:
-            ref = self.full_prefill(self.consumer_model, ids)
-            answers = {REFERENCE: ref, BASE: self.full_prefill(self.producer_model, ids)}
+        for context, group in itertools.groupby(enumerate(samples), key=lambda item: item[1][0]):
             if same_model:
                 self.own.store(context)
-                answers[SAME] = self.reuse(self.consumer(None, self.consumer_id), ids)
             self.producer.store(context)
-            for plan in plans:
-                answers[plan_name(plan)] = self.reuse(self.consumer(plan, self.producer.model_id), ids)
-            for ratio in blends:
-                answers[blend_name(ratio)] = self.reuse(self.blend_consumer(ratio, self.producer.model_id), ids)
-            for name, ans in answers.items():
-                _record(results[name], ans, ref, truth)
+            caches: dict[str, object] = {}      # variant -> its model's own cache of the context
+            for index, (_, ids, truth) in group:
+                answers = {}
+                for name, model in ((REFERENCE, self.consumer_model), (BASE, self.producer_model)):
+                    answers[name] = self.full_prefill(model, ids, caches.get(name))
+                    if name not in caches:
+                        cache = caches[name] = answers[name].cache
+                        cache.crop(len(context) - cache.get_seq_length())   # keep the context only
+                if same_model:
+                    answers[SAME] = self.reuse(self.consumer(None, self.consumer_id), ids)
+                for plan in plans:
+                    answers[plan_name(plan)] = self.reuse(self.consumer(plan, self.producer.model_id), ids)
+                for ratio in blends:
+                    answers[blend_name(ratio)] = self.reuse(self.blend_consumer(ratio, self.producer.model_id), ids)
+                for name, ans in answers.items():
+                    _record(results[name], ans, answers[REFERENCE], truth, index)
+                progress()
             hashes = self.client.hash_tokens(context, self.producer.family_id)
             self.client.delete(self.producer.family_id, chunk_hashes=hashes)   # both producers'
-            progress()
         return results
 
 
@@ -184,7 +206,7 @@ def blend_name(ratio: float) -> str:
     return f"cacheblend:{ratio:g}"
 
 
-def _record(result: VariantResult, ans: Answer, ref: Answer, truth: str) -> None:
+def _record(result: VariantResult, ans: Answer, ref: Answer, truth: str, index: int) -> None:
     s = tasks.score(ans.text, truth)
     result.exact.append(s.exact)
     result.contains.append(s.contains)
@@ -192,7 +214,9 @@ def _record(result: VariantResult, ans: Answer, ref: Answer, truth: str) -> None
     result.identical.append(float(ans.text.strip() == ref.text.strip()))
     result.fidelity_es.append(difflib.SequenceMatcher(None, ans.text.strip(), ref.text.strip()).ratio())
     result.kl.append(float(torch.sum(ref.first_logprobs.exp() * (ref.first_logprobs - ans.first_logprobs))))
-    result.ttft_s.append(ans.ttft_s)
+    if ans.ttft_s is not None:
+        result.ttft_s.append(ans.ttft_s)
+        result.timed.append(index)
     if ans.report is not None:
         result.bytes_fetched.append(ans.report.bytes_fetched)
         result.hidden_fraction.append(ans.report.hidden_fraction)

@@ -31,6 +31,8 @@ LAST = ("Abbott Baker Castro Diaz Evans Fischer Garcia Haddad Ito Jensen Kowalsk
 DEPTS = ("Sales", "Finance", "Research", "Legal", "Support", "Logistics", "Design", "Security",
          "Marketing", "Operations")
 CODE_CHARS = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"
+# Seed offsets: "train", "test" and "profile" never share a seed stream.
+SPLITS = {"train": 0, "test": 1_000_003, "profile": 2_000_029}
 SYSTEM = "You answer questions about the records you are given."
 
 
@@ -45,24 +47,44 @@ def make_code(rng: random.Random) -> str:
     return "".join(rng.choice(CODE_CHARS) for _ in range(4))
 
 
-def make_example(rng: random.Random, num_records: int) -> Example:
+def _records(rng: random.Random, num_records: int) -> list[tuple[str, str, str, str]]:
+    """(first, last, department, code) of ``num_records`` distinct people, in context order."""
     names: set[tuple[str, str]] = set()
     while len(names) < num_records:
         names.add((rng.choice(FIRST), rng.choice(LAST)))
     # sorted() first: a set of str iterates in an order that changes with PYTHONHASHSEED
     # (every process), which made "seeded" datasets differ from run to run.
     shuffled = sorted(sorted(names), key=lambda _: rng.random())
-    records = [(first, last, rng.choice(DEPTS), make_code(rng)) for first, last in shuffled]
-    lines = [f"Record {i + 1}: {f} {l_}, {d} department, access code {c}."
-             for i, (f, l_, d, c) in enumerate(records)]
-    first, last, _, code = rng.choice(records)
-    return Example("Staff records:\n" + "\n".join(lines), f"Access code of {first} {last}?", code)
+    return [(first, last, rng.choice(DEPTS), make_code(rng)) for first, last in shuffled]
+
+
+def _context(records: list[tuple[str, str, str, str]]) -> str:
+    return "Staff records:\n" + "\n".join(
+        f"Record {i + 1}: {f} {l_}, {d} department, access code {c}." for i, (f, l_, d, c) in enumerate(records))
+
+
+def _ask(context: str, record: tuple[str, str, str, str]) -> Example:
+    first, last, _, code = record
+    return Example(context, f"Access code of {first} {last}?", code)
+
+
+def make_example(rng: random.Random, num_records: int) -> Example:
+    records = _records(rng, num_records)
+    return _ask(_context(records), rng.choice(records))
+
+
+def make_questions(rng: random.Random, num_records: int, questions: int) -> list[Example]:
+    """``questions`` examples over one shared context, each about a different person
+    (``questions`` ≤ ``num_records``): what a producer prefills once and several
+    consumers' requests reuse."""
+    records = _records(rng, num_records)
+    context = _context(records)
+    return [_ask(context, record) for record in rng.sample(records, questions)]
 
 
 def dataset(split: str, count: int, num_records: int, seed: int = 0) -> list[Example]:
-    """``count`` examples; "train" and "test" never share a seed stream."""
-    offset = {"train": 0, "test": 1_000_003, "profile": 2_000_029}[split]
-    rng = random.Random(seed * 7919 + offset)
+    """``count`` examples, each with its own context."""
+    rng = random.Random(seed * 7919 + SPLITS[split])
     return [make_example(rng, num_records) for _ in range(count)]
 
 
@@ -114,6 +136,18 @@ def sized_dataset(tokenizer, split: str, count: int, context_tokens: int, seed: 
     measured = len(context_ids(tokenizer, probe))
     records = max(2, round(records * context_tokens / measured))
     return dataset(split, count, records, seed + context_tokens)
+
+
+def sized_questions(tokenizer, split: str, contexts: int, questions: int, context_tokens: int,
+                    seed: int = 0) -> list[Example]:
+    """``contexts`` × ``questions`` examples, ``questions`` consecutive ones per context
+    (each about a different person), contexts about ``context_tokens`` long: the shape of
+    real traffic (one shared context, several requests over it), and ``questions`` times
+    fewer prefills to measure."""
+    records = sized_dataset(tokenizer, split, 1, context_tokens, seed)[0].context.count("\nRecord ")
+    # Its own stream (+ 17): not the same contexts as sized_dataset's examples.
+    rng = random.Random((seed + context_tokens) * 7919 + SPLITS[split] + 17)
+    return [e for _ in range(contexts) for e in make_questions(rng, records, questions)]
 
 
 def write_jsonl(path: str | Path, examples: list[Example]) -> None:
