@@ -23,7 +23,7 @@ demo: $(STAMP)
 	$(PY) -m cachesvc_lab.demo
 
 # Retrain the fine-tunes' adapters from their recipes into lab/cachesvc_lab/adapters
-# (~40 min on 2 cores); `make demo` uses the shipped ones and needs no training.
+# (about an hour on 2 cores); `make demo` uses the shipped ones and needs no training.
 finetune: $(STAMP)
 	$(PY) -m cachesvc_lab.finetune
 

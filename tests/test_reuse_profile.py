@@ -88,4 +88,3 @@ def test_selector_sources_in_order_and_an_unreadable_profile_recomputes():
     none = PlanSelector(_Registry(broken), "tuned", PlanPolicy()).choose("base")
     assert none.plan is None and "unreadable" in none.why and "format 99" in none.why
     assert math.isclose(selector.expectation("base", Plan(8, ((4, 6),)))[0], 0.96)
-
