@@ -157,21 +157,44 @@ def _machine(device: str) -> dict:
 
 
 def plot(doc: dict, path: Path) -> None:
+    """Per consumer: TTFT by context length and mode (top) and, where the task is scored,
+    exact match with its 95% interval (bottom, the producer alone dotted)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     consumers = sorted({r["consumer"] for r in doc["rows"]})
-    fig, axes = plt.subplots(1, len(consumers), figsize=(6 * len(consumers), 4.2), squeeze=False)
-    for ax, name in zip(axes[0], consumers, strict=True):
-        series = sorted({(r["mode"], r["plan"]) for r in doc["rows"] if r["consumer"] == name})
-        for mode, plan in series:
-            rows = [r for r in doc["rows"] if r["consumer"] == name and (r["mode"], r["plan"]) == (mode, plan)]
-            ax.plot([r["context_tokens"] for r in rows], [r["ttft_s"] for r in rows], marker="o",
-                    label=f"{mode} {plan}".strip())
-        ax.set(xlabel="context tokens", ylabel="TTFT (s)", title=f"{doc['producer']} -> {name}", xscale="log")
-        ax.legend(fontsize=8)
+    scored = any(r["quality"] is not None for r in doc["rows"])
+    fig, axes = plt.subplots(2 if scored else 1, len(consumers), figsize=(6 * len(consumers), 8 if scored else 4.2),
+                             squeeze=False)
+    for column, name in enumerate(consumers):
+        mine = [r for r in doc["rows"] if r["consumer"] == name]
+        series = sorted({(r["mode"], r["plan"]) for r in mine})
+        lengths = sorted({r["context_tokens"] for r in mine})
+        for offset, (mode, plan) in enumerate(series):
+            rows = [r for r in mine if (r["mode"], r["plan"]) == (mode, plan)]
+            label = f"{mode} {plan}".strip()
+            tokens = [r["context_tokens"] for r in rows]
+            axes[0][column].plot(tokens, [r["ttft_s"] for r in rows], marker="o", label=label)
+            if scored:
+                # lengths as categories, the modes side by side within each
+                shifted = [lengths.index(t) + 0.08 * (offset - (len(series) - 1) / 2) for t in tokens]
+                axes[1][column].errorbar(shifted, [r["quality"] for r in rows], capsize=3, marker="o", label=label,
+                                         yerr=[[r["quality"] - r["quality_ci"][0] for r in rows],
+                                               [r["quality_ci"][1] - r["quality"] for r in rows]])
+        axes[0][column].set(xlabel="context tokens", ylabel="TTFT (s)", title=f"{doc['producer']} -> {name}",
+                            xscale="log")
+        axes[0][column].legend(fontsize=8)
+        if scored:
+            base = sorted({(r["context_tokens"], r["base_quality"]) for r in mine})
+            axes[1][column].plot([lengths.index(t) for t, _ in base], [q for _, q in base], ls=":", marker="x",
+                                 color="gray", label="producer alone")
+            axes[1][column].set(xlabel="context tokens", ylabel="exact match (95% CI)", ylim=(-0.05, 1.05),
+                                xticks=range(len(lengths)), xticklabels=lengths, xlim=(-0.5, len(lengths) - 0.5),
+                                title="task quality")
+            axes[1][column].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(args: argparse.Namespace) -> int:
