@@ -93,11 +93,6 @@ def _sample(tokenizer, example: tasks.Example) -> Sample:
     return tasks.context_ids(tokenizer, example), tasks.prompt_ids(tokenizer, example), example.answer
 
 
-def _contexts(args: argparse.Namespace) -> int:
-    """Contexts per length: ``--prompts-per-context`` prompts, ``--questions-per-context`` per context."""
-    return -(-args.prompts_per_context // args.questions_per_context)
-
-
 def _real_pairs(args: argparse.Namespace) -> Iterator[PairSetup]:
     """SmolLM2 and its fine-tunes, with the profiles ``cachesvc profile`` wrote."""
     base, tokenizer = smollm2.load()
@@ -116,7 +111,7 @@ def _real_pairs(args: argparse.Namespace) -> Iterator[PairSetup]:
         yield PairSetup(name, base, consumer, tokenizer, smollm2.NAME, measured,
                         [_sample(tokenizer, e) for e in examples],
                         lambda tokens: [_sample(tokenizer, e) for e in tasks.sized_questions(
-                            tokenizer, "test", _contexts(args), args.questions_per_context, tokens, args.seed)],
+                            tokenizer, "test", args.prompts_per_context, args.questions_per_context, tokens, args.seed)],
                         lambda tokens: _sample(tokenizer, tasks.sized_dataset(tokenizer, "profile", 1, tokens,
                                                                               seed=99)[0]))
 

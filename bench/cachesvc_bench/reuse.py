@@ -34,9 +34,6 @@ from cachesvc_lab.evaluate import BASE, REFERENCE, SAME, PairEvaluator, plan_nam
 from cachesvc_lab import finetune, smollm2, tasks
 from cachesvc_connectors.reuse import Plan, ReuseProfile
 
-MODES = {REFERENCE: "full_prefill", SAME: "same_model"}
-
-
 def _plans(text: str, num_layers: int, profiles: Path, min_quality: float) -> dict[str, list[Plan]]:
     """Consumer -> its plans from ``CONSUMER=PLAN;...`` (``PLAN`` ``profile``: the profile's
     best plan reaching ``min_quality``)."""
@@ -106,10 +103,9 @@ def run(args: argparse.Namespace) -> dict:
             consumer.to(args.device)
             measured = [Plan.full_reuse(layers)] + plans.get(name, [])
             evaluator = PairEvaluator(client, base, consumer, tokenizer, smollm2.NAME, name)
-            contexts_per_length = -(-args.prompts_per_context // args.questions_per_context)
             for tokens in contexts:
-                examples = tasks.sized_questions(tokenizer, "test", contexts_per_length, args.questions_per_context,
-                                                 tokens, args.seed)
+                examples = tasks.sized_questions(tokenizer, "test", args.prompts_per_context,
+                                                 args.questions_per_context, tokens, args.seed)
                 actual = round(sum(len(tasks.context_ids(tokenizer, e)) for e in examples) / len(examples))
                 with tqdm(total=len(examples), desc=f"reuse {name} @{tokens}", unit="prompt") as bar:
                     results = evaluator.run(examples, measured, same_model=True, progress=bar.update)

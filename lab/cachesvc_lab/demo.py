@@ -117,7 +117,8 @@ def _run(client: CacheClient) -> None:
             print(f"      {label:<22} TTFT {ttft:6.3f} s   answer {answer!r:10} ({mark}; {note})")
     print(f"   (passed over {passed} question(s) the consumer's own prefill answers wrong)")
 
-    examples = tasks.sized_questions(tokenizer, "test", QUALITY_CONTEXTS, QUESTIONS_PER_CONTEXT, CONTEXT_TOKENS)
+    examples = tasks.sized_questions(tokenizer, "test", QUALITY_CONTEXTS * QUESTIONS_PER_CONTEXT,
+                                     QUESTIONS_PER_CONTEXT, CONTEXT_TOKENS)
     evaluator = PairEvaluator(client, base, consumer_model, tokenizer, smollm2.NAME, CONSUMER)
     with tqdm(total=len(examples), desc="5. quality", unit="prompt") as bar:
         results = evaluator.run(examples, [plan, Plan.full_reuse(layers)], progress=bar.update)

@@ -129,7 +129,7 @@ class PairEvaluator:
                 report: ReuseReport | None = None) -> Answer:
         text = self.tokenizer.decode(out.sequences[0, prompt_len:], skip_special_tokens=True)
         return Answer(text, torch.log_softmax(out.logits[0][0].float().cpu(), -1),
-                      None if t0 is None else first.at - t0, report, out.past_key_values)
+                      None if t0 is None else first.at - t0, report)
 
     @torch.no_grad()
     def full_prefill(self, model, ids: list[int], context_cache=None) -> Answer:
@@ -142,7 +142,9 @@ class PairEvaluator:
         t0 = time.perf_counter()
         out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                              streamer=first, **extra, **self._gen_kwargs())
-        return self._answer(out, len(ids), t0 if context_cache is None else None, first)
+        answer = self._answer(out, len(ids), t0 if context_cache is None else None, first)
+        answer.cache = out.past_key_values
+        return answer
 
     @torch.no_grad()
     def reuse(self, consumer: Consumer, ids: list[int]) -> Answer:

@@ -128,26 +128,30 @@ def score(answer: str, expected: str) -> Score:
 TOKENS_PER_RECORD = 21.5   # SmolLM2's tokenizer on these records (measured; only a first guess)
 
 
-def sized_dataset(tokenizer, split: str, count: int, context_tokens: int, seed: int = 0) -> list[Example]:
-    """``count`` examples whose contexts are about ``context_tokens`` long (within one
-    record); the record count is calibrated on the first example."""
+def _records_for(tokenizer, split: str, context_tokens: int, seed: int) -> int:
+    """Records per context for contexts about ``context_tokens`` long (within one record),
+    calibrated on one example."""
     records = max(2, round((context_tokens - 20) / TOKENS_PER_RECORD))
     probe = dataset(split, 1, records, seed)[0]
     measured = len(context_ids(tokenizer, probe))
-    records = max(2, round(records * context_tokens / measured))
-    return dataset(split, count, records, seed + context_tokens)
+    return max(2, round(records * context_tokens / measured))
 
 
-def sized_questions(tokenizer, split: str, contexts: int, questions: int, context_tokens: int,
+def sized_dataset(tokenizer, split: str, count: int, context_tokens: int, seed: int = 0) -> list[Example]:
+    """``count`` examples whose contexts are about ``context_tokens`` long, each its own."""
+    return dataset(split, count, _records_for(tokenizer, split, context_tokens, seed), seed + context_tokens)
+
+
+def sized_questions(tokenizer, split: str, prompts: int, questions: int, context_tokens: int,
                     seed: int = 0) -> list[Example]:
-    """``contexts`` × ``questions`` examples, ``questions`` consecutive ones per context
-    (each about a different person), contexts about ``context_tokens`` long: the shape of
-    real traffic (one shared context, several requests over it), and ``questions`` times
-    fewer prefills to measure."""
-    records = sized_dataset(tokenizer, split, 1, context_tokens, seed)[0].context.count("\nRecord ")
+    """``prompts`` examples (rounded up to whole contexts), ``questions`` consecutive ones
+    per context (each about a different person), contexts about ``context_tokens`` long:
+    the shape of real traffic (one shared context, several requests over it), and
+    ``questions`` times fewer prefills to measure."""
+    records = _records_for(tokenizer, split, context_tokens, seed)
     # Its own stream (+ 17): not the same contexts as sized_dataset's examples.
     rng = random.Random((seed + context_tokens) * 7919 + SPLITS[split] + 17)
-    return [e for _ in range(contexts) for e in make_questions(rng, records, questions)]
+    return [e for _ in range(-(-prompts // questions)) for e in make_questions(rng, records, questions)]
 
 
 def write_jsonl(path: str | Path, examples: list[Example]) -> None:
