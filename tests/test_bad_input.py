@@ -117,6 +117,12 @@ def test_malformed_hashes_and_ids(setup):
         stub.Lookup(pb.LookupRequest(family_id=fid, chunk_hashes=[b"\0" * 32, b"short"]), timeout=5)
     assert _code(e) == grpc.StatusCode.INVALID_ARGUMENT and e.match(r"chunk_hashes\[1\] has 5 bytes")
     with pytest.raises(grpc.RpcError) as e:
+        stub.Lookup(pb.LookupRequest(family_id=fid, tail_hashes=[b"\0" * 31]), timeout=5)
+    assert _code(e) == grpc.StatusCode.INVALID_ARGUMENT and e.match(r"tail_hashes\[0\] has 31 bytes")
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Lookup(pb.LookupRequest(family_id=fid, tail_hashes=[b"\0" * 32] * 257), timeout=5)
+    assert _code(e) == grpc.StatusCode.INVALID_ARGUMENT and e.match(r"257 tail_hashes: at most one per length")
+    with pytest.raises(grpc.RpcError) as e:
         list(stub.GetSlabs(pb.GetSlabsRequest(family_id=fid, entry_ids=[b"x"], kinds=[1]), timeout=5))
     assert _code(e) == grpc.StatusCode.INVALID_ARGUMENT and e.match(r"entry_ids\[0\] has 1 bytes")
     with pytest.raises(grpc.RpcError) as e:

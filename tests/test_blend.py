@@ -27,7 +27,8 @@ def test_recomputing_every_token_is_the_consumers_prefill(client, arch):
     base, tok = tiny_model(arch, seed=0, **overrides), tokenizer()
     tuned = fine_tune_of(base, range(4), seed=3)
     ids = _prompt(600, seed=21)
-    Producer(client, base, tok, "p", ProducerOptions(dtype=FP32)).store(ids)
+    # Full chunks only, so the first prompt has an 88-token suffix beyond the reused 512.
+    Producer(client, base, tok, "p", ProducerOptions(dtype=FP32, include_partial=False)).store(ids)
     for prompt in (ids + [4, 5, 6], ids[:512] + [7]):          # with a suffix; none beyond the last token
         logits, report = _reuse_logits(_blend(client, tuned, tok, "c", 1.0), prompt)
         assert report.mode == "cross_model" and report.reused_tokens == 512

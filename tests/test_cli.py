@@ -82,3 +82,22 @@ def test_bench_reuse_takes_the_profiles_best_plan(tmp_path):
     assert _plans("tuned=profile", 8, tmp_path, 1.01) == {"tuned": [Plan(8, ((4, 6), (7, 8)))]}  # the best
     with pytest.raises(SystemExit, match="profile-missing.json missing"):
         _plans("missing=profile", 8, tmp_path, 0.95)
+
+
+def test_bench_reuse_unaligned_fields(tmp_path):
+    """`cachesvc bench reuse --unaligned`: a context of 300 tokens (not a chunk multiple)
+    plus a 24-token question, on a sliding-window shape: the whole context is reused (its
+    partial chunk too), only the question runs as the suffix, the greedy output is the
+    model's own, and every figure the issue names is in the JSON (and a plot is written)."""
+    out = tmp_path / "unaligned.json"
+    proc = _cli("bench", "reuse", "--unaligned", "gemma3-tiny", "--contexts", "300", "--requests", "2",
+                "--new-tokens", "4", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    [row] = doc["rows"]
+    assert row["model"] == "gemma3-tiny" and row["reused_tokens"] == 300 and row["suffix_tokens"] == 23
+    assert row["identical"] == 1.0 and row["modes"] == ["same_model"]
+    for field in ("ttft_s", "full_prefill_ttft_s", "suffix_s", "model_suffix_s", "decode_ms_per_token",
+                  "baseline_decode_ms_per_token"):
+        assert row[field] > 0, field
+    assert (tmp_path / "unaligned.png").stat().st_size > 0

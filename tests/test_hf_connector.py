@@ -50,7 +50,7 @@ def test_plan_recomputing_every_layer_equals_full_prefill(client: CacheClient, a
     consumer = Consumer(client, other, tok, f"{arch}-c",
                         ConsumerOptions(dtype=FP32, default_plan=Plan.recompute_all(4)))
     logits, report = _reuse_logits(consumer, ids + [1, 2, 3])
-    assert report.mode == "cross_model" and report.reused_tokens == 512
+    assert report.mode == "cross_model" and report.reused_tokens == 700   # with the stored partial chunk
     assert report.recomputed_layers == 4
     assert torch.allclose(logits, last_logits(other, ids + [1, 2, 3]), atol=1e-4, rtol=0)
 
@@ -58,7 +58,8 @@ def test_plan_recomputing_every_layer_equals_full_prefill(client: CacheClient, a
 def test_recomputing_the_adapted_layers_is_exact_and_full_reuse_is_not(client, pair):
     base, tuned, tok = pair
     ids = _prompt(700, seed=1)
-    Producer(client, base, tok, "base", ProducerOptions(dtype=FP32)).store(ids)
+    # Full chunks only: the 188-token suffix then runs through every reused layer and group.
+    Producer(client, base, tok, "base", ProducerOptions(dtype=FP32, include_partial=False)).store(ids)
     reference = last_logits(tuned, ids + [9])
     errors = {}
     for plan in (Plan(4, ((2, 4),)), Plan.full_reuse(4)):
@@ -101,7 +102,7 @@ def test_a_cache_outlives_the_next_prefill_of_its_consumer(client):
 def test_plan_fetches_only_the_slabs_it_needs(client, pair):
     base, tuned, tok = pair
     ids = _prompt(520, seed=2)
-    Producer(client, base, tok, "base", ProducerOptions(dtype=FP32)).store(ids)
+    Producer(client, base, tok, "base", ProducerOptions(dtype=FP32, include_partial=False)).store(ids)
     plan = Plan(4, ((1, 2),))
     assert [(r.kinds, r.start, r.stop) for r in plan_requests(plan)] == [
         ((Kind.E,), 1, 2), ((Kind.K, Kind.V), 0, 1), ((Kind.K, Kind.V), 2, 4)]
@@ -118,7 +119,7 @@ def test_same_model_reuse_gives_the_same_greedy_output(client, pair):
     Producer(client, base, tok, "base", ProducerOptions(dtype=FP32)).store(ids)
     consumer = Consumer(client, base, tok, "base", ConsumerOptions(dtype=FP32))
     out, report = consumer.generate(ids, max_new_tokens=12, do_sample=False)
-    assert report.mode == "same_model" and report.reused_tokens == 512
+    assert report.mode == "same_model" and report.reused_tokens == 599
     assert out[0, len(ids):].tolist() == greedy(base, ids, 12)
 
 
@@ -149,6 +150,18 @@ def test_partial_hits_and_a_trailing_partial_chunk(client, pair):
     diverging = shared[:256] + _prompt(300, seed=6)
     out, report = consumer.generate(diverging, max_new_tokens=6, do_sample=False)
     assert report.reused_tokens == 256 and out[0, 556:].tolist() == greedy(base, diverging, 6)
+
+
+def test_a_question_after_a_context_that_ends_mid_chunk_reuses_the_whole_context(client, pair):
+    """Issue 13: the producer stores its trailing partial chunk by default, and a prompt
+    of that context plus a question reuses all of it (600 tokens, not 512)."""
+    base, _, tok = pair
+    context, question = _prompt(600, seed=7), _prompt(40, seed=8)
+    Producer(client, base, tok, "base", ProducerOptions(dtype=FP32)).store(context)
+    consumer = Consumer(client, base, tok, "base", ConsumerOptions(dtype=FP32))
+    out, report = consumer.generate(context + question, max_new_tokens=6, do_sample=False)
+    assert report.reused_tokens == 600 and report.mode == "same_model"
+    assert out[0, 640:].tolist() == greedy(base, context + question, 6)
 
 
 def test_consumer_of_another_family_is_refused_by_name(client, pair):
@@ -182,7 +195,7 @@ def test_producer_storing_e_only_at_transition_layers(client, pair):
     plans = {"[2,4)": Plan(4, ((2, 4),)), "[1,4)": Plan(4, ((1, 4),))}
     good = Consumer(client, tuned, tok, "tuned", ConsumerOptions(dtype=FP32, default_plan=plans["[2,4)"]))
     _, report = _reuse_logits(good, ids)
-    assert report.mode == "cross_model" and report.reused_tokens == 512
+    assert report.mode == "cross_model" and report.reused_tokens == 599
     lacking = Consumer(client, tuned, tok, "tuned", ConsumerOptions(dtype=FP32, default_plan=plans["[1,4)"]))
     _, report = _reuse_logits(lacking, ids)
     assert report.mode == "prefill" and "lacks slabs" in report.fallback
@@ -251,7 +264,7 @@ def test_context_longer_than_a_sliding_window_is_exact(client):
     Producer(client, base, tok, "g", ProducerOptions(dtype=FP32)).store(ids)
     consumer = Consumer(client, tuned, tok, "g2", ConsumerOptions(dtype=FP32, default_plan=Plan.recompute_all(4)))
     logits, report = _reuse_logits(consumer, ids)
-    assert report.reused_tokens == 512
+    assert report.reused_tokens == 599
     assert torch.allclose(logits, last_logits(tuned, ids), atol=1e-4, rtol=0)
     out, _ = consumer.generate(ids, max_new_tokens=6, do_sample=False)
     assert out[0, 600:].tolist() == greedy(tuned, ids, 6)
@@ -263,3 +276,35 @@ def test_model_whose_decoder_loop_does_not_fit_is_refused_clearly():
     with pytest.raises(UnsupportedModelError, match="missing embed_tokens"):
         from cachesvc_connectors.hf import DecoderStack
         DecoderStack(NotADecoder())
+
+
+@pytest.mark.parametrize("plan", [None, "[2,6)"], ids=["same_model", "plan"])
+def test_after_reuse_sliding_layers_hold_what_the_models_own_cache_holds(client, plan):
+    """Issue 13: after reusing a 600-token context (window 128) behind a question, each
+    sliding layer holds only its last window - 1 tokens, as after the model's own
+    prefill, with the same values (so decode attends to as much as it would without
+    reuse); full layers hold every token; the answer is the model's own. The plan reuses
+    the sliding layers 0-1 and recomputes the rest (exact: the fine-tune differs on 2-3)."""
+    from transformers import DynamicCache
+    base, tok = tiny_model("gemma3", seed=0, num_layers=6, sliding_window=128), tokenizer()
+    model, model_id = (base, "g6") if plan is None else (fine_tune_of(base, range(2, 4)), "g6-tuned")
+    context, question = _prompt(600, seed=15), _prompt(30, seed=16)
+    Producer(client, base, tok, "g6", ProducerOptions(dtype=FP32)).store(context)
+    options = ConsumerOptions(dtype=FP32, default_plan=Plan.parse(plan, 6) if plan else None)
+    ids = context + question
+    pre = Consumer(client, model, tok, model_id, options).prefill(ids)
+    assert pre.report.reused_tokens == 600 and pre.report.recomputed_layers == (0 if plan is None else 4)
+    own = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model.model(input_ids=torch.tensor([ids[:-1]], device=model.device), past_key_values=own, use_cache=True)
+    kinds = [type(layer).__name__ for layer in own.layers]
+    assert kinds.count("DynamicSlidingWindowLayer") == 5
+    for index, (mine, theirs) in enumerate(zip(pre.cache.layers, own.layers, strict=True)):
+        assert type(mine) is type(theirs), index
+        assert mine.get_seq_length() == theirs.get_seq_length() == len(ids) - 1
+        assert mine.keys.shape == theirs.keys.shape, index      # 127 tokens on sliding layers, 629 on the full one
+        assert torch.allclose(mine.keys, theirs.keys, atol=1e-4) and torch.allclose(mine.values, theirs.values, atol=1e-4)
+    input_ids = torch.tensor([ids], device=model.device)
+    out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                         past_key_values=pre.cache, max_new_tokens=6, do_sample=False)
+    assert out[0, len(ids):].tolist() == greedy(model, ids, 6)

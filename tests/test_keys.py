@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from cachesvc.wire.keys import (DType, FamilySpec, canonical_json, chain_root, chunk_hashes, entry_id,
-                                family_id)
+from cachesvc.wire.keys import (DType, FamilySpec, canonical_json, chain_root, chunk_hashes, encode_extra_keys,
+                                entry_id, family_id, tail_hashes)
 
 VECTORS = json.loads((Path(__file__).parent / "vectors" / "keys.json").read_text())
 
@@ -65,6 +65,29 @@ def test_chain_vectors(case):
     assert chain_root(case["tenant"], case["family_id"], case["chunk_size"]).hex() == case["root"]
     assert case["hashes"] == _reference_chain(toks, case["family_id"], case["tenant"], case["chunk_size"],
                                               case["extra_keys"], case["include_partial"])
+
+
+@pytest.mark.parametrize("case", VECTORS["tails"], ids=lambda c: f"tail-{len(c['hashes'])}")
+def test_tail_vectors(case):
+    toks, parent = _tokens(case["tokens"]), bytes.fromhex(case["parent"])
+    got = tail_hashes(parent, toks, encode_extra_keys(case["extra_keys"]))
+    assert [h.hex() for h in got] == case["hashes"]
+
+
+def test_a_tail_candidate_is_the_chain_of_the_prefix_cut_there():
+    """The candidate of length L after chunk k is the partial chunk a producer stored for
+    a context ending L tokens into chunk k: the lookup finds it by hash alone."""
+    fid = VECTORS["families"][0]["family_id"]
+    toks = list(range(1000, 1700))
+    chain = chunk_hashes(toks, fid, chunk_size=256)
+    for k, parent in ((0, chain_root("default", fid, 256)), (2, chain[1])):
+        rest = toks[k * 256:k * 256 + 255]
+        tails = tail_hashes(parent, rest)
+        assert len(tails) == len(rest)
+        for cut in (1, 17, len(rest)):
+            stored = chunk_hashes(toks[:k * 256 + cut], fid, chunk_size=256, include_partial=True)
+            assert stored[-1] == tails[len(rest) - cut]
+        assert not set(tails) & set(chain)        # never a full chunk's hash
 
 
 def test_entry_id_vector():

@@ -31,7 +31,9 @@ def test_same_model_reuse_on_smollm2(client: CacheClient, smol, dtype):
     ids = tasks.prompt_ids(tokenizer, example)
     context = tasks.context_ids(tokenizer, example)
     stored = Producer(client, model, tokenizer, "smollm2", ProducerOptions(dtype=dtype)).store(context)
-    assert stored.chunks == len(context) // 256 and stored.entries_committed == stored.chunks
+    # Every chunk, the trailing partial one included: the question then follows the reused context.
+    assert stored.chunks == -(-len(context) // 256) and stored.entries_committed == stored.chunks
+    assert stored.stored_tokens == len(context)
     consumer = Consumer(client, model, tokenizer, "smollm2", ConsumerOptions(dtype=dtype))
     pre = consumer.prefill(ids)
     assert pre.report.mode == "same_model" and pre.report.reused_tokens == stored.stored_tokens

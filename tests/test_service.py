@@ -69,6 +69,35 @@ def test_partial_chunk_entry_can_be_stored_explicitly(client: CacheClient, rng):
     assert same_bytes(got.arrays[Kind.V][0, 256:], entries[1].slabs[(Kind.V, 0)])
 
 
+def test_a_prompt_reaches_a_stored_context_that_ends_mid_chunk(client: CacheClient, rng):
+    """Issue 13: a context of 2 chunks + 44 tokens stored with its partial chunk; prompts
+    of that context plus a question hit all 556 tokens (not 512), whatever chunk the
+    question ends in; a longer stored tail is preferred, another producer's run is cut
+    where it stops, and a prompt that leaves the context before its end reaches only the
+    full chunks."""
+    from cachesvc.wire.keys import chunk_hashes
+    reg = client.register_model("p", "0123abcd", TINY)
+    client.register_model("q", "0123abce", TINY)
+    context = list(range(556))
+    hashes = chunk_hashes(context, reg.family_id, include_partial=True)
+    sizes = [256, 256, 44]
+    client.put(reg.family_id, "p", [make_entry(rng, TINY, h, n) for h, n in zip(hashes, sizes, strict=True)])
+    client.put(reg.family_id, "q", [make_entry(rng, TINY, hashes[0], 256)])
+    for question in (list(range(9000, 9030)), list(range(9000, 9300))):
+        result = client.lookup_prompt(reg.family_id, context + question)
+        assert [e.layout.num_tokens for e in result.best("p").entries] == sizes
+        assert result.best("q").num_chunks == 1
+    shorter = chunk_hashes(context[:530], reg.family_id, include_partial=True)[-1]
+    client.put(reg.family_id, "p", [make_entry(rng, TINY, shorter, 18)])
+    assert client.lookup_prompt(reg.family_id, context + [7]).best("p").num_tokens == 556
+    assert client.lookup_prompt(reg.family_id, context[:540] + [7] * 40).best("p").num_tokens == 530
+    assert client.lookup_prompt(reg.family_id, context[:520] + [7] * 40).best("p").num_tokens == 512
+    # A context shorter than a chunk: the tail candidates start at the chain's root.
+    short = chunk_hashes(list(range(5000, 5100)), reg.family_id, include_partial=True)
+    client.put(reg.family_id, "p", [make_entry(rng, TINY, short[0], 100)])
+    assert client.lookup_prompt(reg.family_id, list(range(5000, 5120))).best("p").num_tokens == 100
+
+
 def test_torch_in_and_out_and_into_caller_buffers(client: CacheClient):
     reg = client.register_model("p", "0123abcd", TINY)
     h = client.hash_tokens(list(range(256)), reg.family_id)[0]

@@ -21,4 +21,10 @@ python3 -m cachesvc_bench reuse --device cuda --synthetic "${SHAPES:-smollm2-135
   --json "$OUT/reuse-gpu.json" > "$OUT/reuse-gpu.log" 2>&1
 rc=$?
 grep -A40 '^| consumer' "$OUT/reuse-gpu.log" || tail -40 "$OUT/reuse-gpu.log"
+# Issue 13: a context of any length plus a question (partial chunk, suffix, sliding-window decode).
+python3 -m cachesvc_bench reuse --device cuda --unaligned "${UNALIGNED:-smollm2-135m,gemma3-270m}" \
+  --contexts "${UNALIGNED_CONTEXTS:-2000,4000}" --json "$OUT/unaligned-gpu.json" > "$OUT/unaligned-gpu.log" 2>&1
+rc2=$?
+grep -A10 '^| model' "$OUT/unaligned-gpu.log" || tail -40 "$OUT/unaligned-gpu.log"
+[ $rc -eq 0 ] && exit $rc2
 exit $rc

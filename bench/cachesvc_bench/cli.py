@@ -53,6 +53,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--synthetic", default="", help="reuse, plan: random-weight pairs at these shapes "
                         "(smollm2-135m,llama-3.2-1b,llama-3.1-8b) instead of the real SmolLM2 pairs: "
                         "TTFT and fidelity only (plan: profiled in the run)")
+    parser.add_argument("--unaligned", default="", help="reuse: same-model reuse of a context of any length "
+                        "plus a question on these models (smollm2 = the real SmolLM2; or shapes of --synthetic, "
+                        "e.g. gemma3-270m with sliding-window layers): TTFT, the suffix's cost and decode per "
+                        "token against the model alone")
+    parser.add_argument("--requests", type=int, default=4, help="reuse --unaligned: prompts per model and length")
+    parser.add_argument("--question-tokens", type=int, default=24,
+                        help="reuse --unaligned: question length of the random-weight models' prompts")
+    parser.add_argument("--new-tokens", type=int, default=16, help="reuse --unaligned: greedy tokens decoded")
     parser.add_argument("--profile-prompts", type=int, default=20,
                         help="plan --synthetic: random prompts the pair is profiled on")
 

@@ -22,8 +22,8 @@ planner and fidelity, no task quality.
 Dominance. Quality is fidelity to the consumer's own prefill (identical greedy answers)
 on the profile's own 50 prompts, measured in this run through the serving path for every
 frontier plan and baseline alike (three or four held-out prompts per length would not
-separate anything; the profile's own figures reuse the whole context, the serving path
-only its whole chunks, so they are kept beside as ``profile_quality``). For each
+separate anything; the profile's own figures are kept beside as ``profile_quality``:
+before issue 13 the serving path reused only the context's whole chunks). For each
 baseline B and length, the planner, given those qualities, is asked twice: with B's
 measured TTFT as the target (equal TTFT: is the plan it picks better?) and for the
 fastest plan whose quality reaches B's (equal quality: is it faster?). B is dominated
@@ -64,11 +64,12 @@ SYNTHETIC_WINDOWS = (1, 2, 4, 8, 12)   # a quicker search for the random-weight 
 Sample = tuple[list[int], list[int], str]     # context ids, prompt ids (context first), answer
 
 
-def _shapes(samples: list[Sample], chunk: int) -> list[tuple[int, int, int]]:
-    """Per sample (n cached tokens, s suffix tokens before the last, prompt tokens)."""
+def _shapes(samples: list[Sample]) -> list[tuple[int, int, int]]:
+    """Per sample (n cached tokens, s suffix tokens before the last, prompt tokens): the
+    whole context is cached, its trailing partial chunk included (docs/chunk-keys.md)."""
     shapes = []
     for context, prompt, _ in samples:
-        n = min(len(context) // chunk * chunk, len(prompt) - 1)
+        n = min(len(context), len(prompt) - 1)
         shapes.append((n, len(prompt) - 1 - n, len(prompt)))
     return shapes
 
@@ -141,7 +142,7 @@ def _synthetic_pairs(args: argparse.Namespace) -> Iterator[PairSetup]:
 
 
 def _calibrate_requests(client: CacheClient, evaluator: PairEvaluator, cost: CostModel, small: Sample,
-                        large: Sample, chunk: int, repeats: int = 3) -> None:
+                        large: Sample, repeats: int = 3) -> None:
     """Before anything is measured, on samples never measured: the load bandwidth (a K/V
     fetch of every layer of ``large``), and the cost model's fixed and per-byte costs
     fitted to a full prefill of ``small`` and full reuses of both (best of ``repeats``)."""
@@ -160,10 +161,11 @@ def _calibrate_requests(client: CacheClient, evaluator: PairEvaluator, cost: Cos
         best = min(best, time.perf_counter() - t0)
     cost.bandwidth_Bps = slabs.bytes_received / best
     prefill_s = min(evaluator.full_prefill(evaluator.consumer_model, small[1]).ttft_s for _ in range(repeats))
-    (n, s, tokens), (n2, s2, _) = _shapes([small, large], chunk)
+    (n, s, tokens), (n2, s2, _) = _shapes([small, large])
     cost.fit_fixed_costs((tokens, prefill_s), (n, s, timed[0]), (n2, s2, timed[1]))
     for context, _, _ in (small, large):
-        evaluator.client.delete(family, chunk_hashes=evaluator.client.hash_tokens(context, family))
+        evaluator.client.delete(family, chunk_hashes=evaluator.client.hash_tokens(context, family,
+                                                                                  include_partial=True))
 
 
 def _predicted(cost: CostModel, what: Plan | float | None, n: int, s: int, prompt_tokens: int) -> float:
@@ -175,8 +177,7 @@ def _predicted(cost: CostModel, what: Plan | float | None, n: int, s: int, promp
 
 def _profile_prompts(evaluator: PairEvaluator, pair: PairSetup, frontier, blends) -> dict:
     """Every frontier plan and the baselines on the profile's own prompts, through the
-    serving path: identical-answer rates measured alike for all (the profile's own figures
-    reuse the whole context, the serving path only its whole chunks, so they differ)."""
+    serving path: identical-answer rates measured alike for all."""
     with tqdm(total=len(pair.profile_samples), desc=f"quality {pair.name} @profile prompts", unit="prompt") as bar:
         results = evaluator.run_ids(pair.profile_samples, [p for p, _ in frontier], progress=bar.update,
                                     blends=blends)
@@ -282,7 +283,6 @@ def run(args: argparse.Namespace) -> dict:
     contexts = [int(c) for c in args.contexts.split(",")]
     fractions = [float(f) for f in args.targets.split(",")]
     blends = [float(b) for b in args.blend.split(",") if b]
-    chunk = 256
     rows, choices, pairs, dominance = [], [], [], []
     memory = "24GiB" if args.device.startswith("cuda") else "2GiB"
     with bench_server("--memory-bytes", memory, "--disk-mode", "off") as srv, \
@@ -293,7 +293,7 @@ def run(args: argparse.Namespace) -> dict:
             evaluator = PairEvaluator(client, pair.producer, pair.consumer, pair.tokenizer, pair.producer_id, name)
             cost = calibrate(DecoderStack(pair.consumer), evaluator.producer.registration.family,
                                        sizes=tuple(sorted({16, 128, 512, 1024, *contexts})))
-            _calibrate_requests(client, evaluator, cost, pair.probe(512), pair.probe(max(contexts)), chunk)
+            _calibrate_requests(client, evaluator, cost, pair.probe(512), pair.probe(max(contexts)))
             on_profile = _profile_prompts(evaluator, pair, frontier, blends)
             pairs.append({"consumer": name, "cost_model": dict(vars(cost)), "profile_prompts": pair.profile.prompts,
                           "quality_on_profile_prompts": on_profile,
@@ -301,7 +301,7 @@ def run(args: argparse.Namespace) -> dict:
             variants = _variants(frontier, blends, on_profile, L)
             for tokens in contexts:
                 samples = pair.samples(tokens)
-                shapes = _shapes(samples, chunk)
+                shapes = _shapes(samples)
                 with tqdm(total=len(samples), desc=f"plan {name} @{tokens}", unit="prompt") as bar:
                     results = evaluator.run_ids(samples, [p for p, _ in frontier], progress=bar.update, blends=blends)
                 measured = _rows(name, tokens, variants, results, shapes, cost, frontier)

@@ -15,6 +15,9 @@ later questions reuse its own cache of the context, cachesvc_lab.evaluate).
 ``--synthetic SHAPES`` times random-weight pairs at real models' shapes instead of the
 real pairs (cachesvc_bench.synthetic): TTFT and fidelity only, where the real weights are not
 at hand (a lent GPU machine) or too large for this host.
+
+``--unaligned MODELS`` measures same-model reuse of real prompts instead (a context of
+any length plus a question: cachesvc_bench.unaligned).
 """
 
 from __future__ import annotations
@@ -194,6 +197,13 @@ def plot(doc: dict, path: Path) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.unaligned:
+        from cachesvc_bench import unaligned
+        doc = unaligned.run(args)
+        png = publish(args.json, doc, unaligned.plot)
+        print(markdown_table(*unaligned.table(doc)))
+        print(f"\nplot: {png}")
+        return 0
     doc = run(args)
     png = publish(args.json, doc, plot)
     print(markdown_table(

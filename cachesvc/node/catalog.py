@@ -71,14 +71,15 @@ class Catalog:
                 if not producer or p == producer for r in recs]
 
     def longest_runs(self, tenant: str, family_id: str, hashes: Sequence[bytes],
-                     only: set[str]) -> dict[str, list[EntryRecord]]:
-        """For each producer of chunk 0, walk the chain while it has the next chunk.
-        O(producers × hit length) dict probes; this is the lookup hot path."""
+                     only: set[str], tails: Sequence[bytes] = ()) -> dict[str, list[EntryRecord]]:
+        """For each producer of chunk 0, walk the chain while it has the next chunk; a
+        producer that holds every chunk gets the first of ``tails`` it holds appended.
+        O(producers × (hit length + tails)) dict probes; this is the lookup hot path."""
         by_hash = self.chunks.get((tenant, family_id))
-        if not by_hash or not hashes:
+        if not by_hash:
             return {}
         runs: dict[str, list[EntryRecord]] = {}
-        for producer, recs in by_hash.get(bytes(hashes[0]), {}).items():
+        for producer, recs in by_hash.get(bytes(hashes[0]), {}).items() if hashes else ():
             if only and producer not in only:
                 continue
             run = [recs[-1]]
@@ -91,6 +92,8 @@ class Catalog:
                     break
                 run.append(newest[-1])
             runs[producer] = run
+        if tails:
+            _append_tails(by_hash, runs, len(hashes), tails, only)
         return runs
 
     def page(self, tenant: str, family_id: str, producer: str, after_hex: str,
@@ -198,6 +201,19 @@ class Catalog:
             if rec.mem_offset is None:
                 self.unindex(rec)
         return self.disk_used + need <= capacity
+
+
+def _append_tails(by_hash: dict[bytes, dict[str, list[EntryRecord]]], runs: dict[str, list[EntryRecord]],
+                  full: int, tails: Sequence[bytes], only: set[str]) -> None:
+    """Append to each run of ``full`` chunks (every producer's, when ``full`` is 0) the
+    first of ``tails`` (longest first) its producer holds."""
+    extended: set[str] = set()
+    for tail in tails:
+        for producer, recs in by_hash.get(bytes(tail), {}).items():
+            if producer in extended or (only and producer not in only) or len(runs.get(producer, ())) != full:
+                continue
+            runs.setdefault(producer, []).append(recs[-1])
+            extended.add(producer)
 
 
 def _pop_if(lru: OrderedDict[EntryId, EntryRecord], rec: EntryRecord) -> None:

@@ -198,7 +198,8 @@ class CacheServicer(pb_grpc.CacheServiceServicer):
     @_maps_errors
     def Lookup(self, request, context):
         result = self.store.lookup(request.tenant, request.family_id, request.chunk_hashes,
-                                   request.consumer, request.producers, request.lease_ttl_s)
+                                   request.consumer, request.producers, request.lease_ttl_s,
+                                   request.tail_hashes)
         resp = pb.LookupResponse(lease_id=result.lease_id)
         layout_index: dict[int, int] = {}
         for hit in result.hits:

@@ -199,13 +199,20 @@ class CacheStore:
     # ------------------------------------------------------------ lookup
 
     def lookup(self, tenant: str, family_id: str, chunk_hashes: Sequence[bytes], consumer: str = "",
-               producers: Sequence[str] = (), lease_ttl_s: int = 0) -> LookupAnswer:
-        """Per producer, the longest run of leading chunks it has entries for."""
+               producers: Sequence[str] = (), lease_ttl_s: int = 0,
+               tail_hashes: Sequence[bytes] = ()) -> LookupAnswer:
+        """Per producer, the longest run of leading chunks it has entries for; a producer
+        holding all of them gets the first of ``tail_hashes`` (partial chunks continuing
+        the chain, longest first) it holds appended."""
         tenant = _tenant(tenant)
         try:
             check_chunk_hashes(chunk_hashes)
+            check_chunk_hashes(tail_hashes, "tail_hashes")
         except ValueError as exc:
             raise InvalidArgument(str(exc)) from None
+        if len(tail_hashes) > self.config.chunk_size:
+            raise InvalidArgument(f"{len(tail_hashes)} tail_hashes: at most one per length of a "
+                                  f"partial chunk ({self.config.chunk_size})")
         _check_ttl(lease_ttl_s, allow_zero=True)
         with self._lock:
             self.models.family(family_id)
@@ -215,7 +222,7 @@ class CacheStore:
                     raise FailedPrecondition(f"consumer {consumer!r} is of family "
                                              f"{model.family_id}, not {family_id}: its cache "
                                              "cannot be shared")
-            runs = self._catalog.longest_runs(tenant, family_id, chunk_hashes, set(producers))
+            runs = self._catalog.longest_runs(tenant, family_id, chunk_hashes, set(producers), tail_hashes)
             hits = [ProducerHit(p, p == consumer, [r.meta for r in recs], [r.tier for r in recs])
                     for p, recs in sorted(runs.items(), key=lambda kv: -len(kv[1]))]
             lease_id = ""

@@ -229,20 +229,22 @@ class AbortResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class LookupRequest(_message.Message):
-    __slots__ = ("tenant", "family_id", "chunk_hashes", "consumer", "producers", "lease_ttl_s")
+    __slots__ = ("tenant", "family_id", "chunk_hashes", "consumer", "producers", "lease_ttl_s", "tail_hashes")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     FAMILY_ID_FIELD_NUMBER: _ClassVar[int]
     CHUNK_HASHES_FIELD_NUMBER: _ClassVar[int]
     CONSUMER_FIELD_NUMBER: _ClassVar[int]
     PRODUCERS_FIELD_NUMBER: _ClassVar[int]
     LEASE_TTL_S_FIELD_NUMBER: _ClassVar[int]
+    TAIL_HASHES_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     family_id: str
     chunk_hashes: _containers.RepeatedScalarFieldContainer[bytes]
     consumer: str
     producers: _containers.RepeatedScalarFieldContainer[str]
     lease_ttl_s: int
-    def __init__(self, tenant: _Optional[str] = ..., family_id: _Optional[str] = ..., chunk_hashes: _Optional[_Iterable[bytes]] = ..., consumer: _Optional[str] = ..., producers: _Optional[_Iterable[str]] = ..., lease_ttl_s: _Optional[int] = ...) -> None: ...
+    tail_hashes: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, tenant: _Optional[str] = ..., family_id: _Optional[str] = ..., chunk_hashes: _Optional[_Iterable[bytes]] = ..., consumer: _Optional[str] = ..., producers: _Optional[_Iterable[str]] = ..., lease_ttl_s: _Optional[int] = ..., tail_hashes: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class EntryLayout(_message.Message):
     __slots__ = ("num_tokens", "k_layers", "v_layers", "e_layers")

@@ -228,6 +228,22 @@ def chunk_hashes(tokens: Sequence[int], family: FamilyId, *, tenant: str = DEFAU
     return out
 
 
+def tail_hashes(parent: bytes, tokens: Sequence[int], extras: bytes = b"") -> list[ChunkHash]:
+    """The hash of every non-empty prefix of ``tokens`` as a partial chunk after ``parent``
+    (the chain hash before it, or :func:`chain_root`), longest first: the candidates a
+    lookup sends to find the longest stored partial chunk a prompt's next chunk starts
+    with. ``tail_hashes(h, t)[i] == next_chunk_hash(h, t[:len(t) - i])``; ``tokens`` holds
+    fewer than a chunk of them."""
+    n = len(tokens)
+    try:
+        packed = struct.pack(f"<{n}I", *tokens)
+    except struct.error as exc:
+        raise ValueError(f"token ids must be integers in 0..2**32-1: {exc}") from None
+    tail = _lp(extras)
+    return [ChunkHash(hashlib.sha256(parent + _U32.pack(size) + packed[:4 * size] + tail).digest())
+            for size in range(n, 0, -1)]
+
+
 def entry_id(tenant: str, family: FamilyId, chunk_hash: bytes, producer: str,
              position_offset: int) -> EntryId:
     """Deterministic, so writing the same entry twice names the same entry."""
@@ -247,7 +263,7 @@ def check_digest(digest: str) -> None:
         raise ValueError(f"weights_digest {digest!r} must be 8..128 hex chars")
 
 
-def check_chunk_hashes(hashes: Iterable[bytes]) -> None:
+def check_chunk_hashes(hashes: Iterable[bytes], what: str = "chunk_hashes") -> None:
     for i, h in enumerate(hashes):
         if len(h) != CHUNK_HASH_BYTES:
-            raise ValueError(f"chunk_hashes[{i}] has {len(h)} bytes, expected {CHUNK_HASH_BYTES}")
+            raise ValueError(f"{what}[{i}] has {len(h)} bytes, expected {CHUNK_HASH_BYTES}")

@@ -10,7 +10,8 @@ from typing import Any
 
 import grpc
 
-from cachesvc.wire.keys import NO_FAMILY, NO_MODEL, ChunkHash, FamilyId, FamilySpec, Kind, ModelId, chunk_hashes
+from cachesvc.wire.keys import (DEFAULT_TENANT, NO_FAMILY, NO_MODEL, ChunkHash, FamilyId, FamilySpec, Kind, ModelId,
+                                chain_root, chunk_hashes, encode_extra_keys, tail_hashes)
 from cachesvc.v1 import cachesvc_pb2 as pb
 from cachesvc.v1 import cachesvc_pb2_grpc as pb_grpc
 from cachesvc.wire.convert import family_from_proto, family_to_proto
@@ -179,11 +180,41 @@ class CacheClient:
     # -- lookup and get
 
     def lookup(self, family_id: FamilyId, hashes: Sequence[bytes], *, consumer: ModelId = NO_MODEL,
-               producers: Sequence[str] = (), lease_ttl_s: int = 0, tenant: str = "") -> LookupResult:
+               producers: Sequence[str] = (), lease_ttl_s: int = 0, tenant: str = "",
+               tail_hashes: Sequence[bytes] = ()) -> LookupResult:
+        """Per producer, its entries for the longest run of leading ``hashes``, and for the
+        first of ``tail_hashes`` (partial chunks continuing the chain) it holds after them."""
         req = pb.LookupRequest(tenant=tenant or self.options.tenant, family_id=family_id,
                                chunk_hashes=hashes, consumer=consumer, producers=producers,
-                               lease_ttl_s=lease_ttl_s)
+                               lease_ttl_s=lease_ttl_s, tail_hashes=tail_hashes)
         return lookup_from_proto(self._call(self._stub.Lookup, req))
+
+    def lookup_prompt(self, family_id: FamilyId, tokens: Sequence[int], *, consumer: ModelId = NO_MODEL,
+                      producers: Sequence[str] = (), lease_ttl_s: int = 0, tenant: str = "",
+                      extra_keys: Sequence[str | bytes] = ()) -> LookupResult:
+        """The hits for a prompt's tokens, reaching where a stored context ends even
+        mid-chunk: the chain of the prompt's chunks (its own trailing partial chunk
+        included), then, where every hit stops before the prompt's end, the longest stored
+        partial chunk that the prompt's next tokens start with (a producer's context that
+        ended there; docs/chunk-keys.md). That second lookup sends one candidate hash per
+        length (at most chunk_size - 1 of them) and is skipped when nothing more can hit."""
+        tenant = tenant or self.options.tenant
+        chunk = self.chunk_size()
+        hashes = self.hash_tokens(tokens, family_id, tenant=tenant, extra_keys=extra_keys, include_partial=True)
+        kwargs = dict(consumer=consumer, producers=producers, lease_ttl_s=lease_ttl_s, tenant=tenant)
+        result = self.lookup(family_id, hashes, **kwargs)
+        held = max((hit.num_chunks for hit in result.hits), default=0)
+        rest = tokens[held * chunk:held * chunk + chunk - 1]
+        if held == len(hashes) or not rest:
+            return result
+        parent = hashes[held - 1] if held else chain_root(tenant or DEFAULT_TENANT, FamilyId(family_id), chunk)
+        tails = tail_hashes(parent, rest, encode_extra_keys(extra_keys))
+        probed = self.lookup(family_id, hashes[:held], tail_hashes=tails, **kwargs)
+        longer = max((hit.num_chunks for hit in probed.hits), default=0) > held
+        keep, drop = (probed, result) if longer else (result, probed)
+        if drop.lease_id:
+            self.unpin(drop.lease_id)
+        return keep
 
     def get(self, family_id: FamilyId, entries: Hit | Sequence[HitEntry], kinds: Sequence[Kind] = (Kind.K, Kind.V),
             layers: tuple[int, int] | None = None, *, out: Mapping[Kind, Any] | None = None,

@@ -195,7 +195,7 @@ class PairEvaluator:
                 for name, ans in answers.items():
                     _record(results[name], ans, answers[REFERENCE], truth, index)
                 progress()
-            hashes = self.client.hash_tokens(context, self.producer.family_id)
+            hashes = self.client.hash_tokens(context, self.producer.family_id, include_partial=True)
             self.client.delete(self.producer.family_id, chunk_hashes=hashes)   # both producers'
         return results
 

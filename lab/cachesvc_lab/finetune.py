@@ -73,9 +73,13 @@ RECIPES = {
     # Adapters on a third of the layers learn the task more slowly: SmolLM2 itself cannot
     # find a code in its context (2 of 18 at 830 tokens, even prompted with "The access code
     # of NAME is"), so layers 20-29 must learn the whole lookup. 200 steps of fresh
-    # contexts (8 questions each) reached 0.44 exact at 2048 tokens; a pool of contexts
-    # whose layers 0-19 run once makes a step a third as dear, so it sees 3.6 times the answers.
-    "codes-upper": Recipe("codes-upper", (20, 30), steps=360, questions=16, pool=90, lr=2e-3),
+    # contexts (8 questions each) reached 0.44 exact at 2048 tokens; a pool of 90 contexts
+    # whose layers 0-19 run once (a step a third as dear) with 16 questions each reached
+    # 0.73 at 2048 and 0.40 at 4096 at a training loss of 0.07: it learnt its 1440 answers
+    # rather than the lookup. Questions are cheap beside their context (~25 tokens against
+    # 500-4000), so each context now asks 48 and the pool holds more long contexts.
+    "codes-upper": Recipe("codes-upper", (20, 30), steps=360, questions=48, pool=120, lr=2e-3,
+                          min_records=32, max_records=200),
 }
 
 
@@ -189,7 +193,8 @@ def _loss(model, packed: Packed, start: int = 0, hidden: torch.Tensor | None = N
 
 def _draw(rng: random.Random, tokenizer, recipe: Recipe) -> Packed:
     records = round(math.exp(rng.uniform(math.log(recipe.min_records), math.log(recipe.max_records))))
-    return pack(tokenizer, tasks.make_questions(rng, records, recipe.questions))
+    # A short context has fewer people than a long recipe asks about: ask each of them once.
+    return pack(tokenizer, tasks.make_questions(rng, records, min(recipe.questions, records)))
 
 
 def _sha256(path: Path) -> str:

@@ -38,24 +38,8 @@ def gguf_path() -> Path:
 
 def converted() -> Path:
     """The safetensors copy of SmolLM2, converting it on first use."""
-    out = model_dir() / NAME
-    if (out / "config.json").exists():
-        return out
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
-    gguf = gguf_path()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    config = loaded.config
-    config.quantization_config = None
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = LlamaForCausalLM(config)
-    model.load_state_dict(loaded.state_dict())
-    tmp = out.with_name(out.name + ".tmp")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    tmp.rename(out)
-    return out
+    from cachesvc_lab.gguf import convert
+    return convert(gguf_path(), model_dir() / NAME)
 
 
 def load(path: Path | None = None):

@@ -81,12 +81,14 @@ class ReuseReport:
     plan: str = ""
     prompt_tokens: int = 0
     reused_tokens: int = 0            # prefix tokens taken from the producer
+    suffix_tokens: int = 0            # prompt tokens after them run here (the last one excluded)
     recomputed_layers: int = 0
     bytes_fetched: int = 0
     fetch_s: float = 0.0              # the loader's wall time
     wait_s: float = 0.0               # time compute waited for slabs
     hidden_fraction: float = 0.0      # share of fetch_s overlapped with compute
     prefill_s: float = 0.0            # lookup + load + assembly (to a cache of N-1 tokens)
+    suffix_s: float = 0.0             # the suffix through the reused layers (recompute groups not included)
     transport: str = ""
     fallback: str = ""                # why less (or nothing) was reused
     predicted_ttft_s: float | None = None   # the planner's prediction, with a TTFT target
@@ -113,6 +115,7 @@ class Consumer:
         self._check_producers(options.producers)
         self._staging = Staging(pinned=self.stack.device.type == "cuda")
         self._lock = threading.Lock()
+        self._suffix_s = 0.0              # of the assembly in progress (host time: launches on a GPU)
         self.cost = options.cost
         if self.cost is None and options.ttft_target_s is not None:
             self.cost = calibrate(self.stack, self.registration.family)
@@ -185,7 +188,7 @@ class Consumer:
             with self._lock:
                 cache = self._reuse(ids, hit, plan, report)
         if cache is None:
-            cache = DynamicCache()
+            cache = self.stack.new_cache()
             self.model.model(input_ids=self.stack.ids(ids[:-1]), past_key_values=cache, use_cache=True)
             report.mode, report.reused_tokens, report.recomputed_layers = "prefill", 0, self.stack.num_layers
             plan = None
@@ -207,9 +210,8 @@ class Consumer:
         return Prefill(cache, report, plan) if cache is not None else None
 
     def _lookup(self, ids: list[int], producers: Sequence[str] = ()) -> LookupResult:
-        """The service's hits for the prompt's chunks, a trailing partial chunk included."""
-        hashes = self.client.hash_tokens(ids, self.family_id, include_partial=True)
-        return self.client.lookup(self.family_id, hashes, consumer=self.model_id, producers=producers)
+        """The service's hits for the prompt, up to where a stored context ends (mid-chunk too)."""
+        return self.client.lookup_prompt(self.family_id, ids, consumer=self.model_id, producers=producers)
 
     def _reuse(self, ids: list[int], hit: Hit, plan: Plan, report: ReuseReport) -> DynamicCache | None:
         loader = SlabLoader(self.client, self.family_id, hit, plan_requests(plan), self.options.transport,
@@ -240,15 +242,17 @@ class Consumer:
             (hit.same_model or hit.producer == self.model_id) else "cross_model"
         report.producer, report.plan = hit.producer, plan.describe()
         report.reused_tokens, report.recomputed_layers = n, plan.recomputed_layers
+        report.suffix_tokens, report.suffix_s = len(ids) - 1 - n, self._suffix_s
         return cache
 
     def _assemble(self, ids: list[int], n: int, plan: Plan, loader: SlabLoader) -> DynamicCache | None:
         """Layer by layer: the producer's K/V for reused layers, the consumer's own layers
         over [E; suffix] for recompute groups; the suffix (tokens n..N-2) through every
         layer. None if a slab it needs never arrived."""
-        cache = DynamicCache()
+        cache = self.stack.new_cache()
         dtype = self.stack.dtype
         suffix = self.stack.embed(self.stack.ids(ids[n:-1])) if len(ids) - 1 > n else None
+        self._suffix_s = 0.0
         layer = 0
         while layer < self.stack.num_layers:
             group = plan.group_at(layer)
@@ -269,7 +273,9 @@ class Consumer:
                 return None
             cache.update(head_major(keys[:n], dtype), head_major(values[:n], dtype), layer)
             if suffix is not None:
+                t0 = time.perf_counter()
                 suffix = self.stack.run(suffix, layer, layer + 1, n, cache)
+                self._suffix_s += time.perf_counter() - t0
             layer += 1
         return cache
 

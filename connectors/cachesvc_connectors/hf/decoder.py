@@ -9,10 +9,14 @@ Masks are built here, not by transformers' helpers: those infer the past length 
 cache's first layer, which is wrong while a mixed cache is being assembled (some layers
 hold the producer's prefix, others are still empty).
 
-Caches are plain ``DynamicCache()`` (no config), whose layers keep every token, also on
-sliding-window layers: a config-built cache keeps only the last window of a sliding
-layer, so the producer would store (and the consumer index) the wrong positions. The
-window is applied by the mask instead.
+Two kinds of cache go through :meth:`DecoderStack.run`. The producer's is a plain
+``DynamicCache()`` (no config), whose layers keep every token, also on sliding-window
+layers: it stores every position, and the window is applied by the mask. The consumer's
+is :meth:`DecoderStack.new_cache`, built from the model's config like the model's own
+(a sliding layer keeps only its last ``window - 1`` tokens), so the uncached suffix
+attends to what the model's own forward would, and decode after reuse costs what it
+costs after the model's own prefill. The masks follow whichever the cache is: a sliding
+layer's keys then start at ``kv_offset``, not at position 0.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import inspect
 
 import torch
+from transformers import DynamicCache
 
 
 class UnsupportedModelError(TypeError):
@@ -91,10 +96,17 @@ class DecoderStack:
             return self.inner.rotary_emb(hidden, positions, self.layer_types[layer])
         return self.inner.rotary_emb(hidden, positions)
 
-    def mask(self, positions: torch.Tensor, kv_len: int, window: int | None) -> torch.Tensor:
+    def new_cache(self):
+        """An empty cache laid out as the model's own (sliding layers keep their last
+        ``window - 1`` tokens): what the consumer assembles and ``generate()`` continues."""
+        return DynamicCache(config=self.model.config)
+
+    def mask(self, positions: torch.Tensor, kv_len: int, window: int | None, kv_offset: int = 0) -> torch.Tensor:
         """[1, 1, q, kv_len]: the query at absolute position ``positions[i]`` sees keys
-        0..positions[i] (the last ``window`` of them with a sliding window)."""
-        k, q = torch.arange(kv_len, device=self.device).unsqueeze(0), positions.unsqueeze(1)
+        0..positions[i] (the last ``window`` of them with a sliding window); key j is the
+        one at absolute position ``kv_offset + j``."""
+        k = torch.arange(kv_offset, kv_offset + kv_len, device=self.device).unsqueeze(0)
+        q = positions.unsqueeze(1)
         allowed = k <= q
         if window:
             allowed &= k > q - window
@@ -107,11 +119,12 @@ class DecoderStack:
     def run(self, hidden: torch.Tensor, start: int, stop: int, q_start: int, cache) -> torch.Tensor:
         """Run layers [start, stop) on ``hidden`` ([1, q, hidden]) for the tokens at
         positions q_start..q_start+q-1, appending their K/V to ``cache`` (which must hold
-        exactly q_start tokens at each of these layers)."""
+        exactly q_start tokens at each of these layers: all of them, or a sliding layer's
+        last ``window - 1`` of :meth:`new_cache`)."""
         q_len = hidden.shape[1]
         positions = torch.arange(q_start, q_start + q_len, device=self.device).unsqueeze(0)
         for layer in range(start, stop):
-            rotary, mask = self._positional(hidden, positions, q_start, layer)
+            rotary, mask = self._positional(hidden, positions, q_start, layer, _kept(cache, layer, q_start))
             hidden = self.layers[layer](hidden, attention_mask=mask, position_embeddings=rotary,
                                         position_ids=positions, past_key_values=cache, use_cache=True)
             if isinstance(hidden, tuple):   # older decoder layers return (hidden, ...)
@@ -133,12 +146,13 @@ class DecoderStack:
                                     use_cache=True)
         return hidden[0] if isinstance(hidden, tuple) else hidden
 
-    def _positional(self, hidden: torch.Tensor, positions: torch.Tensor, q_start: int, layer: int):
-        """Rotary embeddings and mask for these positions at ``layer``, memoized: the
-        consumer runs the same suffix through every reused layer one call at a time, and
-        they depend only on the positions, the layer type and the window."""
+    def _positional(self, hidden: torch.Tensor, positions: torch.Tensor, q_start: int, layer: int, kept: int):
+        """Rotary embeddings and mask for these positions at ``layer`` over ``kept`` cached
+        tokens, memoized: the consumer runs the same suffix through every reused layer one
+        call at a time, and they depend only on the positions, the layer type, the window
+        and how many past tokens the layer's cache returns."""
         key = (q_start, hidden.shape[1], self.layer_types[layer] if self._rotary_by_type else None,
-               self.window(layer))
+               self.window(layer), kept)
         if key not in self._memo:
             if len(self._memo) >= 16:
                 self._memo.clear()
@@ -149,13 +163,23 @@ class DecoderStack:
                 # tokens here). Not for eager, which masks only what it is given.
                 mask = None
             else:
-                mask = self.mask(positions[0], q_start + q_len, window)
+                mask = self.mask(positions[0], kept + q_len, window, q_start - kept)
             self._memo[key] = (self.rotary(hidden, positions, layer), mask)
         return self._memo[key]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits of the last position of ``hidden`` (the output of the last layer)."""
         return self.model.lm_head(self.inner.norm(hidden[:, -1:]))
+
+
+def _kept(cache, layer: int, past: int) -> int:
+    """How many of the ``past`` tokens before a query ``cache``'s ``layer`` hands back to
+    attention: all of them, but a sliding-window layer's last ``window - 1`` (transformers'
+    ``DynamicSlidingWindowLayer`` keeps those and returns them with the new tokens)."""
+    layers = getattr(cache, "layers", None)
+    if layers is None or layer >= len(layers) or not getattr(layers[layer], "is_sliding", False):
+        return past
+    return min(past, layers[layer].sliding_window - 1)
 
 
 class _Overwrite:

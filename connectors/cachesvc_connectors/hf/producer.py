@@ -28,7 +28,10 @@ class ProducerOptions:
     kv_layers: tuple[int, ...] | None = None   # layers whose K/V are stored; None = all
     e_layers: tuple[int, ...] | None = None    # layers whose E is stored; None = all
     dtype: DType = DType.BFLOAT16              # slab dtype (part of the family)
-    include_partial: bool = False              # also store a trailing partial chunk
+    # Also store the trailing partial chunk: a consumer's prompt is this context plus its
+    # question, so the shared text ends mid-chunk, and without it the consumer prefills
+    # up to chunk_size - 1 context tokens through every layer (docs/chunk-keys.md).
+    include_partial: bool = True
     transport: str | None = None               # data-plane path; None = the client's default
 
 
