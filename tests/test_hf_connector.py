@@ -273,9 +273,13 @@ def test_context_longer_than_a_sliding_window_is_exact(client):
 def test_model_whose_decoder_loop_does_not_fit_is_refused_clearly():
     class NotADecoder(torch.nn.Module):
         config = None
+    from cachesvc_connectors.hf import DecoderStack
     with pytest.raises(UnsupportedModelError, match="missing embed_tokens"):
-        from cachesvc_connectors.hf import DecoderStack
         DecoderStack(NotADecoder())
+    chunked = tiny_model("llama", seed=0)
+    chunked.config.layer_types = ["chunked_attention"] + ["full_attention"] * 3
+    with pytest.raises(UnsupportedModelError, match="layer types chunked_attention"):
+        DecoderStack(chunked)
 
 
 @pytest.mark.parametrize("plan", [None, "[2,6)"], ids=["same_model", "plan"])

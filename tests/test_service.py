@@ -97,6 +97,13 @@ def test_a_prompt_reaches_a_stored_context_that_ends_mid_chunk(client: CacheClie
     client.put(reg.family_id, "p", [make_entry(rng, TINY, short[0], 100)])
     assert client.lookup_prompt(reg.family_id, list(range(5000, 5120))).best("p").num_tokens == 100
 
+    async def same_through_the_async_client():
+        async with AsyncCacheClient(client.target) as ac:
+            await ac.wait_ready()
+            result = await ac.lookup_prompt(reg.family_id, context + list(range(9000, 9030)))
+            return result.best("p").num_tokens, result.best("q").num_tokens
+    assert asyncio.run(same_through_the_async_client()) == (556, 256)
+
 
 def test_torch_in_and_out_and_into_caller_buffers(client: CacheClient):
     reg = client.register_model("p", "0123abcd", TINY)

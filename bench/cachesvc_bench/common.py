@@ -22,6 +22,13 @@ def bench_server(*args: str) -> ServerProcess:
     return ServerProcess(workdir, ["--log-level", "warning", *args])
 
 
+def model_server(device: str, cpu_memory: str = "2GiB") -> ServerProcess:
+    """A memory-only bench server for the model benchmarks: 24 GiB of memory tier on a GPU
+    host (the large synthetic shapes' slabs), ``cpu_memory`` otherwise."""
+    return bench_server("--memory-bytes", "24GiB" if device.startswith("cuda") else cpu_memory,
+                        "--disk-mode", "off")
+
+
 def machine() -> dict:
     return {"host": platform.node(), "cpu": _cpu_model(), "cores": os.cpu_count(),
             "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),

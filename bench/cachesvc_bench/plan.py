@@ -48,7 +48,7 @@ import torch
 
 from cachesvc.wire.keys import Kind
 from cachesvc_bench import synthetic
-from cachesvc_bench.common import bench_server, machine, markdown_table, publish
+from cachesvc_bench.common import machine, markdown_table, model_server, publish
 from cachesvc_client import CacheClient
 from cachesvc_lab.evaluate import BASE, REFERENCE, PairEvaluator, blend_name, plan_name, summarize
 from cachesvc_connectors.hf.decoder import DecoderStack
@@ -284,9 +284,7 @@ def run(args: argparse.Namespace) -> dict:
     fractions = [float(f) for f in args.targets.split(",")]
     blends = [float(b) for b in args.blend.split(",") if b]
     rows, choices, pairs, dominance = [], [], [], []
-    memory = "24GiB" if args.device.startswith("cuda") else "2GiB"
-    with bench_server("--memory-bytes", memory, "--disk-mode", "off") as srv, \
-            CacheClient(srv.address) as client:
+    with model_server(args.device) as srv, CacheClient(srv.address) as client:
         for pair in (_synthetic_pairs(args) if args.synthetic else _real_pairs(args)):
             name, L = pair.name, pair.profile.num_layers
             frontier = pair.profile.frontier()

@@ -31,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 from cachesvc_bench import synthetic
-from cachesvc_bench.common import bench_server, machine, markdown_table, publish
+from cachesvc_bench.common import machine, markdown_table, model_server, publish
 from cachesvc_client import CacheClient
 from cachesvc_lab.evaluate import BASE, REFERENCE, SAME, PairEvaluator, plan_name, summarize
 from cachesvc_lab import finetune, smollm2, tasks
@@ -99,8 +99,7 @@ def run(args: argparse.Namespace) -> dict:
     plans = _plans(args.plan, layers, Path(args.profiles), args.min_quality)
     contexts = [int(c) for c in args.contexts.split(",")]
     rows = []
-    with bench_server("--memory-bytes", "2GiB", "--disk-mode", "off") as srv, \
-            CacheClient(srv.address) as client:
+    with model_server(args.device) as srv, CacheClient(srv.address) as client:
         for name in args.consumers.split(","):
             consumer, _ = smollm2.load(finetune.ensure([name])[name])
             consumer.to(args.device)
@@ -121,9 +120,7 @@ def run_synthetic(args: argparse.Namespace) -> dict:
     """Random-weight pairs at real shapes: TTFT and fidelity (no task quality)."""
     contexts = [int(c) for c in args.contexts.split(",")]
     rows = []
-    memory = "24GiB" if args.device.startswith("cuda") else "2GiB"
-    with bench_server("--memory-bytes", memory, "--disk-mode", "off") as srv, \
-            CacheClient(srv.address) as client:
+    with model_server(args.device) as srv, CacheClient(srv.address) as client:
         for name in args.synthetic.split(","):
             shape = synthetic.SHAPES[name]
             producer, consumer, tokenizer = synthetic.pair(name, args.device)

@@ -35,7 +35,7 @@ import torch
 from tqdm import tqdm
 
 from cachesvc_bench import synthetic
-from cachesvc_bench.common import bench_server, machine
+from cachesvc_bench.common import machine, model_server
 from cachesvc_client import CacheClient, DType
 from cachesvc_connectors.hf import Consumer, ConsumerOptions, Producer, ProducerOptions
 
@@ -159,9 +159,7 @@ def _row(name: str, context_tokens: int, requests: list[Request], reuse: list[tu
 def run(args: argparse.Namespace) -> dict:
     contexts = [int(c) for c in args.contexts.split(",")]
     rows = []
-    memory = "24GiB" if args.device.startswith("cuda") else "3GiB"
-    with bench_server("--memory-bytes", memory, "--disk-mode", "off") as srv, \
-            CacheClient(srv.address) as client:
+    with model_server(args.device, "3GiB") as srv, CacheClient(srv.address) as client:
         for name in args.unaligned.split(","):
             model, tokenizer, dtype = _load(name, args.device)
             vocab = model.config.get_text_config().vocab_size

@@ -10,8 +10,7 @@ from typing import Any
 
 import grpc
 
-from cachesvc.wire.keys import (DEFAULT_TENANT, NO_FAMILY, NO_MODEL, ChunkHash, FamilyId, FamilySpec, Kind, ModelId,
-                                chain_root, chunk_hashes, encode_extra_keys, tail_hashes)
+from cachesvc.wire.keys import NO_FAMILY, NO_MODEL, ChunkHash, FamilyId, FamilySpec, Kind, ModelId, chunk_hashes
 from cachesvc.v1 import cachesvc_pb2 as pb
 from cachesvc.v1 import cachesvc_pb2_grpc as pb_grpc
 from cachesvc.wire.convert import family_from_proto, family_to_proto
@@ -20,6 +19,7 @@ from cachesvc_client.codec import (EntryData, Hit, HitEntry, LookupResult, PutRe
                                    entries_from_proto, entry_columns, lookup_from_proto, plan_put, write_chunks)
 from cachesvc_client.errors import CacheServiceError, NotFoundError, from_rpc_error
 from cachesvc_client.options import ClientOptions, batches
+from cachesvc_client.prompt import choose, tail_probe
 from cachesvc_client.transports import Transport, choose_transport
 
 __all__ = ["CacheClient"]
@@ -199,19 +199,13 @@ class CacheClient:
         ended there; docs/chunk-keys.md). That second lookup sends one candidate hash per
         length (at most chunk_size - 1 of them) and is skipped when nothing more can hit."""
         tenant = tenant or self.options.tenant
-        chunk = self.chunk_size()
         hashes = self.hash_tokens(tokens, family_id, tenant=tenant, extra_keys=extra_keys, include_partial=True)
         kwargs = dict(consumer=consumer, producers=producers, lease_ttl_s=lease_ttl_s, tenant=tenant)
-        result = self.lookup(family_id, hashes, **kwargs)
-        held = max((hit.num_chunks for hit in result.hits), default=0)
-        rest = tokens[held * chunk:held * chunk + chunk - 1]
-        if held == len(hashes) or not rest:
-            return result
-        parent = hashes[held - 1] if held else chain_root(tenant or DEFAULT_TENANT, FamilyId(family_id), chunk)
-        tails = tail_hashes(parent, rest, encode_extra_keys(extra_keys))
-        probed = self.lookup(family_id, hashes[:held], tail_hashes=tails, **kwargs)
-        longer = max((hit.num_chunks for hit in probed.hits), default=0) > held
-        keep, drop = (probed, result) if longer else (result, probed)
+        first = self.lookup(family_id, hashes, **kwargs)
+        probe = tail_probe(tokens, hashes, first, self.chunk_size(), tenant, family_id, extra_keys)
+        if probe is None:
+            return first
+        keep, drop = choose(first, self.lookup(family_id, probe[0], tail_hashes=probe[1], **kwargs))
         if drop.lease_id:
             self.unpin(drop.lease_id)
         return keep

@@ -58,6 +58,11 @@ class DecoderStack:
         self.num_layers = len(self.layers)
         self.layer_types = list(getattr(self.config, "layer_types", None) or
                                 ["full_attention"] * self.num_layers)
+        unknown = sorted(set(self.layer_types) - {"full_attention", "sliding_attention"})
+        if unknown:
+            # Chunked or shared-KV layers cache and mask differently from what run() builds.
+            raise UnsupportedModelError(f"layer types {', '.join(unknown)}: the connector runs full and "
+                                        f"sliding-window attention layers only")
         self._rotary_by_type = "layer_type" in inspect.signature(inner.rotary_emb.forward).parameters
         impl = getattr(self.config, "_attn_implementation", None) or "sdpa"
         if impl not in ("sdpa", "eager"):
