@@ -101,3 +101,21 @@ def test_bench_reuse_unaligned_fields(tmp_path):
                   "baseline_decode_ms_per_token"):
         assert row[field] > 0, field
     assert (tmp_path / "unaligned.png").stat().st_size > 0
+
+
+def test_bench_overhead_fields(tmp_path):
+    """`cachesvc bench overhead`: both modes, the figures issue 12 names, the breakdown,
+    answers identical to generate() on the assembled cache, and a plot."""
+    out = tmp_path / "overhead.json"
+    proc = _cli("bench", "overhead", "--contexts", "300", "--requests", "2", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    assert [(r["mode"], r["served_as"]) for r in doc["rows"]] == [("same_model", ["same_model"]),
+                                                                 ("plan", ["cross_model"])]
+    for row in doc["rows"]:
+        assert row["context_tokens"] == 300 and row["reused_tokens"] == 300 and row["identical"] == 1.0
+        assert row["ttft_s"] > 0 and row["baseline_ttft_s"] > 0 and "fixed_overhead_ms" in row
+        assert set(row["breakdown_ms"]) >= {"lookup", "fetch_setup", "first_slab", "assembly", "generate_setup",
+                                            "first_token"}
+        assert all(v >= 0 for v in row["breakdown_ms"].values()), row["breakdown_ms"]
+    assert (tmp_path / "overhead.png").stat().st_size > 0

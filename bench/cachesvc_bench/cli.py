@@ -8,7 +8,7 @@ import argparse
 import importlib
 
 HELP = "run a benchmark (JSON + markdown table + plot)"
-BENCHMARKS = ("lookup", "dataplane", "quality", "reuse", "plan")
+BENCHMARKS = ("lookup", "dataplane", "quality", "reuse", "plan", "overhead")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--questions-per-context", type=int, default=6,
                         help="reuse, plan: questions asked over each context (one prefill per model per context)")
     parser.add_argument("--contexts", default="512,1024,2048,4096",
-                        help="reuse, plan: context lengths (plan: use 1024,4096)")
+                        help="reuse, plan, overhead: context lengths (plan: use 1024,4096)")
     parser.add_argument("--profiles", default="bench-results", help="reuse, plan: folder of profile-<consumer>.json")
     parser.add_argument("--blend", default="0.15", help="plan: CacheBlend-style baselines, shares of "
                         "recomputed tokens (comma-separated; empty for none)")
@@ -57,7 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "plus a question on these models (smollm2 = the real SmolLM2; or shapes of --synthetic, "
                         "e.g. gemma3-270m with sliding-window layers): TTFT, the suffix's cost and decode per "
                         "token against the model alone")
-    parser.add_argument("--requests", type=int, default=4, help="reuse --unaligned: prompts per model and length")
+    parser.add_argument("--requests", type=int, default=None, help="reuse --unaligned: prompts per model and "
+                        "length (default 4); overhead: timed requests per mode and length (default 30)")
     parser.add_argument("--question-tokens", type=int, default=24,
                         help="reuse --unaligned: question length of the random-weight models' prompts")
     parser.add_argument("--new-tokens", type=int, default=16, help="reuse --unaligned: greedy tokens decoded")

@@ -33,6 +33,8 @@ SHAPES = {
     "llama-3.1-8b": Shape(32, 4096, 32, 8, 14336, 128256),
     # Gemma 3 270M: 15 of 18 layers slide over 512 tokens (5 sliding, then 1 full).
     "gemma3-270m": Shape(18, 640, 4, 1, 2048, 262144, "gemma3", 256, 512),
+    # Compute and bytes negligible: what is left of a request is the reuse path's fixed cost.
+    "llama-tiny": Shape(2, 64, 4, 2, 128, 256),
     # Seconds, not minutes: for the benchmarks' own tests (5 sliding layers of 64 tokens, 1 full).
     "gemma3-tiny": Shape(6, 64, 4, 1, 128, 256, "gemma3", 16, 64),
 }

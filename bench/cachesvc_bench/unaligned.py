@@ -158,6 +158,7 @@ def _row(name: str, context_tokens: int, requests: list[Request], reuse: list[tu
 
 def run(args: argparse.Namespace) -> dict:
     contexts = [int(c) for c in args.contexts.split(",")]
+    count = args.requests or 4
     rows = []
     with model_server(args.device, "3GiB") as srv, CacheClient(srv.address) as client:
         for name in args.unaligned.split(","):
@@ -171,7 +172,7 @@ def run(args: argparse.Namespace) -> dict:
             _own(model, stack, warm.prompt, 2)
             consumer.prefill(warm.prompt)
             for tokens in contexts:
-                requests = _requests(name, tokenizer, vocab, tokens, args.requests, args.question_tokens, args.seed)
+                requests = _requests(name, tokenizer, vocab, tokens, count, args.question_tokens, args.seed)
                 reuse, own, own_suffix = [], [], []
                 for number, request in enumerate(tqdm(requests, desc=f"unaligned {name} @{tokens}", unit="prompt")):
                     producer.store(request.context)

@@ -73,7 +73,7 @@ class VariantResult:
     fallbacks: int = 0
 
 
-class _FirstToken:
+class FirstToken:
     """A ``generate`` streamer that notes when the first new token comes out."""
 
     def __init__(self) -> None:
@@ -125,7 +125,7 @@ class PairEvaluator:
         return dict(max_new_tokens=self.max_new_tokens, do_sample=False, output_logits=True,
                     return_dict_in_generate=True, pad_token_id=self.tokenizer.eos_token_id)
 
-    def _answer(self, out, prompt_len: int, t0: float | None, first: _FirstToken,
+    def _answer(self, out, prompt_len: int, t0: float | None, first: FirstToken,
                 report: ReuseReport | None = None) -> Answer:
         text = self.tokenizer.decode(out.sequences[0, prompt_len:], skip_special_tokens=True)
         return Answer(text, torch.log_softmax(out.logits[0][0].float().cpu(), -1),
@@ -136,7 +136,7 @@ class PairEvaluator:
         """``model``'s greedy answer to ``ids``, timed from the prompt in; with
         ``context_cache`` (the model's own cache of a prefix of ``ids``, left untouched)
         only the rest is computed and the answer is not timed."""
-        first = _FirstToken()
+        first = FirstToken()
         input_ids = torch.tensor([ids], device=model.device)
         extra = {} if context_cache is None else {"past_key_values": copy.deepcopy(context_cache)}
         t0 = time.perf_counter()
@@ -148,7 +148,7 @@ class PairEvaluator:
 
     @torch.no_grad()
     def reuse(self, consumer: Consumer, ids: list[int]) -> Answer:
-        first = _FirstToken()
+        first = FirstToken()
         t0 = time.perf_counter()
         out, report = consumer.generate(ids, streamer=first, **self._gen_kwargs())
         return self._answer(out, len(ids), t0, first, report)

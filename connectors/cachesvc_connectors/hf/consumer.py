@@ -88,6 +88,12 @@ class ReuseReport:
     wait_s: float = 0.0               # time compute waited for slabs
     hidden_fraction: float = 0.0      # share of fetch_s overlapped with compute
     prefill_s: float = 0.0            # lookup + load + assembly (to a cache of N-1 tokens)
+    # Where prefill_s went (issue 12's breakdown; host time, launches on a GPU):
+    lookup_s: float = 0.0             # hashing and the service's lookup(s)
+    choose_s: float = 0.0             # picking the hit and the plan (profile reads on first use)
+    fetch_setup_s: float = 0.0        # the loader built and started (staging, request plan)
+    first_slab_s: float = 0.0         # loader start to the first slab in hand
+    assembly_s: float = 0.0           # assembling the cache, waits for slabs excluded
     suffix_s: float = 0.0             # the suffix through the reused layers (recompute groups not included)
     transport: str = ""
     fallback: str = ""                # why less (or nothing) was reused
@@ -179,7 +185,10 @@ class Consumer:
         if len(ids) < 2:
             raise ValueError("a prompt needs at least 2 tokens")
         report = ReuseReport(prompt_tokens=len(ids))
-        selection = self.choose(self._lookup(ids), len(ids))
+        result = self._lookup(ids)
+        t1 = time.perf_counter()
+        selection = self.choose(result, len(ids))
+        report.lookup_s, report.choose_s = t1 - t0, time.perf_counter() - t1
         hit, plan, report.fallback = selection.hit, selection.plan, selection.why
         if selection.predicted_ttft_s is not None:
             report.predicted_ttft_s = round(selection.predicted_ttft_s, 4)
@@ -214,15 +223,21 @@ class Consumer:
         return self.client.lookup_prompt(self.family_id, ids, consumer=self.model_id, producers=producers)
 
     def _reuse(self, ids: list[int], hit: Hit, plan: Plan, report: ReuseReport) -> DynamicCache | None:
+        t0 = time.perf_counter()
         loader = SlabLoader(self.client, self.family_id, hit, plan_requests(plan), self.options.transport,
                             self.stack.device, self._staging)
         if self.options.pipelined:
             loader.start()
+            report.fetch_setup_s = time.perf_counter() - t0
         else:
+            report.fetch_setup_s = time.perf_counter() - t0
             loader.run()
         n = min(hit.num_tokens, len(ids) - 1)   # the last prompt token runs in generate()
+        t1, waited = time.perf_counter(), loader.wait_s
         cache = self._assemble(ids, n, plan, loader)
+        report.assembly_s = time.perf_counter() - t1 - (loader.wait_s - waited)
         valid = loader.join()
+        report.first_slab_s = loader.first_slab_s
         report.bytes_fetched, report.fetch_s = loader.bytes_fetched, loader.fetch_s
         if self.cost is not None:
             self.cost.observe_load(loader.bytes_fetched, loader.fetch_s)

@@ -102,6 +102,8 @@ class SlabLoader:
         self.errors: list[str] = []
         self.bytes_fetched = 0
         self.fetch_s = 0.0
+        self.first_slab_s = 0.0          # from the start of loading to the first slab handed out
+        self._t0 = 0.0
         self.wait_s = 0.0
         self.transport_used = ""
         self._background = False
@@ -114,7 +116,7 @@ class SlabLoader:
         return self
 
     def run(self) -> None:
-        t0 = time.perf_counter()
+        self._t0 = t0 = time.perf_counter()
         stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             self._load_all(stream)
@@ -132,6 +134,8 @@ class SlabLoader:
                              for kind in req.kinds}
                     if copy_stream is not None:
                         copy_stream.synchronize()
+                    if not self._slabs:
+                        self.first_slab_s = time.perf_counter() - self._t0
                     for kind in req.kinds:
                         self._slabs[(kind, layer)] = moved[kind]
                         self._ready[(kind, layer)].set()

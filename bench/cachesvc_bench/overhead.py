@@ -1,0 +1,166 @@
+"""``cachesvc bench overhead``: the reuse path's fixed cost, where compute and bytes are negligible.
+
+A tiny random-weight Llama (``llama-tiny``: 2 layers, hidden 64) reuses its own stored
+context (mode ``same_model``), and a copy of it with layer 1 perturbed reuses the
+original's under the plan [1,2) (mode ``plan``). Per context length, ``--requests``
+requests (30 unless given): a context is stored, then the context plus a 16-token
+question goes through ``Consumer.generate`` for one token. TTFT runs from the prompt in
+to the token out. In the same run, the baseline is ``generate()`` of the same prompt over
+the cache that path assembles, already in memory (a copy, made untimed), so
+``fixed_overhead_ms`` = median TTFT − median baseline is what the reuse path adds.
+
+The breakdown (medians, ms) comes from the consumer's report and a timer on the model's
+first forward: ``lookup`` (hashing and the lookups), ``choose`` (hit and plan),
+``fetch_setup`` (the loader built and started), ``first_slab`` (its start to the first
+slab in hand), ``load`` (all slabs), ``wait`` (the assembly blocked on slabs),
+``assembly`` (assembling, waits excluded), ``generate_setup`` (``generate()`` called to
+its first forward) and ``first_token`` (that forward to the token out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import random
+import statistics
+import time
+
+import torch
+from tqdm import tqdm
+
+from cachesvc_bench import synthetic
+from cachesvc_bench.common import machine, markdown_table, model_server, publish
+from cachesvc_client import CacheClient, DType
+from cachesvc_connectors.hf import Consumer, ConsumerOptions, Producer, ProducerOptions
+from cachesvc_connectors.reuse import Plan
+from cachesvc_lab.evaluate import FirstToken
+
+SHAPE = "llama-tiny"
+QUESTION_TOKENS = 16
+PHASES = ("lookup", "choose", "fetch_setup", "first_slab", "load", "wait", "assembly", "generate_setup",
+          "first_token")
+
+
+class _FirstForward:
+    """A forward pre-hook noting when the model's first forward of a ``generate()`` starts."""
+
+    def __init__(self, model) -> None:
+        self.at = 0.0
+        model.register_forward_pre_hook(self._hook)
+
+    def _hook(self, *_args) -> None:
+        if not self.at:
+            self.at = time.perf_counter()
+
+
+@torch.no_grad()
+def _generate(model, ids: list[int], cache, forward: _FirstForward) -> tuple[float, float, int]:
+    """``generate()`` of one token over ``cache``: (seconds to the token, seconds to the
+    first forward, the token)."""
+    input_ids = torch.tensor([ids], device=model.device)
+    first, forward.at = FirstToken(), 0.0
+    t0 = time.perf_counter()
+    out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), past_key_values=cache,
+                         max_new_tokens=1, do_sample=False, streamer=first, pad_token_id=0)
+    return first.at - t0, forward.at - t0, int(out[0, -1])
+
+
+def _request(consumer: Consumer, forward: _FirstForward, ids: list[int]) -> dict:
+    """One request through the reuse path, then the baseline on a copy of its cache."""
+    model = consumer.model
+    first, forward.at = FirstToken(), 0.0
+    t0 = time.perf_counter()
+    out, report = consumer.generate(ids, max_new_tokens=1, do_sample=False, streamer=first, pad_token_id=0)
+    ttft, forward_at = first.at - t0, forward.at
+    ms = {"lookup": report.lookup_s, "choose": report.choose_s, "fetch_setup": report.fetch_setup_s,
+          "first_slab": report.first_slab_s, "load": report.fetch_s, "wait": report.wait_s,
+          "assembly": report.assembly_s, "generate_setup": forward_at - t0 - report.prefill_s,
+          "first_token": first.at - forward_at}
+    assembled = consumer.prefill(ids).cache
+    baseline, baseline_setup, token = _generate(model, ids, copy.deepcopy(assembled), forward)
+    return {"ttft_s": ttft, "baseline_ttft_s": baseline, "baseline_generate_setup_s": baseline_setup,
+            "ms": ms, "mode": report.mode, "reused_tokens": report.reused_tokens,
+            "bytes_fetched": report.bytes_fetched, "transport": report.transport,
+            "identical": int(out[0, -1]) == token}
+
+
+def _row(mode: str, tokens: int, done: list[dict]) -> dict:
+    med = statistics.median
+    ttft, baseline = med(d["ttft_s"] for d in done), med(d["baseline_ttft_s"] for d in done)
+    return {"mode": mode, "context_tokens": tokens, "prompt_tokens": tokens + QUESTION_TOKENS,
+            "ttft_s": round(ttft, 5), "baseline_ttft_s": round(baseline, 5),
+            "fixed_overhead_ms": round((ttft - baseline) * 1e3, 3),
+            "breakdown_ms": {phase: round(med(d["ms"][phase] for d in done) * 1e3, 3) for phase in PHASES},
+            "baseline_generate_setup_ms": round(med(d["baseline_generate_setup_s"] for d in done) * 1e3, 3),
+            "reused_tokens": round(med(d["reused_tokens"] for d in done)),
+            "bytes_fetched": round(med(d["bytes_fetched"] for d in done)),
+            "transport": sorted({d["transport"] for d in done}),
+            "served_as": sorted({d["mode"] for d in done}),
+            "identical": round(sum(d["identical"] for d in done) / len(done), 3), "requests": len(done)}
+
+
+def run(args: argparse.Namespace) -> dict:
+    contexts = [int(c) for c in args.contexts.split(",")]
+    requests = args.requests or 30
+    shape = synthetic.SHAPES[SHAPE]
+    producer_model, tuned, tokenizer = synthetic.pair(SHAPE, args.device)
+    plan = Plan(shape.layers, (synthetic.default_plan(shape),))
+    rows = []
+    with model_server(args.device) as srv, CacheClient(srv.address) as client:
+        producer = Producer(client, producer_model, tokenizer, "tiny", ProducerOptions(dtype=DType.FLOAT32))
+        consumers = {"same_model": Consumer(client, producer_model, tokenizer, "tiny",
+                                            ConsumerOptions(dtype=DType.FLOAT32)),
+                     "plan": Consumer(client, tuned, tokenizer, "tiny-tuned",
+                                      ConsumerOptions(dtype=DType.FLOAT32, plans={"tiny": plan}))}
+        forwards = {id(c.model): _FirstForward(c.model) for c in consumers.values()}
+        rng = random.Random(args.seed)
+        for mode, consumer in consumers.items():
+            forward = forwards[id(consumer.model)]
+            for tokens in contexts:
+                done = []
+                for number in tqdm(range(requests + 3), desc=f"overhead {mode} @{tokens}", unit="request"):
+                    context = [rng.randrange(shape.vocab) for _ in range(tokens)]
+                    producer.store(context)
+                    outcome = _request(consumer, forward, context + [rng.randrange(shape.vocab)
+                                                                     for _ in range(QUESTION_TOKENS)])
+                    if number >= 3:   # the first three warm the path up
+                        done.append(outcome)
+                rows.append(_row(mode, tokens, done))
+    return {"benchmark": "overhead", "machine": machine(), "device": args.device, "shape": SHAPE,
+            "plan": plan.describe(), "rows": rows}
+
+
+def plot(doc: dict, path) -> None:
+    """Per mode and length: TTFT's phases stacked, beside the baseline."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = doc["rows"]
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rows)), 4.5))
+    shown = ("lookup", "choose", "fetch_setup", "wait", "assembly", "generate_setup", "first_token")
+    x = range(len(rows))
+    bottom = [0.0] * len(rows)
+    for phase in shown:
+        heights = [r["breakdown_ms"][phase] for r in rows]
+        ax.bar([i - 0.2 for i in x], heights, 0.4, bottom=bottom, label=phase)
+        bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
+    ax.bar([i + 0.2 for i in x], [r["baseline_ttft_s"] * 1e3 for r in rows], 0.4, color="gray",
+           label="baseline: generate() on the assembled cache")
+    ax.scatter(x, [r["ttft_s"] * 1e3 for r in rows], color="black", marker="_", s=400, label="TTFT", zorder=3)
+    ax.set(xticks=list(x), xticklabels=[f"{r['mode']}\n{r['context_tokens']}" for r in rows], ylabel="ms",
+           title=f"reuse path's fixed cost ({doc['shape']}, {doc['device']})")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(args: argparse.Namespace) -> int:
+    doc = run(args)
+    png = publish(args.json, doc, plot)
+    print(markdown_table(
+        ["mode", "context", "TTFT ms", "baseline ms", "fixed overhead ms", *PHASES, "identical"],
+        [[r["mode"], r["context_tokens"], round(r["ttft_s"] * 1e3, 2), round(r["baseline_ttft_s"] * 1e3, 2),
+          r["fixed_overhead_ms"], *(r["breakdown_ms"][p] for p in PHASES), r["identical"]] for r in doc["rows"]]))
+    print(f"\nplot: {png}")
+    return 0
