@@ -4,6 +4,8 @@ with fp32 slabs and within bf16 rounding with the default bf16 slabs."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -63,3 +65,16 @@ def test_the_shipped_adapter_merges_into_the_recorded_weights(tmp_path, monkeypa
     _, meta = finetune.shipped("codes-upper")
     assert '"adapter_sha256"' in (path / "adapter.json").read_text()
     assert meta["adapter_sha256"] in (path / "adapter.json").read_text()
+
+
+def test_a_base_model_without_a_chat_template_gets_plain_text_prompts(smol):
+    """Gemma 3 270M's GGUF has no chat template: its prompts are the same messages as
+    plain text, and the context a producer stores is still a token prefix of them."""
+    _, tokenizer = smol
+    plain = copy.deepcopy(tokenizer)
+    plain.chat_template = None
+    example = tasks.dataset("test", 1, 25, seed=98)[0]
+    ids, context = tasks.prompt_ids(plain, example), tasks.context_ids(plain, example)
+    text = plain.decode(ids)
+    assert text.startswith(tasks.SYSTEM) and text.endswith(f"{example.question}\nAnswer:")
+    assert ids[:len(context)] == context and plain.decode(ids[len(context):]).strip().startswith("Access code of")

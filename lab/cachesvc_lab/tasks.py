@@ -95,6 +95,9 @@ def messages(example: Example) -> list[dict]:
 
 
 def prompt_ids(tokenizer, example: Example) -> list[int]:
+    if getattr(tokenizer, "chat_template", None) is None:
+        # A base model (Gemma 3 270M's GGUF has no template): the same messages as plain text.
+        return list(tokenizer.encode("\n\n".join(m["content"] for m in messages(example)) + "\nAnswer:"))
     ids = tokenizer.apply_chat_template(messages(example), add_generation_prompt=True, tokenize=True)
     if not isinstance(ids, list):   # transformers 5 may return a BatchEncoding
         ids = ids["input_ids"]
