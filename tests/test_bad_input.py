@@ -40,9 +40,10 @@ def _slab(kind=Kind.K, layer=0, shape=(256, 2, 8), dtype=pb.DTYPE_BFLOAT16, chec
     return pb.SlabSpec(kind=int(kind), layer=layer, shape=shape, dtype=dtype, checksum=checksum)
 
 
-def _reserve(stub, fid, slabs, *, chunk_hash=b"\x01" * 32, num_tokens=256, producer="p"):
+def _reserve(stub, fid, slabs, *, chunk_hash=b"\x01" * 32, num_tokens=256, producer="p", parent_hash=b""):
     return stub.Reserve(pb.ReserveRequest(family_id=fid, producer=producer, entries=[
-        pb.EntrySpec(chunk_hash=chunk_hash, num_tokens=num_tokens, slabs=slabs)]), timeout=5)
+        pb.EntrySpec(chunk_hash=chunk_hash, num_tokens=num_tokens, slabs=slabs, parent_hash=parent_hash)]),
+        timeout=5)
 
 
 def _code(exc_info) -> grpc.StatusCode:
@@ -70,6 +71,8 @@ def test_bad_entries(setup):
         (dict(chunk_hash=b"\x01" * 31), "chunk_hash has 31 bytes, expected 32"),
         (dict(num_tokens=257), r"num_tokens must be in 1..256"),
         (dict(num_tokens=0), r"num_tokens must be in 1..256"),
+        (dict(num_tokens=100, parent_hash=b"\x02" * 5), r"parent_hash has 5 bytes, expected 32"),
+        (dict(num_tokens=256, parent_hash=b"\x02" * 32), r"parent_hash is for partial chunks only"),
     ]
     for kwargs, match in cases:
         with pytest.raises(grpc.RpcError) as e:

@@ -42,6 +42,25 @@ def test_restart_keeps_every_committed_entry(server_factory, rng, mode):
         _check_all(client, fid, hashes, entries)       # readable and checksum-clean
 
 
+def test_a_partial_chunk_is_still_offered_after_a_restart(server_factory, rng):
+    """The parent a partial chunk was put with is in its file: after a restart from the
+    disk tier, a prompt continuing past the stored context still reaches all of it."""
+    import dataclasses
+    from cachesvc.wire.keys import chunk_hashes
+    srv = server_factory("--memory-bytes", "64MiB", "--disk-mode", "write_through")
+    context = list(range(300))
+    with CacheClient(srv.address) as client:
+        reg = client.register_model("p", "0123abcd", TINY)
+        hashes = chunk_hashes(context, reg.family_id, include_partial=True)
+        client.put(reg.family_id, "p", [make_entry(rng, TINY, hashes[0], 256), dataclasses.replace(
+            make_entry(rng, TINY, hashes[1], 44), parent_hash=hashes[0])])
+        assert client.lookup_prompt(reg.family_id, context + [1, 2]).best().num_tokens == 300
+    assert srv.stop(signal.SIGTERM) == 0
+    again = server_factory("--memory-bytes", "64MiB", "--disk-mode", "write_through", workdir=srv.workdir)
+    with CacheClient(again.address) as client:
+        assert client.lookup_prompt(reg.family_id, context + [1, 2]).best().num_tokens == 300
+
+
 def test_torn_file_is_dropped_on_start(server_factory, rng):
     srv = server_factory("--memory-bytes", "64MiB")
     with CacheClient(srv.address) as client:

@@ -70,39 +70,59 @@ def test_partial_chunk_entry_can_be_stored_explicitly(client: CacheClient, rng):
 
 
 def test_a_prompt_reaches_a_stored_context_that_ends_mid_chunk(client: CacheClient, rng):
-    """Issue 13: a context of 2 chunks + 44 tokens stored with its partial chunk; prompts
-    of that context plus a question hit all 556 tokens (not 512), whatever chunk the
-    question ends in; a longer stored tail is preferred, another producer's run is cut
-    where it stops, and a prompt that leaves the context before its end reaches only the
-    full chunks."""
-    from cachesvc.wire.keys import chunk_hashes
+    """Issue 13: a context of 2 chunks + 44 tokens stored with its partial chunk (and its
+    parent); prompts of that context plus a question hit all 556 tokens (not 512) in one
+    lookup, whatever chunk the question ends in; a longer stored tail is preferred, another
+    producer's run is cut where it stops, a prompt that leaves the context before its end
+    reaches only the full chunks, an offer whose tokens differ is never taken, and a
+    partial chunk put without a parent is found only by the tail-candidates probe."""
+    from cachesvc.wire.keys import chain_root, chunk_hashes, tail_hashes
     reg = client.register_model("p", "0123abcd", TINY)
     client.register_model("q", "0123abce", TINY)
     context = list(range(556))
     hashes = chunk_hashes(context, reg.family_id, include_partial=True)
     sizes = [256, 256, 44]
-    client.put(reg.family_id, "p", [make_entry(rng, TINY, h, n) for h, n in zip(hashes, sizes, strict=True)])
-    client.put(reg.family_id, "q", [make_entry(rng, TINY, hashes[0], 256)])
+
+    def entry(chunk_hash, tokens, parent=b""):
+        return dataclasses.replace(make_entry(rng, TINY, chunk_hash, tokens), parent_hash=parent)
+    client.put(reg.family_id, "p", [entry(h, n, hashes[1] if n < 256 else b"")
+                                    for h, n in zip(hashes, sizes, strict=True)])
+    client.put(reg.family_id, "q", [entry(hashes[0], 256)])
     for question in (list(range(9000, 9030)), list(range(9000, 9300))):
         result = client.lookup_prompt(reg.family_id, context + question)
         assert [e.layout.num_tokens for e in result.best("p").entries] == sizes
         assert result.best("q").num_chunks == 1
     shorter = chunk_hashes(context[:530], reg.family_id, include_partial=True)[-1]
-    client.put(reg.family_id, "p", [make_entry(rng, TINY, shorter, 18)])
+    client.put(reg.family_id, "p", [entry(shorter, 18, hashes[1])])
     assert client.lookup_prompt(reg.family_id, context + [7]).best("p").num_tokens == 556
     assert client.lookup_prompt(reg.family_id, context[:540] + [7] * 40).best("p").num_tokens == 530
     assert client.lookup_prompt(reg.family_id, context[:520] + [7] * 40).best("p").num_tokens == 512
-    # A context shorter than a chunk: the tail candidates start at the chain's root.
+    # A partial chunk claiming that parent but holding other tokens is offered, never taken.
+    liar = chunk_hashes(context[:512] + [1] * 60, reg.family_id, include_partial=True)[-1]
+    client.put(reg.family_id, "q", [entry(hashes[1], 256), entry(liar, 60, hashes[1])])
+    offered = client.lookup(reg.family_id, chunk_hashes(context[:600] + [5], reg.family_id, include_partial=True),
+                            offer_tails=True).best("q")
+    assert offered.num_chunks == 2 and [o.layout.num_tokens for o in offered.tails] == [60]
+    assert client.lookup_prompt(reg.family_id, context + [7]).best("q").num_tokens == 512
+    # A context shorter than a chunk: offered after the chain's root.
     short = chunk_hashes(list(range(5000, 5100)), reg.family_id, include_partial=True)
-    client.put(reg.family_id, "p", [make_entry(rng, TINY, short[0], 100)])
+    client.put(reg.family_id, "p", [entry(short[0], 100, chain_root("default", reg.family_id, 256))])
     assert client.lookup_prompt(reg.family_id, list(range(5000, 5120))).best("p").num_tokens == 100
+    # Put without a parent: not offered; the tail candidates still find it.
+    orphan_context = list(range(7000, 7300))
+    orphan = chunk_hashes(orphan_context, reg.family_id, include_partial=True)
+    client.put(reg.family_id, "p", [entry(orphan[0], 256), entry(orphan[1], 44)])
+    prompt = orphan_context + [3] * 20
+    assert client.lookup_prompt(reg.family_id, prompt).best("p").num_tokens == 256
+    probe = client.lookup(reg.family_id, orphan[:1], tail_hashes=tail_hashes(orphan[0], prompt[256:511]))
+    assert probe.best("p").num_tokens == 300
 
     async def same_through_the_async_client():
         async with AsyncCacheClient(client.target) as ac:
             await ac.wait_ready()
             result = await ac.lookup_prompt(reg.family_id, context + list(range(9000, 9030)))
             return result.best("p").num_tokens, result.best("q").num_tokens
-    assert asyncio.run(same_through_the_async_client()) == (556, 256)
+    assert asyncio.run(same_through_the_async_client()) == (556, 512)
 
 
 def test_torch_in_and_out_and_into_caller_buffers(client: CacheClient):

@@ -50,6 +50,8 @@ class Catalog:
         # (tenant, family) -> chunk hash -> producer -> records, newest last (a producer
         # has several only when it wrote one chunk at several position offsets)
         self.chunks: dict[tuple[str, str], dict[bytes, dict[str, list[EntryRecord]]]] = {}
+        # (tenant, family) -> parent hash -> producer -> partial chunks put with that parent
+        self.partials: dict[tuple[str, str], dict[bytes, dict[str, list[EntryRecord]]]] = {}
         self.mem_lru: OrderedDict[EntryId, EntryRecord] = OrderedDict()   # oldest first
         self.disk_lru: OrderedDict[EntryId, EntryRecord] = OrderedDict()
         self.disk_used = 0
@@ -96,6 +98,16 @@ class Catalog:
             _append_tails(by_hash, runs, len(hashes), tails, only)
         return runs
 
+    def tails(self, tenant: str, family_id: str, parent: bytes, producer: str, limit: int = 32) -> list[EntryRecord]:
+        """The partial chunks ``producer`` stored after ``parent`` (the newest record per
+        chunk hash), longest first, at most ``limit``."""
+        recs = self.partials.get((tenant, family_id), {}).get(bytes(parent), {}).get(producer, ())
+        newest = {r.meta.chunk_hash: r for r in recs}
+        return sorted(newest.values(), key=lambda r: -r.meta.num_tokens)[:limit]
+
+    def tail_producers(self, tenant: str, family_id: str, parent: bytes) -> list[str]:
+        return list(self.partials.get((tenant, family_id), {}).get(bytes(parent), {}))
+
     def page(self, tenant: str, family_id: str, producer: str, after_hex: str,
              limit: int) -> tuple[list[EntryRecord], bool]:
         """Up to ``limit`` matching records after ``after_hex`` in entry-id order, and
@@ -129,23 +141,25 @@ class Catalog:
 
     def index(self, rec: EntryRecord) -> None:
         meta = rec.meta
-        by_hash = self.chunks.setdefault((meta.tenant, meta.family_id), {})
-        by_hash.setdefault(meta.chunk_hash, {}).setdefault(meta.producer, []).append(rec)
+        for table, key in _tables(self, meta):
+            table.setdefault((meta.tenant, meta.family_id), {}).setdefault(key, {}) \
+                .setdefault(meta.producer, []).append(rec)
 
     def unindex(self, rec: EntryRecord) -> None:
         """Remove from lookups (the record stays reachable by its holders)."""
         meta = rec.meta
         if self.entries.get(meta.entry_id) is rec:
             del self.entries[meta.entry_id]
-        by_hash = self.chunks.get((meta.tenant, meta.family_id), {})
-        producers = by_hash.get(meta.chunk_hash, {})
-        recs = producers.get(meta.producer, [])
-        if rec in recs:
-            recs.remove(rec)
-            if not recs:
-                del producers[meta.producer]
-                if not producers:
-                    del by_hash[meta.chunk_hash]
+        for table, key in _tables(self, meta):
+            by_key = table.get((meta.tenant, meta.family_id), {})
+            producers = by_key.get(key, {})
+            recs = producers.get(meta.producer, [])
+            if rec in recs:
+                recs.remove(rec)
+                if not recs:
+                    del producers[meta.producer]
+                    if not producers:
+                        del by_key[key]
 
     # ------------------------------------------------------------ removing
 
@@ -201,6 +215,14 @@ class Catalog:
             if rec.mem_offset is None:
                 self.unindex(rec)
         return self.disk_used + need <= capacity
+
+
+def _tables(catalog: Catalog, meta: EntryMeta):
+    """The indexes ``meta`` belongs in, with its key in each: the chunk index by its hash,
+    and a partial chunk with a parent also the partial index by that parent."""
+    yield catalog.chunks, meta.chunk_hash
+    if meta.parent_hash:
+        yield catalog.partials, meta.parent_hash
 
 
 def _append_tails(by_hash: dict[bytes, dict[str, list[EntryRecord]]], runs: dict[str, list[EntryRecord]],

@@ -53,6 +53,8 @@ def _header(meta: EntryMeta) -> bytes:
         "slabs": [[int(s.kind), s.layer, list(s.shape), int(s.dtype), s.checksum, s.offset,
                    s.size_bytes] for s in meta.slabs],
     }
+    if meta.parent_hash:   # absent from files written before partial chunks had parents
+        doc["parent_hash"] = meta.parent_hash.hex()
     return canonical_json(doc).encode("ascii")
 
 
@@ -66,7 +68,8 @@ def _meta_from_header(raw: bytes) -> EntryMeta:
     layout = intern_layout(Layout(doc["num_tokens"], *(
         tuple(s.layer for s in slabs if s.kind == kind) for kind in (Kind.K, Kind.V, Kind.E))))
     return EntryMeta(entry, doc["tenant"], FamilyId(doc["family_id"]), chunk_hash, doc["producer"],
-                     doc["position_offset"], doc["num_tokens"], slabs, doc["size_bytes"], layout)
+                     doc["position_offset"], doc["num_tokens"], slabs, doc["size_bytes"], layout,
+                     bytes.fromhex(doc.get("parent_hash", "")))
 
 
 class DiskTier:

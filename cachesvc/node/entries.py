@@ -54,6 +54,9 @@ class EntryMeta:
     slabs: tuple[Slab, ...]    # payload order: (kind, layer) ascending
     size_bytes: int            # total payload bytes
     layout: Layout = field(compare=False)
+    # A partial chunk's parent in the chain (b"" for full chunks or when not given): what
+    # lookups offer it after (docs/chunk-keys.md).
+    parent_hash: bytes = b""
 
     def slab_run(self, kind: Kind, layer_start: int, layer_end: int) -> list[list[Slab]]:
         """The slabs of ``kind`` in [layer_start, layer_end), grouped in runs of
@@ -88,7 +91,7 @@ def split_run(run: list[Slab], max_bytes: int) -> Iterator[list[Slab]]:
 
 def plan_entry(index: int, tenant: str, family_id: FamilyId, family: FamilySpec, producer: str,
                chunk_hash: bytes, position_offset: int, num_tokens: int,
-               slabs: list[SlabSpec], chunk_size: int) -> EntryMeta:
+               slabs: list[SlabSpec], chunk_size: int, parent_hash: bytes = b"") -> EntryMeta:
     """Validate one entry of a put against its family and place its slabs.
 
     Raises InvalidArgument naming ``entries[index]`` and the offending field.
@@ -100,6 +103,12 @@ def plan_entry(index: int, tenant: str, family_id: FamilyId, family: FamilySpec,
     if not 1 <= num_tokens <= chunk_size:
         raise InvalidArgument(f"{where}.num_tokens must be in 1..{chunk_size} (chunk size), "
                               f"got {num_tokens}")
+    if parent_hash and len(parent_hash) != CHUNK_HASH_BYTES:
+        raise InvalidArgument(f"{where}.parent_hash has {len(parent_hash)} bytes, expected {CHUNK_HASH_BYTES} "
+                              f"(or none)")
+    if parent_hash and num_tokens == chunk_size:
+        raise InvalidArgument(f"{where}.parent_hash is for partial chunks only: this one has the full "
+                              f"{chunk_size} tokens")
     if not slabs:
         raise InvalidArgument(f"{where} has no slabs")
     seen: set[tuple[Kind, int]] = set()
@@ -121,7 +130,7 @@ def plan_entry(index: int, tenant: str, family_id: FamilyId, family: FamilySpec,
         *(tuple(s.layer for s in placed if s.kind == kind) for kind in (Kind.K, Kind.V, Kind.E))))
     return EntryMeta(entry_id(tenant, family_id, chunk_hash, producer, position_offset), tenant,
                      family_id, ChunkHash(bytes(chunk_hash)), producer, position_offset,
-                     num_tokens, tuple(placed), offset, layout)
+                     num_tokens, tuple(placed), offset, layout, bytes(parent_hash))
 
 
 def _check_slab(where: str, spec: SlabSpec, family: FamilySpec, num_tokens: int) -> None:

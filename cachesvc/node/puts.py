@@ -68,7 +68,8 @@ class PutPath:
         if not entries:
             raise InvalidArgument("a reservation needs at least one entry")
         metas = [plan_entry(i, tenant, FamilyId(family_id), family, producer, e.chunk_hash,
-                            e.position_offset, e.num_tokens, e.slabs, self.config.chunk_size)
+                            e.position_offset, e.num_tokens, e.slabs, self.config.chunk_size,
+                            e.parent_hash)
                  for i, e in enumerate(entries)]
         ids = [m.entry_id for m in metas]
         if len(set(ids)) != len(ids):

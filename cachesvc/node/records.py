@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cachesvc.node.entries import EntryMeta, SlabSpec
@@ -41,6 +41,7 @@ class EntryInput:
     position_offset: int
     num_tokens: int
     slabs: list[SlabSpec]
+    parent_hash: bytes = b""     # a partial chunk's parent in the chain (optional)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +60,8 @@ class ProducerHit:
     same_model: bool
     metas: list[EntryMeta]     # metas[i] covers chunk i of the request
     tiers: list[Tier]          # where metas[i] lives
+    tails: list[EntryMeta] = field(default_factory=list)   # partial chunks offered after the run, longest first
+    tail_tiers: list[Tier] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)

@@ -141,7 +141,7 @@ class CacheServicer(pb_grpc.CacheServiceServicer):
     def Reserve(self, request, context):
         entries = [EntryInput(e.chunk_hash, e.position_offset, e.num_tokens,
                               [_slab_from_proto(s, f"entries[{i}].slabs[{j}]")
-                               for j, s in enumerate(e.slabs)])
+                               for j, s in enumerate(e.slabs)], e.parent_hash)
                    for i, e in enumerate(request.entries)]
         res = self.store.reserve(request.tenant, request.family_id, request.producer, entries,
                                  request.ttl_s)
@@ -199,22 +199,27 @@ class CacheServicer(pb_grpc.CacheServiceServicer):
     def Lookup(self, request, context):
         result = self.store.lookup(request.tenant, request.family_id, request.chunk_hashes,
                                    request.consumer, request.producers, request.lease_ttl_s,
-                                   request.tail_hashes)
+                                   request.tail_hashes, request.offer_tails)
         resp = pb.LookupResponse(lease_id=result.lease_id)
         layout_index: dict[int, int] = {}
+
+        def index_of(meta) -> int:
+            idx = layout_index.get(id(meta.layout))
+            if idx is None:
+                idx = layout_index[id(meta.layout)] = len(resp.layouts)
+                resp.layouts.append(_layout_to_proto(meta.layout))
+            return idx
+
         for hit in result.hits:
-            indices = []
-            for meta in hit.metas:
-                idx = layout_index.get(id(meta.layout))
-                if idx is None:
-                    idx = layout_index[id(meta.layout)] = len(resp.layouts)
-                    resp.layouts.append(_layout_to_proto(meta.layout))
-                indices.append(idx)
             resp.hits.add(producer=hit.producer, same_model=hit.same_model,
                           num_chunks=len(hit.metas),
                           entry_ids=b"".join(m.entry_id for m in hit.metas),
                           position_offsets=[m.position_offset for m in hit.metas],
-                          layout_indices=indices, tiers=hit.tiers, fetch=self.fetch)
+                          layout_indices=[index_of(m) for m in hit.metas], tiers=hit.tiers, fetch=self.fetch,
+                          tail_chunk_hashes=b"".join(m.chunk_hash for m in hit.tails),
+                          tail_entry_ids=b"".join(m.entry_id for m in hit.tails),
+                          tail_position_offsets=[m.position_offset for m in hit.tails],
+                          tail_layout_indices=[index_of(m) for m in hit.tails], tail_tiers=hit.tail_tiers)
         return resp
 
     @_maps_errors

@@ -37,7 +37,8 @@ from cachesvc.node.records import (DiskMode, EntryInput, LookupAnswer, ProducerH
                                    Reservation, StoreConfig)
 from cachesvc.node.tiers import Tiers
 from cachesvc.wire.errors import FailedPrecondition, InvalidArgument, NotFound
-from cachesvc.wire.keys import DEFAULT_TENANT, ENTRY_ID_BYTES, FamilySpec, Kind, Tier, check_chunk_hashes
+from cachesvc.wire.keys import (DEFAULT_TENANT, ENTRY_ID_BYTES, FamilyId, FamilySpec, Kind, Tier, chain_root,
+                                check_chunk_hashes)
 
 log = logging.getLogger(__name__)
 
@@ -200,10 +201,13 @@ class CacheStore:
 
     def lookup(self, tenant: str, family_id: str, chunk_hashes: Sequence[bytes], consumer: str = "",
                producers: Sequence[str] = (), lease_ttl_s: int = 0,
-               tail_hashes: Sequence[bytes] = ()) -> LookupAnswer:
+               tail_hashes: Sequence[bytes] = (), offer_tails: bool = False) -> LookupAnswer:
         """Per producer, the longest run of leading chunks it has entries for; a producer
         holding all of them gets the first of ``tail_hashes`` (partial chunks continuing
-        the chain, longest first) it holds appended."""
+        the chain, longest first) it holds appended. With ``offer_tails``, each producer
+        whose run stops before the request's end is also offered the partial chunks it
+        stored after the run's last chunk (or after the chain's root), for the client to
+        verify against its own tokens."""
         tenant = _tenant(tenant)
         try:
             check_chunk_hashes(chunk_hashes)
@@ -223,15 +227,36 @@ class CacheStore:
                                              f"{model.family_id}, not {family_id}: its cache "
                                              "cannot be shared")
             runs = self._catalog.longest_runs(tenant, family_id, chunk_hashes, set(producers), tail_hashes)
-            hits = [ProducerHit(p, p == consumer, [r.meta for r in recs], [r.tier for r in recs])
-                    for p, recs in sorted(runs.items(), key=lambda kv: -len(kv[1]))]
+            offers = self._offers(tenant, family_id, chunk_hashes, runs, set(producers)) if offer_tails else {}
+            hits = [ProducerHit(p, p == consumer, [r.meta for r in recs], [r.tier for r in recs],
+                                [r.meta for r in offers.get(p, ())], [r.tier for r in offers.get(p, ())])
+                    for p, recs in sorted(((p, runs.get(p, [])) for p in {*runs, *offers}),
+                                          key=lambda kv: (-len(kv[1]), kv[0]))]
             lease_id = ""
             if lease_ttl_s and hits:
-                lease_id = self._pin_locked([r for recs in runs.values() for r in recs], lease_ttl_s)
+                held = [r for recs in (*runs.values(), *offers.values()) for r in recs]
+                lease_id = self._pin_locked(held, lease_ttl_s)
             self.counters["lookups"] += 1
             self.counters["lookup_chunks"] += len(chunk_hashes)
             self.counters["hit_chunks"] += max((len(r) for r in runs.values()), default=0)
         return LookupAnswer(hits, lease_id)
+
+    def _offers(self, tenant: str, family_id: str, hashes: Sequence[bytes], runs: dict[str, list[EntryRecord]],
+                only: set[str]) -> dict[str, list[EntryRecord]]:
+        """Per producer whose run stops before the request's end: the partial chunks it
+        stored after the run's last chunk (after the chain's root for an empty run)."""
+        offers: dict[str, list[EntryRecord]] = {}
+        for producer, run in runs.items():
+            if len(run) < len(hashes):
+                found = self._catalog.tails(tenant, family_id, hashes[len(run) - 1], producer)
+                if found:
+                    offers[producer] = found
+        if hashes:   # producers without chunk 0: a context shorter than a chunk, stored after the root
+            root = chain_root(tenant, FamilyId(family_id), self.config.chunk_size)
+            for producer in self._catalog.tail_producers(tenant, family_id, root):
+                if producer not in runs and (not only or producer in only):
+                    offers[producer] = self._catalog.tails(tenant, family_id, root, producer)
+        return offers
 
     # ------------------------------------------------------------ read
 

@@ -141,16 +141,18 @@ class SlabSpec(_message.Message):
     def __init__(self, kind: _Optional[_Union[Kind, str]] = ..., layer: _Optional[int] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., checksum: _Optional[int] = ...) -> None: ...
 
 class EntrySpec(_message.Message):
-    __slots__ = ("chunk_hash", "position_offset", "num_tokens", "slabs")
+    __slots__ = ("chunk_hash", "position_offset", "num_tokens", "slabs", "parent_hash")
     CHUNK_HASH_FIELD_NUMBER: _ClassVar[int]
     POSITION_OFFSET_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SLABS_FIELD_NUMBER: _ClassVar[int]
+    PARENT_HASH_FIELD_NUMBER: _ClassVar[int]
     chunk_hash: bytes
     position_offset: int
     num_tokens: int
     slabs: _containers.RepeatedCompositeFieldContainer[SlabSpec]
-    def __init__(self, chunk_hash: _Optional[bytes] = ..., position_offset: _Optional[int] = ..., num_tokens: _Optional[int] = ..., slabs: _Optional[_Iterable[_Union[SlabSpec, _Mapping]]] = ...) -> None: ...
+    parent_hash: bytes
+    def __init__(self, chunk_hash: _Optional[bytes] = ..., position_offset: _Optional[int] = ..., num_tokens: _Optional[int] = ..., slabs: _Optional[_Iterable[_Union[SlabSpec, _Mapping]]] = ..., parent_hash: _Optional[bytes] = ...) -> None: ...
 
 class ReserveRequest(_message.Message):
     __slots__ = ("tenant", "family_id", "producer", "entries", "ttl_s")
@@ -229,7 +231,7 @@ class AbortResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class LookupRequest(_message.Message):
-    __slots__ = ("tenant", "family_id", "chunk_hashes", "consumer", "producers", "lease_ttl_s", "tail_hashes")
+    __slots__ = ("tenant", "family_id", "chunk_hashes", "consumer", "producers", "lease_ttl_s", "tail_hashes", "offer_tails")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     FAMILY_ID_FIELD_NUMBER: _ClassVar[int]
     CHUNK_HASHES_FIELD_NUMBER: _ClassVar[int]
@@ -237,6 +239,7 @@ class LookupRequest(_message.Message):
     PRODUCERS_FIELD_NUMBER: _ClassVar[int]
     LEASE_TTL_S_FIELD_NUMBER: _ClassVar[int]
     TAIL_HASHES_FIELD_NUMBER: _ClassVar[int]
+    OFFER_TAILS_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     family_id: str
     chunk_hashes: _containers.RepeatedScalarFieldContainer[bytes]
@@ -244,7 +247,8 @@ class LookupRequest(_message.Message):
     producers: _containers.RepeatedScalarFieldContainer[str]
     lease_ttl_s: int
     tail_hashes: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, tenant: _Optional[str] = ..., family_id: _Optional[str] = ..., chunk_hashes: _Optional[_Iterable[bytes]] = ..., consumer: _Optional[str] = ..., producers: _Optional[_Iterable[str]] = ..., lease_ttl_s: _Optional[int] = ..., tail_hashes: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    offer_tails: bool
+    def __init__(self, tenant: _Optional[str] = ..., family_id: _Optional[str] = ..., chunk_hashes: _Optional[_Iterable[bytes]] = ..., consumer: _Optional[str] = ..., producers: _Optional[_Iterable[str]] = ..., lease_ttl_s: _Optional[int] = ..., tail_hashes: _Optional[_Iterable[bytes]] = ..., offer_tails: _Optional[bool] = ...) -> None: ...
 
 class EntryLayout(_message.Message):
     __slots__ = ("num_tokens", "k_layers", "v_layers", "e_layers")
@@ -259,7 +263,7 @@ class EntryLayout(_message.Message):
     def __init__(self, num_tokens: _Optional[int] = ..., k_layers: _Optional[_Iterable[int]] = ..., v_layers: _Optional[_Iterable[int]] = ..., e_layers: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class LookupHit(_message.Message):
-    __slots__ = ("producer", "same_model", "num_chunks", "entry_ids", "position_offsets", "layout_indices", "tiers", "fetch")
+    __slots__ = ("producer", "same_model", "num_chunks", "entry_ids", "position_offsets", "layout_indices", "tiers", "fetch", "tail_chunk_hashes", "tail_entry_ids", "tail_position_offsets", "tail_layout_indices", "tail_tiers")
     PRODUCER_FIELD_NUMBER: _ClassVar[int]
     SAME_MODEL_FIELD_NUMBER: _ClassVar[int]
     NUM_CHUNKS_FIELD_NUMBER: _ClassVar[int]
@@ -268,6 +272,11 @@ class LookupHit(_message.Message):
     LAYOUT_INDICES_FIELD_NUMBER: _ClassVar[int]
     TIERS_FIELD_NUMBER: _ClassVar[int]
     FETCH_FIELD_NUMBER: _ClassVar[int]
+    TAIL_CHUNK_HASHES_FIELD_NUMBER: _ClassVar[int]
+    TAIL_ENTRY_IDS_FIELD_NUMBER: _ClassVar[int]
+    TAIL_POSITION_OFFSETS_FIELD_NUMBER: _ClassVar[int]
+    TAIL_LAYOUT_INDICES_FIELD_NUMBER: _ClassVar[int]
+    TAIL_TIERS_FIELD_NUMBER: _ClassVar[int]
     producer: str
     same_model: bool
     num_chunks: int
@@ -276,7 +285,12 @@ class LookupHit(_message.Message):
     layout_indices: _containers.RepeatedScalarFieldContainer[int]
     tiers: _containers.RepeatedScalarFieldContainer[Tier]
     fetch: FetchDescriptor
-    def __init__(self, producer: _Optional[str] = ..., same_model: _Optional[bool] = ..., num_chunks: _Optional[int] = ..., entry_ids: _Optional[bytes] = ..., position_offsets: _Optional[_Iterable[int]] = ..., layout_indices: _Optional[_Iterable[int]] = ..., tiers: _Optional[_Iterable[_Union[Tier, str]]] = ..., fetch: _Optional[_Union[FetchDescriptor, _Mapping]] = ...) -> None: ...
+    tail_chunk_hashes: bytes
+    tail_entry_ids: bytes
+    tail_position_offsets: _containers.RepeatedScalarFieldContainer[int]
+    tail_layout_indices: _containers.RepeatedScalarFieldContainer[int]
+    tail_tiers: _containers.RepeatedScalarFieldContainer[Tier]
+    def __init__(self, producer: _Optional[str] = ..., same_model: _Optional[bool] = ..., num_chunks: _Optional[int] = ..., entry_ids: _Optional[bytes] = ..., position_offsets: _Optional[_Iterable[int]] = ..., layout_indices: _Optional[_Iterable[int]] = ..., tiers: _Optional[_Iterable[_Union[Tier, str]]] = ..., fetch: _Optional[_Union[FetchDescriptor, _Mapping]] = ..., tail_chunk_hashes: _Optional[bytes] = ..., tail_entry_ids: _Optional[bytes] = ..., tail_position_offsets: _Optional[_Iterable[int]] = ..., tail_layout_indices: _Optional[_Iterable[int]] = ..., tail_tiers: _Optional[_Iterable[_Union[Tier, str]]] = ...) -> None: ...
 
 class FetchDescriptor(_message.Message):
     __slots__ = ("node_id", "grpc_address", "transports", "host_id")

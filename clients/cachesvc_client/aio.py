@@ -22,7 +22,7 @@ from cachesvc_client.codec import (EntryData, Hit, HitEntry, LookupResult, PutRe
                                    entry_columns, lookup_from_proto, plan_put, write_chunks)
 from cachesvc_client.errors import CacheServiceError, NotFoundError, from_rpc_error
 from cachesvc_client.options import ClientOptions, batches
-from cachesvc_client.prompt import choose, tail_probe
+from cachesvc_client.prompt import verified
 from cachesvc_client.transports import Transport, choose_transport
 
 __all__ = ["AsyncCacheClient"]
@@ -135,10 +135,11 @@ class AsyncCacheClient:
 
     async def lookup(self, family_id: FamilyId, hashes: Sequence[bytes], *, consumer: ModelId = NO_MODEL,
                      producers: Sequence[str] = (), lease_ttl_s: int = 0,
-                     tenant: str = "", tail_hashes: Sequence[bytes] = ()) -> LookupResult:
+                     tenant: str = "", tail_hashes: Sequence[bytes] = (), offer_tails: bool = False
+                     ) -> LookupResult:
         req = pb.LookupRequest(tenant=tenant or self.options.tenant, family_id=family_id,
                                chunk_hashes=hashes, consumer=consumer, producers=producers,
-                               lease_ttl_s=lease_ttl_s, tail_hashes=tail_hashes)
+                               lease_ttl_s=lease_ttl_s, tail_hashes=tail_hashes, offer_tails=offer_tails)
         return lookup_from_proto(await self._call(self._stub.Lookup, req))
 
     async def lookup_prompt(self, family_id: FamilyId, tokens: Sequence[int], *, consumer: ModelId = NO_MODEL,
@@ -148,15 +149,9 @@ class AsyncCacheClient:
         tenant = tenant or self.options.tenant
         hashes = await self.hash_tokens(tokens, family_id, tenant=tenant, extra_keys=extra_keys,
                                         include_partial=True)
-        kwargs = dict(consumer=consumer, producers=producers, lease_ttl_s=lease_ttl_s, tenant=tenant)
-        first = await self.lookup(family_id, hashes, **kwargs)
-        probe = tail_probe(tokens, hashes, first, self._chunk_size, tenant, family_id, extra_keys)
-        if probe is None:
-            return first
-        keep, drop = choose(first, await self.lookup(family_id, probe[0], tail_hashes=probe[1], **kwargs))
-        if drop.lease_id:
-            await self.unpin(drop.lease_id)
-        return keep
+        result = await self.lookup(family_id, hashes, consumer=consumer, producers=producers,
+                                   lease_ttl_s=lease_ttl_s, tenant=tenant, offer_tails=True)
+        return verified(tokens, hashes, result, self._chunk_size, tenant, family_id, extra_keys)
 
     async def get(self, family_id: FamilyId, entries: Hit | Sequence[HitEntry],
                   kinds: Sequence[Kind] = (Kind.K, Kind.V), layers: tuple[int, int] | None = None,

@@ -19,7 +19,7 @@ from cachesvc_client.codec import (EntryData, Hit, HitEntry, LookupResult, PutRe
                                    entries_from_proto, entry_columns, lookup_from_proto, plan_put, write_chunks)
 from cachesvc_client.errors import CacheServiceError, NotFoundError, from_rpc_error
 from cachesvc_client.options import ClientOptions, batches
-from cachesvc_client.prompt import choose, tail_probe
+from cachesvc_client.prompt import verified
 from cachesvc_client.transports import Transport, choose_transport
 
 __all__ = ["CacheClient"]
@@ -181,34 +181,30 @@ class CacheClient:
 
     def lookup(self, family_id: FamilyId, hashes: Sequence[bytes], *, consumer: ModelId = NO_MODEL,
                producers: Sequence[str] = (), lease_ttl_s: int = 0, tenant: str = "",
-               tail_hashes: Sequence[bytes] = ()) -> LookupResult:
+               tail_hashes: Sequence[bytes] = (), offer_tails: bool = False) -> LookupResult:
         """Per producer, its entries for the longest run of leading ``hashes``, and for the
-        first of ``tail_hashes`` (partial chunks continuing the chain) it holds after them."""
+        first of ``tail_hashes`` (partial chunks continuing the chain) it holds after them;
+        with ``offer_tails``, ``Hit.tails`` lists the partial chunks stored after each run
+        (see :meth:`lookup_prompt`, which verifies them)."""
         req = pb.LookupRequest(tenant=tenant or self.options.tenant, family_id=family_id,
                                chunk_hashes=hashes, consumer=consumer, producers=producers,
-                               lease_ttl_s=lease_ttl_s, tail_hashes=tail_hashes)
+                               lease_ttl_s=lease_ttl_s, tail_hashes=tail_hashes, offer_tails=offer_tails)
         return lookup_from_proto(self._call(self._stub.Lookup, req))
 
     def lookup_prompt(self, family_id: FamilyId, tokens: Sequence[int], *, consumer: ModelId = NO_MODEL,
                       producers: Sequence[str] = (), lease_ttl_s: int = 0, tenant: str = "",
                       extra_keys: Sequence[str | bytes] = ()) -> LookupResult:
         """The hits for a prompt's tokens, reaching where a stored context ends even
-        mid-chunk: the chain of the prompt's chunks (its own trailing partial chunk
-        included), then, where every hit stops before the prompt's end, the longest stored
-        partial chunk that the prompt's next tokens start with (a producer's context that
-        ended there; docs/chunk-keys.md). That second lookup sends one candidate hash per
-        length (at most chunk_size - 1 of them) and is skipped when nothing more can hit."""
+        mid-chunk, in one round trip: the chain of the prompt's chunks (its own trailing
+        partial chunk included), and, where a producer's run stops before the prompt's end,
+        the longest partial chunk it stored there (put with its parent, as the connectors'
+        producers do) that the prompt's next tokens hash to (docs/chunk-keys.md). With a
+        lease, offers that did not verify stay pinned until it ends."""
         tenant = tenant or self.options.tenant
         hashes = self.hash_tokens(tokens, family_id, tenant=tenant, extra_keys=extra_keys, include_partial=True)
-        kwargs = dict(consumer=consumer, producers=producers, lease_ttl_s=lease_ttl_s, tenant=tenant)
-        first = self.lookup(family_id, hashes, **kwargs)
-        probe = tail_probe(tokens, hashes, first, self.chunk_size(), tenant, family_id, extra_keys)
-        if probe is None:
-            return first
-        keep, drop = choose(first, self.lookup(family_id, probe[0], tail_hashes=probe[1], **kwargs))
-        if drop.lease_id:
-            self.unpin(drop.lease_id)
-        return keep
+        result = self.lookup(family_id, hashes, consumer=consumer, producers=producers, lease_ttl_s=lease_ttl_s,
+                             tenant=tenant, offer_tails=True)
+        return verified(tokens, hashes, result, self.chunk_size(), tenant, family_id, extra_keys)
 
     def get(self, family_id: FamilyId, entries: Hit | Sequence[HitEntry], kinds: Sequence[Kind] = (Kind.K, Kind.V),
             layers: tuple[int, int] | None = None, *, out: Mapping[Kind, Any] | None = None,

@@ -16,7 +16,8 @@ import ml_dtypes
 import numpy as np
 import xxhash
 
-from cachesvc.wire.keys import ENTRY_ID_BYTES, ChunkHash, DType, EntryId, FamilyId, FamilySpec, Kind, ModelId, Tier
+from cachesvc.wire.keys import (CHUNK_HASH_BYTES, ENTRY_ID_BYTES, ChunkHash, DType, EntryId, FamilyId, FamilySpec,
+                                Kind, ModelId, Tier)
 from cachesvc.wire.layout import Layout
 from cachesvc.wire.framing import decode_slab_run, encode_write_chunk, passthrough
 from cachesvc.v1 import cachesvc_pb2 as pb
@@ -68,6 +69,9 @@ class EntryData:
     chunk_hash: bytes
     slabs: Mapping[tuple[Kind, int], Any]   # (kind, layer) -> array
     position_offset: int = 0
+    # A partial chunk's parent in the chain (the hash before it, or the chain's root), so
+    # that lookups offer it to prompts that continue past it (CacheClient.lookup_prompt).
+    parent_hash: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,11 +106,24 @@ class StoredEntry:
 
 
 @dataclass(frozen=True, slots=True)
+class TailOffer:
+    """A partial chunk the service offers after a hit's run (a lookup with
+    ``offer_tails``): a hit only once the client's own tokens hash to ``chunk_hash``."""
+
+    chunk_hash: bytes
+    entry_id: EntryId
+    position_offset: int
+    layout: Layout
+    tier: Tier
+
+
+@dataclass(frozen=True, slots=True)
 class Hit:
     """One producer's hits, columnar: chunk i of the looked-up prompt is covered by
     ``entry_ids[i]`` (with ``position_offsets[i]``, ``layouts[i]``, ``tiers[i]``).
     ``hit[:k]`` is the hit cut to its first k chunks; ``entries`` builds per-entry
-    records on demand."""
+    records on demand. ``tails``: partial chunks offered after the run, longest first,
+    not yet verified (``with_tail`` appends one that was)."""
 
     producer: ModelId
     same_model: bool
@@ -115,6 +132,13 @@ class Hit:
     layouts: list[Layout]
     tiers: list[Tier]
     grpc_address: str      # where to fetch
+    tails: tuple[TailOffer, ...] = ()
+
+    def with_tail(self, offer: TailOffer) -> "Hit":
+        """This hit extended by a verified offer (and no further offers)."""
+        return Hit(self.producer, self.same_model, [*self.entry_ids, offer.entry_id],
+                   [*self.position_offsets, offer.position_offset], [*self.layouts, offer.layout],
+                   [*self.tiers, offer.tier], self.grpc_address)
 
     @property
     def num_chunks(self) -> int:
@@ -201,9 +225,14 @@ def lookup_from_proto(resp: pb.LookupResponse) -> LookupResult:
     for h in resp.hits:
         blob, n = h.entry_ids, h.num_chunks
         ids = [blob[i:i + ENTRY_ID_BYTES] for i in range(0, n * ENTRY_ID_BYTES, ENTRY_ID_BYTES)]
+        tails = tuple(TailOffer(h.tail_chunk_hashes[i * CHUNK_HASH_BYTES:(i + 1) * CHUNK_HASH_BYTES],
+                                h.tail_entry_ids[i * ENTRY_ID_BYTES:(i + 1) * ENTRY_ID_BYTES], offset,
+                                layouts[layout], _TIERS[tier])
+                      for i, (offset, layout, tier) in enumerate(zip(h.tail_position_offsets, h.tail_layout_indices,
+                                                                     h.tail_tiers, strict=True)))
         hits.append(Hit(h.producer, h.same_model, ids, list(h.position_offsets),
                         [layouts[i] for i in h.layout_indices], list(map(_TIERS.__getitem__, h.tiers)),
-                        h.fetch.grpc_address))
+                        h.fetch.grpc_address, tails))
     return LookupResult(hits, resp.lease_id)
 
 
@@ -257,7 +286,7 @@ def plan_put(tenant: str, family_id: str, family: FamilySpec, producer: str,
             raise ValueError(f"entries[{i}]: slabs disagree on the token count {sorted(num_tokens)}")
         spec = req.entries.add(chunk_hash=bytes(entry.chunk_hash),
                                position_offset=entry.position_offset,
-                               num_tokens=num_tokens.pop())
+                               num_tokens=num_tokens.pop(), parent_hash=bytes(entry.parent_hash))
         views = []
         for (kind, layer), arr in sorted(entry.slabs.items(), key=lambda kv: kv[0]):
             view = byte_view(arr)
