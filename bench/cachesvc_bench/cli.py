@@ -62,6 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--question-tokens", type=int, default=24,
                         help="reuse --unaligned: question length of the random-weight models' prompts")
     parser.add_argument("--new-tokens", type=int, default=16, help="reuse --unaligned: greedy tokens decoded")
+    parser.add_argument("--slab-dtype", default="", help="reuse --unaligned: slab dtype (bfloat16, float32; "
+                        "default: bfloat16 for the real models, float32 for random weights)")
     parser.add_argument("--profile-prompts", type=int, default=20,
                         help="plan --synthetic: random prompts the pair is profiled on")
 

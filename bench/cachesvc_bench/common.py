@@ -64,6 +64,16 @@ def write_json(path: str | Path, doc: dict) -> None:
     Path(path).write_text(json.dumps(doc, indent=2))
 
 
+def finish(json_path: str | Path, doc: dict, plot: Callable[[dict, Path], None], header: Sequence[str],
+           rows: Sequence[Sequence[object]]) -> int:
+    """A benchmark's ending: the plot and JSON (``publish``), then its markdown table and
+    where the plot is. The exit status (0)."""
+    png = publish(json_path, doc, plot)
+    print(markdown_table(header, rows))
+    print(f"\nplot: {png}")
+    return 0
+
+
 def publish(json_path: str | Path, doc: dict, plot: Callable[[dict, Path], None]) -> Path:
     """Plot next to the JSON (same name, .png), write the JSON, print it; the plot's path."""
     out = Path(json_path)

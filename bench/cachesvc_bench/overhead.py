@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from cachesvc_bench import synthetic
-from cachesvc_bench.common import machine, markdown_table, model_server, publish
+from cachesvc_bench.common import finish, machine, model_server
 from cachesvc_client import CacheClient, DType
 from cachesvc_connectors.hf import Consumer, ConsumerOptions, Producer, ProducerOptions
 from cachesvc_connectors.reuse import Plan
@@ -157,10 +157,8 @@ def plot(doc: dict, path) -> None:
 
 def main(args: argparse.Namespace) -> int:
     doc = run(args)
-    png = publish(args.json, doc, plot)
-    print(markdown_table(
-        ["mode", "context", "TTFT ms", "baseline ms", "fixed overhead ms", *PHASES, "identical"],
-        [[r["mode"], r["context_tokens"], round(r["ttft_s"] * 1e3, 2), round(r["baseline_ttft_s"] * 1e3, 2),
-          r["fixed_overhead_ms"], *(r["breakdown_ms"][p] for p in PHASES), r["identical"]] for r in doc["rows"]]))
-    print(f"\nplot: {png}")
-    return 0
+    return finish(args.json, doc, plot,
+                  ["mode", "context", "TTFT ms", "baseline ms", "fixed overhead ms", *PHASES, "identical"],
+                  [[r["mode"], r["context_tokens"], round(r["ttft_s"] * 1e3, 2), round(r["baseline_ttft_s"] * 1e3, 2),
+                    r["fixed_overhead_ms"], *(r["breakdown_ms"][p] for p in PHASES), r["identical"]]
+                   for r in doc["rows"]])

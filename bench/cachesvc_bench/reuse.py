@@ -31,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 from cachesvc_bench import synthetic
-from cachesvc_bench.common import machine, markdown_table, model_server, publish
+from cachesvc_bench.common import finish, machine, markdown_table, model_server, publish
 from cachesvc_client import CacheClient
 from cachesvc_lab.evaluate import BASE, REFERENCE, SAME, PairEvaluator, plan_name, summarize
 from cachesvc_lab import finetune, smollm2, tasks
@@ -197,10 +197,7 @@ def main(args: argparse.Namespace) -> int:
     if args.unaligned:
         from cachesvc_bench import unaligned
         doc = unaligned.run(args)
-        png = publish(args.json, doc, unaligned.plot)
-        print(markdown_table(*unaligned.table(doc)))
-        print(f"\nplot: {png}")
-        return 0
+        return finish(args.json, doc, unaligned.plot, *unaligned.table(doc))
     doc = run(args)
     png = publish(args.json, doc, plot)
     print(markdown_table(

@@ -18,7 +18,8 @@ Models: ``smollm2`` (the real SmolLM2) and ``gemma3`` (the real Gemma 3 270M, sl
 windows; ``make gemma3`` installs it) with access-code contexts and questions, and any
 random-weight shape of ``cachesvc_bench.synthetic`` (``gemma3-270m`` has Gemma 3's
 sliding-window layers) with random-token contexts and questions: random weights time
-like real ones, and stored in fp32 their reuse must match exactly too. Medians over the requests; one
+like real ones, and stored in fp32 their reuse must match exactly too. ``--slab-dtype`` overrides the slab
+dtype (fp32 slabs make same-model reuse exact on the real models too). Medians over the requests; one
 request per model is run first untimed (warm-up).
 """
 
@@ -163,6 +164,7 @@ def run(args: argparse.Namespace) -> dict:
     with model_server(args.device, "3GiB") as srv, CacheClient(srv.address) as client:
         for name in args.unaligned.split(","):
             model, tokenizer, dtype = _load(name, args.device)
+            dtype = DType.parse(args.slab_dtype) if args.slab_dtype else dtype
             vocab = model.config.get_text_config().vocab_size
             producer = Producer(client, model, tokenizer, name, ProducerOptions(dtype=dtype))
             consumer = Consumer(client, model, tokenizer, name, ConsumerOptions(dtype=dtype))
