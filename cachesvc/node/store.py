@@ -251,7 +251,8 @@ class CacheStore:
                 found = self._catalog.tails(tenant, family_id, hashes[len(run) - 1], producer)
                 if found:
                     offers[producer] = found
-        if hashes:   # producers without chunk 0: a context shorter than a chunk, stored after the root
+        if hashes and self._catalog.partials.get((tenant, family_id)):
+            # Producers without chunk 0: a context shorter than a chunk, stored after the root.
             root = chain_root(tenant, FamilyId(family_id), self.config.chunk_size)
             for producer in self._catalog.tail_producers(tenant, family_id, root):
                 if producer not in runs and (not only or producer in only):

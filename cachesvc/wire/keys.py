@@ -228,6 +228,12 @@ def chunk_hashes(tokens: Sequence[int], family: FamilyId, *, tenant: str = DEFAU
     return out
 
 
+def parent_of(hashes: Sequence[bytes], index: int, tenant: str, family: FamilyId, chunk_size: int) -> bytes:
+    """The chain hash before chunk ``index`` of a chain ``hashes``: ``hashes[index - 1]``,
+    or the chain's root for chunk 0 (what a partial chunk is put with, and offered after)."""
+    return bytes(hashes[index - 1]) if index else chain_root(tenant or DEFAULT_TENANT, family, chunk_size)
+
+
 def tail_hashes(parent: bytes, tokens: Sequence[int], extras: bytes = b"") -> list[ChunkHash]:
     """The hash of every non-empty prefix of ``tokens`` as a partial chunk after ``parent``
     (the chain hash before it, or :func:`chain_root`), longest first: the candidates a

@@ -6,9 +6,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from cachesvc.wire.keys import (DEFAULT_TENANT, ChunkHash, FamilyId, chain_root, encode_extra_keys,
-                                next_chunk_hash)
-from cachesvc_client.codec import Hit, LookupResult
+from cachesvc.wire.keys import ChunkHash, FamilyId, encode_extra_keys, next_chunk_hash, parent_of
+from cachesvc_client.codec import LookupResult
 
 
 def verified(tokens: Sequence[int], hashes: Sequence[ChunkHash], result: LookupResult, chunk_size: int,
@@ -17,25 +16,20 @@ def verified(tokens: Sequence[int], hashes: Sequence[ChunkHash], result: LookupR
     hit extended by the longest offered partial chunk that the prompt's next tokens hash
     to, and without hits that then hold nothing. An offer is only a hit once hashed here:
     the service never sees the tokens."""
-    extras, root = encode_extra_keys(extra_keys), None
+    extras = encode_extra_keys(extra_keys)
     hits = []
     for hit in result.hits:
         chosen = hit
         if hit.tails:
+            chosen = hit[:hit.num_chunks]   # the run alone, unless an offer verifies
             start = hit.num_chunks * chunk_size
             rest = tokens[start:start + chunk_size - 1]
-            if hit.num_chunks:
-                parent = hashes[hit.num_chunks - 1]
-            else:
-                parent = root = root or chain_root(tenant or DEFAULT_TENANT, FamilyId(family_id), chunk_size)
+            parent = parent_of(hashes, hit.num_chunks, tenant, FamilyId(family_id), chunk_size)
             for offer in hit.tails:   # longest first
                 size = offer.layout.num_tokens
                 if size <= len(rest) and next_chunk_hash(parent, rest[:size], extras) == offer.chunk_hash:
                     chosen = hit.with_tail(offer)
                     break
-            else:
-                chosen = Hit(hit.producer, hit.same_model, hit.entry_ids, hit.position_offsets, hit.layouts,
-                             hit.tiers, hit.grpc_address)
         if chosen.num_chunks:
             hits.append(chosen)
     hits.sort(key=lambda h: -h.num_tokens)

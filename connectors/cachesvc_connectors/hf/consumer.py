@@ -228,9 +228,8 @@ class Consumer:
                             self.stack.device, self._staging)
         if self.options.pipelined:
             loader.start()
-            report.fetch_setup_s = time.perf_counter() - t0
-        else:
-            report.fetch_setup_s = time.perf_counter() - t0
+        report.fetch_setup_s = time.perf_counter() - t0
+        if not self.options.pipelined:
             loader.run()
         n = min(hit.num_tokens, len(ids) - 1)   # the last prompt token runs in generate()
         t1, waited = time.perf_counter(), loader.wait_s

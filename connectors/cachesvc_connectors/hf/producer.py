@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from cachesvc.wire.keys import DEFAULT_TENANT, DType, Kind, ModelId, chain_root
+from cachesvc.wire.keys import DType, Kind, ModelId, parent_of
 from cachesvc_client import CacheClient, EntryData
 from cachesvc_connectors.hf.decoder import DecoderStack
 from cachesvc_connectors.hf.family import register
@@ -74,10 +74,8 @@ class Producer:
         prefill_s = time.perf_counter() - t0
         # The trailing partial chunk names its parent, so lookups offer it to prompts that
         # continue past it in the same round trip (docs/chunk-keys.md).
-        partial_parent = b""
-        if covered % chunk:
-            partial_parent = hashes[-2] if len(hashes) > 1 else \
-                chain_root(self.client.options.tenant or DEFAULT_TENANT, self.family_id, chunk)
+        partial_parent = parent_of(hashes, len(hashes) - 1, self.client.options.tenant, self.family_id,
+                                   chunk) if covered % chunk else b""
         entries = [EntryData(h, {key: slab[i * chunk:min((i + 1) * chunk, covered)]
                                  for key, slab in slabs.items()},
                              parent_hash=partial_parent if (i + 1) * chunk > covered else b"")
