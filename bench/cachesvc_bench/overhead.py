@@ -2,9 +2,14 @@
 
 A tiny random-weight Llama (``llama-tiny``: 2 layers, hidden 64) reuses its own stored
 context (mode ``same_model``), and a copy of it with layer 1 perturbed reuses the
-original's under the plan [1,2) (mode ``plan``). Per context length, ``--requests``
-requests (30 unless given): a context is stored, then the context plus a 16-token
-question goes through ``Consumer.generate`` for one token. TTFT runs from the prompt in
+original's under the plan [1,2) (mode ``plan``). Each mode runs both ways a consumer on
+the node's host can read (``fetch``): ``direct``, the slabs copied straight out of the
+node's memory tier after a lookup that located them (the default), and ``dataplane``,
+fetched with GetSlabs over shm by a loader thread (``ConsumerOptions(direct=False)``;
+what a consumer on another host does, over its transport). Per context length,
+``--requests`` requests (30 unless given): a context is stored, then the context plus a
+16-token question goes through every consumer's ``Consumer.generate`` for one token,
+the consumers taking turns on the same prompts. TTFT runs from the prompt in
 to the token out. In the same run, the baseline is ``generate()`` of the same prompt over
 the cache that path assembles, already in memory (a copy, made untimed), so
 ``fixed_overhead_ms`` = median TTFT − median baseline is what the reuse path adds.
@@ -84,10 +89,10 @@ def _request(consumer: Consumer, forward: _FirstForward, ids: list[int]) -> dict
             "identical": int(out[0, -1]) == token}
 
 
-def _row(mode: str, tokens: int, done: list[dict]) -> dict:
+def _row(mode: str, fetch: str, tokens: int, done: list[dict]) -> dict:
     med = statistics.median
     ttft, baseline = med(d["ttft_s"] for d in done), med(d["baseline_ttft_s"] for d in done)
-    return {"mode": mode, "context_tokens": tokens, "prompt_tokens": tokens + QUESTION_TOKENS,
+    return {"mode": mode, "fetch": fetch, "context_tokens": tokens, "prompt_tokens": tokens + QUESTION_TOKENS,
             "ttft_s": round(ttft, 5), "baseline_ttft_s": round(baseline, 5),
             "fixed_overhead_ms": round((ttft - baseline) * 1e3, 3),
             "breakdown_ms": {phase: round(med(d["ms"][phase] for d in done) * 1e3, 3) for phase in PHASES},
@@ -106,26 +111,31 @@ def run(args: argparse.Namespace) -> dict:
     producer_model, tuned, tokenizer = synthetic.pair(SHAPE, args.device)
     plan = Plan(shape.layers, (synthetic.default_plan(shape),))
     rows = []
+    fetches = {"direct": True, "dataplane": False}
     with model_server(args.device) as srv, CacheClient(srv.address) as client:
         producer = Producer(client, producer_model, tokenizer, "tiny", ProducerOptions(dtype=DType.FLOAT32))
-        consumers = {"same_model": Consumer(client, producer_model, tokenizer, "tiny",
-                                            ConsumerOptions(dtype=DType.FLOAT32)),
-                     "plan": Consumer(client, tuned, tokenizer, "tiny-tuned",
-                                      ConsumerOptions(dtype=DType.FLOAT32, plans={"tiny": plan}))}
-        forwards = {id(c.model): _FirstForward(c.model) for c in consumers.values()}
+        consumers = {}
+        for fetch, direct in fetches.items():
+            consumers[("same_model", fetch)] = Consumer(client, producer_model, tokenizer, "tiny",
+                                                        ConsumerOptions(dtype=DType.FLOAT32, direct=direct))
+            consumers[("plan", fetch)] = Consumer(client, tuned, tokenizer, "tiny-tuned",
+                                                  ConsumerOptions(dtype=DType.FLOAT32, plans={"tiny": plan},
+                                                                  direct=direct))
+        forwards = {id(m): _FirstForward(m) for m in (producer_model, tuned)}
         rng = random.Random(args.seed)
-        for mode, consumer in consumers.items():
-            forward = forwards[id(consumer.model)]
+        for mode in ("same_model", "plan"):
             for tokens in contexts:
-                done = []
+                done: dict[str, list[dict]] = {fetch: [] for fetch in fetches}
                 for number in tqdm(range(requests + 3), desc=f"overhead {mode} @{tokens}", unit="request"):
                     context = [rng.randrange(shape.vocab) for _ in range(tokens)]
                     producer.store(context)
-                    outcome = _request(consumer, forward, context + [rng.randrange(shape.vocab)
-                                                                     for _ in range(QUESTION_TOKENS)])
-                    if number >= 3:   # the first three warm the path up
-                        done.append(outcome)
-                rows.append(_row(mode, tokens, done))
+                    prompt = context + [rng.randrange(shape.vocab) for _ in range(QUESTION_TOKENS)]
+                    for fetch in fetches:
+                        consumer = consumers[(mode, fetch)]
+                        outcome = _request(consumer, forwards[id(consumer.model)], prompt)
+                        if number >= 3:   # the first three warm the path up
+                            done[fetch].append(outcome)
+                rows += [_row(mode, fetch, tokens, done[fetch]) for fetch in fetches]
     return {"benchmark": "overhead", "machine": machine(), "device": args.device, "shape": SHAPE,
             "plan": plan.describe(), "rows": rows}
 
@@ -147,7 +157,7 @@ def plot(doc: dict, path) -> None:
     ax.bar([i + 0.2 for i in x], [r["baseline_ttft_s"] * 1e3 for r in rows], 0.4, color="gray",
            label="baseline: generate() on the assembled cache")
     ax.scatter(x, [r["ttft_s"] * 1e3 for r in rows], color="black", marker="_", s=400, label="TTFT", zorder=3)
-    ax.set(xticks=list(x), xticklabels=[f"{r['mode']}\n{r['context_tokens']}" for r in rows], ylabel="ms",
+    ax.set(xticks=list(x), xticklabels=[f"{r['mode']}\n{r['fetch']}\n{r['context_tokens']}" for r in rows], ylabel="ms",
            title=f"reuse path's fixed cost ({doc['shape']}, {doc['device']})")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
@@ -158,7 +168,7 @@ def plot(doc: dict, path) -> None:
 def main(args: argparse.Namespace) -> int:
     doc = run(args)
     return finish(args.json, doc, plot,
-                  ["mode", "context", "TTFT ms", "baseline ms", "fixed overhead ms", *PHASES, "identical"],
-                  [[r["mode"], r["context_tokens"], round(r["ttft_s"] * 1e3, 2), round(r["baseline_ttft_s"] * 1e3, 2),
+                  ["mode", "fetch", "context", "TTFT ms", "baseline ms", "fixed overhead ms", *PHASES, "identical"],
+                  [[r["mode"], r["fetch"], r["context_tokens"], round(r["ttft_s"] * 1e3, 2), round(r["baseline_ttft_s"] * 1e3, 2),
                     r["fixed_overhead_ms"], *(r["breakdown_ms"][p] for p in PHASES), r["identical"]]
                    for r in doc["rows"]])

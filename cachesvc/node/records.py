@@ -62,6 +62,9 @@ class ProducerHit:
     tiers: list[Tier]          # where metas[i] lives
     tails: list[EntryMeta] = field(default_factory=list)   # partial chunks offered after the run, longest first
     tail_tiers: list[Tier] = field(default_factory=list)
+    # With a locating lookup: each entry's payload offset in the memory tier (-1: disk only).
+    arena_offsets: list[int] = field(default_factory=list)
+    tail_arena_offsets: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)

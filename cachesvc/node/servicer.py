@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import struct
 from collections.abc import Callable, Iterator
 
 import grpc
@@ -81,6 +82,12 @@ def _slab_from_proto(msg: pb.SlabSpec, where: str) -> SlabSpec:
 def _layout_to_proto(layout: Layout) -> pb.EntryLayout:
     return pb.EntryLayout(num_tokens=layout.num_tokens, k_layers=layout.k_layers,
                           v_layers=layout.v_layers, e_layers=layout.e_layers)
+
+
+def _checksums(metas: list[EntryMeta]) -> bytes:
+    """Every slab's xxh3-64 of these entries, entry after entry in payload order (u64 LE)."""
+    sums = [slab.checksum for meta in metas for slab in meta.slabs]
+    return struct.pack(f"<{len(sums)}Q", *sums)
 
 
 def _kinds(values) -> list[Kind]:
@@ -199,7 +206,7 @@ class CacheServicer(pb_grpc.CacheServiceServicer):
     def Lookup(self, request, context):
         result = self.store.lookup(request.tenant, request.family_id, request.chunk_hashes,
                                    request.consumer, request.producers, request.lease_ttl_s,
-                                   request.tail_hashes, request.offer_tails)
+                                   request.tail_hashes, request.offer_tails, request.locate)
         resp = pb.LookupResponse(lease_id=result.lease_id)
         layout_index: dict[int, int] = {}
 
@@ -219,7 +226,11 @@ class CacheServicer(pb_grpc.CacheServiceServicer):
                           tail_chunk_hashes=b"".join(m.chunk_hash for m in hit.tails),
                           tail_entry_ids=b"".join(m.entry_id for m in hit.tails),
                           tail_position_offsets=[m.position_offset for m in hit.tails],
-                          tail_layout_indices=[index_of(m) for m in hit.tails], tail_tiers=hit.tail_tiers)
+                          tail_layout_indices=[index_of(m) for m in hit.tails], tail_tiers=hit.tail_tiers,
+                          arena_offsets=hit.arena_offsets, tail_arena_offsets=hit.tail_arena_offsets)
+            if request.locate:
+                resp.hits[-1].slab_checksums = _checksums(hit.metas)
+                resp.hits[-1].tail_slab_checksums = _checksums(hit.tails)
         return resp
 
     @_maps_errors

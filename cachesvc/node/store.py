@@ -201,13 +201,15 @@ class CacheStore:
 
     def lookup(self, tenant: str, family_id: str, chunk_hashes: Sequence[bytes], consumer: str = "",
                producers: Sequence[str] = (), lease_ttl_s: int = 0,
-               tail_hashes: Sequence[bytes] = (), offer_tails: bool = False) -> LookupAnswer:
+               tail_hashes: Sequence[bytes] = (), offer_tails: bool = False,
+               locate: bool = False) -> LookupAnswer:
         """Per producer, the longest run of leading chunks it has entries for; a producer
         holding all of them gets the first of ``tail_hashes`` (partial chunks continuing
         the chain, longest first) it holds appended. With ``offer_tails``, each producer
         whose run stops before the request's end is also offered the partial chunks it
         stored after the run's last chunk (or after the chain's root), for the client to
-        verify against its own tokens."""
+        verify against its own tokens. With ``locate``, each hit also says where its
+        entries' payloads lie in the memory tier (for same-host readers)."""
         tenant = _tenant(tenant)
         try:
             check_chunk_hashes(chunk_hashes)
@@ -229,7 +231,9 @@ class CacheStore:
             runs = self._catalog.longest_runs(tenant, family_id, chunk_hashes, set(producers), tail_hashes)
             offers = self._offers(tenant, family_id, chunk_hashes, runs, set(producers)) if offer_tails else {}
             hits = [ProducerHit(p, p == consumer, [r.meta for r in recs], [r.tier for r in recs],
-                                [r.meta for r in offers.get(p, ())], [r.tier for r in offers.get(p, ())])
+                                [r.meta for r in offers.get(p, ())], [r.tier for r in offers.get(p, ())],
+                                _arena_offsets(recs) if locate else [],
+                                _arena_offsets(offers.get(p, ())) if locate else [])
                     for p, recs in sorted(((p, runs.get(p, [])) for p in {*runs, *offers}),
                                           key=lambda kv: (-len(kv[1]), kv[0]))]
             lease_id = ""
@@ -465,6 +469,11 @@ def _tenant(tenant: str) -> str:
     if len(tenant) > MAX_TENANT_CHARS:
         raise InvalidArgument(f"tenant is {len(tenant)} chars, at most {MAX_TENANT_CHARS}")
     return tenant or DEFAULT_TENANT
+
+
+def _arena_offsets(recs: Sequence[EntryRecord]) -> list[int]:
+    """Where each record's payload starts in the memory tier; -1 for one only on disk."""
+    return [-1 if r.mem_offset is None else r.mem_offset for r in recs]
 
 
 def _check_ttl(ttl_s: int, allow_zero: bool) -> None:

@@ -231,7 +231,7 @@ class AbortResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class LookupRequest(_message.Message):
-    __slots__ = ("tenant", "family_id", "chunk_hashes", "consumer", "producers", "lease_ttl_s", "tail_hashes", "offer_tails")
+    __slots__ = ("tenant", "family_id", "chunk_hashes", "consumer", "producers", "lease_ttl_s", "tail_hashes", "offer_tails", "locate")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     FAMILY_ID_FIELD_NUMBER: _ClassVar[int]
     CHUNK_HASHES_FIELD_NUMBER: _ClassVar[int]
@@ -240,6 +240,7 @@ class LookupRequest(_message.Message):
     LEASE_TTL_S_FIELD_NUMBER: _ClassVar[int]
     TAIL_HASHES_FIELD_NUMBER: _ClassVar[int]
     OFFER_TAILS_FIELD_NUMBER: _ClassVar[int]
+    LOCATE_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     family_id: str
     chunk_hashes: _containers.RepeatedScalarFieldContainer[bytes]
@@ -248,7 +249,8 @@ class LookupRequest(_message.Message):
     lease_ttl_s: int
     tail_hashes: _containers.RepeatedScalarFieldContainer[bytes]
     offer_tails: bool
-    def __init__(self, tenant: _Optional[str] = ..., family_id: _Optional[str] = ..., chunk_hashes: _Optional[_Iterable[bytes]] = ..., consumer: _Optional[str] = ..., producers: _Optional[_Iterable[str]] = ..., lease_ttl_s: _Optional[int] = ..., tail_hashes: _Optional[_Iterable[bytes]] = ..., offer_tails: _Optional[bool] = ...) -> None: ...
+    locate: bool
+    def __init__(self, tenant: _Optional[str] = ..., family_id: _Optional[str] = ..., chunk_hashes: _Optional[_Iterable[bytes]] = ..., consumer: _Optional[str] = ..., producers: _Optional[_Iterable[str]] = ..., lease_ttl_s: _Optional[int] = ..., tail_hashes: _Optional[_Iterable[bytes]] = ..., offer_tails: _Optional[bool] = ..., locate: _Optional[bool] = ...) -> None: ...
 
 class EntryLayout(_message.Message):
     __slots__ = ("num_tokens", "k_layers", "v_layers", "e_layers")
@@ -263,7 +265,7 @@ class EntryLayout(_message.Message):
     def __init__(self, num_tokens: _Optional[int] = ..., k_layers: _Optional[_Iterable[int]] = ..., v_layers: _Optional[_Iterable[int]] = ..., e_layers: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class LookupHit(_message.Message):
-    __slots__ = ("producer", "same_model", "num_chunks", "entry_ids", "position_offsets", "layout_indices", "tiers", "fetch", "tail_chunk_hashes", "tail_entry_ids", "tail_position_offsets", "tail_layout_indices", "tail_tiers")
+    __slots__ = ("producer", "same_model", "num_chunks", "entry_ids", "position_offsets", "layout_indices", "tiers", "fetch", "tail_chunk_hashes", "tail_entry_ids", "tail_position_offsets", "tail_layout_indices", "tail_tiers", "arena_offsets", "slab_checksums", "tail_arena_offsets", "tail_slab_checksums")
     PRODUCER_FIELD_NUMBER: _ClassVar[int]
     SAME_MODEL_FIELD_NUMBER: _ClassVar[int]
     NUM_CHUNKS_FIELD_NUMBER: _ClassVar[int]
@@ -277,6 +279,10 @@ class LookupHit(_message.Message):
     TAIL_POSITION_OFFSETS_FIELD_NUMBER: _ClassVar[int]
     TAIL_LAYOUT_INDICES_FIELD_NUMBER: _ClassVar[int]
     TAIL_TIERS_FIELD_NUMBER: _ClassVar[int]
+    ARENA_OFFSETS_FIELD_NUMBER: _ClassVar[int]
+    SLAB_CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
+    TAIL_ARENA_OFFSETS_FIELD_NUMBER: _ClassVar[int]
+    TAIL_SLAB_CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
     producer: str
     same_model: bool
     num_chunks: int
@@ -290,7 +296,11 @@ class LookupHit(_message.Message):
     tail_position_offsets: _containers.RepeatedScalarFieldContainer[int]
     tail_layout_indices: _containers.RepeatedScalarFieldContainer[int]
     tail_tiers: _containers.RepeatedScalarFieldContainer[Tier]
-    def __init__(self, producer: _Optional[str] = ..., same_model: _Optional[bool] = ..., num_chunks: _Optional[int] = ..., entry_ids: _Optional[bytes] = ..., position_offsets: _Optional[_Iterable[int]] = ..., layout_indices: _Optional[_Iterable[int]] = ..., tiers: _Optional[_Iterable[_Union[Tier, str]]] = ..., fetch: _Optional[_Union[FetchDescriptor, _Mapping]] = ..., tail_chunk_hashes: _Optional[bytes] = ..., tail_entry_ids: _Optional[bytes] = ..., tail_position_offsets: _Optional[_Iterable[int]] = ..., tail_layout_indices: _Optional[_Iterable[int]] = ..., tail_tiers: _Optional[_Iterable[_Union[Tier, str]]] = ...) -> None: ...
+    arena_offsets: _containers.RepeatedScalarFieldContainer[int]
+    slab_checksums: bytes
+    tail_arena_offsets: _containers.RepeatedScalarFieldContainer[int]
+    tail_slab_checksums: bytes
+    def __init__(self, producer: _Optional[str] = ..., same_model: _Optional[bool] = ..., num_chunks: _Optional[int] = ..., entry_ids: _Optional[bytes] = ..., position_offsets: _Optional[_Iterable[int]] = ..., layout_indices: _Optional[_Iterable[int]] = ..., tiers: _Optional[_Iterable[_Union[Tier, str]]] = ..., fetch: _Optional[_Union[FetchDescriptor, _Mapping]] = ..., tail_chunk_hashes: _Optional[bytes] = ..., tail_entry_ids: _Optional[bytes] = ..., tail_position_offsets: _Optional[_Iterable[int]] = ..., tail_layout_indices: _Optional[_Iterable[int]] = ..., tail_tiers: _Optional[_Iterable[_Union[Tier, str]]] = ..., arena_offsets: _Optional[_Iterable[int]] = ..., slab_checksums: _Optional[bytes] = ..., tail_arena_offsets: _Optional[_Iterable[int]] = ..., tail_slab_checksums: _Optional[bytes] = ...) -> None: ...
 
 class FetchDescriptor(_message.Message):
     __slots__ = ("node_id", "grpc_address", "transports", "host_id")

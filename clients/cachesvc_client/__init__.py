@@ -7,17 +7,18 @@ from cachesvc.wire.keys import (NO_FAMILY, NO_MODEL, ChunkHash, DType, EntryId, 
                                 Tier, canonical_json, chunk_hashes)
 from cachesvc_client.aio import AsyncCacheClient
 from cachesvc_client.client import CacheClient
-from cachesvc_client.codec import (EntryData, Hit, HitEntry, Layout, LookupResult, Missing,
+from cachesvc_client.codec import (EntryData, Hit, HitEntry, Layout, Location, LookupResult, Missing,
                                    PutResult, Registered, Slabs, StoredEntry, StoredProfile)
 from cachesvc_client.errors import (CacheServiceError, DeadlineExceededError,
                                     FailedPreconditionError, InvalidArgumentError, NotFoundError,
                                     ResourceExhaustedError, UnavailableError)
+from cachesvc_client.local import ArenaReader
 from cachesvc_client.options import ClientOptions, RetryPolicy
 
 __all__ = [
-    "AsyncCacheClient", "CacheClient", "ClientOptions", "RetryPolicy", "ChunkHash", "DType", "EntryId", "FamilyId",
+    "ArenaReader", "AsyncCacheClient", "CacheClient", "ClientOptions", "RetryPolicy", "ChunkHash", "DType", "EntryId", "FamilyId",
     "FamilySpec", "Kind", "ModelId", "NO_FAMILY", "NO_MODEL", "Tier",
-    "EntryData", "Hit", "HitEntry", "Layout", "LookupResult", "Missing", "PutResult", "Registered",
+    "EntryData", "Hit", "HitEntry", "Layout", "Location", "LookupResult", "Missing", "PutResult", "Registered",
     "Slabs", "StoredEntry", "StoredProfile", "canonical_json", "chunk_hashes", "CacheServiceError", "DeadlineExceededError",
     "FailedPreconditionError", "InvalidArgumentError", "NotFoundError", "ResourceExhaustedError",
     "UnavailableError",

@@ -135,22 +135,23 @@ class AsyncCacheClient:
 
     async def lookup(self, family_id: FamilyId, hashes: Sequence[bytes], *, consumer: ModelId = NO_MODEL,
                      producers: Sequence[str] = (), lease_ttl_s: int = 0,
-                     tenant: str = "", tail_hashes: Sequence[bytes] = (), offer_tails: bool = False
-                     ) -> LookupResult:
+                     tenant: str = "", tail_hashes: Sequence[bytes] = (), offer_tails: bool = False,
+                     locate: bool = False) -> LookupResult:
         req = pb.LookupRequest(tenant=tenant or self.options.tenant, family_id=family_id,
                                chunk_hashes=hashes, consumer=consumer, producers=producers,
-                               lease_ttl_s=lease_ttl_s, tail_hashes=tail_hashes, offer_tails=offer_tails)
+                               lease_ttl_s=lease_ttl_s, tail_hashes=tail_hashes, offer_tails=offer_tails,
+                               locate=locate)
         return lookup_from_proto(await self._call(self._stub.Lookup, req))
 
     async def lookup_prompt(self, family_id: FamilyId, tokens: Sequence[int], *, consumer: ModelId = NO_MODEL,
                             producers: Sequence[str] = (), lease_ttl_s: int = 0, tenant: str = "",
-                            extra_keys: Sequence[str | bytes] = ()) -> LookupResult:
+                            extra_keys: Sequence[str | bytes] = (), locate: bool = False) -> LookupResult:
         """As CacheClient.lookup_prompt."""
         tenant = tenant or self.options.tenant
         hashes = await self.hash_tokens(tokens, family_id, tenant=tenant, extra_keys=extra_keys,
                                         include_partial=True)
         result = await self.lookup(family_id, hashes, consumer=consumer, producers=producers,
-                                   lease_ttl_s=lease_ttl_s, tenant=tenant, offer_tails=True)
+                                   lease_ttl_s=lease_ttl_s, tenant=tenant, offer_tails=True, locate=locate)
         return verified(tokens, hashes, result, self._chunk_size, tenant, family_id, extra_keys)
 
     async def get(self, family_id: FamilyId, entries: Hit | Sequence[HitEntry],

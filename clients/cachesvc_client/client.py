@@ -4,6 +4,7 @@ calls; make one client per process and reuse it."""
 from __future__ import annotations
 
 import json
+import mmap
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -20,7 +21,7 @@ from cachesvc_client.codec import (EntryData, Hit, HitEntry, LookupResult, PutRe
 from cachesvc_client.errors import CacheServiceError, NotFoundError, from_rpc_error
 from cachesvc_client.options import ClientOptions, batches
 from cachesvc_client.prompt import verified
-from cachesvc_client.transports import Transport, choose_transport
+from cachesvc_client.transports import ShmTransport, Transport, choose_transport
 
 __all__ = ["CacheClient"]
 
@@ -181,19 +182,21 @@ class CacheClient:
 
     def lookup(self, family_id: FamilyId, hashes: Sequence[bytes], *, consumer: ModelId = NO_MODEL,
                producers: Sequence[str] = (), lease_ttl_s: int = 0, tenant: str = "",
-               tail_hashes: Sequence[bytes] = (), offer_tails: bool = False) -> LookupResult:
+               tail_hashes: Sequence[bytes] = (), offer_tails: bool = False, locate: bool = False) -> LookupResult:
         """Per producer, its entries for the longest run of leading ``hashes``, and for the
         first of ``tail_hashes`` (partial chunks continuing the chain) it holds after them;
         with ``offer_tails``, ``Hit.tails`` lists the partial chunks stored after each run
-        (see :meth:`lookup_prompt`, which verifies them)."""
+        (see :meth:`lookup_prompt`, which verifies them). With ``locate``, ``Hit.locations``
+        says where the entries lie in the node's memory tier (see :meth:`arena`)."""
         req = pb.LookupRequest(tenant=tenant or self.options.tenant, family_id=family_id,
                                chunk_hashes=hashes, consumer=consumer, producers=producers,
-                               lease_ttl_s=lease_ttl_s, tail_hashes=tail_hashes, offer_tails=offer_tails)
+                               lease_ttl_s=lease_ttl_s, tail_hashes=tail_hashes, offer_tails=offer_tails,
+                               locate=locate)
         return lookup_from_proto(self._call(self._stub.Lookup, req))
 
     def lookup_prompt(self, family_id: FamilyId, tokens: Sequence[int], *, consumer: ModelId = NO_MODEL,
                       producers: Sequence[str] = (), lease_ttl_s: int = 0, tenant: str = "",
-                      extra_keys: Sequence[str | bytes] = ()) -> LookupResult:
+                      extra_keys: Sequence[str | bytes] = (), locate: bool = False) -> LookupResult:
         """The hits for a prompt's tokens, reaching where a stored context ends even
         mid-chunk, in one round trip: the chain of the prompt's chunks (its own trailing
         partial chunk included), and, where a producer's run stops before the prompt's end,
@@ -203,7 +206,7 @@ class CacheClient:
         tenant = tenant or self.options.tenant
         hashes = self.hash_tokens(tokens, family_id, tenant=tenant, extra_keys=extra_keys, include_partial=True)
         result = self.lookup(family_id, hashes, consumer=consumer, producers=producers, lease_ttl_s=lease_ttl_s,
-                             tenant=tenant, offer_tails=True)
+                             tenant=tenant, offer_tails=True, locate=locate)
         return verified(tokens, hashes, result, self.chunk_size(), tenant, family_id, extra_keys)
 
     def get(self, family_id: FamilyId, entries: Hit | Sequence[HitEntry], kinds: Sequence[Kind] = (Kind.K, Kind.V),
@@ -244,6 +247,16 @@ class CacheClient:
                 yield
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
+
+    def arena(self, hit: Hit | None = None, transport: str | None = None) -> mmap.mmap | None:
+        """The node's memory tier, mapped read-only, when ``transport`` (default: the
+        client's) reaches the node over shm; with ``hit``, only if it is that hit's node
+        (its "shm" endpoint: a restarted node has another). None otherwise. Readers of
+        located hits (``lookup(..., locate=True)``) copy slabs out of it directly."""
+        chosen = self._transport(transport or self.options.transport)
+        if not isinstance(chosen, ShmTransport) or (hit is not None and hit.shm.decode() != chosen.address):
+            return None
+        return chosen.arena()
 
     def _transport(self, name: str) -> Transport | None:
         """The transport for ``name`` ("auto", "shm", "ucx", "tcp", "grpc"); None means gRPC.

@@ -8,6 +8,7 @@ included — takes the same path, and torch tensors are written in place through
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -106,6 +107,16 @@ class StoredEntry:
 
 
 @dataclass(frozen=True, slots=True)
+class Location:
+    """Where an entry's payload lies in its node's memory tier (a locating lookup), for a
+    reader on the node's host: ``arena_offset`` into the arena the "shm" transport maps
+    (-1: the entry is only on disk), and every slab's xxh3-64 in payload order."""
+
+    arena_offset: int
+    checksums: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class TailOffer:
     """A partial chunk the service offers after a hit's run (a lookup with
     ``offer_tails``): a hit only once the client's own tokens hash to ``chunk_hash``."""
@@ -115,6 +126,7 @@ class TailOffer:
     position_offset: int
     layout: Layout
     tier: Tier
+    location: Location | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +135,9 @@ class Hit:
     ``entry_ids[i]`` (with ``position_offsets[i]``, ``layouts[i]``, ``tiers[i]``).
     ``hit[:k]`` is the hit cut to its first k chunks; ``entries`` builds per-entry
     records on demand. ``tails``: partial chunks offered after the run, longest first,
-    not yet verified (``with_tail`` appends one that was)."""
+    not yet verified (``with_tail`` appends one that was). After a locating lookup,
+    ``locations[i]`` says where entry i lies in the memory tier of the node whose "shm"
+    endpoint is ``shm`` (None otherwise)."""
 
     producer: ModelId
     same_model: bool
@@ -133,12 +147,16 @@ class Hit:
     tiers: list[Tier]
     grpc_address: str      # where to fetch
     tails: tuple[TailOffer, ...] = ()
+    locations: list[Location] | None = None
+    shm: bytes = b""
 
     def with_tail(self, offer: TailOffer) -> "Hit":
         """This hit extended by a verified offer (and no further offers)."""
+        located = self.locations is not None and offer.location is not None
         return Hit(self.producer, self.same_model, [*self.entry_ids, offer.entry_id],
                    [*self.position_offsets, offer.position_offset], [*self.layouts, offer.layout],
-                   [*self.tiers, offer.tier], self.grpc_address)
+                   [*self.tiers, offer.tier], self.grpc_address, (),
+                   [*self.locations, offer.location] if located else None, self.shm)
 
     @property
     def num_chunks(self) -> int:
@@ -158,7 +176,8 @@ class Hit:
             raise TypeError("index a Hit with a slice, e.g. hit[:k]; use hit.entries[i] for one")
         return Hit(self.producer, self.same_model, self.entry_ids[chunks],
                    self.position_offsets[chunks], self.layouts[chunks], self.tiers[chunks],
-                   self.grpc_address)
+                   self.grpc_address, (), self.locations[chunks] if self.locations is not None else None,
+                   self.shm)
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,15 +244,34 @@ def lookup_from_proto(resp: pb.LookupResponse) -> LookupResult:
     for h in resp.hits:
         blob, n = h.entry_ids, h.num_chunks
         ids = [blob[i:i + ENTRY_ID_BYTES] for i in range(0, n * ENTRY_ID_BYTES, ENTRY_ID_BYTES)]
+        hit_layouts = [layouts[i] for i in h.layout_indices]
+        tail_layouts = [layouts[i] for i in h.tail_layout_indices]
+        # A locating lookup answers an offset per entry and per tail (an older node none).
+        located = len(h.arena_offsets) == n and len(h.tail_arena_offsets) == len(tail_layouts)
+        locations = _locations(h.arena_offsets, h.slab_checksums, hit_layouts) if located else None
+        tail_locations = _locations(h.tail_arena_offsets, h.tail_slab_checksums, tail_layouts) if located else None
         tails = tuple(TailOffer(h.tail_chunk_hashes[i * CHUNK_HASH_BYTES:(i + 1) * CHUNK_HASH_BYTES],
                                 h.tail_entry_ids[i * ENTRY_ID_BYTES:(i + 1) * ENTRY_ID_BYTES], offset,
-                                layouts[layout], _TIERS[tier])
-                      for i, (offset, layout, tier) in enumerate(zip(h.tail_position_offsets, h.tail_layout_indices,
-                                                                     h.tail_tiers, strict=True)))
-        hits.append(Hit(h.producer, h.same_model, ids, list(h.position_offsets),
-                        [layouts[i] for i in h.layout_indices], list(map(_TIERS.__getitem__, h.tiers)),
-                        h.fetch.grpc_address, tails))
+                                tail_layouts[i], _TIERS[tier], tail_locations[i] if tail_locations else None)
+                      for i, (offset, tier) in enumerate(zip(h.tail_position_offsets, h.tail_tiers, strict=True)))
+        hits.append(Hit(h.producer, h.same_model, ids, list(h.position_offsets), hit_layouts,
+                        list(map(_TIERS.__getitem__, h.tiers)), h.fetch.grpc_address, tails, locations,
+                        h.fetch.transports.get("shm", b"")))
     return LookupResult(hits, resp.lease_id)
+
+
+def _locations(offsets: Sequence[int], checksums: bytes, layouts: Sequence[Layout]) -> list[Location] | None:
+    """Per entry, its Location; None if the checksums do not add up to the layouts (a
+    node that answered without them: the reader then fetches instead)."""
+    counts = [lay.num_slabs for lay in layouts]
+    if len(checksums) != 8 * sum(counts):
+        return None
+    sums = struct.unpack(f"<{sum(counts)}Q", checksums)
+    out, at = [], 0
+    for offset, count in zip(offsets, counts, strict=True):
+        out.append(Location(offset, sums[at:at + count]))
+        at += count
+    return out
 
 
 def entry_columns(entries: "Hit | Sequence[HitEntry]") -> tuple[list[EntryId], list[int]]:

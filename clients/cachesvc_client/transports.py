@@ -219,6 +219,13 @@ class ShmTransport(SocketTransport):
     def _op(self) -> Op:
         return Op.GET_SHM
 
+    def arena(self) -> mmap.mmap:
+        """The node's memory tier, mapped read-only (connecting once if not yet)."""
+        if self._arena is None:
+            self.probe()
+        assert self._arena is not None
+        return self._arena
+
     def _receive(self, sock: socket.socket, asm: SlabAssembler) -> Iterator[None]:
         yield from super()._receive(sock, asm)
         sock.sendall(pack_request(Op.RELEASE))   # the node may free or evict them now
@@ -243,7 +250,8 @@ class ShmTransport(SocketTransport):
             self._copiers.shutdown(wait=True)
         with self._map_lock:
             if self._arena is not None:
-                self._arena.close()
+                with contextlib.suppress(BufferError):   # still registered with a GPU: unmapped
+                    self._arena.close()                  # when that goes
                 self._arena = None
 
 

@@ -30,13 +30,17 @@ import torch
 from transformers import DynamicCache
 
 from cachesvc.wire.keys import NO_MODEL, DType, Kind, ModelId
-from cachesvc_client import CacheClient, Hit, LookupResult
+from cachesvc_client import ArenaReader, CacheClient, CacheServiceError, Hit, LookupResult
 from cachesvc_connectors.hf.calibrate import calibrate
 from cachesvc_connectors.hf.decoder import DecoderStack
 from cachesvc_connectors.hf.family import FamilyMismatchError, register
-from cachesvc_connectors.hf.loader import SlabLoader, Staging, plan_requests
+from cachesvc_connectors.hf.loader import ArenaLoader, SlabLoader, Staging, plan_requests
 from cachesvc_connectors.hf.verify import AnswerVerifier
 from cachesvc_connectors.reuse import Choice, CostModel, DriftGuard, DriftOptions, Plan, PlanPolicy, PlanSelector
+
+
+DIRECT_LEASE_S = 30
+"""How long a GPU consumer's located hit is held at most (released once its copies ran)."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,9 @@ class ConsumerOptions:
     dtype: DType = DType.BFLOAT16     # slab dtype of the family (as the producers stored)
     transport: str | None = None      # data-plane path; None = the client's default
     pipelined: bool = True            # compute while later slabs load
+    # On the node's host, read hits straight out of its memory tier (one lookup that
+    # locates them, no fetch request; loader.ArenaLoader); else fetch over the data plane.
+    direct: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +127,7 @@ class Consumer:
         self.family_id = self.registration.family_id
         self._check_producers(options.producers)
         self._staging = Staging(pinned=self.stack.device.type == "cuda")
+        self._direct = options.direct and self._same_host()
         self._lock = threading.Lock()
         self._suffix_s = 0.0              # of the assembly in progress (host time: launches on a GPU)
         self.cost = options.cost
@@ -139,6 +147,13 @@ class Consumer:
                     f"producer {model['model_id']!r} is of family {model['family_id'][:12]} and "
                     f"consumer {self.model_id!r} of family {self.family_id[:12]}: their caches are "
                     f"not shareable (architecture, shapes, RoPE, tokenizer or slab dtype differ)")
+
+    def _same_host(self) -> bool:
+        """Whether this consumer reaches the node's memory tier over shm."""
+        try:
+            return self.client.arena(transport=self.options.transport) is not None
+        except CacheServiceError:
+            return False   # the data plane is unreachable now: fetch (or recompute) instead
 
     # ------------------------------------------------------------------ choice
 
@@ -181,21 +196,24 @@ class Consumer:
     def prefill(self, input_ids: Sequence[int] | torch.Tensor) -> Prefill:
         """A cache of the first N-1 tokens of the prompt, reusing what a plan allows."""
         t0 = time.perf_counter()
-        ids = [int(t) for t in (input_ids.reshape(-1).tolist() if torch.is_tensor(input_ids) else input_ids)]
+        ids = input_ids.reshape(-1).tolist() if torch.is_tensor(input_ids) else list(map(int, input_ids))
         if len(ids) < 2:
             raise ValueError("a prompt needs at least 2 tokens")
         report = ReuseReport(prompt_tokens=len(ids))
         result = self._lookup(ids)
-        t1 = time.perf_counter()
-        selection = self.choose(result, len(ids))
-        report.lookup_s, report.choose_s = t1 - t0, time.perf_counter() - t1
-        hit, plan, report.fallback = selection.hit, selection.plan, selection.why
-        if selection.predicted_ttft_s is not None:
-            report.predicted_ttft_s = round(selection.predicted_ttft_s, 4)
-        cache = None
-        if hit is not None and plan is not None:
-            with self._lock:
-                cache = self._reuse(ids, hit, plan, report)
+        try:
+            t1 = time.perf_counter()
+            selection = self.choose(result, len(ids))
+            report.lookup_s, report.choose_s = t1 - t0, time.perf_counter() - t1
+            hit, plan, report.fallback = selection.hit, selection.plan, selection.why
+            if selection.predicted_ttft_s is not None:
+                report.predicted_ttft_s = round(selection.predicted_ttft_s, 4)
+            cache = None
+            if hit is not None and plan is not None:
+                with self._lock:
+                    cache = self._reuse(ids, hit, plan, report)
+        finally:
+            self._release(result.lease_id)
         if cache is None:
             cache = self.stack.new_cache()
             self.model.model(input_ids=self.stack.ids(ids[:-1]), past_key_values=cache, use_cache=True)
@@ -210,22 +228,40 @@ class Consumer:
         None when they are no longer there whole."""
         ids = list(ids)
         report = ReuseReport(prompt_tokens=len(ids))
-        hits = [h for h in self._lookup(ids, [producer]).hits if h.producer == producer]
-        hit = _usable_prefix(max(hits, key=lambda h: h.num_tokens), plan) if hits else None
-        if hit is None or not hit.num_chunks:
-            return None
-        with self._lock:
-            cache = self._reuse(ids, hit, plan, report)
-        return Prefill(cache, report, plan) if cache is not None else None
+        result = self._lookup(ids, [producer])
+        try:
+            hits = [h for h in result.hits if h.producer == producer]
+            hit = _usable_prefix(max(hits, key=lambda h: h.num_tokens), plan) if hits else None
+            if hit is None or not hit.num_chunks:
+                return None
+            with self._lock:
+                cache = self._reuse(ids, hit, plan, report)
+            return Prefill(cache, report, plan) if cache is not None else None
+        finally:
+            self._release(result.lease_id)
 
     def _lookup(self, ids: list[int], producers: Sequence[str] = ()) -> LookupResult:
-        """The service's hits for the prompt, up to where a stored context ends (mid-chunk too)."""
-        return self.client.lookup_prompt(self.family_id, ids, consumer=self.model_id, producers=producers)
+        """The service's hits for the prompt, up to where a stored context ends (mid-chunk
+        too); located when the consumer reads the node's memory tier directly. On a GPU
+        they are also leased: a DMA from the arena is verified before it is issued, so
+        the entries must stay put until it has run (released by :meth:`_release`)."""
+        lease = DIRECT_LEASE_S if self._direct and self.stack.device.type == "cuda" else 0
+        return self.client.lookup_prompt(self.family_id, ids, consumer=self.model_id, producers=producers,
+                                         locate=self._direct, lease_ttl_s=lease)
+
+    def _release(self, lease_id: str) -> None:
+        """End a lookup's lease once the device copies out of the arena have run."""
+        if not lease_id:
+            return
+        torch.cuda.current_stream(self.stack.device).synchronize()
+        try:
+            self.client.unpin(lease_id)
+        except CacheServiceError:
+            pass   # it expires by itself
 
     def _reuse(self, ids: list[int], hit: Hit, plan: Plan, report: ReuseReport) -> DynamicCache | None:
         t0 = time.perf_counter()
-        loader = SlabLoader(self.client, self.family_id, hit, plan_requests(plan), self.options.transport,
-                            self.stack.device, self._staging)
+        loader = self._loader(hit, plan)
         if self.options.pipelined:
             loader.start()
         report.fetch_setup_s = time.perf_counter() - t0
@@ -258,6 +294,17 @@ class Consumer:
         report.reused_tokens, report.recomputed_layers = n, plan.recomputed_layers
         report.suffix_tokens, report.suffix_s = len(ids) - 1 - n, self._suffix_s
         return cache
+
+    def _loader(self, hit: Hit, plan: Plan) -> SlabLoader | ArenaLoader:
+        """Straight out of the node's memory tier where the hit was located there (every
+        entry in memory, the same node); else over the data plane."""
+        arena = self.client.arena(hit, self.options.transport) if self._direct and hit.locations else None
+        if arena is not None:
+            reader = ArenaReader(arena, self.registration.family, hit)
+            if reader.in_memory == hit.num_chunks:
+                return ArenaLoader(reader, hit, plan_requests(plan), self.stack.device, self._staging)
+        return SlabLoader(self.client, self.family_id, hit, plan_requests(plan), self.options.transport,
+                          self.stack.device, self._staging)
 
     def _assemble(self, ids: list[int], n: int, plan: Plan, loader: SlabLoader) -> DynamicCache | None:
         """Layer by layer: the producer's K/V for reused layers, the consumer's own layers

@@ -15,19 +15,27 @@ Slabs land in a consumer's :class:`Staging` buffers, reused from one prefill to 
 writing into fresh memory costs a page fault per 4 KiB (0.4–1.3 GB/s on these hosts,
 against 4–7 GB/s into memory already touched), and only pinned memory copies to a GPU
 asynchronously.
+
+On the node's own host a located hit needs no fetch at all: :class:`ArenaLoader` copies
+each slab out of the node's memory tier when the consumer first waits for it, in the
+consumer's thread (no request, no thread, no hand-off), and on a GPU copies it from the
+arena, registered with CUDA as page-locked memory, straight into device memory.
 """
 
 from __future__ import annotations
 
 import contextlib
+import mmap
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
 
 from cachesvc.wire.keys import FamilyId, FamilySpec, Kind
 from cachesvc_client import CacheClient, CacheServiceError, Hit
+from cachesvc_client.local import ArenaReader
 from cachesvc_connectors.reuse.plan import Plan
 
 
@@ -175,3 +183,117 @@ class SlabLoader:
     def hidden_fraction(self) -> float:
         """Share of the fetch time the consumer did not wait for (0..1)."""
         return max(0.0, 1.0 - self.wait_s / self.fetch_s) if self.fetch_s > 0 else 0.0
+
+
+class ArenaLoader:
+    """A located hit read out of a same-host node's memory tier, on demand: ``wait(kind,
+    layer)`` copies that slab of every entry the first time it is asked for, verifies it,
+    and hands it out (the interface of :class:`SlabLoader`). Nothing runs ahead of the
+    consumer, so ``hidden_fraction`` is 0 and ``wait_s`` is the copying time: on a CPU
+    the copy competes for the same cores as compute anyway (docs/results.md, issue 13:
+    a loader thread slowed the suffix by 10%), and one request fewer is worth more than
+    the overlap. On a GPU the slab's host-to-device copy is issued from the registered
+    arena on the compute stream, asynchronous to the host; the checksum is taken from
+    the arena bytes before the copy is issued (the hit is held by a lease meanwhile).
+    """
+
+    def __init__(self, reader: ArenaReader, hit: Hit, requests: list[LoadRequest],
+                 device: torch.device | str = "cpu", staging: Staging | None = None) -> None:
+        self.reader, self.hit = reader, hit
+        self.device = torch.device(device)
+        self.valid_chunks = min(hit.num_chunks, reader.in_memory)
+        self.errors: list[str] = [] if self.valid_chunks == hit.num_chunks else \
+            [f"chunk {self.valid_chunks} is only on disk"]
+        self.bytes_fetched = 0
+        self.fetch_s = self.wait_s = self.first_slab_s = 0.0
+        self.transport_used = "shm-direct"
+        self._t0 = time.perf_counter()
+        self._arena = _device_arena(reader.arena, self.device)
+        staging = staging or Staging()
+        family = reader.family
+        outs = [{kind: torch.empty((r.stop - r.start, *family.slab_shape(kind, hit.num_tokens)),
+                                   dtype=family.dtype.to_torch(), device=self.device) for kind in r.kinds}
+                for r in requests] if self._arena is not None else \
+            staging.out(family, hit.num_tokens, requests)
+        self._dest = {(kind, layer): out[kind][layer - r.start] for r, out in zip(requests, outs, strict=True)
+                      for kind in r.kinds for layer in range(r.start, r.stop)}
+        self._slabs: dict[tuple[Kind, int], torch.Tensor | None] = {}
+
+    def start(self) -> "ArenaLoader":
+        return self   # nothing to start: slabs are copied when first waited for
+
+    def run(self) -> None:
+        """Copy every slab now (the consumer's ``pipelined=False``)."""
+        for kind, layer in self._dest:
+            self.wait(kind, layer)
+
+    def wait(self, kind: Kind, layer: int) -> torch.Tensor | None:
+        key = (kind, layer)
+        if key not in self._slabs:
+            t0 = time.perf_counter()
+            self._slabs[key] = self._load(kind, layer)
+            spent = time.perf_counter() - t0
+            self.fetch_s += spent
+            self.wait_s += spent
+            if not self.first_slab_s:
+                self.first_slab_s = time.perf_counter() - self._t0
+        return self._slabs[key]
+
+    def _load(self, kind: Kind, layer: int) -> torch.Tensor | None:
+        dest = self._dest[(kind, layer)]
+        entries = self.valid_chunks
+        if self._arena is None:   # host memory: copy, then verify the copy
+            flat = dest.reshape(-1).view(torch.uint8).numpy()
+            whole = self.reader.read(kind, layer, flat, entries)
+            if self.device.type == "cuda":   # unregistered arena: through pinned staging
+                dest = dest.to(self.device, non_blocking=True)
+        else:                     # device: verify the held arena bytes, then DMA them
+            whole = self._to_device(kind, layer, dest.reshape(-1).view(torch.uint8), entries)
+        self.bytes_fetched += sum(self.reader.family.slab_bytes(kind, lay.num_tokens)
+                                  for lay in self.hit.layouts[:whole])
+        if whole < self.valid_chunks:
+            self.valid_chunks = whole
+            self.errors.append(f"{kind.name}{layer} of chunk {whole}: missing or checksum mismatch")
+        return dest
+
+    def _to_device(self, kind: Kind, layer: int, dest: torch.Tensor, entries: int) -> int:
+        assert self._arena is not None
+        position = 0
+        for i, source in enumerate(self.reader.sources(kind, layer, entries)):
+            if source is None or not self.reader.verify(source):
+                return i
+            dest[position:position + source.size].copy_(
+                self._arena[source.arena_offset:source.arena_offset + source.size], non_blocking=True)
+            position += source.size
+        return entries
+
+    def join(self) -> int:
+        return self.valid_chunks
+
+    @property
+    def hidden_fraction(self) -> float:
+        return 0.0
+
+
+_REGISTERED: dict[int, torch.Tensor] = {}   # id(arena mapping) -> it as a registered uint8 tensor
+CUDA_HOST_REGISTER_READ_ONLY = 0x08         # cudaHostRegisterReadOnly: the mapping is PROT_READ
+
+
+def _device_arena(arena: mmap.mmap, device: torch.device) -> torch.Tensor | None:
+    """The arena as a CPU uint8 tensor registered with CUDA as page-locked memory, so a
+    copy from it to ``device`` is one DMA with no intermediate host copy; None on a CPU
+    device or where registration fails (then slabs go through pinned staging).
+    Registered once per mapping, which lives as long as the client's transport."""
+    if device.type != "cuda":
+        return None
+    tensor = _REGISTERED.get(id(arena))
+    if tensor is None:
+        with warnings.catch_warnings():   # a read-only mapping: torch warns it is not writable
+            warnings.simplefilter("ignore", UserWarning)
+            tensor = torch.frombuffer(arena, dtype=torch.uint8)
+        status = torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), tensor.numel(),
+                                                      CUDA_HOST_REGISTER_READ_ONLY)
+        if int(status) != 0:
+            return None
+        _REGISTERED[id(arena)] = tensor
+    return tensor

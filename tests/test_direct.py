@@ -1,0 +1,179 @@
+"""Same-host reads with no fetch: a locating lookup says where each entry lies in the
+node's memory tier, and the reader copies slabs straight out of the arena it mapped,
+verifying each against the checksum the lookup returned (real server processes)."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from cachesvc_client import ArenaReader, CacheClient, DType, Hit, Kind, Location
+from cachesvc_connectors.hf import Consumer, ConsumerOptions, Producer, ProducerOptions
+from cachesvc_connectors.reuse.plan import Plan
+from conftest import TINY, make_entry
+from hf_models import fine_tune_of, last_logits, tiny_model, tokenizer
+
+FP32 = DType.FLOAT32
+
+
+def _prompt(n: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(255) for _ in range(n)]
+
+
+def _register(client: CacheClient) -> str:
+    return client.register_model("p", "0123abcd", TINY).family_id
+
+
+def _flat(n_bytes: int) -> np.ndarray:
+    return np.zeros(n_bytes, np.uint8)
+
+
+def _layer_bytes(hit: Hit, kind: Kind) -> int:
+    return sum(TINY.slab_bytes(kind, lay.num_tokens) for lay in hit.layouts)
+
+
+def test_a_located_hit_reads_the_same_bytes_as_a_fetch(client: CacheClient, rng):
+    fid = _register(client)
+    tokens = list(range(3 * 256 + 40))
+    hashes = client.hash_tokens(tokens, fid, include_partial=True)
+    sizes = [256, 256, 256, 40]
+    entries = [make_entry(rng, TINY, h, n) for h, n in zip(hashes, sizes, strict=True)]
+    entries[3] = dataclasses.replace(entries[3], parent_hash=hashes[2])   # the partial chunk, offered
+    client.put(fid, "p", entries)
+    plain = client.lookup_prompt(fid, tokens).best()
+    assert plain.locations is None                      # only a locating lookup says where
+    hit = client.lookup_prompt(fid, tokens, locate=True).best()
+    assert hit.num_tokens == len(tokens) and hit.locations is not None
+    assert [len(loc.checksums) for loc in hit.locations] == [lay.num_slabs for lay in hit.layouts]
+    arena = client.arena(hit)
+    assert arena is not None
+    reader = ArenaReader(arena, TINY, hit)
+    for kind in (Kind.K, Kind.V, Kind.E):
+        fetched = client.get(fid, hit, [kind], transport="grpc").arrays[kind]
+        for layer in range(TINY.num_layers):
+            out = _flat(_layer_bytes(hit, kind))
+            assert reader.read(kind, layer, out, hit.num_chunks) == hit.num_chunks
+            assert out.tobytes() == fetched[layer].tobytes()
+
+
+@pytest.fixture
+def memory_only(server_factory):
+    """A node without a disk tier: a deleted entry's memory is free at once (no spill
+    holds it), so the next put of the same size lands there (first fit)."""
+    with CacheClient(server_factory("--memory-bytes", "64MiB", "--disk-mode", "off").address) as c:
+        yield c
+
+
+def test_memory_reused_after_the_lookup_is_a_miss_not_data(memory_only: CacheClient, rng):
+    """Without a lease the node may evict or delete an entry and reuse its memory before
+    the reader copies: the copy then fails its checksum and counts as missing."""
+    client = memory_only
+    fid = _register(client)
+    first = client.hash_tokens(list(range(512)), fid)
+    client.put(fid, "p", [make_entry(rng, TINY, h, 256) for h in first])
+    hit = client.lookup(fid, first, locate=True).best()
+    client.delete(fid, chunk_hashes=first)
+    other = client.hash_tokens(list(range(1000, 1512)), fid)
+    client.put(fid, "p", [make_entry(rng, TINY, h, 256) for h in other])
+    moved_in = client.lookup(fid, other, locate=True).best()
+    assert moved_in.locations[0].arena_offset == hit.locations[0].arena_offset   # the memory was reused
+    reader = ArenaReader(client.arena(hit), TINY, hit)
+    assert reader.read(Kind.K, 0, _flat(_layer_bytes(hit, Kind.K)), hit.num_chunks) == 0
+
+
+def test_a_location_outside_the_arena_is_a_miss(client: CacheClient, rng):
+    fid = _register(client)
+    hashes = client.hash_tokens(list(range(512)), fid)
+    client.put(fid, "p", [make_entry(rng, TINY, h, 256) for h in hashes])
+    hit = client.lookup(fid, hashes, locate=True).best()
+    arena = client.arena(hit)
+    beyond = Location(len(arena) - 8, hit.locations[1].checksums)
+    lying = Hit(hit.producer, hit.same_model, hit.entry_ids, hit.position_offsets, hit.layouts, hit.tiers,
+                hit.grpc_address, (), [hit.locations[0], beyond], hit.shm)
+    assert ArenaReader(arena, TINY, lying).read(Kind.V, 3, _flat(_layer_bytes(hit, Kind.V)), 2) == 1
+
+
+@pytest.fixture(scope="module")
+def pair():
+    base = tiny_model("llama", seed=0)
+    return base, fine_tune_of(base, range(2, 4)), tokenizer()
+
+
+@torch.no_grad()
+def _logits(consumer: Consumer, ids: list[int]):
+    pre = consumer.prefill(ids)
+    out = consumer.model(input_ids=consumer.stack.ids(ids[-1:]), past_key_values=pre.cache)
+    return out.logits[0, -1], pre.report
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_consumers_on_the_node_host_read_the_memory_tier_directly(client, pair, direct):
+    base, tuned, tok = pair
+    ids = _prompt(700, seed=21)
+    Producer(client, base, tok, "base", ProducerOptions(dtype=FP32)).store(ids)
+    same = Consumer(client, base, tok, "base", ConsumerOptions(dtype=FP32, direct=direct))
+    logits, report = _logits(same, ids + [5, 6])
+    assert report.mode == "same_model" and report.reused_tokens == 700
+    assert report.transport == ("shm-direct" if direct else "shm")
+    assert torch.allclose(logits, last_logits(base, ids + [5, 6]), atol=1e-4, rtol=0)
+    planned = Consumer(client, tuned, tok, "tuned",
+                       ConsumerOptions(dtype=FP32, default_plan=Plan(4, ((2, 4),)), direct=direct))
+    logits, report = _logits(planned, ids + [5, 6])
+    assert report.mode == "cross_model" and report.transport == ("shm-direct" if direct else "shm")
+    assert torch.allclose(logits, last_logits(tuned, ids + [5, 6]), atol=1e-4, rtol=0)
+
+
+class _Churned(Consumer):
+    """A consumer whose hit's memory is taken by other entries right after its lookup
+    (what eviction under load does between a lookup and the copy)."""
+
+    def __init__(self, *args, churn, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.churn = churn
+
+    def _lookup(self, ids, producers=()):
+        result = super()._lookup(ids, producers)
+        self.churn()
+        return result
+
+
+def test_a_consumer_recomputes_what_changed_under_its_located_hit(memory_only, pair):
+    client, (base, _, tok) = memory_only, pair
+    ids, others = _prompt(600, seed=22), _prompt(600, seed=23)
+    producer = Producer(client, base, tok, "base", ProducerOptions(dtype=FP32))
+    producer.store(ids)
+
+    located = client.lookup_prompt(producer.family_id, ids, locate=True).best()
+
+    def churn() -> None:   # the same sizes land in the memory the hit pointed at (first fit)
+        client.delete(producer.family_id, chunk_hashes=client.hash_tokens(ids, producer.family_id,
+                                                                          include_partial=True))
+        producer.store(others)
+        moved_in = client.lookup_prompt(producer.family_id, others, locate=True).best()
+        assert moved_in.locations[0].arena_offset == located.locations[0].arena_offset
+
+    consumer = _Churned(client, base, tok, "base", ConsumerOptions(dtype=FP32), churn=churn)
+    logits, report = _logits(consumer, ids + [7])
+    assert report.mode == "prefill" and "checksum mismatch" in report.fallback
+    assert torch.allclose(logits, last_logits(base, ids + [7]), atol=1e-4, rtol=0)
+
+
+def test_entries_only_on_disk_are_fetched(server_factory, pair):
+    base, _, tok = pair
+    ids = _prompt(600, seed=24)
+    srv = server_factory("--memory-bytes", "64MiB")
+    with CacheClient(srv.address) as client:
+        Producer(client, base, tok, "base", ProducerOptions(dtype=FP32)).store(ids)
+    srv.stop()
+    again = server_factory("--memory-bytes", "64MiB", workdir=srv.workdir)   # entries on disk now
+    with CacheClient(again.address) as client:
+        hit = client.lookup_prompt(client.list_models()[0]["family_id"], ids, locate=True).best()
+        assert hit.locations is not None and min(loc.arena_offset for loc in hit.locations) == -1
+        logits, report = _logits(Consumer(client, base, tok, "base", ConsumerOptions(dtype=FP32)), ids + [9])
+        assert report.mode == "same_model" and report.transport == "shm"
+        assert torch.allclose(logits, last_logits(base, ids + [9]), atol=1e-4, rtol=0)
