@@ -23,6 +23,10 @@ from cachesvc.wire.keys import FamilySpec, Kind
 from cachesvc_client.codec import Hit
 
 
+GROUP_BYTES = 1 << 20
+"""Bytes copied before they are hashed: small enough to be hashed from cache."""
+
+
 @dataclass(frozen=True, slots=True)
 class SlabSource:
     """Where one slab of one entry lies in the arena, and what it must hash to."""
@@ -77,16 +81,37 @@ class ArenaReader:
         """Copy slab (kind, layer) of the first ``entries`` entries into ``out`` (uint8,
         their bytes back to back); the number of leading entries that arrived whole and
         verified (the rest of ``out`` is not data)."""
-        position = 0
-        for i, source in enumerate(self.sources(kind, layer, entries)):
-            if source is None:
+        return self.read_range(kind, layer, layer + 1, out.reshape(1, -1), entries)
+
+    def read_range(self, kind: Kind, start: int, stop: int, out: np.ndarray, entries: int) -> int:
+        """Copy slabs (kind, start..stop-1) of the first ``entries`` entries into ``out``
+        (uint8 ``[stop - start, bytes of one layer]``, each row the entries' bytes back to
+        back), verifying every slab; the number of leading entries that arrived whole and
+        verified. An entry's consecutive layers of one kind are consecutive in its payload,
+        so they are copied by strided copies of about GROUP_BYTES each and hashed while
+        still in cache: 0.8x memcpy here, against 0.55x slab by slab (docs/results.md)."""
+        assert self.hit.locations is not None
+        position, layers = 0, stop - start
+        for i, (layout, location) in enumerate(zip(self.hit.layouts[:entries], self.hit.locations[:entries],
+                                                   strict=True)):
+            first, last = layout.place(self.family, kind, start), layout.place(self.family, kind, stop - 1)
+            if first is None or last is None or last[0] - first[0] != layers - 1 or location.arena_offset < 0:
+                return i   # the entry lacks one of these layers (or lies only on disk)
+            index, offset, size = first
+            begin = location.arena_offset + offset
+            if begin + layers * size > len(self.arena):
                 return i
-            dest = out[position:position + source.size]
-            np.copyto(dest, np.frombuffer(self.arena, np.uint8, source.size, source.arena_offset))
-            self.bytes_copied += source.size
-            if xxhash.xxh3_64_intdigest(dest) != source.checksum:
-                return i
-            position += source.size
+            group = max(1, GROUP_BYTES // size)
+            for a in range(0, layers, group):
+                b = min(a + group, layers)
+                dest = out[a:b, position:position + size]
+                np.copyto(dest, np.frombuffer(self.arena, np.uint8, (b - a) * size, begin + a * size)
+                          .reshape(b - a, size))
+                self.bytes_copied += (b - a) * size
+                for j in range(b - a):
+                    if xxhash.xxh3_64_intdigest(dest[j]) != location.checksums[index + a + j]:
+                        return i
+            position += size
         return entries
 
     def verify(self, source: SlabSource) -> bool:

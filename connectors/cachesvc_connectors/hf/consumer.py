@@ -102,6 +102,7 @@ class ReuseReport:
     first_slab_s: float = 0.0         # loader start to the first slab in hand
     assembly_s: float = 0.0           # assembling the cache, waits for slabs excluded
     suffix_s: float = 0.0             # the suffix through the reused layers (recompute groups not included)
+    recompute_s: float = 0.0          # the recompute groups over every token
     transport: str = ""
     fallback: str = ""                # why less (or nothing) was reused
     predicted_ttft_s: float | None = None   # the planner's prediction, with a TTFT target
@@ -130,6 +131,7 @@ class Consumer:
         self._direct = options.direct and self._same_host()
         self._lock = threading.Lock()
         self._suffix_s = 0.0              # of the assembly in progress (host time: launches on a GPU)
+        self._recompute_s = 0.0
         self.cost = options.cost
         if self.cost is None and options.ttft_target_s is not None:
             self.cost = calibrate(self.stack, self.registration.family)
@@ -293,6 +295,7 @@ class Consumer:
         report.producer, report.plan = hit.producer, plan.describe()
         report.reused_tokens, report.recomputed_layers = n, plan.recomputed_layers
         report.suffix_tokens, report.suffix_s = len(ids) - 1 - n, self._suffix_s
+        report.recompute_s = self._recompute_s
         return cache
 
     def _loader(self, hit: Hit, plan: Plan) -> SlabLoader | ArenaLoader:
@@ -313,7 +316,7 @@ class Consumer:
         cache = self.stack.new_cache()
         dtype = self.stack.dtype
         suffix = self.stack.embed(self.stack.ids(ids[n:-1])) if len(ids) - 1 > n else None
-        self._suffix_s = 0.0
+        self._suffix_s = self._recompute_s = 0.0
         layer = 0
         while layer < self.stack.num_layers:
             group = plan.group_at(layer)
@@ -325,7 +328,9 @@ class Consumer:
                 hidden = entering[:n].to(dtype).unsqueeze(0)
                 if suffix is not None:
                     hidden = torch.cat([hidden, suffix], dim=1)
+                t0 = time.perf_counter()
                 hidden = self.stack.run(hidden, start, stop, 0, cache)
+                self._recompute_s += time.perf_counter() - t0
                 suffix = hidden[:, n:] if suffix is not None else None
                 layer = stop
                 continue

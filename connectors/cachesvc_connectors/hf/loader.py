@@ -186,15 +186,18 @@ class SlabLoader:
 
 
 class ArenaLoader:
-    """A located hit read out of a same-host node's memory tier, on demand: ``wait(kind,
-    layer)`` copies that slab of every entry the first time it is asked for, verifies it,
-    and hands it out (the interface of :class:`SlabLoader`). Nothing runs ahead of the
-    consumer, so ``hidden_fraction`` is 0 and ``wait_s`` is the copying time: on a CPU
-    the copy competes for the same cores as compute anyway (docs/results.md, issue 13:
-    a loader thread slowed the suffix by 10%), and one request fewer is worth more than
-    the overlap. On a GPU the slab's host-to-device copy is issued from the registered
-    arena on the compute stream, asynchronous to the host; the checksum is taken from
-    the arena bytes before the copy is issued (the hit is held by a lease meanwhile).
+    """A located hit read out of a same-host node's memory tier, on demand, with the
+    interface of :class:`SlabLoader`. Nothing runs ahead of the consumer, so
+    ``hidden_fraction`` is 0 and ``wait_s`` is the copying time: on a CPU the copy
+    competes for the same cores as compute anyway (docs/results.md, issue 13: a loader
+    thread slowed the suffix by 10%), and no request and no thread are worth more than
+    the overlap.
+
+    On a CPU the first ``wait`` for a slab of a load request copies and verifies the
+    whole request (every entry, every layer of it; ``ArenaReader.read_range``). On a GPU
+    each ``wait(kind, layer)`` verifies that slab's arena bytes and issues their copy
+    from the registered arena on the compute stream, asynchronous to the host (the hit
+    is held by a lease until the consumer releases it).
     """
 
     def __init__(self, reader: ArenaReader, hit: Hit, requests: list[LoadRequest],
@@ -217,6 +220,8 @@ class ArenaLoader:
             staging.out(family, hit.num_tokens, requests)
         self._dest = {(kind, layer): out[kind][layer - r.start] for r, out in zip(requests, outs, strict=True)
                       for kind in r.kinds for layer in range(r.start, r.stop)}
+        self._request = {(kind, layer): (r, out) for r, out in zip(requests, outs, strict=True)
+                         for kind in r.kinds for layer in range(r.start, r.stop)}
         self._slabs: dict[tuple[Kind, int], torch.Tensor | None] = {}
 
     def start(self) -> "ArenaLoader":
@@ -240,21 +245,30 @@ class ArenaLoader:
         return self._slabs[key]
 
     def _load(self, kind: Kind, layer: int) -> torch.Tensor | None:
-        dest = self._dest[(kind, layer)]
-        entries = self.valid_chunks
-        if self._arena is None:   # host memory: copy, then verify the copy
-            flat = dest.reshape(-1).view(torch.uint8).numpy()
-            whole = self.reader.read(kind, layer, flat, entries)
-            if self.device.type == "cuda":   # unregistered arena: through pinned staging
-                dest = dest.to(self.device, non_blocking=True)
-        else:                     # device: verify the held arena bytes, then DMA them
-            whole = self._to_device(kind, layer, dest.reshape(-1).view(torch.uint8), entries)
-        self.bytes_fetched += sum(self.reader.family.slab_bytes(kind, lay.num_tokens)
-                                  for lay in self.hit.layouts[:whole])
+        if self._arena is None:   # host memory: the whole request, copied then verified
+            request, out = self._request[(kind, layer)]
+            for k in request.kinds:
+                rows = out[k].reshape(request.stop - request.start, -1).view(torch.uint8).numpy()
+                self._count(k, request.start, self.reader.read_range(k, request.start, request.stop, rows,
+                                                                     self.valid_chunks), request.stop - request.start)
+                for at in range(request.start, request.stop):
+                    dest = self._dest[(k, at)]   # unregistered arena on a GPU: via pinned staging
+                    self._slabs[(k, at)] = dest.to(self.device, non_blocking=True) \
+                        if self.device.type == "cuda" else dest
+            return self._slabs[(kind, layer)]
+        dest = self._dest[(kind, layer)]   # device: verify the held arena bytes, then DMA them
+        self._count(kind, layer, self._to_device(kind, layer, dest.reshape(-1).view(torch.uint8),
+                                                 self.valid_chunks), 1)
+        return dest
+
+    def _count(self, kind: Kind, layer: int, whole: int, layers: int) -> None:
+        """Account a read of ``layers`` layers from ``layer`` that came back whole for the
+        first ``whole`` entries."""
+        self.bytes_fetched += layers * sum(self.reader.family.slab_bytes(kind, lay.num_tokens)
+                                           for lay in self.hit.layouts[:whole])
         if whole < self.valid_chunks:
             self.valid_chunks = whole
-            self.errors.append(f"{kind.name}{layer} of chunk {whole}: missing or checksum mismatch")
-        return dest
+            self.errors.append(f"{kind.name} from layer {layer} of chunk {whole}: missing or checksum mismatch")
 
     def _to_device(self, kind: Kind, layer: int, dest: torch.Tensor, entries: int) -> int:
         assert self._arena is not None
