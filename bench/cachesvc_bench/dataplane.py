@@ -2,8 +2,10 @@
 the ceiling of its own transport measured in the same run.
 
 Paths: ``grpc`` (portable), ``tcp`` (socket data plane), ``shm`` (same host: copy out of
-the node's shared memory tier; puts through its Unix socket), ``ucx`` (ucxx tagged
-messages; on one host UCX itself picks its shared-memory transports). Sizes: 4, 64 and 256 MiB
+the node's shared memory tier; puts through its Unix socket), ``shm-direct`` (same host,
+GET only: the slabs of a located hit copied straight out of the mapped memory tier by
+``ArenaReader``, no request to the node; what the connectors do on the node's host),
+``ucx`` (ucxx tagged messages; on one host UCX itself picks its shared-memory transports). Sizes: 4, 64 and 256 MiB
 (entries of one 4 MiB E slab), and the realistic request, 2048 tokens × 30 layers of K
 and V in bf16 (SmolLM2-135M shape, 47 MB), fetched whole and layer by layer.
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import statistics
 import subprocess
 import time
 from pathlib import Path
@@ -35,7 +38,7 @@ from cachesvc.wire import ucxlib
 from cachesvc.wire.keys import DType, FamilySpec, Kind
 from cachesvc_bench.ceilings import memcpy_gbps, socket_gbps, ucx_gbps, ucx_version
 from cachesvc_bench.common import bench_server, machine, markdown_table, write_json
-from cachesvc_client import CacheClient, ClientOptions, EntryData
+from cachesvc_client import ArenaReader, CacheClient, ClientOptions, EntryData
 
 # One 4 MiB E slab per entry: 256 tokens × 8192 × bf16.
 WIDE = FamilySpec("LlamaForCausalLM", 1, 1, 1, 8192, 10000.0, "", "bench-dataplane", DType.BFLOAT16)
@@ -73,8 +76,11 @@ class Route:
     setup: Setup = Setup()
 
 
-# UCX restricted to TCP: the network path it takes between hosts without RDMA.
-PATHS = {"ucx-tcp": Route("ucx", Setup(("--ucx-tls", "tcp,self"), ClientOptions(ucx_tls="tcp,self")))}
+# UCX restricted to TCP: the network path it takes between hosts without RDMA. shm-direct
+# puts (and the setup) are shm's.
+PATHS = {"ucx-tcp": Route("ucx", Setup(("--ucx-tls", "tcp,self"), ClientOptions(ucx_tls="tcp,self"))),
+         "shm-direct": Route("shm")}
+DIRECT = "shm-direct"
 
 
 def _entries(family: FamilySpec, hashes, kinds, rng) -> list[EntryData]:
@@ -102,7 +108,7 @@ def run_case(client: CacheClient, case: Case, path: str, repeats: int, rng, ceil
     size = sum(a.nbytes for e in entries for a in e.slabs.values())
     transport = PATHS.get(path, Route(path)).transport
     rows = []
-    if not case.layer_wise:
+    if not case.layer_wise and path != DIRECT:
         round_ = [0]
 
         def put() -> None:
@@ -127,11 +133,41 @@ def run_case(client: CacheClient, case: Case, path: str, repeats: int, rng, ceil
         else:
             got = client.get(fid, hit, case.kinds, out=out, transport=transport)
         assert got.complete, got.missing[:2]
+    extra = {}
+    if path == DIRECT:
+        get, extra = _direct(client, fid, [e.chunk_hash for e in entries], case, out)
     t = _best(get, repeats)
     piece = case.family.slab_bytes(case.kinds[0], 256)
-    rows.append(_row(path, "get", case, size, t, ceilings["get"][path](size, piece)))
+    rows.append(_row(path, "get", case, size, t, ceilings["get"][path](size, piece)) | extra)
     client.delete(fid, chunk_hashes=[e.chunk_hash for e in entries])
     return rows
+
+
+def _direct(client: CacheClient, fid: str, hashes: list[bytes], case: Case, out: dict) -> tuple:
+    """The GET of shm-direct: the hit's slabs copied out of the mapped memory tier, whole
+    (one strided read per kind) or layer by layer. Like every path's GET it is timed
+    without its lookup; what locating adds to the lookup is measured beside it."""
+    hit = client.lookup(fid, hashes, locate=True).best()
+    reader = ArenaReader(client.arena(hit), case.family, hit)
+    rows = {k: out[k].reshape(case.family.num_layers, -1).view(np.uint8) for k in case.kinds}
+
+    def get() -> None:
+        n, layers = hit.num_chunks, case.family.num_layers
+        if case.layer_wise:
+            whole = min(reader.read(k, layer, rows[k][layer], n) for layer in range(layers) for k in case.kinds)
+        else:
+            whole = min(reader.read_range(k, 0, layers, rows[k], n) for k in case.kinds)
+        assert whole == n, f"{whole} of {n} entries read whole"
+
+    def lookups(locate: bool) -> float:
+        samples = []
+        for _ in range(30):
+            t0 = time.perf_counter()
+            client.lookup(fid, hashes, locate=locate)
+            samples.append(time.perf_counter() - t0)
+        return statistics.median(samples) * 1e3
+    plain, located = lookups(False), lookups(True)
+    return get, {"lookup_ms": round(plain, 3), "locating_lookup_ms": round(located, 3)}
 
 
 def _row(path: str, op: str, case: Case, size: int, seconds: float, ceiling: float) -> dict:
@@ -159,7 +195,7 @@ def _ceiling_table() -> tuple[dict, dict]:
                                        lambda: ucx_gbps(size, piece, shared=False))
     ucx_tcp = lambda size, piece: memo(("ucx-tcp", size, piece),  # noqa: E731
                                        lambda: ucx_gbps(size, piece, tls="tcp,self"))
-    return {"get": {"grpc": tcp, "tcp": tcp, "shm": copy, "ucx": ucx_get, "ucx-tcp": ucx_tcp},
+    return {"get": {"grpc": tcp, "tcp": tcp, "shm": copy, "shm-direct": copy, "ucx": ucx_get, "ucx-tcp": ucx_tcp},
             "put": {"grpc": tcp, "tcp": tcp, "shm": unix, "ucx": ucx_put, "ucx-tcp": ucx_tcp}}, cache
 
 
@@ -169,7 +205,7 @@ def run(args: argparse.Namespace) -> dict:
     rows: list[dict] = []
     # Prefaulted, as a production node runs: otherwise every put lands in never-touched
     # shared memory (the arena never fills here) and measures page faults, not transport.
-    paths = args.paths or "grpc,tcp,shm" + (",ucx,ucx-tcp" if ucxlib.available() else "")
+    paths = args.paths or "grpc,tcp,shm,shm-direct" + (",ucx,ucx-tcp" if ucxlib.available() else "")
     todo = [(case, path) for path in paths.split(",") for case in CASES]
     progress = tqdm(total=len(todo), desc="dataplane", unit="case")
     for setup in dict.fromkeys(PATHS.get(p, Route(p)).setup for p in paths.split(",")):

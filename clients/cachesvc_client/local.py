@@ -20,6 +20,7 @@ import numpy as np
 import xxhash
 
 from cachesvc.wire.keys import FamilySpec, Kind
+from cachesvc.wire.layout import Layout
 from cachesvc_client.codec import Hit
 
 
@@ -64,10 +65,7 @@ class ArenaReader:
         assert self.hit.locations is not None
         out: list[SlabSource | None] = []
         for layout, location in zip(self.hit.layouts[:entries], self.hit.locations[:entries], strict=True):
-            key = (id(layout), kind, layer)
-            place = self._places.get(key, False)
-            if place is False:
-                place = self._places[key] = layout.place(self.family, kind, layer)
+            place = self._place(layout, kind, layer)
             if place is None or location.arena_offset < 0:
                 out.append(None)
                 continue
@@ -89,12 +87,14 @@ class ArenaReader:
         back), verifying every slab; the number of leading entries that arrived whole and
         verified. An entry's consecutive layers of one kind are consecutive in its payload,
         so they are copied by strided copies of about GROUP_BYTES each and hashed while
-        still in cache: 0.8x memcpy here, against 0.55x slab by slab (docs/results.md)."""
+        still in cache: 0.8-0.9x memcpy here, against 0.55x slab by slab (docs/results.md).
+        (Hashing a group while a second thread copies the next was slower still: xxhash
+        holds the GIL, and the hand-offs cost more than the overlap gained.)"""
         assert self.hit.locations is not None
         position, layers = 0, stop - start
         for i, (layout, location) in enumerate(zip(self.hit.layouts[:entries], self.hit.locations[:entries],
                                                    strict=True)):
-            first, last = layout.place(self.family, kind, start), layout.place(self.family, kind, stop - 1)
+            first, last = self._place(layout, kind, start), self._place(layout, kind, stop - 1)
             if first is None or last is None or last[0] - first[0] != layers - 1 or location.arena_offset < 0:
                 return i   # the entry lacks one of these layers (or lies only on disk)
             index, offset, size = first
@@ -113,6 +113,12 @@ class ArenaReader:
                         return i
             position += size
         return entries
+
+    def _place(self, layout: Layout, kind: Kind, layer: int) -> tuple[int, int, int] | None:
+        key = (id(layout), kind, layer)
+        if key not in self._places:
+            self._places[key] = layout.place(self.family, kind, layer)
+        return self._places[key]
 
     def verify(self, source: SlabSource) -> bool:
         """Whether the arena bytes of ``source`` hash to its checksum now (meaningful only
