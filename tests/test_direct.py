@@ -13,6 +13,7 @@ import torch
 
 from cachesvc_client import ArenaReader, CacheClient, DType, Hit, Kind, Location
 from cachesvc_connectors.hf import Consumer, ConsumerOptions, Producer, ProducerOptions
+from cachesvc_connectors.reuse import CostModel
 from cachesvc_connectors.reuse.plan import Plan
 from conftest import TINY, make_entry
 from hf_models import fine_tune_of, last_logits, tiny_model, tokenizer
@@ -126,6 +127,20 @@ def test_consumers_on_the_node_host_read_the_memory_tier_directly(client, pair, 
     logits, report = _logits(planned, ids + [5, 6])
     assert report.mode == "cross_model" and report.transport == ("shm-direct" if direct else "shm")
     assert torch.allclose(logits, last_logits(tuned, ids + [5, 6]), atol=1e-4, rtol=0)
+
+
+def test_a_consumer_learns_its_fixed_costs_from_its_own_reuses(client, pair):
+    base, _, tok = pair
+    producer = Producer(client, base, tok, "base", ProducerOptions(dtype=FP32))
+    cost = CostModel(c0=0.0, c1=0.0, c2=0.0, num_layers=4, head_s=0.0, kv_bytes_per_token=128,
+                     e_bytes_per_token=256, fetch_overhead_s=10.0)   # an absurd start
+    consumer = Consumer(client, base, tok, "base", ConsumerOptions(dtype=FP32, cost=cost))
+    for seed in range(4):
+        ids = _prompt(300 + 100 * seed, seed=30 + seed)
+        producer.store(ids)
+        assert consumer.prefill(ids + [1]).report.mode == "same_model"
+    assert cost.learned is not None and cost.learned.requests == 4
+    assert cost.fetch_overhead_s < 1.0                                 # what these reuses took
 
 
 class _Churned(Consumer):

@@ -114,3 +114,29 @@ def test_consumer_follows_the_planner(client, tmp_path):
     # 512 cached tokens: a prefill is predicted 4 × 0.522 s; a plan of k layers k × 0.515 s.
     assert report.mode == "cross_model" and report.recomputed_layers == 0
     assert report.predicted_ttft_s is not None and report.predicted_ttft_s <= 0.4
+
+
+def test_the_consumer_side_fit_learns_fixed_costs_from_its_own_requests():
+    """Requests that took what the layer model predicts plus 0.05 s and 2 ns per loaded
+    byte (with noise): the online fit recovers both, and follows when they change."""
+    truth = _cost(request_s=0.3)
+    learner = _cost(request_s=0.3, fetch_overhead_s=5.0)        # a wrong start
+    rng = random.Random(0)
+
+    def took(n: int, overhead: float) -> float:
+        plan = Plan(L, ((20, 24),)) if n % 2 else Plan(L)
+        compute = plan.recomputed_layers * truth.layer_s(n + 20, 0) + (L - plan.recomputed_layers) * truth.layer_s(20, n)
+        nbytes = truth.load_bytes(plan, n)
+        return plan, max(nbytes / truth.bandwidth_Bps, compute) + overhead + 2e-9 * nbytes + rng.gauss(0, 1e-3)
+    for i in range(40):
+        n = rng.randrange(500, 8000)
+        plan, t = took(n, 0.05)
+        learner.observe_reuse(plan, n, 20, t)
+        if i < 2:                                               # too few requests to replace anything
+            assert learner.fetch_overhead_s == 5.0
+    assert abs(learner.fetch_overhead_s - 0.05) < 0.01 and abs(learner.copy_s_per_byte - 2e-9) < 0.5e-9
+    for _ in range(60):                                         # the host got slower: 0.2 s fixed
+        n = rng.randrange(500, 8000)
+        plan, t = took(n, 0.2)
+        learner.observe_reuse(plan, n, 20, t)
+    assert abs(learner.fetch_overhead_s - 0.2) < 0.02

@@ -29,6 +29,25 @@ def memcpy_gbps(size_bytes: int, piece_bytes: int | None = None, repeats: int = 
     return best
 
 
+def load_ceiling_gbps(size_bytes: int, device: str, piece_bytes: int | None = None, repeats: int = 3) -> float:
+    """What loading ``size_bytes`` of slabs into a consumer can reach at best: on a CPU,
+    memcpy in slab-sized pieces; on a GPU, the pinned host-to-device copy (best of
+    ``repeats``)."""
+    if not device.startswith("cuda"):
+        return memcpy_gbps(size_bytes, piece_bytes, repeats)
+    import torch   # the benchmarks that pass a CUDA device have torch
+    src = torch.empty(size_bytes, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(size_bytes, dtype=torch.uint8, device=device)
+    best = 0.0
+    for _ in range(repeats + 1):
+        torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        dst.copy_(src, non_blocking=True)
+        torch.cuda.synchronize(device)
+        best = max(best, size_bytes / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
 def _sender(family: int, address, size_bytes: int, repeats: int) -> None:
     payload = memoryview(np.ones(size_bytes, np.uint8))
     with socket.socket(family, socket.SOCK_STREAM) as sock:

@@ -31,6 +31,7 @@ import torch
 from tqdm import tqdm
 
 from cachesvc_bench import synthetic
+from cachesvc_bench.ceilings import load_ceiling_gbps
 from cachesvc_bench.common import finish, machine, markdown_table, model_server, publish
 from cachesvc_client import CacheClient
 from cachesvc_lab.evaluate import BASE, REFERENCE, SAME, PairEvaluator, plan_name, summarize
@@ -64,8 +65,11 @@ def _profiled(name: str, profiles: Path, min_quality: float) -> Plan:
 
 
 def _rows(consumer: str, tokens: int, actual: int, plans: list[Plan], layers: int, results: dict, prompts: int,
-          with_quality: bool = True) -> list[dict]:
-    """One row per mode (one per plan in mode ``plan``) from the evaluator's results at one length."""
+          device: str, slab_bytes: int, with_quality: bool = True) -> list[dict]:
+    """One row per mode (one per plan in mode ``plan``) from the evaluator's results at one
+    length. ``load_gbps`` is the loader's rate (bytes over its own time) and
+    ``load_ceiling_gbps`` the same bytes copied at best on ``device`` in this run
+    (memcpy in ``slab_bytes`` pieces on a CPU, a pinned host-to-device copy on a GPU)."""
     summary = {r["variant"]: r for r in summarize(results)}
     modes = [(REFERENCE, "full_prefill", ""), (SAME, "same_model", ""),
              (plan_name(Plan.full_reuse(layers)), "full_reuse", "")]
@@ -85,9 +89,22 @@ def _rows(consumer: str, tokens: int, actual: int, plans: list[Plan], layers: in
                      "fidelity": r["fidelity"],
                      "recomputed_layers": layers if mode == "full_prefill" else r["recomputed_layers"],
                      "bytes_fetched": r.get("bytes_fetched", 0),
+                     "load_gbps": r.get("load_gbps"),
+                     "load_ceiling_gbps": _ceiling(r.get("bytes_fetched", 0), device, slab_bytes),
                      "hidden_fraction": r.get("hidden_fraction"),
                      "prompts": prompts, "timed_requests": len(results[variant].ttft_s)})
     return rows
+
+
+def _ceiling(size_bytes: int, device: str, slab_bytes: int) -> float | None:
+    return round(load_ceiling_gbps(size_bytes, device, slab_bytes), 3) if size_bytes else None
+
+
+def _slab_bytes(model) -> int:
+    """Bytes of one 256-token K slab of ``model`` in bf16 (the piece a loader copies)."""
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 256 * config.num_key_value_heads * head_dim * 2
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -111,7 +128,8 @@ def run(args: argparse.Namespace) -> dict:
                 actual = round(sum(len(tasks.context_ids(tokenizer, e)) for e in examples) / len(examples))
                 with tqdm(total=len(examples), desc=f"reuse {name} @{tokens}", unit="prompt") as bar:
                     results = evaluator.run(examples, measured, same_model=True, progress=bar.update)
-                rows += _rows(name, tokens, actual, measured[1:], layers, results, len(examples))
+                rows += _rows(name, tokens, actual, measured[1:], layers, results, len(examples), args.device,
+                              _slab_bytes(base))
     return {"benchmark": "reuse", "machine": _machine(args.device), "device": args.device,
             "producer": smollm2.NAME, "rows": rows}
 
@@ -136,8 +154,8 @@ def run_synthetic(args: argparse.Namespace) -> dict:
                            for _ in range(args.prompts_per_context)]
                 with tqdm(total=len(samples), desc=f"reuse {name} @{tokens}", unit="prompt") as bar:
                     results = evaluator.run_ids(samples, measured, same_model=True, progress=bar.update)
-                rows += _rows(name, tokens, tokens, plans, shape.layers, results, len(samples),
-                              with_quality=False)
+                rows += _rows(name, tokens, tokens, plans, shape.layers, results, len(samples), args.device,
+                              _slab_bytes(producer), with_quality=False)
             del producer, consumer, evaluator
             if args.device.startswith("cuda"):
                 torch.cuda.empty_cache()
@@ -202,13 +220,14 @@ def main(args: argparse.Namespace) -> int:
     png = publish(args.json, doc, plot)
     print(markdown_table(
         ["consumer", "context", "mode", "TTFT s", "× full", "exact [95% CI]", "gain retained [95% CI]",
-         "identical", "KL", "recomputed", "MB fetched", "hidden"],
+         "identical", "KL", "recomputed", "MB fetched", "load GB/s", "ceiling GB/s", "hidden"],
         [[r["consumer"], r["context_tokens"], r["mode"] + (f" {r['plan']}" if r["plan"] else ""),
           r["ttft_s"], r["ttft_vs_full_prefill"],
           "-" if r["quality"] is None else f"{r['quality']:.2f} {r['quality_ci']}",
           "-" if r["quality"] is None else f"{r['gain_retained']:.2f} {r['gain_retained_ci']}",
           r["fidelity"]["identical"], r["fidelity"]["first_token_kl"],
-          r["recomputed_layers"], round(r["bytes_fetched"] / 1e6, 1), r["hidden_fraction"]]
+          r["recomputed_layers"], round(r["bytes_fetched"] / 1e6, 1), r["load_gbps"], r["load_ceiling_gbps"],
+          r["hidden_fraction"]]
          for r in doc["rows"]]))
     print(f"\nplot: {png}")
     return 0

@@ -69,6 +69,7 @@ class VariantResult:
     timed: list[int] = field(default_factory=list)              # the sample index of each ttft_s
     recomputed_layers: int = 0
     bytes_fetched: list[int] = field(default_factory=list)
+    fetch_s: list[float] = field(default_factory=list)          # the loader's time for those bytes
     hidden_fraction: list[float] = field(default_factory=list)
     fallbacks: int = 0
 
@@ -221,6 +222,7 @@ def _record(result: VariantResult, ans: Answer, ref: Answer, truth: str, index: 
         result.timed.append(index)
     if ans.report is not None:
         result.bytes_fetched.append(ans.report.bytes_fetched)
+        result.fetch_s.append(ans.report.fetch_s)
         result.hidden_fraction.append(ans.report.hidden_fraction)
         result.fallbacks += ans.report.mode == "prefill"
 
@@ -259,7 +261,9 @@ def summarize(results: dict[str, VariantResult]) -> list[dict]:
                             "first_token_kl": round(_mean(v.kl), 5)},
                "ttft_s": round(sorted(v.ttft_s)[len(v.ttft_s) // 2], 4)}
         if v.bytes_fetched:
+            loading = sum(v.fetch_s)
             row.update(bytes_fetched=int(_mean(v.bytes_fetched)),
+                       load_gbps=round(sum(v.bytes_fetched) / loading / 1e9, 3) if loading else None,
                        hidden_fraction=round(_mean(v.hidden_fraction), 3), fallbacks=v.fallbacks)
         rows.append(row)
     return rows

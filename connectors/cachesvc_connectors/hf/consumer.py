@@ -222,6 +222,8 @@ class Consumer:
             report.mode, report.reused_tokens, report.recomputed_layers = "prefill", 0, self.stack.num_layers
             plan = None
         report.prefill_s = time.perf_counter() - t0
+        if self.cost is not None and plan is not None:   # learn this host's fixed costs from its traffic
+            self.cost.observe_reuse(plan, report.reused_tokens, report.suffix_tokens, report.prefill_s)
         return Prefill(cache, report, plan)
 
     @torch.no_grad()

@@ -27,7 +27,10 @@ prompt token, L layers):
 - so ``TTFT ≈ request + fetch_overhead + max(load, compute) + bytes·copy + last token +
   head``; a full prefill is ``request + L·layer_s(N, 0) + head`` for an N-token prompt.
   The fixed and per-byte terms are fitted to a measured prefill and two measured full
-  reuses (:meth:`CostModel.fit_fixed_costs`), where a benchmark or a deployment has them.
+  reuses (:meth:`CostModel.fit_fixed_costs`), where a benchmark or a deployment has them,
+  and then keep learning from the consumer's own requests (:meth:`CostModel.observe_reuse`:
+  a least-squares line through what each reuse took beyond its load and compute, with
+  older requests weighing less), so a deployment's predictions follow its own traffic.
 
 The planner (reuse.planner) chooses with these predictions.
 """
@@ -55,6 +58,7 @@ class CostModel:
     request_s: float = 0.0           # fixed per request: generate()'s setup
     copy_s_per_byte: float = 0.0     # the consumer's own work per loaded byte, not overlapped
     layer_scale: float = 1.0         # whole forward / layers timed alone (applied to c0..c3)
+    learned: "FixedCostFit | None" = None   # online fit of fetch_overhead_s and copy_s_per_byte
 
     def layer_s(self, q: int, past: int) -> float:
         attention = self.c2 if past == 0 or self.c3 is None else self.c3
@@ -121,7 +125,55 @@ class CostModel:
                 self.copy_s_per_byte = max((large - small) / (large_bytes - small_bytes), 0.0)
         self.fetch_overhead_s = max(small - small_bytes * self.copy_s_per_byte, 0.0)
 
+    def observe_reuse(self, plan: Plan, n: int, s: int, took_s: float) -> None:
+        """Learn from one reuse that took ``took_s`` from the lookup to a cache of its n
+        cached and s suffix tokens (the consumer's ``prefill_s``): what load and compute
+        do not explain is ``fetch_overhead_s + bytes·copy_s_per_byte``, refitted over the
+        recent requests once there are ``FixedCostFit.MIN_REQUESTS`` of them."""
+        compute = plan.recomputed_layers * self.layer_s(n + s, 0)
+        compute += (plan.num_layers - plan.recomputed_layers) * (self.layer_s(s, n) if s else 0.0)
+        nbytes = self.load_bytes(plan, n)
+        if self.learned is None:
+            self.learned = FixedCostFit()
+        self.learned.add(nbytes, took_s - max(nbytes / self.bandwidth_Bps, compute))
+        fitted = self.learned.fit()
+        if fitted is not None:
+            self.fetch_overhead_s, self.copy_s_per_byte = fitted
+
     def observe_load(self, nbytes: int, seconds: float, weight: float = 0.2) -> None:
         """Fold a measured load into the bandwidth estimate (exponential average)."""
         if nbytes > 0 and seconds > 0:
             self.bandwidth_Bps = (1 - weight) * self.bandwidth_Bps + weight * nbytes / seconds
+
+
+@dataclass
+class FixedCostFit:
+    """Least squares of ``unexplained ≈ a + b·bytes`` over requests, each older one
+    weighing (1 - ``forget``) times less: exponentially weighted sums of 1, x, y, x², xy."""
+
+    MIN_REQUESTS = 3
+    forget: float = 0.1
+    requests: int = 0
+    _w: float = 0.0
+    _x: float = 0.0
+    _y: float = 0.0
+    _xx: float = 0.0
+    _xy: float = 0.0
+
+    def add(self, nbytes: int, unexplained_s: float) -> None:
+        keep = 1.0 - self.forget
+        x, y = float(nbytes), unexplained_s
+        self._w, self._x, self._y = keep * self._w + 1, keep * self._x + x, keep * self._y + y
+        self._xx, self._xy = keep * self._xx + x * x, keep * self._xy + x * y
+        self.requests += 1
+
+    def fit(self) -> tuple[float, float] | None:
+        """(a, b) in seconds and seconds per byte, both ≥ 0; None before MIN_REQUESTS.
+        With loads of one size only, b is 0 and a their mean."""
+        if self.requests < self.MIN_REQUESTS:
+            return None
+        mean_x, mean_y = self._x / self._w, self._y / self._w
+        spread = self._xx / self._w - mean_x * mean_x
+        slope = (self._xy / self._w - mean_x * mean_y) / spread if spread > 1e-9 * max(mean_x * mean_x, 1.0) else 0.0
+        slope = max(slope, 0.0)
+        return max(mean_y - slope * mean_x, 0.0), slope
