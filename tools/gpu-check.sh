@@ -5,22 +5,35 @@
 #     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
 #     -d .whl grpcio==1.85.1 grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1 \
 #     protobuf==7.36.2 transformers==5.23.0 tokenizers==0.23.3 ml_dtypes==0.6.0 xxhash==4.1.0
-# Then: the connector tests with the tiny models on CUDA, and `cachesvc bench reuse
-# --synthetic` (random weights at real shapes) on the GPU. Results land in $OUT.
+# Then: the connector tests with the tiny models on CUDA (the direct path from the arena
+# registered with CUDA among them), the reuse path's fixed cost (`bench overhead`), and
+# `cachesvc bench reuse --synthetic` (random weights at real shapes, to 16384 tokens for
+# the 8B shape) on the GPU. Results land in $OUT. Fits ~10 minutes of an H100/H200.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-check}
 source tools/gpu-env.sh || exit 1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
 if [ -z "${SKIP_TESTS:-}" ]; then
-  CACHESVC_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider tests/test_hf_connector.py tests/test_profiler.py 2>&1 \
+  CACHESVC_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider tests/test_hf_connector.py tests/test_direct.py \
+    tests/test_profiler.py 2>&1 \
     | tee "$OUT/tests-cuda.log" | tail -15
 fi
-python3 -m cachesvc_bench reuse --device cuda --synthetic "${SHAPES:-smollm2-135m,llama-3.2-1b,llama-3.1-8b}" \
-  --contexts "${CONTEXTS:-512,1024,2048,4096}" --prompts-per-context "${PROMPTS:-3}" \
+# Issue 12: the fixed cost (direct and data-plane fetch), then TTFT and load against the
+# pinned host-to-device ceiling.
+python3 -m cachesvc_bench overhead --device cuda --contexts 512,2048 --json "$OUT/overhead-gpu.json" \
+  > "$OUT/overhead-gpu.log" 2>&1
+grep -A10 '^| mode' "$OUT/overhead-gpu.log" || tail -20 "$OUT/overhead-gpu.log"
+python3 -m cachesvc_bench reuse --device cuda --synthetic "${SHAPES:-smollm2-135m,llama-3.2-1b}" \
+  --contexts "${CONTEXTS:-1024,4096}" --prompts-per-context "${PROMPTS:-3}" \
   --json "$OUT/reuse-gpu.json" > "$OUT/reuse-gpu.log" 2>&1
 rc=$?
 grep -A40 '^| consumer' "$OUT/reuse-gpu.log" || tail -40 "$OUT/reuse-gpu.log"
+python3 -m cachesvc_bench reuse --device cuda --synthetic llama-3.1-8b \
+  --contexts "${LONG_CONTEXTS:-4096,16384}" --prompts-per-context "${LONG_PROMPTS:-2}" \
+  --json "$OUT/reuse-gpu-8b.json" > "$OUT/reuse-gpu-8b.log" 2>&1
+[ $? -eq 0 ] || rc=1
+grep -A20 '^| consumer' "$OUT/reuse-gpu-8b.log" || tail -40 "$OUT/reuse-gpu-8b.log"
 # Issue 13: a context of any length plus a question (partial chunk, suffix, sliding-window decode).
 python3 -m cachesvc_bench reuse --device cuda --unaligned "${UNALIGNED:-smollm2-135m,gemma3-270m}" \
   --contexts "${UNALIGNED_CONTEXTS:-2000,4000}" --json "$OUT/unaligned-gpu.json" > "$OUT/unaligned-gpu.log" 2>&1

@@ -138,7 +138,10 @@ def run_case(client: CacheClient, case: Case, path: str, repeats: int, rng, ceil
         get, extra = _direct(client, fid, [e.chunk_hash for e in entries], case, out)
     t = _best(get, repeats)
     piece = case.family.slab_bytes(case.kinds[0], 256)
-    rows.append(_row(path, "get", case, size, t, ceilings["get"][path](size, piece)) | extra)
+    row = _row(path, "get", case, size, t, ceilings["get"][path](size, piece)) | extra
+    if "memfd_ceiling_gbps" in row:
+        row["of_memfd_ceiling"] = round(row["gbps"] / row["memfd_ceiling_gbps"], 3)
+    rows.append(row)
     client.delete(fid, chunk_hashes=[e.chunk_hash for e in entries])
     return rows
 
@@ -146,7 +149,11 @@ def run_case(client: CacheClient, case: Case, path: str, repeats: int, rng, ceil
 def _direct(client: CacheClient, fid: str, hashes: list[bytes], case: Case, out: dict) -> tuple:
     """The GET of shm-direct: the hit's slabs copied out of the mapped memory tier, whole
     (one strided read per kind) or layer by layer. Like every path's GET it is timed
-    without its lookup; what locating adds to the lookup is measured beside it."""
+    without its lookup; what locating adds to the lookup is measured beside it, and so is
+    the same copying without verification (``copy_only_gbps``: what the checksums cost),
+    and memcpy out of a memfd mapping (``memfd_ceiling_gbps``: the node's memory tier is
+    one, and where the kernel gives shmem no huge pages it copies slower than the
+    anonymous memory of the ``ceiling_gbps``)."""
     hit = client.lookup(fid, hashes, locate=True).best()
     reader = ArenaReader(client.arena(hit), case.family, hit)
     rows = {k: out[k].reshape(case.family.num_layers, -1).view(np.uint8) for k in case.kinds}
@@ -159,6 +166,20 @@ def _direct(client: CacheClient, fid: str, hashes: list[bytes], case: Case, out:
             whole = min(reader.read_range(k, 0, layers, rows[k], n) for k in case.kinds)
         assert whole == n, f"{whole} of {n} entries read whole"
 
+    def copy_only() -> None:   # the same copies without the checksums: what verifying costs
+        n, layers = hit.num_chunks, case.family.num_layers
+        for k in case.kinds:
+            for start, stop in ([(layer, layer + 1) for layer in range(layers)] if case.layer_wise else [(0, layers)]):
+                position = 0
+                for span in reader.spans(k, start, stop, n):
+                    np.copyto(rows[k][start:stop, position:position + span.size],
+                              np.frombuffer(reader.arena, np.uint8, span.layers * span.size, span.arena_offset)
+                              .reshape(span.layers, span.size))
+                    position += span.size
+    size = sum(a.nbytes for a in out.values())
+    copy_gbps = size / _best(copy_only, 3) / 1e9
+    memfd = memcpy_gbps(size, case.family.slab_bytes(case.kinds[0], 256), from_memfd=True)
+
     def lookups(locate: bool) -> float:
         samples = []
         for _ in range(30):
@@ -167,7 +188,9 @@ def _direct(client: CacheClient, fid: str, hashes: list[bytes], case: Case, out:
             samples.append(time.perf_counter() - t0)
         return statistics.median(samples) * 1e3
     plain, located = lookups(False), lookups(True)
-    return get, {"lookup_ms": round(plain, 3), "locating_lookup_ms": round(located, 3)}
+    return get, {"lookup_ms": round(plain, 3), "locating_lookup_ms": round(located, 3),
+                 "copy_only_gbps": round(copy_gbps, 3), "memfd_ceiling_gbps": round(memfd, 3),
+                 "of_memfd_ceiling": None}
 
 
 def _row(path: str, op: str, case: Case, size: int, seconds: float, ceiling: float) -> dict:
@@ -302,9 +325,11 @@ def main(args: argparse.Namespace) -> int:
     write_json(out, doc)
     print(json.dumps(doc, indent=2))
     print()
-    print(markdown_table(["path", "op", "request", "MB", "GB/s", "ceiling GB/s", "× ceiling"],
+    print(markdown_table(["path", "op", "request", "MB", "GB/s", "ceiling GB/s", "× ceiling", "copy only GB/s",
+                          "memfd ceiling GB/s", "× memfd ceiling"],
                          [[r["path"], r["op"], r["request"], round(r["size_bytes"] / 1e6, 1),
-                           r["gbps"], r["ceiling_gbps"], r["of_ceiling"]] for r in doc["rows"]]))
+                           r["gbps"], r["ceiling_gbps"], r["of_ceiling"], r.get("copy_only_gbps", "-"),
+                           r.get("memfd_ceiling_gbps", "-"), r.get("of_memfd_ceiling", "-")] for r in doc["rows"]]))
     print(f"\nlayer-by-layer / whole (realistic request): {doc['layerwise_vs_whole']}")
     for size in doc["lmcache"].get("sizes", []):
         print(f"LMCache {size['request']}: get {size['get_gbps']} GB/s, put {size['put_gbps']} GB/s; "

@@ -2,9 +2,9 @@
 
 A locating lookup (``lookup(..., locate=True)``) answers, with each hit, where every
 entry's payload lies in the node's arena and every slab's checksum; the client maps the
-arena once (the "shm" transport). :class:`ArenaReader` then copies any (kind, layer) of
-the hit's entries into the caller's buffer with one memcpy per entry and no request to
-the node: the request path is one lookup, not a lookup and fetches.
+arena once (the "shm" transport). :class:`ArenaReader` then copies any layer range of one
+kind of the hit's entries into the caller's buffer, a few strided copies per entry and no
+request to the node: the request path is one lookup, not a lookup and fetches.
 
 Without a lease the node may evict an entry and reuse its memory before the copy. Every
 slab is verified after it is copied, against the checksum the lookup returned, so such a
@@ -25,16 +25,22 @@ from cachesvc_client.codec import Hit
 
 
 GROUP_BYTES = 1 << 20
-"""Bytes copied before they are hashed: small enough to be hashed from cache."""
+"""Bytes copied in one piece before they are hashed: small enough to still be in cache."""
 
 
 @dataclass(frozen=True, slots=True)
-class SlabSource:
-    """Where one slab of one entry lies in the arena, and what it must hash to."""
+class Span:
+    """Layers [start, start + layers) of one kind of one entry: contiguous in the arena
+    (an entry's payload is kind-major, layers ascending), one slab of ``size`` bytes per
+    layer, each with the checksum the lookup gave."""
 
     arena_offset: int
     size: int
-    checksum: int
+    checksums: tuple[int, ...]
+
+    @property
+    def layers(self) -> int:
+        return len(self.checksums)
 
 
 class ArenaReader:
@@ -59,20 +65,21 @@ class ArenaReader:
                 return i
         return self.hit.num_chunks
 
-    def sources(self, kind: Kind, layer: int, entries: int) -> list[SlabSource | None]:
-        """Slab (kind, layer) of the first ``entries`` entries; None where an entry does not
-        hold it or lies outside the memory tier."""
+    def spans(self, kind: Kind, start: int, stop: int, entries: int) -> list[Span]:
+        """The spans of (kind, start..stop-1) of the leading entries, up to ``entries``;
+        fewer where an entry lacks one of these layers, lies only on disk or would reach
+        past the arena (no entry after it is usable either)."""
         assert self.hit.locations is not None
-        out: list[SlabSource | None] = []
+        out: list[Span] = []
         for layout, location in zip(self.hit.layouts[:entries], self.hit.locations[:entries], strict=True):
-            place = self._place(layout, kind, layer)
-            if place is None or location.arena_offset < 0:
-                out.append(None)
-                continue
-            index, offset, size = place
-            start = location.arena_offset + offset
-            out.append(SlabSource(start, size, location.checksums[index])
-                       if start + size <= len(self.arena) else None)
+            first, last = self._place(layout, kind, start), self._place(layout, kind, stop - 1)
+            if first is None or last is None or last[0] - first[0] != stop - start - 1 or location.arena_offset < 0:
+                break
+            index, offset, size = first
+            begin = location.arena_offset + offset
+            if begin + (stop - start) * size > len(self.arena):
+                break
+            out.append(Span(begin, size, location.checksums[index:index + stop - start]))
         return out
 
     def read(self, kind: Kind, layer: int, out: np.ndarray, entries: int) -> int:
@@ -85,43 +92,37 @@ class ArenaReader:
         """Copy slabs (kind, start..stop-1) of the first ``entries`` entries into ``out``
         (uint8 ``[stop - start, bytes of one layer]``, each row the entries' bytes back to
         back), verifying every slab; the number of leading entries that arrived whole and
-        verified. An entry's consecutive layers of one kind are consecutive in its payload,
-        so they are copied by strided copies of about GROUP_BYTES each and hashed while
-        still in cache: 0.8-0.9x memcpy here, against 0.55x slab by slab (docs/results.md).
-        (Hashing a group while a second thread copies the next was slower still: xxhash
-        holds the GIL, and the hand-offs cost more than the overlap gained.)"""
-        assert self.hit.locations is not None
-        position, layers = 0, stop - start
-        for i, (layout, location) in enumerate(zip(self.hit.layouts[:entries], self.hit.locations[:entries],
-                                                   strict=True)):
-            first, last = self._place(layout, kind, start), self._place(layout, kind, stop - 1)
-            if first is None or last is None or last[0] - first[0] != layers - 1 or location.arena_offset < 0:
-                return i   # the entry lacks one of these layers (or lies only on disk)
-            index, offset, size = first
-            begin = location.arena_offset + offset
-            if begin + layers * size > len(self.arena):
-                return i
-            group = max(1, GROUP_BYTES // size)
-            for a in range(0, layers, group):
-                b = min(a + group, layers)
-                dest = out[a:b, position:position + size]
-                np.copyto(dest, np.frombuffer(self.arena, np.uint8, (b - a) * size, begin + a * size)
-                          .reshape(b - a, size))
-                self.bytes_copied += (b - a) * size
-                for j in range(b - a):
-                    if xxhash.xxh3_64_intdigest(dest[j]) != location.checksums[index + a + j]:
-                        return i
-            position += size
-        return entries
+        verified (the rest of ``out`` is not data).
+
+        Each entry's span goes in strided copies of about GROUP_BYTES, each hashed right
+        after, while still in cache: 0.8-0.9x memcpy here, against 0.55x slab by slab
+        (docs/results.md). (Hashing a group while a second thread copies the next was
+        slower still: xxhash holds the GIL, and the hand-offs cost more than they won.)"""
+        position, spans = 0, self.spans(kind, start, stop, entries)
+        for i, span in enumerate(spans):
+            step = max(1, GROUP_BYTES // span.size)
+            for a in range(0, span.layers, step):
+                b = min(a + step, span.layers)
+                dest = out[a:b, position:position + span.size]
+                np.copyto(dest, np.frombuffer(self.arena, np.uint8, (b - a) * span.size,
+                                              span.arena_offset + a * span.size).reshape(b - a, span.size))
+                self.bytes_copied += (b - a) * span.size
+                if any(xxhash.xxh3_64_intdigest(row) != checksum
+                       for row, checksum in zip(dest, span.checksums[a:b], strict=True)):
+                    return i
+            position += span.size
+        return len(spans)
+
+    def verify(self, span: Span) -> bool:
+        """Whether the arena bytes of ``span`` hash to its checksums now, read in place
+        (meaningful only while the entry is held, e.g. by a lease: else they may change
+        after). For copies the reader does not make itself, e.g. a DMA to a GPU."""
+        return all(xxhash.xxh3_64_intdigest(np.frombuffer(self.arena, np.uint8, span.size,
+                                                          span.arena_offset + j * span.size)) == checksum
+                   for j, checksum in enumerate(span.checksums))
 
     def _place(self, layout: Layout, kind: Kind, layer: int) -> tuple[int, int, int] | None:
         key = (id(layout), kind, layer)
         if key not in self._places:
             self._places[key] = layout.place(self.family, kind, layer)
         return self._places[key]
-
-    def verify(self, source: SlabSource) -> bool:
-        """Whether the arena bytes of ``source`` hash to its checksum now (meaningful only
-        while the entry is held, e.g. by a lease: otherwise they may change after)."""
-        view = np.frombuffer(self.arena, np.uint8, source.size, source.arena_offset)
-        return xxhash.xxh3_64_intdigest(view) == source.checksum

@@ -193,11 +193,12 @@ class ArenaLoader:
     thread slowed the suffix by 10%), and no request and no thread are worth more than
     the overlap.
 
-    On a CPU the first ``wait`` for a slab of a load request copies and verifies the
-    whole request (every entry, every layer of it; ``ArenaReader.read_range``). On a GPU
-    each ``wait(kind, layer)`` verifies that slab's arena bytes and issues their copy
-    from the registered arena on the compute stream, asynchronous to the host (the hit
-    is held by a lease until the consumer releases it).
+    The first ``wait`` for a slab of a load request reads the whole request (every
+    entry, every layer of it). On a CPU each entry's span is copied and the copy
+    verified (``ArenaReader.read_range``). On a GPU the span's arena bytes are verified
+    in place and copied from the registered arena to the device in one strided copy on
+    the compute stream, asynchronous to the host (the hit is held by a lease until the
+    consumer releases it, after that stream has run).
     """
 
     def __init__(self, reader: ArenaReader, hit: Hit, requests: list[LoadRequest],
@@ -245,21 +246,21 @@ class ArenaLoader:
         return self._slabs[key]
 
     def _load(self, kind: Kind, layer: int) -> torch.Tensor | None:
-        if self._arena is None:   # host memory: the whole request, copied then verified
-            request, out = self._request[(kind, layer)]
-            for k in request.kinds:
-                rows = out[k].reshape(request.stop - request.start, -1).view(torch.uint8).numpy()
-                self._count(k, request.start, self.reader.read_range(k, request.start, request.stop, rows,
-                                                                     self.valid_chunks), request.stop - request.start)
-                for at in range(request.start, request.stop):
-                    dest = self._dest[(k, at)]   # unregistered arena on a GPU: via pinned staging
-                    self._slabs[(k, at)] = dest.to(self.device, non_blocking=True) \
-                        if self.device.type == "cuda" else dest
-            return self._slabs[(kind, layer)]
-        dest = self._dest[(kind, layer)]   # device: verify the held arena bytes, then DMA them
-        self._count(kind, layer, self._to_device(kind, layer, dest.reshape(-1).view(torch.uint8),
-                                                 self.valid_chunks), 1)
-        return dest
+        """Read the whole load request (kind, layer) belongs to, every kind of it."""
+        request, out = self._request[(kind, layer)]
+        layers = request.stop - request.start
+        for k in request.kinds:
+            rows = out[k].reshape(layers, -1).view(torch.uint8)
+            if self._arena is None:   # into host memory: copied, then the copy verified
+                whole = self.reader.read_range(k, request.start, request.stop, rows.numpy(), self.valid_chunks)
+            else:                     # into the device: the held arena bytes verified, then DMA'd
+                whole = self._to_device(k, request, rows)
+            self._count(k, request.start, whole, layers)
+            for at in range(request.start, request.stop):
+                dest = self._dest[(k, at)]   # an unregistered arena on a GPU: via pinned staging
+                self._slabs[(k, at)] = dest.to(self.device, non_blocking=True) \
+                    if self._arena is None and self.device.type == "cuda" else dest
+        return self._slabs[(kind, layer)]
 
     def _count(self, kind: Kind, layer: int, whole: int, layers: int) -> None:
         """Account a read of ``layers`` layers from ``layer`` that came back whole for the
@@ -270,16 +271,19 @@ class ArenaLoader:
             self.valid_chunks = whole
             self.errors.append(f"{kind.name} from layer {layer} of chunk {whole}: missing or checksum mismatch")
 
-    def _to_device(self, kind: Kind, layer: int, dest: torch.Tensor, entries: int) -> int:
+    def _to_device(self, kind: Kind, request: LoadRequest, rows: torch.Tensor) -> int:
+        """One strided host-to-device copy per entry, from the registered arena into
+        ``rows`` (uint8 ``[layers, bytes of a layer]`` on the device), on the current
+        stream; the number of leading entries verified and issued."""
         assert self._arena is not None
-        position = 0
-        for i, source in enumerate(self.reader.sources(kind, layer, entries)):
-            if source is None or not self.reader.verify(source):
+        position, spans = 0, self.reader.spans(kind, request.start, request.stop, self.valid_chunks)
+        for i, span in enumerate(spans):
+            if not self.reader.verify(span):
                 return i
-            dest[position:position + source.size].copy_(
-                self._arena[source.arena_offset:source.arena_offset + source.size], non_blocking=True)
-            position += source.size
-        return entries
+            source = self._arena[span.arena_offset:span.arena_offset + span.layers * span.size]
+            rows[:, position:position + span.size].copy_(source.view(span.layers, span.size), non_blocking=True)
+            position += span.size
+        return len(spans)
 
     def join(self) -> int:
         return self.valid_chunks
@@ -289,7 +293,9 @@ class ArenaLoader:
         return 0.0
 
 
-_REGISTERED: dict[int, torch.Tensor] = {}   # id(arena mapping) -> it as a registered uint8 tensor
+# id(arena mapping) -> it as a registered uint8 tensor (None: registration failed). The
+# tensor holds the mapping, so an id is never reused while its entry is here.
+_REGISTERED: dict[int, torch.Tensor | None] = {}
 CUDA_HOST_REGISTER_READ_ONLY = 0x08         # cudaHostRegisterReadOnly: the mapping is PROT_READ
 
 
@@ -300,14 +306,12 @@ def _device_arena(arena: mmap.mmap, device: torch.device) -> torch.Tensor | None
     Registered once per mapping, which lives as long as the client's transport."""
     if device.type != "cuda":
         return None
-    tensor = _REGISTERED.get(id(arena))
-    if tensor is None:
+    if id(arena) not in _REGISTERED:
         with warnings.catch_warnings():   # a read-only mapping: torch warns it is not writable
             warnings.simplefilter("ignore", UserWarning)
             tensor = torch.frombuffer(arena, dtype=torch.uint8)
         status = torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), tensor.numel(),
                                                       CUDA_HOST_REGISTER_READ_ONLY)
-        if int(status) != 0:
-            return None
-        _REGISTERED[id(arena)] = tensor
-    return tensor
+        # Remember a failure too (as None): registering is not retried on every prefill.
+        _REGISTERED[id(arena)] = tensor if int(status) == 0 else None
+    return _REGISTERED[id(arena)]
