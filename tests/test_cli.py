@@ -54,16 +54,19 @@ def test_bench_lookup_small(tmp_path):
 
 def test_bench_dataplane_fields(tmp_path):
     out = tmp_path / "dataplane.json"
-    proc = _cli("bench", "dataplane", "--json", str(out), "--paths", "tcp,shm", "--repeats", "1")
+    proc = _cli("bench", "dataplane", "--json", str(out), "--paths", "tcp,shm,shm-direct", "--repeats", "1")
     assert proc.returncode == 0, proc.stderr[-2000:]
     doc = json.loads(out.read_text())
     rows = doc["rows"]
-    assert {(r["path"], r["op"]) for r in rows} == {(p, o) for p in ("tcp", "shm") for o in ("get", "put")}
+    assert {(r["path"], r["op"]) for r in rows} == {(p, o) for p in ("tcp", "shm") for o in ("get", "put")} | \
+        {("shm-direct", "get")}                        # its puts are shm's
     for r in rows:
         assert r["size_bytes"] > 0 and r["gbps"] > 0 and r["ceiling_gbps"] > 0
+        if r["path"] == "shm-direct":
+            assert r["copy_only_gbps"] > 0 and r["memfd_ceiling_gbps"] > 0 and r["locating_lookup_ms"] > 0
     assert {r["request"] for r in rows} >= {"4MiB", "64MiB", "256MiB", "smollm2-2048tok-kv",
                                             "smollm2-2048tok-kv-layerwise"}
-    assert set(doc["layerwise_vs_whole"]) == {"tcp", "shm"}
+    assert set(doc["layerwise_vs_whole"]) == {"tcp", "shm", "shm-direct"}
     assert "get_gbps" in doc["lmcache"] and "put_gbps" in doc["lmcache"]
     assert out.with_suffix(".png").stat().st_size > 10_000
     assert "| shm | get | 256MiB |" in proc.stdout
@@ -110,12 +113,28 @@ def test_bench_overhead_fields(tmp_path):
     proc = _cli("bench", "overhead", "--contexts", "300", "--requests", "2", "--json", str(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
     doc = json.loads(out.read_text())
-    assert [(r["mode"], r["served_as"]) for r in doc["rows"]] == [("same_model", ["same_model"]),
-                                                                 ("plan", ["cross_model"])]
+    assert [(r["mode"], r["fetch"], r["served_as"], r["transport"]) for r in doc["rows"]] == [
+        ("same_model", "direct", ["same_model"], ["shm-direct"]), ("same_model", "dataplane", ["same_model"], ["shm"]),
+        ("plan", "direct", ["cross_model"], ["shm-direct"]), ("plan", "dataplane", ["cross_model"], ["shm"])]
     for row in doc["rows"]:
         assert row["context_tokens"] == 300 and row["reused_tokens"] == 300 and row["identical"] == 1.0
         assert row["ttft_s"] > 0 and row["baseline_ttft_s"] > 0 and "fixed_overhead_ms" in row
-        assert set(row["breakdown_ms"]) >= {"lookup", "fetch_setup", "first_slab", "assembly", "generate_setup",
-                                            "first_token"}
+        assert "overhead_beyond_compute_ms" in row
+        assert set(row["breakdown_ms"]) >= {"lookup", "fetch_setup", "first_slab", "assembly", "compute",
+                                            "generate_setup", "first_token"}
         assert all(v >= 0 for v in row["breakdown_ms"].values()), row["breakdown_ms"]
     assert (tmp_path / "overhead.png").stat().st_size > 0
+
+
+def test_bench_reuse_synthetic_load_fields(tmp_path):
+    """`cachesvc bench reuse --synthetic`: every reusing row says how fast its slabs
+    loaded and the ceiling for the same bytes measured in the same run."""
+    out = tmp_path / "reuse.json"
+    proc = _cli("bench", "reuse", "--synthetic", "llama-tiny", "--contexts", "600", "--prompts-per-context", "1",
+                "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["mode"] for r in rows] == ["full_prefill", "same_model", "full_reuse", "plan"]
+    assert rows[0]["load_gbps"] is None and rows[0]["load_ceiling_gbps"] is None
+    for row in rows[1:]:
+        assert row["bytes_fetched"] > 0 and row["load_gbps"] > 0 and row["load_ceiling_gbps"] > 0
