@@ -1,17 +1,22 @@
-"""Same-host reads with no fetch: a locating lookup says where each entry lies in the
-node's memory tier, and the reader copies slabs straight out of the arena it mapped,
-verifying each against the checksum the lookup returned (real server processes)."""
+"""Same-host reads with no fetch: a locating lookup (over the node's Unix socket) says
+where each entry lies in the node's memory tier, and the reader copies slabs straight
+out of the arena it mapped, verifying each against the checksum the lookup returned
+(real server processes)."""
 
 from __future__ import annotations
 
 import dataclasses
 import random
+import socket
 
 import numpy as np
 import pytest
 import torch
 
-from cachesvc_client import ArenaReader, CacheClient, DType, Hit, Kind, Location
+from cachesvc.v1 import cachesvc_pb2 as pb
+from cachesvc.wire.protocol import FrameType, Op, pack_request, read_frame
+from cachesvc_client import (ArenaReader, CacheClient, ClientOptions, DType, Hit, InvalidArgumentError, Kind,
+                             Location, NotFoundError)
 from cachesvc_connectors.hf import Consumer, ConsumerOptions, Producer, ProducerOptions
 from cachesvc_connectors.reuse import CostModel
 from cachesvc_connectors.reuse.plan import Plan
@@ -192,3 +197,48 @@ def test_entries_only_on_disk_are_fetched(server_factory, pair):
         logits, report = _logits(Consumer(client, base, tok, "base", ConsumerOptions(dtype=FP32)), ids + [9])
         assert report.mode == "same_model" and report.transport == "shm"
         assert torch.allclose(logits, last_logits(base, ids + [9]), atol=1e-4, rtol=0)
+
+
+def _endpoints(client: CacheClient) -> pb.FetchDescriptor:
+    return client._call(client._stub.Stats, pb.StatsRequest()).fetch
+
+
+def test_a_lookup_over_the_unix_socket_answers_what_grpc_answers(server, rng):
+    with CacheClient(server.address) as local, \
+            CacheClient(server.address, ClientOptions(transport="grpc")) as remote:
+        fid = _register(local)
+        tokens = list(range(600))
+        hashes = local.hash_tokens(tokens, fid, include_partial=True)
+        entries = [make_entry(rng, TINY, h, n) for h, n in zip(hashes, (256, 256, 88), strict=True)]
+        entries[2] = dataclasses.replace(entries[2], parent_hash=hashes[1])
+        local.put(fid, "p", entries)
+        before = local.stats()["counters"]["lookups"]
+        for locate in (False, True):
+            assert local.lookup_prompt(fid, tokens, locate=locate) == remote.lookup_prompt(fid, tokens, locate=locate)
+        assert local.stats()["counters"]["lookups"] == before + 4          # both went to the node
+        for family, bad, error in (("f" * 64, hashes, NotFoundError), (fid, [b"short"], InvalidArgumentError)):
+            raised = []                                                      # the same typed errors
+            for via in (local, remote):
+                with pytest.raises(error) as caught:
+                    via.lookup(family, bad)
+                raised.append(str(caught.value))
+            assert raised[0] == raised[1]
+
+
+def test_a_malformed_lookup_on_the_socket_is_answered_and_the_connection_kept(client, rng):
+    fid = _register(client)
+    hashes = client.hash_tokens(list(range(256)), fid)
+    client.put(fid, "p", [make_entry(rng, TINY, hashes[0], 256)])
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.connect(_endpoints(client).transports["shm"].decode())
+        sock.sendall(pack_request(Op.LOOKUP, b"\xff\xff\xff garbage"))
+        frame = read_frame(sock)
+        assert frame.type == FrameType.ERROR and frame.header.startswith(b"INVALID_ARGUMENT:bad LookupRequest")
+        sock.sendall(pack_request(Op.LOOKUP, pb.LookupRequest(family_id=fid, chunk_hashes=hashes).SerializeToString()))
+        frame = read_frame(sock)                                            # the same connection still serves
+        assert frame.type == FrameType.ANSWER and pb.LookupResponse.FromString(frame.header).hits[0].num_chunks == 1
+    address = _endpoints(client).transports["tcp"].decode()
+    host, port = address.rsplit(":", 1)
+    with socket.create_connection((host, int(port))) as sock:                # not offered over TCP
+        sock.sendall(pack_request(Op.LOOKUP, pb.LookupRequest(family_id=fid).SerializeToString()))
+        assert read_frame(sock).header.startswith(b"FAILED_PRECONDITION:LOOKUP is only offered on the Unix socket")

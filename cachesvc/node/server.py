@@ -144,6 +144,7 @@ def start_server(config: ServerConfig) -> RunningServer:
     transports = dataplane.transports() | (ucx.transports() if ucx is not None else {})
     fetch = cachesvc_pb2.FetchDescriptor(node_id=node_id, grpc_address=f"{config.host}:{port}",
                                          transports=transports, host_id=host_id())
+    dataplane.fetch = fetch
     add_cache_service(server, CacheServicer(store, fetch))
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

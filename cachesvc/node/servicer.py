@@ -84,6 +84,38 @@ def _layout_to_proto(layout: Layout) -> pb.EntryLayout:
                           v_layers=layout.v_layers, e_layers=layout.e_layers)
 
 
+def lookup_response(store: CacheStore, request: pb.LookupRequest, fetch: pb.FetchDescriptor) -> pb.LookupResponse:
+    """A Lookup answered, over gRPC or the same-host data plane (raises CacheError)."""
+    result = store.lookup(request.tenant, request.family_id, request.chunk_hashes, request.consumer,
+                          request.producers, request.lease_ttl_s, request.tail_hashes, request.offer_tails,
+                          request.locate)
+    resp = pb.LookupResponse(lease_id=result.lease_id)
+    layout_index: dict[int, int] = {}
+
+    def index_of(meta: EntryMeta) -> int:
+        idx = layout_index.get(id(meta.layout))
+        if idx is None:
+            idx = layout_index[id(meta.layout)] = len(resp.layouts)
+            resp.layouts.append(_layout_to_proto(meta.layout))
+        return idx
+
+    for hit in result.hits:
+        resp.hits.add(producer=hit.producer, same_model=hit.same_model,
+                      num_chunks=len(hit.metas),
+                      entry_ids=b"".join(m.entry_id for m in hit.metas),
+                      position_offsets=[m.position_offset for m in hit.metas],
+                      layout_indices=[index_of(m) for m in hit.metas], tiers=hit.tiers, fetch=fetch,
+                      tail_chunk_hashes=b"".join(m.chunk_hash for m in hit.tails),
+                      tail_entry_ids=b"".join(m.entry_id for m in hit.tails),
+                      tail_position_offsets=[m.position_offset for m in hit.tails],
+                      tail_layout_indices=[index_of(m) for m in hit.tails], tail_tiers=hit.tail_tiers,
+                      arena_offsets=hit.arena_offsets, tail_arena_offsets=hit.tail_arena_offsets)
+        if request.locate:
+            resp.hits[-1].slab_checksums = _checksums(hit.metas)
+            resp.hits[-1].tail_slab_checksums = _checksums(hit.tails)
+    return resp
+
+
 def _checksums(metas: list[EntryMeta]) -> bytes:
     """Every slab's xxh3-64 of these entries, entry after entry in payload order (u64 LE)."""
     sums = [slab.checksum for meta in metas for slab in meta.slabs]
@@ -204,34 +236,7 @@ class CacheServicer(pb_grpc.CacheServiceServicer):
 
     @_maps_errors
     def Lookup(self, request, context):
-        result = self.store.lookup(request.tenant, request.family_id, request.chunk_hashes,
-                                   request.consumer, request.producers, request.lease_ttl_s,
-                                   request.tail_hashes, request.offer_tails, request.locate)
-        resp = pb.LookupResponse(lease_id=result.lease_id)
-        layout_index: dict[int, int] = {}
-
-        def index_of(meta) -> int:
-            idx = layout_index.get(id(meta.layout))
-            if idx is None:
-                idx = layout_index[id(meta.layout)] = len(resp.layouts)
-                resp.layouts.append(_layout_to_proto(meta.layout))
-            return idx
-
-        for hit in result.hits:
-            resp.hits.add(producer=hit.producer, same_model=hit.same_model,
-                          num_chunks=len(hit.metas),
-                          entry_ids=b"".join(m.entry_id for m in hit.metas),
-                          position_offsets=[m.position_offset for m in hit.metas],
-                          layout_indices=[index_of(m) for m in hit.metas], tiers=hit.tiers, fetch=self.fetch,
-                          tail_chunk_hashes=b"".join(m.chunk_hash for m in hit.tails),
-                          tail_entry_ids=b"".join(m.entry_id for m in hit.tails),
-                          tail_position_offsets=[m.position_offset for m in hit.tails],
-                          tail_layout_indices=[index_of(m) for m in hit.tails], tail_tiers=hit.tail_tiers,
-                          arena_offsets=hit.arena_offsets, tail_arena_offsets=hit.tail_arena_offsets)
-            if request.locate:
-                resp.hits[-1].slab_checksums = _checksums(hit.metas)
-                resp.hits[-1].tail_slab_checksums = _checksums(hit.tails)
-        return resp
+        return lookup_response(self.store, request, self.fetch)
 
     @_maps_errors
     def GetSlabs(self, request, context) -> Iterator[bytes]:

@@ -17,6 +17,9 @@ Request::
     op RELEASE  no body, no answer
     op MAP      no body (Unix socket only); answered by a MAP frame carrying the arena's
                 file descriptor (SCM_RIGHTS) and, as header, its size in bytes (u64)
+    op LOOKUP   body = LookupRequest (Unix socket only); answered by an ANSWER frame whose
+                header is the LookupResponse, or ERROR: the control plane's Lookup
+                without gRPC's round trip, for same-host readers (docs/dataplane.md)
     op WRITE    body = u32 entry_index | u64 offset | u64 size | reservation id (UTF-8),
                 followed by ``size`` payload bytes, which land straight in the reserved
                 memory; answered by END (taken) or ERROR (the payload was consumed and
@@ -47,6 +50,7 @@ Response frame::
     ERROR  header = b"CODE:message" (CODE a gRPC status name); the request is over, the
            connection stays usable
     MAP    header = u64 arena size
+    ANSWER header = a serialized response message (LookupResponse)
 """
 
 from __future__ import annotations
@@ -69,6 +73,7 @@ class Op(enum.IntEnum):
     RELEASE = 3
     MAP = 4
     WRITE = 5
+    LOOKUP = 6
 
 
 WRITE_HEAD = struct.Struct("<IQQ")
@@ -137,6 +142,7 @@ class FrameType(enum.IntEnum):
     END = 2
     ERROR = 3
     MAP = 4
+    ANSWER = 5
 
 
 @dataclass(frozen=True, slots=True)

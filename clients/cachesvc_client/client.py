@@ -18,7 +18,7 @@ from cachesvc.wire.convert import family_from_proto, family_to_proto
 from cachesvc_client.codec import (EntryData, Hit, HitEntry, LookupResult, PutResult, Registered,
                                    SlabAssembler, Slabs, StoredEntry, StoredProfile, bulk_methods,
                                    entries_from_proto, entry_columns, lookup_from_proto, plan_put, write_chunks)
-from cachesvc_client.errors import CacheServiceError, NotFoundError, from_rpc_error
+from cachesvc_client.errors import CacheServiceError, NotFoundError, UnavailableError, from_rpc_error
 from cachesvc_client.options import ClientOptions, batches
 from cachesvc_client.prompt import verified
 from cachesvc_client.transports import ShmTransport, Transport, choose_transport
@@ -192,6 +192,12 @@ class CacheClient:
                                chunk_hashes=hashes, consumer=consumer, producers=producers,
                                lease_ttl_s=lease_ttl_s, tail_hashes=tail_hashes, offer_tails=offer_tails,
                                locate=locate)
+        local = self._transport(self.options.transport)
+        if isinstance(local, ShmTransport):   # on the node's host: over its Unix socket
+            try:
+                return lookup_from_proto(local.lookup(req))
+            except UnavailableError:
+                pass                           # the socket failed: gRPC retries as it does
         return lookup_from_proto(self._call(self._stub.Lookup, req))
 
     def lookup_prompt(self, family_id: FamilyId, tokens: Sequence[int], *, consumer: ModelId = NO_MODEL,

@@ -219,6 +219,18 @@ class ShmTransport(SocketTransport):
     def _op(self) -> Op:
         return Op.GET_SHM
 
+    def lookup(self, request: pb.LookupRequest) -> pb.LookupResponse:
+        """A Lookup over the Unix socket: the control plane's answer without gRPC's round
+        trip (the node answers it the same way; its errors are the same typed errors)."""
+        with self._connection("during a lookup") as sock:
+            sock.sendall(pack_request(Op.LOOKUP, request.SerializeToString()))
+            frame = read_frame(sock)
+        if frame.type == FrameType.ERROR:
+            raise frame_error(frame)
+        if frame.type != FrameType.ANSWER:
+            raise UnavailableError(f"node answered a lookup with a {frame.type.name} frame")
+        return pb.LookupResponse.FromString(frame.header)
+
     def arena(self) -> mmap.mmap:
         """The node's memory tier, mapped read-only (connecting once if not yet)."""
         if self._arena is None:

@@ -3,7 +3,9 @@
 TCP sends payloads straight from the memory tier with ``sendall`` (no copy in user
 space). The Unix socket additionally hands a client the memory tier itself (the arena's
 memfd, by SCM_RIGHTS) so it can copy slabs out with one memcpy. The server answers with
-arena offsets and holds the entries until the client releases them. Protocol:
+arena offsets and holds the entries until the client releases them. It also answers
+lookups there: a same-host reader's whole request is then one round trip over this
+socket (a locating lookup) and a memcpy, with no gRPC call. Protocol:
 cachesvc.wire.protocol.
 
 One thread per connection: a connection carries one request at a time, and clients
@@ -30,6 +32,7 @@ from cachesvc.wire.errors import CacheError, InvalidArgument
 from cachesvc.wire.framing import slab_run_header
 from cachesvc.wire.keys import Kind
 from cachesvc.node.records import ReadRun
+from cachesvc.node.servicer import lookup_response
 from cachesvc.node.store import CacheStore, ReadHandle
 from cachesvc.v1 import cachesvc_pb2 as pb
 
@@ -59,6 +62,8 @@ class DataPlaneServer:
             self._unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             self._unix.bind(self.unix_name)
             self._unix.listen(64)
+        # This node's endpoints, answered with every lookup; set once they are all known.
+        self.fetch = pb.FetchDescriptor()
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._conns: dict[socket.socket, bool] = {}   # connection -> busy with a request
@@ -126,6 +131,8 @@ class DataPlaneServer:
                     self._get(conn, body, shm=op == Op.GET_SHM and local)
                 elif op == Op.WRITE:
                     self._write(conn, body)
+                elif op == Op.LOOKUP:
+                    self._lookup(conn, body, local)
                 conn.settimeout(None)   # idle pooled connections may wait indefinitely
                 with self._lock:
                     self._conns[conn] = False
@@ -158,6 +165,23 @@ class DataPlaneServer:
                 self._await_release(conn)
         finally:
             runs.close()   # releases every entry of the request
+
+    def _lookup(self, conn: socket.socket, body: bytes, local: bool) -> None:
+        """A Lookup, as the control plane answers it (same validation, same errors)."""
+        if not local:
+            conn.sendall(error_frame("FAILED_PRECONDITION", "LOOKUP is only offered on the Unix socket"))
+            return
+        try:
+            request = pb.LookupRequest.FromString(body)
+        except DecodeError as exc:
+            conn.sendall(error_frame("INVALID_ARGUMENT", f"bad LookupRequest: {exc}"))
+            return
+        try:
+            answer = lookup_response(self.store, request, self.fetch)
+        except CacheError as exc:
+            conn.sendall(error_frame(exc.status, str(exc)))
+            return
+        conn.sendall(pack_frame(FrameType.ANSWER, answer.SerializeToString()))
 
     def _write(self, conn: socket.socket, body: bytes) -> None:
         """Receive one piece of a reserved entry straight into the memory tier."""
