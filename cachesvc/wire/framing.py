@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 from typing import Protocol
 
+from google.protobuf.message import DecodeError
+
 from cachesvc.v1 import cachesvc_pb2 as pb
 
 _LEN = 2   # protobuf wire type of bytes fields
@@ -103,8 +105,9 @@ def encode_write_chunk(reservation_id: str, entry_index: int, offset: int,
 
 
 def decode_write_chunk(raw: bytes) -> WriteChunkView:
+    """ValueError on a malformed message (the payload field or the rest of it)."""
     head, data = split(raw, WRITE_DATA_FIELD)
-    msg = pb.WriteChunk.FromString(head)
+    msg = _parse(pb.WriteChunk, head)
     return WriteChunkView(msg.reservation_id, msg.entry_index, msg.offset, data)
 
 
@@ -113,8 +116,18 @@ def encode_slab_run(header: pb.SlabRun, data: bytes | memoryview) -> bytes:
 
 
 def decode_slab_run(raw: bytes) -> tuple[pb.SlabRun, memoryview]:
+    """ValueError on a malformed message."""
     head, data = split(raw, RUN_DATA_FIELD)
-    return pb.SlabRun.FromString(head), data
+    return _parse(pb.SlabRun, head), data
+
+
+def _parse(message_type, raw: bytes):
+    """``message_type.FromString(raw)``, with protobuf's DecodeError (not a ValueError)
+    as ValueError, the one error the decoders here raise for bad bytes."""
+    try:
+        return message_type.FromString(raw)
+    except DecodeError as exc:
+        raise ValueError(f"not a {message_type.__name__}: {exc}") from None
 
 
 class RunFields(Protocol):

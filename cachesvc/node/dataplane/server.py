@@ -31,6 +31,7 @@ from cachesvc.wire.protocol import (WRITE_HEAD, FrameType, Op, ProtocolError, Ru
 from cachesvc.wire.errors import CacheError, InvalidArgument
 from cachesvc.wire.framing import slab_run_header
 from cachesvc.wire.keys import Kind
+from cachesvc.node.logs import Throttled
 from cachesvc.node.records import ReadRun
 from cachesvc.node.servicer import lookup_response
 from cachesvc.node.store import CacheStore, ReadHandle
@@ -67,6 +68,7 @@ class DataPlaneServer:
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._conns: dict[socket.socket, bool] = {}   # connection -> busy with a request
+        self._dropped = Throttled(log)                # peers sending garbage must not flood the log
         self._idle = threading.Condition(self._lock)   # notified when a connection ends
 
     def transports(self) -> dict[str, bytes]:
@@ -138,7 +140,7 @@ class DataPlaneServer:
                     self._conns[conn] = False
         except (ProtocolError, ConnectionError, OSError) as exc:
             if not self._stopping.is_set():
-                log.info("data-plane connection dropped", extra={"why": str(exc)})
+                self._dropped.info("data-plane connection dropped", why=str(exc))
         finally:
             with self._lock:
                 self._conns.pop(conn, None)

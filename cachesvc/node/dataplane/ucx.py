@@ -27,6 +27,7 @@ from cachesvc.wire.protocol import (REQUEST_TAG, FrameType, Op, ProtocolError, p
                                     unpack_ucx_request, unpack_ucx_write)
 from cachesvc.node.dataplane.server import error_frame, open_read, run_batches
 from cachesvc.wire.errors import CacheError
+from cachesvc.node.logs import Throttled
 from cachesvc.node.store import CacheStore
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,7 @@ class UcxNode:
         self._thread: threading.Thread | None = None
         self._running: list[_Running] = []
         self._answers: list[tuple[Any, bytes]] = []   # small sends kept alive until done
+        self._malformed = Throttled(log)                # garbage must not flood the log
 
     def transports(self) -> dict[str, bytes]:
         """Descriptor entries: the worker address, and whether UCX found an RDMA device
@@ -137,7 +139,7 @@ class UcxNode:
         try:
             op, body, reply_tag, address = unpack_ucx_request(message)
         except ProtocolError as exc:
-            log.info("dropped a malformed UCX request", extra={"why": str(exc)})
+            self._malformed.info("dropped a malformed UCX request", why=str(exc))
             return
         ep = self._worker.endpoint(address)
         if op == Op.GET:
