@@ -138,3 +138,19 @@ def test_bench_reuse_synthetic_load_fields(tmp_path):
     assert rows[0]["load_gbps"] is None and rows[0]["load_ceiling_gbps"] is None
     for row in rows[1:]:
         assert row["bytes_fetched"] > 0 and row["load_gbps"] > 0 and row["load_ceiling_gbps"] > 0
+
+
+def test_bench_soak_fields(tmp_path):
+    """`cachesvc bench soak`: a short oversubscribed run of three tenants' writers, readers
+    and deleters; every read checked byte for byte, the figures issue 17 names."""
+    out = tmp_path / "soak.json"
+    proc = _cli("bench", "soak", "--minutes", "0.1", "--memory-mib", "32", "--workers", "3", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    assert doc["wrong_bytes"] == 0 and doc["errors"] == 0
+    assert doc["ops"] > 100 and doc["reads_hit"] > 0 and doc["reads_missed"] > 0
+    assert all(doc["ops_by_kind"][op] > 0 for op in ("put", "read", "delete"))
+    for name in ("minutes", "peak_rss_over_budget", "fd_growth", "thread_growth", "p99_lookup_ms"):
+        assert isinstance(doc[name], (int, float)), name
+    assert doc["key_space_bytes"] >= 10 * doc["memory_bytes"] * 0.99 and len(doc["samples"]) >= 3
+    assert out.with_suffix(".png").stat().st_size > 10_000

@@ -8,7 +8,7 @@ import argparse
 import importlib
 
 HELP = "run a benchmark (JSON + markdown table + plot)"
-BENCHMARKS = ("lookup", "dataplane", "quality", "reuse", "plan", "overhead")
+BENCHMARKS = ("lookup", "dataplane", "quality", "reuse", "plan", "overhead", "soak")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -66,6 +66,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "default: bfloat16 for the real models, float32 for random weights)")
     parser.add_argument("--profile-prompts", type=int, default=20,
                         help="plan --synthetic: random prompts the pair is profiled on")
+    parser.add_argument("--minutes", type=float, default=10.0, help="soak: how long")
+    parser.add_argument("--max-ops", type=int, default=10_000_000, help="soak: stop after this many operations")
+    parser.add_argument("--workers", type=int, default=4, help="soak: client threads")
+    parser.add_argument("--memory-mib", type=int, default=1024, help="soak: the node's memory tier (MiB)")
+    parser.add_argument("--oversubscription", type=int, default=10,
+                        help="soak: key space over the memory tier")
 
 
 def main(args: argparse.Namespace) -> int:
