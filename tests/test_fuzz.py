@@ -24,7 +24,8 @@ from cachesvc.v1 import cachesvc_pb2 as pb
 from cachesvc.wire.convert import family_to_proto
 from cachesvc.wire.keys import Kind, chunk_hashes
 from cachesvc.wire.protocol import (MAGIC, REQUEST, VERSION, FrameType, Op, ProtocolError, RunRef, pack_request,
-                                    pack_runs, read_frame, unpack_runs)
+                                    pack_runs, read_frame, unpack_frame, unpack_runs, unpack_ucx_request,
+                                    unpack_ucx_write)
 from cachesvc_client import CacheClient
 from conftest import TINY, make_entry, same_bytes
 
@@ -127,6 +128,18 @@ def test_a_torn_or_flipped_entry_file_is_dropped_or_fails_its_checksums(tmp_path
     if got != payload:
         assert any(xxhash.xxh3_64_intdigest(got[s.offset:s.offset + s.size_bytes]) != s.checksum
                    for s in again.slabs)
+
+
+@given(st.binary(max_size=300))
+@settings(max_examples=2000, deadline=None)
+def test_any_bytes_are_a_ucx_message_or_a_protocol_error(raw):
+    """The UCX data plane's parsers (requests, WRITE bodies, frames) take any bytes: a
+    message, or ProtocolError, which the node answers by dropping that message."""
+    for parse in (unpack_ucx_request, unpack_ucx_write, unpack_frame):
+        try:
+            parse(raw)
+        except ProtocolError:
+            pass
 
 
 # ---------------------------------------------------------------- floods against a real node

@@ -10,7 +10,8 @@ no-ops, as for any client.
 Every second a sampler reads the node process's RSS, open file descriptors and threads,
 and the p99 of the lookups of that second. ``fd_growth`` and ``thread_growth`` are end
 ÷ start − 1, with "start" the first sample after a tenth of the run (client pools and
-the node's per-connection threads are set up by then). ``peak_rss_over_budget`` is peak
+the node's per-connection threads are set up by then) and "end" the last sample taken
+while every worker was still running (after that their connections close). ``peak_rss_over_budget`` is peak
 RSS ÷ (memory tier bytes): the interpreter's own ~100 MB is inside it, so budgets under
 1 GiB cannot reach 1.1.
 """
@@ -68,8 +69,7 @@ class Tally:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-def _worker(address: str, fid: str, keys: int, deadline: float, max_ops: int, tally: Tally, seed: int,
-            progress) -> None:
+def _worker(address: str, fid: str, keys: int, deadline: float, max_ops: int, tally: Tally, seed: int) -> None:
     rng = random.Random(seed)
     with CacheClient(address) as client:
         while time.monotonic() < deadline:
@@ -103,7 +103,6 @@ def _worker(address: str, fid: str, keys: int, deadline: float, max_ops: int, ta
                     tally.errors.append(f"{op}: {type(exc).__name__}: {exc}"[:200])
             with tally.lock:
                 tally.ops[op] += 1
-            progress.update()
 
 
 def _wrong_bytes(got, tenant: int, key: int) -> int:
@@ -117,12 +116,13 @@ def _wrong_bytes(got, tenant: int, key: int) -> int:
     return wrong
 
 
-def _sample(proc: psutil.Process, tally: Tally, since: float) -> dict:
+def _sample(proc: psutil.Process, tally: Tally, since: float, running: int) -> dict:
     with tally.lock:
         recent = [s for when, s in tally.lookup_s if when >= since]
     p99 = float(np.percentile(recent, 99)) * 1e3 if recent else None
     return {"t_s": round(time.monotonic(), 2), "rss_bytes": proc.memory_info().rss, "fds": proc.num_fds(),
-            "threads": proc.num_threads(), "p99_lookup_ms": round(p99, 3) if p99 is not None else None}
+            "threads": proc.num_threads(), "p99_lookup_ms": round(p99, 3) if p99 is not None else None,
+            "workers_running": running}
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -137,23 +137,29 @@ def run(args: argparse.Namespace) -> dict:
         proc = psutil.Process(srv.proc.pid)
         start = time.monotonic()
         deadline = start + minutes * 60
-        progress = tqdm(desc="soak", unit="op", total=args.max_ops)
+        progress = tqdm(desc="soak", unit="s", total=round(minutes * 60))   # time-bounded: seconds
         workers = [threading.Thread(target=_worker, args=(srv.address, fid, keys, deadline, args.max_ops, tally,
-                                                          args.seed + i, progress), daemon=True)
+                                                          args.seed + i), daemon=True)
                    for i in range(args.workers)]
         for w in workers:
             w.start()
         last = time.monotonic()
         while any(w.is_alive() for w in workers):
             time.sleep(1.0)
-            samples.append(_sample(proc, tally, last))
+            samples.append(_sample(proc, tally, last, sum(w.is_alive() for w in workers)))
             last = time.monotonic()
+            progress.update(1)
+            progress.set_postfix(ops=sum(tally.ops.values()), wrong_bytes=tally.wrong_bytes)
         progress.close()
         stats = client.stats()
     for s in samples:
         s["t_s"] = round(s["t_s"] - start, 2)
     elapsed = samples[-1]["t_s"] if samples else 0.0
+    # Growth from a tenth into the run to the last sample with every worker still at it
+    # (once they stop, their connections close and the counts drop).
     baseline = next((s for s in samples if s["t_s"] >= elapsed / 10), samples[0]) if samples else None
+    loaded = [s for s in samples if s["workers_running"] == args.workers] or samples
+    end = loaded[-1] if loaded else None
     lookups = [s for _, s in tally.lookup_s]
     return {
         "benchmark": "soak", "machine": machine(), "minutes": round(elapsed / 60, 3), "workers": args.workers,
@@ -163,8 +169,8 @@ def run(args: argparse.Namespace) -> dict:
         "reads_hit": tally.hits, "reads_missed": tally.misses, "errors": len(tally.errors),
         "error_examples": tally.errors[:5], "wrong_bytes": tally.wrong_bytes,
         "peak_rss_over_budget": round(max(s["rss_bytes"] for s in samples) / memory, 3) if samples else None,
-        "fd_growth": round(samples[-1]["fds"] / baseline["fds"] - 1, 3) if samples else None,
-        "thread_growth": round(samples[-1]["threads"] / baseline["threads"] - 1, 3) if samples else None,
+        "fd_growth": round(end["fds"] / baseline["fds"] - 1, 3) if samples else None,
+        "thread_growth": round(end["threads"] / baseline["threads"] - 1, 3) if samples else None,
         "p99_lookup_ms": round(float(np.percentile(lookups, 99)) * 1e3, 3) if lookups else None,
         "median_lookup_ms": round(statistics.median(lookups) * 1e3, 3) if lookups else None,
         "evictions": {tier: stats[tier]["evictions"] for tier in ("memory", "disk") if tier in stats},
