@@ -82,6 +82,8 @@ class ServerConfig:
                                  "host; empty = UCX's own choice")
     ucx_net_devices: str = _opt("", help="UCX network devices (UCX_NET_DEVICES); empty = lo "
                                          "when host is a loopback address, else all")
+    metrics_port: int = _opt(-1, parse=int, help="Prometheus /metrics on this port of --host; -1: off, 0: any "
+                                                  "free one (logged)")
     node_id: str = _opt("", help="name of this node; default host:port")
     memory_bytes: int = _opt(factory=default_memory_bytes, parse=parse_size,
                              help="memory tier budget (default: 1/4 of available RAM)")
@@ -113,6 +115,8 @@ class ServerConfig:
     def validate(self) -> None:
         if not 0 <= self.port < 65536:
             raise ValueError(f"port {self.port} out of range")
+        if not -1 <= self.metrics_port < 65536:
+            raise ValueError(f"metrics port {self.metrics_port} out of range (-1 turns metrics off)")
         if self.chunk_size <= 0:
             raise ValueError("chunk_size must be > 0")
         if self.memory_bytes < 1 << 20:

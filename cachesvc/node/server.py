@@ -25,6 +25,7 @@ from cachesvc.wire.protocol import host_id
 from cachesvc.node.dataplane.server import DataPlaneServer
 from cachesvc.wire.framing import passthrough
 from cachesvc.node.servicer import CacheServicer
+from cachesvc.node.metrics import serve_metrics
 from cachesvc.node.store import CacheStore, DiskMode, StoreConfig
 from cachesvc.v1 import cachesvc_pb2
 
@@ -85,6 +86,7 @@ class RunningServer:
     ucx: UcxNode | None
     health: health.HealthServicer
     port: int
+    metrics: tuple | None = None     # (HTTP server, thread) of /metrics
 
     def stop(self, grace_s: float) -> None:
         """Refuse new calls and transfers, let in-flight ones finish for up to ``grace_s``,
@@ -95,6 +97,8 @@ class RunningServer:
         if self.ucx is not None:
             self.ucx.stop(grace_s)
         stopped.wait()
+        if self.metrics is not None:
+            self.metrics[0].shutdown()
         self.store.close()
         log.info("stopped")
 
@@ -155,17 +159,19 @@ def start_server(config: ServerConfig) -> RunningServer:
     if ucx is not None:
         ucx.start()
     server.start()
+    metrics = serve_metrics(store, config.host, config.metrics_port) if config.metrics_port >= 0 else None
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("serving", extra={"address": f"{config.host}:{port}", "node_id": node_id,
                                "memory_bytes": config.memory_bytes, "disk_mode": config.disk_mode,
                                "data_dir": config.data_dir, "chunk_size": config.chunk_size,
-                               "transports": sorted(fetch.transports)})
+                               "transports": sorted(fetch.transports),
+                               "metrics_port": metrics[0].server_port if metrics is not None else None})
     if config.port_file:
         tmp = Path(config.port_file + ".tmp")
         tmp.write_text(str(port))
         tmp.replace(config.port_file)
-    return RunningServer(server, store, dataplane, ucx, health_servicer, port)
+    return RunningServer(server, store, dataplane, ucx, health_servicer, port, metrics)
 
 
 def serve(config: ServerConfig) -> int:

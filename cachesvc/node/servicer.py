@@ -16,6 +16,7 @@ from cachesvc.node.entries import EntryMeta, SlabSpec
 from cachesvc.wire.layout import Layout
 from cachesvc.wire.framing import decode_write_chunk, encode_slab_run, slab_run_header
 from cachesvc.wire.keys import DType, FamilySpec, Kind
+from cachesvc.node.metrics import RPC_SECONDS
 from cachesvc.node.models import ModelRecord
 from cachesvc.node.profiles import ProfileRecord
 from cachesvc.node.records import EntryInput
@@ -32,22 +33,25 @@ def _status_for(exc: errors.CacheError) -> grpc.StatusCode:
 
 def _maps_errors(method: Callable) -> Callable:
     """Turn domain errors into a gRPC status with the error's message, for unary and
-    streaming handlers alike."""
+    streaming handlers alike; and time every call (metrics.RPC_SECONDS)."""
+    seconds = RPC_SECONDS.labels(method.__name__)
     if inspect.isgeneratorfunction(method):
         @functools.wraps(method)
         def stream(self, request, context):
-            try:
-                yield from method(self, request, context)
-            except errors.CacheError as exc:
-                context.abort(_status_for(exc), str(exc))
+            with seconds.time():
+                try:
+                    yield from method(self, request, context)
+                except errors.CacheError as exc:
+                    context.abort(_status_for(exc), str(exc))
         return stream
 
     @functools.wraps(method)
     def unary(self, request, context):
-        try:
-            return method(self, request, context)
-        except errors.CacheError as exc:
-            context.abort(_status_for(exc), str(exc))
+        with seconds.time():
+            try:
+                return method(self, request, context)
+            except errors.CacheError as exc:
+                context.abort(_status_for(exc), str(exc))
     return unary
 
 

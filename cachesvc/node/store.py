@@ -79,7 +79,11 @@ class CacheStore:
             "lookups", "lookup_chunks", "hit_chunks", "puts_committed", "entries_committed",
             "puts_aborted", "reservations_expired", "leases_expired", "slabs_read",
             "bytes_read", "bytes_written", "checksum_failures", "mem_evictions",
-            "disk_evictions", "disk_writes", "disk_write_errors", "entries_deleted"), 0)
+            "disk_evictions", "disk_writes", "disk_write_errors", "entries_deleted",
+            # the longest hit of the consumer's own entries, and of another producer's
+            "hit_chunks_same_model", "hit_chunks_cross_model", "located_lookups", "profile_flags",
+            # payload bytes served per path (grpc, tcp, shm, ucx)
+            "bytes_read_grpc", "bytes_read_tcp", "bytes_read_shm", "bytes_read_ucx"), 0)
         self._catalog = Catalog(self._arena, self._disk, self.counters)
         self._tiers = Tiers(self._lock, self._catalog, self._arena, self._disk, config, self.counters)
         self._puts = PutPath(self._lock, self._catalog, self._arena, self._tiers, self.models, config,
@@ -156,6 +160,7 @@ class CacheStore:
     def flag_profile(self, producer: str, consumer: str, version: int, reason: str) -> tuple[bool, int]:
         with self._lock:
             result = self.profiles.flag(producer, consumer, version, reason)
+            self.counters["profile_flags"] += result[0]
         self.profiles.flush()
         return result
 
@@ -243,6 +248,10 @@ class CacheStore:
             self.counters["lookups"] += 1
             self.counters["lookup_chunks"] += len(chunk_hashes)
             self.counters["hit_chunks"] += max((len(r) for r in runs.values()), default=0)
+            self.counters["hit_chunks_same_model"] += len(runs.get(consumer, ())) if consumer else 0
+            self.counters["hit_chunks_cross_model"] += max((len(r) for p, r in runs.items() if p != consumer),
+                                                           default=0)
+            self.counters["located_lookups"] += locate
         return LookupAnswer(hits, lease_id)
 
     def _offers(self, tenant: str, family_id: str, hashes: Sequence[bytes], runs: dict[str, list[EntryRecord]],
@@ -266,9 +275,10 @@ class CacheStore:
     # ------------------------------------------------------------ read
 
     def read(self, tenant: str, family_id: str, entry_ids: Sequence[bytes], kinds: Sequence[Kind],
-             layer_start: int, layer_end: int, layer_major: bool = False) -> "ReadHandle":
+             layer_start: int, layer_end: int, layer_major: bool = False, path: str = "grpc") -> "ReadHandle":
         """Runs of the requested slabs. Every entry is held (never freed or evicted) until
         the handle is closed, however far it was iterated: use it as a context manager.
+        ``path`` names the transport the bytes leave by (for the per-path byte counters).
         Validation happens here, so errors surface before any run. Order: entry, kind,
         layer runs; or, with
         ``layer_major``, one slab per run in (layer, entry, kind) order, so a reader can
@@ -294,7 +304,7 @@ class CacheStore:
                         self._catalog.mem_lru.move_to_end(r.meta.entry_id)
         tally = _ReadTally()
         return ReadHandle(self._read_runs(recs, kinds, layer_start, end, layer_major, tally),
-                          lambda: self._end_read(recs, tally))
+                          lambda: self._end_read(recs, tally, path))
 
     def _read_runs(self, recs: list[EntryRecord | None], kinds: Sequence[Kind], start: int,
                    end: int, layer_major: bool, tally: _ReadTally) -> Iterator[ReadRun]:
@@ -314,10 +324,11 @@ class CacheStore:
                     tally.size_bytes += len(run.data)
                 yield run
 
-    def _end_read(self, recs: list[EntryRecord | None], tally: _ReadTally) -> None:
+    def _end_read(self, recs: list[EntryRecord | None], tally: _ReadTally, path: str) -> None:
         with self._lock:
             self.counters["slabs_read"] += tally.slabs
             self.counters["bytes_read"] += tally.size_bytes
+            self.counters[f"bytes_read_{path}"] += tally.size_bytes
             for rec in recs:
                 if rec is not None:
                     rec.readers -= 1
@@ -423,6 +434,19 @@ class CacheStore:
             page = [(r.meta, r.tier, r.pins > 0) for r in rows]
         token = page[-1][0].entry_id.hex() if more else ""
         return page, token
+
+    def usage_by_tenant(self) -> dict[tuple[str, str], int]:
+        """(tenant, "memory" | "disk") -> bytes of committed entries: a walk of the index,
+        for metrics scrapes (seconds apart), not for the request path."""
+        usage: dict[tuple[str, str], int] = {}
+        with self._lock:
+            for rec in self._catalog.entries.values():
+                tenant = rec.meta.tenant
+                if rec.mem_offset is not None:
+                    usage[(tenant, "memory")] = usage.get((tenant, "memory"), 0) + rec.meta.size_bytes
+                if rec.disk_bytes:
+                    usage[(tenant, "disk")] = usage.get((tenant, "disk"), 0) + rec.disk_bytes
+        return usage
 
     def stats(self) -> dict:
         with self._lock:

@@ -32,6 +32,7 @@ from cachesvc.wire.errors import CacheError, InvalidArgument
 from cachesvc.wire.framing import slab_run_header
 from cachesvc.wire.keys import Kind
 from cachesvc.node.logs import Throttled
+from cachesvc.node.metrics import DATAPLANE_SECONDS
 from cachesvc.node.records import ReadRun
 from cachesvc.node.servicer import lookup_response
 from cachesvc.node.store import CacheStore, ReadHandle
@@ -127,14 +128,15 @@ class DataPlaneServer:
                     self._conns[conn] = True
                 conn.settimeout(self.io_timeout_s)
                 op, body = request
-                if op == Op.MAP:
-                    self._send_map(conn, local)
-                elif op in (Op.GET, Op.GET_SHM):
-                    self._get(conn, body, shm=op == Op.GET_SHM and local)
-                elif op == Op.WRITE:
-                    self._write(conn, body)
-                elif op == Op.LOOKUP:
-                    self._lookup(conn, body, local)
+                with DATAPLANE_SECONDS.labels(op.name.lower(), "shm" if local else "tcp").time():
+                    if op == Op.MAP:
+                        self._send_map(conn, local)
+                    elif op in (Op.GET, Op.GET_SHM):
+                        self._get(conn, body, shm=op == Op.GET_SHM and local)
+                    elif op == Op.WRITE:
+                        self._write(conn, body)
+                    elif op == Op.LOOKUP:
+                        self._lookup(conn, body, local)
                 conn.settimeout(None)   # idle pooled connections may wait indefinitely
                 with self._lock:
                     self._conns[conn] = False
@@ -157,7 +159,7 @@ class DataPlaneServer:
 
     def _get(self, conn: socket.socket, body: bytes, shm: bool) -> None:
         try:
-            runs, layer_major = open_read(self.store, body)
+            runs, layer_major = open_read(self.store, body, "shm" if shm else "tcp")
         except CacheError as exc:
             conn.sendall(error_frame(exc.status, str(exc)))
             return
@@ -229,7 +231,7 @@ class DataPlaneServer:
             raise ProtocolError(f"expected RELEASE after a GET_SHM, got {request[0].name}")
 
 
-def open_read(store: CacheStore, body: bytes) -> tuple[ReadHandle, bool]:
+def open_read(store: CacheStore, body: bytes, path: str) -> tuple[ReadHandle, bool]:
     """Start the read a serialized GetSlabsRequest asks for: (its runs, layer_major).
     Raises CacheError (InvalidArgument for a body that is not a valid request)."""
     try:
@@ -238,7 +240,7 @@ def open_read(store: CacheStore, body: bytes) -> tuple[ReadHandle, bool]:
     except (DecodeError, ValueError) as exc:
         raise InvalidArgument(f"bad GetSlabsRequest: {exc}") from None
     return store.read(req.tenant, req.family_id, req.entry_ids, kinds, req.layer_start,
-                      req.layer_end, req.layer_major), req.layer_major
+                      req.layer_end, req.layer_major, path), req.layer_major
 
 
 @dataclass(frozen=True, slots=True)

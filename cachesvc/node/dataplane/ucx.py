@@ -159,7 +159,7 @@ class UcxNode:
     def _get(self, ep: Any, body: bytes, tag: int) -> Task:
         """Frames, then each inline run's payload one message per layer."""
         try:
-            runs, layer_major = open_read(self.store, body)
+            runs, layer_major = open_read(self.store, body, "ucx")
         except CacheError as exc:
             frame = error_frame(exc.status, str(exc))
             yield [self._worker.send(ep, frame, tag)]

@@ -36,6 +36,7 @@ from cachesvc_connectors.hf.decoder import DecoderStack
 from cachesvc_connectors.hf.family import FamilyMismatchError, register
 from cachesvc_connectors.hf.loader import ArenaLoader, SlabLoader, Staging, plan_requests
 from cachesvc_connectors.hf.verify import AnswerVerifier
+from cachesvc_connectors.metrics import default_metrics
 from cachesvc_connectors.reuse import Choice, CostModel, DriftGuard, DriftOptions, Plan, PlanPolicy, PlanSelector
 
 
@@ -67,6 +68,8 @@ class ConsumerOptions:
     # On the node's host, read hits straight out of its memory tier (one lookup that
     # locates them, no fetch request; loader.ArenaLoader); else fetch over the data plane.
     direct: bool = True
+    # Record every prefill in the process's Prometheus metrics (cachesvc_connectors.metrics).
+    metrics: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +143,9 @@ class Consumer:
         policy = PlanPolicy(options.plans, options.use_profiles, options.min_quality, options.default_plan,
                             options.ttft_target_s)
         self.selector = PlanSelector(client, model_id, policy, self.cost, self.guard)
+        self.metrics = default_metrics() if options.metrics else None
+        if self.metrics is not None and self.guard is not None:
+            self.metrics.track(self.guard)
 
     def _check_producers(self, producers: Sequence[str]) -> None:
         """Refuse, by name, a producer registered under another family."""
@@ -224,6 +230,8 @@ class Consumer:
         report.prefill_s = time.perf_counter() - t0
         if self.cost is not None and plan is not None:   # learn this host's fixed costs from its traffic
             self.cost.observe_reuse(plan, report.reused_tokens, report.suffix_tokens, report.prefill_s)
+        if self.metrics is not None:
+            self.metrics.observe(report)
         return Prefill(cache, report, plan)
 
     @torch.no_grad()

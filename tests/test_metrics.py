@@ -1,0 +1,127 @@
+"""Prometheus metrics: a real node's /metrics after real traffic, a consumer's own
+metrics after real prefills, and the Grafana dashboard, whose every query must name a
+metric one of them exports."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import socket
+import urllib.request
+from pathlib import Path
+
+import pytest
+from prometheus_client import REGISTRY, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from cachesvc_client import CacheClient, DType, Kind
+from cachesvc_connectors.hf import Consumer, ConsumerOptions, Producer, ProducerOptions
+from cachesvc_connectors.metrics import default_metrics
+from conftest import TINY, make_entry
+from hf_models import tiny_model, tokenizer
+
+DASHBOARD = Path(__file__).parents[1] / "deploy" / "grafana" / "cachesvc.json"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _samples(text: str) -> dict[tuple[str, tuple], float]:
+    """(sample name, sorted labels) -> value, from the text exposition format."""
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+@pytest.fixture
+def metered(server_factory):
+    port = _free_port()
+    srv = server_factory("--memory-bytes", "64MiB", "--metrics-port", str(port))
+    return srv, f"http://127.0.0.1:{port}/metrics"
+
+
+def _scrape(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=10) as answer:
+        return _samples(answer.read().decode())
+
+
+def test_the_node_counts_what_it_served(metered, rng):
+    srv, url = metered
+    with CacheClient(srv.address) as client:
+        fid = client.register_model("m", "0123abcd", TINY).family_id
+        hashes = client.hash_tokens(list(range(768)), fid)
+        client.put(fid, "m", [make_entry(rng, TINY, h, 256) for h in hashes], tenant="team-a")
+        before = _scrape(url)
+        for _ in range(3):
+            client.lookup(fid, hashes, consumer="m", tenant="team-a")
+        hit = client.lookup(fid, hashes, tenant="team-a", locate=True).best()
+        client.get(fid, hit, (Kind.K,), transport="tcp", tenant="team-a")
+        client.get(fid, hit, (Kind.K,), transport="shm", tenant="team-a")
+        client.get(fid, hit, (Kind.V,), transport="grpc", tenant="team-a")
+        after = _scrape(url)
+    grew = {name: after[key] - before.get(key, 0) for key in after for name in [key[0]]
+            if key[1] == () and name.endswith("_total")}
+    assert grew["cachesvc_lookups_total"] == 4 and grew["cachesvc_lookups_located_total"] == 1
+    assert grew["cachesvc_lookup_chunks_total"] == 12 and grew["cachesvc_hit_chunks_total"] == 12
+    same = ("cachesvc_hit_chunks_by_kind_total", (("kind", "same_model"),))
+    assert after[same] - before.get(same, 0) == 9                      # the consumer "m" is the producer
+    k_bytes = 3 * TINY.num_layers * TINY.slab_bytes(Kind.K, 256)
+    for path in ("tcp", "shm", "grpc"):
+        key = ("cachesvc_bytes_read_total", (("path", path),))
+        assert after[key] - before.get(key, 0) == k_bytes, path
+    assert after[("cachesvc_tenant_used_bytes", (("tenant", "team-a"), ("tier", "memory")))] == 3 * sum(
+        TINY.slab_bytes(k, 256) for k in (Kind.K, Kind.V, Kind.E)) * TINY.num_layers
+    fetched = ("cachesvc_rpc_seconds_count", (("method", "GetSlabs"),))
+    assert after[fetched] - before.get(fetched, 0) == 1                 # the fetch over grpc
+    assert after.get(("cachesvc_rpc_seconds_count", (("method", "Lookup"),)), 0) == 0   # lookups went by socket
+    socket_lookups = ("cachesvc_dataplane_request_seconds_count", (("op", "lookup"), ("path", "shm")))
+    assert after[socket_lookups] - before.get(socket_lookups, 0) == 4
+    assert after[("cachesvc_tier_capacity_bytes", (("tier", "memory"),))] == 64 << 20
+
+
+def _exported(url: str) -> set[str]:
+    """Every sample name the node and a consumer process export, after traffic."""
+    names = {name for name, _ in _scrape(url)}
+    names |= {name for name, _ in _samples(generate_latest().decode())}
+    return names
+
+
+def test_every_dashboard_query_names_an_exported_metric(metered):
+    srv, url = metered
+    base, tok = tiny_model("llama", seed=0), tokenizer()
+    ids = [random.Random(1).randrange(255) for _ in range(300)]
+    with CacheClient(srv.address) as client:
+        Producer(client, base, tok, "base", ProducerOptions(dtype=DType.FLOAT32)).store(ids)
+        consumer = Consumer(client, base, tok, "base", ConsumerOptions(dtype=DType.FLOAT32))
+        prefills = ("cachesvc_consumer_prefills_total", {"mode": "same_model"})
+        before = REGISTRY.get_sample_value(*prefills) or 0
+        assert consumer.prefill(ids + [3]).report.mode == "same_model"
+        assert REGISTRY.get_sample_value(*prefills) == before + 1
+        exported = _exported(url)
+    dashboard = json.loads(DASHBOARD.read_text())
+    queries = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    assert len(queries) >= 13
+    named = {name for q in queries for name in re.findall(r"\bcachesvc_[a-z0-9_]+", q)}
+    missing = sorted(named - exported)
+    assert not missing, missing
+    consumer_side = {n for n in named if n.startswith("cachesvc_consumer_")}
+    assert consumer_side and named - consumer_side                      # both sides are charted
+
+
+def test_consumer_metrics_record_the_breakdown():
+    from cachesvc_connectors.hf.consumer import ReuseReport
+
+    def value(name: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+    before = {phase: value("cachesvc_consumer_phase_seconds_sum", phase=phase) for phase in ("lookup", "prefill")}
+    bytes_before = value("cachesvc_consumer_loaded_bytes_total", transport="shm-direct")
+    reused_before = value("cachesvc_consumer_prompt_tokens_total", source="reused")
+    default_metrics().observe(ReuseReport(mode="cross_model", prompt_tokens=100, reused_tokens=80, lookup_s=0.5,
+                                          prefill_s=2.0, bytes_fetched=10, transport="shm-direct"))
+    assert value("cachesvc_consumer_phase_seconds_sum", phase="lookup") - before["lookup"] == pytest.approx(0.5)
+    assert value("cachesvc_consumer_phase_seconds_sum", phase="prefill") - before["prefill"] == pytest.approx(2.0)
+    assert value("cachesvc_consumer_loaded_bytes_total", transport="shm-direct") - bytes_before == 10
+    assert value("cachesvc_consumer_prompt_tokens_total", source="reused") - reused_before == 80
