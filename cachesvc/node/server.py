@@ -185,6 +185,10 @@ def serve(config: ServerConfig) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    stop.wait()
+    # Wake up now and then: a signal delivered to another thread (gRPC's and UCX's C
+    # threads do not block them) sets Python's flag but does not interrupt an untimed
+    # wait here, so the handler could wait for the next bytecode of the main thread.
+    while not stop.wait(0.5):
+        pass
     running.stop(config.grace_s)
     return 0
