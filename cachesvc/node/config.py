@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 import os
 import re
 import tomllib
@@ -82,6 +83,11 @@ class ServerConfig:
                                  "host; empty = UCX's own choice")
     ucx_net_devices: str = _opt("", help="UCX network devices (UCX_NET_DEVICES); empty = lo "
                                          "when host is a loopback address, else all")
+    tls_cert: str = _opt("", help="PEM certificate (chain): serve gRPC and the TCP data plane over TLS")
+    tls_key: str = _opt("", help="PEM private key of --tls-cert")
+    tls_client_ca: str = _opt("", help="PEM CA: require client certificates it signed (mTLS)")
+    allow_plaintext: bool = _opt(False, parse=parse_bool,
+                                 help="serve without TLS on an address other than loopback (trusted networks only)")
     metrics_port: int = _opt(-1, parse=int, help="Prometheus /metrics on this port of --host; -1: off, 0: any "
                                                   "free one (logged)")
     node_id: str = _opt("", help="name of this node; default host:port")
@@ -115,6 +121,14 @@ class ServerConfig:
     def validate(self) -> None:
         if not 0 <= self.port < 65536:
             raise ValueError(f"port {self.port} out of range")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("TLS needs both --tls-cert and --tls-key")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("--tls-client-ca (mTLS) needs --tls-cert and --tls-key")
+        if not self.tls_cert and not self.allow_plaintext and not _loopback(self.host):
+            raise ValueError(f"refusing to serve plaintext on {self.host}: give --tls-cert and --tls-key, or "
+                             f"--allow-plaintext true on a trusted network (plaintext is the default on "
+                             f"127.0.0.1 only)")
         if not -1 <= self.metrics_port < 65536:
             raise ValueError(f"metrics port {self.metrics_port} out of range (-1 turns metrics off)")
         if self.chunk_size <= 0:
@@ -123,6 +137,16 @@ class ServerConfig:
             raise ValueError(f"memory_bytes {self.memory_bytes} is below 1 MiB")
         if self.workers < 2:
             raise ValueError("workers must be >= 2")
+
+
+def _loopback(host: str) -> bool:
+    """Whether ``host`` only listens on this machine (a loopback address or localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _fields() -> list[dataclasses.Field]:

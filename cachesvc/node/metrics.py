@@ -57,7 +57,9 @@ class StoreCollector:
         self.store = store
 
     def describe(self) -> list[Metric]:
-        return []   # the names are only known at collect time for labels; skip registry checks
+        # Nothing: the registry would otherwise collect once at registration (a walk of the
+        # index for the tenant gauge) just to learn the names.
+        return []
 
     def collect(self) -> Iterator[Metric]:
         stats = self.store.stats()

@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from cachesvc.node.config import ServerConfig
 from cachesvc.wire import ucxlib
 from cachesvc.wire.protocol import host_id
+from cachesvc.wire.tls import read_pem, server_context
 from cachesvc.node.dataplane.server import DataPlaneServer
 from cachesvc.wire.framing import passthrough
 from cachesvc.node.servicer import CacheServicer
@@ -121,8 +122,10 @@ def _tame_malloc() -> None:
 
 def start_ucx(config: ServerConfig, store: CacheStore) -> UcxNode | None:
     """The node's UCX worker, or None when UCX is off or (with "auto") not installed."""
-    if config.ucx == "off" or (config.ucx == "auto" and not ucxlib.available()):
-        return None
+    if config.ucx == "off" or (config.ucx == "auto" and (not ucxlib.available() or config.tls_cert)):
+        return None   # UCX has no TLS: a node serving TLS does not offer it
+    if config.tls_cert:
+        raise RuntimeError("--ucx on cannot be combined with TLS: UCX moves bytes in the clear")
     if not ucxlib.available():
         raise RuntimeError("--ucx on needs ucxx: pip install 'cachesvc[ucx]'")
     from cachesvc.node.dataplane.ucx import UcxNode
@@ -137,13 +140,22 @@ def start_server(config: ServerConfig) -> RunningServer:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.workers,
                                                     thread_name_prefix="rpc"),
                          options=grpc_options(config.max_message_bytes))
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    address = f"{config.host}:{config.port}"
+    if config.tls_cert:
+        credentials = grpc.ssl_server_credentials(
+            [(read_pem(config.tls_key), read_pem(config.tls_cert))],
+            root_certificates=read_pem(config.tls_client_ca) if config.tls_client_ca else None,
+            require_client_auth=bool(config.tls_client_ca))
+        port = server.add_secure_port(address, credentials)
+    else:
+        port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot listen on {config.host}:{config.port}")
     node_id = config.node_id or f"{socket.gethostname()}:{port}"
     store = CacheStore(store_config(config), node_id=node_id)
+    tls = server_context(config.tls_cert, config.tls_key, config.tls_client_ca) if config.tls_cert else None
     dataplane = DataPlaneServer(store, config.host, config.data_port, config.shm,
-                                config.shm_release_timeout_s, config.data_io_timeout_s)
+                                config.shm_release_timeout_s, config.data_io_timeout_s, tls)
     ucx = start_ucx(config, store)
     transports = dataplane.transports() | (ucx.transports() if ucx is not None else {})
     fetch = cachesvc_pb2.FetchDescriptor(node_id=node_id, grpc_address=f"{config.host}:{port}",
@@ -165,7 +177,8 @@ def start_server(config: ServerConfig) -> RunningServer:
     log.info("serving", extra={"address": f"{config.host}:{port}", "node_id": node_id,
                                "memory_bytes": config.memory_bytes, "disk_mode": config.disk_mode,
                                "data_dir": config.data_dir, "chunk_size": config.chunk_size,
-                               "transports": sorted(fetch.transports),
+                               "transports": sorted(fetch.transports), "tls": bool(config.tls_cert),
+                               "mtls": bool(config.tls_client_ca),
                                "metrics_port": metrics[0].server_port if metrics is not None else None})
     if config.port_file:
         tmp = Path(config.port_file + ".tmp")

@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import enum
 import socket
+import ssl
 import struct
 from dataclasses import dataclass
 
@@ -201,8 +202,13 @@ def unpack_runs(header: bytes) -> list[RunRef]:
 
 
 def send_parts(sock: socket.socket, parts: list[bytes | memoryview]) -> None:
-    """sendall of several buffers with as few syscalls as the kernel allows."""
+    """sendall of several buffers with as few syscalls as the kernel allows (one by one
+    over TLS, which has no scatter-gather send)."""
     views = [memoryview(p).cast("B") for p in parts if len(p)]
+    if isinstance(sock, ssl.SSLSocket):
+        for view in views:
+            sock.sendall(view)
+        return
     while views:
         sent = sock.sendmsg(views[:512])
         while sent:
@@ -241,7 +247,12 @@ def discard(sock: socket.socket, size: int) -> None:
 
 def read_request(sock: socket.socket) -> tuple[Op, bytes] | None:
     """The next request, or None when the peer closed cleanly between requests."""
-    first = sock.recv(REQUEST.size, socket.MSG_WAITALL)
+    if isinstance(sock, ssl.SSLSocket):   # no recv flags over TLS
+        first = sock.recv(REQUEST.size)
+        if first and len(first) < REQUEST.size:
+            first += recv_exact(sock, REQUEST.size - len(first))
+    else:
+        first = sock.recv(REQUEST.size, socket.MSG_WAITALL)
     if not first:
         return None
     if len(first) != REQUEST.size:

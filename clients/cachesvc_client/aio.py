@@ -34,7 +34,9 @@ class AsyncCacheClient:
     def __init__(self, target: str, options: ClientOptions | None = None) -> None:
         self.target = target
         self.options = options or ClientOptions()
-        self._channel = aio.insecure_channel(target, options=self.options.channel_options())
+        credentials = self.options.credentials()
+        self._channel = aio.insecure_channel(target, options=self.options.channel_options()) if credentials is None \
+            else aio.secure_channel(target, credentials, options=self.options.channel_options())
         self._stub = pb_grpc.CacheServiceStub(self._channel)
         self._get_slabs, self._write_slabs = bulk_methods(self._channel)
         self._families: dict[str, FamilySpec] = {}

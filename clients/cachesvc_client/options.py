@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import ssl
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from cachesvc.wire.keys import DEFAULT_TENANT
+from cachesvc.wire.tls import client_context, read_pem
 from cachesvc_client.codec import EntryData
 
 # Safe to repeat: reading, and writes whose repetition changes nothing.
@@ -53,6 +55,26 @@ class ClientOptions:
     # VM), 4 threads moved no more than one (~4 GB/s) and slowed a pipelined prefill.
     copy_threads: int = 0
     retry: RetryPolicy | None = RetryPolicy()
+    # TLS (a node started with --tls-cert): the CA that signed the node's certificate;
+    # with a certificate and key of our own, mutual TLS. Covers gRPC and the TCP data
+    # plane; the same-host shm path stays local and plain. ``tls_server_name`` overrides
+    # the name checked against the node's certificate (default: the target's host).
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_server_name: str = ""
+
+    def credentials(self):
+        """gRPC channel credentials, or None for a plaintext channel."""
+        if not self.tls_ca:
+            return None
+        import grpc
+        return grpc.ssl_channel_credentials(read_pem(self.tls_ca), read_pem(self.tls_key) if self.tls_key else None,
+                                            read_pem(self.tls_cert) if self.tls_cert else None)
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        """The TCP data plane's TLS context, or None."""
+        return client_context(self.tls_ca, self.tls_cert, self.tls_key) if self.tls_ca else None
 
     def channel_options(self) -> list[tuple[str, object]]:
         opts: list[tuple[str, object]] = [
@@ -62,6 +84,8 @@ class ClientOptions:
         ]
         if self.retry:
             opts.append(("grpc.service_config", self.retry.service_config()))
+        if self.tls_server_name:
+            opts.append(("grpc.ssl_target_name_override", self.tls_server_name))
         return opts
 
 

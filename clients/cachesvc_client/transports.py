@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import mmap
+import select
 import socket
+import ssl
 import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -57,9 +59,11 @@ class SocketTransport:
 
     name = "tcp"
 
-    def __init__(self, address: str, io_timeout_s: float = 30.0) -> None:
+    def __init__(self, address: str, io_timeout_s: float = 30.0, tls: ssl.SSLContext | None = None,
+                 server_name: str = "") -> None:
         self.address = address
         self.io_timeout_s = io_timeout_s
+        self.tls, self.server_name = tls, server_name   # TLS over TCP (a node with --tls-cert)
         self._idle: list[socket.socket] = []
         self._lock = threading.Lock()
 
@@ -67,6 +71,12 @@ class SocketTransport:
         host, port = self.address.rsplit(":", 1)
         sock = socket.create_connection((host, int(port)), timeout=self.io_timeout_s)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.tls is not None:
+            try:
+                return self.tls.wrap_socket(sock, server_hostname=self.server_name or host)
+            except BaseException:
+                sock.close()
+                raise
         return sock
 
     def _take(self) -> socket.socket:
@@ -310,7 +320,10 @@ def choose_transport(name: str, fetch: pb.FetchDescriptor, target: str,
                     raise
         elif name == "shm":
             raise CacheServiceError(f"{target} is on another host: shm is not possible")
-    ucx_usable = "ucx" in offered and ucxlib.available()
+    tls = options.tls_context()
+    ucx_usable = "ucx" in offered and ucxlib.available() and tls is None   # UCX has no TLS
+    if name == "ucx" and tls is not None:
+        raise CacheServiceError(f"cannot use ucx with {target} over TLS: UCX moves bytes in the clear")
     if name == "ucx" or (name == "auto" and ucx_usable and
                          ("ucx.rdma" in offered or "tcp" not in offered)):
         if not ucx_usable:
@@ -320,7 +333,7 @@ def choose_transport(name: str, fetch: pb.FetchDescriptor, target: str,
         from cachesvc_client.ucx import UcxTransport   # imports ucxx, only now
         return UcxTransport(offered["ucx"], io_timeout_s, options.ucx_tls, options.ucx_net_devices)
     if name in ("auto", "tcp") and "tcp" in offered:
-        return SocketTransport(offered["tcp"].decode(), io_timeout_s)
+        return SocketTransport(offered["tcp"].decode(), io_timeout_s, tls, options.tls_server_name)
     if name == "auto":
         return None
     raise CacheServiceError(f"{target} does not offer the {name} transport "
@@ -341,6 +354,8 @@ def answer_error(frame: Frame) -> list[CacheServiceError]:
 def _still_open(sock: socket.socket) -> bool:
     """False if the peer has closed this idle connection (or sent something unasked).
     Non-blocking for the peek: a socket with a timeout would otherwise wait it out."""
+    if isinstance(sock, ssl.SSLSocket):   # no peeking through TLS: anything readable means closed
+        return not sock.pending() and not select.select([sock], [], [], 0)[0]
     timeout = sock.gettimeout()
     sock.setblocking(False)
     try:

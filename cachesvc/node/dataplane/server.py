@@ -18,6 +18,7 @@ import array
 import logging
 import secrets
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -49,8 +50,10 @@ class DataPlaneServer:
     Unix socket (no file to clean up; reachable from this host's network namespace)."""
 
     def __init__(self, store: CacheStore, host: str, tcp_port: int, shm: bool,
-                 release_timeout_s: float = 60.0, io_timeout_s: float = 30.0) -> None:
+                 release_timeout_s: float = 60.0, io_timeout_s: float = 30.0,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.store = store
+        self.tls = tls   # TCP connections speak TLS with this context (the Unix socket stays plain)
         self.release_timeout_s = release_timeout_s
         # Bounds every wait for a peer inside a request: a WRITE holds its reservation's
         # lock while receiving, and a stalled writer must not hold it (or the reaper) forever.
@@ -120,6 +123,10 @@ class DataPlaneServer:
 
     def _serve(self, conn: socket.socket, local: bool) -> None:
         try:
+            if self.tls is not None and not local:
+                conn.settimeout(self.io_timeout_s)   # a peer that never finishes its handshake
+                conn = self._secure(conn)
+                conn.settimeout(None)
             while not self._stopping.is_set():
                 request = read_request(conn)
                 if request is None:
@@ -140,7 +147,7 @@ class DataPlaneServer:
                 conn.settimeout(None)   # idle pooled connections may wait indefinitely
                 with self._lock:
                     self._conns[conn] = False
-        except (ProtocolError, ConnectionError, OSError) as exc:
+        except (ProtocolError, ConnectionError, OSError) as exc:   # ssl.SSLError is an OSError
             if not self._stopping.is_set():
                 self._dropped.info("data-plane connection dropped", why=str(exc))
         finally:
@@ -148,6 +155,16 @@ class DataPlaneServer:
                 self._conns.pop(conn, None)
                 self._idle.notify_all()
             conn.close()
+
+    def _secure(self, conn: socket.socket) -> socket.socket:
+        """The TLS side of an accepted TCP connection (handshake done); it replaces the
+        plain socket in the connection table, so stop() shuts down the right one."""
+        assert self.tls is not None
+        secure = self.tls.wrap_socket(conn, server_side=True)
+        with self._lock:
+            self._conns.pop(conn, None)
+            self._conns[secure] = False
+        return secure
 
     def _send_map(self, conn: socket.socket, local: bool) -> None:
         if not local:
