@@ -12,12 +12,14 @@ import textwrap
 import threading
 import time
 
+import grpc
 import numpy as np
 import pytest
 import torch
 
 from cachesvc.wire.protocol import FrameType, Op, pack_request, read_frame, unpack_runs
 from cachesvc.v1 import cachesvc_pb2 as pb
+from cachesvc.v1 import cachesvc_pb2_grpc as pb_grpc
 from cachesvc_client import (CacheClient, CacheServiceError, ClientOptions, InvalidArgumentError,
                              Kind, UnavailableError)
 from conftest import TINY, make_entry, same_bytes
@@ -54,6 +56,34 @@ def test_every_transport_is_byte_identical(client, rng, transport):
     assert into.arrays[Kind.V] is out[Kind.V]
     assert torch.equal(out[Kind.V][3, 256:512].view(torch.int16),
                        torch.from_numpy(entries[1].slabs[(Kind.V, 3)].view(np.int16)))
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_plans_selections_come_in_one_request(client, rng, transport):
+    """E of layer 1, then K and V of layers 0 and 2-3, of the same entries in one fetch:
+    each (selection, layer) once, selection after selection, every byte in place."""
+    fid, hit, entries = _fill(client, rng, 3)
+    selections = [((Kind.E,), (1, 2)), ((Kind.K, Kind.V), (0, 1)), ((Kind.K, Kind.V), (2, 4))]
+    stream = client.stream_selections(fid, hit, selections, transport=transport)
+    assert list(stream) == [(0, 1), (1, 0), (2, 2), (2, 3)]
+    for (kinds, (start, stop)), got in zip(selections, stream.results(), strict=True):
+        assert got.complete and got.valid_chunks == 3 and got.transport == transport
+        _check(got, entries, kinds, range(start, stop))
+
+
+def test_selections_that_overlap_or_come_twice_are_refused(client, rng):
+    fid, hit, _ = _fill(client, rng, 1)
+    for transport in ("grpc", "tcp"):
+        with pytest.raises(InvalidArgumentError, match="K of layer 1 more than once"):
+            list(client.stream_selections(fid, hit, [((Kind.K,), (0, 2)), ((Kind.K, Kind.V), (1, 3))],
+                                          transport=transport))
+        with pytest.raises(InvalidArgumentError, match="1 to 64 selections"):
+            list(client.stream_selections(fid, hit, [((Kind.K,), (0, 1))] * 65, transport=transport))
+    both = pb.GetSlabsRequest(family_id=fid, entry_ids=hit.entry_ids, kinds=[1],
+                              selections=[pb.SlabSelection(kinds=[2], layer_start=0, layer_end=1)])
+    with pytest.raises(grpc.RpcError) as caught:
+        list(pb_grpc.CacheServiceStub(client._channel).GetSlabs(both))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "not both" in caught.value.details()
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)

@@ -19,7 +19,9 @@ from cachesvc_client import CacheClient, DType, Kind
 from cachesvc_connectors.hf import Consumer, ConsumerOptions, Producer, ProducerOptions
 from cachesvc_connectors.metrics import default_metrics
 from conftest import TINY, make_entry
-from hf_models import tiny_model, tokenizer
+from cachesvc_connectors.hf.loader import plan_requests
+from cachesvc_connectors.reuse import Plan
+from hf_models import fine_tune_of, tiny_model, tokenizer
 
 DASHBOARD = Path(__file__).parents[1] / "deploy" / "grafana" / "cachesvc.json"
 
@@ -125,3 +127,25 @@ def test_consumer_metrics_record_the_breakdown():
     assert value("cachesvc_consumer_phase_seconds_sum", phase="prefill") - before["prefill"] == pytest.approx(2.0)
     assert value("cachesvc_consumer_loaded_bytes_total", transport="shm-direct") - bytes_before == 10
     assert value("cachesvc_consumer_prompt_tokens_total", source="reused") - reused_before == 80
+
+
+def test_a_plan_fetched_over_the_data_plane_is_one_request(metered):
+    """A consumer off the node's host (here: one told not to read directly) loads a plan
+    of three load requests (E of the group, K/V below and above it) in one fetch; the
+    node's own counters show it."""
+    srv, url = metered
+    base, tok = tiny_model("llama", seed=0), tokenizer()
+    tuned = fine_tune_of(base, range(2, 4))
+    plan = Plan(4, ((1, 2),))
+    assert len(plan_requests(plan)) == 3
+    ids = [random.Random(2).randrange(255) for _ in range(600)]
+    with CacheClient(srv.address) as client:
+        Producer(client, base, tok, "base", ProducerOptions(dtype=DType.FLOAT32)).store(ids)
+        consumer = Consumer(client, tuned, tok, "tuned",
+                            ConsumerOptions(dtype=DType.FLOAT32, default_plan=plan, direct=False))
+        before = _scrape(url)
+        report = consumer.prefill(ids + [4]).report
+        after = _scrape(url)
+    assert report.mode == "cross_model" and report.transport == "shm" and report.reused_tokens == 600
+    fetches = ("cachesvc_dataplane_request_seconds_count", (("op", "get_shm"), ("path", "shm")))
+    assert after[fetches] - before.get(fetches, 0) == 1

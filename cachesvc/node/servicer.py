@@ -133,6 +133,17 @@ def _kinds(values) -> list[Kind]:
         raise errors.InvalidArgument(f"kinds {list(values)} contain an unknown value") from None
 
 
+def selections_of(request: pb.GetSlabsRequest) -> list[tuple[list[Kind], int, int]]:
+    """The (kinds, layer_start, layer_end) selections a GetSlabsRequest asks for: its
+    ``selections``, or the one its top-level fields make."""
+    if not request.selections:
+        return [(_kinds(request.kinds), request.layer_start, request.layer_end)]
+    if request.kinds or request.layer_start or request.layer_end:
+        raise errors.InvalidArgument("give kinds and layers either in the GetSlabsRequest's own fields or in "
+                                     "its selections, not both")
+    return [(_kinds(s.kinds), s.layer_start, s.layer_end) for s in request.selections]
+
+
 class CacheServicer(pb_grpc.CacheServiceServicer):
     def __init__(self, store: CacheStore, fetch: pb.FetchDescriptor) -> None:
         self.store = store
@@ -246,9 +257,8 @@ class CacheServicer(pb_grpc.CacheServiceServicer):
     def GetSlabs(self, request, context) -> Iterator[bytes]:
         """Yields encoded SlabRun messages (cachesvc.wire.framing): each payload is copied
         once, from the arena into the message, while the store holds the entry."""
-        with self.store.read(request.tenant, request.family_id, request.entry_ids,
-                             _kinds(request.kinds), request.layer_start, request.layer_end,
-                             request.layer_major) as runs:
+        with self.store.read_selections(request.tenant, request.family_id, request.entry_ids,
+                                        selections_of(request), request.layer_major) as runs:
             for run in runs:
                 yield encode_slab_run(slab_run_header(run), run.data)
 

@@ -276,22 +276,40 @@ class CacheStore:
 
     def read(self, tenant: str, family_id: str, entry_ids: Sequence[bytes], kinds: Sequence[Kind],
              layer_start: int, layer_end: int, layer_major: bool = False, path: str = "grpc") -> "ReadHandle":
-        """Runs of the requested slabs. Every entry is held (never freed or evicted) until
-        the handle is closed, however far it was iterated: use it as a context manager.
-        ``path`` names the transport the bytes leave by (for the per-path byte counters).
-        Validation happens here, so errors surface before any run. Order: entry, kind,
-        layer runs; or, with
-        ``layer_major``, one slab per run in (layer, entry, kind) order, so a reader can
-        use layer l as soon as it has arrived."""
+        """:meth:`read_selections` of one selection."""
+        return self.read_selections(tenant, family_id, entry_ids, [(kinds, layer_start, layer_end)], layer_major,
+                                    path)
+
+    def read_selections(self, tenant: str, family_id: str, entry_ids: Sequence[bytes],
+                        selections: Sequence[tuple[Sequence[Kind], int, int]], layer_major: bool = False,
+                        path: str = "grpc") -> "ReadHandle":
+        """Runs of the requested slabs: per selection (kinds, layer_start, layer_end; an
+        end of 0 means every layer), in order. Every entry is held (never freed or
+        evicted) until the handle is closed, however far it was iterated: use it as a
+        context manager. Validation happens here, so errors surface before any run.
+        Order within a selection: entry, kind, layer runs; or, with ``layer_major``, one
+        slab per run in (layer, entry, kind) order, so a reader can use layer l as soon
+        as it has arrived. ``path`` names the transport the bytes leave by (for the
+        per-path byte counters)."""
         tenant = _tenant(tenant)
         with self._lock:
             family = self.models.family(family_id)
-        end = layer_end or family.num_layers
-        if not 0 <= layer_start < end <= family.num_layers:
-            raise InvalidArgument(f"layer range [{layer_start}, {end}) is not inside "
-                                  f"[0, {family.num_layers})")
-        if not kinds or any(k not in (Kind.K, Kind.V, Kind.E) for k in kinds):
-            raise InvalidArgument(f"kinds must be a non-empty list of K, V, E; got {list(kinds)}")
+        if not selections or len(selections) > MAX_SELECTIONS:
+            raise InvalidArgument(f"a read needs 1 to {MAX_SELECTIONS} selections, got {len(selections)}")
+        ranges, seen = [], set()
+        for kinds, layer_start, layer_end in selections:
+            end = layer_end or family.num_layers
+            if not 0 <= layer_start < end <= family.num_layers:
+                raise InvalidArgument(f"layer range [{layer_start}, {end}) is not inside "
+                                      f"[0, {family.num_layers})")
+            if not kinds or any(k not in (Kind.K, Kind.V, Kind.E) for k in kinds):
+                raise InvalidArgument(f"kinds must be a non-empty list of K, V, E; got {list(kinds)}")
+            wanted = {(kind, layer) for kind in kinds for layer in range(layer_start, end)}
+            if len(wanted) != len(kinds) * (end - layer_start) or wanted & seen:
+                kind, layer = min(wanted & seen or wanted)
+                raise InvalidArgument(f"selections ask for {Kind(kind).name} of layer {layer} more than once")
+            seen |= wanted
+            ranges.append((list(kinds), layer_start, end))
         for i, e in enumerate(entry_ids):
             if len(e) != ENTRY_ID_BYTES:
                 raise InvalidArgument(f"entry_ids[{i}] has {len(e)} bytes, expected {ENTRY_ID_BYTES}")
@@ -303,8 +321,9 @@ class CacheStore:
                     if r.mem_offset is not None:
                         self._catalog.mem_lru.move_to_end(r.meta.entry_id)
         tally = _ReadTally()
-        return ReadHandle(self._read_runs(recs, kinds, layer_start, end, layer_major, tally),
-                          lambda: self._end_read(recs, tally, path))
+        runs = (run for kinds, start, end in ranges
+                for run in self._read_runs(recs, kinds, start, end, layer_major, tally))
+        return ReadHandle(runs, lambda: self._end_read(recs, tally, path))
 
     def _read_runs(self, recs: list[EntryRecord | None], kinds: Sequence[Kind], start: int,
                    end: int, layer_major: bool, tally: _ReadTally) -> Iterator[ReadRun]:
@@ -493,6 +512,10 @@ def _tenant(tenant: str) -> str:
     if len(tenant) > MAX_TENANT_CHARS:
         raise InvalidArgument(f"tenant is {len(tenant)} chars, at most {MAX_TENANT_CHARS}")
     return tenant or DEFAULT_TENANT
+
+
+MAX_SELECTIONS = 64
+"""Selections one read may carry (a plan needs a few)."""
 
 
 def _arena_offsets(recs: Sequence[EntryRecord]) -> list[int]:

@@ -332,7 +332,7 @@ class LookupResponse(_message.Message):
     def __init__(self, hits: _Optional[_Iterable[_Union[LookupHit, _Mapping]]] = ..., layouts: _Optional[_Iterable[_Union[EntryLayout, _Mapping]]] = ..., lease_id: _Optional[str] = ...) -> None: ...
 
 class GetSlabsRequest(_message.Message):
-    __slots__ = ("tenant", "family_id", "entry_ids", "kinds", "layer_start", "layer_end", "layer_major")
+    __slots__ = ("tenant", "family_id", "entry_ids", "kinds", "layer_start", "layer_end", "layer_major", "selections")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     FAMILY_ID_FIELD_NUMBER: _ClassVar[int]
     ENTRY_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -340,6 +340,7 @@ class GetSlabsRequest(_message.Message):
     LAYER_START_FIELD_NUMBER: _ClassVar[int]
     LAYER_END_FIELD_NUMBER: _ClassVar[int]
     LAYER_MAJOR_FIELD_NUMBER: _ClassVar[int]
+    SELECTIONS_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     family_id: str
     entry_ids: _containers.RepeatedScalarFieldContainer[bytes]
@@ -347,7 +348,18 @@ class GetSlabsRequest(_message.Message):
     layer_start: int
     layer_end: int
     layer_major: bool
-    def __init__(self, tenant: _Optional[str] = ..., family_id: _Optional[str] = ..., entry_ids: _Optional[_Iterable[bytes]] = ..., kinds: _Optional[_Iterable[_Union[Kind, str]]] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., layer_major: _Optional[bool] = ...) -> None: ...
+    selections: _containers.RepeatedCompositeFieldContainer[SlabSelection]
+    def __init__(self, tenant: _Optional[str] = ..., family_id: _Optional[str] = ..., entry_ids: _Optional[_Iterable[bytes]] = ..., kinds: _Optional[_Iterable[_Union[Kind, str]]] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., layer_major: _Optional[bool] = ..., selections: _Optional[_Iterable[_Union[SlabSelection, _Mapping]]] = ...) -> None: ...
+
+class SlabSelection(_message.Message):
+    __slots__ = ("kinds", "layer_start", "layer_end")
+    KINDS_FIELD_NUMBER: _ClassVar[int]
+    LAYER_START_FIELD_NUMBER: _ClassVar[int]
+    LAYER_END_FIELD_NUMBER: _ClassVar[int]
+    kinds: _containers.RepeatedScalarFieldContainer[Kind]
+    layer_start: int
+    layer_end: int
+    def __init__(self, kinds: _Optional[_Iterable[_Union[Kind, str]]] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ...) -> None: ...
 
 class SlabRun(_message.Message):
     __slots__ = ("entry_index", "kind", "layer_start", "num_layers", "checksums", "data", "missing", "missing_reason")

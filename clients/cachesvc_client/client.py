@@ -16,7 +16,7 @@ from cachesvc.v1 import cachesvc_pb2 as pb
 from cachesvc.v1 import cachesvc_pb2_grpc as pb_grpc
 from cachesvc.wire.convert import family_from_proto, family_to_proto
 from cachesvc_client.codec import (EntryData, Hit, HitEntry, LookupResult, PutResult, Registered,
-                                   SlabAssembler, Slabs, StoredEntry, StoredProfile, bulk_methods,
+                                   SelectionAssembler, SlabAssembler, Slabs, StoredEntry, StoredProfile, bulk_methods,
                                    entries_from_proto, entry_columns, lookup_from_proto, plan_put, write_chunks)
 from cachesvc_client.errors import CacheServiceError, NotFoundError, UnavailableError, from_rpc_error
 from cachesvc_client.options import ClientOptions, batches
@@ -248,6 +248,30 @@ class CacheClient:
         frames = self._grpc_fetch(req, asm) if chosen is None else chosen.fetch(req, asm)
         return LayerStream(frames, asm, chosen.name if chosen else "grpc")
 
+    def stream_selections(self, family_id: FamilyId, entries: Hit | Sequence[HitEntry],
+                          selections: Sequence[tuple[Sequence[Kind], tuple[int, int]]], *,
+                          outs: Sequence[Mapping[Kind, Any] | None] | None = None, as_torch: bool = False,
+                          tenant: str = "", transport: str | None = None) -> "SelectionStream":
+        """Several (kinds, (layer_start, layer_end)) selections of the same entries in one
+        request, layer-major within each, selection after selection (``outs[i]``: the
+        destination of selection i, as ``out`` of :meth:`stream`). Iterate it for
+        (selection index, layer) as each layer of a selection completes; ``results()``
+        then gives one :class:`Slabs` per selection. What a reuse plan loads (E of a
+        group, K/V of the reused ranges) is one fetch, not one per range."""
+        family = self.family(family_id)
+        ids, tokens = entry_columns(entries)
+        outs = list(outs) if outs is not None else [None] * len(selections)
+        parts = [SlabAssembler(family, tokens, kinds, start, end or family.num_layers, out, as_torch)
+                 for (kinds, (start, end)), out in zip(selections, outs, strict=True)]
+        req = pb.GetSlabsRequest(tenant=tenant or self.options.tenant, family_id=family_id, entry_ids=ids,
+                                 layer_major=True,
+                                 selections=[pb.SlabSelection(kinds=[int(k) for k in kinds], layer_start=start,
+                                                              layer_end=end) for kinds, (start, end) in selections])
+        asm = SelectionAssembler(parts)
+        chosen = self._transport(transport or self.options.transport)
+        frames = self._grpc_fetch(req, asm) if chosen is None else chosen.fetch(req, asm)
+        return SelectionStream(frames, asm, chosen.name if chosen else "grpc")
+
     def _grpc_fetch(self, req: pb.GetSlabsRequest, asm: SlabAssembler) -> Iterator[None]:
         try:
             for message in self._get_slabs(req, timeout=self.options.data_timeout_s):
@@ -313,6 +337,31 @@ def stats_to_dict(resp: pb.StatsResponse) -> dict:
             "models": resp.models, "open_reservations": resp.open_reservations,
             "uptime_s": resp.uptime_s, **tiers, "counters": dict(sorted(resp.counters.items()))}
 
+
+
+class SelectionStream:
+    """Iterate for (selection index, layer) as each completes; ``results()`` once exhausted.
+    ``transport`` says which path moved the bytes."""
+
+    def __init__(self, frames: Iterator[None], asm: SelectionAssembler, transport: str) -> None:
+        self._frames = frames
+        self._asm = asm
+        self.transport = transport
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        for _ in self._frames:
+            yield from self._asm.take_completed_layers()
+        yield from self._asm.take_completed_layers()
+
+    def arrays(self, selection: int) -> dict[Kind, Any]:
+        """Selection ``selection``'s destination arrays, filling as layers complete."""
+        return self._asm.parts[selection].arrays
+
+    def results(self) -> list[Slabs]:
+        out = [part.result() for part in self._asm.parts]
+        for slabs in out:
+            slabs.transport = self.transport
+        return out
 
 
 class LayerStream:

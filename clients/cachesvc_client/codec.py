@@ -490,6 +490,50 @@ class SlabAssembler:
                      self.bytes_received)
 
 
+class SelectionAssembler:
+    """The assembler of a request with several selections (``GetSlabsRequest.selections``):
+    one :class:`SlabAssembler` per selection, each run handed to the one that holds its
+    kind and first layer (selections never overlap, and the node never sends a run across
+    two). Transports use it as they use a SlabAssembler; a run no selection holds is
+    dropped, as one that does not fit is."""
+
+    def __init__(self, parts: Sequence[SlabAssembler]) -> None:
+        self.parts = list(parts)
+
+    def _part(self, run: pb.SlabRun) -> SlabAssembler | None:
+        for part in self.parts:
+            if run.kind in part.kinds and part.start <= run.layer_start < part.end:
+                return part
+        return None
+
+    def fit(self, run: pb.SlabRun, size: int) -> list[memoryview] | None:
+        part = self._part(run)
+        return part.fit(run, size) if part is not None else None
+
+    def accept(self, run: pb.SlabRun, regions: Sequence[memoryview], digests: Sequence[int] | None = None) -> None:
+        part = self._part(run)
+        assert part is not None   # fit() found it
+        part.accept(run, regions, digests)
+
+    def miss(self, run: pb.SlabRun, reason: str = "") -> None:
+        part = self._part(run)
+        if part is not None:
+            part.miss(run, reason)
+
+    def feed(self, message: tuple[pb.SlabRun, memoryview]) -> None:
+        part = self._part(message[0])
+        if part is not None:
+            part.feed(message)
+
+    @property
+    def bytes_received(self) -> int:
+        return sum(part.bytes_received for part in self.parts)
+
+    def take_completed_layers(self) -> list[tuple[int, int]]:
+        """(selection index, layer) pairs completed since the last call."""
+        return [(i, layer) for i, part in enumerate(self.parts) for layer in part.take_completed_layers()]
+
+
 def _destination(given: Any, shape: tuple[int, ...], dtype: DType, as_torch: bool, kind: Kind) -> Any:
     if given is None:
         if as_torch:

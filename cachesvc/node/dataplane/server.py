@@ -31,11 +31,10 @@ from cachesvc.wire.protocol import (WRITE_HEAD, FrameType, Op, ProtocolError, Ru
                                     send_parts)
 from cachesvc.wire.errors import CacheError, InvalidArgument
 from cachesvc.wire.framing import slab_run_header
-from cachesvc.wire.keys import Kind
 from cachesvc.node.logs import Throttled
 from cachesvc.node.metrics import DATAPLANE_SECONDS
 from cachesvc.node.records import ReadRun
-from cachesvc.node.servicer import lookup_response
+from cachesvc.node.servicer import lookup_response, selections_of
 from cachesvc.node.store import CacheStore, ReadHandle
 from cachesvc.v1 import cachesvc_pb2 as pb
 
@@ -253,11 +252,10 @@ def open_read(store: CacheStore, body: bytes, path: str) -> tuple[ReadHandle, bo
     Raises CacheError (InvalidArgument for a body that is not a valid request)."""
     try:
         req = pb.GetSlabsRequest.FromString(body)
-        kinds = [Kind(k) for k in req.kinds]
-    except (DecodeError, ValueError) as exc:
+    except DecodeError as exc:
         raise InvalidArgument(f"bad GetSlabsRequest: {exc}") from None
-    return store.read(req.tenant, req.family_id, req.entry_ids, kinds, req.layer_start,
-                      req.layer_end, req.layer_major, path), req.layer_major
+    return store.read_selections(req.tenant, req.family_id, req.entry_ids, selections_of(req), req.layer_major,
+                                 path), req.layer_major
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,9 +1,9 @@
 """Pipelined slab loading: fetch a plan's slabs in a background thread, in the order the
 consumer needs them, and let it wait for each (kind, layer) as it gets there.
 
-Requests run one after another (the data plane is the bottleneck, not the request
-count): E of the first recompute group first, so recompute can start at once, then every
-other needed slab in layer order. The consumer computes on layer l while later layers
+The plan's load requests travel as the selections of one fetch (one round trip, not one
+per range): E of the first recompute group first, so recompute can start at once, then
+every other needed slab in layer order. The consumer computes on layer l while later layers
 are in flight; ``wait_s`` is the time it spent blocked, ``fetch_s`` the loader's own wall
 time, so ``1 - wait_s / fetch_s`` of the loading was hidden under compute.
 
@@ -133,34 +133,36 @@ class SlabLoader:
             self.wait_s += self.fetch_s
 
     def _load_all(self, copy_stream) -> None:
-        for req, out in zip(self.requests, self._out, strict=True):
-            try:
-                stream = self.client.stream(self.family_id, self.hit, req.kinds, (req.start, req.stop),
-                                            out=out, as_torch=True, transport=self.transport)
-                for layer in stream:
-                    moved = {kind: stream.arrays[kind][layer - req.start].to(self.device, non_blocking=True)
-                             for kind in req.kinds}
-                    if copy_stream is not None:
-                        copy_stream.synchronize()
-                    if not self._slabs:
-                        self.first_slab_s = time.perf_counter() - self._t0
-                    for kind in req.kinds:
-                        self._slabs[(kind, layer)] = moved[kind]
-                        self._ready[(kind, layer)].set()
-                slabs = stream.result()
+        """Every request in one fetch (one selection each, in the plan's order)."""
+        try:
+            stream = self.client.stream_selections(
+                self.family_id, self.hit, [(r.kinds, (r.start, r.stop)) for r in self.requests], outs=self._out,
+                as_torch=True, transport=self.transport)
+            for index, layer in stream:
+                req = self.requests[index]
+                arrays = stream.arrays(index)
+                moved = {kind: arrays[kind][layer - req.start].to(self.device, non_blocking=True)
+                         for kind in req.kinds}
+                if copy_stream is not None:
+                    copy_stream.synchronize()
+                if not self._slabs:
+                    self.first_slab_s = time.perf_counter() - self._t0
+                for kind in req.kinds:
+                    self._slabs[(kind, layer)] = moved[kind]
+                    self._ready[(kind, layer)].set()
+            for slabs in stream.results():
                 self.transport_used = slabs.transport
                 self.bytes_fetched += slabs.bytes_received
                 if slabs.valid_chunks < self.valid_chunks:
                     self.valid_chunks = slabs.valid_chunks
                     self.errors += [f"{m.kind.name}{m.layer_start} of chunk {m.entry_index}: {m.reason}"
                                     for m in slabs.missing[:3]]
-            except CacheServiceError as exc:   # a failed load is a miss: recompute
-                self.valid_chunks = 0
-                self.errors.append(f"{type(exc).__name__}: {exc}")
-            finally:
-                for kind in req.kinds:         # wake waiters even when the request failed
-                    for layer in range(req.start, req.stop):
-                        self._ready[(kind, layer)].set()
+        except CacheServiceError as exc:   # a failed load is a miss: recompute
+            self.valid_chunks = 0
+            self.errors.append(f"{type(exc).__name__}: {exc}")
+        finally:
+            for event in self._ready.values():   # wake waiters even when the request failed
+                event.set()
 
     def wait(self, kind: Kind, layer: int) -> torch.Tensor | None:
         """The slab ``[tokens, ...]`` of (kind, layer) once loaded; None if it failed."""
