@@ -419,6 +419,14 @@ class SlabAssembler:
         dest, t0, t = self._bytes[kind], self.offsets[i], self.tokens[i]
         return [memoryview(dest[a - self.start + j, t0:t0 + t]).cast("B") for j in range(n)]
 
+    def block(self, run: pb.SlabRun) -> np.ndarray:
+        """The destination of ``run`` as one ``[layers, slab bytes]`` uint8 view (rows
+        strided through the destination): what a same-host reader copies with one
+        strided copy. Call after :meth:`fit` accepted the run."""
+        dest, t0, t = self._bytes[Kind(run.kind)], self.offsets[run.entry_index], self.tokens[run.entry_index]
+        a = run.layer_start - self.start
+        return dest[a:a + run.num_layers, t0:t0 + t].reshape(run.num_layers, -1)
+
     def fit(self, run: pb.SlabRun, size: int) -> list[memoryview] | None:
         """The regions for ``run`` if its ``size`` payload bytes fit them; otherwise the
         run is recorded as a miss and None returned (a run that cannot be placed is
@@ -519,6 +527,11 @@ class SelectionAssembler:
         part = self._part(run)
         if part is not None:
             part.miss(run, reason)
+
+    def block(self, run: pb.SlabRun) -> np.ndarray:
+        part = self._part(run)
+        assert part is not None   # fit() found it
+        return part.block(run)
 
     def feed(self, message: tuple[pb.SlabRun, memoryview]) -> None:
         part = self._part(message[0])

@@ -35,6 +35,7 @@ from cachesvc.wire.protocol import (FRAME, Frame, FrameType, Op, discard, host_i
 from cachesvc.v1 import cachesvc_pb2 as pb
 from cachesvc_client.codec import PutPlan, SlabAssembler
 from cachesvc_client.errors import CacheServiceError, UnavailableError, error_for_status
+from cachesvc_client.local import GROUP_BYTES
 from cachesvc_client.options import ClientOptions
 
 
@@ -261,10 +262,11 @@ class ShmTransport(SocketTransport):
         if offset + size > len(self._arena):
             asm.miss(run, "arena range out of bounds")
             return
+        block = asm.block(run)
         if self._copiers is None:
-            asm.accept(run, regions, _copy_and_digest(self._arena, offset, regions))
+            asm.accept(run, regions, _copy_and_digest(self._arena, offset, block))
         else:
-            pending.append((run, regions, self._copiers.submit(_copy_and_digest, self._arena, offset, regions)))
+            pending.append((run, regions, self._copiers.submit(_copy_and_digest, self._arena, offset, block)))
 
     def close(self) -> None:
         super().close()
@@ -277,21 +279,21 @@ class ShmTransport(SocketTransport):
                 self._arena = None
 
 
-def _copy_and_digest(arena: mmap.mmap, offset: int, regions: list[memoryview]) -> list[int]:
-    """Copy consecutive arena bytes from ``offset`` into ``regions``; their xxh3-64 digests,
-    taken from the copies (what the caller will use). numpy's copy and xxhash release the
-    GIL."""
-    src = memoryview(arena)
-    try:
-        digests = []
-        for region in regions:
-            n = len(region)
-            np.copyto(np.frombuffer(region, np.uint8), np.frombuffer(src[offset:offset + n], np.uint8))
-            digests.append(xxhash.xxh3_64_intdigest(region))
-            offset += n
-        return digests
-    finally:
-        src.release()
+def _copy_and_digest(arena: mmap.mmap, offset: int, block: np.ndarray) -> list[int]:
+    """Copy the run of consecutive arena slabs at ``offset`` into ``block`` (``[slabs,
+    slab bytes]``, rows strided through the caller's buffer) in strided groups of about
+    GROUP_BYTES, hashing each group right after, while it is still in cache (the
+    direct reader's pattern, cachesvc_client.local); the rows' xxh3-64 digests, taken
+    from the copies (what the caller will use). numpy's copy releases the GIL."""
+    rows, size = block.shape
+    source = np.frombuffer(arena, np.uint8, rows * size, offset).reshape(rows, size)
+    step = max(1, GROUP_BYTES // max(size, 1))
+    digests: list[int] = []
+    for a in range(0, rows, step):
+        b = min(a + step, rows)
+        np.copyto(block[a:b], source[a:b])
+        digests += [xxhash.xxh3_64_intdigest(row) for row in block[a:b]]
+    return digests
 
 
 TRANSPORT_NAMES = ("auto", "shm", "ucx", "tcp", "grpc")
