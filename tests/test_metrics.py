@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import random
 import re
-import socket
 import urllib.request
 from pathlib import Path
 
@@ -26,10 +25,12 @@ from hf_models import fine_tune_of, tiny_model, tokenizer
 DASHBOARD = Path(__file__).parents[1] / "deploy" / "grafana" / "cachesvc.json"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def _metrics_port(log: str) -> int:
+    """The port the node logged for /metrics (started with --metrics-port 0)."""
+    for line in log.splitlines():
+        if line.startswith("{") and json.loads(line).get("msg") == "serving":
+            return json.loads(line)["metrics_port"]
+    raise AssertionError(f"no serving line in the node's log: {log[-500:]}")
 
 
 def _samples(text: str) -> dict[tuple[str, tuple], float]:
@@ -40,9 +41,8 @@ def _samples(text: str) -> dict[tuple[str, tuple], float]:
 
 @pytest.fixture
 def metered(server_factory):
-    port = _free_port()
-    srv = server_factory("--memory-bytes", "64MiB", "--metrics-port", str(port))
-    return srv, f"http://127.0.0.1:{port}/metrics"
+    srv = server_factory("--memory-bytes", "64MiB", "--metrics-port", "0")   # any free port, logged
+    return srv, f"http://127.0.0.1:{_metrics_port(srv.log())}/metrics"
 
 
 def _scrape(url: str) -> dict:
