@@ -339,19 +339,24 @@ def stats_to_dict(resp: pb.StatsResponse) -> dict:
 
 
 
-class SelectionStream:
-    """Iterate for (selection index, layer) as each completes; ``results()`` once exhausted.
-    ``transport`` says which path moved the bytes."""
+class _FrameStream:
+    """A fetch in progress: iterate it for what completes as frames arrive (what the
+    assembler's ``take_completed_layers`` says); ``transport`` says which path moved
+    the bytes."""
 
-    def __init__(self, frames: Iterator[None], asm: SelectionAssembler, transport: str) -> None:
+    def __init__(self, frames: Iterator[None], asm: Any, transport: str) -> None:
         self._frames = frames
         self._asm = asm
         self.transport = transport
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
+    def __iter__(self) -> Iterator[Any]:
         for _ in self._frames:
             yield from self._asm.take_completed_layers()
         yield from self._asm.take_completed_layers()
+
+
+class SelectionStream(_FrameStream):
+    """Iterate for (selection index, layer) as each completes; ``results()`` once exhausted."""
 
     def arrays(self, selection: int) -> dict[Kind, Any]:
         """Selection ``selection``'s destination arrays, filling as layers complete."""
@@ -364,19 +369,8 @@ class SelectionStream:
         return out
 
 
-class LayerStream:
-    """Iterate for completed layer indices (ascending); ``result()`` once exhausted.
-    ``transport`` says which path moved the bytes."""
-
-    def __init__(self, frames: Iterator[None], asm: SlabAssembler, transport: str) -> None:
-        self._frames = frames
-        self._asm = asm
-        self.transport = transport
-
-    def __iter__(self) -> Iterator[int]:
-        for _ in self._frames:
-            yield from self._asm.take_completed_layers()
-        yield from self._asm.take_completed_layers()
+class LayerStream(_FrameStream):
+    """Iterate for completed layer indices (ascending); ``result()`` once exhausted."""
 
     @property
     def arrays(self) -> dict[Kind, Any]:
