@@ -33,7 +33,8 @@ from tqdm import tqdm
 from cachesvc_bench import synthetic
 from cachesvc_bench.ceilings import load_ceiling_gbps
 from cachesvc_bench.common import finish, machine, markdown_table, model_server, publish
-from cachesvc_client import CacheClient
+from cachesvc_client import CacheClient, Kind
+from cachesvc_connectors.hf.family import family_of
 from cachesvc_lab.evaluate import BASE, REFERENCE, SAME, PairEvaluator, plan_name, summarize
 from cachesvc_lab import finetune, smollm2, tasks
 from cachesvc_connectors.reuse import Plan, ReuseProfile
@@ -100,11 +101,9 @@ def _ceiling(size_bytes: int, device: str, slab_bytes: int) -> float | None:
     return round(load_ceiling_gbps(size_bytes, device, slab_bytes), 3) if size_bytes else None
 
 
-def _slab_bytes(model) -> int:
+def _slab_bytes(model, tokenizer) -> int:
     """Bytes of one 256-token K slab of ``model`` in bf16 (the piece a loader copies)."""
-    config = model.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return 256 * config.num_key_value_heads * head_dim * 2
+    return family_of(model, tokenizer).slab_bytes(Kind.K, 256)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -129,7 +128,7 @@ def run(args: argparse.Namespace) -> dict:
                 with tqdm(total=len(examples), desc=f"reuse {name} @{tokens}", unit="prompt") as bar:
                     results = evaluator.run(examples, measured, same_model=True, progress=bar.update)
                 rows += _rows(name, tokens, actual, measured[1:], layers, results, len(examples), args.device,
-                              _slab_bytes(base))
+                              _slab_bytes(base, tokenizer))
     return {"benchmark": "reuse", "machine": _machine(args.device), "device": args.device,
             "producer": smollm2.NAME, "rows": rows}
 
@@ -155,7 +154,7 @@ def run_synthetic(args: argparse.Namespace) -> dict:
                 with tqdm(total=len(samples), desc=f"reuse {name} @{tokens}", unit="prompt") as bar:
                     results = evaluator.run_ids(samples, measured, same_model=True, progress=bar.update)
                 rows += _rows(name, tokens, tokens, plans, shape.layers, results, len(samples), args.device,
-                              _slab_bytes(producer), with_quality=False)
+                              _slab_bytes(producer, tokenizer), with_quality=False)
             del producer, consumer, evaluator
             if args.device.startswith("cuda"):
                 torch.cuda.empty_cache()

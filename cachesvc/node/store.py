@@ -296,7 +296,8 @@ class CacheStore:
             family = self.models.family(family_id)
         if not selections or len(selections) > MAX_SELECTIONS:
             raise InvalidArgument(f"a read needs 1 to {MAX_SELECTIONS} selections, got {len(selections)}")
-        ranges, seen = [], set()
+        ranges: list[tuple[list[Kind], int, int]] = []
+        taken: dict[Kind, list[tuple[int, int]]] = {}   # per kind, the layer ranges asked for so far
         for kinds, layer_start, layer_end in selections:
             end = layer_end or family.num_layers
             if not 0 <= layer_start < end <= family.num_layers:
@@ -304,11 +305,12 @@ class CacheStore:
                                       f"[0, {family.num_layers})")
             if not kinds or any(k not in (Kind.K, Kind.V, Kind.E) for k in kinds):
                 raise InvalidArgument(f"kinds must be a non-empty list of K, V, E; got {list(kinds)}")
-            wanted = {(kind, layer) for kind in kinds for layer in range(layer_start, end)}
-            if len(wanted) != len(kinds) * (end - layer_start) or wanted & seen:
-                kind, layer = min(wanted & seen or wanted)
-                raise InvalidArgument(f"selections ask for {Kind(kind).name} of layer {layer} more than once")
-            seen |= wanted
+            for kind in map(Kind, kinds):
+                for a, b in taken.get(kind, ()):
+                    if a < end and layer_start < b:   # a kind repeated, or ranges that overlap
+                        raise InvalidArgument(f"selections ask for {kind.name} of layer {max(a, layer_start)} "
+                                              f"more than once")
+                taken.setdefault(kind, []).append((layer_start, end))
             ranges.append((list(kinds), layer_start, end))
         for i, e in enumerate(entry_ids):
             if len(e) != ENTRY_ID_BYTES:

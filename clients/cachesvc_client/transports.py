@@ -25,8 +25,6 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Protocol
 
-import numpy as np
-import xxhash
 
 from cachesvc.wire import ucxlib
 from cachesvc.wire.protocol import (FRAME, Frame, FrameType, Op, discard, host_id, pack_request,
@@ -35,7 +33,7 @@ from cachesvc.wire.protocol import (FRAME, Frame, FrameType, Op, discard, host_i
 from cachesvc.v1 import cachesvc_pb2 as pb
 from cachesvc_client.codec import PutPlan, SlabAssembler
 from cachesvc_client.errors import CacheServiceError, UnavailableError, error_for_status
-from cachesvc_client.local import GROUP_BYTES
+from cachesvc_client.local import copy_and_digest
 from cachesvc_client.options import ClientOptions
 
 
@@ -264,9 +262,9 @@ class ShmTransport(SocketTransport):
             return
         block = asm.block(run)
         if self._copiers is None:
-            asm.accept(run, regions, _copy_and_digest(self._arena, offset, block))
+            asm.accept(run, regions, copy_and_digest(self._arena, offset, block))
         else:
-            pending.append((run, regions, self._copiers.submit(_copy_and_digest, self._arena, offset, block)))
+            pending.append((run, regions, self._copiers.submit(copy_and_digest, self._arena, offset, block)))
 
     def close(self) -> None:
         super().close()
@@ -277,23 +275,6 @@ class ShmTransport(SocketTransport):
                 with contextlib.suppress(BufferError):   # still registered with a GPU: unmapped
                     self._arena.close()                  # when that goes
                 self._arena = None
-
-
-def _copy_and_digest(arena: mmap.mmap, offset: int, block: np.ndarray) -> list[int]:
-    """Copy the run of consecutive arena slabs at ``offset`` into ``block`` (``[slabs,
-    slab bytes]``, rows strided through the caller's buffer) in strided groups of about
-    GROUP_BYTES, hashing each group right after, while it is still in cache (the
-    direct reader's pattern, cachesvc_client.local); the rows' xxh3-64 digests, taken
-    from the copies (what the caller will use). numpy's copy releases the GIL."""
-    rows, size = block.shape
-    source = np.frombuffer(arena, np.uint8, rows * size, offset).reshape(rows, size)
-    step = max(1, GROUP_BYTES // max(size, 1))
-    digests: list[int] = []
-    for a in range(0, rows, step):
-        b = min(a + step, rows)
-        np.copyto(block[a:b], source[a:b])
-        digests += [xxhash.xxh3_64_intdigest(row) for row in block[a:b]]
-    return digests
 
 
 TRANSPORT_NAMES = ("auto", "shm", "ucx", "tcp", "grpc")

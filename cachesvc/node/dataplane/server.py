@@ -192,12 +192,7 @@ class DataPlaneServer:
             conn.sendall(error_frame("FAILED_PRECONDITION", "LOOKUP is only offered on the Unix socket"))
             return
         try:
-            request = pb.LookupRequest.FromString(body)
-        except DecodeError as exc:
-            conn.sendall(error_frame("INVALID_ARGUMENT", f"bad LookupRequest: {exc}"))
-            return
-        try:
-            answer = lookup_response(self.store, request, self.fetch)
+            answer = lookup_response(self.store, _parse(pb.LookupRequest, body), self.fetch)
         except CacheError as exc:
             conn.sendall(error_frame(exc.status, str(exc)))
             return
@@ -250,12 +245,17 @@ class DataPlaneServer:
 def open_read(store: CacheStore, body: bytes, path: str) -> tuple[ReadHandle, bool]:
     """Start the read a serialized GetSlabsRequest asks for: (its runs, layer_major).
     Raises CacheError (InvalidArgument for a body that is not a valid request)."""
-    try:
-        req = pb.GetSlabsRequest.FromString(body)
-    except DecodeError as exc:
-        raise InvalidArgument(f"bad GetSlabsRequest: {exc}") from None
+    req = _parse(pb.GetSlabsRequest, body)
     return store.read_selections(req.tenant, req.family_id, req.entry_ids, selections_of(req), req.layer_major,
                                  path), req.layer_major
+
+
+def _parse(message_type, body: bytes):
+    """A request body as ``message_type``; InvalidArgument when it is not one."""
+    try:
+        return message_type.FromString(body)
+    except DecodeError as exc:
+        raise InvalidArgument(f"bad {message_type.__name__}: {exc}") from None
 
 
 @dataclass(frozen=True, slots=True)

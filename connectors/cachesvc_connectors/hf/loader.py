@@ -221,8 +221,7 @@ class ArenaLoader:
                                    dtype=family.dtype.to_torch(), device=self.device) for kind in r.kinds}
                 for r in requests] if self._arena is not None else \
             staging.out(family, hit.num_tokens, requests)
-        self._dest = {(kind, layer): out[kind][layer - r.start] for r, out in zip(requests, outs, strict=True)
-                      for kind in r.kinds for layer in range(r.start, r.stop)}
+        # (kind, layer) -> its load request and that request's destinations
         self._request = {(kind, layer): (r, out) for r, out in zip(requests, outs, strict=True)
                          for kind in r.kinds for layer in range(r.start, r.stop)}
         self._slabs: dict[tuple[Kind, int], torch.Tensor | None] = {}
@@ -232,7 +231,7 @@ class ArenaLoader:
 
     def run(self) -> None:
         """Copy every slab now (the consumer's ``pipelined=False``)."""
-        for kind, layer in self._dest:
+        for kind, layer in self._request:
             self.wait(kind, layer)
 
     def wait(self, kind: Kind, layer: int) -> torch.Tensor | None:
@@ -259,7 +258,7 @@ class ArenaLoader:
                 whole = self._to_device(k, request, rows)
             self._count(k, request.start, whole, layers)
             for at in range(request.start, request.stop):
-                dest = self._dest[(k, at)]   # an unregistered arena on a GPU: via pinned staging
+                dest = out[k][at - request.start]   # an unregistered arena on a GPU: via pinned staging
                 self._slabs[(k, at)] = dest.to(self.device, non_blocking=True) \
                     if self._arena is None and self.device.type == "cuda" else dest
         return self._slabs[(kind, layer)]
