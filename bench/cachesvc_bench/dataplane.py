@@ -276,7 +276,7 @@ def lmcache_rows(args: argparse.Namespace, rows: list[dict]) -> dict:
                 "status": f"not run: {python} missing (make lmcache-venv builds it)"}
     sizes = []
     for label, chunks in (("64MiB", 16), ("256MiB", 64)):
-        proc = subprocess.run([str(python), str(WORKER), "--chunks", str(chunks), "--repeats",
+        proc = subprocess.run([str(python), str(WORKER), "bench", "--chunks", str(chunks), "--repeats",
                                str(args.repeats)], capture_output=True, text=True, timeout=600)
         if proc.returncode != 0:
             return {"get_gbps": None, "put_gbps": None,

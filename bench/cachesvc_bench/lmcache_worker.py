@@ -1,11 +1,18 @@
 """Runs inside LMCache's own virtualenv (``make lmcache-venv``), not ours: LMCache 0.5.6's
-``lm://`` server (``python -m lmcache.v1.server``) and its own client
-(``LMCServerConnector``) move ``--chunks`` chunks of ``--chunk-bytes`` (KV_2LTD, bf16).
-Prints one JSON line: best-of-``--repeats`` ``put_gbps`` and ``get_gbps``.
+own ``lm://`` client (``LMCServerConnector``) against an ``lm://`` server, ours
+(``--address HOST:PORT``, a node started with ``--lm-port``) or LMCache's own
+(``python -m lmcache.v1.server``, started here when no address is given).
+
+Commands (each prints one JSON line):
+
+- ``bench``: best-of-``--repeats`` ``put_gbps`` and ``get_gbps`` over ``--chunks`` chunks
+  of ``--chunk-bytes`` (KV_2LTD, bf16);
+- ``put``: stores ``--chunks`` chunks whose bytes follow from ``--seed``;
+- ``check``: gets them back and counts ``identical``, ``missing`` and ``wrong`` chunks.
 
 PUT has no reply in the lm:// protocol, so a put round ends with an EXIST of the last
-key, which the server answers only after it has taken every earlier PUT on that
-connection (it serves a connection's requests in order).
+key, which a server answers only after it has taken every earlier PUT on that
+connection (both servers serve a connection's requests in order).
 """
 
 from __future__ import annotations
@@ -28,6 +35,9 @@ from lmcache.v1.metadata import LMCacheMetadata
 from lmcache.v1.storage_backend.connector.lm_connector import LMCServerConnector
 from lmcache.v1.storage_backend.local_cpu_backend import LocalCPUBackend
 
+TOKENS = 256    # LMCache's chunk size
+LAYERS = 2
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -46,63 +56,117 @@ def _wait_listening(port: int, timeout_s: float = 60) -> None:
     raise RuntimeError("LMCache server did not start")
 
 
-async def _put_all(conn, keys, objs) -> bool:
-    for key, obj in zip(keys, objs, strict=True):
-        await conn.put(key, obj)
-    return await conn.exists(keys[-1])
+class Client:
+    """LMCache's connector with the CPU backend it allocates received chunks from."""
+
+    def __init__(self, host: str, port: int, chunks: int, chunk_bytes: int, model: str) -> None:
+        self.model = model
+        self.shape = torch.Size([2, LAYERS, TOKENS, chunk_bytes // (2 * LAYERS * TOKENS * 2)])
+        meta = LMCacheMetadata(model_name=model, world_size=1, local_world_size=1, worker_id=0,
+                               local_worker_id=0, kv_dtype=torch.bfloat16, kv_shape=(LAYERS, 2, TOKENS, 1, 1))
+        self.backend = LocalCPUBackend(LMCacheEngineConfig.from_defaults(chunk_size=TOKENS, local_cpu=False),
+                                       metadata=meta, memory_allocator=MixedMemoryAllocator(
+                                           2 * chunks * chunk_bytes + (64 << 20)))
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+        self.conn = LMCServerConnector(host, port, self.loop, self.backend)
+
+    def run(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def key(self, i: int) -> CacheEngineKey:
+        return CacheEngineKey(self.model, 1, 0, i * 0x9E3779B1 - (1 << 40), torch.bfloat16)
+
+    def chunk(self, seed: int, i: int):
+        obj = self.backend.allocate(self.shape, torch.bfloat16, MemoryFormat.KV_2LTD)
+        gen = torch.Generator().manual_seed(seed * 100_003 + i)
+        obj.tensor.view(torch.int16).copy_(torch.randint(-32768, 32767, self.shape, generator=gen,
+                                                         dtype=torch.int16))
+        return obj
+
+    async def put_all(self, keys, objs) -> bool:
+        for key, obj in zip(keys, objs, strict=True):
+            await self.conn.put(key, obj)
+        return await self.conn.exists(keys[-1])
+
+    async def get_all(self, keys) -> list:
+        return [await self.conn.get(key) for key in keys]
 
 
-async def _get_all(conn, keys) -> list:
-    return [await conn.get(key) for key in keys]
+def bench(client: Client, args: argparse.Namespace) -> dict:
+    objs = [client.chunk(0, i) for i in range(args.chunks)]
+    best_put = best_get = float("inf")
+    for r in range(args.repeats + 1):      # round 0 warms up
+        keys = [client.key(r * 10**6 + i) for i in range(args.chunks)]
+        t0 = time.perf_counter()
+        assert client.run(client.put_all(keys, objs))
+        best_put = min(best_put, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        got = client.run(client.get_all(keys))
+        best_get = min(best_get, time.perf_counter() - t0)
+        assert all(g is not None for g in got)
+        assert torch.equal(got[-1].tensor.view(torch.int16), objs[-1].tensor.view(torch.int16))
+        for g in got:
+            g.ref_count_down()
+    total = args.chunks * args.chunk_bytes
+    return {"put_gbps": round(total / best_put / 1e9, 3), "get_gbps": round(total / best_get / 1e9, 3),
+            "size_bytes": total, "chunks": args.chunks, "chunk_bytes": args.chunk_bytes}
+
+
+def put(client: Client, args: argparse.Namespace) -> dict:
+    keys = [client.key(i) for i in range(args.chunks)]
+    for start in range(0, args.chunks, 16):   # 16 at a time: bounded client memory
+        objs = [client.chunk(args.seed, i) for i in range(start, min(start + 16, args.chunks))]
+        assert client.run(client.put_all(keys[start:start + 16], objs))
+        for o in objs:
+            o.ref_count_down()
+    return {"stored": args.chunks}
+
+
+def check(client: Client, args: argparse.Namespace) -> dict:
+    identical = missing = wrong = 0
+    for i in range(args.chunks):
+        got = client.run(client.conn.get(client.key(i)))
+        if got is None:
+            missing += 1
+            continue
+        want = client.chunk(args.seed, i)
+        same = (got.tensor.shape == want.tensor.shape and got.get_memory_format() == MemoryFormat.KV_2LTD and
+                torch.equal(got.tensor.view(torch.int16), want.tensor.view(torch.int16)))
+        identical += same
+        wrong += not same
+        got.ref_count_down()
+        want.ref_count_down()
+    exists = client.run(client.conn.exists(client.key(0)))
+    return {"identical": identical, "missing": missing, "wrong": wrong, "exists_first": exists}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("command", choices=("bench", "put", "check"))
+    ap.add_argument("--address", default="", help="HOST:PORT of an lm:// server (default: start LMCache's own)")
     ap.add_argument("--chunks", type=int, required=True)
     ap.add_argument("--chunk-bytes", type=int, default=4 << 20)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--model", default="bench")
     args = ap.parse_args()
-    port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "lmcache.v1.server", "127.0.0.1", str(port), "cpu"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = None
+    if args.address:
+        host, port = args.address.rsplit(":", 1)
+    else:
+        host, port = "127.0.0.1", str(_free_port())
+        server = subprocess.Popen([sys.executable, "-m", "lmcache.v1.server", host, port, "cpu"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        _wait_listening(port)
-        meta = LMCacheMetadata(model_name="bench", world_size=1, local_world_size=1, worker_id=0,
-                               local_worker_id=0, kv_dtype=torch.bfloat16, kv_shape=(1, 2, 256, 1, 1))
-        backend = LocalCPUBackend(LMCacheEngineConfig.from_defaults(chunk_size=256, local_cpu=False),
-                                  metadata=meta, memory_allocator=MixedMemoryAllocator(
-                                      2 * args.chunks * args.chunk_bytes + (64 << 20)))
-        loop = asyncio.new_event_loop()
-        threading.Thread(target=loop.run_forever, daemon=True).start()
-        conn = LMCServerConnector("127.0.0.1", port, loop, backend)
-        shape = torch.Size([2, 1, 256, args.chunk_bytes // (2 * 256 * 2)])
-        objs = []
-        for i in range(args.chunks):
-            obj = backend.allocate(shape, torch.bfloat16, MemoryFormat.KV_2LTD)
-            obj.tensor.fill_(i)
-            objs.append(obj)
-        run = lambda coro: asyncio.run_coroutine_threadsafe(coro, loop).result()  # noqa: E731
-        best_put = best_get = float("inf")
-        for r in range(args.repeats + 1):      # round 0 warms up
-            keys = [CacheEngineKey("bench", 1, 0, r * 10**6 + i, torch.bfloat16)
-                    for i in range(args.chunks)]
-
-            t0 = time.perf_counter()
-            assert run(_put_all(conn, keys, objs))
-            best_put = min(best_put, time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            got = run(_get_all(conn, keys))
-            best_get = min(best_get, time.perf_counter() - t0)
-            assert all(g is not None for g in got) and got[-1].tensor.flatten()[0].item() == args.chunks - 1
-            for g in got:
-                g.ref_count_down()
-        total = args.chunks * args.chunk_bytes
-        print(json.dumps({"put_gbps": round(total / best_put / 1e9, 3),
-                          "get_gbps": round(total / best_get / 1e9, 3), "size_bytes": total,
-                          "chunks": args.chunks, "chunk_bytes": args.chunk_bytes}))
+        _wait_listening(int(port))
+        held = args.chunks if args.command == "bench" else 16   # chunks held at once
+        client = Client(host, int(port), held, args.chunk_bytes, args.model)
+        print(json.dumps({"bench": bench, "put": put, "check": check}[args.command](client, args)))
     finally:
-        server.kill()
-        server.wait()
+        if server is not None:
+            server.kill()
+            server.wait()
 
 
 if __name__ == "__main__":

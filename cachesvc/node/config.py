@@ -90,6 +90,9 @@ class ServerConfig:
                                  help="serve without TLS on an address other than loopback (trusted networks only)")
     metrics_port: int = _opt(-1, parse=int, help="Prometheus /metrics on this port of --host; -1: off, 0: any "
                                                   "free one (logged)")
+    lm_port: int = _opt(-1, parse=int, help="serve LMCache's lm:// protocol on this port of --host (plaintext, "
+                                            "no auth, as LMCache speaks it); -1: off, 0: any free one (logged)")
+    lm_tenant: str = _opt("", help="tenant whose namespace lm:// chunks are stored in (empty: the default)")
     node_id: str = _opt("", help="name of this node; default host:port")
     memory_bytes: int = _opt(factory=default_memory_bytes, parse=parse_size,
                              help="memory tier budget (default: 1/4 of available RAM)")
@@ -131,6 +134,11 @@ class ServerConfig:
                              f"127.0.0.1 only)")
         if not -1 <= self.metrics_port < 65536:
             raise ValueError(f"metrics port {self.metrics_port} out of range (-1 turns metrics off)")
+        if not -1 <= self.lm_port < 65536:
+            raise ValueError(f"lm port {self.lm_port} out of range (-1 turns the lm:// endpoint off)")
+        if self.lm_port >= 0 and not _loopback(self.host) and not self.allow_plaintext:
+            raise ValueError(f"lm:// has neither TLS nor auth: serving it on {self.host} needs --allow-plaintext true "
+                             "(a trusted network)")
         if self.chunk_size <= 0:
             raise ValueError("chunk_size must be > 0")
         if self.memory_bytes < 1 << 20:

@@ -9,6 +9,7 @@ held while taking a reservation lock or copying payload.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import secrets
 import threading
@@ -124,9 +125,14 @@ class PutPath:
             self.counters["bytes_written"] += size
         return end
 
-    def commit(self, reservation_id: str) -> list[EntryId]:
+    def commit(self, reservation_id: str, seal: bool = False) -> list[EntryId]:
         """Verify and publish every entry of the reservation at once; returns the entries
-        that became visible. A checksum mismatch aborts the whole reservation."""
+        that became visible. A checksum mismatch aborts the whole reservation.
+
+        ``seal``: the writer could not declare checksums before sending (LMCache's
+        ``lm://`` PUT sends its header, then the bytes, and nothing after): the node
+        computes them from what it received instead of verifying them. From then on the
+        entry is protected like any other (disk reads and clients verify)."""
         res = self._get(reservation_id)
         with res.lock:
             if res.closed:
@@ -135,6 +141,8 @@ class PutPath:
                 if p.mem_offset is not None and p.received != p.meta.size_bytes:
                     raise FailedPrecondition(f"entry {i} has {p.received} of "
                                              f"{p.meta.size_bytes} bytes: write the rest first")
+            if seal:
+                self._seal(res.pending)
             bad = self._first_bad_slab(res.pending)
             if bad:
                 self._close(res, "puts_aborted")
@@ -187,6 +195,15 @@ class PutPath:
                     return (f"entry {i} slab {slab.kind.name} layer {slab.layer}: checksum "
                             f"{got:016x} does not match the declared {slab.checksum:016x}")
         return ""
+
+    def _seal(self, pending: list[_Pending]) -> None:
+        view = self.arena.view
+        for p in pending:
+            if p.mem_offset is not None:
+                base = p.mem_offset
+                p.meta = dataclasses.replace(p.meta, slabs=tuple(
+                    dataclasses.replace(s, checksum=xxhash.xxh3_64_intdigest(
+                        view[base + s.offset:base + s.offset + s.size_bytes])) for s in p.meta.slabs))
 
     def _publish(self, res: _OpenReservation) -> list[EntryId]:
         """Under res.lock: make the entries visible."""

@@ -24,6 +24,7 @@ from cachesvc.wire import ucxlib
 from cachesvc.wire.protocol import host_id
 from cachesvc.wire.tls import read_pem, server_context
 from cachesvc.node.dataplane.server import DataPlaneServer
+from cachesvc.node.lmserver import LmEndpoint
 from cachesvc.wire.framing import passthrough
 from cachesvc.node.servicer import CacheServicer
 from cachesvc.node.metrics import serve_metrics
@@ -88,6 +89,7 @@ class RunningServer:
     health: health.HealthServicer
     port: int
     metrics: tuple | None = None     # (HTTP server, thread) of /metrics
+    lm: LmEndpoint | None = None     # LMCache's lm:// protocol
 
     def stop(self, grace_s: float) -> None:
         """Refuse new calls and transfers, let in-flight ones finish for up to ``grace_s``,
@@ -95,6 +97,8 @@ class RunningServer:
         self.health.enter_graceful_shutdown()
         stopped = self.server.stop(grace_s)
         self.dataplane.stop(grace_s)
+        if self.lm is not None:
+            self.lm.stop()
         if self.ucx is not None:
             self.ucx.stop(grace_s)
         stopped.wait()
@@ -166,8 +170,15 @@ def start_server(config: ServerConfig) -> RunningServer:
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    lm = None
+    if config.lm_port >= 0:
+        disk_dir = store.config.disk_dir   # None when the disk tier is off: keys then live in memory only
+        lm = LmEndpoint(store, config.host, config.lm_port, config.lm_tenant, config.max_message_bytes,
+                        config.data_io_timeout_s, Path(disk_dir) / "lmcache-keys.txt" if disk_dir else None)
     store.start()
     dataplane.start()
+    if lm is not None:
+        lm.start()
     if ucx is not None:
         ucx.start()
     server.start()
@@ -179,12 +190,13 @@ def start_server(config: ServerConfig) -> RunningServer:
                                "data_dir": config.data_dir, "chunk_size": config.chunk_size,
                                "transports": sorted(fetch.transports), "tls": bool(config.tls_cert),
                                "mtls": bool(config.tls_client_ca),
-                               "metrics_port": metrics[0].server_port if metrics is not None else None})
+                               "metrics_port": metrics[0].server_port if metrics is not None else None,
+                               "lm_port": lm.port if lm is not None else None})
     if config.port_file:
         tmp = Path(config.port_file + ".tmp")
         tmp.write_text(str(port))
         tmp.replace(config.port_file)
-    return RunningServer(server, store, dataplane, ucx, health_servicer, port, metrics)
+    return RunningServer(server, store, dataplane, ucx, health_servicer, port, metrics, lm)
 
 
 def serve(config: ServerConfig) -> int:

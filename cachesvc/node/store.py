@@ -82,8 +82,8 @@ class CacheStore:
             "disk_evictions", "disk_writes", "disk_write_errors", "entries_deleted",
             # the longest hit of the consumer's own entries, and of another producer's
             "hit_chunks_same_model", "hit_chunks_cross_model", "located_lookups", "profile_flags",
-            # payload bytes served per path (grpc, tcp, shm, ucx)
-            "bytes_read_grpc", "bytes_read_tcp", "bytes_read_shm", "bytes_read_ucx"), 0)
+            # payload bytes served per path (grpc, tcp, shm, ucx, and the LMCache endpoint)
+            "bytes_read_grpc", "bytes_read_tcp", "bytes_read_shm", "bytes_read_ucx", "bytes_read_lm"), 0)
         self._catalog = Catalog(self._arena, self._disk, self.counters)
         self._tiers = Tiers(self._lock, self._catalog, self._arena, self._disk, config, self.counters)
         self._puts = PutPath(self._lock, self._catalog, self._arena, self._tiers, self.models, config,
@@ -190,10 +190,11 @@ class CacheStore:
         memory tier; see PutPath.write_from. Returns bytes received."""
         return self._puts.write_from(reservation_id, entry_index, offset, size, fill)
 
-    def commit(self, reservation_id: str) -> int:
+    def commit(self, reservation_id: str, seal: bool = False) -> int:
         """Verify and publish every entry of the reservation at once; returns how many
-        entries became visible. A checksum mismatch aborts the whole reservation."""
-        committed = self._puts.commit(reservation_id)
+        entries became visible. A checksum mismatch aborts the whole reservation.
+        ``seal``: compute the checksums instead (see PutPath.commit)."""
+        committed = self._puts.commit(reservation_id, seal)
         if self.config.disk_mode == DiskMode.WRITE_THROUGH:
             for entry in committed:
                 self._tiers.persist_queue.put(entry)
@@ -446,6 +447,13 @@ class CacheStore:
         for rec in lease.records:
             rec.pins -= 1
             self._catalog.release(rec)
+
+    def entries_of(self, tenant: str, family_id: str, entry_ids: Sequence[bytes]) -> list[EntryMeta | None]:
+        """The committed entries of ``entry_ids`` in order (None where absent, or another
+        tenant's or family's); a snapshot, holding nothing."""
+        tenant = _tenant(tenant)
+        with self._lock:
+            return [None if r is None else r.meta for r in self._catalog.owned(entry_ids, tenant, family_id)]
 
     def list_entries(self, tenant: str, family_id: str, producer: str, limit: int,
                      page_token: str) -> tuple[list[tuple[EntryMeta, Tier, bool]], str]:

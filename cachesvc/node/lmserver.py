@@ -1,0 +1,187 @@
+"""LMCache's ``lm://`` remote protocol served by a node (``cachesvc serve --lm-port``).
+
+An unmodified LMCache (``remote_url: lm://host:port``) then stores its chunks here and
+gets, over the same bytes, what LMCache's own ``python -m lmcache.v1.server`` lacks:
+eviction inside a memory budget, the disk tier (chunks survive a restart), checksums
+(a chunk that rotted on disk is a miss, never wrong bytes), limits, and stats.
+Objects map onto entries as cachesvc.node.lmobjects describes; framing is
+cachesvc.wire.lmwire.
+
+As in LMCache's server, one thread serves one connection and answers its requests in
+order, so a PUT (which has no reply) is visible to every later request on that
+connection. A request that cannot be followed (unknown command, a header whose sizes
+disagree, an oversize length, a key that is not LMCache's) closes that connection with
+one log line (throttled); nothing of it is stored and the node serves on.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from pathlib import Path
+
+from cachesvc.node.lmobjects import LmObjects, ObjectShape
+from cachesvc.node.logs import Throttled
+from cachesvc.node.store import CacheStore
+from cachesvc.wire.errors import CacheError, ResourceExhausted
+from cachesvc.wire.keys import Kind
+from cachesvc.wire.lmwire import (FAIL, REQUEST, SUCCESS, Command, LmProtocolError, Request,
+                                  model_of_key, pack_response, parse_request)
+from cachesvc.wire.protocol import discard, recv_into_exact, send_parts
+
+log = logging.getLogger(__name__)
+
+MAX_CONNECTIONS = 256
+
+
+class LmEndpoint:
+    """Listens on ``host:port`` (0 = any free port; ``port`` says which)."""
+
+    def __init__(self, store: CacheStore, host: str, port: int, tenant: str, max_object_bytes: int,
+                 io_timeout_s: float, keys_path: Path | None) -> None:
+        self.objects = LmObjects(store, tenant, keys_path, max_object_bytes)
+        self.store = store
+        self.io_timeout_s = io_timeout_s
+        self._listener = socket.create_server((host, port))
+        self.port = self._listener.getsockname()[1]
+        self._lock = threading.Lock()
+        self._conns: set[socket.socket] = set()
+        self._stopping = threading.Event()
+        self._dropped = Throttled(log)
+
+    def start(self) -> None:
+        threading.Thread(target=self._accept_loop, name="lm-accept", daemon=True).start()
+
+    def stop(self) -> None:
+        """Stop accepting and close every connection (LMCache clients reconnect)."""
+        self._stopping.set()
+        _shutdown(self._listener)
+        self._listener.close()
+        with self._lock:
+            conns = list(self._conns)
+        for conn in conns:
+            _shutdown(conn)
+
+    def _accept_loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                conn, peer = self._listener.accept()
+            except OSError:
+                return
+            with self._lock:
+                full = len(self._conns) >= MAX_CONNECTIONS
+                if not full:
+                    self._conns.add(conn)
+            if full:
+                self._dropped.info("lm:// connection refused: too many connections", limit=MAX_CONNECTIONS)
+                conn.close()
+                continue
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            threading.Thread(target=self._serve, args=(conn, f"{peer[0]}:{peer[1]}"), name="lm-conn",
+                             daemon=True).start()
+
+    def _serve(self, conn: socket.socket, peer: str) -> None:
+        header = memoryview(bytearray(REQUEST.size))
+        try:
+            while not self._stopping.is_set():
+                if not _recv_header(conn, header):
+                    return
+                request = parse_request(header)
+                conn.settimeout(self.io_timeout_s)   # a stalled PUT must not hold its reservation
+                self._handle(conn, request)
+                conn.settimeout(None)
+        except (LmProtocolError, CacheError) as exc:
+            self._dropped.info("lm:// connection closed: bad request", peer=peer, why=str(exc))
+        except (ConnectionError, OSError) as exc:
+            if not self._stopping.is_set():
+                self._dropped.info("lm:// connection dropped", peer=peer, why=str(exc))
+        finally:
+            with self._lock:
+                self._conns.discard(conn)
+            conn.close()
+
+    def _handle(self, conn: socket.socket, req: Request) -> None:
+        if req.command == Command.PUT:
+            self._put(conn, req)
+        elif req.command == Command.GET:
+            self._get(conn, req)
+        elif req.command == Command.EXIST:
+            found = self.objects.find(req.key, model_of_key(req.key)) is not None
+            conn.sendall(pack_response(SUCCESS if found else FAIL))
+        elif req.command == Command.HEALTH:
+            conn.sendall(pack_response(SUCCESS))
+        elif req.command == Command.LIST:
+            body = "\n".join(self.objects.keys()).encode("utf-8")
+            send_parts(conn, [pack_response(SUCCESS, len(body)), body])
+
+    def _put(self, conn: socket.socket, req: Request) -> None:
+        model = model_of_key(req.key)
+        try:
+            placement = self.objects.placement(req.key, model, ObjectShape(req.fmt, req.dtype_code, req.shape,
+                                                                           req.length))
+        except CacheError as exc:   # the header itself is wrong: the stream cannot be trusted
+            raise LmProtocolError(str(exc)) from None
+        existing = self.objects.find(req.key, model)
+        if existing is not None and existing.meta.size_bytes == req.length:
+            discard(conn, req.length)   # keys name their content: the stored copy stands
+            return
+        try:
+            res = self.store.reserve(self.objects.tenant, placement.family_id, placement.producer,
+                                     [self.objects.entry_input(req.key, placement)])
+        except ResourceExhausted as exc:
+            discard(conn, req.length)   # full: LMCache has no way to hear it; later GETs miss
+            self._dropped.info("lm:// PUT not stored", key=req.key[:80], why=str(exc))
+            return
+        if res.already_present[0]:
+            discard(conn, req.length)
+            self.store.commit(res.reservation_id)
+            return
+        try:
+            self.store.write_from(res.reservation_id, 0, 0, req.length, lambda dest: recv_into_exact(conn, dest))
+            self.store.commit(res.reservation_id, seal=True)
+        except BaseException:
+            try:   # the writer died mid-payload: nothing of it may show
+                self.store.abort(res.reservation_id)
+            except CacheError:
+                pass
+            raise
+        if existing is not None and existing.family_id != placement.family_id:
+            # The key now names an object of another shape: the old one must not answer a GET.
+            self.store.delete(self.objects.tenant, existing.family_id, [existing.meta.entry_id], [])
+        self.objects.stored(req.key)
+
+    def _get(self, conn: socket.socket, req: Request) -> None:
+        found = self.objects.find(req.key, model_of_key(req.key))
+        if found is None:
+            conn.sendall(pack_response(FAIL))
+            return
+        meta, shape = found.meta, found.shape
+        kinds = sorted({s.kind for s in meta.slabs}) or [Kind.K]
+        with self.store.read(self.objects.tenant, found.family_id, [meta.entry_id], kinds, 0, 0,
+                             path="lm") as runs:
+            parts = []
+            for run in runs:
+                if run.missing_reason:   # evicted meanwhile, or failed its checksum on disk
+                    conn.sendall(pack_response(FAIL))
+                    return
+                parts.append(run.data)
+            send_parts(conn, [pack_response(SUCCESS, shape.length, shape.fmt, shape.dtype_code, shape.shape),
+                              *parts])
+
+
+def _recv_header(conn: socket.socket, header: memoryview) -> bool:
+    """The next request header; False when the peer closed cleanly between requests."""
+    n = conn.recv_into(header)
+    if n == 0:
+        return False
+    if n < len(header):
+        recv_into_exact(conn, header[n:])
+    return True
+
+
+def _shutdown(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
