@@ -61,6 +61,8 @@ $(LMC)/.installed:
 	$(LMC)/bin/pip install --quiet torch==2.13.0
 	echo "torch==2.13.0" > .lmcache/constraints.txt
 	$(LMC)/bin/pip install --quiet lmcache==0.5.6 -c .lmcache/constraints.txt
+	# Our L2 adapter plugin runs in LMCache's process: our packages, without our pins.
+	$(LMC)/bin/pip install --quiet --no-deps -e .
 	touch $@
 
 lmcache-venv: $(LMC)/.installed

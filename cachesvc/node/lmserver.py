@@ -19,12 +19,13 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 from pathlib import Path
 
 from cachesvc.node.lmobjects import LmObjects, ObjectShape
 from cachesvc.node.logs import Throttled
-from cachesvc.node.store import CacheStore
-from cachesvc.wire.errors import CacheError, ResourceExhausted
+from cachesvc.node.store import MAX_LEASE_TTL_S, CacheStore
+from cachesvc.wire.errors import CacheError, NotFound, ResourceExhausted
 from cachesvc.wire.keys import Kind
 from cachesvc.wire.lmwire import (FAIL, REQUEST, SUCCESS, Command, LmProtocolError, Request,
                                   model_of_key, pack_response, parse_request)
@@ -33,6 +34,10 @@ from cachesvc.wire.protocol import discard, recv_into_exact, send_parts
 log = logging.getLogger(__name__)
 
 MAX_CONNECTIONS = 256
+LOCK_TTL_S = 300
+"""How long a LOCK holds an entry when the locker names no time (an adapter that dies
+without unlocking then holds nothing longer than this)."""
+MAX_LOCKED_KEYS = 100_000
 
 
 class LmEndpoint:
@@ -49,6 +54,7 @@ class LmEndpoint:
         self._conns: set[socket.socket] = set()
         self._stopping = threading.Event()
         self._dropped = Throttled(log)
+        self._locks: dict[str, list[tuple[str, float]]] = {}   # key -> its LOCKs' (lease id, deadline)
 
     def start(self) -> None:
         threading.Thread(target=self._accept_loop, name="lm-accept", daemon=True).start()
@@ -111,6 +117,16 @@ class LmEndpoint:
             conn.sendall(pack_response(SUCCESS if found else FAIL))
         elif req.command == Command.HEALTH:
             conn.sendall(pack_response(SUCCESS))
+        elif req.command == Command.LOCK:
+            conn.sendall(pack_response(SUCCESS if self._lock_key(req.key, req.length) else FAIL))
+        elif req.command == Command.UNLOCK:
+            self._unlock_key(req.key)
+            conn.sendall(pack_response(SUCCESS))
+        elif req.command == Command.DELETE:
+            found = self.objects.find(req.key, model_of_key(req.key))
+            if found is not None:
+                self.store.delete(self.objects.tenant, found.family_id, [found.meta.entry_id], [])
+            conn.sendall(pack_response(SUCCESS if found is not None else FAIL))
         elif req.command == Command.LIST:
             body = "\n".join(self.objects.keys()).encode("utf-8")
             send_parts(conn, [pack_response(SUCCESS, len(body)), body])
@@ -150,6 +166,36 @@ class LmEndpoint:
             # The key now names an object of another shape: the old one must not answer a GET.
             self.store.delete(self.objects.tenant, existing.family_id, [existing.meta.entry_id], [])
         self.objects.stored(req.key)
+
+    def _lock_key(self, key: str, ttl_s: int) -> bool:
+        found = self.objects.find(key, model_of_key(key))
+        if found is None:
+            return False
+        ttl = min(ttl_s, MAX_LEASE_TTL_S) if ttl_s > 0 else LOCK_TTL_S
+        lease_id, held = self.store.pin(self.objects.tenant, found.family_id, [found.meta.entry_id], ttl)
+        if not held:   # deleted between find and pin
+            self.store.unpin(lease_id)
+            return False
+        now = time.monotonic()
+        with self._lock:
+            leases = [lease for lease in self._locks.get(key, ()) if lease[1] > now]   # expired ones let go
+            leases.append((lease_id, now + ttl))
+            self._locks[key] = leases
+            if len(self._locks) > MAX_LOCKED_KEYS:   # keys locked and never unlocked: forget expired ones
+                self._locks = {k: v for k, v in self._locks.items() if any(d > now for _, d in v)}
+        return True
+
+    def _unlock_key(self, key: str) -> None:
+        with self._lock:
+            leases = self._locks.get(key)
+            lease = leases.pop() if leases else None
+            if leases == []:
+                del self._locks[key]
+        if lease is not None:
+            try:
+                self.store.unpin(lease[0])
+            except NotFound:
+                pass   # expired: already let go
 
     def _get(self, conn: socket.socket, req: Request) -> None:
         found = self.objects.find(req.key, model_of_key(req.key))

@@ -12,6 +12,15 @@ A connection carries requests one after another, each answered in order:
 - EXIST and HEALTH are answered by a response header alone (200 yes / 400 no);
 - LIST (unimplemented by LMCache's own server) is answered here by a 200 header whose
   ``length`` bytes follow: the stored keys, newline-separated.
+
+cachesvc adds three commands for its LMCache L2 adapter (numbered far from LMCache's,
+header-only, answered by a response header; LMCache's own clients never send them):
+
+- LOCK: hold the key's entry (no eviction) for ``length`` seconds (0: the default
+  lease); 200 when held, 400 when absent. Locks of one key stack.
+- UNLOCK: let go of one LOCK of the key (200, also when none was held: unlocks must
+  always succeed, and an expired lease has let go by itself).
+- DELETE: drop the key's entry; 200 when there was one.
 """
 
 from __future__ import annotations
@@ -35,6 +44,9 @@ class Command(enum.IntEnum):
     EXIST = 3
     LIST = 4
     HEALTH = 5
+    LOCK = 101      # cachesvc extensions (see the module docstring)
+    UNLOCK = 102
+    DELETE = 103
 
 
 class Format(enum.IntEnum):
