@@ -8,7 +8,13 @@ Commands (each prints one JSON line):
 - ``bench``: best-of-``--repeats`` ``put_gbps`` and ``get_gbps`` over ``--chunks`` chunks
   of ``--chunk-bytes`` (KV_2LTD, bf16);
 - ``put``: stores ``--chunks`` chunks whose bytes follow from ``--seed``;
-- ``check``: gets them back and counts ``identical``, ``missing`` and ``wrong`` chunks.
+- ``check``: gets them back and counts ``identical``, ``missing`` and ``wrong`` chunks;
+- ``l2-lock``: drives our L2 adapter plugin (cachesvc_connectors.lmcache.l2_adapter) the
+  way LMCache's storage controllers do, against a node with a small memory tier: a
+  locked chunk must survive eviction pressure and load byte-identical, and be evictable
+  once unlocked;
+- ``l2-dead``: the adapter against an address nothing listens on: every task completes,
+  as a failure or a miss, and nothing raises.
 
 PUT has no reply in the lm:// protocol, so a put round ends with an EXIST of the last
 key, which a server answers only after it has taken every earlier PUT on that
@@ -141,16 +147,95 @@ def check(client: Client, args: argparse.Namespace) -> dict:
     return {"identical": identical, "missing": missing, "wrong": wrong, "exists_first": exists}
 
 
+def _l2_object(seed: int, i: int):
+    """A KV_2LTD bf16 chunk of 512 KiB (2 x 2 layers x 256 tokens x 256) outside any allocator."""
+    from lmcache.v1.memory_management import MemoryObjMetadata, TensorMemoryObj
+    shape = torch.Size([2, 2, TOKENS, 256])
+    raw = torch.randint(-32768, 32767, shape, generator=torch.Generator().manual_seed(seed * 1000 + i),
+                        dtype=torch.int16).view(torch.bfloat16)
+    meta = MemoryObjMetadata(shape=shape, dtype=torch.bfloat16, address=raw.data_ptr(),
+                             phy_size=raw.numel() * 2, fmt=MemoryFormat.KV_2LTD, ref_count=1)
+    return TensorMemoryObj(raw, meta, parent_allocator=None)
+
+
+class L2Driver:
+    """Submits to an L2 adapter and waits on its event fds, as LMCache's controllers do."""
+
+    def __init__(self, address: str) -> None:
+        from lmcache.v1.distributed.api import ObjectKey
+        from cachesvc_connectors.lmcache.l2_adapter import CachesvcL2Adapter
+        self.adapter = CachesvcL2Adapter({"address": address, "timeout_s": 5})
+        self.key = lambda i: ObjectKey(chunk_hash=i.to_bytes(8, "little") * 4, model_name="l2-test", kv_rank=0)
+
+    def _wait(self, fd: int) -> None:
+        import select
+        from lmcache.v1.platform import consume_fd
+        poll = select.poll()
+        poll.register(fd, select.POLLIN)
+        assert poll.poll(30_000), "no completion signalled"
+        consume_fd(fd)
+
+    def store(self, ids, seed: int) -> bool:
+        task = self.adapter.submit_store_task([self.key(i) for i in ids], [_l2_object(seed, i) for i in ids])
+        self._wait(self.adapter.get_store_event_fd())
+        return self.adapter.pop_completed_store_tasks()[task].is_successful()
+
+    def lookup(self, ids) -> list[bool]:
+        task = self.adapter.submit_lookup_and_lock_task([self.key(i) for i in ids], {})
+        self._wait(self.adapter.get_lookup_and_lock_event_fd())
+        bitmap = self.adapter.query_lookup_and_lock_result(task)
+        return [bitmap.test(j) for j in range(len(ids))]
+
+    def load(self, ids, seed: int) -> list[str]:
+        bufs = [_l2_object(999, i) for i in ids]
+        task = self.adapter.submit_load_task([self.key(i) for i in ids], bufs)
+        self._wait(self.adapter.get_load_event_fd())
+        bitmap = self.adapter.query_load_result(task)
+        out = []
+        for j, i in enumerate(ids):
+            same = torch.equal(bufs[j].tensor.view(torch.int16), _l2_object(seed, i).tensor.view(torch.int16))
+            out.append("miss" if not bitmap.test(j) else "identical" if same else "wrong")
+        return out
+
+
+def l2_lock(args: argparse.Namespace) -> dict:
+    drv = L2Driver(args.address)
+    out = {"stored": drv.store([0], args.seed), "locked": drv.lookup([0])}
+    pressure = [drv.store(range(k, k + 4), args.seed) for k in range(100, 148, 4)]   # 24 MiB through the node
+    out["locked_load"] = drv.load([0], args.seed)
+    drv.adapter.submit_unlock([drv.key(0)])
+    drv.lookup([1])   # never stored: locks nothing; the lookup worker took the unlock before it
+    for k in range(200, 248, 4):
+        drv.store(range(k, k + 4), args.seed)
+    out["after_unlock"] = drv.lookup([0])
+    out["pressure_stores_ok"] = sum(pressure)
+    out["status"] = {k: v for k, v in drv.adapter.report_status().items() if k in ("is_healthy", "unlock_failures")}
+    drv.adapter.close()
+    return out
+
+
+def l2_dead(args: argparse.Namespace) -> dict:
+    drv = L2Driver(args.address)
+    out = {"stored": drv.store([0, 1], args.seed), "lookup": drv.lookup([0, 1]), "load": drv.load([0, 1], args.seed)}
+    drv.adapter.submit_unlock([drv.key(0)])
+    out["healthy"] = drv.adapter.report_status()["is_healthy"]
+    drv.adapter.close()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("command", choices=("bench", "put", "check"))
+    ap.add_argument("command", choices=("bench", "put", "check", "l2-lock", "l2-dead"))
     ap.add_argument("--address", default="", help="HOST:PORT of an lm:// server (default: start LMCache's own)")
-    ap.add_argument("--chunks", type=int, required=True)
+    ap.add_argument("--chunks", type=int, default=16)
     ap.add_argument("--chunk-bytes", type=int, default=4 << 20)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--model", default="bench")
     args = ap.parse_args()
+    if args.command.startswith("l2-"):
+        print(json.dumps({"l2-lock": l2_lock, "l2-dead": l2_dead}[args.command](args)))
+        return
     server = None
     if args.address:
         host, port = args.address.rsplit(":", 1)
