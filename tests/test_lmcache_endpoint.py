@@ -67,18 +67,10 @@ class LmConn:
             return True
 
 
-def _lm_port(log: str) -> int:
-    """The lm:// port of the node's latest start (started with --lm-port 0)."""
-    for line in reversed(log.splitlines()):
-        if line.startswith("{") and json.loads(line).get("msg") == "serving":
-            return json.loads(line)["lm_port"]
-    raise AssertionError(f"no serving line: {log[-500:]}")
-
-
 @pytest.fixture
 def lm_node(server_factory):
     srv = server_factory("--memory-bytes", "64MiB", "--lm-port", "0")
-    return srv, _lm_port(srv.log())
+    return srv, srv.serving("lm_port")
 
 
 def _key(i: int, model: str = "meta-llama/Llama-3.1-8B") -> str:
@@ -189,7 +181,7 @@ def test_a_writer_dying_mid_payload_stores_nothing(lm_node, rng):
 def test_restart_keeps_every_chunk_and_disk_rot_is_a_miss(server_factory, tmp_path, rng):
     args = ("--memory-bytes", "64MiB", "--lm-port", "0")
     srv = server_factory(*args, workdir=tmp_path / "node")
-    conn = LmConn(_lm_port(srv.log()))
+    conn = LmConn(srv.serving("lm_port"))
     stored = {}
     for i in range(12):
         stored[_key(i)] = _payload(rng, 3, (2, 4, 256, 64), Format.KV_2LTD)
@@ -203,7 +195,7 @@ def test_restart_keeps_every_chunk_and_disk_rot_is_a_miss(server_factory, tmp_pa
     raw[len(raw) // 2] ^= 0xFF      # inside the payload
     rotten.write_bytes(bytes(raw))
     srv.start()
-    conn = LmConn(_lm_port(srv.log()))
+    conn = LmConn(srv.serving("lm_port"))
     identical = missing = 0
     for key, data in stored.items():
         head, got = conn.get(key)
@@ -218,7 +210,7 @@ def test_restart_keeps_every_chunk_and_disk_rot_is_a_miss(server_factory, tmp_pa
 
 def test_eviction_keeps_the_node_inside_its_budget(server_factory, rng):
     srv = server_factory("--memory-bytes", "8MiB", "--disk-mode", "off", "--lm-port", "0")
-    conn = LmConn(_lm_port(srv.log()))
+    conn = LmConn(srv.serving("lm_port"))
     stored = {}
     for i in range(24):   # 24 MiB into 8 MiB
         stored[_key(i)] = _payload(rng, 3, (2, 4, 256, 256), Format.KV_2LTD)
@@ -247,11 +239,11 @@ def _lmcache(*args: str) -> dict:
 
 def test_lmcache_own_client_reads_back_every_chunk_across_a_restart(server_factory, tmp_path):
     srv = server_factory("--memory-bytes", "256MiB", "--lm-port", "0", workdir=tmp_path / "node")
-    address = f"127.0.0.1:{_lm_port(srv.log())}"
+    address = f"127.0.0.1:{srv.serving('lm_port')}"
     common = ("--address", address, "--chunks", "100", "--chunk-bytes", str(256 << 10), "--seed", "7")
     assert _lmcache("put", *common) == {"stored": 100}
     assert _lmcache("check", *common) == {"identical": 100, "missing": 0, "wrong": 0, "exists_first": True}
     assert srv.stop() == 0
     srv.start()
-    common = ("--address", f"127.0.0.1:{_lm_port(srv.log())}", *common[2:])
+    common = ("--address", f"127.0.0.1:{srv.serving('lm_port')}", *common[2:])
     assert _lmcache("check", *common) == {"identical": 100, "missing": 0, "wrong": 0, "exists_first": True}

@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-from tests.test_lmcache_endpoint import LMCACHE_PYTHON, WORKER, _lm_port
+from tests.test_lmcache_endpoint import LMCACHE_PYTHON, WORKER
 
 
 def _in_lmcache(*cmd: str) -> str:
@@ -34,7 +34,7 @@ def _adapter_json(address: str) -> str:
 def test_lmcache_check_mode_round_trip_is_byte_identical(server_factory):
     srv = server_factory("--memory-bytes", "64MiB", "--lm-port", "0")
     out = _in_lmcache("-m", "lmcache.v1.basic_check", "--mode", "test_l2_adapter", "--num-keys", "8",
-                      "--l2-adapter", _adapter_json(f"127.0.0.1:{_lm_port(srv.log())}"))
+                      "--l2-adapter", _adapter_json(f"127.0.0.1:{srv.serving('lm_port')}"))
     assert "Testing L2 adapter #0 (CachesvcL2Adapter)" in out, out
     for phase in ("correctly absent", "found", r"Validation \(loaded\)", r"Validation \(content\)"):
         assert re.search(phase + r":? 8/8" if "Validation" in phase else r"8/8 " + phase, out), (phase, out)
@@ -44,7 +44,7 @@ def test_lmcache_check_mode_round_trip_is_byte_identical(server_factory):
 
 def test_a_locked_chunk_survives_eviction_and_is_evictable_once_unlocked(server_factory):
     srv = server_factory("--memory-bytes", "8MiB", "--disk-mode", "off", "--lm-port", "0")
-    out = json.loads(_in_lmcache(str(WORKER), "l2-lock", "--address", f"127.0.0.1:{_lm_port(srv.log())}")
+    out = json.loads(_in_lmcache(str(WORKER), "l2-lock", "--address", f"127.0.0.1:{srv.serving('lm_port')}")
                      .strip().splitlines()[-1])
     assert out["stored"] and out["locked"] == [True]
     assert out["locked_load"] == ["identical"]     # 24 MiB went through an 8 MiB node meanwhile

@@ -25,14 +25,6 @@ from hf_models import fine_tune_of, tiny_model, tokenizer
 DASHBOARD = Path(__file__).parents[1] / "deploy" / "grafana" / "cachesvc.json"
 
 
-def _metrics_port(log: str) -> int:
-    """The port the node logged for /metrics (started with --metrics-port 0)."""
-    for line in log.splitlines():
-        if line.startswith("{") and json.loads(line).get("msg") == "serving":
-            return json.loads(line)["metrics_port"]
-    raise AssertionError(f"no serving line in the node's log: {log[-500:]}")
-
-
 def _samples(text: str) -> dict[tuple[str, tuple], float]:
     """(sample name, sorted labels) -> value, from the text exposition format."""
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
@@ -42,7 +34,7 @@ def _samples(text: str) -> dict[tuple[str, tuple], float]:
 @pytest.fixture
 def metered(server_factory):
     srv = server_factory("--memory-bytes", "64MiB", "--metrics-port", "0")   # any free port, logged
-    return srv, f"http://127.0.0.1:{_metrics_port(srv.log())}/metrics"
+    return srv, f"http://127.0.0.1:{srv.serving('metrics_port')}/metrics"
 
 
 def _scrape(url: str) -> dict:

@@ -15,7 +15,8 @@ Ceilings: ``grpc`` and ``tcp`` against a raw loopback TCP stream between two pro
 of one slab each between two processes, with the node's UCX settings. UCX (the ``ucx``
 extra) and LMCache need their own installs; when absent the JSON says "not run" rather
 than inventing figures.
-LMCache runs in its own virtualenv (``make lmcache-venv``) through bench/lmcache_worker.py.
+LMCache runs in its own virtualenv (``make lmcache-venv``); what is compared with it, and
+how, is in bench/cachesvc_bench/lmcache_compat.py.
 
 All destination buffers are preallocated and reused, as a serving engine's would be.
 """
@@ -26,7 +27,6 @@ import argparse
 import dataclasses
 import json
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
@@ -38,6 +38,7 @@ from cachesvc.wire import ucxlib
 from cachesvc.wire.keys import DType, FamilySpec, Kind
 from cachesvc_bench.ceilings import memcpy_gbps, socket_gbps, ucx_gbps, ucx_version
 from cachesvc_bench.common import bench_server, machine, markdown_table, write_json
+from cachesvc_bench.lmcache_compat import lmcache_section
 from cachesvc_client import ArenaReader, CacheClient, ClientOptions, EntryData
 
 # One 4 MiB E slab per entry: 256 tokens × 8192 × bf16.
@@ -248,7 +249,7 @@ def run(args: argparse.Namespace) -> dict:
         "benchmark": "dataplane", "machine": machine(), "rows": rows,
         "ceilings": {"/".join(map(str, k)): round(v, 3) for k, v in measured.items()},
         "layerwise_vs_whole": {p: round(layer[p] / whole[p], 3) for p in whole if p in layer},
-        "lmcache": lmcache_rows(args, rows),
+        "lmcache": lmcache_section(Path(args.lmcache_python), args.repeats, rows),
         "ucx": ucx_notes(paths),
     }
 
@@ -264,47 +265,23 @@ def ucx_notes(paths: str) -> dict:
             "ceiling_from_anon_64MiB_gbps": round(ucx_gbps(64 << 20, 4 << 20, shared=False), 3)}
 
 
-WORKER = Path(__file__).with_name("lmcache_worker.py")
-
-
-def lmcache_rows(args: argparse.Namespace, rows: list[dict]) -> dict:
-    """LMCache 0.5.6's own lm:// server and client on the same 64 and 256 MiB of 4 MiB
-    chunks, in its own virtualenv; compared with our same-host path on those sizes."""
-    python = Path(args.lmcache_python)
-    if not python.exists():
-        return {"get_gbps": None, "put_gbps": None,
-                "status": f"not run: {python} missing (make lmcache-venv builds it)"}
-    sizes = []
-    for label, chunks in (("64MiB", 16), ("256MiB", 64)):
-        proc = subprocess.run([str(python), str(WORKER), "bench", "--chunks", str(chunks), "--repeats",
-                               str(args.repeats)], capture_output=True, text=True, timeout=600)
-        if proc.returncode != 0:
-            return {"get_gbps": None, "put_gbps": None,
-                    "status": f"failed: {proc.stderr.strip().splitlines()[-1:]}"}
-        result = json.loads(proc.stdout.strip().splitlines()[-1])
-        ours = {r["op"]: r["gbps"] for r in rows if r["path"] == "shm" and r["request"] == label}
-        sizes.append({"request": label, **result,
-                      "shm_get_vs_lmcache": round(ours["get"] / result["get_gbps"], 2) if "get" in ours else None,
-                      "shm_put_vs_lmcache": round(ours["put"] / result["put_gbps"], 2) if "put" in ours else None})
-    head = sizes[-1]
-    return {"get_gbps": head["get_gbps"], "put_gbps": head["put_gbps"], "request": head["request"],
-            "sizes": sizes, "status": "ok: lmcache 0.5.6, LMCServerConnector -> lmcache.v1.server"}
-
-
 def plot(doc: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = list(doc["rows"])
-    for size in doc["lmcache"].get("sizes", []):   # LMCache's own server, same sizes
+    for size in doc["lmcache"].get("sizes", []):   # LMCache's client: its own server, then ours
         for op in ("get", "put"):
             rows.append({"path": "LMCache", "op": op, "request": size["request"],
                          "gbps": size[f"{op}_gbps"], "ceiling_gbps": 0})
+            rows.append({"path": "LMCache->lm://cachesvc", "op": op, "request": size["request"],
+                         "gbps": size[f"lm_{op}_gbps"], "ceiling_gbps": 0})
     labels = [f"{r['path']} {r['op']}\n{r['request']}" for r in rows]
     fig, ax = plt.subplots(figsize=(max(8, len(rows) * 0.55), 4.5))
     xs = np.arange(len(rows))
-    ax.bar(xs - 0.2, [r["gbps"] for r in rows], 0.4, label="cachesvc (LMCache 0.5.6 at right)",
-           color=["tab:orange" if r["path"] == "LMCache" else "tab:blue" for r in rows])
+    ax.bar(xs - 0.2, [r["gbps"] for r in rows], 0.4, label="cachesvc (at right: LMCache 0.5.6's client, its server orange, ours green)",
+           color=["tab:orange" if r["path"] == "LMCache" else "tab:green" if r["path"].startswith("LMCache->")
+                   else "tab:blue" for r in rows])
     ax.bar(xs + 0.2, [r["ceiling_gbps"] for r in rows], 0.4, label="transport ceiling (same run)",
            color="lightgrey")
     ax.set_xticks(xs, labels, rotation=70, fontsize=7)
@@ -331,8 +308,22 @@ def main(args: argparse.Namespace) -> int:
                            r["gbps"], r["ceiling_gbps"], r["of_ceiling"], r.get("copy_only_gbps", "-"),
                            r.get("memfd_ceiling_gbps", "-"), r.get("of_memfd_ceiling", "-")] for r in doc["rows"]]))
     print(f"\nlayer-by-layer / whole (realistic request): {doc['layerwise_vs_whole']}")
-    for size in doc["lmcache"].get("sizes", []):
-        print(f"LMCache {size['request']}: get {size['get_gbps']} GB/s, put {size['put_gbps']} GB/s; "
-              f"cachesvc shm is {size['shm_get_vs_lmcache']}x on get, {size['shm_put_vs_lmcache']}x on put")
-    print(f"LMCache: {doc['lmcache']['status']}; UCX: {doc['ucx']['status']}")
+    lmc = doc["lmcache"]
+    if lmc.get("sizes"):
+        print("\nLMCache 0.5.6's own client (LMCServerConnector) on both lm:// servers:")
+        print(markdown_table(["request", "LMCache server get", "cachesvc lm:// get", "× LMCache", "TCP ceiling",
+                              "LMCache server put", "cachesvc lm:// put", "× LMCache", "cachesvc shm get × LMCache"],
+                             [[s["request"], s["get_gbps"], s["lm_get_gbps"], s["lm_get_vs_lmcache"],
+                               s["tcp_ceiling_gbps"], s["put_gbps"], s["lm_put_gbps"], s["lm_put_vs_lmcache"],
+                               s["shm_get_vs_lmcache"]] for s in lmc["sizes"]]))
+        c = lmc["chunks_4mib"]
+        print(f"\n100 chunks of 4 MiB through lm://: {c['identical']} identical, {c['wrong']} wrong; after a "
+              f"restart {c['identical_after_restart']} identical, {c['wrong_after_restart']} wrong")
+        l2 = lmc["l2"]
+        print("\nlmcache bench l2 (32 keys of 4 MiB, verified):")
+        print(markdown_table(["adapter", "store MB/s", "load MB/s", "store ok", "lookup ok", "load ok"],
+                             [[name, r["store_mbps"], r["load_mbps"], r["store_ok"], r["lookup_ok"], r["load_ok"]]
+                              for name, r in (("cachesvc plugin", l2["cachesvc"]),
+                                              ("LMCache fs on tmpfs", l2["lmcache_fs_tmpfs"]))]))
+    print(f"LMCache: {lmc['status']}; UCX: {doc['ucx']['status']}")
     return 0

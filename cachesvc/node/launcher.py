@@ -3,6 +3,7 @@ it serves. Used by the demo, the benchmarks and the tests (one launcher, not thr
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -71,6 +72,14 @@ class ServerProcess:
 
     def log(self) -> str:
         return (self.workdir / "server.log").read_text(errors="replace")
+
+    def serving(self, field: str):
+        """A field of the latest "serving" log line (JSON logs at info level): how a
+        test learns the ports a node picked itself (``--metrics-port 0``, ``--lm-port 0``)."""
+        for line in reversed(self.log().splitlines()):
+            if line.startswith("{") and json.loads(line).get("msg") == "serving":
+                return json.loads(line)[field]
+        raise RuntimeError(f"no serving line in the node's log: {self.log()[-500:]}")
 
     def __enter__(self) -> "ServerProcess":
         return self.start()
