@@ -38,7 +38,7 @@ gemma3: $(STAMP)
 demo-storage: $(STAMP)
 	$(PY) -m cachesvc_lab.storage_demo
 
-test: lint lmcache-venv
+test: lint lmcache-venv vllm-venv
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)

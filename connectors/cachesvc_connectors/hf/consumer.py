@@ -30,11 +30,11 @@ import torch
 from transformers import DynamicCache
 
 from cachesvc.wire.keys import NO_MODEL, DType, Kind, ModelId
-from cachesvc_client import ArenaReader, CacheClient, CacheServiceError, Hit, LookupResult
+from cachesvc_client import CacheClient, CacheServiceError, Hit, LookupResult
 from cachesvc_connectors.hf.calibrate import calibrate
 from cachesvc_connectors.hf.decoder import DecoderStack
 from cachesvc_connectors.hf.family import FamilyMismatchError, register
-from cachesvc_connectors.hf.loader import ArenaLoader, SlabLoader, Staging, plan_requests
+from cachesvc_connectors.hf.loader import ArenaLoader, SlabLoader, Staging, open_loader, plan_requests
 from cachesvc_connectors.hf.verify import AnswerVerifier
 from cachesvc_connectors.metrics import default_metrics
 from cachesvc_connectors.reuse import Choice, CostModel, DriftGuard, DriftOptions, Plan, PlanPolicy, PlanSelector
@@ -70,6 +70,8 @@ class ConsumerOptions:
     direct: bool = True
     # Record every prefill in the process's Prometheus metrics (cachesvc_connectors.metrics).
     metrics: bool = True
+    # The weights digest to register under; None = the in-memory digest (see ProducerOptions).
+    weights_digest: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,7 +129,7 @@ class Consumer:
                  options: ConsumerOptions = ConsumerOptions()) -> None:
         self.client, self.model, self.model_id, self.options = client, model, model_id, options
         self.stack = DecoderStack(model)
-        self.registration = register(client, model, tokenizer, model_id, options.dtype)
+        self.registration = register(client, model, tokenizer, model_id, options.dtype, options.weights_digest)
         self.family_id = self.registration.family_id
         self._check_producers(options.producers)
         self._staging = Staging(pinned=self.stack.device.type == "cuda")
@@ -309,15 +311,9 @@ class Consumer:
         return cache
 
     def _loader(self, hit: Hit, plan: Plan) -> SlabLoader | ArenaLoader:
-        """Straight out of the node's memory tier where the hit was located there (every
-        entry in memory, the same node); else over the data plane."""
-        arena = self.client.arena(hit, self.options.transport) if self._direct and hit.locations else None
-        if arena is not None:
-            reader = ArenaReader(arena, self.registration.family, hit)
-            if reader.in_memory == hit.num_chunks:
-                return ArenaLoader(reader, hit, plan_requests(plan), self.stack.device, self._staging)
-        return SlabLoader(self.client, self.family_id, hit, plan_requests(plan), self.options.transport,
-                          self.stack.device, self._staging)
+        return open_loader(self.client, self.registration.family, self.family_id, hit, plan_requests(plan),
+                           direct=self._direct, transport=self.options.transport, device=self.stack.device,
+                           staging=self._staging)
 
     def _assemble(self, ids: list[int], n: int, plan: Plan, loader: SlabLoader) -> DynamicCache | None:
         """Layer by layer: the producer's K/V for reused layers, the consumer's own layers

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import xxhash
@@ -65,6 +66,29 @@ def weights_digest(model) -> str:
     return digest.hexdigest()
 
 
+def checkpoint_digest(path: str | Path) -> str:
+    """xxh3-128 over every tensor of a safetensors checkpoint directory, names included,
+    in name order: the same digest whichever engine loads it (vLLM renames and fuses
+    parameters in memory, so an in-memory digest differs between engines). Give it as
+    ``weights_digest`` to each engine's connector to share one cache between them."""
+    from safetensors import safe_open
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors in {path}: pass a weights digest explicitly")
+    digest = xxhash.xxh3_128()
+    tensors = {}
+    for file in files:
+        with safe_open(str(file), "pt") as fh:
+            tensors.update((name, (file, name)) for name in fh.keys())
+    for name in sorted(tensors):
+        file, key = tensors[name]
+        with safe_open(str(file), "pt") as fh:
+            tensor = fh.get_tensor(key)
+        digest.update(name.encode())
+        digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
 @dataclass(frozen=True, slots=True)
 class ModelRegistration:
     """A model registered with the service: its family and weights digest."""
@@ -75,8 +99,10 @@ class ModelRegistration:
     weights_digest: str
 
 
-def register(client, model, tokenizer, model_id: ModelId, dtype: DType) -> ModelRegistration:
-    """Register ``model`` as ``model_id`` (idempotent for the same weights)."""
+def register(client, model, tokenizer, model_id: ModelId, dtype: DType,
+             digest: str | None = None) -> ModelRegistration:
+    """Register ``model`` as ``model_id`` (idempotent for the same weights); ``digest``
+    overrides the in-memory weights digest (e.g. :func:`checkpoint_digest`)."""
     family = family_of(model, tokenizer, dtype)
-    digest = weights_digest(model)
+    digest = digest or weights_digest(model)
     return ModelRegistration(model_id, family, client.register_model(model_id, digest, family).family_id, digest)

