@@ -6,8 +6,10 @@ imports with torch and transformers unavailable. Each check runs in a fresh inte
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -16,12 +18,12 @@ HEAVY = ("torch", "transformers", "tqdm", "matplotlib")
 ABOVE_NODE = ("cachesvc_client", "cachesvc_connectors", "cachesvc_bench", "cachesvc_lab")
 
 
-def _loaded_after(code: str, block: tuple[str, ...] = ()) -> list[str]:
-    """The modules loaded after running ``code`` in a fresh interpreter in which the
-    modules ``block`` names cannot be imported."""
+def _loaded_after(code: str, block: tuple[str, ...] = (), python: str = sys.executable) -> list[str]:
+    """The modules loaded after running ``code`` in a fresh interpreter (of ``python``) in
+    which the modules ``block`` names cannot be imported."""
     prelude = "import sys\n" + "".join(f"sys.modules[{name!r}] = None\n" for name in block)
     probe = prelude + code + "\nimport json; print(json.dumps(sorted(m for m in sys.modules if sys.modules[m])))"
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([python, "-c", probe], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.splitlines()[-1])
 
@@ -39,7 +41,7 @@ def test_sdk_and_hf_connector_load_no_node_module():
 def test_the_wire_package_loads_nothing_of_the_node_or_above():
     loaded = _loaded_after("import cachesvc.wire.keys, cachesvc.wire.layout, cachesvc.wire.convert, "
                            "cachesvc.wire.framing, cachesvc.wire.protocol, cachesvc.wire.ucxlib, "
-                           "cachesvc.wire.errors")
+                           "cachesvc.wire.errors, cachesvc.wire.lmwire")
     assert _under(loaded, NODE + ABOVE_NODE + HEAVY) == []
 
 
@@ -74,3 +76,17 @@ def test_registered_commands_are_listed_and_run():
     bench = subprocess.run([sys.executable, "-m", "cachesvc.node.cli", "bench", "--help"],
                            capture_output=True, text=True, timeout=120)
     assert bench.returncode == 0 and "lookup" in bench.stdout and "--json" in bench.stdout
+
+
+@pytest.mark.parametrize("venv, module", [(".vllm", "cachesvc_connectors.vllm.connector"),
+                                          (".lmcache", "cachesvc_connectors.lmcache.l2_adapter")])
+def test_the_engine_plugins_load_no_node_module(venv, module):
+    """They run inside vLLM's and LMCache's processes, in those engines' virtualenvs."""
+    python = Path(__file__).parents[1] / venv / "venv" / "bin" / "python"
+    if not python.exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{python} missing in CI: make test builds it")
+        pytest.skip(f"{python} is not built")
+    loaded = _loaded_after(f"import {module}", python=str(python))
+    assert module in loaded
+    assert _under(loaded, NODE) == []

@@ -18,6 +18,7 @@ import torch
 
 from cachesvc.wire.keys import DType
 from cachesvc_client import CacheClient
+from cachesvc_bench.vllm_worker import result_of
 from tests.hf_models import tokenizer, tiny_model
 
 ROOT = Path(__file__).parents[1]
@@ -47,18 +48,19 @@ def _prompts(tmp_path: Path, *lengths: int, seed: int = 0) -> tuple[Path, list[l
     return path, prompts
 
 
-def _vllm(checkpoint: Path, prompts: Path, address: str = "", *args: str, expect_ok: bool = True) -> dict:
+def _vllm(checkpoint: Path, prompts: Path, address: str = "", *args: str, expect_ok: bool = True,
+          env: dict | None = None) -> dict:
     if not VLLM_PYTHON.exists():
         if os.environ.get("CI"):
             pytest.fail(f"{VLLM_PYTHON} missing in CI: make test builds it (make vllm-venv)")
         pytest.skip("vLLM's virtualenv is not built (make vllm-venv)")
     cmd = [str(VLLM_PYTHON), str(WORKER), "--model", str(checkpoint), "--prompts", str(prompts),
            "--model-id", MODEL_ID, *(["--address", address] if address else ["--connector", "none"]), *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
     if not expect_ok:
         return {"returncode": proc.returncode, "stderr": proc.stderr}
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return result_of(proc.stdout)
 
 
 def _counters(address: str) -> dict:
@@ -66,10 +68,14 @@ def _counters(address: str) -> dict:
         return client.stats()["counters"]
 
 
-def test_a_second_request_loads_its_prefix_and_answers_identically(server_factory, checkpoint, tmp_path):
+@pytest.mark.parametrize("processes", ["in-process", "multiprocess"])
+def test_a_second_request_loads_its_prefix_and_answers_identically(server_factory, checkpoint, tmp_path, processes):
+    """Also in vLLM's default layout, scheduler and worker in separate processes: what the
+    worker loads reaches it only as connector metadata."""
     srv = server_factory("--memory-bytes", "256MiB")
     prompts, _ = _prompts(tmp_path, 600, 300)
-    out = _vllm(checkpoint, prompts, srv.address, "--rounds", "2")
+    out = _vllm(checkpoint, prompts, srv.address, "--rounds", "2",
+                env={"VLLM_ENABLE_V1_MULTIPROCESSING": "1" if processes == "multiprocess" else "0"})
     cold, warm = out["outputs"]
     assert warm == cold and out["warnings"] == []
     counters = _counters(srv.address)

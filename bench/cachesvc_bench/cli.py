@@ -8,7 +8,7 @@ import argparse
 import importlib
 
 HELP = "run a benchmark (JSON + markdown table + plot)"
-BENCHMARKS = ("lookup", "dataplane", "quality", "reuse", "plan", "overhead", "soak")
+BENCHMARKS = ("lookup", "dataplane", "quality", "reuse", "plan", "overhead", "soak", "vllm")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,6 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--paths", default="", help="dataplane: paths to measure (default: "
                         "grpc,tcp,shm, and ucx when ucxx is installed)")
     parser.add_argument("--repeats", type=int, default=3, help="dataplane: timed rounds (best kept)")
+    parser.add_argument("--vllm-python", default=".vllm/venv/bin/python",
+                        help="vllm: the python of vLLM's virtualenv (make vllm-venv)")
     parser.add_argument("--lmcache-python", default=".lmcache/venv/bin/python",
                         help="dataplane: python of LMCache's virtualenv (make lmcache-venv)")
     parser.add_argument("--consumers", default="codes-upper,codes-all",
@@ -74,5 +76,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="soak: key space over the memory tier")
 
 
+# A benchmark's module, where its name would shadow a package its engine-side script
+# imports (vllm_worker.py runs beside these modules and imports vllm).
+MODULES = {"vllm": "vllm_bench"}
+
+
 def main(args: argparse.Namespace) -> int:
-    return importlib.import_module(f"cachesvc_bench.{args.bench}").main(args)
+    return importlib.import_module(f"cachesvc_bench.{MODULES.get(args.bench, args.bench)}").main(args)

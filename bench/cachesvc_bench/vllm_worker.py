@@ -4,7 +4,9 @@ tests and ``cachesvc bench vllm``. Prints one JSON line.
 
 ``--prompts FILE``: a JSON list of token-id lists. ``--rounds``: each round serves every
 prompt once, one at a time; per prompt and round the output tokens (greedy) and the time
-to its first token (the engine's own ``first_token_latency``).
+to its first token (the engine's own ``first_token_latency``). In process by default;
+``VLLM_ENABLE_V1_MULTIPROCESSING=1`` runs vLLM's default layout (scheduler and worker in
+separate processes).
 
 ``--connector``: ``cachesvc`` (load and save), ``cachesvc-save`` (save only: the cold
 reference), ``none`` (no connector). ``--prefix-caching``: vLLM's own prefix cache (the
@@ -20,9 +22,15 @@ import os
 import sys
 import time
 
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")   # in process (needs OMP_NUM_THREADS=1)
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+RESULT = "cachesvc-result: "
+"""Prefix of the result line (vLLM logs to stdout too, and after it when it shuts down)."""
+
+
+def result_of(stdout: str) -> dict:
+    """The result a run printed."""
+    line = next(line for line in reversed(stdout.splitlines()) if line.startswith(RESULT))
+    return json.loads(line[len(RESULT):])
 
 
 class _Count(logging.Handler):
@@ -51,6 +59,9 @@ def main() -> None:
     ap.add_argument("--salt", default="")
     ap.add_argument("--extra", default="{}", help="more kv_connector_extra_config, JSON")
     args = ap.parse_args()
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")   # in process (needs OMP_NUM_THREADS=1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     counted = _Count()
     logging.getLogger("cachesvc_connectors").addHandler(counted)
     logging.getLogger("cachesvc_connectors").setLevel(logging.INFO)
@@ -90,9 +101,13 @@ def main() -> None:
             round_out.append(list(out.outputs[0].token_ids))
         outputs.append(round_out)
         ttft.append(round_ttft)
-    print(json.dumps({"outputs": outputs, "ttft_s": ttft, "startup_s": round(startup_s, 2),
+    print(RESULT + json.dumps({"outputs": outputs, "ttft_s": ttft, "startup_s": round(startup_s, 2),
                       "warnings": counted.lines}))
     sys.stdout.flush()
+    try:   # multiprocess mode: stop the engine core and worker processes
+        llm.llm_engine.engine_core.shutdown()
+    except Exception as exc:   # noqa: BLE001 - best effort; the exit below ends this process anyway
+        print(f"engine shutdown: {exc}", file=sys.stderr)
     os._exit(0)   # vLLM's in-process engine can hang at interpreter exit
 
 

@@ -84,8 +84,11 @@ class Staging:
     def _buffer(self, kind: Kind, nbytes: int) -> torch.Tensor:
         flat = self._flat.get(kind)
         if flat is None or flat.numel() < nbytes:
-            # A quarter of headroom: prompts grow a little from one request to the next.
-            flat = torch.empty(nbytes + nbytes // 4, dtype=torch.uint8, pin_memory=self.pinned)
+            # A quarter of headroom (prompts grow a little from one request to the next), and
+            # at least double: growing costs a page fault per 4 KiB, so it must be rare (a
+            # server sees every length up to its longest prompt; log2 of them regrow).
+            grown = max(nbytes + nbytes // 4, 2 * flat.numel() if flat is not None else 0)
+            flat = torch.empty(grown, dtype=torch.uint8, pin_memory=self.pinned)
             flat.fill_(0)   # fault every page in now, not while a prefill waits
             self._flat[kind] = flat
         return flat[:nbytes]
