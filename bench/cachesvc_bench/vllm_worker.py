@@ -34,12 +34,19 @@ def result_of(stdout: str) -> dict:
 
 
 class _Count(logging.Handler):
+    """The connector's warnings, and (DEBUG) its per-step and per-lookup timings."""
+
     def __init__(self) -> None:
-        super().__init__(logging.WARNING)
+        super().__init__(logging.DEBUG)
         self.lines: list[str] = []
+        self.trace: list[dict] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
+        if record.levelno >= logging.WARNING:
+            self.lines.append(record.getMessage())
+        for field in ("cachesvc_step_ms", "cachesvc_lookup_ms"):
+            if hasattr(record, field):
+                self.trace.append({field: getattr(record, field)})
 
 
 def main() -> None:
@@ -53,6 +60,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--connector", choices=("cachesvc", "cachesvc-save", "none"), default="cachesvc")
     ap.add_argument("--prefix-caching", action="store_true")
+    ap.add_argument("--trace", action="store_true", help="record the connector's per-step timings")
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--model-id", default="")
     ap.add_argument("--digest", default="")
@@ -64,7 +72,7 @@ def main() -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     counted = _Count()
     logging.getLogger("cachesvc_connectors").addHandler(counted)
-    logging.getLogger("cachesvc_connectors").setLevel(logging.INFO)
+    logging.getLogger("cachesvc_connectors").setLevel(logging.DEBUG if args.trace else logging.INFO)
 
     from vllm import LLM, SamplingParams
     from vllm.config import KVTransferConfig
@@ -102,7 +110,7 @@ def main() -> None:
         outputs.append(round_out)
         ttft.append(round_ttft)
     print(RESULT + json.dumps({"outputs": outputs, "ttft_s": ttft, "startup_s": round(startup_s, 2),
-                      "warnings": counted.lines}))
+                      "warnings": counted.lines, "trace": counted.trace}))
     sys.stdout.flush()
     try:   # multiprocess mode: stop the engine core and worker processes
         llm.llm_engine.engine_core.shutdown()

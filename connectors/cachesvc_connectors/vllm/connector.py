@@ -60,7 +60,7 @@ class CachesvcConnector(KVConnectorBase_V1):
 
     def start_load_kv(self, forward_context, **kwargs: Any) -> None:
         assert self.worker_side is not None
-        self.worker_side.start_load(self._meta(), forward_context)
+        self.worker_side.start_load(self._meta())
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         assert self.worker_side is not None

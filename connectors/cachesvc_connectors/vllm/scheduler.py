@@ -21,6 +21,7 @@ request publish (``num_publishable_block_hashes``, where the engine has it).
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 from cachesvc.wire.keys import ModelId
@@ -65,6 +66,7 @@ class SchedulerSide:
 
     def matched_tokens(self, request, num_computed: int) -> int:
         """Tokens beyond ``num_computed`` the cache can fill (block-aligned)."""
+        t0 = time.perf_counter()
         self._drop_pending(request.request_id)
         tokens = list(request.prompt_token_ids or ())
         extra = extra_keys(request)
@@ -77,6 +79,7 @@ class SchedulerSide:
         except CacheServiceError as exc:   # the cache is down: prefill as without it
             log.warning("cachesvc lookup failed; prefilling: %s", exc)
             return 0
+        log.debug("cachesvc lookup", extra={"cachesvc_lookup_ms": round((time.perf_counter() - t0) * 1e3, 2)})
         hit = self._usable(result.hits) if self.config.load else None
         usable = min(hit.num_tokens, len(tokens) - 1) // self.block_size * self.block_size if hit else 0
         own_chunks = sum(1 for lay in hit.layouts if lay.num_tokens == self.chunk) if hit else 0

@@ -20,8 +20,10 @@ a chunk is visible whole, with every layer, or not at all.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -70,6 +72,8 @@ class WorkerSide:
         self._saves: list[_Save] = []
         self._failed_blocks: set[int] = set()
         self.stats = {"loads": 0, "tokens_loaded": 0, "load_failures": 0, "chunks_saved": 0, "save_failures": 0}
+        # This step's time per phase (s), logged at DEBUG when the step loaded or saved.
+        self._step_s = dict.fromkeys(("start", "wait", "scatter", "settle", "gather", "put"), 0.0)
 
     def register(self, kv_caches: dict[str, torch.Tensor]) -> None:
         for name, tensor in kv_caches.items():
@@ -83,33 +87,41 @@ class WorkerSide:
                               "hybrid or cross-layer caches are not supported")
         first = next(iter(kv_caches.values()))
         try:
-            self.layout = layout_of(first, self.block_size, self.family.num_kv_heads, self.family.head_dim, None)
+            self.layout = layout_of(first, self.block_size, self.family.num_kv_heads, self.family.head_dim)
         except UnsupportedLayout as exc:
             self._disabled = str(exc)
         if self._disabled:
             log.warning("cachesvc connector inactive (vLLM prefills as without it): %s", self._disabled)
 
-    def _check_isa(self, forward_context) -> bool:
-        """vLLM's CPU backend picks a block packing per ISA; only 'vec' is known here."""
-        if self._disabled or self.layout is None or self.layout.name != "cpu-vec":
-            return not self._disabled
-        for layer in getattr(forward_context, "no_compile_layers", {}).values():
-            isa = getattr(layer, "isa", None)
-            if isa is not None and isa != "vec":
-                self._disabled = f"vLLM's CPU attention ISA {isa!r} packs blocks in an unknown layout"
+    def _ready(self) -> bool:
+        """Whether loads can be written; on first use (inside a forward pass) also learns
+        how vLLM's CPU backend packs blocks, from its attention layers."""
+        if self._disabled or self.layout is None:
+            return False
+        if self.layout.name == "cpu" and self.layout.isa is None:
+            from vllm.forward_context import get_forward_context
+            isas = {getattr(layer, "isa", None) for layer in get_forward_context().no_compile_layers.values()}
+            isas.discard(None)
+            if len(isas) != 1:
+                self._disabled = f"cannot tell how vLLM's CPU backend packs blocks (ISAs {sorted(isas)})"
                 log.warning("cachesvc connector inactive: %s", self._disabled)
                 return False
+            self.layout = dataclasses.replace(self.layout, isa=isas.pop())
+            if not self.layout.readable:
+                log.warning("cachesvc connector loads but does not save: vLLM's CPU attention ISA %r packs "
+                            "blocks in a layout it cannot read", self.layout.isa)
         return True
 
     # ------------------------------------------------------------ load
 
-    def start_load(self, meta: CachesvcMetadata, forward_context) -> None:
+    def start_load(self, meta: CachesvcMetadata) -> None:
         if not meta.loads:
             return
-        if not self._check_isa(forward_context):
+        if not self._ready():
             for spec in meta.loads:   # nothing is written: every loaded block must be recomputed
                 self._fail(spec, spec.start)
             return
+        t0 = time.perf_counter()
         device = next(iter(self.caches.values())).device
         requests = [LoadRequest((Kind.K, Kind.V), 0, self.family.num_layers)]
         while len(self._stagings) < len(meta.loads):
@@ -124,6 +136,7 @@ class WorkerSide:
                 self._fail(spec, spec.start)
                 continue
             self._loads.append(_Load(spec, loader))
+        self._step_s["start"] += time.perf_counter() - t0
 
     def wait_layer(self, layer_name: str) -> None:
         index = self.layers.get(layer_name)
@@ -134,16 +147,21 @@ class WorkerSide:
         for load in self._loads:
             if load.failed_from is not None:
                 continue
+            t0 = time.perf_counter()
             k, v = load.loader.wait(Kind.K, index), load.loader.wait(Kind.V, index)
+            t1 = time.perf_counter()
+            self._step_s["wait"] += t1 - t0
             spec = load.spec
             if k is None or v is None:
                 load.failed_from = spec.start
                 continue
             blocks = torch.tensor(spec.block_ids, dtype=torch.long, device=kv.device)
             self.layout.scatter(kv, blocks, k[spec.start:spec.stop], v[spec.start:spec.stop])
+            self._step_s["scatter"] += time.perf_counter() - t1
 
     def _finish_loads(self) -> None:
         """After the forward pass: which loaded tokens arrived whole (checksums included)."""
+        t0 = time.perf_counter()
         for load in self._loads:
             spec = load.spec
             valid_chunks = load.loader.join()
@@ -158,6 +176,7 @@ class WorkerSide:
             self.stats["loads"] += 1
             self._release(spec.lease_id)
         self._loads.clear()
+        self._step_s["settle"] += time.perf_counter() - t0
 
     def _fail(self, spec: LoadSpec, from_token: int) -> None:
         first = max(from_token, spec.start) // self.block_size - spec.start // self.block_size
@@ -172,22 +191,36 @@ class WorkerSide:
 
     def save_layer(self, meta: CachesvcMetadata, layer_name: str, kv_layer: torch.Tensor) -> None:
         index = self.layers.get(layer_name)
-        if index is None or not meta.saves or self._disabled:
+        if index is None or not meta.saves or not self._ready():
             return
         assert self.layout is not None
+        if not self.layout.readable:
+            return
         if not self._saves:   # first layer of the step: one record per request to save
             self._saves = [_Save(s.first, s.hashes, torch.tensor(s.block_ids, dtype=torch.long,
                                                                  device=kv_layer.device)) for s in meta.saves]
+        t0 = time.perf_counter()
         for save in self._saves:
             start = save.first * self.chunk // self.block_size
             k, v = self.layout.gather(kv_layer, save.blocks[start:])
             save.slabs[(Kind.K, index)] = k.to("cpu", non_blocking=False)
             save.slabs[(Kind.V, index)] = v.to("cpu", non_blocking=False)
+        self._step_s["gather"] += time.perf_counter() - t0
 
     def finish_step(self) -> None:
         """End of the step: settle loads, then put this step's chunks (one batch)."""
+        busy = bool(self._loads or self._saves)
         self._finish_loads()
-        saves, self._saves = self._saves, []
+        self._put(self._saves)
+        self._saves = []
+        if busy:
+            log.debug("cachesvc step", extra={"cachesvc_step_ms": {k: round(v * 1e3, 2) for k, v in
+                                                                 self._step_s.items()}})
+            self._step_s = dict.fromkeys(self._step_s, 0.0)
+
+    def _put(self, saves: list[_Save]) -> None:
+        """Every whole chunk of this step's saves, in one put (atomic per batch)."""
+        t0 = time.perf_counter()
         entries = []
         for save in saves:
             if len(save.slabs) != 2 * self.family.num_layers:
@@ -203,6 +236,7 @@ class WorkerSide:
         except CacheServiceError as exc:   # a full or absent cache: the engine serves on
             self.stats["save_failures"] += 1
             log.warning("cachesvc save of %d chunks failed: %s", len(entries), exc)
+        self._step_s["put"] += time.perf_counter() - t0
 
     def _release(self, lease_id: str) -> None:
         if lease_id:
