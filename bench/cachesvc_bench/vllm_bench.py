@@ -12,9 +12,14 @@ engine processes, each serving every prompt twice (round 1, then round 2):
 - ``prefix_cache``: vLLM's own prefix cache, no connector; round 2 hits it (the anchor:
   what reuse costs inside one engine, with no transfer at all).
 
-TTFT is the engine's own first-token latency (arrival to first token). ``identical``: the
-row's greedy answer (16 tokens) equals the prefill row's for the same prompt. A warm-up
-prompt runs first in every process and is not counted.
+TTFT is the engine's own first-token latency (arrival to first token), the median of the
+row's requests (``ttft_samples_s``: each). ``identical``: the row's greedy answer (16
+tokens) equals the prefill row's for the same prompt. A warm-up prompt runs first in every
+process and is not counted. Warm rows carry the connector's own per-step timings
+(``load_breakdown_ms``, medians): ``start`` (opening the loader, incl. growing its
+buffers), ``wait`` (copying and verifying slabs out of the node's memory tier), ``scatter``
+(writing them into vLLM's blocks), ``settle`` (checking what arrived whole; releasing the
+lease).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from cachesvc_bench.common import bench_server, machine, markdown_table, write_json
+from cachesvc_bench.common import bench_server, machine, markdown_table, publish
 from cachesvc_bench.vllm_worker import result_of
 
 WORKER = Path(__file__).with_name("vllm_worker.py")
@@ -68,7 +73,11 @@ def run(args: argparse.Namespace) -> dict:
     runs = {"prefill": _engine(python, model, path, "--connector", "none"),
             "prefix_cache": _engine(python, model, path, "--connector", "none", "--prefix-caching")}
     with bench_server("--memory-bytes", "4GiB", "--disk-mode", "off", "--memory-prefault", "true") as srv:
-        runs["cachesvc"] = _engine(python, model, path, "--address", srv.address)
+        runs["cachesvc"] = _engine(python, model, path, "--address", srv.address, "--trace")
+    # The connector's per-step timings of the warm round's loads, in prompt order (the
+    # warm-up prompt has no whole chunk, so it loads nothing).
+    loads = [t["cachesvc_step_ms"] for t in runs["cachesvc"]["trace"]
+             if "cachesvc_step_ms" in t and t["cachesvc_step_ms"]["wait"] > 0]
     reference = runs["prefill"]["outputs"][0]
     picks = {"prefill": ("prefill", 0), "cold": ("cachesvc", 0), "warm": ("cachesvc", 1),
              "prefix_cache": ("prefix_cache", 1)}
@@ -77,10 +86,15 @@ def run(args: argparse.Namespace) -> dict:
         index = [i for i, length in enumerate(lengths) if length == n]
         for mode, (run_name, round_) in picks.items():
             result = runs[run_name]
-            rows.append({"context_tokens": n, "mode": mode,
-                         "ttft_s": round(statistics.median(result["ttft_s"][round_][i] for i in index), 4),
-                         "identical": all(result["outputs"][round_][i] == reference[i] for i in index),
-                         "requests": len(index)})
+            samples = [result["ttft_s"][round_][i] for i in index]
+            row = {"context_tokens": n, "mode": mode, "ttft_s": round(statistics.median(samples), 4),
+                   "identical": all(result["outputs"][round_][i] == reference[i] for i in index),
+                   "requests": len(index), "ttft_samples_s": samples}
+            if mode == "warm" and len(loads) == len(lengths) - 1:
+                steps = [loads[i - 1] for i in index]
+                row["load_breakdown_ms"] = {phase: round(statistics.median(s[phase] for s in steps), 2)
+                                            for phase in ("start", "wait", "scatter", "settle")}
+            rows.append(row)
     by = {(r["context_tokens"], r["mode"]): r for r in rows}
     ratios = [{"context_tokens": n,
                "warm_vs_cold": round(by[(n, "warm")]["ttft_s"] / by[(n, "cold")]["ttft_s"], 3),
@@ -113,20 +127,17 @@ def plot(doc: dict, path: Path) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     doc = run(args)
-    png = out.with_suffix(".png")
-    plot(doc, png)
-    doc["plot"] = str(png)
-    write_json(out, doc)
-    print(json.dumps(doc, indent=2))
+    publish(args.json, doc, plot)
     print()
-    print(markdown_table(["context", "mode", "TTFT s", "identical"],
-                         [[r["context_tokens"], r["mode"], r["ttft_s"], r["identical"]] for r in doc["rows"]]))
+    print(markdown_table(["context", "mode", "TTFT s", "each s", "identical", "warm load ms (start/wait/scatter/settle)"],
+                         [[r["context_tokens"], r["mode"], r["ttft_s"], r["ttft_samples_s"], r["identical"],
+                           "/".join(str(v) for v in r["load_breakdown_ms"].values()) if "load_breakdown_ms" in r else "-"]
+                          for r in doc["rows"]]))
     print()
     print(markdown_table(["context", "warm / cold", "warm / prefill", "warm / vLLM prefix cache"],
                          [[r["context_tokens"], r["warm_vs_cold"], r["warm_vs_prefill"], r["warm_vs_prefix_cache"]]
                           for r in doc["ratios"]]))
+    print(f"\nplot: {doc['plot']}")
     return 0

@@ -42,6 +42,7 @@ from lmcache.v1.memory_management import MemoryObj
 from lmcache.v1.platform import create_event_notifier
 from lmcache.v1.protocol import DTYPE_TO_INT
 
+from cachesvc.wire.protocol import recv_into_exact
 from cachesvc.wire.lmwire import (MAX_KEY_BYTES, RESPONSE, SUCCESS, Command, Format, pack_request,
                                   parse_response)
 
@@ -137,13 +138,7 @@ class _Link:
         return parse_response(self.recv_exact(memoryview(bytearray(RESPONSE.size))))
 
     def recv_exact(self, view: memoryview) -> memoryview:
-        sock = self._open()
-        got = 0
-        while got < len(view):
-            n = sock.recv_into(view[got:])
-            if n == 0:
-                raise ConnectionError("the node closed the connection")
-            got += n
+        recv_into_exact(self._open(), view)
         return view
 
     def ask(self, command: Command, names: list[str], ttl_s: int = 0) -> list[bool]:
