@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -67,7 +68,16 @@ def test_bench_dataplane_fields(tmp_path):
     assert {r["request"] for r in rows} >= {"4MiB", "64MiB", "256MiB", "smollm2-2048tok-kv",
                                             "smollm2-2048tok-kv-layerwise"}
     assert set(doc["layerwise_vs_whole"]) == {"tcp", "shm", "shm-direct"}
-    assert "get_gbps" in doc["lmcache"] and "put_gbps" in doc["lmcache"]
+    lmcache = doc["lmcache"]
+    assert "get_gbps" in lmcache and "put_gbps" in lmcache
+    if lmcache["status"].startswith("ok"):   # LMCache's virtualenv is there (make test builds it)
+        assert [s["request"] for s in lmcache["sizes"]] == ["64MiB", "256MiB"]
+        assert all(s["lm_get_gbps"] > 0 and s["tcp_ceiling_gbps"] > 0 for s in lmcache["sizes"])
+        chunks = lmcache["chunks_4mib"]
+        assert (chunks["identical"], chunks["identical_after_restart"], chunks["wrong"]) == (100, 100, 0)
+        assert lmcache["l2"]["cachesvc"]["load_ok"] == "96/96"
+    elif os.environ.get("CI"):
+        pytest.fail(f"the LMCache comparison did not run in CI: {lmcache['status']}")
     assert out.with_suffix(".png").stat().st_size > 10_000
     assert "| shm | get | 256MiB |" in proc.stdout
 

@@ -114,14 +114,17 @@ def l2_adapters(python: Path) -> dict:
 def lmcache_section(python: Path, repeats: int, shm_rows: list[dict]) -> dict:
     """The ``lmcache`` section of ``bench dataplane``; "not run" when LMCache is absent."""
     if not python.exists():
-        return {"status": f"not run: {python} missing (make lmcache-venv builds it)", "sizes": []}
+        return {"status": f"not run: {python} missing (make lmcache-venv builds it)", "get_gbps": None,
+                "put_gbps": None, "sizes": []}
     try:
         sizes = lm_servers(python, repeats)
         for size in sizes:   # our same-host path on the same sizes, for reference
             ours = {r["op"]: r["gbps"] for r in shm_rows if r["path"] == "shm" and r["request"] == size["request"]}
             size["shm_get_vs_lmcache"] = round(ours["get"] / size["get_gbps"], 2) if "get" in ours else None
             size["shm_put_vs_lmcache"] = round(ours["put"] / size["put_gbps"], 2) if "put" in ours else None
+        head = sizes[-1]   # LMCache's own server at the largest size (the fields earlier runs had)
         return {"status": "ok: lmcache 0.5.6 (LMCServerConnector; lmcache.v1.server; lmcache bench l2)",
+                "get_gbps": head["get_gbps"], "put_gbps": head["put_gbps"], "request": head["request"],
                 "sizes": sizes, "chunks_4mib": hundred_chunks(python), "l2": l2_adapters(python)}
     except (RuntimeError, subprocess.TimeoutExpired) as exc:
-        return {"status": f"failed: {exc}", "sizes": []}
+        return {"status": f"failed: {exc}", "get_gbps": None, "put_gbps": None, "sizes": []}
