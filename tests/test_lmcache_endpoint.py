@@ -131,6 +131,10 @@ def test_a_key_stored_again_with_another_shape_answers_the_new_object(lm_node, r
     conn.put(key, second, Format.KV_2LTD, 3, (2, 2, 256, 64))
     head, got = conn.get(key)
     assert got == second and head.shape == (2, 2, 256, 64)
+    third = _payload(rng, 3, (2, 4, 128, 64), Format.KV_2LTD)   # as many bytes, another shape
+    conn.put(key, third, Format.KV_2LTD, 3, (2, 4, 128, 64))
+    head, got = conn.get(key)
+    assert got == third and head.shape == (2, 4, 128, 64)
 
 
 @pytest.mark.parametrize("header, why", [

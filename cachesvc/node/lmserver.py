@@ -139,8 +139,9 @@ class LmEndpoint:
         except CacheError as exc:   # the header itself is wrong: the stream cannot be trusted
             raise LmProtocolError(str(exc)) from None
         existing = self.objects.find(req.key, model)
-        if existing is not None and existing.meta.size_bytes == req.length:
-            discard(conn, req.length)   # keys name their content: the stored copy stands
+        if existing is not None and existing.family_id == placement.family_id and \
+                existing.meta.num_tokens == placement.num_tokens:
+            discard(conn, req.length)   # keys name their content: the stored copy (same shape) stands
             return
         try:
             res = self.store.reserve(self.objects.tenant, placement.family_id, placement.producer,
