@@ -153,3 +153,48 @@ def test_a_chunk_size_that_is_not_a_multiple_of_the_block_size_is_refused(server
     out = _vllm(checkpoint, prompts, srv.address, expect_ok=False)
     assert out["returncode"] != 0
     assert "chunk size (48 tokens) is not a multiple of vLLM's block size (32)" in out["stderr"]
+
+
+
+def _profile(num_layers: int, full_reuse_quality: float) -> dict:
+    """A pair's profile as the profiler writes it: full reuse, and one recompute group."""
+    from cachesvc_connectors.reuse.profile import PROFILE_FORMAT
+    rows = [{"groups": [], "quality": full_reuse_quality, "kl": 0.0, "frontier": True},
+            {"groups": [[0, 2]], "quality": 1.0, "kl": 0.0, "frontier": True}]
+    return {"format": PROFILE_FORMAT, "num_layers": num_layers, "prompts": 20, "plans": rows}
+
+
+def _loads(out: dict) -> int:
+    return sum(t.get("cachesvc_step_loads", 0) for t in out["trace"])
+
+
+def test_another_models_entries_are_used_only_where_its_profile_allows_full_reuse(server_factory, checkpoint,
+                                                                                  tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from cachesvc_connectors.hf import Producer, ProducerOptions, family_of
+    from cachesvc_connectors.hf.family import checkpoint_digest
+    from tests.hf_models import fine_tune_of
+    srv = server_factory("--memory-bytes", "256MiB")
+    base = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    tuned_path = tmp_path / "tuned"                      # the same family, other weights
+    fine_tune_of(base, range(2, 4), seed=5).save_pretrained(tuned_path)
+    tokenizer().save_pretrained(tuned_path)
+    base_digest, tuned_digest = checkpoint_digest(checkpoint), checkpoint_digest(tuned_path)
+    prompts, (prompt,) = _prompts(tmp_path, 600, seed=6)
+    with CacheClient(srv.address) as client:
+        Producer(client, base, tokenizer(), "base",
+                 ProducerOptions(dtype=DType.FLOAT32, weights_digest=base_digest)).store(prompt)
+        client.register_model("tuned", tuned_digest, family_of(base, tokenizer(), DType.FLOAT32))
+    tuned = ("--model-id", "tuned", "--trace", "--extra",
+             json.dumps({"cachesvc.producers": ["base"], "cachesvc.save": False}))
+
+    assert _loads(_vllm(tuned_path, prompts, srv.address, *tuned)) == 0        # the pair is not profiled
+    assert _counters(srv.address)["hit_chunks_cross_model"] >= 2              # ... though the lookup found them
+    with CacheClient(srv.address) as client:
+        client.put_profile("base", "tuned", base_digest, tuned_digest, _profile(4, 0.5))
+    assert _loads(_vllm(tuned_path, prompts, srv.address, *tuned)) == 0        # full reuse keeps too few answers
+    with CacheClient(srv.address) as client:
+        client.put_profile("base", "tuned", base_digest, tuned_digest, _profile(4, 1.0))
+    out = _vllm(tuned_path, prompts, srv.address, *tuned)
+    assert _loads(out) == 1 and out["warnings"] == []                         # full reuse suits: loaded

@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> dict:
     # The connector's per-step timings of the warm round's loads, in prompt order (the
     # warm-up prompt has no whole chunk, so it loads nothing).
     loads = [t["cachesvc_step_ms"] for t in runs["cachesvc"]["trace"]
-             if "cachesvc_step_ms" in t and t["cachesvc_step_ms"]["wait"] > 0]
+             if t.get("cachesvc_step_loads")]
     reference = runs["prefill"]["outputs"][0]
     picks = {"prefill": ("prefill", 0), "cold": ("cachesvc", 0), "warm": ("cachesvc", 1),
              "prefix_cache": ("prefix_cache", 1)}

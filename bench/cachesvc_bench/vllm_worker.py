@@ -44,9 +44,10 @@ class _Count(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         if record.levelno >= logging.WARNING:
             self.lines.append(record.getMessage())
-        for field in ("cachesvc_step_ms", "cachesvc_lookup_ms"):
-            if hasattr(record, field):
-                self.trace.append({field: getattr(record, field)})
+        fields = {f: getattr(record, f) for f in ("cachesvc_step_ms", "cachesvc_step_loads", "cachesvc_lookup_ms")
+                  if hasattr(record, f)}
+        if fields:
+            self.trace.append(fields)
 
 
 def main() -> None:

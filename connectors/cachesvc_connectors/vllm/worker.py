@@ -209,13 +209,14 @@ class WorkerSide:
 
     def finish_step(self) -> None:
         """End of the step: settle loads, then put this step's chunks (one batch)."""
-        busy = bool(self._loads or self._saves)
+        busy, loads = bool(self._loads or self._saves), len(self._loads)
         self._finish_loads()
         self._put(self._saves)
         self._saves = []
         if busy:
-            log.debug("cachesvc step", extra={"cachesvc_step_ms": {k: round(v * 1e3, 2) for k, v in
-                                                                 self._step_s.items()}})
+            log.debug("cachesvc step", extra={"cachesvc_step_loads": loads,
+                                              "cachesvc_step_ms": {k: round(v * 1e3, 2) for k, v in
+                                                                   self._step_s.items()}})
             self._step_s = dict.fromkeys(self._step_s, 0.0)
 
     def _put(self, saves: list[_Save]) -> None:
