@@ -35,7 +35,7 @@ from cachesvc.node.records import EntryInput
 from cachesvc.node.store import CacheStore
 from cachesvc.wire.errors import InvalidArgument
 from cachesvc.wire.keys import DEFAULT_TENANT, DType, FamilySpec, Kind, entry_id
-from cachesvc.wire.lmwire import CODE_OF_DTYPE, DTYPE_OF_CODE, Format
+from cachesvc.wire.lmwire import CODE_OF_DTYPE, DTYPE_OF_CODE, Format, LmProtocolError, model_of_key
 
 log = logging.getLogger(__name__)
 
@@ -159,49 +159,50 @@ class LmObjects:
     def __init__(self, store: CacheStore, tenant: str, keys_path: Path | None, max_bytes: int) -> None:
         self.store, self.tenant, self.max_bytes = store, tenant or DEFAULT_TENANT, max_bytes
         self._lock = threading.Lock()
-        self._families: dict[str, dict[str, Placement]] = {}   # model name -> family id -> a placement of it
-        self._registered: set[str] = set()                      # producers known to the store
+        # model name -> family id -> (family, its producer), for every registered LMCache family
+        self._families: dict[str, dict[str, tuple[FamilySpec, str]]] = {}
         for record in store.list_models():
             if is_lmcache_family(record.family):
                 model = record.family.tokenizer_fingerprint[len(_FINGERPRINT):]
-                self._families.setdefault(model, {})[record.family_id] = Placement(
-                    record.family, record.family_id, record.model_id, 0, ())
-                self._registered.add(record.model_id)
+                self._families.setdefault(model, {})[record.family_id] = (record.family, record.model_id)
         self._keys_path = keys_path
         self._keys: dict[str, None] = {}   # insertion-ordered set
         if keys_path is not None and keys_path.exists():
             for line in keys_path.read_text(encoding="utf-8", errors="replace").splitlines():
-                if line and self.find(line) is not None:
-                    self._keys[line] = None
+                try:
+                    if line and self.find(line) is not None:
+                        self._keys[line] = None
+                except LmProtocolError:
+                    continue   # not a key (a torn last line): dropped by the rewrite
             self._rewrite_keys()
 
-    def placement(self, key: str, model_name: str, obj: ObjectShape) -> Placement:
+    def placement(self, model_name: str, obj: ObjectShape) -> Placement:
         """Where ``obj`` goes, its producer registered (InvalidArgument if unstorable)."""
         placement = place(model_name, obj, self.store.config.chunk_size, self.max_bytes)
         with self._lock:
-            known = placement.producer in self._registered
+            known = placement.family_id in self._families.get(model_name, {})
         if not known:
             digest = hashlib.sha256((_FINGERPRINT + model_name).encode()).hexdigest()[:32]
             self.store.register_model(placement.producer, digest, placement.family, replace=False)
             with self._lock:
-                self._registered.add(placement.producer)
-                self._families.setdefault(model_name, {})[placement.family_id] = placement
+                self._families.setdefault(model_name, {})[placement.family_id] = (placement.family,
+                                                                                   placement.producer)
         return placement
 
     def entry_input(self, key: str, placement: Placement) -> EntryInput:
         return EntryInput(chunk_hash_of(key), 0, placement.num_tokens, list(placement.slabs))
 
-    def find(self, key: str, model_name: str | None = None) -> Stored | None:
-        """The committed entry of ``key``, if any, in any of its model's families."""
-        model = model_name if model_name is not None else key.split("@", 1)[0]
+    def find(self, key: str) -> Stored | None:
+        """The committed entry of ``key``, if any, in any of its model's families;
+        LmProtocolError for a key that is not LMCache's."""
         with self._lock:
-            candidates = list(self._families.get(model, {}).values())
+            candidates = list(self._families.get(model_of_key(key), {}).items())
         chash = chunk_hash_of(key)
-        for p in candidates:
-            eid = entry_id(self.tenant, p.family_id, chash, p.producer, 0)   # type: ignore[arg-type]
-            meta = self.store.entries_of(self.tenant, p.family_id, [eid])[0]
+        for family_id, (family, producer) in candidates:
+            eid = entry_id(self.tenant, family_id, chash, producer, 0)   # type: ignore[arg-type]
+            meta = self.store.entries_of(self.tenant, family_id, [eid])[0]
             if meta is not None:
-                return Stored(p.family_id, meta, object_shape(p.family, meta))
+                return Stored(family_id, meta, object_shape(family, meta))
         return None
 
     def stored(self, key: str) -> None:

@@ -113,7 +113,7 @@ class LmEndpoint:
         elif req.command == Command.GET:
             self._get(conn, req)
         elif req.command == Command.EXIST:
-            found = self.objects.find(req.key, model_of_key(req.key)) is not None
+            found = self.objects.find(req.key) is not None
             conn.sendall(pack_response(SUCCESS if found else FAIL))
         elif req.command == Command.HEALTH:
             conn.sendall(pack_response(SUCCESS))
@@ -123,7 +123,7 @@ class LmEndpoint:
             self._unlock_key(req.key)
             conn.sendall(pack_response(SUCCESS))
         elif req.command == Command.DELETE:
-            found = self.objects.find(req.key, model_of_key(req.key))
+            found = self.objects.find(req.key)
             if found is not None:
                 self.store.delete(self.objects.tenant, found.family_id, [found.meta.entry_id], [])
             conn.sendall(pack_response(SUCCESS if found is not None else FAIL))
@@ -132,13 +132,12 @@ class LmEndpoint:
             send_parts(conn, [pack_response(SUCCESS, len(body)), body])
 
     def _put(self, conn: socket.socket, req: Request) -> None:
-        model = model_of_key(req.key)
+        existing = self.objects.find(req.key)   # also refuses a key that is not LMCache's
         try:
-            placement = self.objects.placement(req.key, model, ObjectShape(req.fmt, req.dtype_code, req.shape,
-                                                                           req.length))
+            placement = self.objects.placement(model_of_key(req.key),
+                                               ObjectShape(req.fmt, req.dtype_code, req.shape, req.length))
         except CacheError as exc:   # the header itself is wrong: the stream cannot be trusted
             raise LmProtocolError(str(exc)) from None
-        existing = self.objects.find(req.key, model)
         if existing is not None and existing.family_id == placement.family_id and \
                 existing.meta.num_tokens == placement.num_tokens:
             discard(conn, req.length)   # keys name their content: the stored copy (same shape) stands
@@ -169,7 +168,7 @@ class LmEndpoint:
         self.objects.stored(req.key)
 
     def _lock_key(self, key: str, ttl_s: int) -> bool:
-        found = self.objects.find(key, model_of_key(key))
+        found = self.objects.find(key)
         if found is None:
             return False
         ttl = min(ttl_s, MAX_LEASE_TTL_S) if ttl_s > 0 else LOCK_TTL_S
@@ -199,7 +198,7 @@ class LmEndpoint:
                 pass   # expired: already let go
 
     def _get(self, conn: socket.socket, req: Request) -> None:
-        found = self.objects.find(req.key, model_of_key(req.key))
+        found = self.objects.find(req.key)
         if found is None:
             conn.sendall(pack_response(FAIL))
             return
