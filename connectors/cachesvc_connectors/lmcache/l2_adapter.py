@@ -213,8 +213,8 @@ class CachesvcL2Adapter(L2AdapterInterface):
             link.reset()
             fresh = []
             self._failed("store", exc)
-        stored = [(k, s) for k, s in fresh if k not in self._sizes]
-        with self._lock:
+        with self._lock:   # delete() pops sizes from another thread
+            stored = [(k, s) for k, s in fresh if k not in self._sizes]
             self._stored[task_id] = L2StoreResult(ok, sum(s for _, s in fresh))
             self._sizes.update(stored)
             self._counts["stored"] += len(fresh)
