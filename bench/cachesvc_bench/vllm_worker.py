@@ -33,7 +33,7 @@ def result_of(stdout: str) -> dict:
     return json.loads(line[len(RESULT):])
 
 
-class _Count(logging.Handler):
+class _ConnectorLog(logging.Handler):
     """The connector's warnings, and (DEBUG) its per-step and per-lookup timings."""
 
     def __init__(self) -> None:
@@ -71,7 +71,7 @@ def main() -> None:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")   # in process (needs OMP_NUM_THREADS=1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    counted = _Count()
+    counted = _ConnectorLog()
     logging.getLogger("cachesvc_connectors").addHandler(counted)
     logging.getLogger("cachesvc_connectors").setLevel(logging.DEBUG if args.trace else logging.INFO)
 

@@ -147,11 +147,13 @@ class AsyncCacheClient:
 
     async def lookup_prompt(self, family_id: FamilyId, tokens: Sequence[int], *, consumer: ModelId = NO_MODEL,
                             producers: Sequence[str] = (), lease_ttl_s: int = 0, tenant: str = "",
-                            extra_keys: Sequence[str | bytes] = (), locate: bool = False) -> LookupResult:
+                            extra_keys: Sequence[str | bytes] = (), locate: bool = False,
+                            hashes: Sequence[bytes] | None = None) -> LookupResult:
         """As CacheClient.lookup_prompt."""
         tenant = tenant or self.options.tenant
-        hashes = await self.hash_tokens(tokens, family_id, tenant=tenant, extra_keys=extra_keys,
-                                        include_partial=True)
+        if hashes is None:
+            hashes = await self.hash_tokens(tokens, family_id, tenant=tenant, extra_keys=extra_keys,
+                                            include_partial=True)
         result = await self.lookup(family_id, hashes, consumer=consumer, producers=producers,
                                    lease_ttl_s=lease_ttl_s, tenant=tenant, offer_tails=True, locate=locate)
         return verified(tokens, hashes, result, self._chunk_size, tenant, family_id, extra_keys)

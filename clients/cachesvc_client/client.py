@@ -204,15 +204,18 @@ class CacheClient:
 
     def lookup_prompt(self, family_id: FamilyId, tokens: Sequence[int], *, consumer: ModelId = NO_MODEL,
                       producers: Sequence[str] = (), lease_ttl_s: int = 0, tenant: str = "",
-                      extra_keys: Sequence[str | bytes] = (), locate: bool = False) -> LookupResult:
+                      extra_keys: Sequence[str | bytes] = (), locate: bool = False,
+                      hashes: Sequence[bytes] | None = None) -> LookupResult:
         """The hits for a prompt's tokens, reaching where a stored context ends even
         mid-chunk, in one round trip: the chain of the prompt's chunks (its own trailing
         partial chunk included), and, where a producer's run stops before the prompt's end,
         the longest partial chunk it stored there (put with its parent, as the connectors'
         producers do) that the prompt's next tokens hash to (docs/chunk-keys.md). With a
-        lease, offers that did not verify stay pinned until it ends."""
+        lease, offers that did not verify stay pinned until it ends. ``hashes``: that chain
+        (``hash_tokens(..., include_partial=True)``), when the caller has it already."""
         tenant = tenant or self.options.tenant
-        hashes = self.hash_tokens(tokens, family_id, tenant=tenant, extra_keys=extra_keys, include_partial=True)
+        if hashes is None:
+            hashes = self.hash_tokens(tokens, family_id, tenant=tenant, extra_keys=extra_keys, include_partial=True)
         result = self.lookup(family_id, hashes, consumer=consumer, producers=producers, lease_ttl_s=lease_ttl_s,
                              tenant=tenant, offer_tails=True, locate=locate)
         return verified(tokens, hashes, result, self.chunk_size(), tenant, family_id, extra_keys)

@@ -41,7 +41,7 @@ class CachesvcConnector(KVConnectorBase_V1):
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
         assert self.scheduler_side is not None
-        self.scheduler_side.after_alloc(request, blocks.get_block_ids()[0], num_external_tokens)
+        self.scheduler_side.after_alloc(request, num_external_tokens)
 
     def build_connector_meta(self, scheduler_output) -> CachesvcMetadata:
         assert self.scheduler_side is not None

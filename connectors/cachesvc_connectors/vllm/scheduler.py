@@ -72,22 +72,24 @@ class SchedulerSide:
         extra = extra_keys(request)
         fid = self.identity.family_id
         try:
-            hashes = self.client.hash_tokens(tokens, fid, extra_keys=extra)
+            chain = self.client.hash_tokens(tokens, fid, extra_keys=extra, include_partial=True)
             result = self.client.lookup_prompt(
-                fid, tokens, consumer=self.identity.model_id, producers=self._producers(), extra_keys=extra,
-                lease_ttl_s=LEASE_S if self.config.load else 0, locate=True)
+                fid, tokens, consumer=self.identity.model_id, producers=[self.identity.model_id, *self.config.producers],
+                extra_keys=extra, lease_ttl_s=LEASE_S if self.config.load else 0, locate=True, hashes=chain)
         except CacheServiceError as exc:   # the cache is down: prefill as without it
             log.warning("cachesvc lookup failed; prefilling: %s", exc)
             return 0
         log.debug("cachesvc lookup", extra={"cachesvc_lookup_ms": round((time.perf_counter() - t0) * 1e3, 2)})
+        hashes = chain[:len(tokens) // self.chunk]   # the whole chunks (a partial one is never saved)
         hit = self._usable(result.hits) if self.config.load else None
         usable = min(hit.num_tokens, len(tokens) - 1) // self.block_size * self.block_size if hit else 0
-        own_chunks = sum(1 for lay in hit.layouts if lay.num_tokens == self.chunk) if hit else 0
+        # Whole chunks of the hit: stored already (this model's), or not this model's to store.
+        covered = sum(1 for lay in hit.layouts if lay.num_tokens == self.chunk) if hit else 0
         savable = len(hashes)
         publishable = getattr(request, "num_publishable_block_hashes", None)
         if publishable is not None:
             savable = min(savable, publishable * self.block_size // self.chunk)
-        tracked = _Tracked(hashes, saved=own_chunks if hit else 0, savable=savable if self.config.save else 0)
+        tracked = _Tracked(hashes, saved=covered, savable=savable if self.config.save else 0)
         self._reqs[request.request_id] = tracked
         new = usable - num_computed
         if new <= 0:
@@ -96,9 +98,6 @@ class SchedulerSide:
         cut = hit[:-(-usable // self.chunk)]   # the entries covering the loaded tokens
         tracked.load = LoadSpec(request.request_id, cut, num_computed, usable, (), result.lease_id)
         return new
-
-    def _producers(self) -> list[str]:
-        return [self.identity.model_id, *self.config.producers]
 
     def _usable(self, hits: list[Hit]) -> Hit | None:
         """This model's own hit, else the longest other producer's that full reuse
@@ -114,7 +113,7 @@ class SchedulerSide:
 
     # ------------------------------------------------------------ allocation and steps
 
-    def after_alloc(self, request, block_ids: list[int], num_external_tokens: int) -> None:
+    def after_alloc(self, request, num_external_tokens: int) -> None:
         tracked = self._reqs.get(request.request_id)
         if tracked is not None and tracked.load is not None and num_external_tokens == 0:
             self._drop_pending(request.request_id)   # vLLM chose not to load after all

@@ -30,7 +30,7 @@ import torch
 
 from cachesvc.wire.keys import Kind
 from cachesvc_client import CacheClient, CacheServiceError, EntryData
-from cachesvc_connectors.hf.loader import LoadRequest, Staging, open_loader
+from cachesvc_connectors.hf.loader import ArenaLoader, LoadRequest, SlabLoader, Staging, open_loader
 from cachesvc_connectors.vllm.identity import ConnectorConfig, EngineIdentity
 from cachesvc_connectors.vllm.meta import CachesvcMetadata, LoadSpec
 from cachesvc_connectors.vllm.paged import PagedLayout, UnsupportedLayout, layout_of
@@ -42,7 +42,7 @@ _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 @dataclass
 class _Load:
     spec: LoadSpec
-    loader: object                     # SlabLoader | ArenaLoader
+    loader: SlabLoader | ArenaLoader
     failed_from: int | None = None     # first token that did not load (None: all did so far)
 
 
@@ -71,7 +71,6 @@ class WorkerSide:
         self._loads: list[_Load] = []
         self._saves: list[_Save] = []
         self._failed_blocks: set[int] = set()
-        self.stats = {"loads": 0, "tokens_loaded": 0, "load_failures": 0, "chunks_saved": 0, "save_failures": 0}
         # This step's time per phase (s), logged at DEBUG when the step loaded or saved.
         self._step_s = dict.fromkeys(("start", "wait", "scatter", "settle", "gather", "put"), 0.0)
 
@@ -169,11 +168,8 @@ class WorkerSide:
             failed_from = min(load.failed_from if load.failed_from is not None else spec.stop, valid_tokens)
             if failed_from < spec.stop:
                 log.warning("cachesvc load of %s: tokens from %d recomputed (%s)", spec.req_id, failed_from,
-                            "; ".join(getattr(load.loader, "errors", [])[:2]))
+                            "; ".join(load.loader.errors[:2]))
                 self._fail(spec, failed_from)
-            else:
-                self.stats["tokens_loaded"] += spec.stop - spec.start
-            self.stats["loads"] += 1
             self._release(spec.lease_id)
         self._loads.clear()
         self._step_s["settle"] += time.perf_counter() - t0
@@ -181,7 +177,6 @@ class WorkerSide:
     def _fail(self, spec: LoadSpec, from_token: int) -> None:
         first = max(from_token, spec.start) // self.block_size - spec.start // self.block_size
         self._failed_blocks.update(spec.block_ids[first:])
-        self.stats["load_failures"] += 1
 
     def failed_blocks(self) -> set[int]:
         failed, self._failed_blocks = self._failed_blocks, set()
@@ -233,9 +228,7 @@ class WorkerSide:
             return
         try:
             self.client.put(self.identity.family_id, self.identity.model_id, entries, transport=self.config.transport)
-            self.stats["chunks_saved"] += len(entries)
         except CacheServiceError as exc:   # a full or absent cache: the engine serves on
-            self.stats["save_failures"] += 1
             log.warning("cachesvc save of %d chunks failed: %s", len(entries), exc)
         self._step_s["put"] += time.perf_counter() - t0
 
