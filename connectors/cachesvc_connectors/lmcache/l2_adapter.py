@@ -42,7 +42,7 @@ from lmcache.v1.memory_management import MemoryObj
 from lmcache.v1.platform import create_event_notifier
 from lmcache.v1.protocol import DTYPE_TO_INT
 
-from cachesvc.wire.protocol import recv_into_exact
+from cachesvc.wire.protocol import recv_into_exact, send_parts
 from cachesvc.wire.lmwire import (MAX_KEY_BYTES, RESPONSE, SUCCESS, Command, Format, pack_request,
                                   parse_response)
 
@@ -126,13 +126,7 @@ class _Link:
             self.sock = None
 
     def send(self, *parts: bytes | memoryview) -> None:
-        sock = self._open()
-        for part in parts:
-            sock.sendall(part)
-
-    def answers(self, count: int) -> list[bool]:
-        """Read ``count`` header-only answers (200 = yes)."""
-        return [self.answer().code == SUCCESS for _ in range(count)]
+        send_parts(self._open(), list(parts))
 
     def answer(self):
         return parse_response(self.recv_exact(memoryview(bytearray(RESPONSE.size))))
@@ -144,7 +138,7 @@ class _Link:
     def ask(self, command: Command, names: list[str], ttl_s: int = 0) -> list[bool]:
         """One header-only request per name, pipelined; the answers in order."""
         self.send(b"".join(pack_request(command, n, ttl_s) for n in names))
-        return self.answers(len(names))
+        return [self.answer().code == SUCCESS for _ in names]
 
 
 class CachesvcL2Adapter(L2AdapterInterface):
