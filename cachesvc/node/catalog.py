@@ -7,7 +7,7 @@ Not thread-safe: every method runs under the store lock, held by the caller.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from cachesvc.node.arena import Arena
@@ -55,6 +55,10 @@ class Catalog:
         self.mem_lru: OrderedDict[EntryId, EntryRecord] = OrderedDict()   # oldest first
         self.disk_lru: OrderedDict[EntryId, EntryRecord] = OrderedDict()
         self.disk_used = 0
+        # Told of every record entering and leaving ``entries`` (the cluster's global
+        # index follows it); called under the store lock, so they must only queue.
+        self.on_index: Callable[[EntryMeta, Tier], None] | None = None
+        self.on_unindex: Callable[[EntryMeta], None] | None = None
 
     # ------------------------------------------------------------ finding
 
@@ -144,12 +148,16 @@ class Catalog:
         for table, key in _tables(self, meta):
             table.setdefault((meta.tenant, meta.family_id), {}).setdefault(key, {}) \
                 .setdefault(meta.producer, []).append(rec)
+        if self.on_index is not None:
+            self.on_index(meta, rec.tier)
 
     def unindex(self, rec: EntryRecord) -> None:
         """Remove from lookups (the record stays reachable by its holders)."""
         meta = rec.meta
         if self.entries.get(meta.entry_id) is rec:
             del self.entries[meta.entry_id]
+            if self.on_unindex is not None:
+                self.on_unindex(meta)
         for table, key in _tables(self, meta):
             by_key = table.get((meta.tenant, meta.family_id), {})
             producers = by_key.get(key, {})

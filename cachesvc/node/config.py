@@ -94,6 +94,15 @@ class ServerConfig:
                                             "no auth, as LMCache speaks it); -1: off, 0: any free one (logged)")
     lm_tenant: str = _opt("", help="tenant whose namespace lm:// chunks are stored in (empty: the default)")
     node_id: str = _opt("", help="name of this node; default host:port")
+    advertise_host: str = _opt("", help="host name or address other hosts reach this node by (gRPC and the TCP "
+                                        "data plane); default --host")
+    redis_url: str = _opt("", help="join a cluster whose shared index and membership live in this Redis "
+                                   "(redis://host:port/db; ?cluster=true for Redis Cluster); empty: a lone node")
+    cluster_namespace: str = _opt("cachesvc", help="prefix of the cluster's Redis keys (several clusters "
+                                                   "may share one Redis)")
+    heartbeat_ttl_s: float = _opt(3.0, parse=float,
+                                  help="a node that has not heart-beaten for this long drops out of lookups "
+                                       "(it heart-beats every third of it)")
     memory_bytes: int = _opt(factory=default_memory_bytes, parse=parse_size,
                              help="memory tier budget (default: 1/4 of available RAM)")
     data_io_timeout_s: float = _opt(30.0, parse=float,
@@ -143,6 +152,10 @@ class ServerConfig:
             raise ValueError("chunk_size must be > 0")
         if self.memory_bytes < 1 << 20:
             raise ValueError(f"memory_bytes {self.memory_bytes} is below 1 MiB")
+        if self.heartbeat_ttl_s < 0.3:
+            raise ValueError(f"heartbeat_ttl_s {self.heartbeat_ttl_s} is below 0.3 s")
+        if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"redis_url {self.redis_url!r} must start with redis://, rediss:// or unix://")
         if self.workers < 2:
             raise ValueError("workers must be >= 2")
 

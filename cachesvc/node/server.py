@@ -19,6 +19,7 @@ from google.protobuf import message_factory
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from cachesvc.node.cluster import ClusterAgent
 from cachesvc.node.config import ServerConfig
 from cachesvc.wire import ucxlib
 from cachesvc.wire.protocol import host_id
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 _M_MMAP_THRESHOLD = -3   # mallopt parameters from <malloc.h>
 _M_ARENA_MAX = -8
 SERVICE_NAME = cachesvc_pb2.DESCRIPTOR.services_by_name["CacheService"].full_name
+CLUSTER_HEALTH = "cachesvc.cluster"   # health service name: SERVING while this node reaches the cluster's Redis
 
 
 def add_cache_service(server: grpc.Server, servicer: CacheServicer) -> None:
@@ -90,11 +92,14 @@ class RunningServer:
     port: int
     metrics: tuple | None = None     # (HTTP server, thread) of /metrics
     lm: LmEndpoint | None = None     # LMCache's lm:// protocol
+    cluster: ClusterAgent | None = None
 
     def stop(self, grace_s: float) -> None:
         """Refuse new calls and transfers, let in-flight ones finish for up to ``grace_s``,
         then make the store durable and release it."""
         self.health.enter_graceful_shutdown()
+        if self.cluster is not None:
+            self.cluster.stop()      # leave lookups first: clients go to other replicas
         stopped = self.server.stop(grace_s)
         self.dataplane.stop(grace_s)
         if self.lm is not None:
@@ -160,13 +165,22 @@ def start_server(config: ServerConfig) -> RunningServer:
     tls = server_context(config.tls_cert, config.tls_key, config.tls_client_ca) if config.tls_cert else None
     dataplane = DataPlaneServer(store, config.host, config.data_port, config.shm,
                                 config.shm_release_timeout_s, config.data_io_timeout_s, tls)
+    advertised = config.advertise_host or config.host
+    dataplane.tcp_address = f"{advertised}:{dataplane.tcp_address.rsplit(':', 1)[1]}"
     ucx = start_ucx(config, store)
     transports = dataplane.transports() | (ucx.transports() if ucx is not None else {})
-    fetch = cachesvc_pb2.FetchDescriptor(node_id=node_id, grpc_address=f"{config.host}:{port}",
+    fetch = cachesvc_pb2.FetchDescriptor(node_id=node_id, grpc_address=f"{advertised}:{port}",
                                          transports=transports, host_id=host_id())
     dataplane.fetch = fetch
-    add_cache_service(server, CacheServicer(store, fetch))
     health_servicer = health.HealthServicer()
+    cluster = None
+    if config.redis_url:
+        def cluster_health(up: bool) -> None:
+            health_servicer.set(CLUSTER_HEALTH, health_pb2.HealthCheckResponse.SERVING if up
+                                else health_pb2.HealthCheckResponse.NOT_SERVING)
+        cluster = ClusterAgent(store, fetch, config.redis_url, config.cluster_namespace, config.heartbeat_ttl_s,
+                               cluster_health)
+    add_cache_service(server, CacheServicer(store, fetch, cluster))
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
@@ -182,6 +196,8 @@ def start_server(config: ServerConfig) -> RunningServer:
     if ucx is not None:
         ucx.start()
     server.start()
+    if cluster is not None:
+        cluster.start()       # announced only once it serves
     metrics = serve_metrics(store, config.host, config.metrics_port) if config.metrics_port >= 0 else None
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -191,12 +207,13 @@ def start_server(config: ServerConfig) -> RunningServer:
                                "transports": sorted(fetch.transports), "tls": bool(config.tls_cert),
                                "mtls": bool(config.tls_client_ca),
                                "metrics_port": metrics[0].server_port if metrics is not None else None,
-                               "lm_port": lm.port if lm is not None else None})
+                               "lm_port": lm.port if lm is not None else None,
+                               "cluster": cluster.keys.ns if cluster is not None else None})
     if config.port_file:
         tmp = Path(config.port_file + ".tmp")
         tmp.write_text(str(port))
         tmp.replace(config.port_file)
-    return RunningServer(server, store, dataplane, ucx, health_servicer, port, metrics, lm)
+    return RunningServer(server, store, dataplane, ucx, health_servicer, port, metrics, lm, cluster)
 
 
 def serve(config: ServerConfig) -> int:

@@ -15,7 +15,8 @@ from cachesvc.wire import errors
 from cachesvc.node.entries import EntryMeta, SlabSpec
 from cachesvc.wire.layout import Layout
 from cachesvc.wire.framing import decode_write_chunk, encode_slab_run, slab_run_header
-from cachesvc.wire.keys import DType, FamilySpec, Kind
+from cachesvc.wire.keys import DEFAULT_TENANT, DType, FamilySpec, Kind, check_chunk_hashes
+from cachesvc.node.cluster import ClusterAgent, check_cluster_lookup
 from cachesvc.node.metrics import RPC_SECONDS
 from cachesvc.node.models import ModelRecord
 from cachesvc.node.profiles import ProfileRecord
@@ -90,6 +91,8 @@ def _layout_to_proto(layout: Layout) -> pb.EntryLayout:
 
 def lookup_response(store: CacheStore, request: pb.LookupRequest, fetch: pb.FetchDescriptor) -> pb.LookupResponse:
     """A Lookup answered, over gRPC or the same-host data plane (raises CacheError)."""
+    if request.cluster:
+        raise errors.FailedPrecondition("cluster lookups go over gRPC to a node started with --redis-url")
     result = store.lookup(request.tenant, request.family_id, request.chunk_hashes, request.consumer,
                           request.producers, request.lease_ttl_s, request.tail_hashes, request.offer_tails,
                           request.locate)
@@ -120,6 +123,45 @@ def lookup_response(store: CacheStore, request: pb.LookupRequest, fetch: pb.Fetc
     return resp
 
 
+def cluster_lookup_response(store: CacheStore, cluster: ClusterAgent, request: pb.LookupRequest
+                            ) -> pb.LookupResponse:
+    """A Lookup with ``cluster`` answered from the global index: per hit chunk, the nodes
+    holding it."""
+    check_cluster_lookup(request.lease_ttl_s, request.tail_hashes, request.offer_tails, request.locate)
+    try:
+        check_chunk_hashes(request.chunk_hashes)
+    except ValueError as exc:
+        raise errors.InvalidArgument(str(exc)) from None
+    store.get_family(request.family_id)    # NotFound for a family no node registered
+    hits, members = cluster.lookup(request.tenant or DEFAULT_TENANT, request.family_id, request.chunk_hashes,
+                                   request.producers)
+    resp = pb.LookupResponse()
+    layout_index: dict[Layout, int] = {}
+    node_index: dict[str, int] = {}
+    for hit in hits:
+        counts, nodes = [], []
+        for owners in hit.owners:
+            counts.append(len(owners))
+            for node_id in owners:
+                if node_id not in node_index:
+                    node_index[node_id] = len(resp.nodes)
+                    m = members[node_id]
+                    resp.nodes.add(node_id=node_id, grpc_address=m.grpc_address, transports=m.transports,
+                                   host_id=m.host_id)
+                nodes.append(node_index[node_id])
+        indices = []
+        for layout in hit.layouts:
+            if layout not in layout_index:
+                layout_index[layout] = len(resp.layouts)
+                resp.layouts.append(_layout_to_proto(layout))
+            indices.append(layout_index[layout])
+        resp.hits.add(producer=hit.producer, same_model=bool(request.consumer) and hit.producer == request.consumer,
+                      num_chunks=len(hit.entry_ids), entry_ids=b"".join(hit.entry_ids),
+                      position_offsets=hit.position_offsets, layout_indices=indices, tiers=hit.tiers,
+                      owner_counts=counts, owner_nodes=nodes)
+    return resp
+
+
 def _checksums(metas: list[EntryMeta]) -> bytes:
     """Every slab's xxh3-64 of these entries, entry after entry in payload order (u64 LE)."""
     sums = [slab.checksum for meta in metas for slab in meta.slabs]
@@ -145,9 +187,10 @@ def selections_of(request: pb.GetSlabsRequest) -> list[tuple[list[Kind], int, in
 
 
 class CacheServicer(pb_grpc.CacheServiceServicer):
-    def __init__(self, store: CacheStore, fetch: pb.FetchDescriptor) -> None:
+    def __init__(self, store: CacheStore, fetch: pb.FetchDescriptor, cluster: ClusterAgent | None = None) -> None:
         self.store = store
         self.fetch = fetch    # this node's endpoints, handed out with every hit
+        self.cluster = cluster
 
     @_maps_errors
     def RegisterModel(self, request, context):
@@ -251,7 +294,21 @@ class CacheServicer(pb_grpc.CacheServiceServicer):
 
     @_maps_errors
     def Lookup(self, request, context):
+        if request.cluster:
+            if self.cluster is None:
+                raise errors.FailedPrecondition("this node is not in a cluster (started without --redis-url)")
+            return cluster_lookup_response(self.store, self.cluster, request)
         return lookup_response(self.store, request, self.fetch)
+
+    @_maps_errors
+    def ListNodes(self, request, context):
+        if self.cluster is None:
+            raise errors.FailedPrecondition("this node is not in a cluster (started without --redis-url)")
+        members = self.cluster.members() if self.cluster.status.redis_up else {}
+        return pb.ListNodesResponse(nodes=[pb.FetchDescriptor(node_id=m.node_id, grpc_address=m.grpc_address,
+                                                              transports=m.transports, host_id=m.host_id)
+                                           for m in sorted(members.values(), key=lambda m: m.node_id)],
+                                    redis_up=self.cluster.status.redis_up, namespace=self.cluster.keys.ns)
 
     @_maps_errors
     def GetSlabs(self, request, context) -> Iterator[bytes]:
@@ -293,7 +350,8 @@ class CacheServicer(pb_grpc.CacheServiceServicer):
                  for tier, name in ((pb.TIER_MEMORY, "memory"), (pb.TIER_DISK, "disk"))]
         return pb.StatsResponse(node_id=s["node_id"], chunk_size=s["chunk_size"], tiers=tiers,
                                 entries=s["entries"], models=s["models"],
-                                open_reservations=s["open_reservations"], counters=s["counters"],
+                                open_reservations=s["open_reservations"],
+                                counters=s["counters"] | (self.cluster.stats() if self.cluster else {}),
                                 uptime_s=s["uptime_s"], fetch=self.fetch)
 
 

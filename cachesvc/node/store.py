@@ -140,6 +140,11 @@ class CacheStore:
         with self._lock:
             return self.models.get(model_id)
 
+    def get_family(self, family_id: str) -> FamilySpec:
+        """NotFound when no registered model is of ``family_id``."""
+        with self._lock:
+            return self.models.family(family_id)
+
     def list_models(self) -> list[ModelRecord]:
         with self._lock:
             return self.models.models()
@@ -402,6 +407,20 @@ class CacheStore:
             self.counters["checksum_failures"] += 1
             if not rec.deleted:
                 self._catalog.delete(rec)
+
+    # ------------------------------------------------------------ cluster
+
+    def catalog_listener(self, on_index: Callable[[EntryMeta, Tier], None],
+                         on_unindex: Callable[[EntryMeta], None]) -> None:
+        """Have every entry entering and leaving the lookup index reported (under the
+        store lock: the callbacks only queue)."""
+        with self._lock:
+            self._catalog.on_index, self._catalog.on_unindex = on_index, on_unindex
+
+    def indexed_entries(self) -> list[tuple[EntryMeta, Tier]]:
+        """Every committed entry lookups can find, with its tier: a snapshot."""
+        with self._lock:
+            return [(r.meta, r.tier) for r in self._catalog.entries.values()]
 
     # ------------------------------------------------------------ delete, pin, list, stats
 

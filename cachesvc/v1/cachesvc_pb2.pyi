@@ -231,7 +231,7 @@ class AbortResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class LookupRequest(_message.Message):
-    __slots__ = ("tenant", "family_id", "chunk_hashes", "consumer", "producers", "lease_ttl_s", "tail_hashes", "offer_tails", "locate")
+    __slots__ = ("tenant", "family_id", "chunk_hashes", "consumer", "producers", "lease_ttl_s", "tail_hashes", "offer_tails", "locate", "cluster")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     FAMILY_ID_FIELD_NUMBER: _ClassVar[int]
     CHUNK_HASHES_FIELD_NUMBER: _ClassVar[int]
@@ -241,6 +241,7 @@ class LookupRequest(_message.Message):
     TAIL_HASHES_FIELD_NUMBER: _ClassVar[int]
     OFFER_TAILS_FIELD_NUMBER: _ClassVar[int]
     LOCATE_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     family_id: str
     chunk_hashes: _containers.RepeatedScalarFieldContainer[bytes]
@@ -250,7 +251,8 @@ class LookupRequest(_message.Message):
     tail_hashes: _containers.RepeatedScalarFieldContainer[bytes]
     offer_tails: bool
     locate: bool
-    def __init__(self, tenant: _Optional[str] = ..., family_id: _Optional[str] = ..., chunk_hashes: _Optional[_Iterable[bytes]] = ..., consumer: _Optional[str] = ..., producers: _Optional[_Iterable[str]] = ..., lease_ttl_s: _Optional[int] = ..., tail_hashes: _Optional[_Iterable[bytes]] = ..., offer_tails: _Optional[bool] = ..., locate: _Optional[bool] = ...) -> None: ...
+    cluster: bool
+    def __init__(self, tenant: _Optional[str] = ..., family_id: _Optional[str] = ..., chunk_hashes: _Optional[_Iterable[bytes]] = ..., consumer: _Optional[str] = ..., producers: _Optional[_Iterable[str]] = ..., lease_ttl_s: _Optional[int] = ..., tail_hashes: _Optional[_Iterable[bytes]] = ..., offer_tails: _Optional[bool] = ..., locate: _Optional[bool] = ..., cluster: _Optional[bool] = ...) -> None: ...
 
 class EntryLayout(_message.Message):
     __slots__ = ("num_tokens", "k_layers", "v_layers", "e_layers")
@@ -265,7 +267,7 @@ class EntryLayout(_message.Message):
     def __init__(self, num_tokens: _Optional[int] = ..., k_layers: _Optional[_Iterable[int]] = ..., v_layers: _Optional[_Iterable[int]] = ..., e_layers: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class LookupHit(_message.Message):
-    __slots__ = ("producer", "same_model", "num_chunks", "entry_ids", "position_offsets", "layout_indices", "tiers", "fetch", "tail_chunk_hashes", "tail_entry_ids", "tail_position_offsets", "tail_layout_indices", "tail_tiers", "arena_offsets", "slab_checksums", "tail_arena_offsets", "tail_slab_checksums")
+    __slots__ = ("producer", "same_model", "num_chunks", "entry_ids", "position_offsets", "layout_indices", "tiers", "fetch", "tail_chunk_hashes", "tail_entry_ids", "tail_position_offsets", "tail_layout_indices", "tail_tiers", "arena_offsets", "slab_checksums", "tail_arena_offsets", "tail_slab_checksums", "owner_counts", "owner_nodes")
     PRODUCER_FIELD_NUMBER: _ClassVar[int]
     SAME_MODEL_FIELD_NUMBER: _ClassVar[int]
     NUM_CHUNKS_FIELD_NUMBER: _ClassVar[int]
@@ -283,6 +285,8 @@ class LookupHit(_message.Message):
     SLAB_CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
     TAIL_ARENA_OFFSETS_FIELD_NUMBER: _ClassVar[int]
     TAIL_SLAB_CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
+    OWNER_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    OWNER_NODES_FIELD_NUMBER: _ClassVar[int]
     producer: str
     same_model: bool
     num_chunks: int
@@ -300,7 +304,9 @@ class LookupHit(_message.Message):
     slab_checksums: bytes
     tail_arena_offsets: _containers.RepeatedScalarFieldContainer[int]
     tail_slab_checksums: bytes
-    def __init__(self, producer: _Optional[str] = ..., same_model: _Optional[bool] = ..., num_chunks: _Optional[int] = ..., entry_ids: _Optional[bytes] = ..., position_offsets: _Optional[_Iterable[int]] = ..., layout_indices: _Optional[_Iterable[int]] = ..., tiers: _Optional[_Iterable[_Union[Tier, str]]] = ..., fetch: _Optional[_Union[FetchDescriptor, _Mapping]] = ..., tail_chunk_hashes: _Optional[bytes] = ..., tail_entry_ids: _Optional[bytes] = ..., tail_position_offsets: _Optional[_Iterable[int]] = ..., tail_layout_indices: _Optional[_Iterable[int]] = ..., tail_tiers: _Optional[_Iterable[_Union[Tier, str]]] = ..., arena_offsets: _Optional[_Iterable[int]] = ..., slab_checksums: _Optional[bytes] = ..., tail_arena_offsets: _Optional[_Iterable[int]] = ..., tail_slab_checksums: _Optional[bytes] = ...) -> None: ...
+    owner_counts: _containers.RepeatedScalarFieldContainer[int]
+    owner_nodes: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, producer: _Optional[str] = ..., same_model: _Optional[bool] = ..., num_chunks: _Optional[int] = ..., entry_ids: _Optional[bytes] = ..., position_offsets: _Optional[_Iterable[int]] = ..., layout_indices: _Optional[_Iterable[int]] = ..., tiers: _Optional[_Iterable[_Union[Tier, str]]] = ..., fetch: _Optional[_Union[FetchDescriptor, _Mapping]] = ..., tail_chunk_hashes: _Optional[bytes] = ..., tail_entry_ids: _Optional[bytes] = ..., tail_position_offsets: _Optional[_Iterable[int]] = ..., tail_layout_indices: _Optional[_Iterable[int]] = ..., tail_tiers: _Optional[_Iterable[_Union[Tier, str]]] = ..., arena_offsets: _Optional[_Iterable[int]] = ..., slab_checksums: _Optional[bytes] = ..., tail_arena_offsets: _Optional[_Iterable[int]] = ..., tail_slab_checksums: _Optional[bytes] = ..., owner_counts: _Optional[_Iterable[int]] = ..., owner_nodes: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class FetchDescriptor(_message.Message):
     __slots__ = ("node_id", "grpc_address", "transports", "host_id")
@@ -322,14 +328,16 @@ class FetchDescriptor(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., grpc_address: _Optional[str] = ..., transports: _Optional[_Mapping[str, bytes]] = ..., host_id: _Optional[str] = ...) -> None: ...
 
 class LookupResponse(_message.Message):
-    __slots__ = ("hits", "layouts", "lease_id")
+    __slots__ = ("hits", "layouts", "lease_id", "nodes")
     HITS_FIELD_NUMBER: _ClassVar[int]
     LAYOUTS_FIELD_NUMBER: _ClassVar[int]
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    NODES_FIELD_NUMBER: _ClassVar[int]
     hits: _containers.RepeatedCompositeFieldContainer[LookupHit]
     layouts: _containers.RepeatedCompositeFieldContainer[EntryLayout]
     lease_id: str
-    def __init__(self, hits: _Optional[_Iterable[_Union[LookupHit, _Mapping]]] = ..., layouts: _Optional[_Iterable[_Union[EntryLayout, _Mapping]]] = ..., lease_id: _Optional[str] = ...) -> None: ...
+    nodes: _containers.RepeatedCompositeFieldContainer[FetchDescriptor]
+    def __init__(self, hits: _Optional[_Iterable[_Union[LookupHit, _Mapping]]] = ..., layouts: _Optional[_Iterable[_Union[EntryLayout, _Mapping]]] = ..., lease_id: _Optional[str] = ..., nodes: _Optional[_Iterable[_Union[FetchDescriptor, _Mapping]]] = ...) -> None: ...
 
 class GetSlabsRequest(_message.Message):
     __slots__ = ("tenant", "family_id", "entry_ids", "kinds", "layer_start", "layer_end", "layer_major", "selections")
@@ -525,6 +533,20 @@ class StatsResponse(_message.Message):
     uptime_s: int
     fetch: FetchDescriptor
     def __init__(self, node_id: _Optional[str] = ..., chunk_size: _Optional[int] = ..., tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., entries: _Optional[int] = ..., models: _Optional[int] = ..., open_reservations: _Optional[int] = ..., counters: _Optional[_Mapping[str, int]] = ..., uptime_s: _Optional[int] = ..., fetch: _Optional[_Union[FetchDescriptor, _Mapping]] = ...) -> None: ...
+
+class ListNodesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListNodesResponse(_message.Message):
+    __slots__ = ("nodes", "redis_up", "namespace")
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    REDIS_UP_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    nodes: _containers.RepeatedCompositeFieldContainer[FetchDescriptor]
+    redis_up: bool
+    namespace: str
+    def __init__(self, nodes: _Optional[_Iterable[_Union[FetchDescriptor, _Mapping]]] = ..., redis_up: _Optional[bool] = ..., namespace: _Optional[str] = ...) -> None: ...
 
 class ProfileSpec(_message.Message):
     __slots__ = ("producer", "consumer", "producer_digest", "consumer_digest", "document")

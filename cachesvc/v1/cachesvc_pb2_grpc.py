@@ -126,6 +126,11 @@ class CacheServiceStub:
                 request_serializer=cachesvc_dot_v1_dot_cachesvc__pb2.StatsRequest.SerializeToString,
                 response_deserializer=cachesvc_dot_v1_dot_cachesvc__pb2.StatsResponse.FromString,
                 _registered_method=True)
+        self.ListNodes = channel.unary_unary(
+                '/cachesvc.v1.CacheService/ListNodes',
+                request_serializer=cachesvc_dot_v1_dot_cachesvc__pb2.ListNodesRequest.SerializeToString,
+                response_deserializer=cachesvc_dot_v1_dot_cachesvc__pb2.ListNodesResponse.FromString,
+                _registered_method=True)
 
 
 class CacheServiceServicer:
@@ -245,6 +250,14 @@ class CacheServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListNodes(self, request, context):
+        """The cluster's live members as this node sees them (FAILED_PRECONDITION when the
+        node is not in a cluster).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CacheServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -337,6 +350,11 @@ def add_CacheServiceServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=cachesvc_dot_v1_dot_cachesvc__pb2.StatsRequest.FromString,
                     response_serializer=cachesvc_dot_v1_dot_cachesvc__pb2.StatsResponse.SerializeToString,
+            ),
+            'ListNodes': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListNodes,
+                    request_deserializer=cachesvc_dot_v1_dot_cachesvc__pb2.ListNodesRequest.FromString,
+                    response_serializer=cachesvc_dot_v1_dot_cachesvc__pb2.ListNodesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -827,6 +845,33 @@ class CacheService:
             '/cachesvc.v1.CacheService/Stats',
             cachesvc_dot_v1_dot_cachesvc__pb2.StatsRequest.SerializeToString,
             cachesvc_dot_v1_dot_cachesvc__pb2.StatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListNodes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cachesvc.v1.CacheService/ListNodes',
+            cachesvc_dot_v1_dot_cachesvc__pb2.ListNodesRequest.SerializeToString,
+            cachesvc_dot_v1_dot_cachesvc__pb2.ListNodesResponse.FromString,
             options,
             channel_credentials,
             insecure,

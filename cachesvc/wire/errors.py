@@ -31,3 +31,9 @@ class ResourceExhausted(CacheError):
     """No room: a reservation larger than the tier, or a tier full of pinned entries."""
 
     status = "RESOURCE_EXHAUSTED"
+
+
+class Unavailable(CacheError):
+    """A dependency the request needs is down (the cluster's Redis): retry, or elsewhere."""
+
+    status = "UNAVAILABLE"

@@ -16,7 +16,7 @@ from cachesvc.v1 import cachesvc_pb2 as pb
 from cachesvc.v1 import cachesvc_pb2_grpc as pb_grpc
 from cachesvc.wire.convert import family_from_proto, family_to_proto
 from cachesvc_client.codec import (EntryData, Hit, HitEntry, LookupResult, PutResult, Registered,
-                                   SelectionAssembler, SlabAssembler, Slabs, StoredEntry, StoredProfile, bulk_methods,
+                                   NodeInfo, SelectionAssembler, SlabAssembler, Slabs, StoredEntry, StoredProfile, bulk_methods,
                                    entries_from_proto, entry_columns, lookup_from_proto, plan_put, write_chunks)
 from cachesvc_client.errors import CacheServiceError, NotFoundError, UnavailableError, from_rpc_error
 from cachesvc_client.options import ClientOptions, batches
@@ -202,6 +202,21 @@ class CacheClient:
                 pass                           # the socket failed: gRPC retries as it does
         return lookup_from_proto(self._call(self._stub.Lookup, req))
 
+    def cluster_lookup(self, family_id: FamilyId, hashes: Sequence[bytes], *, consumer: ModelId = NO_MODEL,
+                       producers: Sequence[str] = (), tenant: str = "") -> LookupResult:
+        """The longest runs across the node's whole cluster (``Hit.owners``,
+        ``LookupResult.nodes``); FailedPrecondition from a lone node. Use a
+        :class:`~cachesvc_client.cluster.ClusterClient` to fetch them."""
+        req = pb.LookupRequest(tenant=tenant or self.options.tenant, family_id=family_id, chunk_hashes=hashes,
+                               consumer=consumer, producers=producers, cluster=True)
+        return lookup_from_proto(self._call(self._stub.Lookup, req))
+
+    def cluster_nodes(self) -> tuple[dict[str, NodeInfo], bool]:
+        """The cluster's live members as this node sees them, and whether it reaches Redis."""
+        resp = self._call(self._stub.ListNodes, pb.ListNodesRequest())
+        return ({d.node_id: NodeInfo(d.node_id, d.grpc_address, d.host_id, dict(d.transports)) for d in resp.nodes},
+                resp.redis_up)
+
     def lookup_prompt(self, family_id: FamilyId, tokens: Sequence[int], *, consumer: ModelId = NO_MODEL,
                       producers: Sequence[str] = (), lease_ttl_s: int = 0, tenant: str = "",
                       extra_keys: Sequence[str | bytes] = (), locate: bool = False,
@@ -360,6 +375,10 @@ class _FrameStream:
 
 class SelectionStream(_FrameStream):
     """Iterate for (selection index, layer) as each completes; ``results()`` once exhausted."""
+
+    def missing(self, selection: int) -> list:
+        """Selection ``selection``'s misses so far (a layer yielded with one is not whole)."""
+        return list(self._asm.parts[selection].missing)
 
     def arrays(self, selection: int) -> dict[Kind, Any]:
         """Selection ``selection``'s destination arrays, filling as layers complete."""

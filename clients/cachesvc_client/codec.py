@@ -149,6 +149,9 @@ class Hit:
     tails: tuple[TailOffer, ...] = ()
     locations: list[Location] | None = None
     shm: bytes = b""
+    # From a cluster lookup: per entry, the node ids holding it (LookupResult.nodes says
+    # where they are); empty from one node's lookup (``grpc_address`` holds everything).
+    owners: tuple[tuple[str, ...], ...] = ()
 
     def with_tail(self, offer: TailOffer) -> "Hit":
         """This hit extended by a verified offer (and no further offers)."""
@@ -177,13 +180,24 @@ class Hit:
         return Hit(self.producer, self.same_model, self.entry_ids[chunks],
                    self.position_offsets[chunks], self.layouts[chunks], self.tiers[chunks],
                    self.grpc_address, (), self.locations[chunks] if self.locations is not None else None,
-                   self.shm)
+                   self.shm, self.owners[chunks])
+
+
+@dataclass(frozen=True, slots=True)
+class NodeInfo:
+    """A cluster member: where its gRPC and data-plane endpoints are."""
+
+    node_id: str
+    grpc_address: str
+    host_id: str
+    transports: dict[str, bytes] = field(repr=False)
 
 
 @dataclass(frozen=True, slots=True)
 class LookupResult:
     hits: list[Hit]        # longest first
     lease_id: str          # "" unless a lease was asked for and something hit
+    nodes: dict[str, NodeInfo] = field(default_factory=dict)   # a cluster lookup's owners
 
     def best(self, producer: str | None = None) -> Hit | None:
         for hit in self.hits:
@@ -256,8 +270,23 @@ def lookup_from_proto(resp: pb.LookupResponse) -> LookupResult:
                       for i, (offset, tier) in enumerate(zip(h.tail_position_offsets, h.tail_tiers, strict=True)))
         hits.append(Hit(h.producer, h.same_model, ids, list(h.position_offsets), hit_layouts,
                         list(map(_TIERS.__getitem__, h.tiers)), h.fetch.grpc_address, tails, locations,
-                        h.fetch.transports.get("shm", b"")))
-    return LookupResult(hits, resp.lease_id)
+                        h.fetch.transports.get("shm", b""), _owners(h, resp.nodes)))
+    nodes = {d.node_id: NodeInfo(d.node_id, d.grpc_address, d.host_id, dict(d.transports)) for d in resp.nodes}
+    return LookupResult(hits, resp.lease_id, nodes)
+
+
+def _owners(hit: pb.LookupHit, nodes: Sequence[pb.FetchDescriptor]) -> tuple[tuple[str, ...], ...]:
+    """Per entry, the ids of the nodes holding it (a cluster lookup; () otherwise)."""
+    if not hit.owner_counts:
+        return ()
+    if len(hit.owner_counts) != hit.num_chunks or sum(hit.owner_counts) != len(hit.owner_nodes) or \
+            any(i >= len(nodes) for i in hit.owner_nodes):
+        raise ValueError("cluster lookup answer: owner lists do not match the hit")
+    out, at = [], 0
+    for count in hit.owner_counts:
+        out.append(tuple(nodes[i].node_id for i in hit.owner_nodes[at:at + count]))
+        at += count
+    return tuple(out)
 
 
 def _locations(offsets: Sequence[int], checksums: bytes, layouts: Sequence[Layout]) -> list[Location] | None:

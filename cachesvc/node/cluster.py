@@ -1,0 +1,260 @@
+"""A node's part in a cluster: its membership, its entries in the global index, and the
+models every node shares (schema: cachesvc.wire.cluster, docs/cluster.md).
+
+The store's catalog reports every entry that enters or leaves the lookup index (under
+the store lock, so it only appends to a deque); one thread here turns those reports into
+pipelined Redis writes and heart-beats. Redis never blocks the store: while it is down
+the node serves its own entries, says so in health and stats, and queues nothing (the
+queue is dropped); when Redis answers again, the node takes a new incarnation and
+republishes what it holds, which is also how an index lost with a restarted Redis is
+rebuilt: every node does it within one heartbeat interval.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from cachesvc.node.entries import EntryMeta
+from cachesvc.node.logs import Throttled
+from cachesvc.node.store import CacheStore
+from cachesvc.v1 import cachesvc_pb2 as pb
+from cachesvc.wire.cluster import (ClusterHit, ClusterIndex, IndexRecord, Keys, Member, connect, index_field,
+                                   redis_now_ms)
+from cachesvc.wire.errors import FailedPrecondition, Unavailable
+from cachesvc.wire.convert import family_from_proto, family_to_proto
+from cachesvc.wire.keys import Tier
+
+log = logging.getLogger(__name__)
+
+PUBLISH_BATCH = 512            # index writes per pipeline
+STALE_MEMBER_FACTOR = 10       # members expired this many TTLs ago are removed from the hash
+
+
+@dataclass(slots=True)
+class ClusterStatus:
+    redis_up: bool = False
+    incarnation: int = 0
+    members: int = 0
+    published: int = 0         # index writes sent (adds and removals)
+    resyncs: int = 0           # full republishes (start, and after Redis came back)
+    queue: int = 0
+
+
+class ClusterAgent:
+    """Keeps this node in the cluster. ``on_health(up)`` is told when Redis comes and goes."""
+
+    def __init__(self, store: CacheStore, fetch: pb.FetchDescriptor, redis_url: str, namespace: str,
+                 heartbeat_ttl_s: float, on_health: Callable[[bool], None] = lambda up: None) -> None:
+        if heartbeat_ttl_s <= 0:
+            raise ValueError("heartbeat TTL must be > 0")
+        self.store = store
+        self.fetch = fetch
+        self.node_id = fetch.node_id
+        self.ttl_ms = int(heartbeat_ttl_s * 1000)
+        self.redis = connect(redis_url)
+        self.keys = Keys(namespace)
+        self.index = ClusterIndex(self.redis, namespace)
+        self.status = ClusterStatus()
+        self._on_health = on_health
+        self._events: collections.deque[tuple[bool, EntryMeta, Tier]] = collections.deque()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._dirty = True              # Redis may not hold what this node holds: resync
+        self._thread = threading.Thread(target=self._run, name="cluster", daemon=True)
+        self._errors = Throttled(log, 6)
+
+    # ------------------------------------------------------------ store hooks
+
+    def entry_indexed(self, meta: EntryMeta, tier: Tier) -> None:
+        """Called under the store lock: O(1)."""
+        self._events.append((True, meta, tier))
+
+    def entry_unindexed(self, meta: EntryMeta) -> None:
+        self._events.append((False, meta, Tier.MEMORY))
+        self._wake.set()
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        self.store.catalog_listener(self.entry_indexed, self.entry_unindexed)
+        self._tick()                    # join before serving, when Redis is there
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Leave the cluster at once (readers stop counting this node without waiting
+        for its heartbeat to expire)."""
+        self._stop.set()
+        self._wake.set()
+        self._thread.join()
+        try:
+            self.redis.hdel(self.keys.nodes, self.node_id)
+        except Exception:   # noqa: BLE001 - Redis down: the heartbeat expires on its own
+            pass
+        self.redis.close()
+
+    def _run(self) -> None:
+        interval = self.ttl_ms / 3000
+        while not self._stop.is_set():
+            self._wake.wait(min(interval, 0.05) if self._events else interval)
+            self._wake.clear()
+            if not self._stop.is_set():
+                self._tick()
+
+    def _tick(self) -> None:
+        try:
+            if self._dirty:
+                self._resync()
+            self._drain()
+            self._heartbeat()
+            self._set_up(True)
+        except Exception as exc:   # noqa: BLE001 - any Redis failure: keep serving, resync later
+            self._events.clear()    # lost with Redis: the resync republishes from the catalog
+            self._dirty = True
+            self._set_up(False)
+            self._errors.info("cluster: Redis unavailable", error=f"{type(exc).__name__}: {exc}")
+
+    def _set_up(self, up: bool) -> None:
+        if up != self.status.redis_up:
+            self.status.redis_up = up
+            log.info("cluster: Redis " + ("reachable" if up else "unreachable; serving own entries only"))
+            self._on_health(up)
+        self.status.queue = len(self._events)
+
+    # ------------------------------------------------------------ publishing
+
+    def _resync(self) -> None:
+        """Publish every entry held under a new incarnation, then switch the membership
+        to it: readers go from the old set of fields to the new one in one write."""
+        incarnation = redis_now_ms(self.redis)
+        self._events.clear()           # the snapshot below supersedes what was queued
+        snapshot = self.store.indexed_entries()
+        self._adopt_models()
+        self.status.incarnation = incarnation
+        self._write((True, meta, tier) for meta, tier in snapshot)
+        self._announce()
+        self._dirty = False
+        self.status.resyncs += 1
+        log.info("cluster: joined", extra={"node_id": self.node_id, "incarnation": incarnation,
+                                           "entries": len(snapshot)})
+
+    def _drain(self) -> None:
+        batch = []
+        while self._events:
+            batch.append(self._events.popleft())
+        if batch:
+            self._write(batch)
+
+    def _write(self, events) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        pending = 0
+        incarnation = self.status.incarnation
+        for add, meta, tier in events:
+            key = self.keys.chunk(meta.tenant, meta.family_id, meta.chunk_hash)
+            if add:
+                rec = IndexRecord(meta.producer, self.node_id, meta.entry_id, meta.position_offset, meta.layout,
+                                  tier, incarnation)
+                pipe.hset(key, rec.field, rec.value())
+            else:
+                pipe.hdel(key, index_field(meta.producer, self.node_id, meta.entry_id))
+            pending += 1
+            if pending == PUBLISH_BATCH:
+                pipe.execute()
+                self.status.published += pending
+                pending = 0
+        if pending:
+            pipe.execute()
+            self.status.published += pending
+
+    def _heartbeat(self) -> None:
+        """Extend this node's membership. A membership missing, or of another incarnation,
+        means Redis lost it (restarted, flushed) and with it this node's index fields:
+        resync at once. (Two processes given one node id make each other resync; the
+        log says so.)"""
+        current = self.redis.hget(self.keys.nodes, self.node_id)
+        if current is None or Member.from_json(current).incarnation != self.status.incarnation:
+            self._errors.info("cluster: membership lost from Redis; republishing", node_id=self.node_id)
+            self._resync()
+            return
+        self._announce()
+        self.status.members = len(self.index.members(fresh=True))
+        if self.redis.hlen(self.keys.models) > len(self.store.list_models()):
+            self._adopt_models()        # registered through another node since
+        self._forget_dead()
+
+    def _announce(self) -> None:
+        """Write this node's membership (expiring one TTL from now by Redis's clock) and
+        the models it knows that the cluster does not."""
+        member = Member(self.node_id, self.fetch.grpc_address, self.fetch.host_id, self.status.incarnation,
+                        redis_now_ms(self.redis) + self.ttl_ms, dict(self.fetch.transports))
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(self.keys.nodes, self.node_id, member.to_json())
+        for model in self.store.list_models():
+            doc = {"weights_digest": model.weights_digest,
+                   "family": family_to_proto(model.family).SerializeToString().hex()}
+            pipe.hsetnx(self.keys.models, model.model_id, json.dumps(doc, sort_keys=True))
+        pipe.execute()
+
+    def _forget_dead(self) -> None:
+        now = redis_now_ms(self.redis)
+        for node_id, raw in self.redis.hgetall(self.keys.nodes).items():
+            try:
+                member = Member.from_json(raw)
+            except (ValueError, TypeError, KeyError):
+                member = None
+            if member is None or member.expires_ms < now - STALE_MEMBER_FACTOR * self.ttl_ms:
+                self.redis.hdel(self.keys.nodes, node_id)
+
+    # ------------------------------------------------------------ models
+
+    def _adopt_models(self) -> None:
+        """Register locally every model another node registered (same id, other weights:
+        kept as this node has it, and logged)."""
+        local = {m.model_id: m for m in self.store.list_models()}
+        for model_id, doc in self.index.models().items():
+            try:
+                family = family_from_proto(pb.FamilySpec.FromString(bytes.fromhex(doc["family"])))
+                if model_id not in local:
+                    self.store.register_model(model_id, doc["weights_digest"], family, replace=False)
+                elif local[model_id].weights_digest != doc["weights_digest"]:
+                    self._errors.info("cluster: model differs from the cluster's", model_id=model_id)
+            except Exception as exc:   # noqa: BLE001 - one bad record must not stop the others
+                self._errors.info("cluster: model not adopted", model_id=model_id, error=str(exc))
+
+    # ------------------------------------------------------------ reading
+
+    def lookup(self, tenant: str, family_id: str, hashes, producers) -> tuple[list[ClusterHit], dict[str, Member]]:
+        """The cluster's hits for a chain, and the live members they name."""
+        if not self.status.redis_up:
+            raise Unavailable(f"node {self.node_id} has lost the cluster's Redis: it answers for its own entries "
+                              "only (cluster=false), or ask another node")
+        try:
+            hits = self.index.lookup(tenant, family_id, hashes, producers)
+            return hits, self.index.members()
+        except Exception as exc:   # noqa: BLE001 - any Redis failure is the dependency's
+            raise Unavailable(f"cluster index unavailable: {type(exc).__name__}: {exc}") from None
+
+    def members(self) -> dict[str, Member]:
+        try:
+            return self.index.members()
+        except Exception as exc:   # noqa: BLE001
+            raise Unavailable(f"cluster membership unavailable: {type(exc).__name__}: {exc}") from None
+
+    def stats(self) -> dict[str, int]:
+        s = self.status
+        return {"cluster_redis_up": int(s.redis_up), "cluster_members": s.members,
+                "cluster_published": s.published, "cluster_resyncs": s.resyncs,
+                "cluster_publish_queue": len(self._events), "cluster_incarnation": s.incarnation}
+
+
+def check_cluster_lookup(lease_ttl_s: int, tail_hashes, offer_tails: bool, locate: bool) -> None:
+    """What a cluster lookup cannot do (leases and located reads are one node's; tails
+    are offered by a node's own index)."""
+    unsupported = [name for name, on in (("lease_ttl_s", lease_ttl_s), ("tail_hashes", tail_hashes),
+                                         ("offer_tails", offer_tails), ("locate", locate)) if on]
+    if unsupported:
+        raise FailedPrecondition(f"a cluster lookup cannot take {', '.join(unsupported)}: look up on one node "
+                                 "(cluster=false) for those")

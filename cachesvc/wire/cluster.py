@@ -1,0 +1,278 @@
+"""The cluster's shared state in Redis: membership, the global chunk index, models, and
+where entries are placed. Shared by nodes (which write it) and the SDK (which may read
+it straight from Redis); docs/cluster.md describes the schema in prose.
+
+Keys, under a namespace ``NS`` (default ``cachesvc``):
+
+- ``NS:nodes`` — hash, node id → JSON :class:`Member` (endpoints, incarnation, and the
+  Redis-clock millisecond its heartbeat expires at). One key, so the member list is one
+  read (and one hash slot in Redis Cluster). A member whose ``expires_ms`` has passed is
+  dead to every reader, whether or not anyone has removed it yet.
+- ``NS:ix:TENANT:FAMILY:CHUNKHEX`` — hash, one per chunk; field
+  ``PRODUCER \\x1f NODE \\x1f ENTRYHEX`` → :class:`IndexRecord` (position, layout, tier,
+  the publishing node's incarnation). A node writes a field only after the entry
+  committed and deletes it when the entry leaves its index, so no reader anywhere sees a
+  half-written entry. A field counts only while its node is live *in the incarnation it
+  was written in*: when a node loses track of what Redis holds for it (Redis restarted,
+  a publish failed) it takes a new incarnation and republishes everything it holds, and
+  every older field of it stops counting at once, wherever it lies.
+- ``NS:models`` — hash, model id → JSON (weights digest and family): models are
+  cluster-wide, nodes adopt what others registered.
+
+Placement is rendezvous hashing of the chunk hash over live nodes: every producer of a
+chunk lands on the same nodes, so a cross-model consumer's hits sit beside its own.
+
+Redis is reached through redis-py (imported lazily: a lone node needs no Redis).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from cachesvc.wire.keys import ENTRY_ID_BYTES, EntryId, Tier
+from cachesvc.wire.layout import Layout
+
+DEFAULT_NAMESPACE = "cachesvc"
+SEP = "\x1f"                 # field separator inside index fields: never in a model id or node id
+LOOKUP_BATCHES = (32, 256)   # first pipelined reads of a lookup; the rest in one (a miss stops early)
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """A node as the cluster sees it. ``transports``: data-plane endpoints by name,
+    values as the node's FetchDescriptor has them (bytes, stored hex)."""
+
+    node_id: str
+    grpc_address: str
+    host_id: str
+    incarnation: int
+    expires_ms: int
+    transports: dict[str, bytes] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        doc = asdict(self)
+        doc["transports"] = {k: v.hex() for k, v in self.transports.items()}
+        return json.dumps(doc, sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "Member":
+        doc = json.loads(text)
+        doc["transports"] = {k: bytes.fromhex(v) for k, v in doc.get("transports", {}).items()}
+        return cls(**doc)
+
+
+@dataclass(frozen=True, slots=True)
+class IndexRecord:
+    """One node's copy of one entry, as the global index lists it."""
+
+    producer: str
+    node_id: str
+    entry_id: EntryId
+    position_offset: int
+    layout: Layout
+    tier: Tier
+    incarnation: int
+
+    @property
+    def field(self) -> str:
+        return index_field(self.producer, self.node_id, self.entry_id)
+
+    def value(self) -> str:
+        lay = self.layout
+        return " ".join((str(self.position_offset), str(lay.num_tokens), _mask(lay.k_layers),
+                         _mask(lay.v_layers), _mask(lay.e_layers), str(int(self.tier)), str(self.incarnation)))
+
+    @classmethod
+    def parse(cls, field_: str | bytes, value: str | bytes) -> "IndexRecord":
+        """ValueError on anything malformed (a reader skips such a field)."""
+        if isinstance(field_, bytes):
+            field_ = field_.decode()
+        if isinstance(value, bytes):
+            value = value.decode()
+        producer, node_id, entry_hex = field_.split(SEP)
+        entry_id = bytes.fromhex(entry_hex)
+        if len(entry_id) != ENTRY_ID_BYTES:
+            raise ValueError(f"entry id of {len(entry_id)} bytes")
+        pos, tokens, k, v, e, tier, inc = value.split(" ")
+        return cls(producer, node_id, EntryId(entry_id), int(pos),
+                   Layout(int(tokens), _layers(k), _layers(v), _layers(e)), Tier(int(tier)), int(inc))
+
+
+def index_field(producer: str, node_id: str, entry_id: bytes) -> str:
+    return f"{producer}{SEP}{node_id}{SEP}{entry_id.hex()}"
+
+
+def _mask(layers: Iterable[int]) -> str:
+    bits = 0
+    for layer in layers:
+        bits |= 1 << layer
+    return format(bits, "x")
+
+
+def _layers(mask: str) -> tuple[int, ...]:
+    bits = int(mask, 16)
+    return tuple(i for i in range(bits.bit_length()) if bits >> i & 1)
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterHit:
+    """One producer's longest run of leading chunks across the cluster: per chunk i, the
+    entry (the same id on every replica) and ``owners[i]``, the live nodes holding it."""
+
+    producer: str
+    entry_ids: list[EntryId]
+    position_offsets: list[int]
+    layouts: list[Layout]
+    tiers: list[Tier]
+    owners: list[tuple[str, ...]]
+
+
+class Keys:
+    """Key names under one namespace."""
+
+    def __init__(self, namespace: str = DEFAULT_NAMESPACE) -> None:
+        if not namespace or ":" in namespace:
+            raise ValueError(f"cluster namespace {namespace!r} must be non-empty and without ':'")
+        self.ns = namespace
+        self.nodes = f"{namespace}:nodes"
+        self.models = f"{namespace}:models"
+
+    def chunk(self, tenant: str, family_id: str, chunk_hash: bytes) -> str:
+        return f"{self.ns}:ix:{tenant}:{family_id}:{chunk_hash.hex()}"
+
+
+def connect(url: str) -> Any:
+    """A redis-py client for ``url``: ``redis://host:port/db`` for a standalone Redis,
+    with ``?cluster=true`` for Redis Cluster (keys then spread over its shards)."""
+    import redis
+    from urllib.parse import parse_qs, urlsplit
+    query = parse_qs(urlsplit(url).query)
+    clustered = query.pop("cluster", ["false"])[0].lower() in ("1", "true", "yes")
+    plain = url.split("?")[0] + ("?" + "&".join(f"{k}={v[0]}" for k, v in query.items()) if query else "")
+    options = {"socket_timeout": 2.0, "socket_connect_timeout": 2.0, "health_check_interval": 10}
+    if clustered:
+        from redis.cluster import RedisCluster
+        return RedisCluster.from_url(plain, **options)
+    return redis.Redis.from_url(plain, **options)
+
+
+def redis_now_ms(client: Any) -> int:
+    """Redis's clock in ms: every heartbeat is stamped and judged by the same clock, so
+    the hosts' clocks need not agree."""
+    seconds, micros = client.time()
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
+class ClusterIndex:
+    """Readers of the shared state (membership and the global index). Thread-safe as
+    redis-py's client is; membership is cached for ``members_ttl_s``."""
+
+    def __init__(self, client: Any, namespace: str = DEFAULT_NAMESPACE, members_ttl_s: float = 0.25) -> None:
+        self.client = client
+        self.keys = Keys(namespace)
+        self._members_ttl_s = members_ttl_s
+        self._members: tuple[float, dict[str, Member]] = (0.0, {})
+
+    def members(self, fresh: bool = False) -> dict[str, Member]:
+        """Live members by node id (expired heartbeats left out)."""
+        at, cached = self._members
+        if not fresh and time.monotonic() - at < self._members_ttl_s:
+            return cached
+        pipe = self.client.pipeline(transaction=False)
+        pipe.time()
+        pipe.hgetall(self.keys.nodes)
+        (seconds, micros), rows = pipe.execute()
+        now = int(seconds) * 1000 + int(micros) // 1000
+        live = {}
+        for raw in rows.values():
+            try:
+                member = Member.from_json(raw)
+            except (ValueError, TypeError, KeyError):
+                continue
+            if member.expires_ms > now:
+                live[member.node_id] = member
+        self._members = (time.monotonic(), live)
+        return live
+
+    def lookup(self, tenant: str, family_id: str, hashes: Sequence[bytes],
+               producers: Sequence[str] = ()) -> list[ClusterHit]:
+        """Per producer, its longest run of leading ``hashes`` held by live nodes (in the
+        incarnation they wrote it in), longest first. Reads the index in growing
+        pipelined batches and stops at the first chunk no producer continues through."""
+        members = self.members()
+        wanted = set(producers)
+        runs: dict[str, ClusterHit] = {}
+        active: set[str] | None = None          # producers whose run reaches the current chunk
+        done, sizes = 0, iter(LOOKUP_BATCHES)
+        while done < len(hashes) and (active is None or active):
+            size = next(sizes, len(hashes))
+            batch = hashes[done:done + size]
+            pipe = self.client.pipeline(transaction=False)
+            for h in batch:
+                pipe.hgetall(self.keys.chunk(tenant, family_id, h))
+            for row in pipe.execute():
+                found = _live_records(row, members, wanted)
+                if active is None:
+                    active = set(found)
+                    for producer in active:
+                        runs[producer] = ClusterHit(producer, [], [], [], [], [])
+                active &= set(found)
+                for producer in active:
+                    entry, owners = found[producer]
+                    hit = runs[producer]
+                    hit.entry_ids.append(entry.entry_id)
+                    hit.position_offsets.append(entry.position_offset)
+                    hit.layouts.append(entry.layout)
+                    hit.tiers.append(entry.tier)
+                    hit.owners.append(owners)
+                if not active:
+                    break
+            done += len(batch)
+        return sorted((h for h in runs.values() if h.entry_ids), key=lambda h: (-len(h.entry_ids), h.producer))
+
+    def models(self) -> dict[str, dict]:
+        """Every model registered anywhere in the cluster: id → {weights_digest, family}."""
+        out = {}
+        for key, raw in self.client.hgetall(self.keys.models).items():
+            try:
+                out[key.decode() if isinstance(key, bytes) else key] = json.loads(raw)
+            except ValueError:
+                continue
+        return out
+
+
+def _live_records(row: dict, members: dict[str, Member], wanted: set[str]
+                  ) -> dict[str, tuple[IndexRecord, tuple[str, ...]]]:
+    """Per producer of one chunk: the entry with the most live owners, and those owners."""
+    by_entry: dict[tuple[str, bytes], list[IndexRecord]] = {}
+    for field_, value in row.items():
+        try:
+            rec = IndexRecord.parse(field_, value)
+        except (ValueError, TypeError):
+            continue
+        member = members.get(rec.node_id)
+        if member is None or member.incarnation != rec.incarnation or (wanted and rec.producer not in wanted):
+            continue
+        by_entry.setdefault((rec.producer, rec.entry_id), []).append(rec)
+    best: dict[str, tuple[IndexRecord, tuple[str, ...]]] = {}
+    for (producer, _), recs in by_entry.items():
+        if producer not in best or len(recs) > len(best[producer][1]):
+            best[producer] = (recs[0], tuple(sorted(r.node_id for r in recs)))
+    return best
+
+
+def rendezvous(key: bytes, nodes: Iterable[str], replicas: int) -> list[str]:
+    """The ``replicas`` nodes with the highest weight for ``key`` (highest random weight
+    hashing): adding or removing a node moves only the keys it gains or held."""
+    def weight(node: str) -> bytes:
+        return hashlib.blake2b(key + b"\x00" + node.encode(), digest_size=8).digest()
+    return sorted(nodes, key=weight, reverse=True)[:replicas]
+
+
+__all__ = ["DEFAULT_NAMESPACE", "Member", "IndexRecord", "ClusterHit", "ClusterIndex", "Keys", "connect",
+           "redis_now_ms", "rendezvous", "index_field"]
