@@ -26,7 +26,9 @@ from cachesvc.wire.cluster import (ClusterHit, ClusterIndex, IndexRecord, Keys, 
                                    redis_now_ms)
 from cachesvc.wire.errors import FailedPrecondition, Unavailable
 from cachesvc.wire.convert import family_from_proto, family_to_proto
-from cachesvc.wire.keys import Tier
+from cachesvc.node.models import RegisterOutcome
+from cachesvc.node.replicator import Replicator
+from cachesvc.wire.keys import FamilySpec, Tier
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +50,8 @@ class ClusterAgent:
     """Keeps this node in the cluster. ``on_health(up)`` is told when Redis comes and goes."""
 
     def __init__(self, store: CacheStore, fetch: pb.FetchDescriptor, redis_url: str, namespace: str,
-                 heartbeat_ttl_s: float, on_health: Callable[[bool], None] = lambda up: None) -> None:
+                 heartbeat_ttl_s: float, on_health: Callable[[bool], None] = lambda up: None,
+                 replication: int = 0, rebalance_bytes_per_s: float = 64 << 20) -> None:
         if heartbeat_ttl_s <= 0:
             raise ValueError("heartbeat TTL must be > 0")
         self.store = store
@@ -66,6 +69,10 @@ class ClusterAgent:
         self._dirty = True              # Redis may not hold what this node holds: resync
         self._thread = threading.Thread(target=self._run, name="cluster", daemon=True)
         self._errors = Throttled(log, 6)
+        self._models_version: bytes | None = None
+        self._live: frozenset[str] = frozenset()
+        self.replicator = Replicator(store, self.index, self.node_id, replication, rebalance_bytes_per_s) \
+            if replication else None
 
     # ------------------------------------------------------------ store hooks
 
@@ -81,6 +88,8 @@ class ClusterAgent:
 
     def start(self) -> None:
         self.store.catalog_listener(self.entry_indexed, self.entry_unindexed)
+        if self.replicator is not None:
+            self.replicator.start()
         self._tick()                    # join before serving, when Redis is there
         self._thread.start()
 
@@ -90,6 +99,8 @@ class ClusterAgent:
         self._stop.set()
         self._wake.set()
         self._thread.join()
+        if self.replicator is not None:
+            self.replicator.stop()
         try:
             self.redis.hdel(self.keys.nodes, self.node_id)
         except Exception:   # noqa: BLE001 - Redis down: the heartbeat expires on its own
@@ -152,11 +163,12 @@ class ClusterAgent:
         pipe = self.redis.pipeline(transaction=False)
         pending = 0
         incarnation = self.status.incarnation
+        digests = {m.model_id: m.weights_digest for m in self.store.list_models()}
         for add, meta, tier in events:
             key = self.keys.chunk(meta.tenant, meta.family_id, meta.chunk_hash)
             if add:
                 rec = IndexRecord(meta.producer, self.node_id, meta.entry_id, meta.position_offset, meta.layout,
-                                  tier, incarnation)
+                                  tier, digests.get(meta.producer, "-"), incarnation)
                 pipe.hset(key, rec.field, rec.value())
             else:
                 pipe.hdel(key, index_field(meta.producer, self.node_id, meta.entry_id))
@@ -180,9 +192,15 @@ class ClusterAgent:
             self._resync()
             return
         self._announce()
-        self.status.members = len(self.index.members(fresh=True))
-        if self.redis.hlen(self.keys.models) > len(self.store.list_models()):
-            self._adopt_models()        # registered through another node since
+        live = frozenset(self.index.members(fresh=True))
+        self.status.members = len(live)
+        if live != self._live and self.replicator is not None:
+            self.replicator.schedule()  # a member came or went: re-replicate, rebalance
+        self._live = live
+        version = self.redis.get(self.keys.models_version)
+        if version != self._models_version:
+            self._adopt_models()        # registered or replaced through another node since
+            self._models_version = version
         self._forget_dead()
 
     def _announce(self) -> None:
@@ -193,9 +211,8 @@ class ClusterAgent:
         pipe = self.redis.pipeline(transaction=False)
         pipe.hset(self.keys.nodes, self.node_id, member.to_json())
         for model in self.store.list_models():
-            doc = {"weights_digest": model.weights_digest,
-                   "family": family_to_proto(model.family).SerializeToString().hex()}
-            pipe.hsetnx(self.keys.models, model.model_id, json.dumps(doc, sort_keys=True))
+            pipe.hsetnx(self.keys.models, model.model_id,
+                        json.dumps(_model_doc(model.weights_digest, model.family), sort_keys=True))
         pipe.execute()
 
     def _forget_dead(self) -> None:
@@ -210,17 +227,46 @@ class ClusterAgent:
 
     # ------------------------------------------------------------ models
 
+    def register_model(self, model_id: str, weights_digest: str, family: FamilySpec,
+                       replace: bool) -> RegisterOutcome:
+        """Register cluster-wide: the cluster's registry (Redis) decides as a node's own
+        would (same id, other weights: FAILED_PRECONDITION unless ``replace``); then this
+        node registers it and publishes it for the others to adopt. With Redis down, this
+        node's registry alone decides (its resync publishes the model later)."""
+        try:
+            raw = self.redis.hget(self.keys.models, model_id)
+        except Exception:   # noqa: BLE001 - Redis down: decide locally
+            return self.store.register_model(model_id, weights_digest, family, replace)
+        mine = _model_doc(weights_digest.lower(), family)
+        if raw is not None and json.loads(raw) != mine and not replace:
+            raise FailedPrecondition(f"model {model_id!r} is registered in the cluster with other weights or "
+                                     "family; pass replace=true to replace it everywhere (and drop its entries)")
+        outcome = self.store.register_model(model_id, weights_digest, family, replace or raw is not None)
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            if replace:
+                pipe.hset(self.keys.models, model_id, json.dumps(mine, sort_keys=True))
+            else:
+                pipe.hsetnx(self.keys.models, model_id, json.dumps(mine, sort_keys=True))
+            pipe.incr(self.keys.models_version)
+            pipe.execute()
+        except Exception as exc:   # noqa: BLE001 - registered here; published with the next resync
+            self._dirty = True
+            self._errors.info("cluster: model not published", model_id=model_id, error=str(exc))
+        return outcome
+
     def _adopt_models(self) -> None:
-        """Register locally every model another node registered (same id, other weights:
-        kept as this node has it, and logged)."""
+        """Make this node's registry the cluster's: register what it lacks, and replace
+        what differs (a model replaced while this node was away; its old entries go)."""
         local = {m.model_id: m for m in self.store.list_models()}
         for model_id, doc in self.index.models().items():
             try:
                 family = family_from_proto(pb.FamilySpec.FromString(bytes.fromhex(doc["family"])))
-                if model_id not in local:
-                    self.store.register_model(model_id, doc["weights_digest"], family, replace=False)
-                elif local[model_id].weights_digest != doc["weights_digest"]:
-                    self._errors.info("cluster: model differs from the cluster's", model_id=model_id)
+                have = local.get(model_id)
+                if have is None or _model_doc(have.weights_digest, have.family) != doc:
+                    if have is not None:
+                        log.info("cluster: adopting the cluster's version of a model", extra={"model_id": model_id})
+                    self.store.register_model(model_id, doc["weights_digest"], family, replace=True)
             except Exception as exc:   # noqa: BLE001 - one bad record must not stop the others
                 self._errors.info("cluster: model not adopted", model_id=model_id, error=str(exc))
 
@@ -245,9 +291,19 @@ class ClusterAgent:
 
     def stats(self) -> dict[str, int]:
         s = self.status
-        return {"cluster_redis_up": int(s.redis_up), "cluster_members": s.members,
-                "cluster_published": s.published, "cluster_resyncs": s.resyncs,
-                "cluster_publish_queue": len(self._events), "cluster_incarnation": s.incarnation}
+        out = {"cluster_redis_up": int(s.redis_up), "cluster_members": s.members,
+               "cluster_published": s.published, "cluster_resyncs": s.resyncs,
+               "cluster_publish_queue": len(self._events), "cluster_incarnation": s.incarnation}
+        if self.replicator is not None:
+            r = self.replicator
+            out |= {"cluster_replicated_entries": r.copied, "cluster_replicated_bytes": r.bytes_copied,
+                    "cluster_replication_failures": r.failures, "cluster_replication_passes": r.passes}
+        return out
+
+
+def _model_doc(weights_digest: str, family: FamilySpec) -> dict:
+    """A model as the cluster's registry holds it (comparable as a dict)."""
+    return {"weights_digest": weights_digest, "family": family_to_proto(family).SerializeToString().hex()}
 
 
 def check_cluster_lookup(lease_ttl_s: int, tail_hashes, offer_tails: bool, locate: bool) -> None:

@@ -100,6 +100,11 @@ class ServerConfig:
                                    "(redis://host:port/db; ?cluster=true for Redis Cluster); empty: a lone node")
     cluster_namespace: str = _opt("cachesvc", help="prefix of the cluster's Redis keys (several clusters "
                                                    "may share one Redis)")
+    replication: int = _opt(2, parse=int, help="copies of each entry the cluster keeps: a node re-replicates what "
+                                               "it leads when members come and go (0: never; clients place puts "
+                                               "with their own factor)")
+    rebalance_bytes_per_s: int = _opt(64 << 20, parse=parse_size,
+                                      help="bandwidth this node spends copying entries to other nodes")
     heartbeat_ttl_s: float = _opt(3.0, parse=float,
                                   help="a node that has not heart-beaten for this long drops out of lookups "
                                        "(it heart-beats every third of it)")
@@ -152,6 +157,10 @@ class ServerConfig:
             raise ValueError("chunk_size must be > 0")
         if self.memory_bytes < 1 << 20:
             raise ValueError(f"memory_bytes {self.memory_bytes} is below 1 MiB")
+        if self.replication < 0 or self.rebalance_bytes_per_s <= 0:
+            raise ValueError("replication must be >= 0 and rebalance_bytes_per_s > 0")
+        if self.redis_url and self.replication and self.tls_cert:
+            raise ValueError("re-replication copies between nodes in plaintext: use --replication 0 with TLS")
         if self.heartbeat_ttl_s < 0.3:
             raise ValueError(f"heartbeat_ttl_s {self.heartbeat_ttl_s} is below 0.3 s")
         if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):

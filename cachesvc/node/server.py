@@ -179,7 +179,7 @@ def start_server(config: ServerConfig) -> RunningServer:
             health_servicer.set(CLUSTER_HEALTH, health_pb2.HealthCheckResponse.SERVING if up
                                 else health_pb2.HealthCheckResponse.NOT_SERVING)
         cluster = ClusterAgent(store, fetch, config.redis_url, config.cluster_namespace, config.heartbeat_ttl_s,
-                               cluster_health)
+                               cluster_health, config.replication, config.rebalance_bytes_per_s)
     add_cache_service(server, CacheServicer(store, fetch, cluster))
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

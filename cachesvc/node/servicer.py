@@ -195,8 +195,8 @@ class CacheServicer(pb_grpc.CacheServiceServicer):
     @_maps_errors
     def RegisterModel(self, request, context):
         m = request.model
-        reg = self.store.register_model(m.model_id, m.weights_digest, _family(m.family),
-                                        request.replace)
+        register = self.cluster.register_model if self.cluster is not None else self.store.register_model
+        reg = register(m.model_id, m.weights_digest, _family(m.family), request.replace)
         return pb.RegisterModelResponse(family_id=reg.record.family_id, created=reg.created,
                                         chunk_size=self.store.config.chunk_size)
 

@@ -422,6 +422,34 @@ class CacheStore:
         with self._lock:
             return [(r.meta, r.tier) for r in self._catalog.entries.values()]
 
+    def entry_payload(self, entry_id: bytes) -> tuple[EntryMeta, bytes] | None:
+        """A committed entry's whole payload, every slab verified against its checksum
+        (for copying it to another node); None when it is gone or fails verification."""
+        with self._lock:
+            rec = self._catalog.entries.get(entry_id)
+            if rec is None:
+                return None
+            rec.readers += 1
+        try:
+            meta = rec.meta
+            if rec.mem_offset is not None:
+                data = bytes(self._arena.view[rec.mem_offset:rec.mem_offset + meta.size_bytes])
+            else:
+                assert self._disk is not None
+                data = self._disk.read(meta, 0, meta.size_bytes)
+        except OSError:
+            return None
+        finally:
+            with self._lock:
+                rec.readers -= 1
+                self._catalog.release(rec)
+        for slab in meta.slabs:
+            if xxhash.xxh3_64_intdigest(data[slab.offset:slab.offset + slab.size_bytes]) != slab.checksum:
+                if rec.mem_offset is None:
+                    self._quarantine(rec)
+                return None
+        return meta, data
+
     # ------------------------------------------------------------ delete, pin, list, stats
 
     def delete(self, tenant: str, family_id: str, entry_ids: Sequence[bytes],

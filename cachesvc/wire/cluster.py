@@ -17,7 +17,9 @@ Keys, under a namespace ``NS`` (default ``cachesvc``):
   a publish failed) it takes a new incarnation and republishes everything it holds, and
   every older field of it stops counting at once, wherever it lies.
 - ``NS:models`` — hash, model id → JSON (weights digest and family): models are
-  cluster-wide, nodes adopt what others registered.
+  cluster-wide, nodes adopt what others registered, and a record counts only while its
+  digest is the model's current one here (a node that was away when the model was
+  replaced comes back with entries of the old weights: they never hit).
 
 Placement is rendezvous hashing of the chunk hash over live nodes: every producer of a
 chunk lands on the same nodes, so a cross-model consumer's hits sit beside its own.
@@ -76,6 +78,7 @@ class IndexRecord:
     position_offset: int
     layout: Layout
     tier: Tier
+    weights_digest: str
     incarnation: int
 
     @property
@@ -85,7 +88,8 @@ class IndexRecord:
     def value(self) -> str:
         lay = self.layout
         return " ".join((str(self.position_offset), str(lay.num_tokens), _mask(lay.k_layers),
-                         _mask(lay.v_layers), _mask(lay.e_layers), str(int(self.tier)), str(self.incarnation)))
+                         _mask(lay.v_layers), _mask(lay.e_layers), str(int(self.tier)), self.weights_digest,
+                         str(self.incarnation)))
 
     @classmethod
     def parse(cls, field_: str | bytes, value: str | bytes) -> "IndexRecord":
@@ -98,9 +102,9 @@ class IndexRecord:
         entry_id = bytes.fromhex(entry_hex)
         if len(entry_id) != ENTRY_ID_BYTES:
             raise ValueError(f"entry id of {len(entry_id)} bytes")
-        pos, tokens, k, v, e, tier, inc = value.split(" ")
+        pos, tokens, k, v, e, tier, digest, inc = value.split(" ")
         return cls(producer, node_id, EntryId(entry_id), int(pos),
-                   Layout(int(tokens), _layers(k), _layers(v), _layers(e)), Tier(int(tier)), int(inc))
+                   Layout(int(tokens), _layers(k), _layers(v), _layers(e)), Tier(int(tier)), digest, int(inc))
 
 
 def index_field(producer: str, node_id: str, entry_id: bytes) -> str:
@@ -141,6 +145,7 @@ class Keys:
         self.ns = namespace
         self.nodes = f"{namespace}:nodes"
         self.models = f"{namespace}:models"
+        self.models_version = f"{namespace}:models:version"   # bumped on every change of models
 
     def chunk(self, tenant: str, family_id: str, chunk_hash: bytes) -> str:
         return f"{self.ns}:ix:{tenant}:{family_id}:{chunk_hash.hex()}"
@@ -176,17 +181,25 @@ class ClusterIndex:
         self.client = client
         self.keys = Keys(namespace)
         self._members_ttl_s = members_ttl_s
-        self._members: tuple[float, dict[str, Member]] = (0.0, {})
+        self._members: tuple[float, dict[str, Member], dict[str, str]] = (0.0, {}, {})
 
     def members(self, fresh: bool = False) -> dict[str, Member]:
         """Live members by node id (expired heartbeats left out)."""
-        at, cached = self._members
+        return self._state(fresh)[0]
+
+    def digests(self, fresh: bool = False) -> dict[str, str]:
+        """Every cluster model's current weights digest, by model id."""
+        return self._state(fresh)[1]
+
+    def _state(self, fresh: bool) -> tuple[dict[str, Member], dict[str, str]]:
+        at, cached, digests = self._members
         if not fresh and time.monotonic() - at < self._members_ttl_s:
-            return cached
+            return cached, digests
         pipe = self.client.pipeline(transaction=False)
         pipe.time()
         pipe.hgetall(self.keys.nodes)
-        (seconds, micros), rows = pipe.execute()
+        pipe.hgetall(self.keys.models)
+        (seconds, micros), rows, models = pipe.execute()
         now = int(seconds) * 1000 + int(micros) // 1000
         live = {}
         for raw in rows.values():
@@ -196,15 +209,23 @@ class ClusterIndex:
                 continue
             if member.expires_ms > now:
                 live[member.node_id] = member
-        self._members = (time.monotonic(), live)
-        return live
+        digests = {}
+        for model_id, raw in models.items():
+            try:
+                digests[model_id.decode() if isinstance(model_id, bytes) else model_id] = \
+                    json.loads(raw)["weights_digest"]
+            except (ValueError, KeyError, TypeError):
+                continue
+        self._members = (time.monotonic(), live, digests)
+        return live, digests
 
     def lookup(self, tenant: str, family_id: str, hashes: Sequence[bytes],
                producers: Sequence[str] = ()) -> list[ClusterHit]:
         """Per producer, its longest run of leading ``hashes`` held by live nodes (in the
         incarnation they wrote it in), longest first. Reads the index in growing
         pipelined batches and stops at the first chunk no producer continues through."""
-        members = self.members()
+        members, digests = self._state(False)
+        refreshed = False
         wanted = set(producers)
         runs: dict[str, ClusterHit] = {}
         active: set[str] | None = None          # producers whose run reaches the current chunk
@@ -216,7 +237,10 @@ class ClusterIndex:
             for h in batch:
                 pipe.hgetall(self.keys.chunk(tenant, family_id, h))
             for row in pipe.execute():
-                found = _live_records(row, members, wanted)
+                if not refreshed and _unknown_producer(row, digests):
+                    members, digests = self._state(True)   # a model newer than the cached registry
+                    refreshed = True
+                found = _live_records(row, members, digests, wanted)
                 if active is None:
                     active = set(found)
                     for producer in active:
@@ -236,7 +260,8 @@ class ClusterIndex:
         return sorted((h for h in runs.values() if h.entry_ids), key=lambda h: (-len(h.entry_ids), h.producer))
 
     def models(self) -> dict[str, dict]:
-        """Every model registered anywhere in the cluster: id → {weights_digest, family}."""
+        """Every model registered in the cluster: id → {weights_digest, family (hex of
+        the FamilySpec proto)}."""
         out = {}
         for key, raw in self.client.hgetall(self.keys.models).items():
             try:
@@ -246,9 +271,18 @@ class ClusterIndex:
         return out
 
 
-def _live_records(row: dict, members: dict[str, Member], wanted: set[str]
+def _unknown_producer(row: dict, digests: dict[str, str]) -> bool:
+    for field_ in row:
+        producer = (field_.decode() if isinstance(field_, bytes) else field_).split(SEP, 1)[0]
+        if producer not in digests:
+            return True
+    return False
+
+
+def _live_records(row: dict, members: dict[str, Member], digests: dict[str, str], wanted: set[str]
                   ) -> dict[str, tuple[IndexRecord, tuple[str, ...]]]:
-    """Per producer of one chunk: the entry with the most live owners, and those owners."""
+    """Per producer of one chunk: the entry with the most live owners, and those owners
+    (a record of other weights than the producer's current ones does not count)."""
     by_entry: dict[tuple[str, bytes], list[IndexRecord]] = {}
     for field_, value in row.items():
         try:
@@ -256,7 +290,8 @@ def _live_records(row: dict, members: dict[str, Member], wanted: set[str]
         except (ValueError, TypeError):
             continue
         member = members.get(rec.node_id)
-        if member is None or member.incarnation != rec.incarnation or (wanted and rec.producer not in wanted):
+        if member is None or member.incarnation != rec.incarnation or (wanted and rec.producer not in wanted) \
+                or digests.get(rec.producer) != rec.weights_digest:
             continue
         by_entry.setdefault((rec.producer, rec.entry_id), []).append(rec)
     best: dict[str, tuple[IndexRecord, tuple[str, ...]]] = {}
