@@ -70,6 +70,7 @@ class ClusterAgent:
         self._thread = threading.Thread(target=self._run, name="cluster", daemon=True)
         self._errors = Throttled(log, 6)
         self._models_version: bytes | None = None
+        self._publishing = threading.Lock()
         self._live: frozenset[str] = frozenset()
         self.replicator = Replicator(store, self.index, self.node_id, replication, rebalance_bytes_per_s) \
             if replication else None
@@ -79,6 +80,7 @@ class ClusterAgent:
     def entry_indexed(self, meta: EntryMeta, tier: Tier) -> None:
         """Called under the store lock: O(1)."""
         self._events.append((True, meta, tier))
+        self._wake.set()
 
     def entry_unindexed(self, meta: EntryMeta) -> None:
         self._events.append((False, meta, Tier.MEMORY))
@@ -141,23 +143,38 @@ class ClusterAgent:
         """Publish every entry held under a new incarnation, then switch the membership
         to it: readers go from the old set of fields to the new one in one write."""
         incarnation = redis_now_ms(self.redis)
-        self._events.clear()           # the snapshot below supersedes what was queued
-        snapshot = self.store.indexed_entries()
         self._adopt_models()
-        self.status.incarnation = incarnation
-        self._write((True, meta, tier) for meta, tier in snapshot)
-        self._announce()
-        self._dirty = False
+        with self._publishing:
+            self._events.clear()       # the snapshot below supersedes what was queued
+            snapshot = self.store.indexed_entries()
+            self.status.incarnation = incarnation
+            self._write((True, meta, tier) for meta, tier in snapshot)
+            self._announce()
+            self._dirty = False
         self.status.resyncs += 1
         log.info("cluster: joined", extra={"node_id": self.node_id, "incarnation": incarnation,
                                            "entries": len(snapshot)})
 
+    def flush(self) -> None:
+        """Publish what is queued now, in the caller's thread: a Commit returns only once
+        its entries are in the global index (read-your-writes from any node). Redis down:
+        the entries stay local, and the resync publishes them."""
+        if not self.status.redis_up:
+            return
+        try:
+            self._drain()
+        except Exception as exc:   # noqa: BLE001 - the agent's thread resyncs
+            self._dirty = True
+            self._wake.set()
+            self._errors.info("cluster: publish failed", error=f"{type(exc).__name__}: {exc}")
+
     def _drain(self) -> None:
-        batch = []
-        while self._events:
-            batch.append(self._events.popleft())
-        if batch:
-            self._write(batch)
+        with self._publishing:          # the agent's thread and committing RPCs, one at a time
+            batch = []
+            while self._events:
+                batch.append(self._events.popleft())
+            if batch:
+                self._write(batch)
 
     def _write(self, events) -> None:
         pipe = self.redis.pipeline(transaction=False)

@@ -285,7 +285,10 @@ class CacheServicer(pb_grpc.CacheServiceServicer):
 
     @_maps_errors
     def Commit(self, request, context):
-        return pb.CommitResponse(entries_committed=self.store.commit(request.reservation_id))
+        committed = self.store.commit(request.reservation_id)
+        if self.cluster is not None:
+            self.cluster.flush()    # in the global index before the client hears "committed"
+        return pb.CommitResponse(entries_committed=committed)
 
     @_maps_errors
     def Abort(self, request, context):

@@ -1,0 +1,348 @@
+"""The cluster with real processes: a redis-server of our own, three cachesvc nodes, the
+ClusterClient. Membership, the global index, placement and replication, and the chaos
+cases of issue 15 (kill -9 under load, Redis restarted empty, a paused node, a node that
+returns with stale entries). Every byte a client accepts is compared with what was put."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import redis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from cachesvc.node.launcher import RedisProcess, ServerProcess
+from cachesvc.wire.cluster import IndexRecord, Keys
+from cachesvc_client import CacheClient, FailedPreconditionError, Kind, UnavailableError
+from cachesvc_client.cluster import ClusterClient
+from conftest import TINY, make_entry
+
+TTL = "1"          # heartbeat TTL (s): dead nodes drop out fast
+KINDS = (Kind.K, Kind.V, Kind.E)
+
+
+class Cluster:
+    def __init__(self, tmp: Path, size: int = 3, replication: str = "2") -> None:
+        self.tmp = tmp
+        self.redis = RedisProcess(tmp / "redis").start()
+        self.replication = replication
+        self.nodes: dict[str, ServerProcess] = {}
+        for i in range(size):
+            self.start_node(f"n{i}")
+
+    def start_node(self, node_id: str, *extra: str) -> ServerProcess:
+        workdir = self.tmp / node_id
+        workdir.mkdir(exist_ok=True)
+        node = ServerProcess(workdir, ["--redis-url", self.redis.url, "--node-id", node_id, "--memory-bytes",
+                                       "64MiB", "--heartbeat-ttl-s", TTL, "--replication", self.replication,
+                                       "--reservation-ttl-s", "3", *extra]).start()
+        self.nodes[node_id] = node
+        return node
+
+    def client(self, **kwargs) -> ClusterClient:
+        client = ClusterClient(redis_url=self.redis.url, **kwargs)
+        client.wait_ready(len([n for n in self.nodes.values() if n.proc.poll() is None]))
+        return client
+
+    def close(self) -> None:
+        for node in self.nodes.values():
+            if node.proc is not None and node.proc.poll() is None:
+                node.proc.send_signal(signal.SIGCONT)
+                node.stop(signal.SIGKILL)
+        self.redis.stop()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path):
+    made = Cluster(tmp_path)
+    yield made
+    made.close()
+
+
+def prompt(client: ClusterClient, family_id: str, rng: np.random.Generator, chunks: int, seed: int = 0):
+    tokens = [seed * 100_000 + i for i in range(256 * chunks)]
+    hashes = client.hash_tokens(tokens, family_id)
+    return hashes, [make_entry(rng, TINY, h, 256, position_offset=256 * i) for i, h in enumerate(hashes)]
+
+
+def exact(slabs, entries, kinds=KINDS) -> int:
+    """Leading entries whose every slab arrived byte-identical (0 wrong bytes is asserted
+    by callers comparing this with ``valid_chunks``)."""
+    good = 0
+    for i, entry in enumerate(entries[:slabs.valid_chunks]):
+        t0 = slabs.token_offsets[i]
+        for kind in kinds:
+            for layer in range(TINY.num_layers):
+                if slabs.arrays[kind][layer, t0:t0 + 256].tobytes() != entry.slabs[(kind, layer)].tobytes():
+                    return good
+        good += 1
+    return good
+
+
+def wait_for(condition, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"not within {timeout_s} s: {what}")
+
+
+def test_puts_are_replicated_and_looked_up_cluster_wide(cluster, rng):
+    with cluster.client() as client:
+        reg = client.register_model("m1", "abcdef01", TINY)
+        hashes, entries = prompt(client, reg.family_id, rng, 12)
+        result = client.put(reg.family_id, "m1", entries)
+        assert (result.replicas_written, result.under_replicated, result.lost) == (24, 0, 0)
+        # each entry on exactly its two placement nodes, and nowhere else
+        per_node = {}
+        for node_id, node in cluster.nodes.items():
+            with CacheClient(node.address) as one:
+                per_node[node_id] = {e.chunk_hash for e in one.list_entries(limit=1000)[0]}
+        for h in hashes:
+            assert {n for n, held in per_node.items() if bytes(h) in held} == set(client.placement(h))
+        # the global index answers the whole prompt, with both owners of every chunk
+        hit = wait_for(lambda: client.lookup(reg.family_id, hashes).best("m1"), 3, "published")
+        assert hit.num_chunks == 12
+        assert [set(o) for o in hit.owners] == [set(client.placement(h)) for h in hashes]
+        slabs = client.get(reg.family_id, hit, KINDS)
+        assert slabs.valid_chunks == 12 and exact(slabs, entries) == 12
+        # through a seed node instead of Redis: the same answer
+        with ClusterClient(seeds=[cluster.nodes["n2"].address]) as seeded:
+            assert seeded.lookup(reg.family_id, hashes).best("m1").owners == hit.owners
+            assert exact(seeded.get(reg.family_id, hit, KINDS), entries) == 12
+        # a prefix of another prompt stops the run where they part
+        other, _ = prompt(client, reg.family_id, rng, 4, seed=7)
+        assert client.lookup(reg.family_id, other).hits == []
+        assert client.lookup(reg.family_id, [*hashes[:5], *other]).best("m1").num_chunks == 5
+
+
+def test_only_committed_entries_are_published_and_deletes_unpublish(cluster, rng):
+    with cluster.client() as client, CacheClient(cluster.nodes["n0"].address) as n0:
+        reg = client.register_model("m1", "abcdef01", TINY)
+        hashes, entries = prompt(client, reg.family_id, rng, 2)
+        keys, r = Keys(), redis.Redis.from_url(cluster.redis.url)
+        stub = n0._stub
+        # a reservation that is never committed: nothing of it in the index, ever
+        from cachesvc_client.codec import plan_put
+        plan = plan_put("default", reg.family_id, TINY, "m1", entries[:1])
+        reservation = stub.Reserve(plan.request)
+        time.sleep(0.6)
+        assert r.hgetall(keys.chunk("default", reg.family_id, hashes[0])) == {}
+        stub.Abort(n0_abort(reservation.reservation_id))
+        # committed: published; deleted: unpublished
+        n0.put(reg.family_id, "m1", entries)
+        fields = wait_for(lambda: r.hgetall(keys.chunk("default", reg.family_id, hashes[0])), 3, "published")
+        assert [IndexRecord.parse(f, v).node_id for f, v in fields.items()] == ["n0"]
+        assert n0.delete(reg.family_id, chunk_hashes=hashes) == 2
+        wait_for(lambda: not r.hgetall(keys.chunk("default", reg.family_id, hashes[0])), 3, "unpublished")
+        assert client.lookup(reg.family_id, hashes).hits == []
+
+
+def n0_abort(reservation_id: str):
+    from cachesvc.v1 import cachesvc_pb2 as pb
+    return pb.AbortRequest(reservation_id=reservation_id)
+
+
+def test_bad_cluster_requests_get_precise_errors(cluster, server, rng):
+    with cluster.client() as client, CacheClient(cluster.nodes["n1"].address) as n1, \
+            CacheClient(server.address) as lone:
+        reg = client.register_model("m1", "abcdef01", TINY)
+        hashes, _ = prompt(client, reg.family_id, rng, 2)
+        with pytest.raises(FailedPreconditionError, match="lease_ttl_s"):
+            n1._call(n1._stub.Lookup, lookup_request(reg.family_id, hashes, lease_ttl_s=5))
+        with pytest.raises(FailedPreconditionError, match="not in a cluster"):
+            lone.cluster_lookup(reg.family_id, hashes)
+        with pytest.raises(FailedPreconditionError, match="not in a cluster"):
+            lone.cluster_nodes()
+        # another model id with the same name but other weights: refused cluster-wide,
+        # even by a node that never saw the first registration
+        with pytest.raises(FailedPreconditionError, match="registered in the cluster"):
+            n1.register_model("m1", "ffffffff", TINY)
+        with pytest.raises(ValueError, match="seed nodes or the cluster's Redis URL"):
+            ClusterClient()
+
+
+def lookup_request(family_id, hashes, **fields):
+    from cachesvc.v1 import cachesvc_pb2 as pb
+    return pb.LookupRequest(family_id=family_id, chunk_hashes=hashes, cluster=True, **fields)
+
+
+def test_kill9_under_mixed_load_loses_no_byte_and_falls_over(cluster, rng):
+    """Writers and readers run while a node is killed -9. Every read is compared with
+    what was written; reads fall over to the other replica, and hits are retained."""
+    with cluster.client() as client:
+        reg = client.register_model("m1", "abcdef01", TINY)
+        prompts = [prompt(client, reg.family_id, rng, 4, seed=s) for s in range(24)]
+        for _hashes, entries in prompts[:12]:
+            client.put(reg.family_id, "m1", entries)
+        stop, lock = threading.Event(), threading.Lock()
+        tally = {"reads": 0, "hits": 0, "chunks": 0, "valid": 0, "wrong": 0, "errors": 0, "writes": 0,
+                 "slowest_s": 0.0}
+
+        def reader(seed: int):
+            local = np.random.default_rng(seed)
+            with ClusterClient(redis_url=cluster.redis.url) as mine:
+                while not stop.is_set():
+                    hashes, entries = prompts[int(local.integers(0, 12))]
+                    t0 = time.monotonic()
+                    try:
+                        hit = mine.lookup(reg.family_id, hashes).best("m1")
+                        slabs = mine.get(reg.family_id, hit, KINDS) if hit else None
+                    except UnavailableError:
+                        with lock:
+                            tally["errors"] += 1
+                        continue
+                    took = time.monotonic() - t0
+                    good = exact(slabs, entries) if slabs else 0
+                    with lock:
+                        tally["reads"] += 1
+                        tally["hits"] += hit is not None and hit.num_chunks == 4
+                        tally["chunks"] += 4
+                        tally["valid"] += slabs.valid_chunks if slabs else 0
+                        tally["wrong"] += (slabs.valid_chunks - good) if slabs else 0
+                        tally["slowest_s"] = max(tally["slowest_s"], took)
+
+        def writer():
+            with ClusterClient(redis_url=cluster.redis.url) as mine:
+                for _hashes, entries in prompts[12:]:
+                    if stop.is_set():
+                        return
+                    mine.put(reg.family_id, "m1", entries)
+                    with lock:
+                        tally["writes"] += 1
+
+        threads = [threading.Thread(target=reader, args=(s,)) for s in range(3)] + [threading.Thread(target=writer)]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)
+        cluster.nodes["n1"].stop(signal.SIGKILL)
+        time.sleep(2.5)
+        stop.set()
+        for t in threads:
+            t.join()
+        assert tally["wrong"] == 0, tally
+        assert tally["reads"] > 20 and tally["errors"] == 0, tally
+        assert tally["hits"] >= 0.99 * tally["reads"], tally
+        assert tally["valid"] >= 0.99 * tally["chunks"], tally
+        assert tally["slowest_s"] < 2.0, tally
+        # every prompt written before and during the kill is still whole somewhere
+        for hashes, entries in prompts[:12 + tally["writes"]]:
+            hit = client.lookup(reg.family_id, hashes).best("m1")
+            assert hit is not None and hit.num_chunks == 4
+            assert exact(client.get(reg.family_id, hit, KINDS), entries) == 4
+
+
+def test_paused_node_drops_out_within_ttl_and_returns(cluster, rng):
+    with cluster.client() as client:
+        reg = client.register_model("m1", "abcdef01", TINY)
+        hashes, entries = prompt(client, reg.family_id, rng, 8)
+        client.put(reg.family_id, "m1", entries)
+        paused = cluster.nodes["n2"]
+        paused.proc.send_signal(signal.SIGSTOP)
+        t0 = time.monotonic()
+        try:
+            wait_for(lambda: "n2" not in client.nodes(fresh=True), 3, "paused node out of the membership")
+            assert time.monotonic() - t0 <= float(TTL) + 0.5
+            hit = client.lookup(reg.family_id, hashes).best("m1")
+            assert hit.num_chunks == 8 and all("n2" not in owners for owners in hit.owners)
+            assert exact(client.get(reg.family_id, hit, KINDS), entries) == 8
+        finally:
+            paused.proc.send_signal(signal.SIGCONT)
+        wait_for(lambda: "n2" in client.nodes(fresh=True), 5, "resumed node back")
+        hit = wait_for(lambda: client.lookup(reg.family_id, hashes).best("m1"), 3, "hits")
+        assert exact(client.get(reg.family_id, hit, KINDS), entries) == 8
+
+
+def test_redis_restarted_empty_rebuilds_the_index(cluster, rng):
+    with cluster.client() as client:
+        reg = client.register_model("m1", "abcdef01", TINY)
+        hashes, entries = prompt(client, reg.family_id, rng, 10)
+        client.put(reg.family_id, "m1", entries)
+        wait_for(lambda: client.lookup(reg.family_id, hashes).best("m1"), 3, "published")
+        cluster.redis.stop()
+        # Redis down: nodes keep serving their own entries, and say so
+        n0 = cluster.nodes["n0"]
+        with CacheClient(n0.address) as one:
+            channel = grpc.insecure_channel(n0.address)
+            health = health_pb2_grpc.HealthStub(channel)
+            wait_for(lambda: health.Check(health_pb2.HealthCheckRequest(service="cachesvc.cluster")).status ==
+                     health_pb2.HealthCheckResponse.NOT_SERVING, 5, "cluster health NOT_SERVING")
+            assert health.Check(health_pb2.HealthCheckRequest(service="")).status == \
+                health_pb2.HealthCheckResponse.SERVING
+            assert one.stats()["counters"]["cluster_redis_up"] == 0
+            held = one.list_entries(limit=100)[0]
+            assert held                   # placement gave n0 some of the 10 chunks
+            for stored in held:           # ... and it still answers for each of them
+                i = [bytes(h) for h in hashes].index(stored.chunk_hash)
+                local = one.lookup(reg.family_id, [hashes[i]]).best("m1")
+                assert exact(one.get(reg.family_id, local, KINDS), entries[i:i + 1]) == 1
+            with pytest.raises(UnavailableError, match="lost the cluster's Redis"):
+                one.cluster_lookup(reg.family_id, hashes)
+            channel.close()
+        t0 = time.monotonic()
+        cluster.redis.start()            # same port, empty
+        hit = wait_for(lambda: (lambda h: h if h and h.num_chunks == 10 and
+                                min(map(len, h.owners)) == 2 else None)(
+            client.lookup(reg.family_id, hashes).best("m1")), 30, "index rebuilt")
+        rebuilt_s = time.monotonic() - t0
+        assert rebuilt_s < 30
+        assert exact(client.get(reg.family_id, hit, KINDS), entries) == 10
+
+
+def test_node_returning_with_stale_entries_never_serves_them(cluster, rng):
+    """n2 is away while the model is replaced with other weights; it comes back with the
+    old entries on its disk. They must never hit as the new model's."""
+    with cluster.client() as client:
+        reg = client.register_model("m1", "abcdef01", TINY)
+        hashes, entries = prompt(client, reg.family_id, rng, 6)
+        client.put(reg.family_id, "m1", entries)
+        assert cluster.nodes["n2"].stop(signal.SIGTERM) == 0     # its entries are on its disk
+        wait_for(lambda: "n2" not in client.nodes(fresh=True), 3, "n2 gone")
+        client.register_model("m1", "12345678", TINY, replace=True)
+        assert client.lookup(reg.family_id, hashes).hits == []   # the old weights' entries are gone
+        cluster.start_node("n2")
+        wait_for(lambda: "n2" in client.nodes(fresh=True), 5, "n2 back")
+        time.sleep(1.0)
+        assert client.lookup(reg.family_id, hashes).hits == []
+        with CacheClient(cluster.nodes["n2"].address) as n2:
+            assert n2.list_models()[0]["weights_digest"] == "12345678"   # adopted the cluster's
+            assert n2.list_entries(limit=100)[0] == []                   # and dropped the old entries
+        _, fresh = prompt(client, reg.family_id, np.random.default_rng(9), 6)
+        client.put(reg.family_id, "m1", fresh)
+        hit = client.lookup(reg.family_id, hashes).best("m1")
+        assert hit.num_chunks == 6 and exact(client.get(reg.family_id, hit, KINDS), fresh) == 6
+
+
+def test_lost_replicas_are_recreated_and_a_joining_node_gets_its_share(cluster, rng):
+    with cluster.client() as client:
+        reg = client.register_model("m1", "abcdef01", TINY)
+        hashes, entries = prompt(client, reg.family_id, rng, 16)
+        client.put(reg.family_id, "m1", entries)
+        cluster.nodes["n0"].stop(signal.SIGKILL)
+
+        def replicated():
+            hit = client.lookup(reg.family_id, hashes).best("m1")
+            return hit if hit and "n0" not in client.nodes(fresh=True) and \
+                all(len(o) == 2 and "n0" not in o for o in hit.owners) else None
+        hit = wait_for(replicated, 15, "every chunk on two live nodes again")
+        assert exact(client.get(reg.family_id, hit, KINDS), entries) == 16
+        cluster.start_node("n3")
+        wait_for(lambda: "n3" in client.nodes(fresh=True), 5, "n3 joined")
+
+        def rebalanced():
+            hit = client.lookup(reg.family_id, hashes).best("m1")
+            return hit if all(set(client.placement(h)) <= set(o) for h, o in zip(hashes, hit.owners, strict=True)) \
+                else None
+        hit = wait_for(rebalanced, 15, "every chunk on its new placement")
+        moved = [i for i, owners in enumerate(hit.owners) if "n3" in owners]
+        assert moved                      # rendezvous gave the newcomer a share (16 chunks, 3 nodes)
+        with CacheClient(cluster.nodes["n3"].address) as n3:
+            for i in moved:               # copied whole and verified: byte-identical
+                assert exact(n3.get(reg.family_id, hit[i:i + 1], KINDS), entries[i:i + 1]) == 1
