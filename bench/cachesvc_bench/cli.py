@@ -8,7 +8,7 @@ import argparse
 import importlib
 
 HELP = "run a benchmark (JSON + markdown table + plot)"
-BENCHMARKS = ("lookup", "dataplane", "quality", "reuse", "plan", "overhead", "soak", "vllm")
+BENCHMARKS = ("lookup", "dataplane", "quality", "reuse", "plan", "overhead", "soak", "vllm", "cluster")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -69,6 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile-prompts", type=int, default=20,
                         help="plan --synthetic: random prompts the pair is profiled on")
     parser.add_argument("--minutes", type=float, default=10.0, help="soak: how long")
+    parser.add_argument("--seconds", type=float, default=6.0, help="cluster: seconds per scenario")
     parser.add_argument("--max-ops", type=int, default=10_000_000, help="soak: stop after this many operations")
     parser.add_argument("--workers", type=int, default=4, help="soak: client threads")
     parser.add_argument("--memory-mib", type=int, default=1024, help="soak: the node's memory tier (MiB)")

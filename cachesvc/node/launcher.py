@@ -158,3 +158,48 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@dataclass
+class LocalCluster:
+    """A redis-server and ``size`` nodes (``n0``, ``n1``, …) joined through it, on free
+    ports of 127.0.0.1: the cluster tests and ``cachesvc bench cluster`` run on it."""
+
+    workdir: Path
+    size: int = 3
+    node_args: Sequence[str] = ()
+    redis: RedisProcess | None = field(default=None, init=False)
+    nodes: dict[str, ServerProcess] = field(default_factory=dict, init=False)
+
+    def start(self) -> "LocalCluster":
+        self.workdir = Path(self.workdir)
+        self.redis = RedisProcess(self.workdir / "redis").start()
+        for i in range(self.size):
+            self.start_node(f"n{i}")
+        return self
+
+    def start_node(self, node_id: str, *extra: str) -> ServerProcess:
+        """Start (or restart, with its data directory) node ``node_id``."""
+        assert self.redis is not None
+        workdir = self.workdir / node_id
+        workdir.mkdir(parents=True, exist_ok=True)
+        node = ServerProcess(workdir, ["--redis-url", self.redis.url, "--node-id", node_id, *self.node_args,
+                                       *extra]).start()
+        self.nodes[node_id] = node
+        return node
+
+    def live(self) -> list[ServerProcess]:
+        return [n for n in self.nodes.values() if n.proc is not None and n.proc.poll() is None]
+
+    def close(self) -> None:
+        for node in self.live():
+            node.proc.send_signal(signal.SIGCONT)     # a paused node must be able to die
+            node.stop(signal.SIGKILL)
+        if self.redis is not None:
+            self.redis.stop()
+
+    def __enter__(self) -> "LocalCluster":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

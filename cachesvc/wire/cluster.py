@@ -8,7 +8,8 @@ Keys, under a namespace ``NS`` (default ``cachesvc``):
   Redis-clock millisecond its heartbeat expires at). One key, so the member list is one
   read (and one hash slot in Redis Cluster). A member whose ``expires_ms`` has passed is
   dead to every reader, whether or not anyone has removed it yet.
-- ``NS:ix:TENANT:FAMILY:CHUNKHEX`` — hash, one per chunk; field
+- ``NS:ix:`` + 8 bytes of blake2b(tenant, family) + the raw 32-byte chunk hash — hash,
+  one per chunk; field
   ``PRODUCER \\x1f NODE \\x1f ENTRYHEX`` → :class:`IndexRecord` (position, layout, tier,
   the publishing node's incarnation). A node writes a field only after the entry
   committed and deletes it when the entry leaves its index, so no reader anywhere sees a
@@ -29,6 +30,7 @@ Redis is reached through redis-py (imported lazily: a lone node needs no Redis).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -41,7 +43,20 @@ from cachesvc.wire.layout import Layout
 
 DEFAULT_NAMESPACE = "cachesvc"
 SEP = "\x1f"                 # field separator inside index fields: never in a model id or node id
-LOOKUP_BATCHES = (32, 256)   # first pipelined reads of a lookup; the rest in one (a miss stops early)
+LOOKUP_BATCHES = (32, 256)   # Redis Cluster: first pipelined reads of a lookup; then the rest in one
+MEMO_ROWS = 1 << 16          # judged index rows a reader remembers per membership state
+
+# Every chunk's fields, in order, up to the first chunk nobody holds: a lookup's reads in
+# one round trip, stopping where the run must end anyway.
+_CHAIN_SCRIPT = """
+local out = {}
+for i, key in ipairs(KEYS) do
+  local row = redis.call('HGETALL', key)
+  if #row == 0 then break end
+  out[i] = row
+end
+return out
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +126,23 @@ def index_field(producer: str, node_id: str, entry_id: bytes) -> str:
     return f"{producer}{SEP}{node_id}{SEP}{entry_id.hex()}"
 
 
+_PARSED: dict[tuple[bytes | str, bytes | str], IndexRecord] = {}
+_PARSED_MAX = 1 << 18
+
+
+def parsed(field_: bytes | str, value: bytes | str) -> IndexRecord:
+    """:meth:`IndexRecord.parse`, remembered: the same chunks are looked up again and
+    again (a hot context behind every request), and parsing dominates a lookup's client
+    side (ValueError as parse)."""
+    key = (field_, value)
+    rec = _PARSED.get(key)
+    if rec is None:
+        if len(_PARSED) >= _PARSED_MAX:
+            _PARSED.clear()
+        rec = _PARSED[key] = IndexRecord.parse(field_, value)
+    return rec
+
+
 def _mask(layers: Iterable[int]) -> str:
     bits = 0
     for layer in layers:
@@ -118,6 +150,7 @@ def _mask(layers: Iterable[int]) -> str:
     return format(bits, "x")
 
 
+@functools.lru_cache(maxsize=4096)
 def _layers(mask: str) -> tuple[int, ...]:
     bits = int(mask, 16)
     return tuple(i for i in range(bits.bit_length()) if bits >> i & 1)
@@ -146,9 +179,20 @@ class Keys:
         self.nodes = f"{namespace}:nodes"
         self.models = f"{namespace}:models"
         self.models_version = f"{namespace}:models:version"   # bumped on every change of models
+        self._chunk_prefix = f"{namespace}:ix:".encode()
+        self._spaces: dict[tuple[str, str], bytes] = {}
 
-    def chunk(self, tenant: str, family_id: str, chunk_hash: bytes) -> str:
-        return f"{self.ns}:ix:{tenant}:{family_id}:{chunk_hash.hex()}"
+    def chunk(self, tenant: str, family_id: str, chunk_hash: bytes) -> bytes:
+        """The chunk's index key, binary: the prefix, 8 bytes naming (tenant, family),
+        the raw chunk hash (a 1024-chunk lookup sends 54 KB of keys, not 120 KB of hex).
+        The hash already commits to tenant and family; naming them in the key too keeps
+        one tenant from even seeing that another's chunks exist, as a node's own index
+        does (tests/test_tenants.py)."""
+        space = self._spaces.get((tenant, family_id))
+        if space is None:
+            space = self._spaces[(tenant, family_id)] = self._chunk_prefix + hashlib.blake2b(
+                f"{tenant}\x00{family_id}".encode(), digest_size=8).digest()
+        return space + bytes(chunk_hash)
 
 
 def connect(url: str) -> Any:
@@ -182,6 +226,10 @@ class ClusterIndex:
         self.keys = Keys(namespace)
         self._members_ttl_s = members_ttl_s
         self._members: tuple[float, dict[str, Member], dict[str, str]] = (0.0, {}, {})
+        self._clustered = type(client).__name__ == "RedisCluster"
+        self._script = None if self._clustered else client.register_script(_CHAIN_SCRIPT)
+        self._memo_state: tuple = ()
+        self._memo_rows: dict = {}
 
     def members(self, fresh: bool = False) -> dict[str, Member]:
         """Live members by node id (expired heartbeats left out)."""
@@ -222,42 +270,69 @@ class ClusterIndex:
     def lookup(self, tenant: str, family_id: str, hashes: Sequence[bytes],
                producers: Sequence[str] = ()) -> list[ClusterHit]:
         """Per producer, its longest run of leading ``hashes`` held by live nodes (in the
-        incarnation they wrote it in), longest first. Reads the index in growing
-        pipelined batches and stops at the first chunk no producer continues through."""
+        incarnation they wrote it in, of the producer's current weights), longest first."""
         members, digests = self._state(False)
-        refreshed = False
-        wanted = set(producers)
+        wanted = frozenset(producers)
+        rows = self._rows(tenant, family_id, hashes)
+        if any(_unknown_producer(row, digests) for row in rows[:1]):
+            members, digests = self._state(True)   # a model newer than the cached registry
         runs: dict[str, ClusterHit] = {}
         active: set[str] | None = None          # producers whose run reaches the current chunk
-        done, sizes = 0, iter(LOOKUP_BATCHES)
-        while done < len(hashes) and (active is None or active):
-            size = next(sizes, len(hashes))
-            batch = hashes[done:done + size]
-            pipe = self.client.pipeline(transaction=False)
-            for h in batch:
-                pipe.hgetall(self.keys.chunk(tenant, family_id, h))
-            for row in pipe.execute():
-                if not refreshed and _unknown_producer(row, digests):
-                    members, digests = self._state(True)   # a model newer than the cached registry
-                    refreshed = True
-                found = _live_records(row, members, digests, wanted)
-                if active is None:
-                    active = set(found)
-                    for producer in active:
-                        runs[producer] = ClusterHit(producer, [], [], [], [], [])
-                active &= set(found)
+        memo = self._memo(members, digests)
+        for row in rows:
+            key = (row, wanted)
+            found = memo.get(key)
+            if found is None:
+                found = memo[key] = _live_records(row, members, digests, wanted)
+            if active is None:
+                active = set(found)
                 for producer in active:
-                    entry, owners = found[producer]
-                    hit = runs[producer]
-                    hit.entry_ids.append(entry.entry_id)
-                    hit.position_offsets.append(entry.position_offset)
-                    hit.layouts.append(entry.layout)
-                    hit.tiers.append(entry.tier)
-                    hit.owners.append(owners)
-                if not active:
-                    break
-            done += len(batch)
+                    runs[producer] = ClusterHit(producer, [], [], [], [], [])
+            else:
+                active &= found.keys()
+            if not active:
+                break
+            for producer in active:
+                entry, owners = found[producer]
+                hit = runs[producer]
+                hit.entry_ids.append(entry.entry_id)
+                hit.position_offsets.append(entry.position_offset)
+                hit.layouts.append(entry.layout)
+                hit.tiers.append(entry.tier)
+                hit.owners.append(owners)
         return sorted((h for h in runs.values() if h.entry_ids), key=lambda h: (-len(h.entry_ids), h.producer))
+
+    def _rows(self, tenant: str, family_id: str, hashes: Sequence[bytes]) -> list[tuple]:
+        """Each chunk's index fields and values, flat (field, value, field, value, ...),
+        up to the first chunk nobody has. One script call on a standalone Redis (it
+        stops at that chunk itself); on Redis Cluster, whose keys of one call must share
+        a slot, pipelined reads in growing batches."""
+        keys = [self.keys.chunk(tenant, family_id, h) for h in hashes]
+        if not keys:
+            return []
+        if not self._clustered:
+            return [tuple(row) for row in self._script(keys=keys)]
+        out: list[tuple] = []
+        done, sizes = 0, iter(LOOKUP_BATCHES)
+        while done < len(keys):
+            batch = keys[done:done + next(sizes, len(keys))]
+            pipe = self.client.pipeline(transaction=False)
+            for key in batch:
+                pipe.hgetall(key)
+            for row in pipe.execute():
+                if not row:
+                    return out
+                out.append(tuple(x for pair in row.items() for x in pair))
+            done += len(batch)
+        return out
+
+    def _memo(self, members: dict[str, Member], digests: dict[str, str]) -> dict:
+        """Rows already judged under this membership and registry: a hot context's chunks
+        are looked up again and again, and judging them dominates a lookup."""
+        state = (tuple(sorted((m.node_id, m.incarnation) for m in members.values())), tuple(sorted(digests.items())))
+        if state != self._memo_state or len(self._memo_rows) > MEMO_ROWS:
+            self._memo_state, self._memo_rows = state, {}
+        return self._memo_rows
 
     def models(self) -> dict[str, dict]:
         """Every model registered in the cluster: id → {weights_digest, family (hex of
@@ -271,22 +346,25 @@ class ClusterIndex:
         return out
 
 
-def _unknown_producer(row: dict, digests: dict[str, str]) -> bool:
-    for field_ in row:
-        producer = (field_.decode() if isinstance(field_, bytes) else field_).split(SEP, 1)[0]
-        if producer not in digests:
-            return True
+def _unknown_producer(row: tuple, digests: dict[str, str]) -> bool:
+    for field_, value in zip(row[::2], row[1::2], strict=True):
+        try:
+            if parsed(field_, value).producer not in digests:
+                return True
+        except (ValueError, TypeError):
+            continue
     return False
 
 
-def _live_records(row: dict, members: dict[str, Member], digests: dict[str, str], wanted: set[str]
+def _live_records(row: tuple, members: dict[str, Member], digests: dict[str, str], wanted: frozenset[str]
                   ) -> dict[str, tuple[IndexRecord, tuple[str, ...]]]:
-    """Per producer of one chunk: the entry with the most live owners, and those owners
-    (a record of other weights than the producer's current ones does not count)."""
+    """Per producer of one chunk (a flat row of fields and values): the entry with the
+    most live owners, and those owners (a record of other weights than the producer's
+    current ones does not count)."""
     by_entry: dict[tuple[str, bytes], list[IndexRecord]] = {}
-    for field_, value in row.items():
+    for field_, value in zip(row[::2], row[1::2], strict=True):
         try:
-            rec = IndexRecord.parse(field_, value)
+            rec = parsed(field_, value)
         except (ValueError, TypeError):
             continue
         member = members.get(rec.node_id)

@@ -12,6 +12,7 @@ data-plane transports), created on first use.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -46,6 +47,7 @@ class ClusterPutResult:
     lost: int                    # entries no node took
     failed_nodes: tuple[str, ...]
     bytes_sent: int
+    already_present: int = 0     # (entry, node) puts the node already held
 
     @property
     def entries_committed(self) -> int:
@@ -78,6 +80,7 @@ class ClusterClient:
         self._host = host_id()
         self._pool = ThreadPoolExecutor(max_workers=fetch_threads, thread_name_prefix="cluster")
         self._chunk_size: int | None = None
+        self._turn = itertools.count()
 
     # ------------------------------------------------------------ lifecycle
 
@@ -176,9 +179,13 @@ class ClusterClient:
                                             live[n].host_id != self._host if n in live else True))
 
     def _any(self, call: Callable[[CacheClient], T]) -> T:
-        """``call`` on live nodes in turn until one answers (NotFound is an answer)."""
+        """``call`` on live nodes in turn until one answers (NotFound is an answer),
+        starting one further along each call (the nodes share the load), trusted first."""
         errors = []
-        for node_id in sorted(self.nodes(), key=lambda n: n in self._suspect):
+        live = sorted(self.nodes())
+        start = next(self._turn) % max(1, len(live))
+        now = time.monotonic()
+        for node_id in sorted(live[start:] + live[:start], key=lambda n: self._suspect.get(n, 0) > now):
             try:
                 return call(self.node(node_id))
             except (UnavailableError, CacheServiceError) as exc:
@@ -258,7 +265,7 @@ class ClusterClient:
         futures = {node_id: self._pool.submit(self._put_on, node_id, family_id, producer, group, tenant, transport)
                    for node_id, group in groups.items()}
         stored: dict[bytes, int] = {bytes(e.chunk_hash): 0 for e in entries}
-        failed, sent, last_error = [], 0, None
+        failed, sent, present, last_error = [], 0, 0, None
         for node_id, future in futures.items():
             try:
                 result = future.result()
@@ -268,6 +275,7 @@ class ClusterClient:
                 self._mark_suspect(node_id)
                 continue
             sent += result.bytes_sent
+            present += result.already_present
             for entry in groups[node_id]:
                 stored[bytes(entry.chunk_hash)] += 1
         lost = sum(1 for n in stored.values() if n == 0)
@@ -275,7 +283,7 @@ class ClusterClient:
             raise last_error
         return ClusterPutResult(len(entries), sum(stored.values()),
                                 sum(1 for n in stored.values() if n < self.replication), lost,
-                                tuple(sorted(failed)), sent)
+                                tuple(sorted(failed)), sent, present)
 
     def _put_on(self, node_id: str, family_id: FamilyId, producer: ModelId, entries: list[EntryData], tenant: str,
                 transport: str | None) -> PutResult:
@@ -342,6 +350,19 @@ class ClusterClient:
             raise ValueError("not a cluster hit: look it up with this ClusterClient")
         return ClusterSelectionStream(self, family_id, self.family(family_id), hit, selections, outs, as_torch,
                                       tenant or self.options.tenant, transport)
+
+    # ------------------------------------------------------------ housekeeping
+
+    def delete(self, family_id: FamilyId, *, entry_ids: Sequence[bytes] = (), chunk_hashes: Sequence[bytes] = (),
+               producer: str = "", tenant: str = "") -> int:
+        """On every live node; entries deleted, replicas counted once each."""
+        return sum(self._every(lambda c: c.delete(family_id, entry_ids=entry_ids, chunk_hashes=chunk_hashes,
+                                                  producer=producer, tenant=tenant)))
+
+    def unpin(self, lease_id: str) -> None:
+        """Cluster lookups hold no leases: only the empty lease id is accepted."""
+        if lease_id:
+            raise ValueError("a cluster client holds no leases; unpin on the node that issued it")
 
     def stats(self) -> dict[str, dict]:
         """Every live node's stats, by node id (a node that does not answer is left out)."""

@@ -16,6 +16,10 @@
 5. quality on held-out prompts at the same context length (exact match with its 95%
    interval, gain retained, fidelity) for the same variants; ``cachesvc bench reuse``
    runs it at 512-4096 tokens with enough prompts to separate plans.
+
+With ``CACHESVC_REDIS_URL`` (or ``CACHESVC_SEEDS``, comma-separated node addresses) it
+starts no node and runs the same job against that cluster through a ClusterClient: what
+the docker-compose deployment's demo service does (``make demo-cluster``).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from tqdm import tqdm
 
 from cachesvc.node.launcher import ServerProcess
 from cachesvc_client import CacheClient
+from cachesvc_client.cluster import ClusterClient
 from cachesvc_lab.evaluate import PairEvaluator, summarize
 from cachesvc_connectors.hf import Consumer, ConsumerOptions, Producer
 from cachesvc_lab import finetune, smollm2, tasks
@@ -46,6 +51,14 @@ QUESTIONS_PER_CONTEXT = 6
 
 def main() -> int:
     torch.set_num_threads(min(4, os.cpu_count() or 1))
+    redis_url, seeds = os.environ.get("CACHESVC_REDIS_URL", ""), os.environ.get("CACHESVC_SEEDS", "")
+    if redis_url or seeds:
+        with ClusterClient([s for s in seeds.split(",") if s], redis_url) as cluster:
+            live = cluster.wait_ready(int(os.environ.get("CACHESVC_DEMO_NODES", "1")), timeout_s=120)
+            print(f"1. cachesvc cluster of {len(live)} nodes ({', '.join(sorted(live))}), "
+                  f"replication {cluster.replication}")
+            _run(cluster)
+        return 0
     data_dir = Path(os.environ.get("CACHESVC_DEMO_DIR", ".cachesvc-data/demo")).resolve()
     server = ServerProcess(Path(tempfile.mkdtemp(prefix="cachesvc-demo-")), ("--log-format", "text"),
                            data_dir=data_dir).start()
@@ -58,7 +71,7 @@ def main() -> int:
     return 0
 
 
-def _run(client: CacheClient) -> None:
+def _run(client: CacheClient | ClusterClient) -> None:
     base, tokenizer = smollm2.load()
     consumer_model, _ = smollm2.load(finetune.ensure([CONSUMER])[CONSUMER])
     layers = base.config.num_hidden_layers
