@@ -324,3 +324,32 @@ def test_lost_replicas_are_recreated_and_a_joining_node_gets_its_share(cluster, 
         with CacheClient(cluster.nodes["n3"].address) as n3:
             for i in moved:               # copied whole and verified: byte-identical
                 assert exact(n3.get(reg.family_id, hit[i:i + 1], KINDS), entries[i:i + 1]) == 1
+
+
+def test_a_context_ending_mid_chunk_is_offered_and_verified_across_the_cluster(cluster, rng):
+    """A producer stored 2.5 chunks (the half chunk put with its parent); a longer prompt
+    over the same context reuses all of it, as on one node (docs/chunk-keys.md)."""
+    import dataclasses
+    with cluster.client() as client:
+        reg = client.register_model("m1", "abcdef01", TINY)
+        context = list(range(640))
+        hashes = client.hash_tokens(context, reg.family_id, include_partial=True)
+        assert len(hashes) == 3
+        entries = [make_entry(rng, TINY, h, 256 if i < 2 else 128, position_offset=256 * i)
+                   for i, h in enumerate(hashes)]
+        entries[2] = dataclasses.replace(entries[2], parent_hash=bytes(hashes[1]))
+        client.put(reg.family_id, "m1", entries)
+        question = context + [90_000 + i for i in range(200)]
+        hit = client.lookup_prompt(reg.family_id, question).best("m1")
+        assert hit.num_chunks == 3 and hit.num_tokens == 640
+        assert set(hit.owners[2]) == set(client.placement(hashes[2]))
+        assert exact(client.get(reg.family_id, hit, KINDS), entries[:2]) == 2
+        got = client.get(reg.family_id, hit, KINDS)
+        assert got.valid_chunks == 3
+        assert all(got.arrays[k][layer, 512:640].tobytes() == entries[2].slabs[(k, layer)].tobytes()
+                   for k in KINDS for layer in range(4))
+        # through a node, the same offer; another prompt's tokens do not verify it
+        with ClusterClient(seeds=[cluster.nodes["n0"].address]) as seeded:
+            assert seeded.lookup_prompt(reg.family_id, question).best("m1").num_tokens == 640
+            other = context[:512] + [7] * 300
+            assert seeded.lookup_prompt(reg.family_id, other).best("m1").num_tokens == 512

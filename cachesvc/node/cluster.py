@@ -13,6 +13,7 @@ rebuilt: every node does it within one heartbeat interval.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import logging
 import threading
@@ -28,7 +29,7 @@ from cachesvc.wire.errors import FailedPrecondition, Unavailable
 from cachesvc.wire.convert import family_from_proto, family_to_proto
 from cachesvc.node.models import RegisterOutcome
 from cachesvc.node.replicator import Replicator
-from cachesvc.wire.keys import FamilySpec, Tier
+from cachesvc.wire.keys import FamilyId, FamilySpec, Tier, chain_root
 
 log = logging.getLogger(__name__)
 
@@ -183,12 +184,17 @@ class ClusterAgent:
         digests = {m.model_id: m.weights_digest for m in self.store.list_models()}
         for add, meta, tier in events:
             key = self.keys.chunk(meta.tenant, meta.family_id, meta.chunk_hash)
+            tail_key = self.keys.tails(meta.tenant, meta.family_id, meta.parent_hash) if meta.parent_hash else None
             if add:
                 rec = IndexRecord(meta.producer, self.node_id, meta.entry_id, meta.position_offset, meta.layout,
                                   tier, digests.get(meta.producer, "-"), incarnation)
                 pipe.hset(key, rec.field, rec.value())
+                if tail_key is not None:   # a partial chunk: offered after its parent too
+                    pipe.hset(tail_key, rec.field, dataclasses.replace(rec, chunk_hash=meta.chunk_hash).value())
             else:
                 pipe.hdel(key, index_field(meta.producer, self.node_id, meta.entry_id))
+                if tail_key is not None:
+                    pipe.hdel(tail_key, index_field(meta.producer, self.node_id, meta.entry_id))
             pending += 1
             if pending == PUBLISH_BATCH:
                 pipe.execute()
@@ -289,13 +295,16 @@ class ClusterAgent:
 
     # ------------------------------------------------------------ reading
 
-    def lookup(self, tenant: str, family_id: str, hashes, producers) -> tuple[list[ClusterHit], dict[str, Member]]:
-        """The cluster's hits for a chain, and the live members they name."""
+    def lookup(self, tenant: str, family_id: str, hashes, producers, offer_tails: bool = False
+               ) -> tuple[list[ClusterHit], dict[str, Member]]:
+        """The cluster's hits for a chain (with the partial chunks offered after them), and
+        the live members they name."""
         if not self.status.redis_up:
             raise Unavailable(f"node {self.node_id} has lost the cluster's Redis: it answers for its own entries "
                               "only (cluster=false), or ask another node")
         try:
-            hits = self.index.lookup(tenant, family_id, hashes, producers)
+            root = chain_root(tenant, FamilyId(family_id), self.store.config.chunk_size) if offer_tails else None
+            hits = self.index.lookup(tenant, family_id, hashes, producers, root)
             return hits, self.index.members()
         except Exception as exc:   # noqa: BLE001 - any Redis failure is the dependency's
             raise Unavailable(f"cluster index unavailable: {type(exc).__name__}: {exc}") from None
@@ -323,11 +332,11 @@ def _model_doc(weights_digest: str, family: FamilySpec) -> dict:
     return {"weights_digest": weights_digest, "family": family_to_proto(family).SerializeToString().hex()}
 
 
-def check_cluster_lookup(lease_ttl_s: int, tail_hashes, offer_tails: bool, locate: bool) -> None:
-    """What a cluster lookup cannot do (leases and located reads are one node's; tails
-    are offered by a node's own index)."""
+def check_cluster_lookup(lease_ttl_s: int, tail_hashes, locate: bool) -> None:
+    """What a cluster lookup cannot do (leases and located reads are one node's; the
+    older tail probe has offers in its place)."""
     unsupported = [name for name, on in (("lease_ttl_s", lease_ttl_s), ("tail_hashes", tail_hashes),
-                                         ("offer_tails", offer_tails), ("locate", locate)) if on]
+                                         ("locate", locate)) if on]
     if unsupported:
         raise FailedPrecondition(f"a cluster lookup cannot take {', '.join(unsupported)}: look up on one node "
                                  "(cluster=false) for those")

@@ -125,22 +125,23 @@ def lookup_response(store: CacheStore, request: pb.LookupRequest, fetch: pb.Fetc
 
 def cluster_lookup_response(store: CacheStore, cluster: ClusterAgent, request: pb.LookupRequest
                             ) -> pb.LookupResponse:
-    """A Lookup with ``cluster`` answered from the global index: per hit chunk, the nodes
-    holding it."""
-    check_cluster_lookup(request.lease_ttl_s, request.tail_hashes, request.offer_tails, request.locate)
+    """A Lookup with ``cluster`` answered from the global index: per hit chunk (and per
+    offered tail), the nodes holding it."""
+    check_cluster_lookup(request.lease_ttl_s, request.tail_hashes, request.locate)
     try:
         check_chunk_hashes(request.chunk_hashes)
     except ValueError as exc:
         raise errors.InvalidArgument(str(exc)) from None
     store.get_family(request.family_id)    # NotFound for a family no node registered
     hits, members = cluster.lookup(request.tenant or DEFAULT_TENANT, request.family_id, request.chunk_hashes,
-                                   request.producers)
+                                   request.producers, request.offer_tails)
     resp = pb.LookupResponse()
     layout_index: dict[Layout, int] = {}
     node_index: dict[str, int] = {}
-    for hit in hits:
+
+    def owner_columns(owner_lists) -> tuple[list[int], list[int]]:
         counts, nodes = [], []
-        for owners in hit.owners:
+        for owners in owner_lists:
             counts.append(len(owners))
             for node_id in owners:
                 if node_id not in node_index:
@@ -149,16 +150,27 @@ def cluster_lookup_response(store: CacheStore, cluster: ClusterAgent, request: p
                     resp.nodes.add(node_id=node_id, grpc_address=m.grpc_address, transports=m.transports,
                                    host_id=m.host_id)
                 nodes.append(node_index[node_id])
-        indices = []
-        for layout in hit.layouts:
-            if layout not in layout_index:
-                layout_index[layout] = len(resp.layouts)
-                resp.layouts.append(_layout_to_proto(layout))
-            indices.append(layout_index[layout])
+        return counts, nodes
+
+    def layout_of(layout: Layout) -> int:
+        if layout not in layout_index:
+            layout_index[layout] = len(resp.layouts)
+            resp.layouts.append(_layout_to_proto(layout))
+        return layout_index[layout]
+
+    for hit in hits:
+        counts, nodes = owner_columns(hit.owners)
+        tails = [rec for rec, _ in hit.tails]
+        tail_counts, tail_nodes = owner_columns(owners for _, owners in hit.tails)
         resp.hits.add(producer=hit.producer, same_model=bool(request.consumer) and hit.producer == request.consumer,
                       num_chunks=len(hit.entry_ids), entry_ids=b"".join(hit.entry_ids),
-                      position_offsets=hit.position_offsets, layout_indices=indices, tiers=hit.tiers,
-                      owner_counts=counts, owner_nodes=nodes)
+                      position_offsets=hit.position_offsets, layout_indices=[layout_of(x) for x in hit.layouts],
+                      tiers=hit.tiers, owner_counts=counts, owner_nodes=nodes,
+                      tail_chunk_hashes=b"".join(r.chunk_hash for r in tails),
+                      tail_entry_ids=b"".join(r.entry_id for r in tails),
+                      tail_position_offsets=[r.position_offset for r in tails],
+                      tail_layout_indices=[layout_of(r.layout) for r in tails], tail_tiers=[r.tier for r in tails],
+                      tail_owner_counts=tail_counts, tail_owner_nodes=tail_nodes)
     return resp
 
 

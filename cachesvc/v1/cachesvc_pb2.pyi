@@ -267,7 +267,7 @@ class EntryLayout(_message.Message):
     def __init__(self, num_tokens: _Optional[int] = ..., k_layers: _Optional[_Iterable[int]] = ..., v_layers: _Optional[_Iterable[int]] = ..., e_layers: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class LookupHit(_message.Message):
-    __slots__ = ("producer", "same_model", "num_chunks", "entry_ids", "position_offsets", "layout_indices", "tiers", "fetch", "tail_chunk_hashes", "tail_entry_ids", "tail_position_offsets", "tail_layout_indices", "tail_tiers", "arena_offsets", "slab_checksums", "tail_arena_offsets", "tail_slab_checksums", "owner_counts", "owner_nodes")
+    __slots__ = ("producer", "same_model", "num_chunks", "entry_ids", "position_offsets", "layout_indices", "tiers", "fetch", "tail_chunk_hashes", "tail_entry_ids", "tail_position_offsets", "tail_layout_indices", "tail_tiers", "arena_offsets", "slab_checksums", "tail_arena_offsets", "tail_slab_checksums", "owner_counts", "owner_nodes", "tail_owner_counts", "tail_owner_nodes")
     PRODUCER_FIELD_NUMBER: _ClassVar[int]
     SAME_MODEL_FIELD_NUMBER: _ClassVar[int]
     NUM_CHUNKS_FIELD_NUMBER: _ClassVar[int]
@@ -287,6 +287,8 @@ class LookupHit(_message.Message):
     TAIL_SLAB_CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
     OWNER_COUNTS_FIELD_NUMBER: _ClassVar[int]
     OWNER_NODES_FIELD_NUMBER: _ClassVar[int]
+    TAIL_OWNER_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    TAIL_OWNER_NODES_FIELD_NUMBER: _ClassVar[int]
     producer: str
     same_model: bool
     num_chunks: int
@@ -306,7 +308,9 @@ class LookupHit(_message.Message):
     tail_slab_checksums: bytes
     owner_counts: _containers.RepeatedScalarFieldContainer[int]
     owner_nodes: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, producer: _Optional[str] = ..., same_model: _Optional[bool] = ..., num_chunks: _Optional[int] = ..., entry_ids: _Optional[bytes] = ..., position_offsets: _Optional[_Iterable[int]] = ..., layout_indices: _Optional[_Iterable[int]] = ..., tiers: _Optional[_Iterable[_Union[Tier, str]]] = ..., fetch: _Optional[_Union[FetchDescriptor, _Mapping]] = ..., tail_chunk_hashes: _Optional[bytes] = ..., tail_entry_ids: _Optional[bytes] = ..., tail_position_offsets: _Optional[_Iterable[int]] = ..., tail_layout_indices: _Optional[_Iterable[int]] = ..., tail_tiers: _Optional[_Iterable[_Union[Tier, str]]] = ..., arena_offsets: _Optional[_Iterable[int]] = ..., slab_checksums: _Optional[bytes] = ..., tail_arena_offsets: _Optional[_Iterable[int]] = ..., tail_slab_checksums: _Optional[bytes] = ..., owner_counts: _Optional[_Iterable[int]] = ..., owner_nodes: _Optional[_Iterable[int]] = ...) -> None: ...
+    tail_owner_counts: _containers.RepeatedScalarFieldContainer[int]
+    tail_owner_nodes: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, producer: _Optional[str] = ..., same_model: _Optional[bool] = ..., num_chunks: _Optional[int] = ..., entry_ids: _Optional[bytes] = ..., position_offsets: _Optional[_Iterable[int]] = ..., layout_indices: _Optional[_Iterable[int]] = ..., tiers: _Optional[_Iterable[_Union[Tier, str]]] = ..., fetch: _Optional[_Union[FetchDescriptor, _Mapping]] = ..., tail_chunk_hashes: _Optional[bytes] = ..., tail_entry_ids: _Optional[bytes] = ..., tail_position_offsets: _Optional[_Iterable[int]] = ..., tail_layout_indices: _Optional[_Iterable[int]] = ..., tail_tiers: _Optional[_Iterable[_Union[Tier, str]]] = ..., arena_offsets: _Optional[_Iterable[int]] = ..., slab_checksums: _Optional[bytes] = ..., tail_arena_offsets: _Optional[_Iterable[int]] = ..., tail_slab_checksums: _Optional[bytes] = ..., owner_counts: _Optional[_Iterable[int]] = ..., owner_nodes: _Optional[_Iterable[int]] = ..., tail_owner_counts: _Optional[_Iterable[int]] = ..., tail_owner_nodes: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class FetchDescriptor(_message.Message):
     __slots__ = ("node_id", "grpc_address", "transports", "host_id")

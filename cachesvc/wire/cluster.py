@@ -13,7 +13,9 @@ Keys, under a namespace ``NS`` (default ``cachesvc``):
   ``PRODUCER \\x1f NODE \\x1f ENTRYHEX`` → :class:`IndexRecord` (position, layout, tier,
   the publishing node's incarnation). A node writes a field only after the entry
   committed and deletes it when the entry leaves its index, so no reader anywhere sees a
-  half-written entry. A field counts only while its node is live *in the incarnation it
+  half-written entry. Partial chunks are also listed under ``NS:tl:`` + the same 8 bytes +
+  the parent hash they were put with (value: the record and the chunk's own hash), so a
+  lookup offers them as a node's own lookup does. A field counts only while its node is live *in the incarnation it
   was written in*: when a node loses track of what Redis holds for it (Redis restarted,
   a publish failed) it takes a new incarnation and republishes everything it holds, and
   every older field of it stops counting at once, wherever it lies.
@@ -95,6 +97,7 @@ class IndexRecord:
     tier: Tier
     weights_digest: str
     incarnation: int
+    chunk_hash: bytes = b""        # tail records only: the partial chunk's own hash
 
     @property
     def field(self) -> str:
@@ -102,9 +105,11 @@ class IndexRecord:
 
     def value(self) -> str:
         lay = self.layout
-        return " ".join((str(self.position_offset), str(lay.num_tokens), _mask(lay.k_layers),
-                         _mask(lay.v_layers), _mask(lay.e_layers), str(int(self.tier)), self.weights_digest,
-                         str(self.incarnation)))
+        parts = [str(self.position_offset), str(lay.num_tokens), _mask(lay.k_layers), _mask(lay.v_layers),
+                 _mask(lay.e_layers), str(int(self.tier)), self.weights_digest, str(self.incarnation)]
+        if self.chunk_hash:
+            parts.append(self.chunk_hash.hex())
+        return " ".join(parts)
 
     @classmethod
     def parse(cls, field_: str | bytes, value: str | bytes) -> "IndexRecord":
@@ -117,9 +122,12 @@ class IndexRecord:
         entry_id = bytes.fromhex(entry_hex)
         if len(entry_id) != ENTRY_ID_BYTES:
             raise ValueError(f"entry id of {len(entry_id)} bytes")
-        pos, tokens, k, v, e, tier, digest, inc = value.split(" ")
+        pos, tokens, k, v, e, tier, digest, inc, *chunk = value.split(" ")
+        if len(chunk) > 1:
+            raise ValueError("trailing tokens in an index record")
         return cls(producer, node_id, EntryId(entry_id), int(pos),
-                   Layout(int(tokens), _layers(k), _layers(v), _layers(e)), Tier(int(tier)), digest, int(inc))
+                   Layout(int(tokens), _layers(k), _layers(v), _layers(e)), Tier(int(tier)), digest, int(inc),
+                   bytes.fromhex(chunk[0]) if chunk else b"")
 
 
 def index_field(producer: str, node_id: str, entry_id: bytes) -> str:
@@ -167,6 +175,7 @@ class ClusterHit:
     layouts: list[Layout]
     tiers: list[Tier]
     owners: list[tuple[str, ...]]
+    tails: list[tuple[IndexRecord, tuple[str, ...]]] = field(default_factory=list)   # offers, longest first
 
 
 class Keys:
@@ -180,6 +189,7 @@ class Keys:
         self.models = f"{namespace}:models"
         self.models_version = f"{namespace}:models:version"   # bumped on every change of models
         self._chunk_prefix = f"{namespace}:ix:".encode()
+        self._tail_prefix = f"{namespace}:tl:".encode()
         self._spaces: dict[tuple[str, str], bytes] = {}
 
     def chunk(self, tenant: str, family_id: str, chunk_hash: bytes) -> bytes:
@@ -193,6 +203,10 @@ class Keys:
             space = self._spaces[(tenant, family_id)] = self._chunk_prefix + hashlib.blake2b(
                 f"{tenant}\x00{family_id}".encode(), digest_size=8).digest()
         return space + bytes(chunk_hash)
+
+    def tails(self, tenant: str, family_id: str, parent: bytes) -> bytes:
+        """The partial chunks put with ``parent`` (as a node's lookup offers them)."""
+        return self.chunk(tenant, family_id, parent).replace(self._chunk_prefix, self._tail_prefix, 1)
 
 
 def connect(url: str) -> Any:
@@ -267,10 +281,12 @@ class ClusterIndex:
         self._members = (time.monotonic(), live, digests)
         return live, digests
 
-    def lookup(self, tenant: str, family_id: str, hashes: Sequence[bytes],
-               producers: Sequence[str] = ()) -> list[ClusterHit]:
+    def lookup(self, tenant: str, family_id: str, hashes: Sequence[bytes], producers: Sequence[str] = (),
+               root: bytes | None = None) -> list[ClusterHit]:
         """Per producer, its longest run of leading ``hashes`` held by live nodes (in the
-        incarnation they wrote it in, of the producer's current weights), longest first."""
+        incarnation they wrote it in, of the producer's current weights), longest first.
+        With the chain's ``root``, also the partial chunks offered after each run (after
+        the root for producers without one): ``ClusterHit.tails``."""
         members, digests = self._state(False)
         wanted = frozenset(producers)
         rows = self._rows(tenant, family_id, hashes)
@@ -300,7 +316,44 @@ class ClusterIndex:
                 hit.layouts.append(entry.layout)
                 hit.tiers.append(entry.tier)
                 hit.owners.append(owners)
-        return sorted((h for h in runs.values() if h.entry_ids), key=lambda h: (-len(h.entry_ids), h.producer))
+        hits = [h for h in runs.values() if h.entry_ids]
+        if root is not None:
+            hits = self._offer(tenant, family_id, hashes, hits, root, members, digests, wanted)
+        return sorted(hits, key=lambda h: (-len(h.entry_ids), h.producer))
+
+    def _offer(self, tenant: str, family_id: str, hashes: Sequence[bytes], hits: list[ClusterHit], root: bytes,
+               members: dict[str, Member], digests: dict[str, str], wanted: frozenset[str]) -> list[ClusterHit]:
+        """``hits`` with their tails, plus hits of only tails after the root (producers
+        with no run: a context shorter than a chunk)."""
+        by_parent: dict[bytes, set[str] | None] = {}
+        for hit in hits:
+            if len(hit.entry_ids) < len(hashes):
+                by_parent.setdefault(bytes(hashes[len(hit.entry_ids) - 1]), set()).add(hit.producer)
+        by_parent.setdefault(bytes(root), None)          # None: any producer without a run
+        pipe = self.client.pipeline(transaction=False)
+        for parent in by_parent:
+            pipe.hgetall(self.keys.tails(tenant, family_id, parent))
+        with_run = {h.producer: h for h in hits}
+        for producers, row in zip(by_parent.values(), pipe.execute(), strict=True):
+            flat = tuple(x for pair in row.items() for x in pair)
+            found: dict[tuple[str, bytes], list[IndexRecord]] = {}
+            for field_, value in zip(flat[::2], flat[1::2], strict=True):
+                try:
+                    rec = parsed(field_, value)
+                except (ValueError, TypeError):
+                    continue
+                member = members.get(rec.node_id)
+                ok = (producers is None and rec.producer not in with_run) or (producers and rec.producer in producers)
+                if ok and member is not None and member.incarnation == rec.incarnation and rec.chunk_hash and \
+                        digests.get(rec.producer) == rec.weights_digest and (not wanted or rec.producer in wanted):
+                    found.setdefault((rec.producer, rec.entry_id), []).append(rec)
+            for (producer, _), recs in sorted(found.items(), key=lambda kv: -kv[1][0].layout.num_tokens):
+                hit = with_run.get(producer)
+                if hit is None:
+                    hit = with_run[producer] = ClusterHit(producer, [], [], [], [], [])
+                    hits.append(hit)
+                hit.tails.append((recs[0], tuple(sorted(r.node_id for r in recs))))
+        return hits
 
     def _rows(self, tenant: str, family_id: str, hashes: Sequence[bytes]) -> list[tuple]:
         """Each chunk's index fields and values, flat (field, value, field, value, ...),

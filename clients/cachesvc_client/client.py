@@ -203,12 +203,12 @@ class CacheClient:
         return lookup_from_proto(self._call(self._stub.Lookup, req))
 
     def cluster_lookup(self, family_id: FamilyId, hashes: Sequence[bytes], *, consumer: ModelId = NO_MODEL,
-                       producers: Sequence[str] = (), tenant: str = "") -> LookupResult:
+                       producers: Sequence[str] = (), tenant: str = "", offer_tails: bool = False) -> LookupResult:
         """The longest runs across the node's whole cluster (``Hit.owners``,
         ``LookupResult.nodes``); FailedPrecondition from a lone node. Use a
         :class:`~cachesvc_client.cluster.ClusterClient` to fetch them."""
         req = pb.LookupRequest(tenant=tenant or self.options.tenant, family_id=family_id, chunk_hashes=hashes,
-                               consumer=consumer, producers=producers, cluster=True)
+                               consumer=consumer, producers=producers, cluster=True, offer_tails=offer_tails)
         return lookup_from_proto(self._call(self._stub.Lookup, req))
 
     def cluster_nodes(self) -> tuple[dict[str, NodeInfo], bool]:

@@ -21,11 +21,11 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from cachesvc.wire.cluster import DEFAULT_NAMESPACE, ClusterIndex, connect, rendezvous
-from cachesvc.wire.keys import NO_MODEL, ChunkHash, FamilyId, FamilySpec, Kind, ModelId, chunk_hashes
+from cachesvc.wire.keys import NO_MODEL, ChunkHash, FamilyId, FamilySpec, Kind, ModelId, chunk_hashes, parent_of
 from cachesvc.wire.protocol import host_id
 from cachesvc_client.client import CacheClient
 from cachesvc_client.codec import (EntryData, Hit, LookupResult, Missing, NodeInfo, PutResult,
-                                   Registered, SlabAssembler, Slabs, StoredProfile)
+                                   Registered, SlabAssembler, Slabs, StoredProfile, TailOffer)
 from cachesvc_client.errors import CacheServiceError, NotFoundError, UnavailableError
 from cachesvc_client.options import ClientOptions, RetryPolicy
 from cachesvc_client.prompt import verified
@@ -292,35 +292,42 @@ class ClusterClient:
     # ------------------------------------------------------------ lookup
 
     def lookup(self, family_id: FamilyId, hashes: Sequence[bytes], *, consumer: ModelId = NO_MODEL,
-               producers: Sequence[str] = (), tenant: str = "", **_one_node_only: Any) -> LookupResult:
+               producers: Sequence[str] = (), tenant: str = "", offer_tails: bool = False,
+               **_one_node_only: Any) -> LookupResult:
         """Per producer, its longest run of leading ``hashes`` on live nodes, each chunk
-        with its owners (``Hit.owners``; ``LookupResult.nodes`` says where they are).
-        Straight from Redis when the client has its URL, else through a node. Options of
-        a one-node lookup (leases, tails, locate) are ignored: a cluster holds no leases."""
+        with its owners (``Hit.owners``; ``LookupResult.nodes`` says where they are), and
+        with ``offer_tails`` the partial chunks stored after it (``Hit.tails``, to verify:
+        :meth:`lookup_prompt` does). Straight from Redis when the client has its URL, else
+        through a node. A one-node lookup's leases and locate are ignored: a cluster holds
+        no leases."""
         tenant = tenant or self.options.tenant
         if self._index is None:
             return self._any(lambda c: c.cluster_lookup(family_id, hashes, consumer=consumer, producers=producers,
-                                                        tenant=tenant))
+                                                        tenant=tenant, offer_tails=offer_tails))
+        root = parent_of(hashes, 0, tenant, FamilyId(family_id), self.chunk_size()) if offer_tails else None
         try:
-            found = self._index.lookup(tenant, family_id, hashes, producers)
+            found = self._index.lookup(tenant, family_id, hashes, producers, root)
         except Exception as exc:   # noqa: BLE001 - redis-py's errors
             raise UnavailableError(f"cluster index unavailable: {type(exc).__name__}: {exc}") from None
         nodes = self.nodes()
         hits = [Hit(h.producer, bool(consumer) and h.producer == consumer, h.entry_ids, h.position_offsets,
-                    h.layouts, h.tiers, "", owners=tuple(h.owners)) for h in found]
-        used = {n for h in found for owners in h.owners for n in owners}
+                    h.layouts, h.tiers, "", tuple(TailOffer(r.chunk_hash, r.entry_id, r.position_offset, r.layout,
+                                                            r.tier, None, owners) for r, owners in h.tails),
+                    owners=tuple(h.owners)) for h in found]
+        used = {n for h in hits for owners in (*h.owners, *(t.owners for t in h.tails)) for n in owners}
         return LookupResult(hits, "", {n: nodes[n] for n in used if n in nodes})
 
     def lookup_prompt(self, family_id: FamilyId, tokens: Sequence[int], *, consumer: ModelId = NO_MODEL,
                       producers: Sequence[str] = (), tenant: str = "", extra_keys: Sequence[str | bytes] = (),
                       hashes: Sequence[bytes] | None = None, **_one_node_only: Any) -> LookupResult:
-        """The prompt's chain (its own trailing partial chunk included) looked up across
-        the cluster. Partial chunks are found when the prompt ends where they do (no
-        offers: those are one node's)."""
+        """The hits for a prompt's tokens across the cluster, reaching where a stored
+        context ends even mid-chunk (its partial chunk offered and verified here), as
+        :meth:`CacheClient.lookup_prompt` does on one node."""
         tenant = tenant or self.options.tenant
         if hashes is None:
             hashes = self.hash_tokens(tokens, family_id, tenant=tenant, extra_keys=extra_keys, include_partial=True)
-        result = self.lookup(family_id, hashes, consumer=consumer, producers=producers, tenant=tenant)
+        result = self.lookup(family_id, hashes, consumer=consumer, producers=producers, tenant=tenant,
+                             offer_tails=True)
         return verified(tokens, hashes, result, self.chunk_size(), tenant, family_id, extra_keys)
 
     # ------------------------------------------------------------ get

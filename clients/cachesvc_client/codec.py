@@ -127,6 +127,7 @@ class TailOffer:
     layout: Layout
     tier: Tier
     location: Location | None = None
+    owners: tuple[str, ...] = ()      # a cluster lookup's: the nodes holding it
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,7 +160,8 @@ class Hit:
         return Hit(self.producer, self.same_model, [*self.entry_ids, offer.entry_id],
                    [*self.position_offsets, offer.position_offset], [*self.layouts, offer.layout],
                    [*self.tiers, offer.tier], self.grpc_address, (),
-                   [*self.locations, offer.location] if located else None, self.shm)
+                   [*self.locations, offer.location] if located else None, self.shm,
+                   (*self.owners, offer.owners) if offer.owners else self.owners)
 
     @property
     def num_chunks(self) -> int:
@@ -264,27 +266,29 @@ def lookup_from_proto(resp: pb.LookupResponse) -> LookupResult:
         located = len(h.arena_offsets) == n and len(h.tail_arena_offsets) == len(tail_layouts)
         locations = _locations(h.arena_offsets, h.slab_checksums, hit_layouts) if located else None
         tail_locations = _locations(h.tail_arena_offsets, h.tail_slab_checksums, tail_layouts) if located else None
+        tail_owners = _owners(h.tail_owner_counts, h.tail_owner_nodes, len(tail_layouts), resp.nodes)
         tails = tuple(TailOffer(h.tail_chunk_hashes[i * CHUNK_HASH_BYTES:(i + 1) * CHUNK_HASH_BYTES],
                                 h.tail_entry_ids[i * ENTRY_ID_BYTES:(i + 1) * ENTRY_ID_BYTES], offset,
-                                tail_layouts[i], _TIERS[tier], tail_locations[i] if tail_locations else None)
+                                tail_layouts[i], _TIERS[tier], tail_locations[i] if tail_locations else None,
+                                tail_owners[i] if tail_owners else ())
                       for i, (offset, tier) in enumerate(zip(h.tail_position_offsets, h.tail_tiers, strict=True)))
         hits.append(Hit(h.producer, h.same_model, ids, list(h.position_offsets), hit_layouts,
                         list(map(_TIERS.__getitem__, h.tiers)), h.fetch.grpc_address, tails, locations,
-                        h.fetch.transports.get("shm", b""), _owners(h, resp.nodes)))
+                        h.fetch.transports.get("shm", b""), _owners(h.owner_counts, h.owner_nodes, n, resp.nodes)))
     nodes = {d.node_id: NodeInfo(d.node_id, d.grpc_address, d.host_id, dict(d.transports)) for d in resp.nodes}
     return LookupResult(hits, resp.lease_id, nodes)
 
 
-def _owners(hit: pb.LookupHit, nodes: Sequence[pb.FetchDescriptor]) -> tuple[tuple[str, ...], ...]:
+def _owners(counts: Sequence[int], indices: Sequence[int], entries: int,
+            nodes: Sequence[pb.FetchDescriptor]) -> tuple[tuple[str, ...], ...]:
     """Per entry, the ids of the nodes holding it (a cluster lookup; () otherwise)."""
-    if not hit.owner_counts:
+    if not counts:
         return ()
-    if len(hit.owner_counts) != hit.num_chunks or sum(hit.owner_counts) != len(hit.owner_nodes) or \
-            any(i >= len(nodes) for i in hit.owner_nodes):
+    if len(counts) != entries or sum(counts) != len(indices) or any(i >= len(nodes) for i in indices):
         raise ValueError("cluster lookup answer: owner lists do not match the hit")
     out, at = [], 0
-    for count in hit.owner_counts:
-        out.append(tuple(nodes[i].node_id for i in hit.owner_nodes[at:at + count]))
+    for count in counts:
+        out.append(tuple(nodes[i].node_id for i in indices[at:at + count]))
         at += count
     return tuple(out)
 

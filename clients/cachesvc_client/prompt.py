@@ -33,4 +33,4 @@ def verified(tokens: Sequence[int], hashes: Sequence[ChunkHash], result: LookupR
         if chosen.num_chunks:
             hits.append(chosen)
     hits.sort(key=lambda h: -h.num_tokens)
-    return LookupResult(hits, result.lease_id)
+    return LookupResult(hits, result.lease_id, result.nodes)
