@@ -311,6 +311,12 @@ def test_lost_replicas_are_recreated_and_a_joining_node_gets_its_share(cluster, 
                 all(len(o) == 2 and "n0" not in o for o in hit.owners) else None
         hit = wait_for(replicated, 15, "every chunk on two live nodes again")
         assert exact(client.get(reg.family_id, hit, KINDS), entries) == 16
+        # n0 stays away: after ten TTLs the others forget it, and the fields it wrote
+        r, keys = redis.Redis.from_url(cluster.redis.url), Keys()
+        assert r.scard(keys.held("n0")) >= 16 * 2 // 3
+        wait_for(lambda: r.scard(keys.held("n0")) == 0 and r.hget(keys.nodes, "n0") is None, 20, "n0 forgotten")
+        assert not any(IndexRecord.parse(f, v).node_id == "n0"
+                       for h in hashes for f, v in r.hgetall(keys.chunk("default", reg.family_id, h)).items())
         cluster.start_node("n3")
         wait_for(lambda: "n3" in client.nodes(fresh=True), 5, "n3 joined")
 

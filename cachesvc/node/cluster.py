@@ -13,7 +13,6 @@ rebuilt: every node does it within one heartbeat interval.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import json
 import logging
 import threading
@@ -23,8 +22,8 @@ from cachesvc.node.entries import EntryMeta
 from cachesvc.node.logs import Throttled
 from cachesvc.node.store import CacheStore
 from cachesvc.v1 import cachesvc_pb2 as pb
-from cachesvc.wire.cluster import (ClusterHit, ClusterIndex, IndexRecord, Keys, Member, connect, index_field,
-                                   redis_now_ms)
+from cachesvc.wire.cluster import (ClusterHit, ClusterIndex, IndexRecord, Keys, Member, connect, held_member,
+                                   index_field, redis_now_ms, split_held_member)
 from cachesvc.wire.errors import FailedPrecondition, Unavailable
 from cachesvc.wire.convert import family_from_proto, family_to_proto
 from cachesvc.node.models import RegisterOutcome
@@ -149,12 +148,13 @@ class ClusterAgent:
             self._events.clear()       # the snapshot below supersedes what was queued
             snapshot = self.store.indexed_entries()
             self.status.incarnation = incarnation
-            self._write((True, meta, tier) for meta, tier in snapshot)
+            written = self._write((True, meta, tier) for meta, tier in snapshot)
             self._announce()
             self._dirty = False
+            stale = self._clean(self.node_id, keep=written)   # fields of entries gone while Redis lost track
         self.status.resyncs += 1
         log.info("cluster: joined", extra={"node_id": self.node_id, "incarnation": incarnation,
-                                           "entries": len(snapshot)})
+                                           "entries": len(snapshot), "stale_fields_removed": stale})
 
     def flush(self) -> None:
         """Publish what is queued now, in the caller's thread: a Commit returns only once
@@ -177,32 +177,54 @@ class ClusterAgent:
             if batch:
                 self._write(batch)
 
-    def _write(self, events) -> None:
+    def _write(self, events) -> set[bytes]:
+        """Apply index events; returns the (key, field) places written, as the node's
+        ``held`` set spells them. Every field written is also added to that set (and
+        removed with it), so what a node leaves behind can be found and cleaned: by
+        itself at its next resync, by the others once it is gone for good."""
         pipe = self.redis.pipeline(transaction=False)
-        pending = 0
+        held = self.keys.held(self.node_id)
+        pending, written = 0, set()
         incarnation = self.status.incarnation
         digests = {m.model_id: m.weights_digest for m in self.store.list_models()}
         for add, meta, tier in events:
-            key = self.keys.chunk(meta.tenant, meta.family_id, meta.chunk_hash)
-            tail_key = self.keys.tails(meta.tenant, meta.family_id, meta.parent_hash) if meta.parent_hash else None
-            if add:
-                rec = IndexRecord(meta.producer, self.node_id, meta.entry_id, meta.position_offset, meta.layout,
-                                  tier, digests.get(meta.producer, "-"), incarnation)
-                pipe.hset(key, rec.field, rec.value())
-                if tail_key is not None:   # a partial chunk: offered after its parent too
-                    pipe.hset(tail_key, rec.field, dataclasses.replace(rec, chunk_hash=meta.chunk_hash).value())
-            else:
-                pipe.hdel(key, index_field(meta.producer, self.node_id, meta.entry_id))
-                if tail_key is not None:
-                    pipe.hdel(tail_key, index_field(meta.producer, self.node_id, meta.entry_id))
+            field = index_field(meta.producer, self.node_id, meta.entry_id)
+            places = [(self.keys.chunk(meta.tenant, meta.family_id, meta.chunk_hash), None)]
+            if meta.parent_hash:            # a partial chunk: offered after its parent too
+                places.append((self.keys.tails(meta.tenant, meta.family_id, meta.parent_hash), meta.chunk_hash))
+            for key, chunk_hash in places:
+                place = held_member(key, field)
+                if add:
+                    rec = IndexRecord(meta.producer, self.node_id, meta.entry_id, meta.position_offset, meta.layout,
+                                      tier, digests.get(meta.producer, "-"), incarnation, chunk_hash or b"")
+                    pipe.hset(key, field, rec.value())
+                    pipe.sadd(held, place)
+                    written.add(place)
+                else:
+                    pipe.hdel(key, field)
+                    pipe.srem(held, place)
             pending += 1
-            if pending == PUBLISH_BATCH:
+            if pending >= PUBLISH_BATCH:
                 pipe.execute()
                 self.status.published += pending
                 pending = 0
         if pending:
             pipe.execute()
             self.status.published += pending
+        return written
+
+    def _clean(self, node_id: str, keep: set[bytes] = frozenset()) -> int:
+        """Delete the index fields ``node_id`` wrote, except ``keep``; how many."""
+        held = self.keys.held(node_id)
+        doomed = [m for m in self.redis.smembers(held) if m not in keep]
+        for at in range(0, len(doomed), PUBLISH_BATCH):
+            pipe = self.redis.pipeline(transaction=False)
+            for place in doomed[at:at + PUBLISH_BATCH]:
+                key, field = split_held_member(place)
+                pipe.hdel(key, field)
+                pipe.srem(held, place)
+            pipe.execute()
+        return len(doomed)
 
     def _heartbeat(self) -> None:
         """Extend this node's membership. A membership missing, or of another incarnation,
@@ -246,7 +268,12 @@ class ClusterAgent:
             except (ValueError, TypeError, KeyError):
                 member = None
             if member is None or member.expires_ms < now - STALE_MEMBER_FACTOR * self.ttl_ms:
+                # Gone for good (or never parsable): its index fields too, then the member.
+                # Several nodes may do this at once: every step is idempotent.
+                dead = node_id.decode() if isinstance(node_id, bytes) else node_id
+                removed = self._clean(dead)
                 self.redis.hdel(self.keys.nodes, node_id)
+                log.info("cluster: forgot a dead node", extra={"node_id": dead, "fields_removed": removed})
 
     # ------------------------------------------------------------ models
 

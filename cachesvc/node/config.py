@@ -157,6 +157,8 @@ class ServerConfig:
             raise ValueError("chunk_size must be > 0")
         if self.memory_bytes < 1 << 20:
             raise ValueError(f"memory_bytes {self.memory_bytes} is below 1 MiB")
+        if any(ord(c) < 32 for c in self.node_id):
+            raise ValueError("node_id must not contain control characters")
         if self.replication < 0 or self.rebalance_bytes_per_s <= 0:
             raise ValueError("replication must be >= 0 and rebalance_bytes_per_s > 0")
         if self.redis_url and self.replication and self.tls_cert:

@@ -19,6 +19,9 @@ Keys, under a namespace ``NS`` (default ``cachesvc``):
   was written in*: when a node loses track of what Redis holds for it (Redis restarted,
   a publish failed) it takes a new incarnation and republishes everything it holds, and
   every older field of it stops counting at once, wherever it lies.
+- ``NS:held:NODE`` — set of the (index key, field) places NODE wrote: what it cleans at its
+  next resync (fields of entries it lost track of) and what the others delete once it
+  has been gone for ten heartbeat TTLs.
 - ``NS:models`` — hash, model id → JSON (weights digest and family): models are
   cluster-wide, nodes adopt what others registered, and a record counts only while its
   digest is the model's current one here (a node that was away when the model was
@@ -134,6 +137,19 @@ def index_field(producer: str, node_id: str, entry_id: bytes) -> str:
     return f"{producer}{SEP}{node_id}{SEP}{entry_id.hex()}"
 
 
+HELD_SEP = b"\x1e"
+
+
+def held_member(key: bytes, field: str) -> bytes:
+    """One place a node wrote (an index key and its field), as its ``held`` set lists it."""
+    return key + HELD_SEP + field.encode()
+
+
+def split_held_member(member: bytes) -> tuple[bytes, bytes]:
+    key, _, field = member.rpartition(HELD_SEP)
+    return key, field
+
+
 _PARSED: dict[tuple[bytes | str, bytes | str], IndexRecord] = {}
 _PARSED_MAX = 1 << 18
 
@@ -203,6 +219,10 @@ class Keys:
             space = self._spaces[(tenant, family_id)] = self._chunk_prefix + hashlib.blake2b(
                 f"{tenant}\x00{family_id}".encode(), digest_size=8).digest()
         return space + bytes(chunk_hash)
+
+    def held(self, node_id: str) -> str:
+        """The set of (index key, field) places ``node_id`` has written."""
+        return f"{self.ns}:held:{node_id}"
 
     def tails(self, tenant: str, family_id: str, parent: bytes) -> bytes:
         """The partial chunks put with ``parent`` (as a node's lookup offers them)."""
