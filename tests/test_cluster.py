@@ -359,3 +359,35 @@ def test_a_context_ending_mid_chunk_is_offered_and_verified_across_the_cluster(c
             assert seeded.lookup_prompt(reg.family_id, question).best("m1").num_tokens == 640
             other = context[:512] + [7] * 300
             assert seeded.lookup_prompt(reg.family_id, other).best("m1").num_tokens == 512
+
+
+def test_hf_connector_runs_unchanged_against_the_cluster(cluster):
+    """The HF Producer and Consumer take a ClusterClient: the plan's answer is exact, the
+    whole context (its partial chunk too) is reused, and a node killed after the lookup
+    costs nothing but a fall-over."""
+    import random
+
+    import torch
+
+    from cachesvc_client import DType
+    from cachesvc_connectors.hf import Consumer, ConsumerOptions, Producer, ProducerOptions
+    from cachesvc_connectors.reuse.plan import Plan
+    from hf_models import fine_tune_of, last_logits, tiny_model, tokenizer
+
+    base, tok = tiny_model("llama", seed=0), tokenizer()
+    tuned = fine_tune_of(base, range(2, 4))
+    rng = random.Random(3)
+    ids = [rng.randrange(255) for _ in range(700)]
+    with cluster.client() as client:
+        stored = Producer(client, base, tok, "base", ProducerOptions(dtype=DType.FLOAT32)).store(ids)
+        assert stored.chunks == 3
+        consumer = Consumer(client, tuned, tok, "tuned",
+                            ConsumerOptions(dtype=DType.FLOAT32, default_plan=Plan(4, ((2, 4),))))
+        for kill in (False, True):
+            if kill:    # the plan's next fetch meets a dead owner for some chunks
+                cluster.nodes["n1"].stop(signal.SIGKILL)
+            with torch.no_grad():
+                pre = consumer.prefill(ids + [9])
+                out = consumer.model(input_ids=consumer.stack.ids([9]), past_key_values=pre.cache)
+            assert pre.report.mode == "cross_model" and pre.report.reused_tokens == 700
+            assert torch.allclose(out.logits[0, -1], last_logits(tuned, ids + [9]), atol=1e-4, rtol=0)
