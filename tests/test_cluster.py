@@ -244,6 +244,26 @@ def test_redis_restarted_empty_rebuilds_the_index(cluster, rng):
         hashes, entries = prompt(client, reg.family_id, rng, 10)
         client.put(reg.family_id, "m1", entries)
         wait_for(lambda: client.lookup(reg.family_id, hashes).best("m1"), 3, "published")
+        # a reader keeps going through the restart: it may miss, it may not accept a wrong byte
+        stop, seen = threading.Event(), {"wrong": 0, "whole": 0, "failed": 0}
+
+        def reader():
+            with cluster.client() as mine:
+                while not stop.is_set():
+                    try:
+                        hit = mine.lookup(reg.family_id, hashes).best("m1")
+                        slabs = mine.get(reg.family_id, hit, KINDS) if hit else None
+                    except UnavailableError:
+                        seen["failed"] += 1
+                        time.sleep(0.05)
+                        continue
+                    if slabs is not None:
+                        good = exact(slabs, entries)
+                        seen["wrong"] += slabs.valid_chunks - good
+                        seen["whole"] += good == 10
+        load = threading.Thread(target=reader)
+        load.start()
+        time.sleep(0.3)
         cluster.redis.stop()
         # Redis down: nodes keep serving their own entries, and say so
         n0 = cluster.nodes["n0"]
@@ -272,6 +292,12 @@ def test_redis_restarted_empty_rebuilds_the_index(cluster, rng):
         rebuilt_s = time.monotonic() - t0
         assert rebuilt_s < 30
         assert exact(client.get(reg.family_id, hit, KINDS), entries) == 10
+        whole_before = seen["whole"]
+        time.sleep(0.5)
+        stop.set()
+        load.join()
+        assert seen["wrong"] == 0 and seen["failed"] > 0, seen      # it did read through the outage
+        assert seen["whole"] > whole_before, seen                     # and whole again after it
 
 
 def test_node_returning_with_stale_entries_never_serves_them(cluster, rng):
@@ -317,8 +343,13 @@ def test_lost_replicas_are_recreated_and_a_joining_node_gets_its_share(cluster, 
         wait_for(lambda: r.scard(keys.held("n0")) == 0 and r.hget(keys.nodes, "n0") is None, 20, "n0 forgotten")
         assert not any(IndexRecord.parse(f, v).node_id == "n0"
                        for h in hashes for f, v in r.hgetall(keys.chunk("default", reg.family_id, h)).items())
+        client.register_model("m2", "abcdef02", TINY)
+        client.put_profile("m1", "m2", "abcdef01", "abcdef02", {"plans": ["[2,4)"]})
         cluster.start_node("n3")
         wait_for(lambda: "n3" in client.nodes(fresh=True), 5, "n3 joined")
+        with CacheClient(cluster.nodes["n3"].address) as n3:    # models and profiles are cluster-wide
+            assert {m["model_id"] for m in n3.list_models()} == {"m1", "m2"}
+            assert n3.get_profile("m1", "m2").document == {"plans": ["[2,4)"]}
 
         def rebalanced():
             hit = client.lookup(reg.family_id, hashes).best("m1")

@@ -22,11 +22,12 @@ from cachesvc.node.entries import EntryMeta
 from cachesvc.node.logs import Throttled
 from cachesvc.node.store import CacheStore
 from cachesvc.v1 import cachesvc_pb2 as pb
-from cachesvc.wire.cluster import (ClusterHit, ClusterIndex, IndexRecord, Keys, Member, connect, held_member,
-                                   index_field, redis_now_ms, split_held_member)
+from cachesvc.wire.cluster import (SEP, ClusterHit, ClusterIndex, IndexRecord, Keys, Member, connect,
+                                   held_member, index_field, redis_now_ms, split_held_member)
 from cachesvc.wire.errors import FailedPrecondition, Unavailable
 from cachesvc.wire.convert import family_from_proto, family_to_proto
 from cachesvc.node.models import RegisterOutcome
+from cachesvc.node.profiles import ProfileRecord
 from cachesvc.node.replicator import Replicator
 from cachesvc.wire.keys import FamilyId, FamilySpec, Tier, chain_root
 
@@ -144,6 +145,8 @@ class ClusterAgent:
         to it: readers go from the old set of fields to the new one in one write."""
         incarnation = redis_now_ms(self.redis)
         self._adopt_models()
+        self._adopt_profiles()
+        self._publish_profiles([rec for rec, _stale in self.store.list_profiles()], overwrite=False)
         with self._publishing:
             self._events.clear()       # the snapshot below supersedes what was queued
             snapshot = self.store.indexed_entries()
@@ -244,7 +247,8 @@ class ClusterAgent:
         self._live = live
         version = self.redis.get(self.keys.models_version)
         if version != self._models_version:
-            self._adopt_models()        # registered or replaced through another node since
+            self._adopt_models()        # registered, replaced or profiled through another node since
+            self._adopt_profiles()
             self._models_version = version
         self._forget_dead()
 
@@ -304,6 +308,43 @@ class ClusterAgent:
             self._dirty = True
             self._errors.info("cluster: model not published", model_id=model_id, error=str(exc))
         return outcome
+
+    def put_profile(self, producer: str, consumer: str, producer_digest: str, consumer_digest: str,
+                    document: bytes) -> ProfileRecord:
+        """Store a pair's profile here and publish it for the other nodes to adopt (the
+        newest put anywhere wins; Redis down: here only, published at the next resync)."""
+        rec = self.store.put_profile(producer, consumer, producer_digest, consumer_digest, document)
+        try:
+            self._publish_profiles([rec], overwrite=True)
+        except Exception as exc:   # noqa: BLE001
+            self._dirty = True
+            self._errors.info("cluster: profile not published", producer=producer, consumer=consumer,
+                              error=str(exc))
+        return rec
+
+    def _publish_profiles(self, records, overwrite: bool) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        for rec in records:
+            doc = json.dumps({"producer_digest": rec.producer_digest, "consumer_digest": rec.consumer_digest,
+                              "document": rec.document.decode()}, sort_keys=True)
+            (pipe.hset if overwrite else pipe.hsetnx)(self.keys.profiles, f"{rec.producer}{SEP}{rec.consumer}", doc)
+        pipe.incr(self.keys.models_version)
+        pipe.execute()
+
+    def _adopt_profiles(self) -> None:
+        """Take every profile the cluster holds that differs from this node's."""
+        local = {(rec.producer, rec.consumer): rec for rec, _stale in self.store.list_profiles()}
+        for pair, raw in self.redis.hgetall(self.keys.profiles).items():
+            try:
+                producer, consumer = (pair.decode() if isinstance(pair, bytes) else pair).split(SEP)
+                doc = json.loads(raw)
+                have = local.get((producer, consumer))
+                if have is None or (have.producer_digest, have.consumer_digest, have.document.decode()) != \
+                        (doc["producer_digest"], doc["consumer_digest"], doc["document"]):
+                    self.store.put_profile(producer, consumer, doc["producer_digest"], doc["consumer_digest"],
+                                           doc["document"].encode())
+            except Exception as exc:   # noqa: BLE001 - one bad record must not stop the others
+                self._errors.info("cluster: profile not adopted", pair=str(pair), error=str(exc))
 
     def _adopt_models(self) -> None:
         """Make this node's registry the cluster's: register what it lacks, and replace

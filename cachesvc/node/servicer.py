@@ -223,8 +223,8 @@ class CacheServicer(pb_grpc.CacheServiceServicer):
     @_maps_errors
     def PutProfile(self, request, context):
         m = request.profile
-        rec = self.store.put_profile(m.producer, m.consumer, m.producer_digest, m.consumer_digest,
-                                     m.document)
+        put = self.cluster.put_profile if self.cluster is not None else self.store.put_profile
+        rec = put(m.producer, m.consumer, m.producer_digest, m.consumer_digest, m.document)
         return pb.PutProfileResponse(version=rec.version, replaced=rec.version > 1)
 
     @_maps_errors

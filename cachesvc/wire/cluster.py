@@ -22,6 +22,8 @@ Keys, under a namespace ``NS`` (default ``cachesvc``):
 - ``NS:held:NODE`` — set of the (index key, field) places NODE wrote: what it cleans at its
   next resync (fields of entries it lost track of) and what the others delete once it
   has been gone for ten heartbeat TTLs.
+- ``NS:profiles`` — hash, ``PRODUCER \x1f CONSUMER`` → JSON (both digests and the
+  document): reuse profiles are cluster-wide too (the newest put anywhere wins).
 - ``NS:models`` — hash, model id → JSON (weights digest and family): models are
   cluster-wide, nodes adopt what others registered, and a record counts only while its
   digest is the model's current one here (a node that was away when the model was
@@ -203,7 +205,8 @@ class Keys:
         self.ns = namespace
         self.nodes = f"{namespace}:nodes"
         self.models = f"{namespace}:models"
-        self.models_version = f"{namespace}:models:version"   # bumped on every change of models
+        self.profiles = f"{namespace}:profiles"
+        self.models_version = f"{namespace}:models:version"   # bumped on every change of models or profiles
         self._chunk_prefix = f"{namespace}:ix:".encode()
         self._tail_prefix = f"{namespace}:tl:".encode()
         self._spaces: dict[tuple[str, str], bytes] = {}
