@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from importlib.metadata import EntryPoint, entry_points
 
+from cachesvc.node.auth import TokenTable, new_token
 from cachesvc.node.config import add_arguments, load_config
 from cachesvc.node.logs import setup_logging
 from cachesvc.wire.keys import Tier
@@ -24,6 +26,8 @@ from cachesvc.wire.keys import Tier
 def _serve(args: argparse.Namespace) -> int:
     try:
         config = load_config(vars(args))
+        if config.auth_tokens:
+            TokenTable(config.auth_tokens)     # a bad tokens file is a clear error, not a traceback
     except (ValueError, OSError) as exc:
         print(f"cachesvc serve: {exc}", file=sys.stderr)
         return 2
@@ -33,8 +37,20 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _client(args: argparse.Namespace):
-    from cachesvc_client import CacheClient
-    return CacheClient(args.target)
+    from cachesvc_client import CacheClient, ClientOptions
+    return CacheClient(args.target, ClientOptions(token=os.environ.get("CACHESVC_TOKEN", "")))
+
+
+def _token(args: argparse.Namespace) -> int:
+    """Print a new token (once: only its SHA-256 is kept) and its tokens-file entry."""
+    try:
+        token, entry = new_token(args.name, args.tenant, args.role)
+    except KeyError:
+        print(f"cachesvc token: role must be read, write or admin; got {args.role!r}", file=sys.stderr)
+        return 2
+    print(f"token (give it to the client as CACHESVC_TOKEN or ClientOptions(token=...); it is not stored):\n"
+          f"  {token}\nentry for the --auth-tokens file's \"tokens\" list:\n  {json.dumps(entry)}")
+    return 0
 
 
 def _stats(args: argparse.Namespace) -> int:
@@ -75,7 +91,7 @@ def _ls(args: argparse.Namespace) -> int:
 
 
 COMMAND_GROUP = "cachesvc.commands"
-NODE_COMMANDS = ("serve", "stats", "ls")
+NODE_COMMANDS = ("serve", "stats", "ls", "token")
 
 
 def registered_commands() -> dict[str, EntryPoint]:
@@ -129,6 +145,11 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
             p.add_argument("--producer", default="")
             p.add_argument("--tenant", default="")
             p.add_argument("--limit", type=int, default=100)
+    token = sub.add_parser("token", help="make an API token for a node started with --auth-tokens")
+    token.add_argument("--tenant", required=True, help="the tenant it acts as ('' only for admin)")
+    token.add_argument("--role", required=True, help="read, write or admin")
+    token.add_argument("--name", default="token", help="the label logs show for it")
+    token.set_defaults(func=_token)
     registered = registered_commands()
     for name, entry in sorted(registered.items()):
         if wanted is None or wanted == name or wanted not in (*NODE_COMMANDS, *registered):

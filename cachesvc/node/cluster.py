@@ -52,7 +52,7 @@ class ClusterAgent:
 
     def __init__(self, store: CacheStore, fetch: pb.FetchDescriptor, redis_url: str, namespace: str,
                  heartbeat_ttl_s: float, on_health: Callable[[bool], None] = lambda up: None,
-                 replication: int = 0, rebalance_bytes_per_s: float = 64 << 20) -> None:
+                 replication: int = 0, rebalance_bytes_per_s: float = 64 << 20, peer_token: str = "") -> None:
         if heartbeat_ttl_s <= 0:
             raise ValueError("heartbeat TTL must be > 0")
         self.store = store
@@ -73,8 +73,8 @@ class ClusterAgent:
         self._models_version: bytes | None = None
         self._publishing = threading.Lock()
         self._live: frozenset[str] = frozenset()
-        self.replicator = Replicator(store, self.index, self.node_id, replication, rebalance_bytes_per_s) \
-            if replication else None
+        self.replicator = Replicator(store, self.index, self.node_id, replication, rebalance_bytes_per_s,
+                                     token=peer_token) if replication else None
 
     # ------------------------------------------------------------ store hooks
 

@@ -93,6 +93,15 @@ class ServerConfig:
     lm_port: int = _opt(-1, parse=int, help="serve LMCache's lm:// protocol on this port of --host (plaintext, "
                                             "no auth, as LMCache speaks it); -1: off, 0: any free one (logged)")
     lm_tenant: str = _opt("", help="tenant whose namespace lm:// chunks are stored in (empty: the default)")
+    auth_tokens: str = _opt("", help="JSON file of API tokens (their SHA-256, tenant and role; `cachesvc token` "
+                                     "makes them): every caller must present one; empty: no authentication")
+    trust_host: bool = _opt(False, parse=parse_bool,
+                            help="with --auth-tokens: still offer same-host clients the memory tier as shared "
+                                 "memory (it holds every tenant's bytes: only for a host whose local users "
+                                 "are all trusted)")
+    peer_token: str = _opt("", help="API token this node presents to the other nodes of its cluster when it "
+                                    "copies entries to them (admin role; set it through the environment, "
+                                    "CACHESVC_PEER_TOKEN, not the command line)")
     node_id: str = _opt("", help="name of this node; default host:port")
     advertise_host: str = _opt("", help="host name or address other hosts reach this node by (gRPC and the TCP "
                                         "data plane); default --host")
@@ -153,6 +162,11 @@ class ServerConfig:
         if self.lm_port >= 0 and not _loopback(self.host) and not self.allow_plaintext:
             raise ValueError(f"lm:// has neither TLS nor auth: serving it on {self.host} needs --allow-plaintext true "
                              "(a trusted network)")
+        if self.auth_tokens and self.lm_port >= 0 and not self.lm_tenant:
+            raise ValueError("lm:// carries no token: with --auth-tokens it needs --lm-tenant, the one tenant its "
+                             "(trusted, unauthenticated) callers write to")
+        if self.auth_tokens and self.ucx == "on":
+            raise ValueError("UCX has no authentication handshake: --ucx on cannot be combined with --auth-tokens")
         if self.chunk_size <= 0:
             raise ValueError("chunk_size must be > 0")
         if self.memory_bytes < 1 << 20:

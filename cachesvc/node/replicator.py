@@ -60,13 +60,14 @@ class Replicator:
     coalesce). ``copied``, ``bytes_copied`` and ``failures`` count what it did."""
 
     def __init__(self, store: CacheStore, index: ClusterIndex, node_id: str, replication: int,
-                 rate_bytes_per_s: float, timeout_s: float = 30.0) -> None:
+                 rate_bytes_per_s: float, timeout_s: float = 30.0, token: str = "") -> None:
         self.store = store
         self.index = index
         self.node_id = node_id
         self.replication = replication
         self.bucket = TokenBucket(rate_bytes_per_s)
         self.timeout_s = timeout_s
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()   # peers with API tokens
         self.copied = self.bytes_copied = self.failures = self.passes = 0
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -153,18 +154,19 @@ class Replicator:
                             slabs=[pb.SlabSpec(kind=int(s.kind), layer=s.layer, shape=s.shape, dtype=int(s.dtype),
                                                checksum=s.checksum) for s in meta.slabs])
         try:
+            call = {"timeout": self.timeout_s, "metadata": self._metadata}
             res = stub.Reserve(pb.ReserveRequest(tenant=meta.tenant, family_id=meta.family_id,
-                                                 producer=meta.producer, entries=[spec]), timeout=self.timeout_s)
+                                                 producer=meta.producer, entries=[spec]), **call)
             if res.targets[0].already_present:
                 return False
             if list(res.targets[0].slab_offsets) != [s.offset for s in meta.slabs]:
-                stub.Abort(pb.AbortRequest(reservation_id=res.reservation_id), timeout=self.timeout_s)
+                stub.Abort(pb.AbortRequest(reservation_id=res.reservation_id), **call)
                 raise ValueError(f"{target.node_id} lays the entry out differently")
             pieces = (pb.WriteChunk(reservation_id=res.reservation_id, entry_index=0, offset=off,
                                     data=payload[off:off + WRITE_PIECE])
                       for off in range(0, len(payload), WRITE_PIECE))
-            stub.WriteSlabs(pieces, timeout=self.timeout_s)
-            stub.Commit(pb.CommitRequest(reservation_id=res.reservation_id), timeout=self.timeout_s)
+            stub.WriteSlabs(pieces, **call)
+            stub.Commit(pb.CommitRequest(reservation_id=res.reservation_id), **call)
         except (grpc.RpcError, ValueError) as exc:
             self.failures += 1     # an open reservation left behind expires on the target
             detail = f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.RpcError) else str(exc)

@@ -19,6 +19,7 @@ from google.protobuf import message_factory
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from cachesvc.node.auth import TokenTable
 from cachesvc.node.cluster import ClusterAgent
 from cachesvc.node.config import ServerConfig
 from cachesvc.wire import ucxlib
@@ -131,8 +132,9 @@ def _tame_malloc() -> None:
 
 def start_ucx(config: ServerConfig, store: CacheStore) -> UcxNode | None:
     """The node's UCX worker, or None when UCX is off or (with "auto") not installed."""
-    if config.ucx == "off" or (config.ucx == "auto" and (not ucxlib.available() or config.tls_cert)):
-        return None   # UCX has no TLS: a node serving TLS does not offer it
+    if config.ucx == "off" or (config.ucx == "auto" and (not ucxlib.available() or config.tls_cert or
+                                                         config.auth_tokens)):
+        return None   # UCX has no TLS and no token handshake: such a node does not offer it
     if config.tls_cert:
         raise RuntimeError("--ucx on cannot be combined with TLS: UCX moves bytes in the clear")
     if not ucxlib.available():
@@ -161,10 +163,17 @@ def start_server(config: ServerConfig) -> RunningServer:
     if port == 0:
         raise OSError(f"cannot listen on {config.host}:{config.port}")
     node_id = config.node_id or f"{socket.gethostname()}:{port}"
+    tokens = TokenTable(config.auth_tokens) if config.auth_tokens else None
+    shm = config.shm
+    if tokens is not None and shm and not config.trust_host:
+        # The memory tier holds every tenant's bytes: with tokens, a same-host client
+        # must not be handed all of it unless the host's users are trusted.
+        log.info("shared-memory path off: --auth-tokens without --trust-host true")
+        shm = False
     store = CacheStore(store_config(config), node_id=node_id)
     tls = server_context(config.tls_cert, config.tls_key, config.tls_client_ca) if config.tls_cert else None
-    dataplane = DataPlaneServer(store, config.host, config.data_port, config.shm,
-                                config.shm_release_timeout_s, config.data_io_timeout_s, tls)
+    dataplane = DataPlaneServer(store, config.host, config.data_port, shm,
+                                config.shm_release_timeout_s, config.data_io_timeout_s, tls, tokens)
     advertised = config.advertise_host or config.host
     dataplane.tcp_address = f"{advertised}:{dataplane.tcp_address.rsplit(':', 1)[1]}"
     ucx = start_ucx(config, store)
@@ -179,8 +188,8 @@ def start_server(config: ServerConfig) -> RunningServer:
             health_servicer.set(CLUSTER_HEALTH, health_pb2.HealthCheckResponse.SERVING if up
                                 else health_pb2.HealthCheckResponse.NOT_SERVING)
         cluster = ClusterAgent(store, fetch, config.redis_url, config.cluster_namespace, config.heartbeat_ttl_s,
-                               cluster_health, config.replication, config.rebalance_bytes_per_s)
-    add_cache_service(server, CacheServicer(store, fetch, cluster))
+                               cluster_health, config.replication, config.rebalance_bytes_per_s, config.peer_token)
+    add_cache_service(server, CacheServicer(store, fetch, cluster, tokens))
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
@@ -205,7 +214,7 @@ def start_server(config: ServerConfig) -> RunningServer:
                                "memory_bytes": config.memory_bytes, "disk_mode": config.disk_mode,
                                "data_dir": config.data_dir, "chunk_size": config.chunk_size,
                                "transports": sorted(fetch.transports), "tls": bool(config.tls_cert),
-                               "mtls": bool(config.tls_client_ca),
+                               "mtls": bool(config.tls_client_ca), "auth": tokens is not None,
                                "metrics_port": metrics[0].server_port if metrics is not None else None,
                                "lm_port": lm.port if lm is not None else None,
                                "cluster": cluster.keys.ns if cluster is not None else None})

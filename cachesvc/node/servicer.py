@@ -16,6 +16,7 @@ from cachesvc.node.entries import EntryMeta, SlabSpec
 from cachesvc.wire.layout import Layout
 from cachesvc.wire.framing import decode_write_chunk, encode_slab_run, slab_run_header
 from cachesvc.wire.keys import DEFAULT_TENANT, DType, FamilySpec, Kind, check_chunk_hashes
+from cachesvc.node.auth import TokenTable, authorize, bearer
 from cachesvc.node.cluster import ClusterAgent, check_cluster_lookup
 from cachesvc.node.metrics import RPC_SECONDS
 from cachesvc.node.models import ModelRecord
@@ -33,14 +34,17 @@ def _status_for(exc: errors.CacheError) -> grpc.StatusCode:
 
 
 def _maps_errors(method: Callable) -> Callable:
-    """Turn domain errors into a gRPC status with the error's message, for unary and
-    streaming handlers alike; and time every call (metrics.RPC_SECONDS)."""
-    seconds = RPC_SECONDS.labels(method.__name__)
+    """Authorize the caller (a node with API tokens: cachesvc.node.auth), turn domain
+    errors into a gRPC status with the error's message, for unary and streaming handlers
+    alike; and time every call (metrics.RPC_SECONDS)."""
+    name = method.__name__
+    seconds = RPC_SECONDS.labels(name)
     if inspect.isgeneratorfunction(method):
         @functools.wraps(method)
         def stream(self, request, context):
             with seconds.time():
                 try:
+                    self.authorize(name, request, context)
                     yield from method(self, request, context)
                 except errors.CacheError as exc:
                     context.abort(_status_for(exc), str(exc))
@@ -50,6 +54,7 @@ def _maps_errors(method: Callable) -> Callable:
     def unary(self, request, context):
         with seconds.time():
             try:
+                self.authorize(name, request, context)
                 return method(self, request, context)
             except errors.CacheError as exc:
                 context.abort(_status_for(exc), str(exc))
@@ -199,10 +204,17 @@ def selections_of(request: pb.GetSlabsRequest) -> list[tuple[list[Kind], int, in
 
 
 class CacheServicer(pb_grpc.CacheServiceServicer):
-    def __init__(self, store: CacheStore, fetch: pb.FetchDescriptor, cluster: ClusterAgent | None = None) -> None:
+    def __init__(self, store: CacheStore, fetch: pb.FetchDescriptor, cluster: ClusterAgent | None = None,
+                 tokens: TokenTable | None = None) -> None:
         self.store = store
         self.fetch = fetch    # this node's endpoints, handed out with every hit
         self.cluster = cluster
+        self.tokens = tokens  # None: no authentication
+
+    def authorize(self, method: str, request, context) -> None:
+        """Bind the call to its token's tenant and check its role (no-op without tokens)."""
+        if self.tokens is not None:
+            authorize(self.tokens.principal(bearer(context.invocation_metadata())), method, request)
 
     @_maps_errors
     def RegisterModel(self, request, context):

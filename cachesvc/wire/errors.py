@@ -37,3 +37,15 @@ class Unavailable(CacheError):
     """A dependency the request needs is down (the cluster's Redis): retry, or elsewhere."""
 
     status = "UNAVAILABLE"
+
+
+class Unauthenticated(CacheError):
+    """No valid API token (a node started with --auth-tokens)."""
+
+    status = "UNAUTHENTICATED"
+
+
+class PermissionDenied(CacheError):
+    """The token's role or tenant does not allow this request."""
+
+    status = "PERMISSION_DENIED"

@@ -20,6 +20,10 @@ Request::
     op LOOKUP   body = LookupRequest (Unix socket only); answered by an ANSWER frame whose
                 header is the LookupResponse, or ERROR: the control plane's Lookup
                 without gRPC's round trip, for same-host readers (docs/dataplane.md)
+    op AUTH     body = the API token (UTF-8); answered by END, or ERROR after which the node
+                closes the connection. On a node started with --auth-tokens it must be a
+                connection's first request; every later request acts as that token's
+                tenant and role (cachesvc.node.auth)
     op WRITE    body = u32 entry_index | u64 offset | u64 size | reservation id (UTF-8),
                 followed by ``size`` payload bytes, which land straight in the reserved
                 memory; answered by END (taken) or ERROR (the payload was consumed and
@@ -75,6 +79,7 @@ class Op(enum.IntEnum):
     MAP = 4
     WRITE = 5
     LOOKUP = 6
+    AUTH = 7
 
 
 WRITE_HEAD = struct.Struct("<IQQ")

@@ -11,7 +11,8 @@ from cachesvc_client.codec import (EntryData, Hit, HitEntry, Layout, Location, L
                                    PutResult, Registered, Slabs, StoredEntry, StoredProfile)
 from cachesvc_client.errors import (CacheServiceError, DeadlineExceededError,
                                     FailedPreconditionError, InvalidArgumentError, NotFoundError,
-                                    ResourceExhaustedError, UnavailableError)
+                                    PermissionDeniedError, ResourceExhaustedError, UnauthenticatedError,
+                                    UnavailableError)
 from cachesvc_client.local import ArenaReader
 from cachesvc_client.options import ClientOptions, RetryPolicy
 
@@ -20,6 +21,6 @@ __all__ = [
     "FamilySpec", "Kind", "ModelId", "NO_FAMILY", "NO_MODEL", "Tier",
     "EntryData", "Hit", "HitEntry", "Layout", "Location", "LookupResult", "Missing", "PutResult", "Registered",
     "Slabs", "StoredEntry", "StoredProfile", "canonical_json", "chunk_hashes", "CacheServiceError", "DeadlineExceededError",
-    "FailedPreconditionError", "InvalidArgumentError", "NotFoundError", "ResourceExhaustedError",
-    "UnavailableError",
+    "FailedPreconditionError", "InvalidArgumentError", "NotFoundError", "PermissionDeniedError",
+    "ResourceExhaustedError", "UnauthenticatedError", "UnavailableError",
 ]

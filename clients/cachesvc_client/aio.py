@@ -28,6 +28,30 @@ from cachesvc_client.transports import Transport, choose_transport
 __all__ = ["AsyncCacheClient"]
 
 
+def _token_interceptors(metadata: tuple[tuple[str, str], ...]) -> list:
+    """aio interceptors adding the API token to every call (one per call shape)."""
+    def details(d):
+        return aio.ClientCallDetails(d.method, d.timeout, aio.Metadata(*(tuple(d.metadata or ()) + metadata)),
+                                     d.credentials, d.wait_for_ready)
+
+    class UnaryUnary(aio.UnaryUnaryClientInterceptor):
+        async def intercept_unary_unary(self, continuation, d, request):
+            return await continuation(details(d), request)
+
+    class UnaryStream(aio.UnaryStreamClientInterceptor):
+        async def intercept_unary_stream(self, continuation, d, request):
+            return await continuation(details(d), request)
+
+    class StreamUnary(aio.StreamUnaryClientInterceptor):
+        async def intercept_stream_unary(self, continuation, d, requests):
+            return await continuation(details(d), requests)
+
+    class StreamStream(aio.StreamStreamClientInterceptor):
+        async def intercept_stream_stream(self, continuation, d, requests):
+            return await continuation(details(d), requests)
+    return [UnaryUnary(), UnaryStream(), StreamUnary(), StreamStream()]
+
+
 class AsyncCacheClient:
     """Create inside a running event loop; ``async with`` closes the channel."""
 
@@ -35,8 +59,11 @@ class AsyncCacheClient:
         self.target = target
         self.options = options or ClientOptions()
         credentials = self.options.credentials()
-        self._channel = aio.insecure_channel(target, options=self.options.channel_options()) if credentials is None \
-            else aio.secure_channel(target, credentials, options=self.options.channel_options())
+        interceptors = _token_interceptors(self.options.metadata()) if self.options.token else None
+        self._channel = aio.insecure_channel(target, options=self.options.channel_options(),
+                                             interceptors=interceptors) if credentials is None \
+            else aio.secure_channel(target, credentials, options=self.options.channel_options(),
+                                    interceptors=interceptors)
         self._stub = pb_grpc.CacheServiceStub(self._channel)
         self._get_slabs, self._write_slabs = bulk_methods(self._channel)
         self._families: dict[str, FamilySpec] = {}

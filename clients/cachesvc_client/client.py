@@ -26,6 +26,36 @@ from cachesvc_client.transports import ShmTransport, Transport, choose_transport
 __all__ = ["CacheClient"]
 
 
+class TokenInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                       grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds ``metadata`` (the API token) to every call of a channel."""
+
+    def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
+        self._metadata = metadata
+
+    def _details(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
+        return _CallDetails(details.method, details.timeout, tuple(details.metadata or ()) + self._metadata,
+                            details.credentials, details.wait_for_ready, details.compression)
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation, details, requests):
+        return continuation(self._details(details), requests)
+
+    def intercept_stream_stream(self, continuation, details, requests):
+        return continuation(self._details(details), requests)
+
+
+class _CallDetails(grpc.ClientCallDetails):
+    def __init__(self, method, timeout, metadata, credentials, wait_for_ready, compression) -> None:
+        self.method, self.timeout, self.metadata = method, timeout, metadata
+        self.credentials, self.wait_for_ready, self.compression = credentials, wait_for_ready, compression
+
+
 class CacheClient:
     """Blocking client for one cachesvc node.
 
@@ -39,8 +69,11 @@ class CacheClient:
         self.target = target
         self.options = options or ClientOptions()
         credentials = self.options.credentials()
-        self._channel = grpc.insecure_channel(target, options=self.options.channel_options()) if credentials is None \
+        channel = grpc.insecure_channel(target, options=self.options.channel_options()) if credentials is None \
             else grpc.secure_channel(target, credentials, options=self.options.channel_options())
+        self._raw_channel = channel
+        self._channel = grpc.intercept_channel(channel, TokenInterceptor(self.options.metadata())) \
+            if self.options.token else channel
         self._stub = pb_grpc.CacheServiceStub(self._channel)
         self._get_slabs, self._write_slabs = bulk_methods(self._channel)
         self._families: dict[str, FamilySpec] = {}
@@ -52,7 +85,7 @@ class CacheClient:
 
     def wait_ready(self, timeout_s: float = 10.0) -> None:
         try:
-            grpc.channel_ready_future(self._channel).result(timeout=timeout_s)
+            grpc.channel_ready_future(self._raw_channel).result(timeout=timeout_s)
         except grpc.FutureTimeoutError:
             raise CacheServiceError(f"{self.target} not reachable within {timeout_s} s") from None
 

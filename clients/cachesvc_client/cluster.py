@@ -297,11 +297,13 @@ class ClusterClient:
         """Per producer, its longest run of leading ``hashes`` on live nodes, each chunk
         with its owners (``Hit.owners``; ``LookupResult.nodes`` says where they are), and
         with ``offer_tails`` the partial chunks stored after it (``Hit.tails``, to verify:
-        :meth:`lookup_prompt` does). Straight from Redis when the client has its URL, else
-        through a node. A one-node lookup's leases and locate are ignored: a cluster holds
+        :meth:`lookup_prompt` does). Straight from Redis when the client has its URL and
+        no token, else through a node. A one-node lookup's leases and locate are ignored: a cluster holds
         no leases."""
         tenant = tenant or self.options.tenant
-        if self._index is None:
+        if self._index is None or self.options.token:
+            # With a token the nodes answer: they check it and bind the lookup to its
+            # tenant (reading Redis directly is for trusted clients without tokens).
             return self._any(lambda c: c.cluster_lookup(family_id, hashes, consumer=consumer, producers=producers,
                                                         tenant=tenant, offer_tails=offer_tails))
         root = parent_of(hashes, 0, tenant, FamilyId(family_id), self.chunk_size()) if offer_tails else None

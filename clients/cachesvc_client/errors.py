@@ -43,7 +43,17 @@ class DeadlineExceededError(CacheServiceError):
     retryable = True
 
 
+class UnauthenticatedError(CacheServiceError):
+    """No valid API token for a node that requires one (ClientOptions.token)."""
+
+
+class PermissionDeniedError(CacheServiceError):
+    """The token's role or tenant does not allow the request."""
+
+
 _BY_CODE = {
+    grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
     grpc.StatusCode.OUT_OF_RANGE: InvalidArgumentError,
     grpc.StatusCode.NOT_FOUND: NotFoundError,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import ssl
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cachesvc.wire.keys import DEFAULT_TENANT
 from cachesvc.wire.tls import client_context, read_pem
@@ -63,6 +63,9 @@ class ClientOptions:
     tls_cert: str = ""
     tls_key: str = ""
     tls_server_name: str = ""
+    # API token of a node started with --auth-tokens (`cachesvc token` makes one): sent as
+    # gRPC metadata on every call and as the first request of every data-plane connection.
+    token: str = field(default="", repr=False)
 
     def credentials(self):
         """gRPC channel credentials, or None for a plaintext channel."""
@@ -75,6 +78,10 @@ class ClientOptions:
     def tls_context(self) -> ssl.SSLContext | None:
         """The TCP data plane's TLS context, or None."""
         return client_context(self.tls_ca, self.tls_cert, self.tls_key) if self.tls_ca else None
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """What every call carries: the token, when there is one."""
+        return (("authorization", f"Bearer {self.token}"),) if self.token else ()
 
     def channel_options(self) -> list[tuple[str, object]]:
         opts: list[tuple[str, object]] = [
@@ -102,3 +109,4 @@ def batches(entries: Sequence[EntryData], max_bytes: int) -> Iterator[list[Entry
         size += entry_bytes
     if batch:
         yield batch
+

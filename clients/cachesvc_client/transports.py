@@ -59,8 +59,9 @@ class SocketTransport:
     name = "tcp"
 
     def __init__(self, address: str, io_timeout_s: float = 30.0, tls: ssl.SSLContext | None = None,
-                 server_name: str = "") -> None:
+                 server_name: str = "", token: str = "") -> None:
         self.address = address
+        self.token = token     # sent as each connection's first request (a node with API tokens)
         self.io_timeout_s = io_timeout_s
         self.tls, self.server_name = tls, server_name   # TLS over TCP (a node with --tls-cert)
         self._idle: list[socket.socket] = []
@@ -70,13 +71,25 @@ class SocketTransport:
         host, port = self.address.rsplit(":", 1)
         sock = socket.create_connection((host, int(port)), timeout=self.io_timeout_s)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self.tls is not None:
-            try:
-                return self.tls.wrap_socket(sock, server_hostname=self.server_name or host)
-            except BaseException:
-                sock.close()
-                raise
+        try:
+            if self.tls is not None:
+                sock = self.tls.wrap_socket(sock, server_hostname=self.server_name or host)
+            self._authenticate(sock)
+        except BaseException:
+            sock.close()
+            raise
         return sock
+
+    def _authenticate(self, sock: socket.socket) -> None:
+        """Present the token (before anything else on the connection); the node's typed
+        error (UnauthenticatedError) when it refuses it."""
+        if not self.token:
+            return
+        sock.sendall(pack_request(Op.AUTH, self.token.encode()))
+        frame = read_frame(sock)
+        if frame.type != FrameType.END:
+            raise frame_error(frame) if frame.type == FrameType.ERROR else \
+                ConnectionError(f"unexpected {frame.type.name} frame answering AUTH")
 
     def _take(self) -> socket.socket:
         """A pooled connection that is still open, or a new one."""
@@ -205,8 +218,8 @@ class ShmTransport(SocketTransport):
 
     name = "shm"
 
-    def __init__(self, unix_name: bytes, io_timeout_s: float = 30.0, copy_threads: int = 0) -> None:
-        super().__init__(unix_name.decode(), io_timeout_s)
+    def __init__(self, unix_name: bytes, io_timeout_s: float = 30.0, copy_threads: int = 0, token: str = "") -> None:
+        super().__init__(unix_name.decode(), io_timeout_s, token=token)
         self._arena: mmap.mmap | None = None
         self._map_lock = threading.Lock()
         self._copiers = ThreadPoolExecutor(copy_threads, thread_name_prefix="shm-copy") \
@@ -217,6 +230,7 @@ class ShmTransport(SocketTransport):
         sock.settimeout(self.io_timeout_s)
         try:
             sock.connect(self.address)
+            self._authenticate(sock)
             with self._map_lock:
                 if self._arena is None:
                     self._arena = _map_arena(sock)
@@ -294,7 +308,7 @@ def choose_transport(name: str, fetch: pb.FetchDescriptor, target: str,
     offered = dict(fetch.transports)
     if name in ("auto", "shm") and "shm" in offered:
         if fetch.host_id == host_id():
-            shm = ShmTransport(offered["shm"], io_timeout_s, options.copy_threads)
+            shm = ShmTransport(offered["shm"], io_timeout_s, options.copy_threads, options.token)
             try:
                 shm.probe()   # same boot id is not enough: a container shares it but not
                 return shm    # the network namespace its abstract socket lives in
@@ -316,7 +330,7 @@ def choose_transport(name: str, fetch: pb.FetchDescriptor, target: str,
         from cachesvc_client.ucx import UcxTransport   # imports ucxx, only now
         return UcxTransport(offered["ucx"], io_timeout_s, options.ucx_tls, options.ucx_net_devices)
     if name in ("auto", "tcp") and "tcp" in offered:
-        return SocketTransport(offered["tcp"].decode(), io_timeout_s, tls, options.tls_server_name)
+        return SocketTransport(offered["tcp"].decode(), io_timeout_s, tls, options.tls_server_name, options.token)
     if name == "auto":
         return None
     raise CacheServiceError(f"{target} does not offer the {name} transport "

@@ -31,6 +31,7 @@ from cachesvc.wire.protocol import (WRITE_HEAD, FrameType, Op, ProtocolError, Ru
                                     send_parts)
 from cachesvc.wire.errors import CacheError, InvalidArgument
 from cachesvc.wire.framing import slab_run_header
+from cachesvc.node.auth import Principal, TokenTable, authorize
 from cachesvc.node.logs import Throttled
 from cachesvc.node.metrics import DATAPLANE_SECONDS
 from cachesvc.node.records import ReadRun
@@ -50,8 +51,9 @@ class DataPlaneServer:
 
     def __init__(self, store: CacheStore, host: str, tcp_port: int, shm: bool,
                  release_timeout_s: float = 60.0, io_timeout_s: float = 30.0,
-                 tls: ssl.SSLContext | None = None) -> None:
+                 tls: ssl.SSLContext | None = None, tokens: TokenTable | None = None) -> None:
         self.store = store
+        self.tokens = tokens   # with tokens, a connection's first request must be AUTH
         self.tls = tls   # TCP connections speak TLS with this context (the Unix socket stays plain)
         self.release_timeout_s = release_timeout_s
         # Bounds every wait for a peer inside a request: a WRITE holds its reservation's
@@ -126,6 +128,7 @@ class DataPlaneServer:
                 conn.settimeout(self.io_timeout_s)   # a peer that never finishes its handshake
                 conn = self._secure(conn)
                 conn.settimeout(None)
+            principal = None
             while not self._stopping.is_set():
                 request = read_request(conn)
                 if request is None:
@@ -134,15 +137,20 @@ class DataPlaneServer:
                     self._conns[conn] = True
                 conn.settimeout(self.io_timeout_s)
                 op, body = request
+                if self.tokens is not None and op != Op.AUTH and principal is None:
+                    conn.sendall(error_frame("UNAUTHENTICATED", "this node requires an AUTH request first"))
+                    raise ProtocolError(f"{op.name} before AUTH")
                 with DATAPLANE_SECONDS.labels(op.name.lower(), "shm" if local else "tcp").time():
-                    if op == Op.MAP:
+                    if op == Op.AUTH:
+                        principal = self._auth(conn, body)
+                    elif op == Op.MAP:
                         self._send_map(conn, local)
                     elif op in (Op.GET, Op.GET_SHM):
-                        self._get(conn, body, shm=op == Op.GET_SHM and local)
+                        self._get(conn, body, principal, shm=op == Op.GET_SHM and local)
                     elif op == Op.WRITE:
-                        self._write(conn, body)
+                        self._write(conn, body, principal)
                     elif op == Op.LOOKUP:
-                        self._lookup(conn, body, local)
+                        self._lookup(conn, body, local, principal)
                 conn.settimeout(None)   # idle pooled connections may wait indefinitely
                 with self._lock:
                     self._conns[conn] = False
@@ -173,9 +181,22 @@ class DataPlaneServer:
         frame = pack_frame(FrameType.MAP, arena.capacity_bytes.to_bytes(8, "little"))
         conn.sendmsg([frame], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [arena.fd]))])
 
-    def _get(self, conn: socket.socket, body: bytes, shm: bool) -> None:
+    def _auth(self, conn: socket.socket, body: bytes) -> Principal | None:
+        """The connection's caller; a bad token is answered, then the connection closed."""
+        if self.tokens is None:
+            conn.sendall(pack_frame(FrameType.END))    # nothing to check: accepted
+            return None
         try:
-            runs, layer_major = open_read(self.store, body, "shm" if shm else "tcp")
+            principal = self.tokens.principal(body.decode("utf-8", errors="replace"))
+        except CacheError as exc:
+            conn.sendall(error_frame(exc.status, str(exc)))
+            raise ProtocolError("bad token") from None
+        conn.sendall(pack_frame(FrameType.END))
+        return principal
+
+    def _get(self, conn: socket.socket, body: bytes, principal: Principal | None, shm: bool) -> None:
+        try:
+            runs, layer_major = open_read(self.store, body, "shm" if shm else "tcp", principal)
         except CacheError as exc:
             conn.sendall(error_frame(exc.status, str(exc)))
             return
@@ -186,25 +207,31 @@ class DataPlaneServer:
         finally:
             runs.close()   # releases every entry of the request
 
-    def _lookup(self, conn: socket.socket, body: bytes, local: bool) -> None:
+    def _lookup(self, conn: socket.socket, body: bytes, local: bool, principal: Principal | None) -> None:
         """A Lookup, as the control plane answers it (same validation, same errors)."""
         if not local:
             conn.sendall(error_frame("FAILED_PRECONDITION", "LOOKUP is only offered on the Unix socket"))
             return
         try:
-            answer = lookup_response(self.store, _parse(pb.LookupRequest, body), self.fetch)
+            request = _parse(pb.LookupRequest, body)
+            if principal is not None:
+                authorize(principal, "Lookup", request)
+            answer = lookup_response(self.store, request, self.fetch)
         except CacheError as exc:
             conn.sendall(error_frame(exc.status, str(exc)))
             return
         conn.sendall(pack_frame(FrameType.ANSWER, answer.SerializeToString()))
 
-    def _write(self, conn: socket.socket, body: bytes) -> None:
-        """Receive one piece of a reserved entry straight into the memory tier."""
+    def _write(self, conn: socket.socket, body: bytes, principal: Principal | None) -> None:
+        """Receive one piece of a reserved entry straight into the memory tier (the
+        reservation id, a secret the writer got from its Reserve, names the tenant)."""
         if len(body) < WRITE_HEAD.size:
             raise ProtocolError("WRITE body too short")
         entry_index, offset, size = WRITE_HEAD.unpack_from(body)
         reservation_id = body[WRITE_HEAD.size:].decode(errors="replace")
         try:
+            if principal is not None:
+                authorize(principal, "WriteSlabs", None)
             self.store.write_from(reservation_id, entry_index, offset, size,
                                   lambda dest: recv_into_exact(conn, dest))
         except CacheError as exc:
@@ -242,10 +269,14 @@ class DataPlaneServer:
             raise ProtocolError(f"expected RELEASE after a GET_SHM, got {request[0].name}")
 
 
-def open_read(store: CacheStore, body: bytes, path: str) -> tuple[ReadHandle, bool]:
-    """Start the read a serialized GetSlabsRequest asks for: (its runs, layer_major).
-    Raises CacheError (InvalidArgument for a body that is not a valid request)."""
+def open_read(store: CacheStore, body: bytes, path: str, principal: Principal | None = None
+              ) -> tuple[ReadHandle, bool]:
+    """Start the read a serialized GetSlabsRequest asks for: (its runs, layer_major), as
+    ``principal`` (bound to its tenant) when the node checks tokens. Raises CacheError
+    (InvalidArgument for a body that is not a valid request)."""
     req = _parse(pb.GetSlabsRequest, body)
+    if principal is not None:
+        authorize(principal, "GetSlabs", req)
     return store.read_selections(req.tenant, req.family_id, req.entry_ids, selections_of(req), req.layer_major,
                                  path), req.layer_major
 

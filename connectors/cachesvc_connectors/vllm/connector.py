@@ -4,6 +4,8 @@ vLLM's hooks to it. See the package docstring for the configuration."""
 
 from __future__ import annotations
 
+import os
+
 from typing import TYPE_CHECKING, Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1, KVConnectorRole
@@ -23,7 +25,9 @@ class CachesvcConnector(KVConnectorBase_V1):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         self.config = ConnectorConfig.from_extra(dict(self._kv_transfer_config.kv_connector_extra_config))
         tenant = {"tenant": self.config.tenant} if self.config.tenant else {}
-        self.client = CacheClient(self.config.address, options=ClientOptions(**tenant))
+        # The token comes from the environment only: vLLM logs kv_connector_extra_config.
+        self.client = CacheClient(self.config.address,
+                                  options=ClientOptions(**tenant, token=os.environ.get("CACHESVC_TOKEN", "")))
         identity = engine_identity(vllm_config, self.config)
         block_size = vllm_config.cache_config.block_size
         if role == KVConnectorRole.SCHEDULER:
