@@ -60,7 +60,9 @@ class Arena:
         self._starts: list[int] = [0]           # free extent offsets, ascending
         self._sizes: list[int] = [self.capacity_bytes]  # sizes parallel to _starts
         self._allocated: dict[int, int] = {}    # offset -> rounded size
+        self._owners: dict[int, str] = {}       # offset -> the tenant it is charged to
         self.used_bytes = 0
+        self.used_by: dict[str, int] = {}       # tenant -> bytes of its extents (entries and reservations)
         if prefault:
             self._populate()
 
@@ -75,8 +77,14 @@ class Arena:
             for start in range(0, self.capacity_bytes, page):
                 self._map[start] = 0
 
-    def alloc(self, size_bytes: int) -> int | None:
-        """Offset of a fresh extent of ``size_bytes``, or None if no hole is big enough."""
+    @staticmethod
+    def rounded(size_bytes: int) -> int:
+        """What an extent of ``size_bytes`` costs the budget."""
+        return _round_up(max(size_bytes, 1))
+
+    def alloc(self, size_bytes: int, owner: str = "") -> int | None:
+        """Offset of a fresh extent of ``size_bytes`` charged to ``owner`` (a tenant), or
+        None if no hole is big enough."""
         need = _round_up(max(size_bytes, 1))
         for i, hole in enumerate(self._sizes):
             if hole >= need:
@@ -87,6 +95,8 @@ class Arena:
                     self._starts[i] += need
                     self._sizes[i] -= need
                 self._allocated[offset] = need
+                self._owners[offset] = owner
+                self.used_by[owner] = self.used_by.get(owner, 0) + need
                 self.used_bytes += need
                 return offset
         return None
@@ -95,6 +105,8 @@ class Arena:
         """Return an extent (coalescing with free neighbours)."""
         size = self._allocated.pop(offset)
         self.used_bytes -= size
+        owner = self._owners.pop(offset)
+        self.used_by[owner] -= size
         i = bisect.bisect_left(self._starts, offset)
         merge_prev = i > 0 and self._starts[i - 1] + self._sizes[i - 1] == offset
         merge_next = i < len(self._starts) and offset + size == self._starts[i]

@@ -55,6 +55,7 @@ class Catalog:
         self.mem_lru: OrderedDict[EntryId, EntryRecord] = OrderedDict()   # oldest first
         self.disk_lru: OrderedDict[EntryId, EntryRecord] = OrderedDict()
         self.disk_used = 0
+        self.disk_used_by: dict[str, int] = {}   # the same per tenant
         # Told of every record entering and leaving ``entries`` (the cluster's global
         # index follows it); called under the store lock, so they must only queue.
         self.on_index: Callable[[EntryMeta, Tier], None] | None = None
@@ -141,7 +142,7 @@ class Catalog:
         self.entries[rec.meta.entry_id] = rec
         self.index(rec)
         self.disk_lru[rec.meta.entry_id] = rec
-        self.disk_used += rec.disk_bytes
+        self.charge_disk(rec.meta.tenant, rec.disk_bytes)
 
     def index(self, rec: EntryRecord) -> None:
         meta = rec.meta
@@ -202,27 +203,39 @@ class Catalog:
         if not rec.disk_bytes:
             return
         _pop_if(self.disk_lru, rec)
-        self.disk_used -= rec.disk_bytes
+        self.charge_disk(rec.meta.tenant, -rec.disk_bytes)
         rec.disk_bytes = 0
         successor = self.entries.get(rec.meta.entry_id)
         if successor is None or successor is rec:
             assert self.disk is not None
             self.disk.remove(rec.meta.entry_id)
 
-    def evict_disk(self, need: int, capacity: int) -> bool:
-        """Make room for ``need`` more bytes on disk; False if it cannot."""
-        if need > capacity:
+    def charge_disk(self, tenant: str, delta: int) -> None:
+        self.disk_used += delta
+        self.disk_used_by[tenant] = self.disk_used_by.get(tenant, 0) + delta
+
+    def evict_disk(self, need: int, capacity: int, tenant: str = "", limit: int = 0) -> bool:
+        """Make room for ``need`` more bytes on disk, within ``tenant``'s ``limit`` too
+        (its own entries go first); False if it cannot."""
+        if need > capacity or (limit and need > limit):
             return False
+        if limit:
+            self._evict(lambda: self.disk_used_by.get(tenant, 0) + need <= limit, tenant)
+            if self.disk_used_by.get(tenant, 0) + need > limit:
+                return False
+        self._evict(lambda: self.disk_used + need <= capacity)
+        return self.disk_used + need <= capacity
+
+    def _evict(self, enough, tenant: str | None = None) -> None:
         for rec in list(self.disk_lru.values()):
-            if self.disk_used + need <= capacity:
-                break
-            if rec.busy:
+            if enough():
+                return
+            if rec.busy or (tenant is not None and rec.meta.tenant != tenant):
                 continue
             self.drop_disk(rec)
             self.counters["disk_evictions"] += 1
             if rec.mem_offset is None:
                 self.unindex(rec)
-        return self.disk_used + need <= capacity
 
 
 def _tables(catalog: Catalog, meta: EntryMeta):

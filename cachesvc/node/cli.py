@@ -18,7 +18,7 @@ import sys
 from importlib.metadata import EntryPoint, entry_points
 
 from cachesvc.node.auth import TokenTable, new_token
-from cachesvc.node.config import add_arguments, load_config
+from cachesvc.node.config import add_arguments, load_config, load_quotas
 from cachesvc.node.logs import setup_logging
 from cachesvc.wire.keys import Tier
 
@@ -28,6 +28,7 @@ def _serve(args: argparse.Namespace) -> int:
         config = load_config(vars(args))
         if config.auth_tokens:
             TokenTable(config.auth_tokens)     # a bad tokens file is a clear error, not a traceback
+        load_quotas(config.tenant_quotas)
     except (ValueError, OSError) as exc:
         print(f"cachesvc serve: {exc}", file=sys.stderr)
         return 2

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import ipaddress
+import json
 import os
 import re
 import tomllib
@@ -99,6 +100,8 @@ class ServerConfig:
                             help="with --auth-tokens: still offer same-host clients the memory tier as shared "
                                  "memory (it holds every tenant's bytes: only for a host whose local users "
                                  "are all trusted)")
+    tenant_quotas: str = _opt("", help="JSON file of per-tenant quotas, {\"TENANT\": {\"memory_bytes\": \"1GiB\", "
+                                       "\"disk_bytes\": \"4GiB\"}}: a tenant over its quota evicts its own entries")
     peer_token: str = _opt("", help="API token this node presents to the other nodes of its cluster when it "
                                     "copies entries to them (admin role; set it through the environment, "
                                     "CACHESVC_PEER_TOKEN, not the command line)")
@@ -241,3 +244,26 @@ def load_config(flags: Mapping[str, Any] | None = None, env: Mapping[str, str] |
     config = ServerConfig(**parsed)
     config.validate()
     return config
+
+
+def load_quotas(path: str) -> dict:
+    """Tenant -> Quota from a JSON file (sizes with units); ValueError naming the problem."""
+    from cachesvc.node.records import Quota
+    if not path:
+        return {}
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"tenant quotas file {path}: {exc}") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"tenant quotas file {path}: expected an object of tenant -> quota")
+    quotas = {}
+    for tenant, spec in doc.items():
+        unknown = set(spec) - {"memory_bytes", "disk_bytes"} if isinstance(spec, dict) else {"(not an object)"}
+        if unknown:
+            raise ValueError(f"tenant quotas file {path}: tenant {tenant!r}: unknown keys {sorted(unknown)}")
+        try:
+            quotas[tenant] = Quota(parse_size(spec.get("memory_bytes", 0)), parse_size(spec.get("disk_bytes", 0)))
+        except ValueError as exc:
+            raise ValueError(f"tenant quotas file {path}: tenant {tenant!r}: {exc}") from None
+    return quotas

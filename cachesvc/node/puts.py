@@ -85,7 +85,7 @@ class PutPath:
         pending: list[_Pending] = []
         try:
             for meta, is_present in zip(metas, present, strict=True):
-                offset = None if is_present else self.tiers.allocate(meta.size_bytes)
+                offset = None if is_present else self.tiers.allocate(meta.size_bytes, tenant)
                 pending.append(_Pending(meta, offset))
         except ResourceExhausted:
             self._free_pending(pending)

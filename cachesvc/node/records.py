@@ -5,7 +5,7 @@ for that handle's release (cachesvc.node.store acts on the rest)."""
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +20,15 @@ class DiskMode(str, enum.Enum):
 
 
 @dataclass(frozen=True, slots=True)
+class Quota:
+    """A tenant's share of the tiers (0: bounded by the tier alone). A tenant over its
+    quota evicts its own least recently used entries, never another tenant's."""
+
+    memory_bytes: int = 0
+    disk_bytes: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class StoreConfig:
     memory_capacity_bytes: int
     memory_prefault: bool = False         # allocate the whole tier at start (see Arena)
@@ -31,6 +40,7 @@ class StoreConfig:
     reservation_ttl_s: float = 30.0       # default idle lifetime of a reservation
     max_run_bytes: int = 4 << 20          # target size of one ReadRun message
     reap_interval_s: float = 0.5
+    quotas: Mapping[str, Quota] = field(default_factory=dict)   # tenant -> its quota
 
 
 @dataclass(frozen=True, slots=True)

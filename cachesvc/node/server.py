@@ -21,7 +21,7 @@ from grpc_reflection.v1alpha import reflection
 
 from cachesvc.node.auth import TokenTable
 from cachesvc.node.cluster import ClusterAgent
-from cachesvc.node.config import ServerConfig
+from cachesvc.node.config import ServerConfig, load_quotas
 from cachesvc.wire import ucxlib
 from cachesvc.wire.protocol import host_id
 from cachesvc.wire.tls import read_pem, server_context
@@ -80,7 +80,8 @@ def store_config(config: ServerConfig) -> StoreConfig:
                        disk_dir=Path(config.data_dir).expanduser() if mode != DiskMode.OFF else None,
                        disk_capacity_bytes=config.disk_bytes, disk_mode=mode,
                        disk_fsync=config.disk_fsync, reservation_ttl_s=config.reservation_ttl_s,
-                       max_run_bytes=min(4 << 20, config.max_message_bytes // 2))
+                       max_run_bytes=min(4 << 20, config.max_message_bytes // 2),
+                       quotas=load_quotas(config.tenant_quotas))
 
 
 @dataclass

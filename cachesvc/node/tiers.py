@@ -35,20 +35,36 @@ class Tiers:
 
     # ------------------------------------------------------------ memory
 
-    def allocate(self, size_bytes: int) -> int:
-        """An arena extent, evicting (and spilling) LRU entries that nobody holds."""
+    def allocate(self, size_bytes: int, tenant: str) -> int:
+        """An arena extent charged to ``tenant``, evicting (and spilling) LRU entries that
+        nobody holds: the tenant's own while it is at its quota, anyone's when the tier
+        is full."""
         catalog = self.catalog
+        quota = self.config.quotas.get(tenant)
+        limit = quota.memory_bytes if quota else 0
+        need = self.arena.rounded(size_bytes)
+        if limit and need > limit:
+            raise ResourceExhausted(f"an entry of {size_bytes} bytes is over tenant {tenant!r}'s memory quota "
+                                    f"of {limit} bytes")
         while True:
             with self._lock:
-                offset = self.arena.alloc(size_bytes)
-                if offset is not None:
-                    return offset
-                victim = next((r for r in catalog.mem_lru.values() if not r.busy), None)
-                if victim is None:
-                    raise ResourceExhausted(
-                        f"memory tier full: no room for {size_bytes} bytes and every entry is "
-                        f"pinned, being read or reserved ({self.arena.used_bytes} of "
-                        f"{self.arena.capacity_bytes} bytes used)")
+                if limit and self.arena.used_by.get(tenant, 0) + need > limit:
+                    victim = next((r for r in catalog.mem_lru.values()
+                                   if r.meta.tenant == tenant and not r.busy), None)
+                    if victim is None:
+                        raise ResourceExhausted(
+                            f"tenant {tenant!r}'s memory quota ({limit} bytes) is full and every entry of it is "
+                            f"pinned, being read or reserved ({self.arena.used_by.get(tenant, 0)} bytes used)")
+                else:
+                    offset = self.arena.alloc(size_bytes, tenant)
+                    if offset is not None:
+                        return offset
+                    victim = next((r for r in catalog.mem_lru.values() if not r.busy), None)
+                    if victim is None:
+                        raise ResourceExhausted(
+                            f"memory tier full: no room for {size_bytes} bytes and every entry is "
+                            f"pinned, being read or reserved ({self.arena.used_bytes} of "
+                            f"{self.arena.capacity_bytes} bytes used)")
                 spill = self.config.disk_mode == DiskMode.SPILL and not victim.disk_bytes
                 if not spill:
                     catalog.drop_memory(victim)
@@ -78,6 +94,9 @@ class Tiers:
             self.catalog.add_on_disk(EntryRecord(meta, disk_bytes=self.disk.file_bytes(meta)))
             kept += 1
         self.catalog.evict_disk(0, self.config.disk_capacity_bytes)
+        for tenant, quota in self.config.quotas.items():      # a quota lowered since the last run
+            if quota.disk_bytes:
+                self.catalog.evict_disk(0, self.config.disk_capacity_bytes, tenant, quota.disk_bytes)
         log.info("disk tier loaded", extra={"entries": kept, "dropped_torn": len(scan.dropped),
                                             "bytes": self.catalog.disk_used})
 
@@ -91,9 +110,11 @@ class Tiers:
             if rec is None or rec.deleted or rec.mem_offset is None or rec.disk_bytes:
                 return True
             need = self.disk.file_bytes(rec.meta)
-            if not catalog.evict_disk(need, self.config.disk_capacity_bytes):
+            tenant = rec.meta.tenant
+            quota = self.config.quotas.get(tenant)
+            if not catalog.evict_disk(need, self.config.disk_capacity_bytes, tenant, quota.disk_bytes if quota else 0):
                 return False
-            catalog.disk_used += need        # reserved before writing: capacity holds
+            catalog.charge_disk(tenant, need)   # reserved before writing: capacity holds
             rec.readers += 1
         ok = True
         try:
@@ -109,7 +130,7 @@ class Tiers:
                 catalog.disk_lru[entry] = rec
                 self.counters["disk_writes"] += 1
             else:
-                catalog.disk_used -= need
+                catalog.charge_disk(tenant, -need)
                 self.counters["disk_write_errors"] += 1
             catalog.release(rec)
         return ok
