@@ -166,17 +166,21 @@ class ClusterClient:
         with self._lock:
             self._suspect[node_id] = time.monotonic() + self._suspect_s
 
-    def _ranked(self, owners: Sequence[str], key: bytes) -> list[str]:
-        """Owners in the order to try them: live before dead, trusted before suspect, on
-        this host before elsewhere, then by rendezvous weight of ``key`` (so clients
-        spread their reads over the replicas)."""
+    def _ranking(self) -> Callable[[Sequence[str], bytes], list[str]]:
+        """How to order a chunk's owners for trying them, from one look at the
+        membership: live before dead, trusted before suspect, on this host before
+        elsewhere, then by rendezvous weight of the chunk's key (so clients spread their
+        reads over the replicas)."""
         live = self.nodes()
         now = time.monotonic()
         with self._lock:
             suspect = {n for n, until in self._suspect.items() if until > now}
-        order = rendezvous(key, owners, len(owners))
-        return sorted(order, key=lambda n: (n not in live, n in suspect,
-                                            live[n].host_id != self._host if n in live else True))
+        rank = {n: (n in suspect, live[n].host_id != self._host) for n in live}
+
+        def ranked(owners: Sequence[str], key: bytes) -> list[str]:
+            order = rendezvous(key, owners, len(owners))
+            return sorted(order, key=lambda n: (n not in rank, *rank.get(n, (True, True))))
+        return ranked
 
     def _any(self, call: Callable[[CacheClient], T]) -> T:
         """``call`` on live nodes in turn until one answers (NotFound is an answer),
@@ -387,7 +391,7 @@ class ClusterClient:
 class ClusterSelectionStream:
     """A cluster fetch in progress; iterate for (selection, layer), then ``results()``.
 
-    Each chunk is assigned to an owner (ranked by :meth:`ClusterClient._ranked`, keeping
+    Each chunk is assigned to an owner (ranked by :meth:`ClusterClient._ranking`, keeping
     runs of chunks on one node where a replica allows). Rounds: every node's share is
     fetched in parallel into arrays of its own and the chunks that arrived whole and
     verified are copied into place; the rest go to their next owner. When one node holds
@@ -405,7 +409,8 @@ class ClusterSelectionStream:
         tokens = [lay.num_tokens for lay in hit.layouts]
         self._final = [SlabAssembler(family, tokens, kinds, start, end, out, as_torch)
                        for (kinds, start, end), out in zip(self._selections, outs, strict=True)]
-        self._candidates = [cluster._ranked(owners, bytes(entry)) for owners, entry in zip(hit.owners, hit.entry_ids, strict=True)]
+        ranked = cluster._ranking()
+        self._candidates = [ranked(owners, bytes(entry)) for owners, entry in zip(hit.owners, hit.entry_ids, strict=True)]
         self._valid = [False] * hit.num_chunks
         self._reasons: dict[int, str] = {}
         self._bytes = 0
