@@ -359,17 +359,9 @@ class ClusterIndex:
         with_run = {h.producer: h for h in hits}
         for producers, row in zip(by_parent.values(), pipe.execute(), strict=True):
             flat = tuple(x for pair in row.items() for x in pair)
-            found: dict[tuple[str, bytes], list[IndexRecord]] = {}
-            for field_, value in zip(flat[::2], flat[1::2], strict=True):
-                try:
-                    rec = parsed(field_, value)
-                except (ValueError, TypeError):
-                    continue
-                member = members.get(rec.node_id)
-                ok = (producers is None and rec.producer not in with_run) or (producers and rec.producer in producers)
-                if ok and member is not None and member.incarnation == rec.incarnation and rec.chunk_hash and \
-                        digests.get(rec.producer) == rec.weights_digest and (not wanted or rec.producer in wanted):
-                    found.setdefault((rec.producer, rec.entry_id), []).append(rec)
+            found = {key: recs for key, recs in _counting(flat, members, digests, wanted).items()
+                     if recs[0].chunk_hash and ((producers is None and key[0] not in with_run) or
+                                                (producers and key[0] in producers))}
             for (producer, _), recs in sorted(found.items(), key=lambda kv: -kv[1][0].layout.num_tokens):
                 hit = with_run.get(producer)
                 if hit is None:
@@ -432,12 +424,12 @@ def _unknown_producer(row: tuple, digests: dict[str, str]) -> bool:
     return False
 
 
-def _live_records(row: tuple, members: dict[str, Member], digests: dict[str, str], wanted: frozenset[str]
-                  ) -> dict[str, tuple[IndexRecord, tuple[str, ...]]]:
-    """Per producer of one chunk (a flat row of fields and values): the entry with the
-    most live owners, and those owners (a record of other weights than the producer's
-    current ones does not count)."""
-    by_entry: dict[tuple[str, bytes], list[IndexRecord]] = {}
+def _counting(row: tuple, members: dict[str, Member], digests: dict[str, str], wanted: frozenset[str]
+              ) -> dict[tuple[str, bytes], list[IndexRecord]]:
+    """The records of a flat row (fields and values) that count, by (producer, entry):
+    their node live in the incarnation they were written in, of the producer's current
+    weights, of a wanted producer (all when none is named). Malformed fields are skipped."""
+    out: dict[tuple[str, bytes], list[IndexRecord]] = {}
     for field_, value in zip(row[::2], row[1::2], strict=True):
         try:
             rec = parsed(field_, value)
@@ -447,9 +439,17 @@ def _live_records(row: tuple, members: dict[str, Member], digests: dict[str, str
         if member is None or member.incarnation != rec.incarnation or (wanted and rec.producer not in wanted) \
                 or digests.get(rec.producer) != rec.weights_digest:
             continue
-        by_entry.setdefault((rec.producer, rec.entry_id), []).append(rec)
+        out.setdefault((rec.producer, rec.entry_id), []).append(rec)
+    return out
+
+
+def _live_records(row: tuple, members: dict[str, Member], digests: dict[str, str], wanted: frozenset[str]
+                  ) -> dict[str, tuple[IndexRecord, tuple[str, ...]]]:
+    """Per producer of one chunk (a flat row of fields and values): the entry with the
+    most live owners, and those owners (a record of other weights than the producer's
+    current ones does not count)."""
     best: dict[str, tuple[IndexRecord, tuple[str, ...]]] = {}
-    for (producer, _), recs in by_entry.items():
+    for (producer, _), recs in _counting(row, members, digests, wanted).items():
         if producer not in best or len(recs) > len(best[producer][1]):
             best[producer] = (recs[0], tuple(sorted(r.node_id for r in recs)))
     return best
