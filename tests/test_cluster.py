@@ -422,3 +422,34 @@ def test_hf_connector_runs_unchanged_against_the_cluster(cluster):
                 out = consumer.model(input_ids=consumer.stack.ids([9]), past_key_values=pre.cache)
             assert pre.report.mode == "cross_model" and pre.report.reused_tokens == 700
             assert torch.allclose(out.logits[0, -1], last_logits(tuned, ids + [9]), atol=1e-4, rtol=0)
+
+
+def test_a_redis_cluster_holds_the_index_across_its_shards(tmp_path, rng):
+    """Redis Cluster (3 shards, through redis-py's cluster client): the same cluster
+    behaviour, with the index spread over the shards and lookups pipelined per shard."""
+    from cachesvc.node.launcher import RedisClusterProcess, ServerProcess
+    with RedisClusterProcess(tmp_path / "redis") as shards:
+        nodes = []
+        for i in range(3):
+            (tmp_path / f"n{i}").mkdir()
+            nodes.append(ServerProcess(tmp_path / f"n{i}", ["--redis-url", shards.url, "--node-id", f"n{i}",
+                                                            "--memory-bytes", "64MiB", "--heartbeat-ttl-s", TTL]).start())
+        try:
+            with ClusterClient(redis_url=shards.url) as client:
+                client.wait_ready(3)
+                reg = client.register_model("m1", "abcdef01", TINY)
+                hashes, entries = prompt(client, reg.family_id, rng, 40)
+                assert client.put(reg.family_id, "m1", entries).replicas_written == 80
+                hit = client.lookup(reg.family_id, hashes).best("m1")
+                assert hit.num_chunks == 40 and exact(client.get(reg.family_id, hit, KINDS), entries) == 40
+                held = [redis.Redis(port=s.port).dbsize() for s in shards.servers]
+                assert sum(1 for n in held if n > 0) == 3          # every shard holds part of it
+                nodes[1].stop(signal.SIGKILL)
+                assert exact(client.get(reg.family_id, hit, KINDS), entries) == 40
+                wait_for(lambda: "n1" not in client.nodes(fresh=True), 3, "n1 out")
+                hit = client.lookup(reg.family_id, hashes).best("m1")
+                assert hit.num_chunks == 40 and all("n1" not in o for o in hit.owners)
+        finally:
+            for node in nodes:
+                if node.proc.poll() is None:
+                    node.stop(signal.SIGKILL)

@@ -104,7 +104,7 @@ class RedisProcess:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self, timeout_s: float = 10) -> "RedisProcess":
+    def start(self, timeout_s: float = 10, *extra: str) -> "RedisProcess":
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed (apt install redis-server)")
@@ -113,7 +113,7 @@ class RedisProcess:
         if not self.port:
             self.port = free_port()
         cmd = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-               "--dir", str(self.workdir), "--protected-mode", "yes"]
+               "--dir", str(self.workdir), "--protected-mode", "yes", *extra]
         with open(self.workdir / "redis.log", "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=log)
         deadline = time.monotonic() + timeout_s
@@ -147,6 +147,50 @@ class RedisProcess:
         return self.start()
 
     def __enter__(self) -> "RedisProcess":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@dataclass
+class RedisClusterProcess:
+    """A Redis Cluster of ``shards`` masters (no replicas) on free ports of 127.0.0.1,
+    keeping nothing on disk; ``url`` is what nodes and clients take."""
+
+    workdir: Path
+    shards: int = 3
+    servers: list[RedisProcess] = field(default_factory=list, init=False)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.servers[0].port}/0?cluster=true"
+
+    def start(self, timeout_s: float = 20) -> "RedisClusterProcess":
+        for i in range(self.shards):
+            server = RedisProcess(Path(self.workdir) / f"shard{i}")
+            self.servers.append(server.start(10, "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                                             "--cluster-node-timeout", "2000"))
+        create = subprocess.run([shutil.which("redis-cli") or "redis-cli", "--cluster", "create",
+                                 *(f"127.0.0.1:{s.port}" for s in self.servers), "--cluster-replicas", "0",
+                                 "--cluster-yes"], capture_output=True, text=True, timeout=timeout_s)
+        if create.returncode != 0:
+            raise RuntimeError(f"redis-cli --cluster create failed: {create.stdout[-500:]} {create.stderr[-500:]}")
+        deadline = time.monotonic() + timeout_s
+        while True:      # every shard must agree the cluster is up before it serves
+            states = [subprocess.run([shutil.which("redis-cli") or "redis-cli", "-p", str(s.port), "cluster", "info"],
+                                     capture_output=True, text=True).stdout for s in self.servers]
+            if all("cluster_state:ok" in state for state in states):
+                return self
+            if time.monotonic() > deadline:
+                raise RuntimeError("Redis Cluster did not reach cluster_state:ok")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop()
+
+    def __enter__(self) -> "RedisClusterProcess":
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -281,11 +281,17 @@ class ClusterIndex:
         if not fresh and time.monotonic() - at < self._members_ttl_s:
             return cached, digests
         pipe = self.client.pipeline(transaction=False)
-        pipe.time()
+        if self._clustered:       # Redis Cluster pipelines keyed commands only
+            now = redis_now_ms(self.client)
+        else:
+            pipe.time()
         pipe.hgetall(self.keys.nodes)
         pipe.hgetall(self.keys.models)
-        (seconds, micros), rows, models = pipe.execute()
-        now = int(seconds) * 1000 + int(micros) // 1000
+        answers = pipe.execute()
+        if not self._clustered:
+            seconds, micros = answers.pop(0)
+            now = int(seconds) * 1000 + int(micros) // 1000
+        rows, models = answers
         live = {}
         for raw in rows.values():
             try:
