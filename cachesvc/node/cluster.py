@@ -18,6 +18,7 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+
 from cachesvc.node.entries import EntryMeta
 from cachesvc.node.logs import Throttled
 from cachesvc.node.store import CacheStore
@@ -44,7 +45,6 @@ class ClusterStatus:
     members: int = 0
     published: int = 0         # index writes sent (adds and removals)
     resyncs: int = 0           # full republishes (start, and after Redis came back)
-    queue: int = 0
 
 
 class ClusterAgent:
@@ -113,7 +113,7 @@ class ClusterAgent:
     def _run(self) -> None:
         interval = self.ttl_ms / 3000
         while not self._stop.is_set():
-            self._wake.wait(min(interval, 0.05) if self._events else interval)
+            self._wake.wait(interval)      # every queued event sets it
             self._wake.clear()
             if not self._stop.is_set():
                 self._tick()
@@ -136,7 +136,6 @@ class ClusterAgent:
             self.status.redis_up = up
             log.info("cluster: Redis " + ("reachable" if up else "unreachable; serving own entries only"))
             self._on_health(up)
-        self.status.queue = len(self._events)
 
     # ------------------------------------------------------------ publishing
 
@@ -265,15 +264,11 @@ class ClusterAgent:
         pipe.execute()
 
     def _forget_dead(self) -> None:
-        now = redis_now_ms(self.redis)
-        for node_id, raw in self.redis.hgetall(self.keys.nodes).items():
-            try:
-                member = Member.from_json(raw)
-            except (ValueError, TypeError, KeyError):
-                member = None
-            if member is None or member.expires_ms < now - STALE_MEMBER_FACTOR * self.ttl_ms:
-                # Gone for good (or never parsable): its index fields too, then the member.
-                # Several nodes may do this at once: every step is idempotent.
+        """Forget members gone for ten TTLs (or unparsable), as the membership read the
+        heartbeat just did found them: their index fields first, then the member.
+        Several nodes may do this at once: every step is idempotent."""
+        for node_id, expired_ms in self.index.gone.items():
+            if expired_ms < 0 or expired_ms > STALE_MEMBER_FACTOR * self.ttl_ms:
                 dead = node_id.decode() if isinstance(node_id, bytes) else node_id
                 removed = self._clean(dead)
                 self.redis.hdel(self.keys.nodes, node_id)

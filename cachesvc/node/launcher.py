@@ -4,6 +4,7 @@ it serves. Used by the demo, the benchmarks and the tests (one launcher, not thr
 from __future__ import annotations
 
 import json
+import random
 import shutil
 import signal
 import socket
@@ -167,8 +168,16 @@ class RedisClusterProcess:
         return f"redis://127.0.0.1:{self.servers[0].port}/0?cluster=true"
 
     def start(self, timeout_s: float = 20) -> "RedisClusterProcess":
+        try:
+            return self._start(timeout_s)
+        except BaseException:
+            self.stop()            # no shard outlives a cluster that failed to form
+            raise
+
+    def _start(self, timeout_s: float) -> "RedisClusterProcess":
         for i in range(self.shards):
-            server = RedisProcess(Path(self.workdir) / f"shard{i}")
+            # Redis Cluster talks between shards on port + 10000: both must be free.
+            server = RedisProcess(Path(self.workdir) / f"shard{i}", free_port(below=55536, offset=10000))
             self.servers.append(server.start(10, "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
                                              "--cluster-node-timeout", "2000"))
         create = subprocess.run([shutil.which("redis-cli") or "redis-cli", "--cluster", "create",
@@ -197,11 +206,25 @@ class RedisClusterProcess:
         self.stop()
 
 
-def free_port() -> int:
-    """A TCP port of 127.0.0.1 nobody listens on now."""
+def free_port(below: int = 65536, offset: int = 0) -> int:
+    """A TCP port of 127.0.0.1 under ``below`` nobody listens on now (nor on the port
+    ``offset`` above it, when given: a Redis Cluster shard's bus port)."""
+    for _ in range(200):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0 if below == 65536 else random.randrange(20000, below)))
+            port = sock.getsockname()[1]
+            if port < below and (not offset or _free(port + offset)):
+                return port
+    raise RuntimeError(f"no free port under {below}")
+
+
+def _free(port: int) -> bool:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 @dataclass

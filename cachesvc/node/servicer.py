@@ -18,6 +18,7 @@ from cachesvc.wire.framing import decode_write_chunk, encode_slab_run, slab_run_
 from cachesvc.wire.keys import DEFAULT_TENANT, DType, FamilySpec, Kind, check_chunk_hashes
 from cachesvc.node.auth import TokenTable, authorize, bearer
 from cachesvc.node.cluster import ClusterAgent, check_cluster_lookup
+from cachesvc.wire.cluster import Member
 from cachesvc.node.metrics import RPC_SECONDS
 from cachesvc.node.models import ModelRecord
 from cachesvc.node.profiles import ProfileRecord
@@ -151,9 +152,7 @@ def cluster_lookup_response(store: CacheStore, cluster: ClusterAgent, request: p
             for node_id in owners:
                 if node_id not in node_index:
                     node_index[node_id] = len(resp.nodes)
-                    m = members[node_id]
-                    resp.nodes.add(node_id=node_id, grpc_address=m.grpc_address, transports=m.transports,
-                                   host_id=m.host_id)
+                    resp.nodes.append(_descriptor(members[node_id]))
                 nodes.append(node_index[node_id])
         return counts, nodes
 
@@ -177,6 +176,12 @@ def cluster_lookup_response(store: CacheStore, cluster: ClusterAgent, request: p
                       tail_layout_indices=[layout_of(r.layout) for r in tails], tail_tiers=[r.tier for r in tails],
                       tail_owner_counts=tail_counts, tail_owner_nodes=tail_nodes)
     return resp
+
+
+def _descriptor(member: Member) -> pb.FetchDescriptor:
+    """Where a cluster member is, as lookups hand it out."""
+    return pb.FetchDescriptor(node_id=member.node_id, grpc_address=member.grpc_address,
+                              transports=member.transports, host_id=member.host_id)
 
 
 def _checksums(metas: list[EntryMeta]) -> bytes:
@@ -332,9 +337,7 @@ class CacheServicer(pb_grpc.CacheServiceServicer):
         if self.cluster is None:
             raise errors.FailedPrecondition("this node is not in a cluster (started without --redis-url)")
         members = self.cluster.members() if self.cluster.status.redis_up else {}
-        return pb.ListNodesResponse(nodes=[pb.FetchDescriptor(node_id=m.node_id, grpc_address=m.grpc_address,
-                                                              transports=m.transports, host_id=m.host_id)
-                                           for m in sorted(members.values(), key=lambda m: m.node_id)],
+        return pb.ListNodesResponse(nodes=[_descriptor(m) for m in sorted(members.values(), key=lambda m: m.node_id)],
                                     redis_up=self.cluster.status.redis_up, namespace=self.cluster.keys.ns)
 
     @_maps_errors

@@ -267,6 +267,9 @@ class ClusterIndex:
         self._script = None if self._clustered else client.register_script(_CHAIN_SCRIPT)
         self._memo_state: tuple = ()
         self._memo_rows: dict = {}
+        # Members whose heartbeat had expired at the last read (raw hash field -> ms since
+        # it expired, -1 for an unparsable one): what a node's janitor forgets.
+        self.gone: dict[bytes | str, int] = {}
 
     def members(self, fresh: bool = False) -> dict[str, Member]:
         """Live members by node id (expired heartbeats left out)."""
@@ -292,14 +295,17 @@ class ClusterIndex:
             seconds, micros = answers.pop(0)
             now = int(seconds) * 1000 + int(micros) // 1000
         rows, models = answers
-        live = {}
-        for raw in rows.values():
+        live, self.gone = {}, {}
+        for node_id, raw in rows.items():
             try:
                 member = Member.from_json(raw)
             except (ValueError, TypeError, KeyError):
+                self.gone[node_id] = -1            # unparsable: as good as gone forever
                 continue
             if member.expires_ms > now:
                 live[member.node_id] = member
+            else:
+                self.gone[node_id] = now - member.expires_ms
         digests = {}
         for model_id, raw in models.items():
             try:

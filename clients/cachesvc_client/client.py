@@ -247,7 +247,7 @@ class CacheClient:
     def cluster_nodes(self) -> tuple[dict[str, NodeInfo], bool]:
         """The cluster's live members as this node sees them, and whether it reaches Redis."""
         resp = self._call(self._stub.ListNodes, pb.ListNodesRequest())
-        return ({d.node_id: NodeInfo(d.node_id, d.grpc_address, d.host_id, dict(d.transports)) for d in resp.nodes},
+        return ({d.node_id: NodeInfo.from_proto(d) for d in resp.nodes},
                 resp.redis_up)
 
     def lookup_prompt(self, family_id: FamilyId, tokens: Sequence[int], *, consumer: ModelId = NO_MODEL,

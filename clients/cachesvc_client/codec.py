@@ -194,6 +194,10 @@ class NodeInfo:
     host_id: str
     transports: dict[str, bytes] = field(repr=False)
 
+    @classmethod
+    def from_proto(cls, d: pb.FetchDescriptor) -> "NodeInfo":
+        return cls(d.node_id, d.grpc_address, d.host_id, dict(d.transports))
+
 
 @dataclass(frozen=True, slots=True)
 class LookupResult:
@@ -275,7 +279,7 @@ def lookup_from_proto(resp: pb.LookupResponse) -> LookupResult:
         hits.append(Hit(h.producer, h.same_model, ids, list(h.position_offsets), hit_layouts,
                         list(map(_TIERS.__getitem__, h.tiers)), h.fetch.grpc_address, tails, locations,
                         h.fetch.transports.get("shm", b""), _owners(h.owner_counts, h.owner_nodes, n, resp.nodes)))
-    nodes = {d.node_id: NodeInfo(d.node_id, d.grpc_address, d.host_id, dict(d.transports)) for d in resp.nodes}
+    nodes = {d.node_id: NodeInfo.from_proto(d) for d in resp.nodes}
     return LookupResult(hits, resp.lease_id, nodes)
 
 
