@@ -47,7 +47,7 @@ _COUNTERS = {
     "disk_write_errors": ("cachesvc_disk_write_errors", "entry files that could not be written"),
     "profile_flags": ("cachesvc_profile_flags", "profiles flagged for re-profiling by consumers' drift guards"),
 }
-_PATHS = ("grpc", "tcp", "shm", "ucx", "lm")
+_PATHS = ("grpc", "tcp", "shm", "ucx", "lm", "replication")
 
 
 class StoreCollector:

@@ -5,8 +5,8 @@ One node acts per entry: the live holder the entry's chunk hash weighs highest a
 its holders (rendezvous again), so a lost replica is recreated once, not by every
 survivor. Copies go through the target's own two-phase put (Reserve, WriteSlabs,
 Commit), so the target verifies every slab's checksum and publishes the entry only when
-whole, exactly as a client's put; what this node sends was verified when read
-(``CacheStore.entry_payload``). A token bucket bounds the bytes per second, so a node
+whole, exactly as a client's put (this node reads through the store's read path, which
+verifies disk bytes and quarantines a rotten file). A token bucket bounds the bytes per second, so a node
 joining or leaving does not take the data plane from the clients.
 
 Extra replicas (a node that is no longer in an entry's placement) are left to the
@@ -143,10 +143,9 @@ class Replicator:
                 yield meta, sorted(holders)
 
     def _copy(self, meta: EntryMeta, target: Member) -> bool:
-        found = self.store.entry_payload(meta.entry_id)
-        if found is None:
-            return False        # evicted or deleted meanwhile, or failed verification
-        meta, payload = found
+        payload = self.store.entry_payload(meta)
+        if payload is None:
+            return False        # evicted or deleted meanwhile, or rotten on disk
         self.bucket.take(len(payload), self._stop)
         stub = pb_grpc.CacheServiceStub(self._channel(target.grpc_address))
         spec = pb.EntrySpec(chunk_hash=meta.chunk_hash, position_offset=meta.position_offset,

@@ -83,7 +83,8 @@ class CacheStore:
             # the longest hit of the consumer's own entries, and of another producer's
             "hit_chunks_same_model", "hit_chunks_cross_model", "located_lookups", "profile_flags",
             # payload bytes served per path (grpc, tcp, shm, ucx, and the LMCache endpoint)
-            "bytes_read_grpc", "bytes_read_tcp", "bytes_read_shm", "bytes_read_ucx", "bytes_read_lm"), 0)
+            "bytes_read_grpc", "bytes_read_tcp", "bytes_read_shm", "bytes_read_ucx", "bytes_read_lm",
+            "bytes_read_replication"), 0)
         self._catalog = Catalog(self._arena, self._disk, self.counters)
         self._tiers = Tiers(self._lock, self._catalog, self._arena, self._disk, config, self.counters)
         self._puts = PutPath(self._lock, self._catalog, self._arena, self._tiers, self.models, config,
@@ -422,33 +423,14 @@ class CacheStore:
         with self._lock:
             return [(r.meta, r.tier) for r in self._catalog.entries.values()]
 
-    def entry_payload(self, entry_id: bytes) -> tuple[EntryMeta, bytes] | None:
-        """A committed entry's whole payload, every slab verified against its checksum
-        (for copying it to another node); None when it is gone or fails verification."""
-        with self._lock:
-            rec = self._catalog.entries.get(entry_id)
-            if rec is None:
-                return None
-            rec.readers += 1
-        try:
-            meta = rec.meta
-            if rec.mem_offset is not None:
-                data = bytes(self._arena.view[rec.mem_offset:rec.mem_offset + meta.size_bytes])
-            else:
-                assert self._disk is not None
-                data = self._disk.read(meta, 0, meta.size_bytes)
-        except OSError:
-            return None
-        finally:
-            with self._lock:
-                rec.readers -= 1
-                self._catalog.release(rec)
-        for slab in meta.slabs:
-            if xxhash.xxh3_64_intdigest(data[slab.offset:slab.offset + slab.size_bytes]) != slab.checksum:
-                if rec.mem_offset is None:
-                    self._quarantine(rec)
-                return None
-        return meta, data
+    def entry_payload(self, meta: EntryMeta) -> bytes | None:
+        """A committed entry's whole payload, through the read path (held while read;
+        disk bytes verified, a rotten file quarantined), for copying it to another node,
+        which verifies every slab again on commit. None when it is gone or incomplete."""
+        with self.read(meta.tenant, meta.family_id, [meta.entry_id], [Kind.K, Kind.V, Kind.E], 0, 0,
+                       path="replication") as runs:
+            data = b"".join(bytes(run.data) for run in runs if not run.missing_reason)
+        return data if len(data) == meta.size_bytes else None
 
     # ------------------------------------------------------------ delete, pin, list, stats
 
