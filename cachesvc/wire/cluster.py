@@ -275,10 +275,6 @@ class ClusterIndex:
         """Live members by node id (expired heartbeats left out)."""
         return self._state(fresh)[0]
 
-    def digests(self, fresh: bool = False) -> dict[str, str]:
-        """Every cluster model's current weights digest, by model id."""
-        return self._state(fresh)[1]
-
     def _state(self, fresh: bool) -> tuple[dict[str, Member], dict[str, str]]:
         at, cached, digests = self._members
         if not fresh and time.monotonic() - at < self._members_ttl_s:
