@@ -269,3 +269,24 @@ def test_reservation_ttl_is_bounded(tmp_path):
     with pytest.raises(errors.InvalidArgument, match="ttl"):
         store.reserve("", FID, "m", [EntryInput(_hashes(1)[0], 0, 256, slabs)], ttl_s=10**6)
     assert store.stats()["memory"]["reserved_bytes"] == 0
+
+
+def test_a_put_whose_producer_is_replaced_before_commit_is_aborted(tmp_path):
+    """Entries computed with weights the producer no longer has never become visible:
+    a reserve naming other weights is refused, and a replace between reserve and commit
+    aborts the put (a copy between nodes racing a model replace hit this)."""
+    store = _store(tmp_path)
+    h = _hashes(1)[0]
+    payload = bytes([3]) * SLAB * TINY.num_layers
+    slabs = [SlabSpec(Kind.K, layer, TINY.slab_shape(Kind.K, 256), TINY.dtype, xxhash.xxh3_64_intdigest(payload[:SLAB]))
+             for layer in range(TINY.num_layers)]
+    with pytest.raises(errors.FailedPrecondition, match="registered with weights aaaaaaaa"):
+        store.reserve("", FID, "m", [EntryInput(h, 0, 256, slabs)], producer_digest="bbbbbbbb")
+    res = store.reserve("", FID, "m", [EntryInput(h, 0, 256, slabs)], producer_digest="AAAAAAAA")
+    store.write(res.reservation_id, 0, 0, memoryview(payload))
+    store.register_model("m", "cccccccc", TINY, replace=True)
+    with pytest.raises(errors.FailedPrecondition, match="other weights since this reservation"):
+        store.commit(res.reservation_id)
+    assert store.lookup("", FID, [h]).hits == []
+    assert store.stats()["memory"]["used_bytes"] == 0 and store.stats()["open_reservations"] == 0
+    store.close()

@@ -198,9 +198,10 @@ class Load:
         for t in self.threads:
             t.join(30)
 
-    def summary(self, event_at: float) -> dict:
+    def summary(self, event_at: float, after_from: float | None = None) -> dict:
+        """Reads before the event against reads from ``after_from`` (default: the event)."""
         before = [r for r in self.reads if r[0] < event_at]
-        after = [r for r in self.reads if r[0] >= event_at]
+        after = [r for r in self.reads if r[0] >= (event_at if after_from is None else after_from)]
 
         def rate(rows):
             return sum(r[3] for r in rows) / max(1, sum(r[2] for r in rows))
@@ -247,7 +248,7 @@ def chaos_row(workdir: Path, scenario: str, seconds: float) -> dict:
             # whether the rebuilt index holds everything: the hits after recovery.
             fallback = recovery_s(s, event_at)
             if fallback is not None:
-                s = load.summary(event_at + fallback)
+                s = load.summary(event_at, event_at + fallback)
         else:
             fallback = s["slowest_after_s"]
         return row(3, 2, scenario, s["ops"], s["wrong_bytes"], s["hits_retained"], fallback, None,

@@ -302,6 +302,8 @@ class ClusterAgent:
         except Exception as exc:   # noqa: BLE001 - registered here; published with the next resync
             self._dirty = True
             self._errors.info("cluster: model not published", model_id=model_id, error=str(exc))
+        if outcome.replaced is not None:
+            self.flush()                # the dropped entries leave the index before the caller hears back
         return outcome
 
     def put_profile(self, producer: str, consumer: str, producer_digest: str, consumer_digest: str,

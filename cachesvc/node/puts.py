@@ -46,6 +46,8 @@ class _OpenReservation:
     pending: list[_Pending]
     lock: threading.Lock = field(default_factory=threading.Lock)
     closed: bool = False            # committed or aborted; guarded by lock
+    producer: str = ""
+    weights_digest: str = ""        # the producer's at reserve: a replace since voids the put
 
 
 class PutPath:
@@ -58,14 +60,19 @@ class PutPath:
         self._open: dict[str, _OpenReservation] = {}
 
     def reserve(self, tenant: str, family_id: str, producer: str, entries: Sequence[EntryInput],
-                ttl_s: float) -> Reservation:
-        """Validate every slab, allocate memory for the entries not already present."""
+                ttl_s: float, producer_digest: str = "") -> Reservation:
+        """Validate every slab, allocate memory for the entries not already present.
+        ``producer_digest``: the weights the writer computed them with; refused unless
+        they are the producer's registered ones."""
         with self._lock:
             family = self.models.family(family_id)
             model = self.models.get(producer)
         if model.family_id != family_id:
             raise FailedPrecondition(f"producer {producer!r} is of family {model.family_id}, "
                                      f"not {family_id}")
+        if producer_digest and producer_digest.lower() != model.weights_digest:
+            raise FailedPrecondition(f"producer {producer!r} is registered with weights "
+                                     f"{model.weights_digest[:16]}, not {producer_digest[:16]}")
         if not entries:
             raise InvalidArgument("a reservation needs at least one entry")
         metas = [plan_entry(i, tenant, FamilyId(family_id), family, producer, e.chunk_hash,
@@ -90,7 +97,8 @@ class PutPath:
         except ResourceExhausted:
             self._free_pending(pending)
             raise
-        res = _OpenReservation(secrets.token_hex(12), ttl_s, time.monotonic() + ttl_s, pending)
+        res = _OpenReservation(secrets.token_hex(12), ttl_s, time.monotonic() + ttl_s, pending,
+                               producer=producer, weights_digest=model.weights_digest)
         with self._lock:
             self._open[res.reservation_id] = res
         return Reservation(res.reservation_id, metas, present, ttl_s)
@@ -206,19 +214,37 @@ class PutPath:
                         view[base + s.offset:base + s.offset + s.size_bytes])) for s in p.meta.slabs))
 
     def _publish(self, res: _OpenReservation) -> list[EntryId]:
-        """Under res.lock: make the entries visible."""
+        """Under res.lock: make the entries visible, unless the producer was replaced (or
+        dropped) since the reserve: its entries were computed with weights it no longer
+        has, and the replace already dropped every entry of the old ones."""
         committed: list[EntryId] = []
         with self._lock:
-            for p in res.pending:
-                if p.mem_offset is None:
-                    continue
-                self.catalog.add_in_memory(EntryRecord(p.meta, p.mem_offset))
-                p.mem_offset = None     # ownership moves to the record
-                committed.append(p.meta.entry_id)
-            res.closed = True
-            self._open.pop(res.reservation_id, None)
-            self.counters["puts_committed"] += 1
-            self.counters["entries_committed"] += len(committed)
+            try:
+                current = self.models.get(res.producer).weights_digest
+            except NotFound:
+                current = ""
+            replaced = current != res.weights_digest
+            if not replaced:
+                committed = self._publish_locked(res)
+        if replaced:
+            self._close(res, "puts_aborted")
+            raise FailedPrecondition(f"producer {res.producer!r} was registered with other weights since this "
+                                     f"reservation was made; reservation {res.reservation_id} aborted")
+        return committed
+
+    def _publish_locked(self, res: _OpenReservation) -> list[EntryId]:
+        """Under res.lock and the store lock."""
+        committed: list[EntryId] = []
+        for p in res.pending:
+            if p.mem_offset is None:
+                continue
+            self.catalog.add_in_memory(EntryRecord(p.meta, p.mem_offset))
+            p.mem_offset = None     # ownership moves to the record
+            committed.append(p.meta.entry_id)
+        res.closed = True
+        self._open.pop(res.reservation_id, None)
+        self.counters["puts_committed"] += 1
+        self.counters["entries_committed"] += len(committed)
         return committed
 
     def _close(self, res: _OpenReservation, counter: str) -> None:

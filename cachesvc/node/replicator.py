@@ -28,6 +28,7 @@ from cachesvc.node.store import CacheStore
 from cachesvc.v1 import cachesvc_pb2 as pb
 from cachesvc.v1 import cachesvc_pb2_grpc as pb_grpc
 from cachesvc.wire.cluster import ClusterIndex, IndexRecord, Member, rendezvous
+from cachesvc.wire.errors import NotFound
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +144,13 @@ class Replicator:
                 yield meta, sorted(holders)
 
     def _copy(self, meta: EntryMeta, target: Member) -> bool:
+        # The weights first, then the bytes: a replace in between drops the entry, so the
+        # read fails; a replace after it leaves bytes and digest consistent. The target
+        # refuses them unless the digest is its producer's (both at reserve and at commit).
+        try:
+            digest = self.store.get_model(meta.producer).weights_digest
+        except NotFound:
+            return False
         payload = self.store.entry_payload(meta)
         if payload is None:
             return False        # evicted or deleted meanwhile, or rotten on disk
@@ -155,7 +163,8 @@ class Replicator:
         try:
             call = {"timeout": self.timeout_s, "metadata": self._metadata}
             res = stub.Reserve(pb.ReserveRequest(tenant=meta.tenant, family_id=meta.family_id,
-                                                 producer=meta.producer, entries=[spec]), **call)
+                                                 producer=meta.producer, entries=[spec],
+                                                 producer_digest=digest), **call)
             if res.targets[0].already_present:
                 return False
             if list(res.targets[0].slab_offsets) != [s.offset for s in meta.slabs]:

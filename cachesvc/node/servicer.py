@@ -270,7 +270,7 @@ class CacheServicer(pb_grpc.CacheServiceServicer):
                                for j, s in enumerate(e.slabs)], e.parent_hash)
                    for i, e in enumerate(request.entries)]
         res = self.store.reserve(request.tenant, request.family_id, request.producer, entries,
-                                 request.ttl_s)
+                                 request.ttl_s, request.producer_digest)
         targets = [pb.EntryWriteTarget(entry_index=i, size_bytes=meta.size_bytes,
                                        slab_offsets=_request_order_offsets(meta, request.entries[i]),
                                        already_present=present)

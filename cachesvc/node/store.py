@@ -178,11 +178,11 @@ class CacheStore:
     # ------------------------------------------------------------ two-phase put (cachesvc.node.puts)
 
     def reserve(self, tenant: str, family_id: str, producer: str, entries: Sequence[EntryInput],
-                ttl_s: int = 0) -> Reservation:
+                ttl_s: int = 0, producer_digest: str = "") -> Reservation:
         tenant = _tenant(tenant)
         _check_ttl(ttl_s, allow_zero=True)
         return self._puts.reserve(tenant, family_id, producer, entries,
-                                  float(ttl_s) if ttl_s else self.config.reservation_ttl_s)
+                                  float(ttl_s) if ttl_s else self.config.reservation_ttl_s, producer_digest)
 
     def write(self, reservation_id: str, entry_index: int, offset: int, data: memoryview) -> int:
         """Copy one in-order piece of an entry's payload; returns bytes received so far."""

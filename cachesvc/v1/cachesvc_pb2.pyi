@@ -155,18 +155,20 @@ class EntrySpec(_message.Message):
     def __init__(self, chunk_hash: _Optional[bytes] = ..., position_offset: _Optional[int] = ..., num_tokens: _Optional[int] = ..., slabs: _Optional[_Iterable[_Union[SlabSpec, _Mapping]]] = ..., parent_hash: _Optional[bytes] = ...) -> None: ...
 
 class ReserveRequest(_message.Message):
-    __slots__ = ("tenant", "family_id", "producer", "entries", "ttl_s")
+    __slots__ = ("tenant", "family_id", "producer", "entries", "ttl_s", "producer_digest")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     FAMILY_ID_FIELD_NUMBER: _ClassVar[int]
     PRODUCER_FIELD_NUMBER: _ClassVar[int]
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
     TTL_S_FIELD_NUMBER: _ClassVar[int]
+    PRODUCER_DIGEST_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     family_id: str
     producer: str
     entries: _containers.RepeatedCompositeFieldContainer[EntrySpec]
     ttl_s: int
-    def __init__(self, tenant: _Optional[str] = ..., family_id: _Optional[str] = ..., producer: _Optional[str] = ..., entries: _Optional[_Iterable[_Union[EntrySpec, _Mapping]]] = ..., ttl_s: _Optional[int] = ...) -> None: ...
+    producer_digest: str
+    def __init__(self, tenant: _Optional[str] = ..., family_id: _Optional[str] = ..., producer: _Optional[str] = ..., entries: _Optional[_Iterable[_Union[EntrySpec, _Mapping]]] = ..., ttl_s: _Optional[int] = ..., producer_digest: _Optional[str] = ...) -> None: ...
 
 class EntryWriteTarget(_message.Message):
     __slots__ = ("entry_index", "size_bytes", "slab_offsets", "already_present")
