@@ -55,6 +55,8 @@ METHOD_ROLES: dict[str, Role] = {
     "Lookup": Role.READ, "GetSlabs": Role.READ, "GetModel": Role.READ, "ListModels": Role.READ,
     "GetProfile": Role.READ, "ListProfiles": Role.READ, "ListEntries": Role.READ, "Stats": Role.READ,
     "ListNodes": Role.READ, "Pin": Role.READ, "Unpin": Role.READ,
+    "FindSegments": Role.READ, "FindAnchors": Role.READ,
+    "PutSegment": Role.WRITE, "AdmitAnchor": Role.WRITE, "RecordAnchor": Role.WRITE, "ActivateAnchors": Role.WRITE,
     "Reserve": Role.WRITE, "WriteSlabs": Role.WRITE, "Commit": Role.WRITE, "Abort": Role.WRITE,
     "Delete": Role.WRITE, "RegisterModel": Role.WRITE, "PutProfile": Role.WRITE, "FlagProfile": Role.WRITE,
 }

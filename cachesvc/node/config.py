@@ -138,6 +138,11 @@ class ServerConfig:
     disk_bytes: int = _opt(10 << 30, parse=parse_size, help="disk tier budget")
     disk_fsync: bool = _opt(False, parse=parse_bool, help="fsync every entry file")
     chunk_size: int = _opt(256, parse=int, help="tokens per chunk (clients hash with it)")
+    segment_sources: int = _opt(65536, parse=int, help="cross-context reuse: segment sources the node indexes "
+                                                       "(references to stored spans; least recently used out)")
+    anchor_pool_bytes: int = _opt(256 << 20, parse=parse_size,
+                                  help="cross-context reuse: bytes of anchor offsets (KVCOMM's anchor pool) "
+                                       "kept over every placeholder's pool")
     reservation_ttl_s: float = _opt(30.0, parse=float,
                                     help="idle seconds before an open put is aborted")
     max_message_bytes: int = _opt(64 << 20, parse=parse_size,

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cachesvc.node.entries import EntryMeta, SlabSpec
-from cachesvc.wire.keys import Kind, Tier
+from cachesvc.wire.errors import InvalidArgument
+from cachesvc.wire.keys import DEFAULT_TENANT, Kind, Tier
 
 
 class DiskMode(str, enum.Enum):
@@ -41,6 +42,8 @@ class StoreConfig:
     max_run_bytes: int = 4 << 20          # target size of one ReadRun message
     reap_interval_s: float = 0.5
     quotas: Mapping[str, Quota] = field(default_factory=dict)   # tenant -> its quota
+    segment_sources: int = 65536          # bound of the segment index (node.segments)
+    anchor_pool_bytes: int = 256 << 20    # byte budget of the anchor pools (node.anchors)
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,3 +129,13 @@ class ReadHandle:
 
     def __del__(self) -> None:   # a handle dropped unclosed must not pin entries forever
         self.close()
+
+
+MAX_TENANT_CHARS = 128
+
+
+def tenant_name(tenant: str) -> str:
+    """A request's tenant as the store keys it: "" is the default tenant."""
+    if len(tenant) > MAX_TENANT_CHARS:
+        raise InvalidArgument(f"tenant is {len(tenant)} chars, at most {MAX_TENANT_CHARS}")
+    return tenant or DEFAULT_TENANT

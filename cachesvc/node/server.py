@@ -81,7 +81,8 @@ def store_config(config: ServerConfig) -> StoreConfig:
                        disk_capacity_bytes=config.disk_bytes, disk_mode=mode,
                        disk_fsync=config.disk_fsync, reservation_ttl_s=config.reservation_ttl_s,
                        max_run_bytes=min(4 << 20, config.max_message_bytes // 2),
-                       quotas=load_quotas(config.tenant_quotas))
+                       quotas=load_quotas(config.tenant_quotas), segment_sources=config.segment_sources,
+                       anchor_pool_bytes=config.anchor_pool_bytes)
 
 
 @dataclass

@@ -26,7 +26,8 @@ from cachesvc.node.records import EntryInput
 from cachesvc.node.store import CacheStore
 from cachesvc.v1 import cachesvc_pb2 as pb
 from cachesvc.v1 import cachesvc_pb2_grpc as pb_grpc
-from cachesvc.wire.convert import family_from_proto, family_to_proto
+from cachesvc.wire.convert import (anchor_to_proto, delta_from_proto, family_from_proto, family_to_proto,
+                                   source_from_proto, source_to_proto)
 
 log = logging.getLogger(__name__)
 
@@ -383,6 +384,47 @@ class CacheServicer(pb_grpc.CacheServiceServicer):
                                 open_reservations=s["open_reservations"],
                                 counters=s["counters"] | (self.cluster.stats() if self.cluster else {}),
                                 uptime_s=s["uptime_s"], fetch=self.fetch)
+
+
+    # ------------------------------------------------------------ cross-context reuse
+
+    @_maps_errors
+    def PutSegment(self, request, context):
+        n = self.store.cross.put_segment(request.tenant, request.family_id, request.segment_key,
+                                         source_from_proto(request.source))
+        return pb.PutSegmentResponse(sources=n)
+
+    @_maps_errors
+    def FindSegments(self, request, context):
+        found = self.store.cross.find_segments(request.tenant, request.family_id, request.segment_keys,
+                                               request.max_sources)
+        return pb.FindSegmentsResponse(segments=[
+            pb.SegmentSources(segment_key=k, sources=[source_to_proto(s) for s in sources])
+            for k, sources in zip(request.segment_keys, found, strict=True)])
+
+    @_maps_errors
+    def AdmitAnchor(self, request, context):
+        a = request.anchor
+        admitted, evicted = self.store.cross.admit_anchor(request.tenant, request.family_id, request.placeholder,
+                                                          a.segment_key, a.length, source_from_proto(a.base))
+        return pb.AdmitAnchorResponse(admitted=admitted, evicted=evicted)
+
+    @_maps_errors
+    def RecordAnchor(self, request, context):
+        evicted = self.store.cross.record_anchor(request.tenant, request.family_id, request.placeholder,
+                                                 request.segment_key, delta_from_proto(request.delta))
+        return pb.RecordAnchorResponse(evicted=evicted)
+
+    @_maps_errors
+    def FindAnchors(self, request, context):
+        found = self.store.cross.find_anchors(request.tenant, request.family_id, request.placeholder,
+                                              request.min_length)
+        return pb.FindAnchorsResponse(anchors=[anchor_to_proto(a) for a in found])
+
+    @_maps_errors
+    def ActivateAnchors(self, request, context):
+        n = self.store.cross.activate(request.tenant, request.family_id, request.placeholder, request.segment_keys)
+        return pb.ActivateAnchorsResponse(activated=n)
 
 
 def _request_order_offsets(meta: EntryMeta, spec: pb.EntrySpec) -> list[int]:

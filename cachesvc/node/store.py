@@ -28,22 +28,23 @@ import xxhash
 
 from cachesvc.node.arena import Arena
 from cachesvc.node.catalog import Catalog, EntryRecord
+from cachesvc.node.crosscontext import CrossContext
 from cachesvc.node.disk import DiskTier
 from cachesvc.node.entries import EntryMeta, split_run
 from cachesvc.node.models import ModelRecord, ModelRegistry, RegisterOutcome
 from cachesvc.node.profiles import ProfileRecord, ProfileRegistry
 from cachesvc.node.puts import PutPath
+from cachesvc.node.records import tenant_name as _tenant
 from cachesvc.node.records import (DiskMode, EntryInput, LookupAnswer, ProducerHit, ReadHandle, ReadRun,
                                    Reservation, StoreConfig)
 from cachesvc.node.tiers import Tiers
 from cachesvc.wire.errors import FailedPrecondition, InvalidArgument, NotFound
-from cachesvc.wire.keys import (DEFAULT_TENANT, ENTRY_ID_BYTES, FamilyId, FamilySpec, Kind, Tier, chain_root,
+from cachesvc.wire.keys import (ENTRY_ID_BYTES, FamilyId, FamilySpec, Kind, Tier, chain_root,
                                 check_chunk_hashes)
 
 log = logging.getLogger(__name__)
 
 MAX_LEASE_TTL_S = 3600
-MAX_TENANT_CHARS = 128
 
 
 @dataclass(slots=True)
@@ -90,6 +91,10 @@ class CacheStore:
         self._puts = PutPath(self._lock, self._catalog, self._arena, self._tiers, self.models, config,
                              self.counters)
         self._leases: dict[str, _Lease] = {}
+        # Segment sources and anchor pools (cross-context reuse), under this lock too.
+        self.cross = CrossContext(self._lock, self._catalog, self.models, self.counters, self._delete_locked,
+                                  config.segment_sources, config.anchor_pool_bytes,
+                                  Path(config.disk_dir) if disk_on else None)
         self.started_at = time.time()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -121,6 +126,7 @@ class CacheStore:
             thread.join()
         if self._disk is not None:
             self._tiers.persist_all()
+        self.cross.close()
         self._arena.close()
 
     # ------------------------------------------------------------ models
@@ -443,12 +449,16 @@ class CacheStore:
             raise InvalidArgument(str(exc)) from None
         with self._lock:
             self.models.family(family_id)
-            doomed = {id(r): r for r in self._catalog.owned(entry_ids, tenant, family_id) if r is not None}
-            doomed.update((id(r), r) for r in self._catalog.of_chunks(tenant, family_id, chunk_hashes, producer))
-            for rec in doomed.values():
-                self._catalog.delete(rec)
-            self.counters["entries_deleted"] += len(doomed)
-            return len(doomed)
+            return self._delete_locked(tenant, family_id, chunk_hashes, producer, entry_ids)
+
+    def _delete_locked(self, tenant: str, family_id: str, chunk_hashes: Sequence[bytes], producer: str,
+                       entry_ids: Sequence[bytes] = ()) -> int:
+        doomed = {id(r): r for r in self._catalog.owned(entry_ids, tenant, family_id) if r is not None}
+        doomed.update((id(r), r) for r in self._catalog.of_chunks(tenant, family_id, chunk_hashes, producer))
+        for rec in doomed.values():
+            self._catalog.delete(rec)
+        self.counters["entries_deleted"] += len(doomed)
+        return len(doomed)
 
     def pin(self, tenant: str, family_id: str, entry_ids: Sequence[bytes], ttl_s: int) -> tuple[str, int]:
         tenant = _tenant(tenant)
@@ -522,7 +532,7 @@ class CacheStore:
                          "used_bytes": catalog.disk_used, "reserved_bytes": 0,
                          "entries": len(catalog.disk_lru),
                          "evictions": self.counters["disk_evictions"]},
-                "counters": {**self.counters, "entries_being_read":
+                "counters": {**self.counters, **self.cross.gauges(), "entries_being_read":
                              sum(1 for r in catalog.entries.values() if r.readers)},
                 "uptime_s": int(time.time() - self.started_at),
             }
@@ -545,12 +555,6 @@ class CacheStore:
     def _reap_loop(self) -> None:
         while not self._stop.wait(self.config.reap_interval_s):
             self.reap()
-
-
-def _tenant(tenant: str) -> str:
-    if len(tenant) > MAX_TENANT_CHARS:
-        raise InvalidArgument(f"tenant is {len(tenant)} chars, at most {MAX_TENANT_CHARS}")
-    return tenant or DEFAULT_TENANT
 
 
 MAX_SELECTIONS = 64

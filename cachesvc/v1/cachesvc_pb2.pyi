@@ -655,3 +655,171 @@ class ListProfilesResponse(_message.Message):
     PROFILES_FIELD_NUMBER: _ClassVar[int]
     profiles: _containers.RepeatedCompositeFieldContainer[ProfileInfo]
     def __init__(self, profiles: _Optional[_Iterable[_Union[ProfileInfo, _Mapping]]] = ...) -> None: ...
+
+class SegmentSource(_message.Message):
+    __slots__ = ("producer", "chunk_hashes", "offset", "length", "prefix_tokens")
+    PRODUCER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_HASHES_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    producer: str
+    chunk_hashes: _containers.RepeatedScalarFieldContainer[bytes]
+    offset: int
+    length: int
+    prefix_tokens: bytes
+    def __init__(self, producer: _Optional[str] = ..., chunk_hashes: _Optional[_Iterable[bytes]] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., prefix_tokens: _Optional[bytes] = ...) -> None: ...
+
+class PutSegmentRequest(_message.Message):
+    __slots__ = ("tenant", "family_id", "segment_key", "source")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    FAMILY_ID_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_KEY_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    family_id: str
+    segment_key: bytes
+    source: SegmentSource
+    def __init__(self, tenant: _Optional[str] = ..., family_id: _Optional[str] = ..., segment_key: _Optional[bytes] = ..., source: _Optional[_Union[SegmentSource, _Mapping]] = ...) -> None: ...
+
+class PutSegmentResponse(_message.Message):
+    __slots__ = ("sources",)
+    SOURCES_FIELD_NUMBER: _ClassVar[int]
+    sources: int
+    def __init__(self, sources: _Optional[int] = ...) -> None: ...
+
+class FindSegmentsRequest(_message.Message):
+    __slots__ = ("tenant", "family_id", "segment_keys", "max_sources")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    FAMILY_ID_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_KEYS_FIELD_NUMBER: _ClassVar[int]
+    MAX_SOURCES_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    family_id: str
+    segment_keys: _containers.RepeatedScalarFieldContainer[bytes]
+    max_sources: int
+    def __init__(self, tenant: _Optional[str] = ..., family_id: _Optional[str] = ..., segment_keys: _Optional[_Iterable[bytes]] = ..., max_sources: _Optional[int] = ...) -> None: ...
+
+class SegmentSources(_message.Message):
+    __slots__ = ("segment_key", "sources")
+    SEGMENT_KEY_FIELD_NUMBER: _ClassVar[int]
+    SOURCES_FIELD_NUMBER: _ClassVar[int]
+    segment_key: bytes
+    sources: _containers.RepeatedCompositeFieldContainer[SegmentSource]
+    def __init__(self, segment_key: _Optional[bytes] = ..., sources: _Optional[_Iterable[_Union[SegmentSource, _Mapping]]] = ...) -> None: ...
+
+class FindSegmentsResponse(_message.Message):
+    __slots__ = ("segments",)
+    SEGMENTS_FIELD_NUMBER: _ClassVar[int]
+    segments: _containers.RepeatedCompositeFieldContainer[SegmentSources]
+    def __init__(self, segments: _Optional[_Iterable[_Union[SegmentSources, _Mapping]]] = ...) -> None: ...
+
+class AnchorDelta(_message.Message):
+    __slots__ = ("agent", "producer", "placeholder_hashes", "following_hashes", "following_length", "size_bytes")
+    AGENT_FIELD_NUMBER: _ClassVar[int]
+    PRODUCER_FIELD_NUMBER: _ClassVar[int]
+    PLACEHOLDER_HASHES_FIELD_NUMBER: _ClassVar[int]
+    FOLLOWING_HASHES_FIELD_NUMBER: _ClassVar[int]
+    FOLLOWING_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    agent: str
+    producer: str
+    placeholder_hashes: _containers.RepeatedScalarFieldContainer[bytes]
+    following_hashes: _containers.RepeatedScalarFieldContainer[bytes]
+    following_length: int
+    size_bytes: int
+    def __init__(self, agent: _Optional[str] = ..., producer: _Optional[str] = ..., placeholder_hashes: _Optional[_Iterable[bytes]] = ..., following_hashes: _Optional[_Iterable[bytes]] = ..., following_length: _Optional[int] = ..., size_bytes: _Optional[int] = ...) -> None: ...
+
+class AnchorInfo(_message.Message):
+    __slots__ = ("segment_key", "length", "base", "deltas", "activations", "admitted_seq", "size_bytes")
+    SEGMENT_KEY_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    BASE_FIELD_NUMBER: _ClassVar[int]
+    DELTAS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATIONS_FIELD_NUMBER: _ClassVar[int]
+    ADMITTED_SEQ_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    segment_key: bytes
+    length: int
+    base: SegmentSource
+    deltas: _containers.RepeatedCompositeFieldContainer[AnchorDelta]
+    activations: int
+    admitted_seq: int
+    size_bytes: int
+    def __init__(self, segment_key: _Optional[bytes] = ..., length: _Optional[int] = ..., base: _Optional[_Union[SegmentSource, _Mapping]] = ..., deltas: _Optional[_Iterable[_Union[AnchorDelta, _Mapping]]] = ..., activations: _Optional[int] = ..., admitted_seq: _Optional[int] = ..., size_bytes: _Optional[int] = ...) -> None: ...
+
+class AdmitAnchorRequest(_message.Message):
+    __slots__ = ("tenant", "family_id", "placeholder", "anchor")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    FAMILY_ID_FIELD_NUMBER: _ClassVar[int]
+    PLACEHOLDER_FIELD_NUMBER: _ClassVar[int]
+    ANCHOR_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    family_id: str
+    placeholder: str
+    anchor: AnchorInfo
+    def __init__(self, tenant: _Optional[str] = ..., family_id: _Optional[str] = ..., placeholder: _Optional[str] = ..., anchor: _Optional[_Union[AnchorInfo, _Mapping]] = ...) -> None: ...
+
+class AdmitAnchorResponse(_message.Message):
+    __slots__ = ("admitted", "evicted")
+    ADMITTED_FIELD_NUMBER: _ClassVar[int]
+    EVICTED_FIELD_NUMBER: _ClassVar[int]
+    admitted: bool
+    evicted: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, admitted: _Optional[bool] = ..., evicted: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class RecordAnchorRequest(_message.Message):
+    __slots__ = ("tenant", "family_id", "placeholder", "segment_key", "delta")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    FAMILY_ID_FIELD_NUMBER: _ClassVar[int]
+    PLACEHOLDER_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_KEY_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    family_id: str
+    placeholder: str
+    segment_key: bytes
+    delta: AnchorDelta
+    def __init__(self, tenant: _Optional[str] = ..., family_id: _Optional[str] = ..., placeholder: _Optional[str] = ..., segment_key: _Optional[bytes] = ..., delta: _Optional[_Union[AnchorDelta, _Mapping]] = ...) -> None: ...
+
+class RecordAnchorResponse(_message.Message):
+    __slots__ = ("evicted",)
+    EVICTED_FIELD_NUMBER: _ClassVar[int]
+    evicted: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, evicted: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class FindAnchorsRequest(_message.Message):
+    __slots__ = ("tenant", "family_id", "placeholder", "min_length")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    FAMILY_ID_FIELD_NUMBER: _ClassVar[int]
+    PLACEHOLDER_FIELD_NUMBER: _ClassVar[int]
+    MIN_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    family_id: str
+    placeholder: str
+    min_length: int
+    def __init__(self, tenant: _Optional[str] = ..., family_id: _Optional[str] = ..., placeholder: _Optional[str] = ..., min_length: _Optional[int] = ...) -> None: ...
+
+class FindAnchorsResponse(_message.Message):
+    __slots__ = ("anchors",)
+    ANCHORS_FIELD_NUMBER: _ClassVar[int]
+    anchors: _containers.RepeatedCompositeFieldContainer[AnchorInfo]
+    def __init__(self, anchors: _Optional[_Iterable[_Union[AnchorInfo, _Mapping]]] = ...) -> None: ...
+
+class ActivateAnchorsRequest(_message.Message):
+    __slots__ = ("tenant", "family_id", "placeholder", "segment_keys")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    FAMILY_ID_FIELD_NUMBER: _ClassVar[int]
+    PLACEHOLDER_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_KEYS_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    family_id: str
+    placeholder: str
+    segment_keys: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, tenant: _Optional[str] = ..., family_id: _Optional[str] = ..., placeholder: _Optional[str] = ..., segment_keys: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class ActivateAnchorsResponse(_message.Message):
+    __slots__ = ("activated",)
+    ACTIVATED_FIELD_NUMBER: _ClassVar[int]
+    activated: int
+    def __init__(self, activated: _Optional[int] = ...) -> None: ...

@@ -131,6 +131,36 @@ class CacheServiceStub:
                 request_serializer=cachesvc_dot_v1_dot_cachesvc__pb2.ListNodesRequest.SerializeToString,
                 response_deserializer=cachesvc_dot_v1_dot_cachesvc__pb2.ListNodesResponse.FromString,
                 _registered_method=True)
+        self.PutSegment = channel.unary_unary(
+                '/cachesvc.v1.CacheService/PutSegment',
+                request_serializer=cachesvc_dot_v1_dot_cachesvc__pb2.PutSegmentRequest.SerializeToString,
+                response_deserializer=cachesvc_dot_v1_dot_cachesvc__pb2.PutSegmentResponse.FromString,
+                _registered_method=True)
+        self.FindSegments = channel.unary_unary(
+                '/cachesvc.v1.CacheService/FindSegments',
+                request_serializer=cachesvc_dot_v1_dot_cachesvc__pb2.FindSegmentsRequest.SerializeToString,
+                response_deserializer=cachesvc_dot_v1_dot_cachesvc__pb2.FindSegmentsResponse.FromString,
+                _registered_method=True)
+        self.AdmitAnchor = channel.unary_unary(
+                '/cachesvc.v1.CacheService/AdmitAnchor',
+                request_serializer=cachesvc_dot_v1_dot_cachesvc__pb2.AdmitAnchorRequest.SerializeToString,
+                response_deserializer=cachesvc_dot_v1_dot_cachesvc__pb2.AdmitAnchorResponse.FromString,
+                _registered_method=True)
+        self.RecordAnchor = channel.unary_unary(
+                '/cachesvc.v1.CacheService/RecordAnchor',
+                request_serializer=cachesvc_dot_v1_dot_cachesvc__pb2.RecordAnchorRequest.SerializeToString,
+                response_deserializer=cachesvc_dot_v1_dot_cachesvc__pb2.RecordAnchorResponse.FromString,
+                _registered_method=True)
+        self.FindAnchors = channel.unary_unary(
+                '/cachesvc.v1.CacheService/FindAnchors',
+                request_serializer=cachesvc_dot_v1_dot_cachesvc__pb2.FindAnchorsRequest.SerializeToString,
+                response_deserializer=cachesvc_dot_v1_dot_cachesvc__pb2.FindAnchorsResponse.FromString,
+                _registered_method=True)
+        self.ActivateAnchors = channel.unary_unary(
+                '/cachesvc.v1.CacheService/ActivateAnchors',
+                request_serializer=cachesvc_dot_v1_dot_cachesvc__pb2.ActivateAnchorsRequest.SerializeToString,
+                response_deserializer=cachesvc_dot_v1_dot_cachesvc__pb2.ActivateAnchorsResponse.FromString,
+                _registered_method=True)
 
 
 class CacheServiceServicer:
@@ -258,6 +288,44 @@ class CacheServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PutSegment(self, request, context):
+        """Cross-context reuse: segment sources and the anchor pool (per tenant, family and
+        placeholder). Find* need the read role, the others write.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FindSegments(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AdmitAnchor(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RecordAnchor(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FindAnchors(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ActivateAnchors(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CacheServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -355,6 +423,36 @@ def add_CacheServiceServicer_to_server(servicer, server):
                     servicer.ListNodes,
                     request_deserializer=cachesvc_dot_v1_dot_cachesvc__pb2.ListNodesRequest.FromString,
                     response_serializer=cachesvc_dot_v1_dot_cachesvc__pb2.ListNodesResponse.SerializeToString,
+            ),
+            'PutSegment': grpc.unary_unary_rpc_method_handler(
+                    servicer.PutSegment,
+                    request_deserializer=cachesvc_dot_v1_dot_cachesvc__pb2.PutSegmentRequest.FromString,
+                    response_serializer=cachesvc_dot_v1_dot_cachesvc__pb2.PutSegmentResponse.SerializeToString,
+            ),
+            'FindSegments': grpc.unary_unary_rpc_method_handler(
+                    servicer.FindSegments,
+                    request_deserializer=cachesvc_dot_v1_dot_cachesvc__pb2.FindSegmentsRequest.FromString,
+                    response_serializer=cachesvc_dot_v1_dot_cachesvc__pb2.FindSegmentsResponse.SerializeToString,
+            ),
+            'AdmitAnchor': grpc.unary_unary_rpc_method_handler(
+                    servicer.AdmitAnchor,
+                    request_deserializer=cachesvc_dot_v1_dot_cachesvc__pb2.AdmitAnchorRequest.FromString,
+                    response_serializer=cachesvc_dot_v1_dot_cachesvc__pb2.AdmitAnchorResponse.SerializeToString,
+            ),
+            'RecordAnchor': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordAnchor,
+                    request_deserializer=cachesvc_dot_v1_dot_cachesvc__pb2.RecordAnchorRequest.FromString,
+                    response_serializer=cachesvc_dot_v1_dot_cachesvc__pb2.RecordAnchorResponse.SerializeToString,
+            ),
+            'FindAnchors': grpc.unary_unary_rpc_method_handler(
+                    servicer.FindAnchors,
+                    request_deserializer=cachesvc_dot_v1_dot_cachesvc__pb2.FindAnchorsRequest.FromString,
+                    response_serializer=cachesvc_dot_v1_dot_cachesvc__pb2.FindAnchorsResponse.SerializeToString,
+            ),
+            'ActivateAnchors': grpc.unary_unary_rpc_method_handler(
+                    servicer.ActivateAnchors,
+                    request_deserializer=cachesvc_dot_v1_dot_cachesvc__pb2.ActivateAnchorsRequest.FromString,
+                    response_serializer=cachesvc_dot_v1_dot_cachesvc__pb2.ActivateAnchorsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -872,6 +970,168 @@ class CacheService:
             '/cachesvc.v1.CacheService/ListNodes',
             cachesvc_dot_v1_dot_cachesvc__pb2.ListNodesRequest.SerializeToString,
             cachesvc_dot_v1_dot_cachesvc__pb2.ListNodesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutSegment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cachesvc.v1.CacheService/PutSegment',
+            cachesvc_dot_v1_dot_cachesvc__pb2.PutSegmentRequest.SerializeToString,
+            cachesvc_dot_v1_dot_cachesvc__pb2.PutSegmentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FindSegments(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cachesvc.v1.CacheService/FindSegments',
+            cachesvc_dot_v1_dot_cachesvc__pb2.FindSegmentsRequest.SerializeToString,
+            cachesvc_dot_v1_dot_cachesvc__pb2.FindSegmentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AdmitAnchor(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cachesvc.v1.CacheService/AdmitAnchor',
+            cachesvc_dot_v1_dot_cachesvc__pb2.AdmitAnchorRequest.SerializeToString,
+            cachesvc_dot_v1_dot_cachesvc__pb2.AdmitAnchorResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordAnchor(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cachesvc.v1.CacheService/RecordAnchor',
+            cachesvc_dot_v1_dot_cachesvc__pb2.RecordAnchorRequest.SerializeToString,
+            cachesvc_dot_v1_dot_cachesvc__pb2.RecordAnchorResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FindAnchors(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cachesvc.v1.CacheService/FindAnchors',
+            cachesvc_dot_v1_dot_cachesvc__pb2.FindAnchorsRequest.SerializeToString,
+            cachesvc_dot_v1_dot_cachesvc__pb2.FindAnchorsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ActivateAnchors(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cachesvc.v1.CacheService/ActivateAnchors',
+            cachesvc_dot_v1_dot_cachesvc__pb2.ActivateAnchorsRequest.SerializeToString,
+            cachesvc_dot_v1_dot_cachesvc__pb2.ActivateAnchorsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -39,6 +39,7 @@ DEFAULT_TENANT = "default"
 _FAMILY_DOMAIN = b"cachesvc-family-v1\x00"
 _CHAIN_DOMAIN = b"cachesvc-chain-v1\x00"
 _ENTRY_DOMAIN = b"cachesvc-entry-v1\x00"
+_SEGMENT_DOMAIN = b"cachesvc-segment-v1\x00"
 _MODEL_ID_RE = re.compile(r"^[A-Za-z0-9._:/@+\-]{1,128}$")
 _HEX_RE = re.compile(r"^[0-9a-fA-F]{8,128}$")
 _U32 = struct.Struct("<I")
@@ -248,6 +249,20 @@ def tail_hashes(parent: bytes, tokens: Sequence[int], extras: bytes = b"") -> li
     tail = _lp(extras)
     return [ChunkHash(hashlib.sha256(parent + _U32.pack(size) + packed[:4 * size] + tail).digest())
             for size in range(n, 0, -1)]
+
+
+def segment_key(tokens: Sequence[int], family: FamilyId, *, tenant: str = DEFAULT_TENANT,
+                extra_keys: Sequence[str | bytes] = ()) -> bytes:
+    """The content key of a segment (cross-context reuse): its tokens, family, tenant and
+    extra keys, wherever it sits in a prompt. 32 bytes, like a chunk hash, but in its own
+    domain, so it never equals one."""
+    try:
+        packed = struct.pack(f"<{len(tokens)}I", *tokens)
+    except struct.error as exc:
+        raise ValueError(f"token ids must be integers in 0..2**32-1: {exc}") from None
+    return hashlib.sha256(_SEGMENT_DOMAIN + _lp((tenant or DEFAULT_TENANT).encode("utf-8")) +
+                          _lp(family.encode("ascii")) + _lp(packed) +
+                          _lp(encode_extra_keys(extra_keys))).digest()
 
 
 def entry_id(tenant: str, family: FamilyId, chunk_hash: bytes, producer: str,

@@ -14,9 +14,11 @@ from cachesvc_client.errors import (CacheServiceError, DeadlineExceededError,
                                     PermissionDeniedError, ResourceExhaustedError, UnauthenticatedError,
                                     UnavailableError)
 from cachesvc_client.local import ArenaReader
+from cachesvc.wire.segments import AnchorDelta, AnchorInfo, SegmentSource
 from cachesvc_client.options import ClientOptions, RetryPolicy
 
 __all__ = [
+    "AnchorDelta", "AnchorInfo", "SegmentSource",
     "ArenaReader", "AsyncCacheClient", "CacheClient", "ClientOptions", "RetryPolicy", "ChunkHash", "DType", "EntryId", "FamilyId",
     "FamilySpec", "Kind", "ModelId", "NO_FAMILY", "NO_MODEL", "Tier",
     "EntryData", "Hit", "HitEntry", "Layout", "Location", "LookupResult", "Missing", "PutResult", "Registered",

@@ -11,10 +11,13 @@ from typing import Any
 
 import grpc
 
-from cachesvc.wire.keys import NO_FAMILY, NO_MODEL, ChunkHash, FamilyId, FamilySpec, Kind, ModelId, chunk_hashes
+from cachesvc.wire.keys import (NO_FAMILY, NO_MODEL, ChunkHash, FamilyId, FamilySpec, Kind, ModelId, chunk_hashes,
+                                segment_key)
 from cachesvc.v1 import cachesvc_pb2 as pb
 from cachesvc.v1 import cachesvc_pb2_grpc as pb_grpc
-from cachesvc.wire.convert import family_from_proto, family_to_proto
+from cachesvc.wire.convert import (anchor_from_proto, delta_to_proto, family_from_proto, family_to_proto,
+                                   source_from_proto, source_to_proto)
+from cachesvc.wire.segments import AnchorDelta, AnchorInfo, SegmentSource
 from cachesvc_client.codec import (EntryData, Hit, HitEntry, LookupResult, PutResult, Registered,
                                    NodeInfo, SelectionAssembler, SlabAssembler, Slabs, StoredEntry, StoredProfile, bulk_methods,
                                    entries_from_proto, entry_columns, lookup_from_proto, plan_put, write_chunks)
@@ -160,6 +163,61 @@ class CacheClient:
         ``version``, only if that version is still the current one; True if applied."""
         request = pb.FlagProfileRequest(producer=producer, consumer=consumer, version=version, reason=reason)
         return self._call(self._stub.FlagProfile, request).applied
+
+    # ------------------------------------------------------------ cross-context reuse
+
+    def segment_key(self, tokens: Sequence[int], family_id: FamilyId, *, tenant: str = "",
+                    extra_keys: Sequence[str | bytes] = ()) -> bytes:
+        """The content key of a segment (wire.keys.segment_key) in this client's tenant."""
+        return segment_key(tokens, FamilyId(family_id), tenant=tenant or self.options.tenant, extra_keys=extra_keys)
+
+    def put_segment(self, family_id: FamilyId, key: bytes, source: SegmentSource, tenant: str = "") -> int:
+        """Register a span of a stored chain as a source of segment ``key`` (no copy);
+        how many sources the segment has. FailedPrecondition if the chain is not stored."""
+        req = pb.PutSegmentRequest(tenant=tenant or self.options.tenant, family_id=family_id, segment_key=key,
+                                   source=source_to_proto(source))
+        return self._call(self._stub.PutSegment, req).sources
+
+    def find_segments(self, family_id: FamilyId, keys: Sequence[bytes], max_sources: int = 0,
+                      tenant: str = "") -> list[list[SegmentSource]]:
+        """Each key's live sources, newest first (empty where none)."""
+        req = pb.FindSegmentsRequest(tenant=tenant or self.options.tenant, family_id=family_id,
+                                     segment_keys=list(keys), max_sources=max_sources)
+        return [[source_from_proto(s) for s in seg.sources]
+                for seg in self._call(self._stub.FindSegments, req).segments]
+
+    def admit_anchor(self, family_id: FamilyId, placeholder: str, key: bytes, base: SegmentSource,
+                     tenant: str = "") -> tuple[bool, list[bytes]]:
+        """Make content ``key`` (base K/V at ``base``) an anchor of the placeholder's pool:
+        (admitted, segment keys evicted for it)."""
+        anchor = pb.AnchorInfo(segment_key=key, length=base.length, base=source_to_proto(base))
+        resp = self._call(self._stub.AdmitAnchor, pb.AdmitAnchorRequest(
+            tenant=tenant or self.options.tenant, family_id=family_id, placeholder=placeholder, anchor=anchor))
+        return resp.admitted, [bytes(k) for k in resp.evicted]
+
+    def record_anchor(self, family_id: FamilyId, placeholder: str, key: bytes, delta: AnchorDelta,
+                      tenant: str = "") -> list[bytes]:
+        """Record an agent's offsets for anchor ``key`` (their entries put first); the
+        anchors evicted to stay in the pool's byte budget."""
+        resp = self._call(self._stub.RecordAnchor, pb.RecordAnchorRequest(
+            tenant=tenant or self.options.tenant, family_id=family_id, placeholder=placeholder, segment_key=key,
+            delta=delta_to_proto(delta)))
+        return [bytes(k) for k in resp.evicted]
+
+    def find_anchors(self, family_id: FamilyId, placeholder: str, min_length: int = 0,
+                     tenant: str = "") -> list[AnchorInfo]:
+        """The placeholder's live anchors at least ``min_length`` tokens long, oldest first."""
+        resp = self._call(self._stub.FindAnchors, pb.FindAnchorsRequest(
+            tenant=tenant or self.options.tenant, family_id=family_id, placeholder=placeholder,
+            min_length=min_length))
+        return [anchor_from_proto(a) for a in resp.anchors]
+
+    def activate_anchors(self, family_id: FamilyId, placeholder: str, keys: Sequence[bytes],
+                         tenant: str = "") -> int:
+        """Count one use of each anchor an estimate leaned on (eviction keeps the used ones)."""
+        return self._call(self._stub.ActivateAnchors, pb.ActivateAnchorsRequest(
+            tenant=tenant or self.options.tenant, family_id=family_id, placeholder=placeholder,
+            segment_keys=list(keys))).activated
 
     def chunk_size(self) -> int:
         if self._chunk_size is None:

@@ -1,0 +1,212 @@
+"""Cross-context reuse in the store: the segment index and the anchor pools, checked against
+the committed entries they refer to (docs/agents.md).
+
+The store owns the lock and hands it here with its catalog; every change happens under it,
+and the journals are written after it is released, as the registries do. Rules:
+
+- a segment source is accepted only when every chunk of its chain is committed for its
+  producer, the producer is a model of the family, and the chain holds the span; a find
+  drops the sources that no longer hold;
+- an anchor's base is a source (checked the same way); a delta's chains must be committed
+  entries of its producer, and their size is what the pool's budget counts; evicted or
+  replaced deltas' entries are deleted; an anchor whose base is gone is dropped on find
+  (a stale anchor is never handed out).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from cachesvc.node.anchors import AnchorPool, Evicted, PoolKey
+from cachesvc.node.catalog import Catalog, EntryRecord
+from cachesvc.node.models import ModelRegistry
+from cachesvc.node.records import tenant_name
+from cachesvc.node.segments import SegmentIndex
+from cachesvc.wire.errors import FailedPrecondition, InvalidArgument
+from cachesvc.wire.keys import CHUNK_HASH_BYTES, check_chunk_hashes
+from cachesvc.wire.segments import MAX_PREFIX_TOKENS, AnchorDelta, AnchorInfo, SegmentSource
+
+MAX_FIND_KEYS = 1024
+
+
+class CrossContext:
+    def __init__(self, lock: threading.Lock, catalog: Catalog, models: ModelRegistry, counters: dict[str, int],
+                 delete: Callable[[str, str, Sequence[bytes], str], int], max_sources: int, pool_bytes: int,
+                 disk_dir: Path | None) -> None:
+        self._lock, self._catalog, self._models, self._counters = lock, catalog, models, counters
+        self._delete = delete   # the store's delete, taken under the lock
+        self.segments = SegmentIndex(max_sources, disk_dir / "segments.jsonl" if disk_dir else None)
+        self.anchors = AnchorPool(pool_bytes, disk_dir / "anchors.json" if disk_dir else None)
+        counters.update(dict.fromkeys(("segment_puts", "segment_finds", "segment_hits", "segment_sources_dropped",
+                                       "anchors_admitted", "anchors_evicted", "anchor_records",
+                                       "anchor_finds", "anchors_stale"), 0))
+
+    # ------------------------------------------------------------ segments
+
+    def put_segment(self, tenant: str, family_id: str, key: bytes, source: SegmentSource) -> int:
+        tenant = tenant_name(tenant)
+        _check_key(key)
+        with self._lock:
+            self._check_source(tenant, family_id, source, "source")
+            count = self.segments.put((tenant, family_id, key), source)
+            self._counters["segment_puts"] += 1
+            return count
+
+    def find_segments(self, tenant: str, family_id: str, keys: Sequence[bytes], limit: int) -> list[list[SegmentSource]]:
+        tenant = tenant_name(tenant)
+        if len(keys) > MAX_FIND_KEYS:
+            raise InvalidArgument(f"{len(keys)} segment keys in one find, at most {MAX_FIND_KEYS}")
+        for key in keys:
+            _check_key(key)
+        with self._lock:
+            self._models.family(family_id)
+            before = self.segments.count
+            found = [self.segments.find((tenant, family_id, bytes(k)),
+                                        lambda s: self._run_of(tenant, family_id, s) is not None, limit)
+                     for k in keys]
+            self._counters["segment_finds"] += 1
+            self._counters["segment_hits"] += sum(1 for f in found if f)
+            self._counters["segment_sources_dropped"] += before - self.segments.count
+            return found
+
+    # ------------------------------------------------------------ anchors
+
+    def admit_anchor(self, tenant: str, family_id: str, placeholder: str, key: bytes, length: int,
+                     base: SegmentSource) -> tuple[bool, list[bytes]]:
+        tenant = tenant_name(tenant)
+        _check_key(key)
+        with self._lock:
+            self._check_source(tenant, family_id, base, "anchor.base")
+            if base.length != length:
+                raise InvalidArgument(f"anchor.length {length} differs from its base's span ({base.length} tokens)")
+            admitted, evicted = self.anchors.admit((tenant, family_id, placeholder), key, length, base)
+            self._drop_entries(evicted)
+            self._counters["anchors_admitted"] += admitted
+            self._counters["anchors_evicted"] += len(evicted)
+        self.anchors.flush()
+        return admitted, [e.segment_key for e in evicted]
+
+    def record_anchor(self, tenant: str, family_id: str, placeholder: str, key: bytes,
+                      delta: AnchorDelta) -> list[bytes]:
+        tenant = tenant_name(tenant)
+        _check_key(key)
+        if not delta.agent or not delta.placeholder_hashes:
+            raise InvalidArgument("an anchor delta needs its agent and the chain of its placeholder offsets")
+        with self._lock:
+            self._check_producer(family_id, delta.producer, "delta.producer")
+            size = 0
+            for what, chain in (("placeholder_hashes", delta.placeholder_hashes),
+                                ("following_hashes", delta.following_hashes)):
+                try:
+                    check_chunk_hashes(chain, f"delta.{what}")
+                except ValueError as exc:
+                    raise InvalidArgument(str(exc)) from None
+                recs = self._chain(tenant, family_id, chain, delta.producer) if chain else []
+                if recs is None:
+                    raise FailedPrecondition(f"delta.{what}: not every chunk is a committed entry of "
+                                             f"{delta.producer!r} (put them first)")
+                size += sum(r.meta.size_bytes for r in recs)
+            measured = AnchorDelta(delta.agent, delta.producer, delta.placeholder_hashes, delta.following_hashes,
+                                   delta.following_length, size)
+            evicted, old = self.anchors.record((tenant, family_id, placeholder), key, measured)
+            if old is not None and old.chains() != measured.chains():
+                evicted.append(Evicted((tenant, family_id, placeholder), key, (old,)))
+            self._drop_entries(evicted)
+            self._counters["anchor_records"] += 1
+            self._counters["anchors_evicted"] += len({e.segment_key for e in evicted} - {key})
+        self.anchors.flush()
+        return [e.segment_key for e in evicted if e.segment_key != key]
+
+    def find_anchors(self, tenant: str, family_id: str, placeholder: str, min_length: int) -> list[AnchorInfo]:
+        tenant = tenant_name(tenant)
+        with self._lock:
+            self._models.family(family_id)
+            pool: PoolKey = (tenant, family_id, placeholder)
+            found = []
+            for anchor in self.anchors.find(pool, min_length):
+                live = self._run_of(tenant, family_id, anchor.base) is not None and all(
+                    self._chain(tenant, family_id, c, d.producer) is not None
+                    for d in anchor.deltas.values() for c in d.chains())
+                if live:
+                    found.append(anchor)
+                    continue
+                dropped = self.anchors.drop(pool, anchor.segment_key)
+                self._drop_entries([dropped] if dropped else [])
+                self._counters["anchors_stale"] += 1
+                self._counters["anchors_evicted"] += 1
+            self._counters["anchor_finds"] += 1
+        self.anchors.flush()
+        return found
+
+    def activate(self, tenant: str, family_id: str, placeholder: str, keys: Sequence[bytes]) -> int:
+        tenant = tenant_name(tenant)
+        with self._lock:
+            n = self.anchors.activate((tenant, family_id, placeholder), [bytes(k) for k in keys])
+        self.anchors.flush()
+        return n
+
+    def gauges(self) -> dict[str, int]:
+        """Under the store lock."""
+        return {"segment_sources": self.segments.count, "anchors": self.anchors.count(),
+                "anchor_pool_bytes": self.anchors.used_bytes}
+
+    def close(self) -> None:
+        self.anchors.flush()
+        self.segments.close()
+
+    # ------------------------------------------------------------ checks (under the lock)
+
+    def _check_producer(self, family_id: str, producer: str, what: str) -> None:
+        family = self._models.family(family_id)   # NotFound for an unknown family
+        model = self._models.get(producer)        # NotFound for an unknown model
+        if model.family_id != family_id:
+            raise FailedPrecondition(f"{what} {producer!r} is of family {model.family_id[:12]}, not "
+                                     f"{family_id[:12]} ({family.architecture}): its K/V cannot be reused here")
+
+    def _check_source(self, tenant: str, family_id: str, source: SegmentSource, what: str) -> None:
+        self._check_producer(family_id, source.producer, f"{what}.producer")
+        try:
+            check_chunk_hashes(source.chunk_hashes, f"{what}.chunk_hashes")
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from None
+        if not source.chunk_hashes or source.length < 1:
+            raise InvalidArgument(f"{what} needs chunk hashes and a length >= 1")
+        if len(source.prefix_tokens) % 4 or len(source.prefix_tokens) > 4 * MAX_PREFIX_TOKENS:
+            raise InvalidArgument(f"{what}.prefix_tokens must be at most {MAX_PREFIX_TOKENS} u32 tokens")
+        recs = self._chain(tenant, family_id, source.chunk_hashes, source.producer)
+        if recs is None:
+            raise FailedPrecondition(f"{what}: not every chunk of its chain is a committed entry of "
+                                     f"{source.producer!r} (put the prompt first)")
+        held = sum(r.meta.num_tokens for r in recs)
+        if source.end > held:
+            raise InvalidArgument(f"{what} spans tokens [{source.offset}, {source.end}) but its chain holds {held}")
+
+    def _chain(self, tenant: str, family_id: str, hashes: Sequence[bytes], producer: str) -> list[EntryRecord] | None:
+        """The producer's newest record of each chunk, or None if one is missing."""
+        by_hash = self._catalog.chunks.get((tenant, family_id), {})
+        out = []
+        for h in hashes:
+            recs = by_hash.get(bytes(h), {}).get(producer)
+            if not recs:
+                return None
+            out.append(recs[-1])
+        return out
+
+    def _run_of(self, tenant: str, family_id: str, source: SegmentSource) -> list[EntryRecord] | None:
+        recs = self._chain(tenant, family_id, source.chunk_hashes, source.producer)
+        return recs if recs is not None and sum(r.meta.num_tokens for r in recs) >= source.end else None
+
+    def _drop_entries(self, evicted: Sequence[Evicted]) -> None:
+        for gone in evicted:
+            tenant, family_id, _ = gone.pool
+            for delta in gone.deltas:
+                for chain in delta.chains():
+                    self._delete(tenant, family_id, chain, delta.producer)
+
+
+def _check_key(key: bytes) -> None:
+    if len(key) != CHUNK_HASH_BYTES:
+        raise InvalidArgument(f"segment_key must be {CHUNK_HASH_BYTES} bytes (wire.keys.segment_key), "
+                              f"got {len(key)}")

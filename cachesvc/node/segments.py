@@ -1,0 +1,156 @@
+"""The segment index: content key -> spans of stored chains that hold the segment's K/V
+(cross-context reuse, docs/agents.md). A source is a reference, never a copy: the bytes
+stay in the entries of the chain it names, under their own eviction.
+
+Part of the store, which owns the lock: every method runs under it. A source is only
+accepted when every chunk of its chain is committed for its producer, and a find drops the
+sources whose chunks have gone since (evicted, deleted, replaced), so a reader never gets a
+span it cannot read whole; it may still lose the race with an eviction after the find, and
+then sees a miss on its fetch, as with any lookup.
+
+The index is bounded (``max_sources``, least recently used out first) and, with the disk
+tier, journaled to ``segments.jsonl`` (one line per change; compacted on start), so sources
+come back with the entries they point at after a restart.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from cachesvc.wire.segments import SegmentSource
+
+log = logging.getLogger(__name__)
+
+Key = tuple[str, str, bytes]          # (tenant, family_id, segment_key)
+MAX_SOURCES_PER_SEGMENT = 16          # the newest; enough to pick a nearest prefix from
+
+
+class SegmentIndex:
+    """Invariant: ``count`` is the number of sources over every key; ``_order`` holds each
+    key once, least recently used first."""
+
+    def __init__(self, max_sources: int, journal: Path | None = None) -> None:
+        if max_sources < 1:
+            raise ValueError(f"segment sources bound must be >= 1, got {max_sources}")
+        self.max_sources = max_sources
+        self._order: OrderedDict[Key, list[SegmentSource]] = OrderedDict()
+        self.count = 0
+        self._journal = journal
+        self._fh = None
+        if journal is not None:
+            self._replay(journal)
+
+    # ------------------------------------------------------------ changes
+
+    def put(self, key: Key, source: SegmentSource) -> int:
+        """Add ``source`` (a repeat of a known span only refreshes it); returns how many
+        sources the key has."""
+        sources = self._order.pop(key, [])
+        sources = [s for s in sources if not s.same_span(source)] + [source]
+        self._order[key] = sources[-MAX_SOURCES_PER_SEGMENT:]
+        self._recount()
+        self._write({"op": "put", "key": _key_json(key), "source": _source_json(source)})
+        while self.count > self.max_sources:
+            self._evict_oldest()
+        return len(self._order.get(key, ()))
+
+    def find(self, key: Key, live: Callable[[SegmentSource], bool], limit: int = 0) -> list[SegmentSource]:
+        """The key's live sources, newest first (at most ``limit``; 0: all); dead ones are
+        dropped for good."""
+        sources = self._order.get(key)
+        if not sources:
+            return []
+        alive = [s for s in sources if live(s)]
+        if len(alive) != len(sources):
+            self._set(key, alive)
+        if alive:
+            self._order.move_to_end(key)
+        alive = alive[::-1]
+        return alive[:limit] if limit else alive
+
+    def _set(self, key: Key, sources: list[SegmentSource]) -> None:
+        if sources:
+            self._order[key] = sources
+        else:
+            self._order.pop(key, None)
+        self._recount()
+        self._write({"op": "set", "key": _key_json(key), "sources": [_source_json(s) for s in sources]})
+
+    def _evict_oldest(self) -> None:
+        key, sources = next(iter(self._order.items()))
+        self._set(key, sources[1:])     # its oldest source first
+
+    def _recount(self) -> None:
+        self.count = sum(len(s) for s in self._order.values())
+
+    # ------------------------------------------------------------ journal
+
+    def _write(self, record: dict) -> None:
+        if self._fh is None:
+            return
+        try:
+            self._fh.write(json.dumps(record, separators=(",", ":")) + "\n")
+            self._fh.flush()
+        except OSError as exc:   # the index still serves; sources are lost at the next restart only
+            log.warning("segment journal write failed: %s", exc)
+
+    def _replay(self, path: Path) -> None:
+        if path.exists():
+            for number, line in enumerate(path.read_text().splitlines(), 1):
+                try:
+                    record = json.loads(line)
+                    key = _key_of(record["key"])
+                    if record["op"] == "put":
+                        source = _source_of(record["source"])
+                        sources = [s for s in self._order.pop(key, []) if not s.same_span(source)]
+                        self._order[key] = (sources + [source])[-MAX_SOURCES_PER_SEGMENT:]
+                    else:
+                        self._order.pop(key, None)
+                        if record["sources"]:
+                            self._order[key] = [_source_of(s) for s in record["sources"]]
+                except (ValueError, KeyError, TypeError) as exc:
+                    # A torn last line after a crash: what came before it stands.
+                    log.warning("segment journal %s line %d skipped: %s", path, number, exc)
+        self._recount()
+        while self.count > self.max_sources:     # the bound was lowered since
+            key = next(iter(self._order))
+            rest = self._order.pop(key)[1:]
+            if rest:
+                self._order[key] = rest
+                self._order.move_to_end(key, last=False)
+            self._recount()
+        tmp = path.with_suffix(".tmp")      # compact: one put per live source
+        with tmp.open("w") as fh:
+            for key, sources in self._order.items():
+                for source in sources:
+                    fh.write(json.dumps({"op": "put", "key": _key_json(key), "source": _source_json(source)},
+                                        separators=(",", ":")) + "\n")
+        tmp.replace(path)
+        self._fh = path.open("a")
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+def _key_json(key: Key) -> list:
+    return [key[0], key[1], key[2].hex()]
+
+
+def _key_of(value: Sequence) -> Key:
+    return (str(value[0]), str(value[1]), bytes.fromhex(value[2]))
+
+
+def _source_json(s: SegmentSource) -> dict:
+    return {"producer": s.producer, "chunks": [h.hex() for h in s.chunk_hashes], "offset": s.offset,
+            "length": s.length, "prefix": s.prefix_tokens.hex()}
+
+
+def _source_of(d: dict) -> SegmentSource:
+    return SegmentSource(str(d["producer"]), tuple(bytes.fromhex(h) for h in d["chunks"]), int(d["offset"]),
+                         int(d["length"]), bytes.fromhex(d["prefix"]))
