@@ -158,6 +158,11 @@ class Consumer:
                     f"consumer {self.model_id!r} of family {self.family_id[:12]}: their caches are "
                     f"not shareable (architecture, shapes, RoPE, tokenizer or slab dtype differ)")
 
+    @property
+    def direct(self) -> bool:
+        """Whether hits are read straight out of the node's memory tier (same host)."""
+        return self._direct
+
     def _same_host(self) -> bool:
         """Whether this consumer reaches the node's memory tier over shm."""
         try:

@@ -21,6 +21,7 @@ class AnswerVerifier:
 
     @torch.no_grad()
     def same_answer(self, ids: Sequence[int], producer: ModelId, plan: Plan, max_new_tokens: int) -> bool | None:
+        ids = list(ids)
         pre = self.consumer.prefill_with(ids, producer, plan)
         if pre is None:
             return None

@@ -108,7 +108,9 @@ class DriftGuard:
             if self._rng.random() >= self.options.sample_fraction:
                 return
             self.sampled += 1
-        job = (list(ids), producer, plan, self.options.expected_quality if expected is None else expected,
+        # The prompt goes to the verifier as given: token ids for a plan, an agent prompt
+        # (its parts) for a cross-context strategy (reuse.crosscontext).
+        job = (ids, producer, plan, self.options.expected_quality if expected is None else expected,
                list(ladder))
         if self._pool is not None:
             self._pool.submit(self._check, *job)
@@ -117,7 +119,7 @@ class DriftGuard:
 
     # ----------------------------------------------------------------- the check
 
-    def _check(self, ids: list[int], producer: ModelId, plan: Plan, expected: float, ladder: list[Plan]) -> None:
+    def _check(self, ids: Sequence[int], producer: ModelId, plan: Plan, expected: float, ladder: list[Plan]) -> None:
         same = self.verifier.same_answer(ids, producer, plan, self.options.max_new_tokens)
         if same is None:           # nothing reusable any more: nothing to judge
             return

@@ -1,0 +1,508 @@
+"""Agent prompts that reuse shared segments behind their own prefixes (cross-context reuse;
+docs/agents.md, ALGORITHMS.md's KVCOMM and CacheBlend).
+
+An agent's prompt is a template, P0 ph1 P1 … phm Pm: fixed text (``Part.kind ==
+"template"``) around placeholders holding shared content (the user's question, a peer's
+answer, a retrieved passage). Each part is tokenized on its own, so the same content has the
+same tokens, and so the same content key, in every agent.
+
+:meth:`Agent.prefill` builds the cache of the prompt's first N-1 tokens part by part, as a
+strategy (reuse.segments) says, then ``generate()`` runs the last token and decodes:
+
+- P0 from the agent's own stored prefix (the consumer's prefix reuse, exact);
+- a placeholder's content computed (exact), or its K/V read from a stored span of another
+  context (the nearest prefix, or its position-normalized copy) with keys re-rotated to
+  where it sits here (hf.rope, exact for RoPE); a span stored by another model of the family
+  goes through the pair's plan, its recompute groups starting from the stored E; ``blend``
+  then recomputes the most deviating share of its tokens; ``kvcomm`` corrects the K/V with
+  the anchor pool's offsets (hf.anchored);
+- the following template segment computed against all that, or reused the same way.
+
+Whatever cannot be reused (no source, a source gone or failing its checksum, no plan for a
+producer, a model whose attention is not plain causal) is computed, and the report says why:
+never a wrong cache. :meth:`Agent.publish` stores a prompt (and the answer) and registers
+every part as a segment source, without a second copy.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from cachesvc.wire.keys import Kind
+from cachesvc.wire.segments import SegmentSource, pack_prefix
+from cachesvc_client import CacheServiceError, EntryData
+from cachesvc_connectors.hf.consumer import Consumer, head_major
+from cachesvc_connectors.hf.loader import LoadRequest, open_loader
+from cachesvc_connectors.hf.producer import Producer
+from cachesvc_connectors.hf.rope import Repositioner
+from cachesvc_connectors.hf.selective import deviation, select
+from cachesvc_connectors.reuse import DriftGuard, DriftOptions, Plan, blend_shares
+from cachesvc_connectors.reuse.crosscontext import StrategySelector
+from cachesvc_connectors.reuse.segments import (Action, AnchorOptions, SourceRule, Strategy, choose_source,
+                                                strategy as strategy_named)
+
+BASE_SALT = "cachesvc-segment-base"
+"""Extra key of a segment's position-normalized copy (its own chain, never a prompt's)."""
+
+_SLOT = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+class TemplateMismatchError(ValueError):
+    """A prompt's values do not fill its template's placeholders exactly."""
+
+
+@dataclass(frozen=True, slots=True)
+class Part:
+    kind: str                  # "template" or "placeholder"
+    name: str                  # the placeholder's name, or "P<j>" for template text
+    start: int                 # first token's position in the prompt
+    tokens: tuple[int, ...]
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.tokens)
+
+
+@dataclass(frozen=True, slots=True)
+class AgentPrompt:
+    """A filled template. Invariant: parts are contiguous from position 0."""
+
+    template: str
+    parts: tuple[Part, ...]
+
+    @property
+    def ids(self) -> list[int]:
+        return [t for p in self.parts for t in p.tokens]
+
+    def __len__(self) -> int:
+        return self.parts[-1].end if self.parts else 0
+
+
+class AgentTemplate:
+    """``P0 {ph1} P1 … {phm} Pm``: text with ``{name}`` placeholders."""
+
+    def __init__(self, name: str, pieces: Sequence[tuple[str, str]]) -> None:
+        self.name = name
+        self.pieces = list(pieces)          # ("template", text) or ("placeholder", name)
+        self.placeholders = [n for kind, n in self.pieces if kind == "placeholder"]
+        if len(set(self.placeholders)) != len(self.placeholders):
+            raise TemplateMismatchError(f"template {name!r} repeats a placeholder: {self.placeholders}")
+
+    @classmethod
+    def from_text(cls, name: str, text: str) -> AgentTemplate:
+        pieces, at = [], 0
+        for m in _SLOT.finditer(text):
+            pieces.append(("template", text[at:m.start()]))
+            pieces.append(("placeholder", m.group(1)))
+            at = m.end()
+        pieces.append(("template", text[at:]))
+        return cls(name, pieces)
+
+    def fill(self, tokenizer, values: Mapping[str, str | Sequence[int]]) -> AgentPrompt:
+        """Tokenize each part on its own; ``values`` maps every placeholder to text or
+        token ids (and nothing else)."""
+        missing = [n for n in self.placeholders if n not in values]
+        extra = sorted(set(values) - set(self.placeholders))
+        if missing or extra:
+            raise TemplateMismatchError(f"template {self.name!r} has placeholders {self.placeholders}; "
+                                        f"missing {missing}, unknown {extra}")
+        parts, at, j = [], 0, 0
+        for kind, piece in self.pieces:
+            if kind == "template":
+                tokens = tuple(tokenizer(piece, add_special_tokens=False)["input_ids"]) if piece else ()
+                name, j = f"P{j}", j + 1
+            else:
+                value = values[piece]
+                tokens = tuple(tokenizer(value, add_special_tokens=False)["input_ids"]) if isinstance(value, str) \
+                    else tuple(int(t) for t in value)
+                if not tokens:
+                    raise TemplateMismatchError(f"placeholder {piece!r} of {self.name!r} is empty")
+                name = piece
+            if tokens or kind == "placeholder":
+                parts.append(Part(kind, name, at, tokens))
+                at += len(tokens)
+        return AgentPrompt(self.name, tuple(parts))
+
+
+@dataclass
+class PartReport:
+    name: str
+    action: str                # what was done: compute, reuse, blend, anchor
+    tokens: int
+    reused_tokens: int = 0
+    source: str = ""           # producer@offset of the span read
+    shift: int = 0             # positions its keys moved
+    plan: str = ""             # the pair's plan, for another model's span
+    why: str = ""              # why less was reused than the strategy asked
+
+
+@dataclass
+class AgentReport:
+    strategy: str
+    prompt_tokens: int
+    reused_tokens: int = 0     # tokens whose K/V were read, not computed (the last one never is)
+    prefix_tokens: int = 0     # of them, the agent's own stored prefix
+    prefill_s: float = 0.0
+    chose: str = ""            # the planner's reason, with strategy "auto"
+    parts: list[PartReport] = field(default_factory=list)
+
+    @property
+    def reuse_token_rate(self) -> float:
+        return self.reused_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
+    @property
+    def fallback(self) -> str:
+        return "; ".join(f"{p.name}: {p.why}" for p in self.parts if p.why)
+
+
+@dataclass
+class AgentPrefill:
+    cache: DynamicCache        # the first N-1 prompt tokens
+    report: AgentReport
+
+
+@dataclass
+class _Span:
+    """A segment's K/V read from a source: ``keys``/``values`` per layer [tokens, heads, dim]
+    at the source's positions, or E entering a recompute group."""
+
+    source: SegmentSource
+    kv: dict[tuple[Kind, int], torch.Tensor]
+    plan: Plan
+
+
+class Agent:
+    """One agent of a pipeline: its model (``consumer`` and ``producer`` of the same model),
+    its name (the templates' and the anchor pool's), and how it picks strategies."""
+
+    def __init__(self, name: str, consumer: Consumer, producer: Producer,
+                 selector: StrategySelector | None = None, anchors: AnchorOptions | None = None) -> None:
+        if producer.model_id != consumer.model_id:
+            raise ValueError(f"an agent's producer and consumer are one model: {producer.model_id!r} "
+                             f"vs {consumer.model_id!r}")
+        self.name, self.consumer, self.producer = name, consumer, producer
+        self.client, self.stack, self.model_id = consumer.client, consumer.stack, consumer.model_id
+        self.family_id, self.family = consumer.family_id, consumer.registration.family
+        self.selector = selector
+        self.anchor_options = anchors or AnchorOptions()
+        self._why_not = self._unsupported()
+        self.rope = Repositioner(self.stack) if not self._why_not else None
+        self._anchored = None
+
+    def _unsupported(self) -> str:
+        """Why this model cannot take spans from other contexts ('' when it can)."""
+        if any(self.stack.window(layer) for layer in range(self.stack.num_layers)):
+            return "sliding-window layers keep only part of the context: spans are computed"
+        try:
+            Repositioner(self.stack)
+        except TypeError as exc:
+            return str(exc)
+        return ""
+
+    # ------------------------------------------------------------------ publishing
+
+    @torch.no_grad()
+    def publish(self, prompt: AgentPrompt, answer: Sequence[int] = ()) -> SegmentSource | None:
+        """Store the prompt (and ``answer`` after it) and register every part, and the
+        answer, as a segment source: other agents reuse them by content. Returns the
+        answer's source (None without one)."""
+        ids = prompt.ids + [int(t) for t in answer]
+        self.producer.store(ids)
+        hashes = self.client.hash_tokens(ids, self.family_id, include_partial=True)
+        spans = [(p.tokens, p.start) for p in prompt.parts]
+        if answer:
+            spans.append((tuple(int(t) for t in answer), len(prompt)))
+        found = None
+        for tokens, start in spans:
+            source = self._source(hashes, start, len(tokens), ids[:start])
+            try:
+                self.client.put_segment(self.family_id, self.client.segment_key(tokens, self.family_id), source)
+            except CacheServiceError:
+                continue   # that chunk was evicted already: nothing to register
+            found = source
+        return found if answer else None
+
+    def _source(self, hashes: Sequence[bytes], start: int, length: int, prefix: Sequence[int]) -> SegmentSource:
+        chunk = self.client.chunk_size()
+        return SegmentSource(self.model_id, tuple(hashes[:math.ceil((start + length) / chunk)]), start, length,
+                             pack_prefix(prefix))
+
+    def put_base(self, tokens: Sequence[int], kv: Mapping[tuple[Kind, int], torch.Tensor]) -> SegmentSource:
+        """Store ``tokens``' K/V position-normalized (keys as if they started at position 0)
+        as their own chain, and register it as the segment's BASE source."""
+        chain = self.client.hash_tokens(list(tokens), self.family_id, extra_keys=(BASE_SALT,), include_partial=True)
+        self._put_chain(chain, kv, len(tokens))
+        source = SegmentSource(self.model_id, tuple(chain), 0, len(tokens))
+        self.client.put_segment(self.family_id, self.client.segment_key(list(tokens), self.family_id), source)
+        return source
+
+    def _put_chain(self, chain: Sequence[bytes], kv: Mapping[tuple[Kind, int], torch.Tensor], n: int) -> None:
+        chunk, dtype = self.client.chunk_size(), self.family.dtype.to_torch()
+        host = {key: t.to(dtype).contiguous().cpu() for key, t in kv.items()}
+        self.client.put(self.family_id, self.model_id, [
+            EntryData(h, {key: t[i * chunk:min((i + 1) * chunk, n)] for key, t in host.items()})
+            for i, h in enumerate(chain)])
+
+    # ------------------------------------------------------------------ choosing
+
+    def choose(self, prompt: AgentPrompt) -> tuple[Strategy, str]:
+        if self.selector is None:
+            return strategy_named("prefix_only"), "no selector: the agent's own prefix only"
+        chosen = self.selector.choose(prompt.template)
+        return strategy_named(chosen.strategy), chosen.why
+
+    # ------------------------------------------------------------------ prefill
+
+    @torch.no_grad()
+    def prefill(self, prompt: AgentPrompt, strategy: str | Strategy = "auto") -> AgentPrefill:
+        """The cache of the prompt's first N-1 tokens, built as ``strategy`` says (a name,
+        ``blend@R``, or "auto": the selector's choice)."""
+        t0 = time.perf_counter()
+        ids = prompt.ids
+        if len(ids) < 2:
+            raise ValueError("a prompt needs at least 2 tokens")
+        chose = ""
+        if strategy == "auto":
+            strategy, chose = self.choose(prompt)
+        elif isinstance(strategy, str):
+            strategy = strategy_named(strategy)
+        report = AgentReport(strategy.name, len(ids), chose=chose)
+        if not strategy.prefix_cache:
+            cache = self._dense(ids[:-1])
+        elif strategy.exact:
+            pre = self.consumer.prefill(ids)
+            cache, report.reused_tokens = pre.cache, pre.report.reused_tokens
+            report.prefix_tokens = report.reused_tokens
+        else:
+            cache = self._assemble(prompt, strategy, report)
+        report.prefill_s = time.perf_counter() - t0
+        return AgentPrefill(cache, report)
+
+    def _dense(self, ids: Sequence[int]) -> DynamicCache:
+        cache = self.stack.new_cache()
+        self.consumer.model.model(input_ids=self.stack.ids(ids), past_key_values=cache, use_cache=True)
+        return cache
+
+    def _assemble(self, prompt: AgentPrompt, strategy: Strategy, report: AgentReport) -> DynamicCache:
+        ids, parts = prompt.ids, prompt.parts
+        last = len(ids) - 1                        # the cache holds tokens [0, last)
+        first = next((i for i, p in enumerate(parts) if p.kind == "placeholder"), len(parts))
+        head = parts[first].start if first < len(parts) else last
+        head = min(head, last)
+        cache = self._head(ids, parts[0], head, report) if head >= 1 else self.stack.new_cache()
+        i = first
+        while i < len(parts) and parts[i].start < last:
+            part = parts[i]
+            if part.kind == "placeholder" and strategy.placeholder == Action.ANCHOR and not self._why_not:
+                following = parts[i + 1] if i + 1 < len(parts) else None
+                self._anchor_path().run(cache, prompt, part, following, last, report)
+                i += 2 if following is not None else 1
+                continue
+            action = strategy.placeholder if part.kind == "placeholder" else strategy.following
+            if action == Action.ANCHOR:        # a model the anchor path cannot serve
+                action = Action.COMPUTE
+            self._part(cache, ids, part, min(part.end, last), action, strategy, report)
+            i += 1
+        return cache
+
+    def _head(self, ids: list[int], p0: Part, head: int, report: AgentReport) -> DynamicCache:
+        """The tokens before the first placeholder: P0 read whole from a stored prompt of
+        this model that starts with it (exact: nothing precedes it there either), else the
+        consumer's prefix reuse (whole chunks of a stored prefix, the rest computed)."""
+        if p0.kind == "template" and p0.end == head and not self._why_not:
+            key = self.client.segment_key(list(p0.tokens), self.family_id)
+            try:
+                [sources] = self.client.find_segments(self.family_id, [key])
+            except CacheServiceError:
+                sources = []
+            exact = next((s for s in sources if s.offset == 0 and s.producer == self.model_id), None)
+            span = self.load(exact, Plan.full_reuse(self.stack.num_layers)) if exact is not None else None
+            if span is not None:
+                cache = self.stack.new_cache()
+                self._append(cache, span, 0, head)
+                report.prefix_tokens = head
+                report.reused_tokens += head
+                return cache
+        pre = self.consumer.prefill(ids[:head + 1])
+        report.prefix_tokens = pre.report.reused_tokens
+        report.reused_tokens += pre.report.reused_tokens
+        return pre.cache
+
+    def _part(self, cache: DynamicCache, ids: list[int], part: Part, end: int, action: Action,
+              strategy: Strategy, report: AgentReport) -> None:
+        """Append ``part``'s tokens up to ``end`` to ``cache`` as ``action`` says (COMPUTE
+        when a span cannot be read)."""
+        row = PartReport(part.name, Action.COMPUTE.value, end - part.start)
+        report.parts.append(row)
+        if action != Action.COMPUTE:
+            row.why = self._why_not
+            span = None if row.why else self._read(part, ids, strategy.source, row)
+            if span is not None:
+                self._append(cache, span, part.start, end - part.start)
+                row.action, row.reused_tokens = action.value, end - part.start
+                if action == Action.BLEND and strategy.ratio > 0:
+                    row.reused_tokens -= self._blend(cache, ids, part.start, end, strategy.ratio)
+                report.reused_tokens += row.reused_tokens
+                return
+        self.stack.run(self.stack.embed(self.stack.ids(ids[part.start:end])), 0, self.stack.num_layers,
+                       part.start, cache)
+
+    # ------------------------------------------------------------------ reading spans
+
+    def _read(self, part: Part, ids: list[int], rule: SourceRule, row: PartReport) -> _Span | None:
+        """The K/V of ``part``'s tokens from a source the rule picks (None, with
+        ``row.why``, when there is none usable)."""
+        key = self.client.segment_key(list(part.tokens), self.family_id)
+        try:
+            [sources] = self.client.find_segments(self.family_id, [key])
+        except CacheServiceError as exc:
+            row.why = f"segment lookup failed: {exc}"
+            return None
+        source = choose_source(sources, ids[:part.start], rule, prefer=self.model_id)
+        if source is None:
+            row.why = f"no {rule.value} source of its {len(part.tokens)} tokens"
+            return None
+        plan = Plan.full_reuse(self.stack.num_layers)
+        if source.producer != self.model_id:
+            choice = self.consumer.plan_for(source.producer, source.length, len(ids))
+            if choice.plan is None:
+                row.why = f"{source.producer!r} has no plan for {self.model_id!r}: {choice.why}"
+                return None
+            plan = choice.plan
+            row.plan = plan.describe()
+        span = self.load(source, plan)
+        if span is None:
+            row.why = f"the span of {source.producer!r} did not load whole (evicted or failed its checksum)"
+            return None
+        row.source, row.shift = f"{source.producer}@{source.offset}", part.start - source.offset
+        return span
+
+    def load(self, source: SegmentSource, plan: Plan) -> _Span | None:
+        """The source's span, the slabs ``plan`` needs, loaded and verified (only the
+        chunks covering the span); None if any did not arrive whole."""
+        chunk = self.client.chunk_size()
+        lo, hi = source.offset // chunk, math.ceil(source.end / chunk)
+        try:
+            result = self.client.lookup(self.family_id, list(source.chunk_hashes), producers=[source.producer],
+                                        locate=self.consumer.direct)
+        except CacheServiceError:
+            return None
+        hit = next((h for h in result.hits if h.producer == source.producer), None)
+        if hit is None or hit.num_chunks < hi:
+            return None
+        hit = hit[lo:hi]
+        requests = [LoadRequest((Kind.K, Kind.V), a, b) for a, b in plan.reused_ranges()]
+        requests += [LoadRequest((Kind.E,), a, a + 1) for a, _ in plan.groups]
+        loader = open_loader(self.client, self.family, self.family_id, hit, requests, direct=self.consumer.direct,
+                             device=self.stack.device)
+        loader.run()
+        rows = slice(source.offset - lo * chunk, source.end - lo * chunk)
+        kv = {}
+        for r in requests:
+            for kind in r.kinds:
+                for layer in range(r.start, r.stop):
+                    slab = loader.wait(kind, layer)
+                    if slab is None:
+                        return None
+                    kv[(kind, layer)] = slab[rows].clone()   # out of the loader's buffers
+        if loader.join() < hit.num_chunks:
+            return None
+        return _Span(source, kv, plan)
+
+    def _append(self, cache: DynamicCache, span: _Span, start: int, count: int) -> None:
+        """The span's first ``count`` tokens into ``cache`` at positions [start, start+count):
+        reused layers' keys re-rotated by the move (all layers at once), recompute groups
+        run from the stored E over these tokens against the cache's prefix."""
+        dtype, shift = self.stack.dtype, start - span.source.offset
+        reused = [layer for a, b in span.plan.reused_ranges() for layer in range(a, b)]
+        if reused:
+            keys = torch.stack([span.kv[(Kind.K, layer)][:count] for layer in reused])
+            keys = self.rope.shift(keys.to(torch.float32), shift) if shift else keys
+            for i, layer in enumerate(reused):
+                cache.update(head_major(keys[i], dtype), head_major(span.kv[(Kind.V, layer)][:count], dtype), layer)
+        for a, b in span.plan.groups:
+            hidden = span.kv[(Kind.E, a)][:count].to(dtype).unsqueeze(0)
+            self.stack.run(hidden, a, b, start, cache)
+
+    def _blend(self, cache: DynamicCache, ids: list[int], start: int, end: int, ratio: float) -> int:
+        """CacheBlend over the reused tokens [start, end) of ``cache``: layer 0 recomputed
+        for all of them, then the ``2·ratio`` and ``ratio`` most deviating through the
+        layers after it (rows overwritten in place). Returns how many were recomputed
+        through every layer."""
+        stack, n = self.stack, end - start
+        positions = torch.arange(start, end, device=stack.device)
+        hidden = stack.embed(stack.ids(ids[start:end]))
+        keep = [math.ceil(share * n) for share in blend_shares(ratio)]
+        for layer in range(stack.num_layers):
+            keys, values = cache.layers[layer].keys, cache.layers[layer].values
+            old_k, old_v = keys[:, :, positions].clone(), values[:, :, positions].clone()
+            hidden = stack.run_at(hidden, layer, positions, keys, values)
+            if layer < len(keep):
+                scores = deviation(keys[:, :, positions], values[:, :, positions], old_k, old_v)
+                chosen = select(positions, scores, end, keep[layer])
+                positions, hidden = positions[chosen], hidden[:, chosen]
+        return len(positions)
+
+    def _anchor_path(self):
+        if self._anchored is None:
+            from cachesvc_connectors.hf.anchored import AnchorPath
+            self._anchored = AnchorPath(self)
+        return self._anchored
+
+    def watch(self, options: DriftOptions | None = None) -> DriftGuard:
+        """Let a drift guard sample this agent's planned strategies against its dense
+        prefill (greedy answers compared) and demote one that stops keeping its promise."""
+        if self.selector is None:
+            raise ValueError("an agent without a strategy selector has nothing to watch")
+        self.selector.guard = DriftGuard(_StrategyVerifier(self), _keep_flag, options or DriftOptions())
+        return self.selector.guard
+
+    # ------------------------------------------------------------------ generation
+
+    @torch.no_grad()
+    def generate(self, prompt: AgentPrompt, strategy: str | Strategy = "auto",
+                 **generate_kwargs) -> tuple[torch.Tensor, AgentReport]:
+        """``model.generate`` over the prompt with the assembled cache (sequences, prompt
+        included, as ``generate`` returns them) and the report; the drift guard samples
+        answers of planned strategies."""
+        pre = self.prefill(prompt, strategy)
+        ids = self.stack.ids(prompt.ids)
+        out = self.consumer.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                           past_key_values=pre.cache, **generate_kwargs)
+        if strategy == "auto" and self.selector is not None:
+            self.selector.observe(prompt.template, prompt, pre.report.strategy)
+        return out, pre.report
+
+
+class _StrategyVerifier:
+    """Answers an agent prompt greedily with a strategy and with the dense prefill
+    (reuse.drift.Verifier; the guard's 'plan' is a reuse.crosscontext.StrategyStep)."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    @torch.no_grad()
+    def same_answer(self, prompt: AgentPrompt, key: str, step, max_new_tokens: int) -> bool | None:
+        return self._greedy(prompt, step.describe(), max_new_tokens) == self._greedy(prompt, "dense", max_new_tokens)
+
+    def _greedy(self, prompt: AgentPrompt, strategy: str, new_tokens: int) -> list[int]:
+        agent = self.agent
+        pre = agent.prefill(prompt, strategy)
+        ids = agent.stack.ids(prompt.ids)
+        out = agent.consumer.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                            past_key_values=pre.cache, max_new_tokens=new_tokens, do_sample=False,
+                                            pad_token_id=agent.consumer.model.config.eos_token_id)
+        return out[0, len(prompt.ids):].tolist()
+
+
+def _keep_flag(event) -> str:
+    """Cross-context profiles live with the deployment, not in the service's registry:
+    the demotion is kept in the guard's metrics."""
+    return "kept in the guard (cross-context profiles are not in the service's registry)"

@@ -1,0 +1,273 @@
+"""KVCOMM's anchor-corrected reuse of a placeholder and the template segment after it
+(ALGORITHMS.md), over the service's anchor pool (node.anchors) and segment sources.
+
+All K/V here are position-normalized (keys de-rotated to start at position 0) until they go
+into the cache, so offsets measured at one position apply at another. For content ``c`` in
+placeholder ``ph`` of agent ``a`` followed by template segment ``F``:
+
+- ``base(c)``: c's stored normalized copy (the first context that stored it, de-rotated);
+- an anchor k holds ``base(k)`` and, per agent, ΔPH = real(k in a) − base(k) and
+  ΔPF = real(F after k in a) − ref(F), ``ref(F)`` being F's own normalized copy;
+- the estimate: placeholder tokens ``base(c) + Σ_k w_k(t) ΔPH_k``, with per-token weights
+  from the distance between c's and each anchor's base keys; the following segment
+  ``ref(F) + Σ_k W_k ΔPF_k`` with weights per (layer, head, channel) from distances over
+  tokens; layer 0 uncorrected. Distances are divided by their mean and a temperature
+  (raw ones give one-hot weights on SmolLM2, FACTS.md).
+- content far from every anchor (the entropy rule), an empty pool, or anchors without
+  this agent's offsets: a **miss**. Both parts are computed (exact), c becomes an anchor
+  and this agent's offsets are recorded, so the next content can be estimated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from cachesvc.wire.keys import Kind
+from cachesvc.wire.segments import AnchorDelta, SegmentSource
+from cachesvc_client import CacheServiceError
+from cachesvc_connectors.hf.consumer import head_major
+from cachesvc_connectors.reuse import Plan
+from cachesvc_connectors.reuse.segments import SourceRule, admission, choose_source
+
+DELTA_SALT = "cachesvc-anchor-delta"
+
+Slabs = dict[tuple[Kind, int], torch.Tensor]     # (kind, layer) -> [tokens, heads, dim], float32
+
+
+class AnchorMiss(Exception):
+    """No estimate for this content: compute it and record (the message says why)."""
+
+
+@dataclass
+class _Estimate:
+    placeholder: Slabs
+    following: Slabs
+    anchors: list[bytes]
+
+
+class AnchorPath:
+    """An agent's anchor-corrected reuse (one per hf.agents.Agent)."""
+
+    def __init__(self, agent) -> None:
+        self.agent = agent
+        self.options = agent.anchor_options
+        self.layers = range(agent.stack.num_layers)
+
+    def run(self, cache: DynamicCache, prompt, part, following, last: int, report) -> None:
+        """Append ``part`` (a placeholder) and ``following`` (the template segment after it,
+        or None) to ``cache``, up to token ``last``, estimated or computed."""
+        from cachesvc_connectors.hf.agents import PartReport
+        agent = self.agent
+        count = min(part.end, last) - part.start
+        f_count = min(following.end, last) - following.start if following is not None else 0
+        row = PartReport(part.name, "anchor", count)
+        f_row = PartReport(following.name, "anchor", f_count) if following is not None else None
+        report.parts += [r for r in (row, f_row) if r is not None]
+        try:
+            if count < len(part.tokens):
+                raise AnchorMiss("the placeholder ends the prompt")
+            est = self._estimate(prompt.ids, part, following, f_count)
+        except AnchorMiss as miss:
+            row.action, row.why = "compute", str(miss)
+            if f_row is not None:
+                f_row.action = "compute"
+            ids = prompt.ids
+            stack = agent.stack
+            stack.run(stack.embed(stack.ids(ids[part.start:part.start + count])), 0, stack.num_layers,
+                      part.start, cache)
+            if f_count:
+                stack.run(stack.embed(stack.ids(ids[following.start:following.start + f_count])), 0,
+                          stack.num_layers, following.start, cache)
+            if count == len(part.tokens):
+                self._record(cache, part, following, f_count)
+            return
+        self._append(cache, est.placeholder, part.start)
+        row.reused_tokens = count
+        if f_row is not None and f_count:
+            self._append(cache, est.following, following.start)
+            f_row.reused_tokens = f_count
+        report.reused_tokens += count + f_count
+        try:
+            agent.client.activate_anchors(agent.family_id, part.name, est.anchors)
+        except CacheServiceError:
+            pass   # a lost activation only makes the anchor likelier to be evicted
+
+    # ------------------------------------------------------------------ estimate
+
+    def _estimate(self, ids: list[int], part, following, f_count: int) -> _Estimate:
+        agent, n = self.agent, len(part.tokens)
+        base_c = self._base(part.tokens, ids[:part.start])
+        if base_c is None:
+            raise AnchorMiss("no stored copy of the content")
+        try:
+            pool = agent.client.find_anchors(agent.family_id, part.name, min_length=n)
+        except CacheServiceError as exc:
+            raise AnchorMiss(f"anchor pool unreachable: {exc}") from None
+        pool = [a for a in pool if a.base.producer == agent.model_id]
+        bases = [(a, self._load(a.base)) for a in pool]
+        bases = [(a, b) for a, b in bases if b is not None]
+        if not bases:
+            raise AnchorMiss("no anchors for this placeholder yet")
+        distances = [_mean_l2(base_c, b, n, Kind.V) for _, b in bases]
+        becomes, chosen = admission(distances, self.options)
+        if becomes:
+            raise AnchorMiss(f"new content (entropy rule over {len(bases)} anchors)")
+        chosen = chosen[:self.options.max_anchors]
+        picked = [bases[i] for i in chosen]
+        deltas = []
+        for anchor, base in picked:
+            delta = anchor.deltas.get(agent.name)
+            if delta is None:
+                raise AnchorMiss(f"anchor {anchor.segment_key.hex()[:8]} has no offsets of agent {agent.name!r}")
+            if following is not None and delta.following_length != f_count:
+                raise AnchorMiss("the anchor's following segment differs in length")
+            d_ph = self._load_chain(delta.placeholder_hashes, delta.producer, anchor.length)
+            d_pf = self._load_chain(delta.following_hashes, delta.producer, f_count) if f_count else {}
+            if d_ph is None or d_pf is None:
+                raise AnchorMiss("an anchor's offsets did not load whole")
+            deltas.append((anchor, base, d_ph, d_pf))
+        ph = self._correct_tokens(base_c, deltas, n)
+        pf: Slabs = {}
+        if f_count:
+            ref = self._base(following.tokens[:f_count], None)
+            if ref is None:
+                raise AnchorMiss("no stored copy of the following segment")
+            pf = self._correct_channels(ref, base_c, deltas, n)
+        return _Estimate(ph, pf, [a.segment_key for a, *_ in deltas])
+
+    def _correct_tokens(self, base_c: Slabs, deltas: list, n: int) -> Slabs:
+        """base + Σ_k w_k(t) ΔPH_k, w per token from the anchors' key distances."""
+        t = self.options.temperature
+        dist = torch.stack([(base_c[(Kind.K, layer)] - b[(Kind.K, layer)][:n]).abs().mean(dim=(1, 2))
+                            for _, b, *_ in deltas for layer in self.layers]).view(len(deltas), -1, n).mean(1)
+        w = torch.softmax(-dist / (dist.mean() + 1e-9) / t, dim=0)                 # [anchors, tokens]
+        out = {}
+        for (kind, layer), value in base_c.items():
+            if layer == 0:
+                out[(kind, layer)] = value
+                continue
+            shift = sum(w[k][:, None, None] * d[(kind, layer)][:n] for k, (_, _, d, _) in enumerate(deltas))
+            out[(kind, layer)] = value + shift
+        return out
+
+    def _correct_channels(self, ref: Slabs, base_c: Slabs, deltas: list, n: int) -> Slabs:
+        """ref + Σ_k W_k ΔPF_k, W per (layer, head, channel) from L2 distances over tokens."""
+        t = self.options.temperature
+        out = {}
+        for (kind, layer), value in ref.items():
+            if layer == 0:
+                out[(kind, layer)] = value
+                continue
+            dist = torch.stack([(base_c[(kind, layer)] - b[(kind, layer)][:n]).norm(dim=0) for _, b, *_ in deltas])
+            w = torch.softmax(-dist / (dist.mean() + 1e-9) / t, dim=0)             # [anchors, heads, dim]
+            out[(kind, layer)] = value + sum(w[k][None] * pf[(kind, layer)] for k, (*_, pf) in enumerate(deltas))
+        return out
+
+    # ------------------------------------------------------------------ recording a miss
+
+    def _record(self, cache: DynamicCache, part, following, f_count: int) -> None:
+        """After computing the parts: store what the pool needs (bases where missing, this
+        agent's offsets) and make the content an anchor. Best effort: a failure leaves the
+        pool as it was (the node admits nothing partial)."""
+        agent = self.agent
+        real_ph = self._rows(cache, part.start, len(part.tokens))
+        base = self._base(part.tokens, None, allow_nearest=False)
+        try:
+            base_source = self._base_source(part.tokens)
+            if base is None or base_source is None:
+                base_source, base = agent.put_base(part.tokens, real_ph), real_ph
+            d_ph = {k: real_ph[k] - base[k] for k in real_ph}
+            ph_chain = self._put_delta(part.tokens, part.name, "ph", d_ph)
+            pf_chain: tuple[bytes, ...] = ()
+            if f_count:
+                f_tokens = following.tokens[:f_count]
+                real_pf = self._rows(cache, following.start, f_count)
+                ref = self._base(f_tokens, None, allow_nearest=False)
+                if ref is None:
+                    agent.put_base(f_tokens, real_pf)
+                    ref = real_pf
+                pf_chain = self._put_delta(tuple(part.tokens) + tuple(f_tokens), part.name, "pf",
+                                           {k: real_pf[k] - ref[k] for k in real_pf})
+            key = agent.client.segment_key(list(part.tokens), agent.family_id)
+            agent.client.admit_anchor(agent.family_id, part.name, key, base_source)
+            agent.client.record_anchor(agent.family_id, part.name, key,
+                                       AnchorDelta(agent.name, agent.model_id, ph_chain, pf_chain, f_count))
+        except CacheServiceError:
+            pass
+
+    def _put_delta(self, tokens, placeholder: str, which: str, slabs: Slabs) -> tuple[bytes, ...]:
+        agent = self.agent
+        chain = agent.client.hash_tokens(list(tokens), agent.family_id, include_partial=True,
+                                         extra_keys=(DELTA_SALT, agent.name, placeholder, which))
+        agent._put_chain(chain, slabs, len(next(iter(slabs.values()))))
+        return tuple(chain)
+
+    def _rows(self, cache: DynamicCache, start: int, count: int) -> Slabs:
+        """Rows [start, start+count) of every layer, token-major, keys de-rotated to 0."""
+        keys = torch.stack([cache.layers[layer].keys[0, :, start:start + count].transpose(0, 1).float()
+                            for layer in self.layers])
+        keys = self.agent.rope.shift(keys, -start)
+        out = {}
+        for layer in self.layers:
+            out[(Kind.K, layer)] = keys[layer]
+            out[(Kind.V, layer)] = cache.layers[layer].values[0, :, start:start + count].transpose(0, 1).float()
+        return out
+
+    # ------------------------------------------------------------------ reading
+
+    def _base_source(self, tokens) -> SegmentSource | None:
+        agent = self.agent
+        key = agent.client.segment_key(list(tokens), agent.family_id)
+        [sources] = agent.client.find_segments(agent.family_id, [key])
+        return choose_source([s for s in sources if s.producer == agent.model_id], [], SourceRule.BASE)
+
+    def _base(self, tokens, prefix, allow_nearest: bool = True) -> Slabs | None:
+        """``tokens``' normalized K/V: their BASE copy, else (``allow_nearest``) the nearest
+        stored span of this model, de-rotated."""
+        agent = self.agent
+        try:
+            key = agent.client.segment_key(list(tokens), agent.family_id)
+            [sources] = agent.client.find_segments(agent.family_id, [key])
+        except CacheServiceError:
+            return None
+        own = [s for s in sources if s.producer == agent.model_id]
+        source = choose_source(own, [], SourceRule.BASE)
+        if source is None and allow_nearest and prefix is not None:
+            source = choose_source(own, prefix, SourceRule.NEAREST)
+        return self._load(source) if source is not None else None
+
+    def _load(self, source: SegmentSource) -> Slabs | None:
+        span = self.agent.load(source, Plan.full_reuse(self.agent.stack.num_layers))
+        if span is None:
+            return None
+        out = {k: v.float() for k, v in span.kv.items()}
+        if source.offset:
+            keys = self.agent.rope.shift(torch.stack([out[(Kind.K, layer)] for layer in self.layers]), -source.offset)
+            for layer in self.layers:
+                out[(Kind.K, layer)] = keys[layer]
+        return out
+
+    def _load_chain(self, chain, producer: str, count: int) -> Slabs | None:
+        if not chain:
+            return {}
+        agent = self.agent
+        source = SegmentSource(producer, tuple(chain), 0, count)
+        span = agent.load(source, Plan.full_reuse(agent.stack.num_layers))
+        return {k: v.float() for k, v in span.kv.items()} if span is not None else None
+
+    def _append(self, cache: DynamicCache, slabs: Slabs, start: int) -> None:
+        agent, dtype = self.agent, self.agent.stack.dtype
+        keys = agent.rope.shift(torch.stack([slabs[(Kind.K, layer)] for layer in self.layers]), start)
+        for layer in self.layers:
+            cache.update(head_major(keys[layer], dtype), head_major(slabs[(Kind.V, layer)], dtype), layer)
+
+
+def _mean_l2(a: Slabs, b: Slabs, n: int, kind: Kind) -> float:
+    """Mean over layers, heads and tokens of the L2 distance per channel vector."""
+    layers = sorted({layer for k, layer in a if k == kind})
+    return float(torch.stack([(a[(kind, layer)][:n] - b[(kind, layer)][:n]).norm(dim=-1).mean()
+                              for layer in layers]).mean())
+

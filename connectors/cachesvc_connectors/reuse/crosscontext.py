@@ -1,0 +1,160 @@
+"""Choosing a cross-context strategy from measurements (engine-neutral; docs/agents.md).
+
+A :class:`CrossContextProfile` records, per agent template, each strategy's fidelity to the
+agent's own dense prefill (median first-token KL, top-1 agreement) and its cost (prompt
+time relative to dense) on a calibration set. :func:`choose_strategy` takes the cheapest
+whose fidelity meets the deployment's :class:`FidelityTarget`; the exact strategies
+(``prefix_only``, ``dense``) always do. :class:`StrategySelector` does this per request
+and lets the drift guard (reuse.drift) sample the chosen strategy and demote it to the next
+more expensive one when it stops keeping its promise, as it does for cross-model plans.
+
+So a request's reuse is one decision over everything the service holds: the agent's own
+prefix (same model), another model's entries through the pair's plan (DroidSpeak), and a
+shared segment behind another prefix (KVCOMM-style), each chosen from measurements.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from cachesvc_connectors.reuse.drift import DriftGuard
+
+PROFILE_FORMAT = "cachesvc-cross-context-profile/1"
+EXACT_STRATEGIES = ("prefix_only", "dense")
+
+
+@dataclass(frozen=True)
+class FidelityTarget:
+    max_kl: float = 0.015       # median first-token KL(dense || strategy), nats
+    min_top1: float = 0.95      # first-token top-1 agreement with dense
+
+
+@dataclass(frozen=True)
+class StrategyRow:
+    """A strategy measured on a template's calibration prompts."""
+
+    strategy: str
+    samples: int
+    median_kl: float
+    top1: float
+    reuse_token_rate: float     # prompt tokens not computed, of all prompt tokens
+    relative_time: float        # prompt step time / dense's (lower is cheaper)
+
+    def meets(self, target: FidelityTarget) -> bool:
+        return self.strategy in EXACT_STRATEGIES or (
+            self.median_kl <= target.max_kl and self.top1 >= target.min_top1)
+
+
+@dataclass
+class CrossContextProfile:
+    """Per template (agent name), its strategies' rows."""
+
+    family_id: str
+    templates: dict[str, list[StrategyRow]] = field(default_factory=dict)
+
+    def rows(self, template: str) -> list[StrategyRow]:
+        return self.templates.get(template, [])
+
+    def to_json(self) -> dict:
+        return {"format": PROFILE_FORMAT, "family_id": self.family_id,
+                "templates": {t: [asdict(r) for r in rows] for t, rows in self.templates.items()}}
+
+    @classmethod
+    def from_json(cls, doc: dict) -> CrossContextProfile:
+        if doc.get("format") != PROFILE_FORMAT:
+            raise ValueError(f"not a cross-context profile ({PROFILE_FORMAT}): format {doc.get('format')!r}")
+        return cls(doc["family_id"], {t: [StrategyRow(**r) for r in rows] for t, rows in doc["templates"].items()})
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json(), indent=1))
+
+    @classmethod
+    def load(cls, path: str | Path) -> CrossContextProfile:
+        return cls.from_json(json.loads(Path(path).read_text()))
+
+
+def choose_strategy(rows: Sequence[StrategyRow], target: FidelityTarget, excluded: Sequence[str] = ()) -> StrategyRow | None:
+    """The cheapest row meeting ``target`` (not in ``excluded``); None without rows."""
+    fit = [r for r in rows if r.meets(target) and r.strategy not in excluded]
+    return min(fit, key=lambda r: (r.relative_time, -r.reuse_token_rate)) if fit else None
+
+
+@dataclass(frozen=True)
+class StrategyStep:
+    """A strategy as the drift guard watches it: ``recomputed_layers`` orders the ladder
+    (more = more expensive, so safer), ``describe`` names it."""
+
+    name: str
+    rank: int
+
+    @property
+    def recomputed_layers(self) -> int:
+        return self.rank
+
+    def describe(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True)
+class StrategyChoice:
+    strategy: str
+    why: str
+    row: StrategyRow | None = None
+
+
+class StrategySelector:
+    """Per request: the template's profiled choice, unless the drift guard demoted it."""
+
+    def __init__(self, profile: CrossContextProfile | None, target: FidelityTarget = FidelityTarget(),
+                 guard: DriftGuard | None = None, fallback: str = "prefix_only") -> None:
+        self.profile, self.target, self.guard, self.fallback = profile, target, guard, fallback
+        self._lock = threading.Lock()
+
+    def choose(self, template: str) -> StrategyChoice:
+        rows = self.profile.rows(template) if self.profile is not None else []
+        if not rows:
+            return StrategyChoice(self.fallback, f"no cross-context profile for {template!r}")
+        demoted = self._demoted(template)
+        row = choose_strategy(rows, self.target, demoted)
+        if row is None:
+            return StrategyChoice(self.fallback, "no profiled strategy meets the target")
+        why = f"cheapest meeting KL <= {self.target.max_kl}, top-1 >= {self.target.min_top1}"
+        if demoted:
+            why += f" (demoted by the drift guard: {', '.join(demoted)})"
+        return StrategyChoice(row.strategy, why, row)
+
+    def ladder(self, template: str) -> list[StrategyStep]:
+        """The template's strategies meeting the target, cheapest first, as guard steps."""
+        rows = sorted((r for r in (self.profile.rows(template) if self.profile else []) if r.meets(self.target)),
+                      key=lambda r: r.relative_time)
+        return [StrategyStep(r.strategy, i) for i, r in enumerate(rows)]
+
+    def observe(self, template: str, prompt: object, chosen: str) -> None:
+        """Let the guard sample a request answered with ``chosen`` (not the exact ones)."""
+        if self.guard is None or chosen in EXACT_STRATEGIES:
+            return
+        ladder = self.ladder(template)
+        step = next((s for s in ladder if s.name == chosen), StrategyStep(chosen, -1))
+        self.guard.observe(prompt, _guard_key(template), step, None, ladder)
+
+    def _demoted(self, template: str) -> list[str]:
+        """Strategies the guard has stepped away from for this template (every step below
+        its replacement)."""
+        if self.guard is None:
+            return []
+        demoted, replacement = self.guard.replacement(_guard_key(template))
+        if not demoted:
+            return []
+        ladder = self.ladder(template)
+        if replacement is None:
+            return [s.name for s in ladder if s.name not in EXACT_STRATEGIES]
+        return [s.name for s in ladder if s.rank < replacement.recomputed_layers]
+
+
+def _guard_key(template: str) -> str:
+    """The guard keys its watches by 'producer'; a template's strategies are one watch."""
+    return f"template:{template}"

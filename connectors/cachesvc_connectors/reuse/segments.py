@@ -1,0 +1,149 @@
+"""Cross-context strategies (engine-neutral): how an agent's prompt reuses a shared segment
+that sits behind a different prefix (KVCOMM, CacheBlend, ALGORITHMS.md; docs/agents.md).
+
+An agent prompt is P0 ph1 P1 … phm Pm. A strategy says, for each placeholder's content,
+what to do with it (:class:`Action`) and with the template segment that follows it, and
+where to take a reused segment from (:class:`SourceRule`). The measured facts on SmolLM2
+(../shared/FACTS.md) are why there are several: the paper's anchor correction lost fidelity
+that simpler strategies kept, and the best source was another agent whose prefix is most
+like this one. The planner (reuse.crosscontext) picks among them from a measured profile.
+"""
+
+from __future__ import annotations
+
+import difflib
+import enum
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from cachesvc.wire.segments import SegmentSource
+
+
+class Action(enum.Enum):
+    COMPUTE = "compute"      # prefill these tokens through every layer (exact)
+    REUSE = "reuse"          # stored K/V, keys re-rotated to the new offset
+    BLEND = "blend"          # stored K/V, the most deviating share of tokens recomputed
+    ANCHOR = "anchor"        # stored K/V corrected by the anchor pool's offsets (KVCOMM)
+
+
+class SourceRule(enum.Enum):
+    NEAREST = "nearest"      # the source whose prefix is most like this prompt's
+    BASE = "base"            # the content stored on its own, position-normalized
+
+
+@dataclass(frozen=True, slots=True)
+class Strategy:
+    """Invariant: ``placeholder`` is COMPUTE only for the exact strategies (``dense``,
+    ``prefix_only``); ``ratio`` is in [0, 1] and used by BLEND only."""
+
+    name: str
+    placeholder: Action
+    following: Action              # COMPUTE, REUSE (the source's own following tokens) or ANCHOR
+    source: SourceRule = SourceRule.NEAREST
+    ratio: float = 0.0
+    prefix_cache: bool = True      # reuse the agent's own stored prefix (P0 and whatever follows whole)
+
+    @property
+    def exact(self) -> bool:
+        return self.placeholder == Action.COMPUTE
+
+    @property
+    def reuses_following(self) -> bool:
+        return self.following != Action.COMPUTE
+
+
+STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
+    Strategy("dense", Action.COMPUTE, Action.COMPUTE, prefix_cache=False),
+    Strategy("prefix_only", Action.COMPUTE, Action.COMPUTE),
+    Strategy("nearest", Action.REUSE, Action.COMPUTE, SourceRule.NEAREST),
+    Strategy("base", Action.REUSE, Action.COMPUTE, SourceRule.BASE),
+    Strategy("reuse_all", Action.REUSE, Action.REUSE, SourceRule.NEAREST),
+    Strategy("blend", Action.BLEND, Action.COMPUTE, SourceRule.NEAREST, ratio=0.15),
+    Strategy("kvcomm", Action.ANCHOR, Action.ANCHOR, SourceRule.BASE),
+)}
+"""The built-in strategies, cheapest reuse last: ``nearest`` re-rotates the segment from the
+stored context whose prefix is most like this one and prefills the following template
+segment; ``base`` takes it from its position-normalized copy; ``reuse_all`` also takes the
+following segment from that context (only the last prompt token is computed); ``blend``
+recomputes a share of the segment's tokens (``blend@0.3`` for another ratio); ``kvcomm``
+corrects both with the anchor pool's offsets."""
+
+
+def strategy(name: str) -> Strategy:
+    """A strategy by name; ``blend@R`` is CacheBlend at ratio R."""
+    base, _, ratio = name.partition("@")
+    if base not in STRATEGIES:
+        raise ValueError(f"unknown strategy {name!r} (known: {', '.join(STRATEGIES)}, blend@RATIO)")
+    found = STRATEGIES[base]
+    if not ratio:
+        return found
+    if found.placeholder != Action.BLEND:
+        raise ValueError(f"only blend takes a ratio, got {name!r}")
+    value = float(ratio)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"blend ratio must be in [0, 1], got {value}")
+    return Strategy(f"blend@{value:g}", Action.BLEND, found.following, found.source, value)
+
+
+def similarity(a: Sequence[int], b: Sequence[int]) -> float:
+    """How alike two prefixes are near their ends (where attention to them matters most for
+    the segment that follows): difflib's ratio over the last 512 tokens of each, reversed,
+    in [0, 1]."""
+    if not a and not b:
+        return 1.0
+    x, y = list(a)[-512:][::-1], list(b)[-512:][::-1]
+    return difflib.SequenceMatcher(None, x, y, autojunk=False).ratio()
+
+
+def choose_source(sources: Sequence[SegmentSource], prefix: Sequence[int], rule: SourceRule,
+                  prefer: str = "") -> SegmentSource | None:
+    """The source a strategy reads: for NEAREST the one whose stored prefix is most like
+    ``prefix`` (``prefer``'s, the consumer's own model, on ties: no cross-model plan
+    needed); for BASE the position-normalized copy (offset 0, no prefix)."""
+    if rule == SourceRule.BASE:
+        return next((s for s in sources if s.offset == 0 and not s.prefix_tokens), None)
+    if not sources:
+        return None
+    return max(sources, key=lambda s: (similarity(s.prefix(), prefix), s.producer == prefer))
+
+
+@dataclass(frozen=True)
+class AnchorOptions:
+    """KVCOMM's anchor rules. ``temperature`` divides distances before the softmax (raw
+    distances give one-hot weights on SmolLM2, FACTS.md), ``gamma`` scales the entropy
+    threshold, ``mass`` is the share of the weight the activated anchors hold."""
+
+    temperature: float = 0.1
+    gamma: float = 0.3
+    mass: float = 0.9
+    min_anchors: int = 2
+    max_anchors: int = 8           # the nearest this many take part in an estimate
+
+
+def softmax(scores: Sequence[float]) -> list[float]:
+    top = max(scores)
+    exps = [math.exp(s - top) for s in scores]
+    total = sum(exps)
+    return [e / total for e in exps]
+
+
+def admission(distances: Sequence[float], options: AnchorOptions) -> tuple[bool, list[int]]:
+    """KVCOMM's entropy rule over the normalized distances from new content to the eligible
+    anchors: (becomes an anchor?, indices of the anchors holding ``mass`` of the weight,
+    heaviest first, when it does not)."""
+    if len(distances) < options.min_anchors:
+        return True, []
+    scale = (sum(distances) / len(distances)) or 1.0        # distances relative to their mean
+    p = softmax([-d / scale / options.temperature for d in distances])
+    entropy = -sum(x * math.log2(x) for x in p if x > 0)
+    if entropy > options.gamma * math.log2(len(p)):
+        return True, []
+    order = sorted(range(len(p)), key=lambda i: -p[i])
+    chosen, held = [], 0.0
+    for i in order:
+        chosen.append(i)
+        held += p[i]
+        if held >= options.mass:
+            break
+    return False, chosen

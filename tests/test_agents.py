@@ -1,0 +1,181 @@
+"""Cross-context reuse (agents) on tiny random-weight models against a real server: the
+exact strategies and re-rotation are exact, another model's segment goes through the pair's
+plan, fallbacks compute and say why, the planner's choice is demoted by the drift guard, and
+KVCOMM's anchor path records on a miss and estimates after it."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from cachesvc_client import CacheClient, DType
+from cachesvc_connectors.hf import Consumer, ConsumerOptions, Producer, ProducerOptions
+from cachesvc_connectors.hf.agents import Agent, AgentTemplate, TemplateMismatchError
+from cachesvc_connectors.reuse import DriftOptions, Plan
+from cachesvc_connectors.reuse.crosscontext import (CrossContextProfile, FidelityTarget, StrategyRow,
+                                                    StrategySelector)
+from cachesvc_connectors.reuse.segments import AnchorOptions
+from hf_models import fine_tune_of, last_logits, tiny_model, tokenizer
+
+FP32 = DType.FLOAT32
+
+
+def _words(n: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(255) for _ in range(n)]
+
+
+def _text(tokens: list[int]) -> str:
+    return " ".join(f"w{t}" for t in tokens)
+
+
+def _agent(client, model, tok, model_id: str, name: str, **kw) -> Agent:
+    consumer = Consumer(client, model, tok, model_id, ConsumerOptions(dtype=FP32, **kw.pop("consumer", {})))
+    producer = Producer(client, model, tok, model_id, ProducerOptions(dtype=FP32))
+    return Agent(name, consumer, producer, **kw)
+
+
+@torch.no_grad()
+def _logits(agent: Agent, prompt, strategy: str):
+    pre = agent.prefill(prompt, strategy)
+    ids = prompt.ids
+    assert pre.cache.get_seq_length() == len(ids) - 1
+    out = agent.consumer.model(input_ids=agent.stack.ids(ids[-1:]), past_key_values=pre.cache)
+    return out.logits[0, -1], pre.report
+
+
+@pytest.fixture(scope="module")
+def base():
+    return tiny_model("llama", seed=0), tokenizer()
+
+
+def _template(name: str, prefix: list[int], suffix: list[int]) -> AgentTemplate:
+    return AgentTemplate.from_text(name, f"{_text(prefix)} {{question}} {_text(suffix)}")
+
+
+def test_same_prefix_and_blend_at_one_are_exact(client: CacheClient, base):
+    model, tok = base
+    agent = _agent(client, model, tok, "m", "a1")
+    template = _template("a1", _words(300, 1), _words(20, 2))
+    prompt = template.fill(tok, {"question": _words(200, 3)})
+    assert [p.name for p in prompt.parts] == ["P0", "question", "P1"]
+    agent.publish(prompt)
+    dense = last_logits(model, prompt.ids)
+    for strategy in ("nearest", "reuse_all", "blend@1", "prefix_only", "dense"):
+        logits, report = _logits(agent, prompt, strategy)
+        assert torch.allclose(logits, dense, atol=1e-4, rtol=0), strategy
+    _, report = _logits(agent, prompt, "reuse_all")
+    assert report.reused_tokens == len(prompt.ids) - 1 and report.fallback == ""
+    _, report = _logits(agent, prompt, "nearest")
+    assert report.reused_tokens == 500 and report.prefix_tokens == 300 and report.parts[0].shift == 0 and report.parts[1].action == "compute"
+
+
+def test_a_segment_behind_another_prefix_is_re_rotated_exactly(client: CacheClient, base):
+    model, tok = base
+    writer, reader = _agent(client, model, tok, "m", "writer"), _agent(client, model, tok, "m", "reader")
+    content = _words(150, 4)
+    written = _template("writer", _words(37, 5), _words(10, 6)).fill(tok, {"question": content})
+    writer.publish(written)
+    prompt = _template("reader", _words(94, 7), _words(12, 8)).fill(tok, {"question": content})
+    pre = reader.prefill(prompt, "nearest")
+    [question] = [p for p in pre.report.parts if p.name == "question"]
+    assert question.action == "reuse" and question.shift == 94 - 37 and question.source == "m@37"
+    # Layer 0's keys depend on the token and its position only: re-rotated, they are exactly
+    # what a prefill at the new offset computes.
+    own = reader.stack.new_cache()
+    model.model(input_ids=reader.stack.ids(prompt.ids[:-1]), past_key_values=own, use_cache=True)
+    got, want = pre.cache.layers[0].keys[:, :, 94:244], own.layers[0].keys[:, :, 94:244]
+    assert torch.allclose(got, want, atol=1e-5, rtol=0)
+    assert pre.report.reuse_token_rate == pytest.approx(150 / len(prompt.ids))
+
+
+def test_another_models_segment_goes_through_the_pairs_plan(client: CacheClient, base):
+    model, tok = base
+    other = fine_tune_of(model, range(4), seed=7)       # every layer differs; embedding shared
+    writer = _agent(client, model, tok, "base", "writer")
+    reader = _agent(client, other, tok, "tuned", "reader",
+                    consumer={"default_plan": Plan.recompute_all(4)})
+    content = _words(120, 9)
+    writer.publish(_template("writer", _words(40, 10), _words(8, 11)).fill(tok, {"question": content}))
+    prompt = _template("reader", _words(60, 12), _words(9, 13)).fill(tok, {"question": content})
+    logits, report = _logits(reader, prompt, "nearest")
+    [question] = [p for p in report.parts if p.name == "question"]
+    assert question.source == "base@40" and question.plan == "[0,4)"
+    # Recomputing every layer from the shared embedding at the new positions is exact.
+    assert torch.allclose(logits, last_logits(other, prompt.ids), atol=1e-4, rtol=0)
+
+
+def test_what_cannot_be_reused_is_computed_and_the_report_says_why(client: CacheClient, base):
+    model, tok = base
+    agent = _agent(client, model, tok, "m", "a1")
+    template = _template("a1", _words(30, 14), _words(10, 15))
+    with pytest.raises(TemplateMismatchError, match=r"missing \['question'\], unknown \['other'\]"):
+        template.fill(tok, {"other": "w1"})
+    prompt = template.fill(tok, {"question": _words(80, 16)})
+    logits, report = _logits(agent, prompt, "nearest")                     # never published
+    assert report.reused_tokens == 0 and "no nearest source" in report.fallback
+    assert torch.allclose(logits, last_logits(model, prompt.ids), atol=1e-4, rtol=0)
+    agent.publish(prompt)
+    [[source]] = client.find_segments(agent.family_id, [client.segment_key(_words(80, 16), agent.family_id)])
+    client.delete(agent.family_id, chunk_hashes=list(source.chunk_hashes))  # evicted under the reader
+    logits, report = _logits(agent, prompt, "reuse_all")
+    assert "no nearest source" in report.fallback or "did not load whole" in report.fallback
+    assert torch.allclose(logits, last_logits(model, prompt.ids), atol=1e-4, rtol=0)
+    # A sliding-window model computes spans (its layers keep only part of the context).
+    gemma = _agent(client, tiny_model("gemma3", seed=0), tok, "g", "g1")
+    prompt = _template("g1", _words(30, 17), _words(10, 18)).fill(tok, {"question": _words(40, 19)})
+    gemma.publish(prompt)
+    _, report = _logits(gemma, prompt, "nearest")
+    assert report.parts[0].action == "compute" and "sliding-window" in report.fallback
+
+
+def test_the_planner_picks_from_the_profile_and_the_guard_demotes(client: CacheClient, base):
+    model, tok = base
+    tuned = fine_tune_of(model, range(1, 4), seed=3, scale=2.0)     # a reader far from the writer
+    writer = _agent(client, model, tok, "base", "writer")
+    profile = CrossContextProfile("f", {"reader": [
+        StrategyRow("reuse_all", 8, 0.001, 1.0, 0.95, 0.1),      # promised, cheapest
+        StrategyRow("nearest", 8, 0.002, 1.0, 0.80, 0.3),
+        StrategyRow("blend@0.3", 8, 0.5, 0.5, 0.6, 0.5),         # misses the target
+        StrategyRow("prefix_only", 8, 0.0, 1.0, 0.2, 0.8)]})
+    selector = StrategySelector(profile, FidelityTarget(0.015, 0.95))
+    reader = _agent(client, tuned, tok, "tuned", "reader", selector=selector,
+                    consumer={"default_plan": Plan.full_reuse(4)})
+    guard = reader.watch(DriftOptions(sample_fraction=1.0, min_samples=3, window=3, background=False,
+                                      max_new_tokens=4, expected_quality=0.95))
+    assert selector.choose("reader").strategy == "reuse_all"
+    for seed in range(3):
+        content = _words(60, 100 + seed)
+        writer.publish(_template("writer", _words(50, 20), _words(8, 21)).fill(tok, {"question": content}))
+        prompt = _template("reader", _words(70, 22), _words(8, 23)).fill(tok, {"question": content})
+        _, report = reader.generate(prompt, max_new_tokens=2, do_sample=False)
+        assert report.strategy == "reuse_all" and report.chose.startswith("cheapest")
+    assert guard.metrics()["demotions"] == 1
+    after = selector.choose("reader")
+    assert after.strategy == "nearest" and "demoted" in after.why
+    assert selector.choose("nobody").strategy == "prefix_only"
+
+
+def test_kvcomm_records_on_a_miss_and_estimates_after(client: CacheClient, base):
+    model, tok = base
+    agent = _agent(client, model, tok, "m", "a1", anchors=AnchorOptions(gamma=1.0, min_anchors=2))
+    peer = _agent(client, model, tok, "m", "peer")
+    template = _template("a1", _words(40, 30), _words(12, 31))
+    reports = []
+    for seed in range(4):
+        content = _words(64, 40 + seed)
+        peer.publish(_template("peer", _words(25, 32), _words(5, 33)).fill(tok, {"question": content}))
+        prompt = template.fill(tok, {"question": content})
+        logits, report = _logits(agent, prompt, "kvcomm")
+        assert torch.isfinite(logits).all()
+        reports.append(report)
+    # The first two are misses (fewer than two anchors): computed exactly and recorded.
+    assert [r.reused_tokens for r in reports[:2]] == [0, 0]
+    assert "no anchors" in reports[0].fallback
+    anchors = client.find_anchors(agent.family_id, "question")
+    assert len(anchors) >= 2 and all("a1" in a.deltas for a in anchors)
+    # With gamma = 1 the entropy rule admits nothing more: later content is estimated.
+    assert reports[-1].reused_tokens == 64 + 11 and reports[-1].fallback == ""
+    assert sum(a.activations for a in client.find_anchors(agent.family_id, "question")) >= 1
