@@ -164,3 +164,30 @@ def test_bench_soak_fields(tmp_path):
         assert isinstance(doc[name], (int, float)), name
     assert doc["key_space_bytes"] >= 10 * doc["memory_bytes"] * 0.99 and len(doc["samples"]) >= 3
     assert out.with_suffix(".png").stat().st_size > 10_000
+
+
+def test_bench_agents_fields(tmp_path):
+    """`cachesvc bench agents` on a tiny random-weight shape: every mode on the same calls,
+    the fields issue 16 names, the exact modes exact, the reusing ones reading placeholders,
+    the planner's profile measured in the run, and a plot."""
+    out = tmp_path / "agents.json"
+    proc = _cli("bench", "agents", "--model", "llama-tiny", "--agents", "3", "--input-tokens", "300",
+                "--prefix-tokens", "100", "--output-tokens", "60", "--agent-rounds", "2", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    rows = {r["mode"]: r for r in doc["rows"]}
+    assert list(rows) == ["dense", "prefix_only", "nearest", "reuse_all", "blend", "kvcomm", "planner"]
+    for row in rows.values():
+        assert row["workload"] == "copy" and row["agents"] == 3 and row["calls"] == 6
+        for field in ("reuse_token_rate", "reuse_call_rate", "ttft_s", "prompt_speedup", "first_token_kl",
+                      "top1_agreement", "identical_rate", "task_score", "last_agent_speedup"):
+            assert field in row, field
+    for mode in ("dense", "prefix_only"):
+        assert rows[mode]["first_token_kl"] == 0.0 and rows[mode]["identical_rate"] == 1.0
+    assert rows["dense"]["reuse_token_rate"] == 0.0 and rows["prefix_only"]["reuse_token_rate"] > 0
+    # Agents 2 and 3 read the input (and agent 3 agent 2's answer) from other contexts.
+    assert rows["nearest"]["reuse_call_rate"] == pytest.approx(4 / 6) and rows["nearest"]["reuse_token_rate"] > 0.5
+    assert rows["reuse_all"]["reuse_token_rate"] > rows["nearest"]["reuse_token_rate"]
+    assert set(doc["profile"]["templates"]) == {"agent1", "agent2", "agent3"}
+    assert sum(rows["planner"]["strategies"].values()) == 6
+    assert doc["node"]["segment_sources"] > 0 and (tmp_path / "agents.png").stat().st_size > 0

@@ -8,7 +8,7 @@ import argparse
 import importlib
 
 HELP = "run a benchmark (JSON + markdown table + plot)"
-BENCHMARKS = ("lookup", "dataplane", "quality", "reuse", "plan", "overhead", "soak", "vllm", "cluster")
+BENCHMARKS = ("lookup", "dataplane", "quality", "reuse", "plan", "overhead", "soak", "vllm", "cluster", "agents")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -73,6 +73,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-ops", type=int, default=10_000_000, help="soak: stop after this many operations")
     parser.add_argument("--workers", type=int, default=4, help="soak: client threads")
     parser.add_argument("--memory-mib", type=int, default=1024, help="soak: the node's memory tier (MiB)")
+    agents = parser.add_argument_group("agents (cross-context reuse, issue 16)")
+    agents.add_argument("--workload", choices=("copy", "task"), default="copy",
+                        help="copy: random-symbol fully connected agents (TTFT); task: the access-code task")
+    agents.add_argument("--modes", default="", help="dense first, then strategies (blend@R allowed) and planner; "
+                        "default: every strategy and planner")
+    agents.add_argument("--model", default="smollm2", help="smollm2 (the real one), or a --synthetic shape (copy)")
+    agents.add_argument("--agents", type=int, default=5, help="copy: agents in the pipeline")
+    agents.add_argument("--task-agents", default="3,5", help="task: pipeline sizes reported")
+    agents.add_argument("--input-tokens", type=int, default=1024, help="copy: the round's input")
+    agents.add_argument("--prefix-tokens", type=int, default=512, help="copy: each agent's own prefix")
+    agents.add_argument("--output-tokens", type=int, default=512, help="copy: each agent's answer")
+    agents.add_argument("--context-tokens", type=int, default=1024, help="task: records per round")
+    agents.add_argument("--agent-rounds", type=int, default=2, help="timed rounds")
+    agents.add_argument("--calibration-rounds", type=int, default=1,
+                        help="rounds of other content the planner's profile is measured on (and a warm-up)")
+    agents.add_argument("--answer-tokens", type=int, default=8, help="greedy tokens compared with dense")
+    agents.add_argument("--max-kl", type=float, default=0.015, help="planner: median first-token KL target")
+    agents.add_argument("--min-top1", type=float, default=0.95, help="planner: first-token top-1 target")
+    agents.add_argument("--agent-plan", default="[20,24)",
+                        help="task: the plan a fine-tuned agent reads the base model's segments with")
+    agents.add_argument("--task-consumer", default="codes-upper", help="task: the fine-tune of agents 2..N")
+    agents.add_argument("--anchor-gamma", type=float, default=0.3, help="kvcomm: entropy threshold scale")
+    agents.add_argument("--anchor-temperature", type=float, default=0.1, help="kvcomm: distance temperature")
     parser.add_argument("--oversubscription", type=int, default=10,
                         help="soak: key space over the memory tier")
 

@@ -237,6 +237,13 @@ def _bootstrap(stat: Callable[[list[int]], float], n: int, resamples: int = 2000
     return values[int(0.025 * resamples)], values[int(0.975 * resamples) - 1]
 
 
+def mean_ci(values: Sequence[float]) -> tuple[float, float]:
+    """95% bootstrap interval of the mean of ``values`` (2000 resamples, fixed seed)."""
+    if not values:
+        return float("nan"), float("nan")
+    return _bootstrap(lambda idx: _mean([values[i] for i in idx]), len(values))
+
+
 def summarize(results: dict[str, VariantResult]) -> list[dict]:
     """One row per variant: means with 95% bootstrap intervals."""
     ref, base = results[REFERENCE], results[BASE]

@@ -86,11 +86,12 @@ class AgentPrompt:
 
 
 class AgentTemplate:
-    """``P0 {ph1} P1 … {phm} Pm``: text with ``{name}`` placeholders."""
+    """``P0 {ph1} P1 … {phm} Pm``: text with ``{name}`` placeholders (:meth:`from_text`), or
+    pieces ``("template", text or token ids)`` and ``("placeholder", name)``."""
 
-    def __init__(self, name: str, pieces: Sequence[tuple[str, str]]) -> None:
+    def __init__(self, name: str, pieces: Sequence[tuple[str, str | Sequence[int]]]) -> None:
         self.name = name
-        self.pieces = list(pieces)          # ("template", text) or ("placeholder", name)
+        self.pieces = list(pieces)
         self.placeholders = [n for kind, n in self.pieces if kind == "placeholder"]
         if len(set(self.placeholders)) != len(self.placeholders):
             raise TemplateMismatchError(f"template {name!r} repeats a placeholder: {self.placeholders}")
@@ -115,7 +116,9 @@ class AgentTemplate:
                                         f"missing {missing}, unknown {extra}")
         parts, at, j = [], 0, 0
         for kind, piece in self.pieces:
-            if kind == "template":
+            if kind == "template" and not isinstance(piece, str):
+                tokens, name, j = tuple(int(t) for t in piece), f"P{j}", j + 1     # given as token ids
+            elif kind == "template":
                 tokens = tuple(tokenizer(piece, add_special_tokens=False)["input_ids"]) if piece else ()
                 name, j = f"P{j}", j + 1
             else:
@@ -274,14 +277,9 @@ class Agent:
         elif isinstance(strategy, str):
             strategy = strategy_named(strategy)
         report = AgentReport(strategy.name, len(ids), chose=chose)
-        if not strategy.prefix_cache:
-            cache = self._dense(ids[:-1])
-        elif strategy.exact:
-            pre = self.consumer.prefill(ids)
-            cache, report.reused_tokens = pre.cache, pre.report.reused_tokens
-            report.prefix_tokens = report.reused_tokens
-        else:
-            cache = self._assemble(prompt, strategy, report)
+        # prefix_only goes through the assembly too: P0 is read whole from a stored prompt
+        # that starts with it, not only its leading whole chunks.
+        cache = self._assemble(prompt, strategy, report) if strategy.prefix_cache else self._dense(ids[:-1])
         report.prefill_s = time.perf_counter() - t0
         return AgentPrefill(cache, report)
 
@@ -301,7 +299,7 @@ class Agent:
         while i < len(parts) and parts[i].start < last:
             part = parts[i]
             if part.kind == "placeholder" and strategy.placeholder == Action.ANCHOR and not self._why_not:
-                following = parts[i + 1] if i + 1 < len(parts) else None
+                following = parts[i + 1] if i + 1 < len(parts) and parts[i + 1].kind == "template" else None
                 self._anchor_path().run(cache, prompt, part, following, last, report)
                 i += 2 if following is not None else 1
                 continue
