@@ -186,7 +186,7 @@ def test_bench_agents_fields(tmp_path):
         assert rows[mode]["first_token_kl"] == 0.0 and rows[mode]["identical_rate"] == 1.0
     assert rows["dense"]["reuse_token_rate"] == 0.0 and rows["prefix_only"]["reuse_token_rate"] > 0
     # Agents 2 and 3 read the input (and agent 3 agent 2's answer) from other contexts.
-    assert rows["nearest"]["reuse_call_rate"] == pytest.approx(4 / 6) and rows["nearest"]["reuse_token_rate"] > 0.5
+    assert rows["nearest"]["reuse_call_rate"] == pytest.approx(4 / 6, abs=1e-3) and rows["nearest"]["reuse_token_rate"] > 0.5
     assert rows["reuse_all"]["reuse_token_rate"] > rows["nearest"]["reuse_token_rate"]
     assert set(doc["profile"]["templates"]) == {"agent1", "agent2", "agent3"}
     assert sum(rows["planner"]["strategies"].values()) == 6
