@@ -183,7 +183,7 @@ def _anchor_json(a: AnchorInfo) -> dict:
     b = a.base
     return {"key": a.segment_key.hex(), "length": a.length, "activations": a.activations, "seq": a.admitted_seq,
             "base": {"producer": b.producer, "chunks": _hexes(b.chunk_hashes), "offset": b.offset,
-                     "length": b.length, "prefix": b.prefix_tokens.hex()},
+                     "length": b.length, "prefix": b.prefix_tokens.hex(), "normalized": b.normalized},
             "deltas": [{"agent": d.agent, "producer": d.producer, "ph": _hexes(d.placeholder_hashes),
                         "pf": _hexes(d.following_hashes), "pf_length": d.following_length, "bytes": d.size_bytes}
                        for d in a.deltas.values()]}
@@ -191,7 +191,8 @@ def _anchor_json(a: AnchorInfo) -> dict:
 
 def _anchor_of(d: dict) -> AnchorInfo:
     b = d["base"]
-    base = SegmentSource(b["producer"], _unhex(b["chunks"]), b["offset"], b["length"], bytes.fromhex(b["prefix"]))
+    base = SegmentSource(b["producer"], _unhex(b["chunks"]), b["offset"], b["length"], bytes.fromhex(b["prefix"]),
+                         b.get("normalized", False))
     deltas = {x["agent"]: AnchorDelta(x["agent"], x["producer"], _unhex(x["ph"]), _unhex(x["pf"]),
                                       x["pf_length"], x["bytes"]) for x in d["deltas"]}
     return AnchorInfo(bytes.fromhex(d["key"]), d["length"], base, deltas, d["activations"], d["seq"])

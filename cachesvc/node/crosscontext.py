@@ -175,6 +175,8 @@ class CrossContext:
             raise InvalidArgument(f"{what} needs chunk hashes and a length >= 1")
         if len(source.prefix_tokens) % 4 or len(source.prefix_tokens) > 4 * MAX_PREFIX_TOKENS:
             raise InvalidArgument(f"{what}.prefix_tokens must be at most {MAX_PREFIX_TOKENS} u32 tokens")
+        if source.normalized and (source.offset or source.prefix_tokens):
+            raise InvalidArgument(f"{what}: a normalized copy starts at offset 0 with no prefix")
         recs = self._chain(tenant, family_id, source.chunk_hashes, source.producer)
         if recs is None:
             raise FailedPrecondition(f"{what}: not every chunk of its chain is a committed entry of "

@@ -41,6 +41,7 @@ class SegmentIndex:
         self.count = 0
         self._journal = journal
         self._fh = None
+        self._lines = 0                  # records in the journal file
         if journal is not None:
             self._replay(journal)
 
@@ -49,10 +50,10 @@ class SegmentIndex:
     def put(self, key: Key, source: SegmentSource) -> int:
         """Add ``source`` (a repeat of a known span only refreshes it); returns how many
         sources the key has."""
-        sources = self._order.pop(key, [])
-        sources = [s for s in sources if not s.same_span(source)] + [source]
-        self._order[key] = sources[-MAX_SOURCES_PER_SEGMENT:]
-        self._recount()
+        old = self._order.pop(key, [])
+        sources = ([s for s in old if not s.same_span(source)] + [source])[-MAX_SOURCES_PER_SEGMENT:]
+        self._order[key] = sources
+        self.count += len(sources) - len(old)
         self._write({"op": "put", "key": _key_json(key), "source": _source_json(source)})
         while self.count > self.max_sources:
             self._evict_oldest()
@@ -73,19 +74,16 @@ class SegmentIndex:
         return alive[:limit] if limit else alive
 
     def _set(self, key: Key, sources: list[SegmentSource]) -> None:
+        self.count += len(sources) - len(self._order.get(key, ()))
         if sources:
             self._order[key] = sources
         else:
             self._order.pop(key, None)
-        self._recount()
         self._write({"op": "set", "key": _key_json(key), "sources": [_source_json(s) for s in sources]})
 
     def _evict_oldest(self) -> None:
         key, sources = next(iter(self._order.items()))
         self._set(key, sources[1:])     # its oldest source first
-
-    def _recount(self) -> None:
-        self.count = sum(len(s) for s in self._order.values())
 
     # ------------------------------------------------------------ journal
 
@@ -95,42 +93,42 @@ class SegmentIndex:
         try:
             self._fh.write(json.dumps(record, separators=(",", ":")) + "\n")
             self._fh.flush()
+            self._lines += 1
+            if self._lines > 4 * self.count + 1024:    # mostly superseded records: rewrite
+                self._compact()
         except OSError as exc:   # the index still serves; sources are lost at the next restart only
             log.warning("segment journal write failed: %s", exc)
 
     def _replay(self, path: Path) -> None:
+        """Rebuild the index from the journal (the same changes, not written again: no
+        file is open yet), then compact it."""
         if path.exists():
             for number, line in enumerate(path.read_text().splitlines(), 1):
                 try:
                     record = json.loads(line)
                     key = _key_of(record["key"])
                     if record["op"] == "put":
-                        source = _source_of(record["source"])
-                        sources = [s for s in self._order.pop(key, []) if not s.same_span(source)]
-                        self._order[key] = (sources + [source])[-MAX_SOURCES_PER_SEGMENT:]
+                        self.put(key, _source_of(record["source"]))
                     else:
-                        self._order.pop(key, None)
-                        if record["sources"]:
-                            self._order[key] = [_source_of(s) for s in record["sources"]]
+                        self._set(key, [_source_of(s) for s in record["sources"]])
                 except (ValueError, KeyError, TypeError) as exc:
                     # A torn last line after a crash: what came before it stands.
                     log.warning("segment journal %s line %d skipped: %s", path, number, exc)
-        self._recount()
-        while self.count > self.max_sources:     # the bound was lowered since
-            key = next(iter(self._order))
-            rest = self._order.pop(key)[1:]
-            if rest:
-                self._order[key] = rest
-                self._order.move_to_end(key, last=False)
-            self._recount()
-        tmp = path.with_suffix(".tmp")      # compact: one put per live source
+        self._compact()
+
+    def _compact(self) -> None:
+        """Rewrite the journal as one put per live source, oldest first (tmp + rename)."""
+        assert self._journal is not None
+        if self._fh is not None:
+            self._fh.close()
+        tmp = self._journal.with_suffix(".tmp")
         with tmp.open("w") as fh:
             for key, sources in self._order.items():
                 for source in sources:
                     fh.write(json.dumps({"op": "put", "key": _key_json(key), "source": _source_json(source)},
                                         separators=(",", ":")) + "\n")
-        tmp.replace(path)
-        self._fh = path.open("a")
+        tmp.replace(self._journal)
+        self._fh, self._lines = self._journal.open("a"), self.count
 
     def close(self) -> None:
         if self._fh is not None:
@@ -148,9 +146,9 @@ def _key_of(value: Sequence) -> Key:
 
 def _source_json(s: SegmentSource) -> dict:
     return {"producer": s.producer, "chunks": [h.hex() for h in s.chunk_hashes], "offset": s.offset,
-            "length": s.length, "prefix": s.prefix_tokens.hex()}
+            "length": s.length, "prefix": s.prefix_tokens.hex(), "normalized": s.normalized}
 
 
 def _source_of(d: dict) -> SegmentSource:
     return SegmentSource(str(d["producer"]), tuple(bytes.fromhex(h) for h in d["chunks"]), int(d["offset"]),
-                         int(d["length"]), bytes.fromhex(d["prefix"]))
+                         int(d["length"]), bytes.fromhex(d["prefix"]), bool(d.get("normalized", False)))

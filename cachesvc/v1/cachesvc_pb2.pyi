@@ -657,18 +657,20 @@ class ListProfilesResponse(_message.Message):
     def __init__(self, profiles: _Optional[_Iterable[_Union[ProfileInfo, _Mapping]]] = ...) -> None: ...
 
 class SegmentSource(_message.Message):
-    __slots__ = ("producer", "chunk_hashes", "offset", "length", "prefix_tokens")
+    __slots__ = ("producer", "chunk_hashes", "offset", "length", "prefix_tokens", "normalized")
     PRODUCER_FIELD_NUMBER: _ClassVar[int]
     CHUNK_HASHES_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
     PREFIX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NORMALIZED_FIELD_NUMBER: _ClassVar[int]
     producer: str
     chunk_hashes: _containers.RepeatedScalarFieldContainer[bytes]
     offset: int
     length: int
     prefix_tokens: bytes
-    def __init__(self, producer: _Optional[str] = ..., chunk_hashes: _Optional[_Iterable[bytes]] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., prefix_tokens: _Optional[bytes] = ...) -> None: ...
+    normalized: bool
+    def __init__(self, producer: _Optional[str] = ..., chunk_hashes: _Optional[_Iterable[bytes]] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., prefix_tokens: _Optional[bytes] = ..., normalized: _Optional[bool] = ...) -> None: ...
 
 class PutSegmentRequest(_message.Message):
     __slots__ = ("tenant", "family_id", "segment_key", "source")

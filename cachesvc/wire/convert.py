@@ -29,12 +29,12 @@ def family_from_proto(msg: pb.FamilySpec) -> FamilySpec:
 
 def source_to_proto(src: SegmentSource) -> pb.SegmentSource:
     return pb.SegmentSource(producer=src.producer, chunk_hashes=list(src.chunk_hashes), offset=src.offset,
-                            length=src.length, prefix_tokens=src.prefix_tokens)
+                            length=src.length, prefix_tokens=src.prefix_tokens, normalized=src.normalized)
 
 
 def source_from_proto(msg: pb.SegmentSource) -> SegmentSource:
     return SegmentSource(msg.producer, tuple(bytes(h) for h in msg.chunk_hashes), msg.offset, msg.length,
-                         bytes(msg.prefix_tokens))
+                         bytes(msg.prefix_tokens), msg.normalized)
 
 
 def delta_to_proto(delta: AnchorDelta) -> pb.AnchorDelta:

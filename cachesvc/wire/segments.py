@@ -41,6 +41,9 @@ class SegmentSource:
     offset: int
     length: int
     prefix_tokens: bytes = b""       # pack_prefix of the tokens before the span
+    # A position-normalized copy: K/V computed in some context, keys de-rotated to start
+    # at 0 (offset 0, no prefix). Not a prompt's span, so never exact where it lands.
+    normalized: bool = False
 
     @property
     def end(self) -> int:

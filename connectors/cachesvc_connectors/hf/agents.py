@@ -242,7 +242,7 @@ class Agent:
         as their own chain, and register it as the segment's BASE source."""
         chain = self.client.hash_tokens(list(tokens), self.family_id, extra_keys=(BASE_SALT,), include_partial=True)
         self._put_chain(chain, kv, len(tokens))
-        source = SegmentSource(self.model_id, tuple(chain), 0, len(tokens))
+        source = SegmentSource(self.model_id, tuple(chain), 0, len(tokens), normalized=True)
         self.client.put_segment(self.family_id, self.client.segment_key(list(tokens), self.family_id), source)
         return source
 
@@ -320,7 +320,8 @@ class Agent:
                 [sources] = self.client.find_segments(self.family_id, [key])
             except CacheServiceError:
                 sources = []
-            exact = next((s for s in sources if s.offset == 0 and s.producer == self.model_id), None)
+            exact = next((s for s in sources if s.offset == 0 and not s.normalized and s.producer == self.model_id),
+                         None)
             span = self.load(exact, Plan.full_reuse(self.stack.num_layers)) if exact is not None else None
             if span is not None:
                 cache = self.stack.new_cache()

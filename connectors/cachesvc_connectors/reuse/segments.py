@@ -102,10 +102,11 @@ def choose_source(sources: Sequence[SegmentSource], prefix: Sequence[int], rule:
     ``prefix`` (``prefer``'s, the consumer's own model, on ties: no cross-model plan
     needed); for BASE the position-normalized copy (offset 0, no prefix)."""
     if rule == SourceRule.BASE:
-        return next((s for s in sources if s.offset == 0 and not s.prefix_tokens), None)
-    if not sources:
+        return next((s for s in sources if s.normalized), None)
+    spans = [s for s in sources if not s.normalized]
+    if not spans:
         return None
-    return max(sources, key=lambda s: (similarity(s.prefix(), prefix), s.producer == prefer))
+    return max(spans, key=lambda s: (similarity(s.prefix(), prefix), s.producer == prefer))
 
 
 @dataclass(frozen=True)
