@@ -179,3 +179,55 @@ def test_kvcomm_records_on_a_miss_and_estimates_after(client: CacheClient, base)
     # With gamma = 1 the entropy rule admits nothing more: later content is estimated.
     assert reports[-1].reused_tokens == 64 + 11 and reports[-1].fallback == ""
     assert sum(a.activations for a in client.find_anchors(agent.family_id, "question")) >= 1
+
+
+def _rot(srv, client, family_id: str, chain, producer: str) -> None:
+    """Flip a byte in the middle of the first entry file of ``chain`` (the node is stopped)."""
+    hit = client.lookup(family_id, list(chain), producers=[producer]).hits[0]
+    name = hit.entry_ids[0].hex()
+    path = srv.data_dir / "entries" / name[:2] / f"{name}.ent"
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0x5A
+    path.write_bytes(bytes(raw))
+
+
+def test_rotten_segments_and_anchors_are_computed_never_used(server_factory, base):
+    model, tok = base
+    srv = server_factory("--memory-bytes", "64MiB")
+    template = _template("a1", _words(40, 50), _words(12, 51))
+    with CacheClient(srv.address) as client:
+        agent = _agent(client, model, tok, "m", "a1", anchors=AnchorOptions(gamma=1.0))
+        writer = _agent(client, model, tok, "m", "writer")
+        for seed in range(3):                     # two anchors with a1's offsets, and a third content
+            content = _words(64, 60 + seed)
+            writer.publish(_template("writer", _words(25, 52), _words(5, 53)).fill(tok, {"question": content}))
+            _logits(agent, template.fill(tok, {"question": content}), "kvcomm")
+        anchors = client.find_anchors(agent.family_id, "question")
+        assert len(anchors) == 2
+        key = client.segment_key(_words(64, 62), agent.family_id)
+        [sources] = client.find_segments(agent.family_id, [key])
+        span = next(s for s in sources if not s.normalized)
+        deltas = [(a.deltas["a1"].placeholder_hashes, a.deltas["a1"].producer) for a in anchors]
+        family_id = agent.family_id
+        srv.stop()
+        srv.start()                               # entries reload from disk
+    with CacheClient(srv.address) as client:
+        client.wait_ready()
+        _rot(srv, client, family_id, span.chunk_hashes, span.producer)
+        for chain, producer in deltas:
+            _rot(srv, client, family_id, chain, producer)
+    srv.stop()
+    srv.start()
+    with CacheClient(srv.address) as client:
+        client.wait_ready()
+        agent = _agent(client, model, tok, "m", "a1", anchors=AnchorOptions(gamma=1.0))
+        prompt = template.fill(tok, {"question": _words(64, 62)})
+        logits, report = _logits(agent, prompt, "nearest")
+        assert report.parts[0].action == "compute" and "did not load whole" in report.fallback
+        assert torch.allclose(logits, last_logits(model, prompt.ids), atol=1e-4, rtol=0)
+        prompt = template.fill(tok, {"question": _words(64, 70)})
+        writer = _agent(client, model, tok, "m", "writer")
+        writer.publish(_template("writer", _words(25, 52), _words(5, 53)).fill(tok, {"question": _words(64, 70)}))
+        logits, report = _logits(agent, prompt, "kvcomm")
+        assert report.parts[0].action == "compute" and report.reused_tokens == 0
+        assert torch.allclose(logits, last_logits(model, prompt.ids), atol=1e-4, rtol=0)
