@@ -37,7 +37,7 @@ from transformers import DynamicCache
 
 from cachesvc.wire.keys import Kind
 from cachesvc.wire.segments import SegmentSource, pack_prefix
-from cachesvc_client import CacheServiceError, EntryData
+from cachesvc_client import CacheServiceError, EntryData, Hit
 from cachesvc_connectors.hf.consumer import Consumer, head_major
 from cachesvc_connectors.hf.loader import LoadRequest, open_loader
 from cachesvc_connectors.hf.producer import Producer
@@ -173,12 +173,47 @@ class AgentPrefill:
 
 @dataclass
 class _Span:
-    """A segment's K/V read from a source: ``keys``/``values`` per layer [tokens, heads, dim]
-    at the source's positions, or E entering a recompute group."""
+    """Rows read from the service: per (kind, layer) ``[count, heads, dim]`` (E: ``[count,
+    hidden]``) as stored at positions ``offset``…, the slabs ``plan`` needs."""
 
-    source: SegmentSource
+    offset: int
+    length: int
     kv: dict[tuple[Kind, int], torch.Tensor]
     plan: Plan
+
+
+@dataclass
+class _Rows:
+    """Cache rows [start, start+count) taken from ``span`` (keys moved by ``start -
+    span.offset``); ``blend`` > 0: CacheBlend's ratio over them."""
+
+    start: int
+    count: int
+    span: _Span
+    blend: float
+    report: PartReport | None
+
+
+def _join(pos: torch.Tensor, hidden: torch.Tensor | None, joining: list, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens entering the computed set at this layer: (start, hidden [1, n, H]) each."""
+    new_pos = [torch.arange(start, start + h.shape[1], device=device) for start, h in joining]
+    all_pos = torch.cat([pos, *new_pos])
+    all_hidden = torch.cat(([hidden] if hidden is not None else []) + [h for _, h in joining], dim=1)
+    order = torch.argsort(all_pos)
+    return all_pos[order], all_hidden[:, order]
+
+
+def _leave(pos: torch.Tensor, hidden: torch.Tensor, ranges: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    gone = torch.zeros_like(pos, dtype=torch.bool)
+    for a, b in ranges:
+        gone |= (pos >= a) & (pos < b)
+    return pos[~gone], hidden[:, ~gone]
+
+
+def _rows_of(keys: torch.Tensor, values: torch.Tensor, rows: _Rows, pos: torch.Tensor):
+    """The read K/V of ``rows``' tokens now in ``pos`` (copies, before they are overwritten)."""
+    at = pos[(pos >= rows.start) & (pos < rows.start + rows.count)]
+    return keys[:, :, at].clone(), values[:, :, at].clone()
 
 
 class Agent:
@@ -289,32 +324,64 @@ class Agent:
         return cache
 
     def _assemble(self, prompt: AgentPrompt, strategy: Strategy, report: AgentReport) -> DynamicCache:
-        ids, parts = prompt.ids, prompt.parts
+        """Decide, part by part, which rows are read and which computed (``_collect``), then
+        build the cache in one pass over the layers (``_build``), then let the anchor path
+        record what its misses measured."""
+        ids = prompt.ids
         last = len(ids) - 1                        # the cache holds tokens [0, last)
+        rows, computed, after = self._collect(prompt, strategy, report, last)
+        cache = self._build(ids, last, rows, computed)
+        # Blended parts know how many tokens they recomputed only now.
+        report.reused_tokens = report.prefix_tokens + sum(p.reused_tokens for p in report.parts)
+        for record in after:
+            record(cache)
+        return cache
+
+    def _collect(self, prompt: AgentPrompt, strategy: Strategy, report: AgentReport,
+                 last: int) -> tuple[list[_Rows], list[tuple[int, int]], list]:
+        ids, parts = prompt.ids, prompt.parts
+        rows: list[_Rows] = []
+        computed: list[tuple[int, int]] = []
+        after = []
         first = next((i for i, p in enumerate(parts) if p.kind == "placeholder"), len(parts))
-        head = parts[first].start if first < len(parts) else last
-        head = min(head, last)
-        cache = self._head(ids, parts[0], head, report) if head >= 1 else self.stack.new_cache()
+        head = min(parts[first].start if first < len(parts) else last, last)
+        if head >= 1:
+            self._head(ids, parts[0], head, report, rows, computed)
         i = first
         while i < len(parts) and parts[i].start < last:
             part = parts[i]
             if part.kind == "placeholder" and strategy.placeholder == Action.ANCHOR and not self._why_not:
                 following = parts[i + 1] if i + 1 < len(parts) and parts[i + 1].kind == "template" else None
-                self._anchor_path().run(cache, prompt, part, following, last, report)
+                self._anchor_path().collect(prompt, part, following, last, report, rows, computed, after)
                 i += 2 if following is not None else 1
                 continue
             action = strategy.placeholder if part.kind == "placeholder" else strategy.following
             if action == Action.ANCHOR:        # a model the anchor path cannot serve
                 action = Action.COMPUTE
-            self._part(cache, ids, part, min(part.end, last), action, strategy, report)
+            end = min(part.end, last)
+            row = PartReport(part.name, Action.COMPUTE.value, end - part.start)
+            report.parts.append(row)
+            span = None
+            if action != Action.COMPUTE:
+                row.why = self._why_not
+                span = None if row.why else self._read(part, ids, strategy.source, row)
+            if span is None:
+                computed.append((part.start, end))
+            else:
+                ratio = strategy.ratio if action == Action.BLEND else 0.0
+                rows.append(_Rows(part.start, end - part.start, span, ratio, row))
+                row.action, row.reused_tokens = action.value, end - part.start
             i += 1
-        return cache
+        return rows, computed, after
 
-    def _head(self, ids: list[int], p0: Part, head: int, report: AgentReport) -> DynamicCache:
+    def _head(self, ids: list[int], p0: Part, head: int, report: AgentReport, rows: list[_Rows],
+              computed: list[tuple[int, int]]) -> None:
         """The tokens before the first placeholder: P0 read whole from a stored prompt of
         this model that starts with it (exact: nothing precedes it there either), else the
-        consumer's prefix reuse (whole chunks of a stored prefix, the rest computed)."""
-        if p0.kind == "template" and p0.end == head and not self._why_not:
+        longest stored prefix of this model (whole chunks, or a partial chunk it stored),
+        the rest computed."""
+        span = None
+        if not self._why_not and p0.kind == "template" and p0.end == head:
             key = self.client.segment_key(list(p0.tokens), self.family_id)
             try:
                 [sources] = self.client.find_segments(self.family_id, [key])
@@ -323,35 +390,21 @@ class Agent:
             exact = next((s for s in sources if s.offset == 0 and not s.normalized and s.producer == self.model_id),
                          None)
             span = self.load(exact, Plan.full_reuse(self.stack.num_layers)) if exact is not None else None
-            if span is not None:
-                cache = self.stack.new_cache()
-                self._append(cache, span, 0, head)
-                report.prefix_tokens = head
-                report.reused_tokens += head
-                return cache
-        pre = self.consumer.prefill(ids[:head + 1])
-        report.prefix_tokens = pre.report.reused_tokens
-        report.reused_tokens += pre.report.reused_tokens
-        return pre.cache
-
-    def _part(self, cache: DynamicCache, ids: list[int], part: Part, end: int, action: Action,
-              strategy: Strategy, report: AgentReport) -> None:
-        """Append ``part``'s tokens up to ``end`` to ``cache`` as ``action`` says (COMPUTE
-        when a span cannot be read)."""
-        row = PartReport(part.name, Action.COMPUTE.value, end - part.start)
-        report.parts.append(row)
-        if action != Action.COMPUTE:
-            row.why = self._why_not
-            span = None if row.why else self._read(part, ids, strategy.source, row)
-            if span is not None:
-                self._append(cache, span, part.start, end - part.start)
-                row.action, row.reused_tokens = action.value, end - part.start
-                if action == Action.BLEND and strategy.ratio > 0:
-                    row.reused_tokens -= self._blend(cache, ids, part.start, end, strategy.ratio)
-                report.reused_tokens += row.reused_tokens
-                return
-        self.stack.run(self.stack.embed(self.stack.ids(ids[part.start:end])), 0, self.stack.num_layers,
-                       part.start, cache)
+        if span is None and not self._why_not:
+            try:
+                result = self.client.lookup_prompt(self.family_id, ids[:head], consumer=self.model_id,
+                                                   producers=[self.model_id], locate=self.consumer.direct)
+                hit = next((h for h in result.hits if h.producer == self.model_id), None)
+            except CacheServiceError:
+                hit = None
+            n = min(hit.num_tokens, head) if hit is not None else 0
+            span = self._load_hit(hit, 0, n, Plan.full_reuse(self.stack.num_layers)) if n else None
+        n = min(span.length, head) if span is not None else 0
+        if n:
+            rows.append(_Rows(0, n, span, 0.0, None))
+        if n < head:
+            computed.append((n, head))
+        report.prefix_tokens = n
 
     # ------------------------------------------------------------------ reading spans
 
@@ -396,13 +449,19 @@ class Agent:
         hit = next((h for h in result.hits if h.producer == source.producer), None)
         if hit is None or hit.num_chunks < hi:
             return None
-        hit = hit[lo:hi]
+        span = self._load_hit(hit[lo:hi], source.offset - lo * chunk, source.length, plan)
+        if span is not None:
+            span.offset = source.offset
+        return span
+
+    def _load_hit(self, hit: Hit, first: int, count: int, plan: Plan) -> _Span | None:
+        """Rows [first, first+count) of ``hit``'s tokens, the slabs ``plan`` needs."""
         requests = [LoadRequest((Kind.K, Kind.V), a, b) for a, b in plan.reused_ranges()]
         requests += [LoadRequest((Kind.E,), a, a + 1) for a, _ in plan.groups]
         loader = open_loader(self.client, self.family, self.family_id, hit, requests, direct=self.consumer.direct,
                              device=self.stack.device)
         loader.run()
-        rows = slice(source.offset - lo * chunk, source.end - lo * chunk)
+        rows = slice(first, first + count)
         kv = {}
         for r in requests:
             for kind in r.kinds:
@@ -413,41 +472,85 @@ class Agent:
                     kv[(kind, layer)] = slab[rows].clone()   # out of the loader's buffers
         if loader.join() < hit.num_chunks:
             return None
-        return _Span(source, kv, plan)
+        return _Span(first, count, kv, plan)
 
-    def _append(self, cache: DynamicCache, span: _Span, start: int, count: int) -> None:
-        """The span's first ``count`` tokens into ``cache`` at positions [start, start+count):
-        reused layers' keys re-rotated by the move (all layers at once), recompute groups
-        run from the stored E over these tokens against the cache's prefix."""
-        dtype, shift = self.stack.dtype, start - span.source.offset
-        reused = [layer for a, b in span.plan.reused_ranges() for layer in range(a, b)]
-        if reused:
-            keys = torch.stack([span.kv[(Kind.K, layer)][:count] for layer in reused])
-            keys = self.rope.shift(keys.to(torch.float32), shift) if shift else keys
-            for i, layer in enumerate(reused):
-                cache.update(head_major(keys[i], dtype), head_major(span.kv[(Kind.V, layer)][:count], dtype), layer)
-        for a, b in span.plan.groups:
-            hidden = span.kv[(Kind.E, a)][:count].to(dtype).unsqueeze(0)
-            self.stack.run(hidden, a, b, start, cache)
+    # ------------------------------------------------------------------ building the cache
 
-    def _blend(self, cache: DynamicCache, ids: list[int], start: int, end: int, ratio: float) -> int:
-        """CacheBlend over the reused tokens [start, end) of ``cache``: layer 0 recomputed
-        for all of them, then the ``2·ratio`` and ``ratio`` most deviating through the
-        layers after it (rows overwritten in place). Returns how many were recomputed
-        through every layer."""
-        stack, n = self.stack, end - start
-        positions = torch.arange(start, end, device=stack.device)
-        hidden = stack.embed(stack.ids(ids[start:end]))
-        keep = [math.ceil(share * n) for share in blend_shares(ratio)]
-        for layer in range(stack.num_layers):
-            keys, values = cache.layers[layer].keys, cache.layers[layer].values
-            old_k, old_v = keys[:, :, positions].clone(), values[:, :, positions].clone()
-            hidden = stack.run_at(hidden, layer, positions, keys, values)
-            if layer < len(keep):
-                scores = deviation(keys[:, :, positions], values[:, :, positions], old_k, old_v)
-                chosen = select(positions, scores, end, keep[layer])
-                positions, hidden = positions[chosen], hidden[:, chosen]
-        return len(positions)
+    def _build(self, ids: list[int], last: int, rows: list[_Rows], computed: list[tuple[int, int]]) -> DynamicCache:
+        """The cache of tokens [0, last) in one pass over the layers. At layer l: the rows
+        read for l are written (keys re-rotated by their move, every layer of a span at
+        once); then every token computed at l (the computed parts at every layer, a span's
+        recompute group from its stored E, a blended span's chosen tokens) runs through
+        the layer together (``DecoderStack.run_at``: their K/V overwrite their rows, each
+        query sees keys up to its own position). One weight pass per layer, however many
+        parts are computed: on a CPU a layer's weights cost as much to read for 10 tokens
+        as for 100."""
+        if not rows:
+            return self._dense(ids[:last])
+        stack, dtype, layers = self.stack, self.stack.dtype, self.stack.num_layers
+        cfg = self.family
+        keys = [torch.zeros(1, cfg.num_kv_heads, last, cfg.head_dim, dtype=dtype, device=stack.device)
+                for _ in range(layers)]
+        values = [torch.zeros_like(k) for k in keys]
+        written = [self._moved_keys(r) for r in rows]
+        pos = torch.tensor([p for a, b in computed for p in range(a, b)], dtype=torch.long, device=stack.device)
+        hidden = stack.embed(stack.ids(ids[a] for a in pos.tolist())) if len(pos) else None
+        leaves: dict[int, list[tuple[int, int]]] = {}          # layer -> [start, end) leaving after it
+        for layer in range(layers):
+            joining = []
+            for r, moved in zip(rows, written, strict=True):
+                if layer in moved:
+                    keys[layer][0, :, r.start:r.start + r.count] = head_major(moved[layer], dtype)[0]
+                    values[layer][0, :, r.start:r.start + r.count] = head_major(
+                        r.span.kv[(Kind.V, layer)][:r.count], dtype)[0]
+                group = r.span.plan.group_at(layer)
+                if group is not None and group[0] == layer:        # a recompute group starts here
+                    joining.append((r.start, r.span.kv[(Kind.E, layer)][:r.count].to(dtype).unsqueeze(0)))
+                    leaves.setdefault(group[1] - 1, []).append((r.start, r.start + r.count))
+                if layer == 0 and r.blend > 0:                      # CacheBlend: layer 0 over every token
+                    joining.append((r.start, stack.embed(stack.ids(ids[r.start:r.start + r.count]))))
+            if joining:
+                pos, hidden = _join(pos, hidden, joining, stack.device)
+            blended = [r for r in rows if r.blend > 0 and layer < 2]
+            old = {id(r): _rows_of(keys[layer], values[layer], r, pos) for r in blended}
+            if hidden is not None and len(pos):
+                hidden = stack.run_at(hidden, layer, pos, keys[layer], values[layer])
+            for r in blended:                                       # keep the most deviating
+                pos, hidden = self._blend_select(r, layer, pos, hidden, keys[layer], values[layer], old[id(r)])
+            if layer in leaves:
+                pos, hidden = _leave(pos, hidden, leaves.pop(layer))
+        cache = stack.new_cache()
+        for layer in range(layers):
+            cache.update(keys[layer], values[layer], layer)
+        return cache
+
+    def _moved_keys(self, rows: _Rows) -> dict[int, torch.Tensor]:
+        """Per reused layer, the rows' keys moved to where they go ([count, heads, dim])."""
+        reused = [layer for a, b in rows.span.plan.reused_ranges() for layer in range(a, b)]
+        if not reused:
+            return {}
+        stacked = torch.stack([rows.span.kv[(Kind.K, layer)][:rows.count] for layer in reused])
+        shift = rows.start - rows.span.offset
+        if shift:
+            stacked = self.rope.shift(stacked.to(torch.float32), shift)
+        return dict(zip(reused, stacked, strict=True))
+
+    def _blend_select(self, rows: _Rows, layer: int, pos: torch.Tensor, hidden: torch.Tensor,
+                      keys: torch.Tensor, values: torch.Tensor, old) -> tuple[torch.Tensor, torch.Tensor]:
+        """After layer 0 (then 1), keep the ``2·ratio`` (then ``ratio``) of the rows' tokens
+        whose recomputed K/V deviate most from the read ones; the rest keep what was read."""
+        mine = (pos >= rows.start) & (pos < rows.start + rows.count)
+        if not bool(mine.any()):
+            return pos, hidden
+        at = pos[mine]
+        scores = deviation(keys[:, :, at], values[:, :, at], *old)
+        keep = math.ceil(blend_shares(rows.blend)[layer] * rows.count)
+        chosen = at[select(at, scores, rows.start + rows.count, keep)]
+        if rows.report is not None:
+            rows.report.reused_tokens = rows.count - (len(chosen) if layer == 1 else 0)
+        drop = mine.clone()
+        drop[mine] = ~torch.isin(at, chosen)
+        return pos[~drop], hidden[:, ~drop]
 
     def _anchor_path(self):
         if self._anchored is None:

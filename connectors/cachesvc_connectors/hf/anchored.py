@@ -28,7 +28,6 @@ from transformers import DynamicCache
 from cachesvc.wire.keys import Kind
 from cachesvc.wire.segments import AnchorDelta, SegmentSource
 from cachesvc_client import CacheServiceError
-from cachesvc_connectors.hf.consumer import head_major
 from cachesvc_connectors.reuse import Plan
 from cachesvc_connectors.reuse.segments import SourceRule, admission, choose_source
 
@@ -56,42 +55,39 @@ class AnchorPath:
         self.options = agent.anchor_options
         self.layers = range(agent.stack.num_layers)
 
-    def run(self, cache: DynamicCache, prompt, part, following, last: int, report) -> None:
-        """Append ``part`` (a placeholder) and ``following`` (the template segment after it,
-        or None) to ``cache``, up to token ``last``, estimated or computed."""
-        from cachesvc_connectors.hf.agents import PartReport
-        agent = self.agent
+    def collect(self, prompt, part, following, last: int, report, rows: list, computed: list, after: list) -> None:
+        """Decide ``part`` (a placeholder) and ``following`` (the template segment after it,
+        or None), up to token ``last``: estimated rows into ``rows``, or, on a miss,
+        computed ranges into ``computed`` and a recording step into ``after`` (run on the
+        built cache)."""
+        from cachesvc_connectors.hf.agents import PartReport, _Rows, _Span
         count = min(part.end, last) - part.start
         f_count = min(following.end, last) - following.start if following is not None else 0
         row = PartReport(part.name, "anchor", count)
         f_row = PartReport(following.name, "anchor", f_count) if following is not None else None
         report.parts += [r for r in (row, f_row) if r is not None]
+        full = Plan.full_reuse(self.agent.stack.num_layers)
         try:
             if count < len(part.tokens):
                 raise AnchorMiss("the placeholder ends the prompt")
             est = self._estimate(prompt.ids, part, following, f_count)
         except AnchorMiss as miss:
             row.action, row.why = "compute", str(miss)
+            computed.append((part.start, part.start + count))
             if f_row is not None:
                 f_row.action = "compute"
-            ids = prompt.ids
-            stack = agent.stack
-            stack.run(stack.embed(stack.ids(ids[part.start:part.start + count])), 0, stack.num_layers,
-                      part.start, cache)
-            if f_count:
-                stack.run(stack.embed(stack.ids(ids[following.start:following.start + f_count])), 0,
-                          stack.num_layers, following.start, cache)
+                computed.append((following.start, following.start + f_count))
             if count == len(part.tokens):
-                self._record(cache, part, following, f_count)
+                after.append(lambda cache: self._record(cache, part, following, f_count))
             return
-        self._append(cache, est.placeholder, part.start)
+        # Normalized rows: moved by their start, as from a span stored at offset 0.
+        rows.append(_Rows(part.start, count, _Span(0, count, est.placeholder, full), 0.0, row))
         row.reused_tokens = count
         if f_row is not None and f_count:
-            self._append(cache, est.following, following.start)
+            rows.append(_Rows(following.start, f_count, _Span(0, f_count, est.following, full), 0.0, f_row))
             f_row.reused_tokens = f_count
-        report.reused_tokens += count + f_count
         try:
-            agent.client.activate_anchors(agent.family_id, part.name, est.anchors)
+            self.agent.client.activate_anchors(self.agent.family_id, part.name, est.anchors)
         except CacheServiceError:
             pass   # a lost activation only makes the anchor likelier to be evicted
 
@@ -257,12 +253,6 @@ class AnchorPath:
         source = SegmentSource(producer, tuple(chain), 0, count)
         span = agent.load(source, Plan.full_reuse(agent.stack.num_layers))
         return {k: v.float() for k, v in span.kv.items()} if span is not None else None
-
-    def _append(self, cache: DynamicCache, slabs: Slabs, start: int) -> None:
-        agent, dtype = self.agent, self.agent.stack.dtype
-        keys = agent.rope.shift(torch.stack([slabs[(Kind.K, layer)] for layer in self.layers]), start)
-        for layer in self.layers:
-            cache.update(head_major(keys[layer], dtype), head_major(slabs[(Kind.V, layer)], dtype), layer)
 
 
 def _mean_l2(a: Slabs, b: Slabs, n: int, kind: Kind) -> float:
