@@ -23,7 +23,8 @@ TTFT is prompt in, first-token logits out (models loaded). Rows per (workload, a
 mode): ``reuse_token_rate`` (prompt tokens read, not computed), ``reuse_call_rate`` (calls
 that read a placeholder's content), ``ttft_s`` (median), ``prompt_speedup`` (dense's total
 TTFT over the mode's, same calls), ``first_token_kl`` (median, against dense),
-``top1_agreement``, ``identical_rate`` (greedy ``--answer-tokens``), ``task_score`` with its
+``prompt_speedup_agents_2_on`` (the same over the agents after the first, which alone can
+read what others stored), ``top1_agreement``, ``identical_rate`` (greedy ``--answer-tokens``), ``task_score`` with its
 95% interval (task), ``last_agent_speedup`` (copy: the last agent's median TTFT, dense over
 the mode). Rows for fewer agents come from the same pipeline's first agents (an agent only
 reads what the agents before it wrote).
@@ -233,6 +234,10 @@ def _rows(workload: str, calls: list[Call], counts: list[int]) -> list[dict]:
                 "ttft_s": round(statistics.median(c.ttft_s for c in mine), 4),
                 "prompt_speedup": round(sum(dense[(c.round, c.agent)].ttft_s for c in mine) /
                                         sum(c.ttft_s for c in mine), 3),
+                # Agent 1 is the first to see a round's content: nothing to read for it.
+                "prompt_speedup_agents_2_on": round(
+                    sum(dense[(c.round, c.agent)].ttft_s for c in mine if c.agent) /
+                    sum(c.ttft_s for c in mine if c.agent), 3) if n > 1 else None,
                 "first_token_kl": round(statistics.median(c.kl for c in mine), 5),
                 "top1_agreement": round(statistics.fmean(c.top1 for c in mine), 4),
                 "identical_rate": round(statistics.fmean(c.identical for c in mine), 4),

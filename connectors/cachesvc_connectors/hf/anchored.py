@@ -78,7 +78,11 @@ class AnchorPath:
                 f_row.action = "compute"
                 computed.append((following.start, following.start + f_count))
             if count == len(part.tokens):
-                after.append(lambda cache: self._record(cache, part, following, f_count))
+                def record(cache: DynamicCache) -> None:
+                    failed = self._record(cache, part, following, f_count)
+                    if failed:
+                        row.why += f"; not recorded in the anchor pool: {failed}"
+                after.append(record)
             return
         # Normalized rows: moved by their start, as from a span stored at offset 0.
         rows.append(_Rows(part.start, count, _Span(0, count, est.placeholder, full), 0.0, row))
@@ -164,10 +168,10 @@ class AnchorPath:
 
     # ------------------------------------------------------------------ recording a miss
 
-    def _record(self, cache: DynamicCache, part, following, f_count: int) -> None:
+    def _record(self, cache: DynamicCache, part, following, f_count: int) -> str:
         """After computing the parts: store what the pool needs (bases where missing, this
-        agent's offsets) and make the content an anchor. Best effort: a failure leaves the
-        pool as it was (the node admits nothing partial)."""
+        agent's offsets) and make the content an anchor. '' when done, else why not: the
+        pool stays as it was (the node admits nothing partial) and the caller reports it."""
         agent = self.agent
         real_ph = self._rows(cache, part.start, len(part.tokens))
         base = self._base(part.tokens, None, allow_nearest=False)
@@ -176,7 +180,8 @@ class AnchorPath:
             if base is None or base_source is None:
                 base_source, base = agent.put_base(part.tokens, real_ph), real_ph
             d_ph = {k: real_ph[k] - base[k] for k in real_ph}
-            ph_chain = self._put_delta(part.tokens, part.name, "ph", d_ph)
+            key = agent.client.segment_key(list(part.tokens), agent.family_id)
+            ph_chain = self._put_delta(part.tokens, key, part.name, "ph", d_ph)
             pf_chain: tuple[bytes, ...] = ()
             if f_count:
                 f_tokens = following.tokens[:f_count]
@@ -185,19 +190,20 @@ class AnchorPath:
                 if ref is None:
                     agent.put_base(f_tokens, real_pf)
                     ref = real_pf
-                pf_chain = self._put_delta(tuple(part.tokens) + tuple(f_tokens), part.name, "pf",
-                                           {k: real_pf[k] - ref[k] for k in real_pf})
-            key = agent.client.segment_key(list(part.tokens), agent.family_id)
+                pf_chain = self._put_delta(f_tokens, key, part.name, "pf", {k: real_pf[k] - ref[k] for k in real_pf})
             agent.client.admit_anchor(agent.family_id, part.name, key, base_source)
             agent.client.record_anchor(agent.family_id, part.name, key,
                                        AnchorDelta(agent.name, agent.model_id, ph_chain, pf_chain, f_count))
-        except CacheServiceError:
-            pass
+        except CacheServiceError as exc:
+            return str(exc)
+        return ""
 
-    def _put_delta(self, tokens, placeholder: str, which: str, slabs: Slabs) -> tuple[bytes, ...]:
+    def _put_delta(self, tokens, content_key: bytes, placeholder: str, which: str, slabs: Slabs) -> tuple[bytes, ...]:
+        """Offsets over ``tokens`` (their rows), stored under a chain of those tokens keyed
+        by the anchored content, the agent, the placeholder and which offsets they are."""
         agent = self.agent
         chain = agent.client.hash_tokens(list(tokens), agent.family_id, include_partial=True,
-                                         extra_keys=(DELTA_SALT, agent.name, placeholder, which))
+                                         extra_keys=(DELTA_SALT, content_key, agent.name, placeholder, which))
         agent._put_chain(chain, slabs, len(next(iter(slabs.values()))))
         return tuple(chain)
 
