@@ -75,3 +75,24 @@ def test_sources_are_bounded_and_survive_a_restart(server_factory, tmp_path, rng
     with CacheClient(srv.address) as client:
         client.wait_ready()
         assert [len(f) for f in client.find_segments(family_id, keys)] == [0, 0, 1, 1, 1]
+
+
+def test_segment_counters_reach_prometheus(server_factory, rng):
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+    srv = server_factory("--memory-bytes", "64MiB", "--metrics-port", "0")
+    with CacheClient(srv.address) as client:
+        client.wait_ready()
+        family_id = client.register_model("agent-a", "aaaa0001", TINY).family_id
+        tokens = list(range(300))
+        hashes = _store_prompt(client, rng, family_id, "agent-a", tokens)
+        key = client.segment_key(tokens[50:250], family_id)
+        client.put_segment(family_id, key, SegmentSource("agent-a", tuple(hashes), 50, 200))
+        client.find_segments(family_id, [key])
+    url = f"http://127.0.0.1:{srv.serving('metrics_port')}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as answer:
+        samples = {s.name: s.value for family in text_string_to_metric_families(answer.read().decode())
+                   for s in family.samples}
+    assert samples["cachesvc_segment_puts_total"] == 1 and samples["cachesvc_segment_hits_total"] == 1
+    assert samples["cachesvc_segment_sources"] == 1 and samples["cachesvc_anchor_pool_bytes"] == 0

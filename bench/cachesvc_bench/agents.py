@@ -306,7 +306,8 @@ def run(args: argparse.Namespace) -> dict:
     timed = [m for m in modes if m != "planner"]
     calibrate = ["dense", *(m for m in CALIBRATED if m in timed)] if "planner" in modes else []
     target = FidelityTarget(args.max_kl, args.min_top1)
-    with model_server(args.device, "6GiB") as srv, CacheClient(srv.address) as client:
+    with model_server(args.device, args.node_memory, "--anchor-pool-bytes", args.anchor_pool_bytes) as srv, \
+            CacheClient(srv.address) as client:
         agents = _agents(client, args, base, tok, tuned)
         pipeline = Pipeline(client, agents, workload, tok, args)
         total = (len(calibrate) * args.calibration_rounds + len(modes) * args.agent_rounds) * args.agents
@@ -324,7 +325,8 @@ def run(args: argparse.Namespace) -> dict:
             "agent_plan": args.agent_plan if tuned is not None else None,
             "settings": {k: getattr(args, k) for k in ("agents", "agent_rounds", "calibration_rounds", "input_tokens",
                                                        "prefix_tokens", "output_tokens", "context_tokens",
-                                                       "answer_tokens", "anchor_gamma", "anchor_temperature")},
+                                                       "answer_tokens", "anchor_gamma", "anchor_temperature",
+                                                       "anchor_pool_bytes", "node_memory")},
             "target": {"max_kl": target.max_kl, "min_top1": target.min_top1},
             "profile": profile.to_json() if profile else None,
             "node": {k: node.get(k, 0) for k in ("segment_sources", "segment_hits", "anchors", "anchor_pool_bytes",

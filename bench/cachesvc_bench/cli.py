@@ -96,6 +96,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     agents.add_argument("--task-consumer", default="codes-upper", help="task: the fine-tune of agents 2..N")
     agents.add_argument("--anchor-gamma", type=float, default=0.3, help="kvcomm: entropy threshold scale")
     agents.add_argument("--anchor-temperature", type=float, default=0.1, help="kvcomm: distance temperature")
+    agents.add_argument("--anchor-pool-bytes", default="6GiB",
+                        help="kvcomm: the node's anchor pool budget (each agent's offsets for an anchor cost "
+                             "about as much as the content's K/V)")
+    agents.add_argument("--node-memory", default="12GiB", help="agents: the node's memory tier")
     parser.add_argument("--oversubscription", type=int, default=10,
                         help="soak: key space over the memory tier")
 

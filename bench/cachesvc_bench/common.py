@@ -22,11 +22,11 @@ def bench_server(*args: str) -> ServerProcess:
     return ServerProcess(workdir, ["--log-level", "warning", *args])
 
 
-def model_server(device: str, cpu_memory: str = "2GiB") -> ServerProcess:
+def model_server(device: str, cpu_memory: str = "2GiB", *args: str) -> ServerProcess:
     """A memory-only bench server for the model benchmarks: 24 GiB of memory tier on a GPU
-    host (the large synthetic shapes' slabs), ``cpu_memory`` otherwise."""
+    host (the large synthetic shapes' slabs), ``cpu_memory`` otherwise; ``args``: more flags."""
     return bench_server("--memory-bytes", "24GiB" if device.startswith("cuda") else cpu_memory,
-                        "--disk-mode", "off")
+                        "--disk-mode", "off", *args)
 
 
 def machine() -> dict:

@@ -46,6 +46,18 @@ _COUNTERS = {
     "disk_writes": ("cachesvc_disk_writes", "entry files written"),
     "disk_write_errors": ("cachesvc_disk_write_errors", "entry files that could not be written"),
     "profile_flags": ("cachesvc_profile_flags", "profiles flagged for re-profiling by consumers' drift guards"),
+    "segment_puts": ("cachesvc_segment_puts", "segment sources registered (cross-context reuse)"),
+    "segment_hits": ("cachesvc_segment_hits", "segment keys a find answered with a live source"),
+    "segment_sources_dropped": ("cachesvc_segment_sources_dropped", "sources dropped because their entries went"),
+    "anchors_admitted": ("cachesvc_anchors_admitted", "anchors admitted to a placeholder's pool"),
+    "anchors_evicted": ("cachesvc_anchors_evicted", "anchors evicted (capacity, byte budget, or stale)"),
+    "anchor_records": ("cachesvc_anchor_records", "agents' anchor offsets recorded"),
+}
+# store gauges -> (metric name, help)
+_GAUGES = {
+    "segment_sources": ("cachesvc_segment_sources", "segment sources indexed"),
+    "anchors": ("cachesvc_anchors", "anchors over every placeholder's pool"),
+    "anchor_pool_bytes": ("cachesvc_anchor_pool_bytes", "bytes of anchor offsets the pools hold"),
 }
 _PATHS = ("grpc", "tcp", "shm", "ucx", "lm", "replication")
 
@@ -66,6 +78,8 @@ class StoreCollector:
         counters = stats["counters"]
         for key, (name, doc) in _COUNTERS.items():
             yield CounterMetricFamily(name, doc, value=counters[key])
+        for key, (name, doc) in _GAUGES.items():
+            yield GaugeMetricFamily(name, doc, value=counters[key])
         hits = CounterMetricFamily("cachesvc_hit_chunks_by_kind", "chunks of the longest hit, by kind of reuse",
                                    labels=["kind"])
         hits.add_metric(["same_model"], counters["hit_chunks_same_model"])
