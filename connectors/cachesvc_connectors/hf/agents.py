@@ -172,7 +172,7 @@ class AgentPrefill:
 
 
 @dataclass
-class _Span:
+class Span:
     """Rows read from the service: per (kind, layer) ``[count, heads, dim]`` (E: ``[count,
     hidden]``) as stored at positions ``offset``…, the slabs ``plan`` needs."""
 
@@ -183,13 +183,13 @@ class _Span:
 
 
 @dataclass
-class _Rows:
+class CacheRows:
     """Cache rows [start, start+count) taken from ``span`` (keys moved by ``start -
     span.offset``); ``blend`` > 0: CacheBlend's ratio over them."""
 
     start: int
     count: int
-    span: _Span
+    span: Span
     blend: float
     report: PartReport | None
 
@@ -210,7 +210,7 @@ def _leave(pos: torch.Tensor, hidden: torch.Tensor, ranges: list[tuple[int, int]
     return pos[~gone], hidden[:, ~gone]
 
 
-def _rows_of(keys: torch.Tensor, values: torch.Tensor, rows: _Rows, pos: torch.Tensor):
+def _rows_of(keys: torch.Tensor, values: torch.Tensor, rows: CacheRows, pos: torch.Tensor):
     """The read K/V of ``rows``' tokens now in ``pos`` (copies, before they are overwritten)."""
     at = pos[(pos >= rows.start) & (pos < rows.start + rows.count)]
     return keys[:, :, at].clone(), values[:, :, at].clone()
@@ -338,9 +338,9 @@ class Agent:
         return cache
 
     def _collect(self, prompt: AgentPrompt, strategy: Strategy, report: AgentReport,
-                 last: int) -> tuple[list[_Rows], list[tuple[int, int]], list]:
+                 last: int) -> tuple[list[CacheRows], list[tuple[int, int]], list]:
         ids, parts = prompt.ids, prompt.parts
-        rows: list[_Rows] = []
+        rows: list[CacheRows] = []
         computed: list[tuple[int, int]] = []
         after = []
         first = next((i for i, p in enumerate(parts) if p.kind == "placeholder"), len(parts))
@@ -369,12 +369,12 @@ class Agent:
                 computed.append((part.start, end))
             else:
                 ratio = strategy.ratio if action == Action.BLEND else 0.0
-                rows.append(_Rows(part.start, end - part.start, span, ratio, row))
+                rows.append(CacheRows(part.start, end - part.start, span, ratio, row))
                 row.action, row.reused_tokens = action.value, end - part.start
             i += 1
         return rows, computed, after
 
-    def _head(self, ids: list[int], p0: Part, head: int, report: AgentReport, rows: list[_Rows],
+    def _head(self, ids: list[int], p0: Part, head: int, report: AgentReport, rows: list[CacheRows],
               computed: list[tuple[int, int]]) -> None:
         """The tokens before the first placeholder: P0 read whole from a stored prompt of
         this model that starts with it (exact: nothing precedes it there either), else the
@@ -401,14 +401,14 @@ class Agent:
             span = self._load_hit(hit, 0, n, Plan.full_reuse(self.stack.num_layers)) if n else None
         n = min(span.length, head) if span is not None else 0
         if n:
-            rows.append(_Rows(0, n, span, 0.0, None))
+            rows.append(CacheRows(0, n, span, 0.0, None))
         if n < head:
             computed.append((n, head))
         report.prefix_tokens = n
 
     # ------------------------------------------------------------------ reading spans
 
-    def _read(self, part: Part, ids: list[int], rule: SourceRule, row: PartReport) -> _Span | None:
+    def _read(self, part: Part, ids: list[int], rule: SourceRule, row: PartReport) -> Span | None:
         """The K/V of ``part``'s tokens from a source the rule picks (None, with
         ``row.why``, when there is none usable)."""
         key = self.client.segment_key(list(part.tokens), self.family_id)
@@ -436,7 +436,7 @@ class Agent:
         row.source, row.shift = f"{source.producer}@{source.offset}", part.start - source.offset
         return span
 
-    def load(self, source: SegmentSource, plan: Plan) -> _Span | None:
+    def load(self, source: SegmentSource, plan: Plan) -> Span | None:
         """The source's span, the slabs ``plan`` needs, loaded and verified (only the
         chunks covering the span); None if any did not arrive whole."""
         chunk = self.client.chunk_size()
@@ -454,7 +454,7 @@ class Agent:
             span.offset = source.offset
         return span
 
-    def _load_hit(self, hit: Hit, first: int, count: int, plan: Plan) -> _Span | None:
+    def _load_hit(self, hit: Hit, first: int, count: int, plan: Plan) -> Span | None:
         """Rows [first, first+count) of ``hit``'s tokens, the slabs ``plan`` needs."""
         requests = [LoadRequest((Kind.K, Kind.V), a, b) for a, b in plan.reused_ranges()]
         requests += [LoadRequest((Kind.E,), a, a + 1) for a, _ in plan.groups]
@@ -472,11 +472,11 @@ class Agent:
                     kv[(kind, layer)] = slab[rows].clone()   # out of the loader's buffers
         if loader.join() < hit.num_chunks:
             return None
-        return _Span(first, count, kv, plan)
+        return Span(first, count, kv, plan)
 
     # ------------------------------------------------------------------ building the cache
 
-    def _build(self, ids: list[int], last: int, rows: list[_Rows], computed: list[tuple[int, int]]) -> DynamicCache:
+    def _build(self, ids: list[int], last: int, rows: list[CacheRows], computed: list[tuple[int, int]]) -> DynamicCache:
         """The cache of tokens [0, last) in one pass over the layers. At layer l: the rows
         read for l are written (keys re-rotated by their move, every layer of a span at
         once); then every token computed at l (the computed parts at every layer, a span's
@@ -524,7 +524,7 @@ class Agent:
             cache.update(keys[layer], values[layer], layer)
         return cache
 
-    def _moved_keys(self, rows: _Rows) -> dict[int, torch.Tensor]:
+    def _moved_keys(self, rows: CacheRows) -> dict[int, torch.Tensor]:
         """Per reused layer, the rows' keys moved to where they go ([count, heads, dim])."""
         reused = [layer for a, b in rows.span.plan.reused_ranges() for layer in range(a, b)]
         if not reused:
@@ -535,7 +535,7 @@ class Agent:
             stacked = self.rope.shift(stacked.to(torch.float32), shift)
         return dict(zip(reused, stacked, strict=True))
 
-    def _blend_select(self, rows: _Rows, layer: int, pos: torch.Tensor, hidden: torch.Tensor,
+    def _blend_select(self, rows: CacheRows, layer: int, pos: torch.Tensor, hidden: torch.Tensor,
                       keys: torch.Tensor, values: torch.Tensor, old) -> tuple[torch.Tensor, torch.Tensor]:
         """After layer 0 (then 1), keep the ``2·ratio`` (then ``ratio``) of the rows' tokens
         whose recomputed K/V deviate most from the read ones; the rest keep what was read."""

@@ -60,7 +60,7 @@ class AnchorPath:
         or None), up to token ``last``: estimated rows into ``rows``, or, on a miss,
         computed ranges into ``computed`` and a recording step into ``after`` (run on the
         built cache)."""
-        from cachesvc_connectors.hf.agents import PartReport, _Rows, _Span
+        from cachesvc_connectors.hf.agents import PartReport, CacheRows, Span
         count = min(part.end, last) - part.start
         f_count = min(following.end, last) - following.start if following is not None else 0
         row = PartReport(part.name, "anchor", count)
@@ -85,10 +85,10 @@ class AnchorPath:
                 after.append(record)
             return
         # Normalized rows: moved by their start, as from a span stored at offset 0.
-        rows.append(_Rows(part.start, count, _Span(0, count, est.placeholder, full), 0.0, row))
+        rows.append(CacheRows(part.start, count, Span(0, count, est.placeholder, full), 0.0, row))
         row.reused_tokens = count
         if f_row is not None and f_count:
-            rows.append(_Rows(following.start, f_count, _Span(0, f_count, est.following, full), 0.0, f_row))
+            rows.append(CacheRows(following.start, f_count, Span(0, f_count, est.following, full), 0.0, f_row))
             f_row.reused_tokens = f_count
         try:
             self.agent.client.activate_anchors(self.agent.family_id, part.name, est.anchors)
