@@ -2,7 +2,8 @@
 the committed entries they refer to (docs/agents.md).
 
 The store owns the lock and hands it here with its catalog; every change happens under it,
-and the journals are written after it is released, as the registries do. Rules:
+and the journals (``segments.jsonl``, ``anchors.json``) are written after it is released,
+as the registries' files are. Rules:
 
 - a segment source is accepted only when every chunk of its chain is committed for its
   producer, the producer is a model of the family, and the chain holds the span; a find
@@ -37,6 +38,7 @@ class CrossContext:
                  disk_dir: Path | None) -> None:
         self._lock, self._catalog, self._models, self._counters = lock, catalog, models, counters
         self._delete = delete   # the store's delete, taken under the lock
+        self._journal_lock = threading.Lock()
         self.segments = SegmentIndex(max_sources, disk_dir / "segments.jsonl" if disk_dir else None)
         self.anchors = AnchorPool(pool_bytes, disk_dir / "anchors.json" if disk_dir else None)
         counters.update(dict.fromkeys(("segment_puts", "segment_finds", "segment_hits", "segment_sources_dropped",
@@ -52,7 +54,8 @@ class CrossContext:
             self._check_source(tenant, family_id, source, "source")
             count = self.segments.put((tenant, family_id, key), source)
             self._counters["segment_puts"] += 1
-            return count
+        self._flush_segments()
+        return count
 
     def find_segments(self, tenant: str, family_id: str, keys: Sequence[bytes], limit: int) -> list[list[SegmentSource]]:
         tenant = tenant_name(tenant)
@@ -69,7 +72,8 @@ class CrossContext:
             self._counters["segment_finds"] += 1
             self._counters["segment_hits"] += sum(1 for f in found if f)
             self._counters["segment_sources_dropped"] += before - self.segments.count
-            return found
+        self._flush_segments()
+        return found
 
     # ------------------------------------------------------------ anchors
 
@@ -154,7 +158,16 @@ class CrossContext:
 
     def close(self) -> None:
         self.anchors.flush()
-        self.segments.close()
+        self._flush_segments()
+
+    def _flush_segments(self) -> None:
+        """Write the segment index's queued changes, outside the store lock; one writer at
+        a time, in the order they were taken (journal lock, then store lock: never the
+        other way round)."""
+        with self._journal_lock:
+            with self._lock:
+                lines, snapshot = self.segments.take()
+            self.segments.write(lines, snapshot)
 
     # ------------------------------------------------------------ checks (under the lock)
 

@@ -9,8 +9,10 @@ span it cannot read whole; it may still lose the race with an eviction after the
 then sees a miss on its fetch, as with any lookup.
 
 The index is bounded (``max_sources``, least recently used out first) and, with the disk
-tier, journaled to ``segments.jsonl`` (one line per change; compacted on start), so sources
-come back with the entries they point at after a restart.
+tier, journaled to ``segments.jsonl`` (one line per change; compacted on start and when
+mostly superseded), so sources come back with the entries they point at after a restart.
+Changes are queued under the store lock and written after it is released (``take`` /
+``write``), as the store does all its disk I/O.
 """
 
 from __future__ import annotations
@@ -40,10 +42,11 @@ class SegmentIndex:
         self._order: OrderedDict[Key, list[SegmentSource]] = OrderedDict()
         self.count = 0
         self._journal = journal
-        self._fh = None
         self._lines = 0                  # records in the journal file
+        self._pending: list[str] | None = None    # changes not yet written (None: not journaling)
         if journal is not None:
             self._replay(journal)
+            self._pending = []
 
     # ------------------------------------------------------------ changes
 
@@ -88,20 +91,37 @@ class SegmentIndex:
     # ------------------------------------------------------------ journal
 
     def _write(self, record: dict) -> None:
-        if self._fh is None:
+        """Queue a change for the journal (written by :meth:`write`, outside the lock)."""
+        if self._pending is not None:
+            self._pending.append(json.dumps(record, separators=(",", ":")))
+
+    def take(self) -> tuple[list[str], list[str] | None]:
+        """Under the store lock: the queued lines, and, when the file is mostly superseded
+        records, a snapshot of every live source to rewrite it with instead."""
+        if self._pending is None:
+            return [], None
+        lines, self._pending = self._pending, []
+        if self._journal is None or self._lines + len(lines) <= 4 * self.count + 1024:
+            return lines, None
+        return [], self._snapshot()
+
+    def write(self, lines: list[str], snapshot: list[str] | None) -> None:
+        """Without the store lock (the caller serializes writers): append, or rewrite."""
+        if self._journal is None:
             return
         try:
-            self._fh.write(json.dumps(record, separators=(",", ":")) + "\n")
-            self._fh.flush()
-            self._lines += 1
-            if self._lines > 4 * self.count + 1024:    # mostly superseded records: rewrite
-                self._compact()
+            if snapshot is not None:
+                self._rewrite(snapshot)
+            elif lines:
+                with self._journal.open("a") as fh:
+                    fh.write("\n".join(lines) + "\n")
+                self._lines += len(lines)
         except OSError as exc:   # the index still serves; sources are lost at the next restart only
             log.warning("segment journal write failed: %s", exc)
 
     def _replay(self, path: Path) -> None:
-        """Rebuild the index from the journal (the same changes, not written again: no
-        file is open yet), then compact it."""
+        """Rebuild the index from the journal (the same changes; nothing is queued while
+        ``_pending`` is None), then rewrite it compacted."""
         if path.exists():
             for number, line in enumerate(path.read_text().splitlines(), 1):
                 try:
@@ -114,26 +134,20 @@ class SegmentIndex:
                 except (ValueError, KeyError, TypeError) as exc:
                     # A torn last line after a crash: what came before it stands.
                     log.warning("segment journal %s line %d skipped: %s", path, number, exc)
-        self._compact()
+        self._rewrite(self._snapshot())
 
-    def _compact(self) -> None:
-        """Rewrite the journal as one put per live source, oldest first (tmp + rename)."""
+    def _snapshot(self) -> list[str]:
+        return [json.dumps({"op": "put", "key": _key_json(key), "source": _source_json(source)},
+                           separators=(",", ":"))
+                for key, sources in self._order.items() for source in sources]
+
+    def _rewrite(self, lines: list[str]) -> None:
+        """The journal as ``lines`` (one put per live source, oldest first; tmp + rename)."""
         assert self._journal is not None
-        if self._fh is not None:
-            self._fh.close()
         tmp = self._journal.with_suffix(".tmp")
-        with tmp.open("w") as fh:
-            for key, sources in self._order.items():
-                for source in sources:
-                    fh.write(json.dumps({"op": "put", "key": _key_json(key), "source": _source_json(source)},
-                                        separators=(",", ":")) + "\n")
+        tmp.write_text("".join(line + "\n" for line in lines))
         tmp.replace(self._journal)
-        self._fh, self._lines = self._journal.open("a"), self.count
-
-    def close(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+        self._lines = len(lines)
 
 
 def _key_json(key: Key) -> list:

@@ -385,7 +385,6 @@ class CacheServicer(pb_grpc.CacheServiceServicer):
                                 counters=s["counters"] | (self.cluster.stats() if self.cluster else {}),
                                 uptime_s=s["uptime_s"], fetch=self.fetch)
 
-
     # ------------------------------------------------------------ cross-context reuse
 
     @_maps_errors
