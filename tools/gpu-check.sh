@@ -8,7 +8,8 @@
 # Then: the connector tests with the tiny models on CUDA (the direct path from the arena
 # registered with CUDA among them), the reuse path's fixed cost (`bench overhead`), and
 # `cachesvc bench reuse --synthetic` (random weights at real shapes, to 16384 tokens for
-# the 8B shape) on the GPU. Results land in $OUT. Fits ~10 minutes of an H100/H200.
+# the 8B shape) on the GPU, and the agents' copy workload at the 8B shape. Results land in
+# $OUT. Fits ~10 minutes of an H100/H200 (SKIP_TESTS=1 for the benchmarks alone).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-check}
 source tools/gpu-env.sh || exit 1
@@ -39,5 +40,16 @@ python3 -m cachesvc_bench reuse --device cuda --unaligned "${UNALIGNED:-smollm2-
   --contexts "${UNALIGNED_CONTEXTS:-2000,4000}" --json "$OUT/unaligned-gpu.json" > "$OUT/unaligned-gpu.log" 2>&1
 rc2=$?
 grep -A10 '^| model' "$OUT/unaligned-gpu.log" || tail -40 "$OUT/unaligned-gpu.log"
+# Issue 16: the copy workload at the 8B shape (random weights: TTFT and fidelity to dense
+# only), 5 agents, as the paper's TTFT setting; and the agent tests on CUDA.
+if [ -z "${SKIP_TESTS:-}" ]; then
+  CACHESVC_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider tests/test_agents.py 2>&1 \
+    | tee "$OUT/tests-agents-cuda.log" | tail -5
+fi
+python3 -m cachesvc_bench agents --device cuda --model "${AGENT_MODEL:-llama-3.1-8b}" --workload copy \
+  --modes dense,prefix_only,nearest,reuse_all,blend --agent-rounds "${AGENT_ROUNDS:-2}" --calibration-rounds 1 \
+  --slab-dtype bfloat16 \
+  --json "$OUT/agents-gpu.json" > "$OUT/agents-gpu.log" 2>&1 || rc=1
+grep -A12 '^| workload' "$OUT/agents-gpu.log" || tail -40 "$OUT/agents-gpu.log"
 [ $rc -eq 0 ] && exit $rc2
 exit $rc

@@ -148,6 +148,8 @@ def _call(agent: Agent, step: Step, strategy: str, answer_tokens: int) -> tuple[
     pre = agent.prefill(step.prompt, strategy)
     out = model(input_ids=stack.ids(ids[-1:]), past_key_values=pre.cache, use_cache=True)
     logits = out.logits[0, -1].float()
+    if logits.is_cuda:
+        torch.cuda.synchronize(logits.device)   # the first token is out when its logits are
     ttft = time.perf_counter() - t0
     answer, cache, nxt = [], out.past_key_values, int(logits.argmax())
     for _ in range(answer_tokens):
