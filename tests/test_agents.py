@@ -43,6 +43,7 @@ def _logits(agent: Agent, prompt, strategy: str):
     ids = prompt.ids
     assert pre.cache.get_seq_length() == len(ids) - 1
     out = agent.consumer.model(input_ids=agent.stack.ids(ids[-1:]), past_key_values=pre.cache)
+    pre.finish()
     return out.logits[0, -1], pre.report
 
 

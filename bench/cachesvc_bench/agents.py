@@ -158,6 +158,7 @@ def _call(agent: Agent, step: Step, strategy: str, answer_tokens: int) -> tuple[
             break
         out = model(input_ids=stack.ids([nxt]), past_key_values=cache, use_cache=True)
         cache, nxt = out.past_key_values, int(out.logits[0, -1].argmax())
+    pre.finish()     # the anchor path's recording, after the answer (not in the TTFT)
     return pre.report, torch.log_softmax(logits, -1), answer, ttft
 
 

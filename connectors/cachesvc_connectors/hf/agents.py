@@ -169,6 +169,15 @@ class AgentReport:
 class AgentPrefill:
     cache: DynamicCache        # the first N-1 prompt tokens
     report: AgentReport
+    # What the anchor path learned from a miss, recorded off the request path: run by
+    # :meth:`finish` once the answer is out (``Agent.generate`` does). The prompt's rows
+    # of ``cache`` stay as they are while generation appends to it.
+    pending: list = field(default_factory=list)
+
+    def finish(self) -> None:
+        for record in self.pending:
+            record(self.cache)
+        self.pending.clear()
 
 
 @dataclass
@@ -314,28 +323,30 @@ class Agent:
         report = AgentReport(strategy.name, len(ids), chose=chose)
         # prefix_only goes through the assembly too: P0 is read whole from a stored prompt
         # that starts with it, not only its leading whole chunks.
-        cache = self._assemble(prompt, strategy, report) if strategy.prefix_cache else self._dense(ids[:-1])
+        after: list = []
+        if strategy.prefix_cache:
+            cache, after = self._assemble(prompt, strategy, report)
+        else:
+            cache = self._dense(ids[:-1])
         report.prefill_s = time.perf_counter() - t0
-        return AgentPrefill(cache, report)
+        return AgentPrefill(cache, report, after)
 
     def _dense(self, ids: Sequence[int]) -> DynamicCache:
         cache = self.stack.new_cache()
         self.consumer.model.model(input_ids=self.stack.ids(ids), past_key_values=cache, use_cache=True)
         return cache
 
-    def _assemble(self, prompt: AgentPrompt, strategy: Strategy, report: AgentReport) -> DynamicCache:
+    def _assemble(self, prompt: AgentPrompt, strategy: Strategy, report: AgentReport) -> tuple[DynamicCache, list]:
         """Decide, part by part, which rows are read and which computed (``_collect``), then
-        build the cache in one pass over the layers (``_build``), then let the anchor path
-        record what its misses measured."""
+        build the cache in one pass over the layers (``_build``). Also returns what the
+        anchor path will record of its misses (``AgentPrefill.pending``)."""
         ids = prompt.ids
         last = len(ids) - 1                        # the cache holds tokens [0, last)
         rows, computed, after = self._collect(prompt, strategy, report, last)
         cache = self._build(ids, last, rows, computed)
         # Blended parts know how many tokens they recomputed only now.
         report.reused_tokens = report.prefix_tokens + sum(p.reused_tokens for p in report.parts)
-        for record in after:
-            record(cache)
-        return cache
+        return cache, after
 
     def _collect(self, prompt: AgentPrompt, strategy: Strategy, report: AgentReport,
                  last: int) -> tuple[list[CacheRows], list[tuple[int, int]], list]:
@@ -578,6 +589,7 @@ class Agent:
         ids = self.stack.ids(prompt.ids)
         out = self.consumer.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                                            past_key_values=pre.cache, **generate_kwargs)
+        pre.finish()
         if strategy == "auto" and self.selector is not None:
             self.selector.observe(prompt.template, prompt, pre.report.strategy)
         return out, pre.report
@@ -601,6 +613,7 @@ class _StrategyVerifier:
         out = agent.consumer.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                                             past_key_values=pre.cache, max_new_tokens=new_tokens, do_sample=False,
                                             pad_token_id=agent.consumer.model.config.eos_token_id)
+        pre.finish()
         return out[0, len(prompt.ids):].tolist()
 
 

@@ -59,7 +59,7 @@ class AnchorPath:
         """Decide ``part`` (a placeholder) and ``following`` (the template segment after it,
         or None), up to token ``last``: estimated rows into ``rows``, or, on a miss,
         computed ranges into ``computed`` and a recording step into ``after`` (run on the
-        built cache)."""
+        built cache once the answer is out: ``AgentPrefill.finish``)."""
         from cachesvc_connectors.hf.agents import PartReport, CacheRows, Span
         count = min(part.end, last) - part.start
         f_count = min(following.end, last) - following.start if following is not None else 0
