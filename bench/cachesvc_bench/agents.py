@@ -170,8 +170,8 @@ def _placeholder_read(report: AgentReport, prompt: AgentPrompt) -> bool:
 class Pipeline:
     """The agents of a workload on one node, and the dense reference of each call."""
 
-    def __init__(self, client: CacheClient, agents: list[Agent], workload, tokenizer, args) -> None:
-        self.client, self.agents, self.workload, self.tokenizer, self.args = client, agents, workload, tokenizer, args
+    def __init__(self, agents: list[Agent], workload, tokenizer, args) -> None:
+        self.agents, self.workload, self.tokenizer, self.args = agents, workload, tokenizer, args
 
     def run_round(self, index: int, modes: list[str], progress) -> list[Call]:
         calls = []
@@ -312,7 +312,7 @@ def run(args: argparse.Namespace) -> dict:
     with model_server(args.device, args.node_memory, "--anchor-pool-bytes", args.anchor_pool_bytes) as srv, \
             CacheClient(srv.address) as client:
         agents = _agents(client, args, base, tok, tuned)
-        pipeline = Pipeline(client, agents, workload, tok, args)
+        pipeline = Pipeline(agents, workload, tok, args)
         total = (len(calibrate) * args.calibration_rounds + len(modes) * args.agent_rounds) * args.agents
         with tqdm(total=total, desc=f"bench agents ({args.workload})", unit="call") as progress:
             # Rounds of other content first: the warm-up, and the planner's profile.

@@ -6,10 +6,12 @@ An agent's prompt is a template, P0 ph1 P1 … phm Pm: fixed text (``Part.kind =
 answer, a retrieved passage). Each part is tokenized on its own, so the same content has the
 same tokens, and so the same content key, in every agent.
 
-:meth:`Agent.prefill` builds the cache of the prompt's first N-1 tokens part by part, as a
-strategy (reuse.segments) says, then ``generate()`` runs the last token and decodes:
+:meth:`Agent.prefill` decides, part by part, what a strategy (reuse.segments) says for each
+part of the prompt's first N-1 tokens, then builds their cache in one pass over the layers;
+``generate()`` runs the last token and decodes:
 
-- P0 from the agent's own stored prefix (the consumer's prefix reuse, exact);
+- P0 read from a stored prompt of this model that starts with it, else this model's
+  longest stored prefix (exact either way);
 - a placeholder's content computed (exact), or its K/V read from a stored span of another
   context (the nearest prefix, or its position-normalized copy) with keys re-rotated to
   where it sits here (hf.rope, exact for RoPE); a span stored by another model of the family
@@ -239,42 +241,37 @@ class Agent:
         self.family_id, self.family = consumer.family_id, consumer.registration.family
         self.selector = selector
         self.anchor_options = anchors or AnchorOptions()
-        self._why_not = self._unsupported()
-        self.rope = Repositioner(self.stack) if not self._why_not else None
+        self.full_plan = Plan.full_reuse(self.stack.num_layers)
+        self.rope, self._why_not = self._repositioner()
         self._anchored = None
 
-    def _unsupported(self) -> str:
-        """Why this model cannot take spans from other contexts ('' when it can)."""
+    def _repositioner(self) -> tuple[Repositioner | None, str]:
+        """The model's key mover, or why it cannot take spans from other contexts."""
         if any(self.stack.window(layer) for layer in range(self.stack.num_layers)):
-            return "sliding-window layers keep only part of the context: spans are computed"
+            return None, "sliding-window layers keep only part of the context: spans are computed"
         try:
-            Repositioner(self.stack)
+            return Repositioner(self.stack), ""
         except TypeError as exc:
-            return str(exc)
-        return ""
+            return None, str(exc)
 
     # ------------------------------------------------------------------ publishing
 
     @torch.no_grad()
-    def publish(self, prompt: AgentPrompt, answer: Sequence[int] = ()) -> SegmentSource | None:
+    def publish(self, prompt: AgentPrompt, answer: Sequence[int] = ()) -> None:
         """Store the prompt (and ``answer`` after it) and register every part, and the
-        answer, as a segment source: other agents reuse them by content. Returns the
-        answer's source (None without one)."""
+        answer, as a segment source: other agents reuse them by content."""
         ids = prompt.ids + [int(t) for t in answer]
         self.producer.store(ids)
         hashes = self.client.hash_tokens(ids, self.family_id, include_partial=True)
         spans = [(p.tokens, p.start) for p in prompt.parts]
         if answer:
             spans.append((tuple(int(t) for t in answer), len(prompt)))
-        found = None
         for tokens, start in spans:
             source = self._source(hashes, start, len(tokens), ids[:start])
             try:
                 self.client.put_segment(self.family_id, self.client.segment_key(tokens, self.family_id), source)
             except CacheServiceError:
-                continue   # that chunk was evicted already: nothing to register
-            found = source
-        return found if answer else None
+                pass   # that chunk was evicted already: nothing to register
 
     def _source(self, hashes: Sequence[bytes], start: int, length: int, prefix: Sequence[int]) -> SegmentSource:
         chunk = self.client.chunk_size()
@@ -296,6 +293,15 @@ class Agent:
         self.client.put(self.family_id, self.model_id, [
             EntryData(h, {key: t[i * chunk:min((i + 1) * chunk, n)] for key, t in host.items()})
             for i, h in enumerate(chain)])
+
+    def sources(self, tokens: Sequence[int]) -> list[SegmentSource]:
+        """The live sources of ``tokens`` as a segment (none when the service cannot say:
+        the caller then computes)."""
+        try:
+            [found] = self.client.find_segments(self.family_id, [self.client.segment_key(list(tokens), self.family_id)])
+        except CacheServiceError:
+            return []
+        return found
 
     # ------------------------------------------------------------------ choosing
 
@@ -393,14 +399,9 @@ class Agent:
         the rest computed."""
         span = None
         if not self._why_not and p0.kind == "template" and p0.end == head:
-            key = self.client.segment_key(list(p0.tokens), self.family_id)
-            try:
-                [sources] = self.client.find_segments(self.family_id, [key])
-            except CacheServiceError:
-                sources = []
-            exact = next((s for s in sources if s.offset == 0 and not s.normalized and s.producer == self.model_id),
-                         None)
-            span = self.load(exact, Plan.full_reuse(self.stack.num_layers)) if exact is not None else None
+            exact = next((s for s in self.sources(p0.tokens)
+                          if s.offset == 0 and not s.normalized and s.producer == self.model_id), None)
+            span = self.load(exact, self.full_plan) if exact is not None else None
         if span is None and not self._why_not:
             try:
                 result = self.client.lookup_prompt(self.family_id, ids[:head], consumer=self.model_id,
@@ -409,7 +410,7 @@ class Agent:
             except CacheServiceError:
                 hit = None
             n = min(hit.num_tokens, head) if hit is not None else 0
-            span = self._load_hit(hit, 0, n, Plan.full_reuse(self.stack.num_layers)) if n else None
+            span = self._load_hit(hit, 0, n, self.full_plan) if n else None
         n = min(span.length, head) if span is not None else 0
         if n:
             rows.append(CacheRows(0, n, span, 0.0, None))
@@ -422,17 +423,11 @@ class Agent:
     def _read(self, part: Part, ids: list[int], rule: SourceRule, row: PartReport) -> Span | None:
         """The K/V of ``part``'s tokens from a source the rule picks (None, with
         ``row.why``, when there is none usable)."""
-        key = self.client.segment_key(list(part.tokens), self.family_id)
-        try:
-            [sources] = self.client.find_segments(self.family_id, [key])
-        except CacheServiceError as exc:
-            row.why = f"segment lookup failed: {exc}"
-            return None
-        source = choose_source(sources, ids[:part.start], rule, prefer=self.model_id)
+        source = choose_source(self.sources(part.tokens), ids[:part.start], rule, prefer=self.model_id)
         if source is None:
             row.why = f"no {rule.value} source of its {len(part.tokens)} tokens"
             return None
-        plan = Plan.full_reuse(self.stack.num_layers)
+        plan = self.full_plan
         if source.producer != self.model_id:
             choice = self.consumer.plan_for(source.producer, source.length, len(ids))
             if choice.plan is None:
@@ -607,13 +602,8 @@ class _StrategyVerifier:
         return self._greedy(prompt, step.describe(), max_new_tokens) == self._greedy(prompt, "dense", max_new_tokens)
 
     def _greedy(self, prompt: AgentPrompt, strategy: str, new_tokens: int) -> list[int]:
-        agent = self.agent
-        pre = agent.prefill(prompt, strategy)
-        ids = agent.stack.ids(prompt.ids)
-        out = agent.consumer.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                            past_key_values=pre.cache, max_new_tokens=new_tokens, do_sample=False,
-                                            pad_token_id=agent.consumer.model.config.eos_token_id)
-        pre.finish()
+        out, _ = self.agent.generate(prompt, strategy, max_new_tokens=new_tokens, do_sample=False,
+                                     pad_token_id=self.agent.consumer.model.config.eos_token_id)
         return out[0, len(prompt.ids):].tolist()
 
 

@@ -28,7 +28,6 @@ from transformers import DynamicCache
 from cachesvc.wire.keys import Kind
 from cachesvc.wire.segments import AnchorDelta, SegmentSource
 from cachesvc_client import CacheServiceError
-from cachesvc_connectors.reuse import Plan
 from cachesvc_connectors.reuse.segments import SourceRule, admission, choose_source
 
 DELTA_SALT = "cachesvc-anchor-delta"
@@ -66,7 +65,7 @@ class AnchorPath:
         row = PartReport(part.name, "anchor", count)
         f_row = PartReport(following.name, "anchor", f_count) if following is not None else None
         report.parts += [r for r in (row, f_row) if r is not None]
-        full = Plan.full_reuse(self.agent.stack.num_layers)
+        full = self.agent.full_plan
         try:
             if count < len(part.tokens):
                 raise AnchorMiss("the placeholder ends the prompt")
@@ -124,15 +123,15 @@ class AnchorPath:
                 raise AnchorMiss(f"anchor {anchor.segment_key.hex()[:8]} has no offsets of agent {agent.name!r}")
             if following is not None and delta.following_length != f_count:
                 raise AnchorMiss("the anchor's following segment differs in length")
-            d_ph = self._load_chain(delta.placeholder_hashes, delta.producer, anchor.length)
-            d_pf = self._load_chain(delta.following_hashes, delta.producer, f_count) if f_count else {}
+            d_ph = self._load(SegmentSource(delta.producer, delta.placeholder_hashes, 0, anchor.length))
+            d_pf = self._load(SegmentSource(delta.producer, delta.following_hashes, 0, f_count)) if f_count else {}
             if d_ph is None or d_pf is None:
                 raise AnchorMiss("an anchor's offsets did not load whole")
             deltas.append((anchor, base, d_ph, d_pf))
         ph = self._correct_tokens(base_c, deltas, n)
         pf: Slabs = {}
         if f_count:
-            ref = self._base(following.tokens[:f_count], None)
+            ref = self._base(following.tokens[:f_count])
             if ref is None:
                 raise AnchorMiss("no stored copy of the following segment")
             pf = self._correct_channels(ref, base_c, deltas, n)
@@ -174,10 +173,10 @@ class AnchorPath:
         pool stays as it was (the node admits nothing partial) and the caller reports it."""
         agent = self.agent
         real_ph = self._rows(cache, part.start, len(part.tokens))
-        base = self._base(part.tokens, None, allow_nearest=False)
+        base_source = self._source_of(part.tokens)
+        base = self._load(base_source) if base_source is not None else None
         try:
-            base_source = self._base_source(part.tokens)
-            if base is None or base_source is None:
+            if base is None:
                 base_source, base = agent.put_base(part.tokens, real_ph), real_ph
             d_ph = {k: real_ph[k] - base[k] for k in real_ph}
             key = agent.client.segment_key(list(part.tokens), agent.family_id)
@@ -186,7 +185,7 @@ class AnchorPath:
             if f_count:
                 f_tokens = following.tokens[:f_count]
                 real_pf = self._rows(cache, following.start, f_count)
-                ref = self._base(f_tokens, None, allow_nearest=False)
+                ref = self._base(f_tokens)
                 if ref is None:
                     agent.put_base(f_tokens, real_pf)
                     ref = real_pf
@@ -209,56 +208,42 @@ class AnchorPath:
 
     def _rows(self, cache: DynamicCache, start: int, count: int) -> Slabs:
         """Rows [start, start+count) of every layer, token-major, keys de-rotated to 0."""
-        keys = torch.stack([cache.layers[layer].keys[0, :, start:start + count].transpose(0, 1).float()
-                            for layer in self.layers])
-        keys = self.agent.rope.shift(keys, -start)
-        out = {}
+        rows = {}
         for layer in self.layers:
-            out[(Kind.K, layer)] = keys[layer]
-            out[(Kind.V, layer)] = cache.layers[layer].values[0, :, start:start + count].transpose(0, 1).float()
-        return out
+            rows[(Kind.K, layer)] = cache.layers[layer].keys[0, :, start:start + count].transpose(0, 1).float()
+            rows[(Kind.V, layer)] = cache.layers[layer].values[0, :, start:start + count].transpose(0, 1).float()
+        return self._normalized(rows, start)
+
+    def _normalized(self, slabs: Slabs, offset: int) -> Slabs:
+        """``slabs`` (float32) with the keys of every layer moved from ``offset`` to 0."""
+        if offset:
+            keys = self.agent.rope.shift(torch.stack([slabs[(Kind.K, layer)] for layer in self.layers]), -offset)
+            for layer in self.layers:
+                slabs[(Kind.K, layer)] = keys[layer]
+        return slabs
 
     # ------------------------------------------------------------------ reading
 
-    def _base_source(self, tokens) -> SegmentSource | None:
-        agent = self.agent
-        key = agent.client.segment_key(list(tokens), agent.family_id)
-        [sources] = agent.client.find_segments(agent.family_id, [key])
-        return choose_source([s for s in sources if s.producer == agent.model_id], [], SourceRule.BASE)
+    def _source_of(self, tokens, prefix: list[int] | None = None) -> SegmentSource | None:
+        """This model's normalized copy of ``tokens``, else (given the ``prefix`` they sit
+        behind) its stored span with the nearest prefix."""
+        own = [s for s in self.agent.sources(tokens) if s.producer == self.agent.model_id]
+        found = choose_source(own, [], SourceRule.BASE)
+        if found is None and prefix is not None:
+            found = choose_source(own, prefix, SourceRule.NEAREST)
+        return found
 
-    def _base(self, tokens, prefix, allow_nearest: bool = True) -> Slabs | None:
-        """``tokens``' normalized K/V: their BASE copy, else (``allow_nearest``) the nearest
-        stored span of this model, de-rotated."""
-        agent = self.agent
-        try:
-            key = agent.client.segment_key(list(tokens), agent.family_id)
-            [sources] = agent.client.find_segments(agent.family_id, [key])
-        except CacheServiceError:
-            return None
-        own = [s for s in sources if s.producer == agent.model_id]
-        source = choose_source(own, [], SourceRule.BASE)
-        if source is None and allow_nearest and prefix is not None:
-            source = choose_source(own, prefix, SourceRule.NEAREST)
+    def _base(self, tokens, prefix: list[int] | None = None) -> Slabs | None:
+        """``tokens``' normalized K/V (see :meth:`_source_of`), None when none loads."""
+        source = self._source_of(tokens, prefix)
         return self._load(source) if source is not None else None
 
     def _load(self, source: SegmentSource) -> Slabs | None:
-        span = self.agent.load(source, Plan.full_reuse(self.agent.stack.num_layers))
-        if span is None:
-            return None
-        out = {k: v.float() for k, v in span.kv.items()}
-        if source.offset:
-            keys = self.agent.rope.shift(torch.stack([out[(Kind.K, layer)] for layer in self.layers]), -source.offset)
-            for layer in self.layers:
-                out[(Kind.K, layer)] = keys[layer]
-        return out
-
-    def _load_chain(self, chain, producer: str, count: int) -> Slabs | None:
-        if not chain:
+        """A source's K/V in float32, keys moved to position 0; an empty chain is no rows."""
+        if not source.chunk_hashes:
             return {}
-        agent = self.agent
-        source = SegmentSource(producer, tuple(chain), 0, count)
-        span = agent.load(source, Plan.full_reuse(agent.stack.num_layers))
-        return {k: v.float() for k, v in span.kv.items()} if span is not None else None
+        span = self.agent.load(source, self.agent.full_plan)
+        return self._normalized({k: v.float() for k, v in span.kv.items()}, source.offset) if span is not None else None
 
 
 def _mean_l2(a: Slabs, b: Slabs, n: int, kind: Kind) -> float:

@@ -16,7 +16,6 @@ shared segment behind another prefix (KVCOMM-style), each chosen from measuremen
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -112,7 +111,6 @@ class StrategySelector:
     def __init__(self, profile: CrossContextProfile | None, target: FidelityTarget = FidelityTarget(),
                  guard: DriftGuard | None = None, fallback: str = "prefix_only") -> None:
         self.profile, self.target, self.guard, self.fallback = profile, target, guard, fallback
-        self._lock = threading.Lock()
 
     def choose(self, template: str) -> StrategyChoice:
         rows = self.profile.rows(template) if self.profile is not None else []

@@ -44,14 +44,6 @@ class Strategy:
     ratio: float = 0.0
     prefix_cache: bool = True      # reuse the agent's own stored prefix (P0 and whatever follows whole)
 
-    @property
-    def exact(self) -> bool:
-        return self.placeholder == Action.COMPUTE
-
-    @property
-    def reuses_following(self) -> bool:
-        return self.following != Action.COMPUTE
-
 
 STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
     Strategy("dense", Action.COMPUTE, Action.COMPUTE, prefix_cache=False),
