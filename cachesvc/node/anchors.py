@@ -82,10 +82,11 @@ class AnchorPool:
         self._stage()
         return True, evicted
 
-    def record(self, key: PoolKey, segment_key: bytes, delta: AnchorDelta) -> tuple[list[Evicted], AnchorDelta | None]:
-        """Set one agent's offsets (``delta.size_bytes`` measured by the store). Returns the
-        anchors evicted to stay in budget and the delta this one replaced (its entries to
-        delete, unless they are the same chains)."""
+    def record(self, key: PoolKey, segment_key: bytes, delta: AnchorDelta) -> list[Evicted]:
+        """Set one agent's offsets (``delta.size_bytes`` measured by the store). Returns
+        what left the pool, each with the offsets whose entries to delete: anchors evicted
+        to stay in budget, and, as this anchor's own, offsets of its other agents dropped
+        for the budget and the ones this delta replaced (unless they are the same chains)."""
         anchor = self.pools.get(key, {}).get(segment_key)
         if anchor is None:
             raise NotFound(f"no anchor {segment_key.hex()[:16]} in pool {key[2]!r}: admit it first "
@@ -95,7 +96,7 @@ class AnchorPool:
                                     f"({self.budget_bytes} bytes, --anchor-pool-bytes)")
         old = anchor.deltas.pop(delta.agent, None)
         self.used_bytes -= old.size_bytes if old else 0
-        evicted = []
+        evicted = [Evicted(key, segment_key, (old,))] if old is not None and old.chains() != delta.chains() else []
         while self.used_bytes + delta.size_bytes > self.budget_bytes:
             others = [a for p in self.pools.values() for a in p.values() if a is not anchor and a.deltas]
             if not others:
@@ -111,7 +112,7 @@ class AnchorPool:
         anchor.deltas[delta.agent] = delta
         self.used_bytes += delta.size_bytes
         self._stage()
-        return evicted, old
+        return evicted
 
     def activate(self, key: PoolKey, segment_keys: Iterable[bytes]) -> int:
         pool = self.pools.get(key, {})

@@ -114,9 +114,7 @@ class CrossContext:
                 size += sum(r.meta.size_bytes for r in recs)
             measured = AnchorDelta(delta.agent, delta.producer, delta.placeholder_hashes, delta.following_hashes,
                                    delta.following_length, size)
-            evicted, old = self.anchors.record((tenant, family_id, placeholder), key, measured)
-            if old is not None and old.chains() != measured.chains():
-                evicted.append(Evicted((tenant, family_id, placeholder), key, (old,)))
+            evicted = self.anchors.record((tenant, family_id, placeholder), key, measured)
             self._drop_entries(evicted)
             self._counters["anchor_records"] += 1
             self._counters["anchors_evicted"] += len({e.segment_key for e in evicted} - {key})
