@@ -78,3 +78,16 @@ def test_a_packed_step_scores_each_question_as_its_own_prompt():
     with torch.no_grad():
         resumed = finetune._loss(model, packed, 2, finetune.entering(model, packed, 2))
     assert abs(resumed.item() - loss.item()) < 1e-5
+    # the trainer's split attention (the context causal, unmasked; the questions masked) is
+    # the same step as one masked attention, gradients included
+    adapters = finetune._adapt(model, finetune.Recipe("t", (1, 3), rank=4))
+    for lora in adapters.values():
+        torch.nn.init.normal_(lora.b, std=0.05)
+    grads = []
+    for implementation in ("sdpa", finetune.PACKED_ATTENTION):
+        model.set_attn_implementation(implementation)
+        finetune._loss(model, packed).backward()
+        grads.append(torch.cat([p.grad.flatten() for a in adapters.values() for p in (a.a, a.b)]))
+        for lora in adapters.values():
+            lora.a.grad = lora.b.grad = None
+    assert grads[0].abs().max() > 0 and torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-6)

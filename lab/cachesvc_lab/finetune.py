@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
+from transformers import AttentionInterface
 
 from cachesvc_connectors.hf.family import weights_digest
 from cachesvc_lab import smollm2, tasks
@@ -139,6 +140,7 @@ class Packed:
     positions: torch.Tensor
     mask: torch.Tensor                # bool, True where a query may attend to a key
     labels: torch.Tensor              # -100 except on answer tokens, aligned to ids
+    context: int = 0                  # the shared context's tokens, first in ``ids``
 
 
 def pack(tokenizer, examples: list[tasks.Example]) -> Packed:
@@ -159,7 +161,35 @@ def pack(tokenizer, examples: list[tasks.Example]) -> Packed:
     blocks = torch.tensor(block)
     order = torch.arange(len(ids))
     mask = (order[None, :] <= order[:, None]) & ((blocks[None, :] == 0) | (blocks[None, :] == blocks[:, None]))
-    return Packed(torch.tensor([ids]), torch.tensor([positions]), mask[None, None], torch.tensor(labels))
+    return Packed(torch.tensor([ids]), torch.tensor([positions]), mask[None, None], torch.tensor(labels), n)
+
+
+PACKED_ATTENTION = "cachesvc_packed"
+
+
+def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                     context: int = 0, **_):
+    """Attention over a :class:`Packed` sequence, split where the block mask has structure.
+
+    The context's rows attend causally to the context alone: SDPA's ``is_causal`` kernel,
+    with no mask. Only the question rows (a few hundred against thousands of context
+    tokens) go through the block mask. The result equals one masked SDPA over the whole
+    sequence; with one, a 4K-token context put every step on SDPA's math path over a t × t
+    mask, most of a step's time. Registered as an ``AttentionInterface``, so a model runs
+    it after ``model.set_attn_implementation(PACKED_ATTENTION)``; shapes are HF's
+    (batch, heads, tokens, head_dim) in and (batch, tokens, heads, head_dim) out."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    parts = [sdpa(query[:, :, :context], key[:, :, :context], value[:, :, :context],
+                  is_causal=True, scale=scaling)] if context else []
+    if query.shape[2] > context:
+        parts.append(sdpa(query[:, :, context:], key, value, attn_mask=attention_mask[..., context:, :],
+                          scale=scaling))
+    return torch.cat(parts, 2).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(PACKED_ATTENTION, packed_attention)
 
 
 def _run_layers(model, hidden: torch.Tensor, packed: Packed, start: int, stop: int) -> torch.Tensor:
@@ -168,7 +198,7 @@ def _run_layers(model, hidden: torch.Tensor, packed: Packed, start: int, stop: i
     rotary = inner.rotary_emb(hidden, packed.positions)
     for layer in inner.layers[start:stop]:
         hidden = layer(hidden, attention_mask=packed.mask, position_embeddings=rotary,
-                       position_ids=packed.positions)
+                       position_ids=packed.positions, context=packed.context)
     return hidden
 
 
@@ -208,6 +238,7 @@ def train(recipe: Recipe, out_dir: Path = ADAPTERS) -> Path:
     torch.manual_seed(recipe.seed)
     torch.set_num_threads(recipe.threads)
     model, tokenizer = smollm2.load()
+    model.set_attn_implementation(PACKED_ATTENTION)
     for param in model.parameters():
         param.requires_grad_(False)
     adapters = _adapt(model, recipe)
