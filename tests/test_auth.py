@@ -45,8 +45,8 @@ def client(node, token: str = "", transport: str = "auto") -> CacheClient:
 
 def test_every_path_is_bound_to_the_tokens_tenant_and_role(secured, rng):
     node, tokens = secured
-    with client(node, tokens["ops"]) as ops:
-        reg = ops.register_model("m", "abcdef01", TINY)
+    with client(node, tokens["ops"]) as ops:         # an admin registers in any tenant
+        reg = ops.register_model("m", "abcdef01", TINY, tenant="alpha")
     hashes = [bytes([i]) * 32 for i in range(3)]
     entries = [make_entry(rng, TINY, h, 16) for h in hashes]
     for transport in ("grpc", "tcp"):
@@ -56,8 +56,12 @@ def test_every_path_is_bound_to_the_tokens_tenant_and_role(secured, rng):
             assert hit.num_chunks == 3
             got = alpha.get(reg.family_id, hit, (Kind.K,))
             assert got.valid_chunks == 3 and got.transport == transport
-    # the same hashes and entry ids through beta's token: nothing, on every path
+    # the same hashes and entry ids through beta's token: nothing, on every path. Models are
+    # per tenant: beta sees none of alpha's, and its own "m" (of the same family) may name
+    # other weights.
     with client(node, tokens["beta-w"], "tcp") as beta:
+        assert beta.list_models() == []
+        beta.register_model("m", "beef0001", TINY)
         assert beta.lookup(reg.family_id, hashes).hits == []
         assert beta.get(reg.family_id, hit, (Kind.K,)).valid_chunks == 0
         assert beta.list_entries()[0] == []
@@ -73,14 +77,25 @@ def test_every_path_is_bound_to_the_tokens_tenant_and_role(secured, rng):
             reader.put(reg.family_id, "m", entries)
         with pytest.raises(PermissionDeniedError, match="write role"):
             reader.delete(reg.family_id, chunk_hashes=hashes)
-    # a write token may register a new model, not replace one (that drops every tenant's entries)
+    with client(node, tokens["beta-w"]) as beta:
+        assert [m["weights_digest"] for m in beta.list_models()] == ["beef0001"]
+        beta.put(reg.family_id, "m", entries[:1])
+        with pytest.raises(PermissionDeniedError, match="not 'alpha'"):
+            beta.list_models(tenant="alpha")
+    with client(node, tokens["alpha-r"]) as reader:
+        assert [m["weights_digest"] for m in reader.list_models()] == ["abcdef01"]
+        with pytest.raises(PermissionDeniedError, match="RegisterModel needs the write role"):
+            reader.register_model("m2", "abcdef02", TINY)
+    # a write token may replace its tenant's model: that drops its own entries of it, not beta's
     with client(node, tokens["alpha-w"]) as alpha:
-        alpha.register_model("m2", "abcdef02", TINY)
-        with pytest.raises(PermissionDeniedError, match="admin role"):
-            alpha.register_model("m", "ffffffff", TINY, replace=True)
+        alpha.register_model("m", "ffffffff", TINY, replace=True)
+        assert alpha.lookup(reg.family_id, hashes).hits == []
+    with client(node, tokens["beta-w"]) as beta:
+        assert beta.lookup(reg.family_id, hashes[:1]).best().num_chunks == 1
     # the admin sees every tenant
     with client(node, tokens["ops"]) as ops:
-        assert ops.lookup(reg.family_id, hashes, tenant="alpha").best().num_chunks == 3
+        assert ops.lookup(reg.family_id, hashes[:1], tenant="beta").best().num_chunks == 1
+        assert [m["weights_digest"] for m in ops.list_models(tenant="alpha")] == ["ffffffff"]
 
 
 def test_no_or_a_wrong_token_is_refused_on_grpc_and_the_data_plane(secured):
@@ -122,7 +137,7 @@ def test_the_async_client_and_a_trusted_hosts_shared_memory_carry_the_token(serv
     path, made = tokens
     node = server_factory("--memory-bytes", "64MiB", "--auth-tokens", str(path), "--trust-host", "true")
     with client(node, made["ops"]) as ops:
-        reg = ops.register_model("m", "abcdef01", TINY)
+        reg = ops.register_model("m", "abcdef01", TINY, tenant="alpha")
     hashes = [bytes([7]) * 32]
     with client(node, made["alpha-w"], "shm") as alpha:
         alpha.put(reg.family_id, "m", [make_entry(rng, TINY, hashes[0], 16)])
@@ -186,7 +201,7 @@ def test_a_cluster_with_tokens_serves_its_tenants_and_re_replicates(tmp_path, to
             ClusterClient(redis_url=cluster.redis.url, options=ClientOptions(token=made["alpha-w"])) as alpha:
         alpha.wait_ready(3)
         with ClusterClient(redis_url=cluster.redis.url, options=ClientOptions(token=made["ops"])) as ops:
-            reg = ops.register_model("m", "abcdef01", TINY)
+            reg = ops.register_model("m", "abcdef01", TINY, tenant="alpha")
         hashes = alpha.hash_tokens(list(range(256 * 6)), reg.family_id)
         entries = [make_entry(rng, TINY, h, 256) for h in hashes]
         assert alpha.put(reg.family_id, "m", entries).replicas_written == 12

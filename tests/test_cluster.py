@@ -345,11 +345,14 @@ def test_lost_replicas_are_recreated_and_a_joining_node_gets_its_share(cluster, 
                        for h in hashes for f, v in r.hgetall(keys.chunk("default", reg.family_id, h)).items())
         client.register_model("m2", "abcdef02", TINY)
         client.put_profile("m1", "m2", "abcdef01", "abcdef02", {"plans": ["[2,4)"]})
+        client.register_model("m1", "beef0001", TINY, tenant="beta")       # beta's own m1: other weights
         cluster.start_node("n3")
         wait_for(lambda: "n3" in client.nodes(fresh=True), 5, "n3 joined")
-        with CacheClient(cluster.nodes["n3"].address) as n3:    # models and profiles are cluster-wide
+        with CacheClient(cluster.nodes["n3"].address) as n3:    # models and profiles are cluster-wide, per tenant
             assert {m["model_id"] for m in n3.list_models()} == {"m1", "m2"}
             assert n3.get_profile("m1", "m2").document == {"plans": ["[2,4)"]}
+            assert [m["weights_digest"] for m in n3.list_models(tenant="beta")] == ["beef0001"]
+            assert n3.list_profiles(tenant="beta") == []
 
         def rebalanced():
             hit = client.lookup(reg.family_id, hashes).best("m1")

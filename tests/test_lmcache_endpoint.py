@@ -144,6 +144,7 @@ def test_a_key_stored_again_with_another_shape_answers_the_new_object(lm_node, r
     (pack_request(Command.PUT, _key(0), 64, Format.KV_2LTD, 5, (2, 1, 1, 4)), "dtype code 5"),
     (pack_request(Command.PUT, "not-a-key", 2, Format.BINARY, 6, (2, 0, 0, 0)), "not model@"),
     (pack_request(Command.GET, "m@1@0@zz@bfloat16"), "not a number"),
+    (pack_request(Command.PUT, "m@1@0@a\nb@bfloat16", 2, Format.BINARY, 6, (2, 0, 0, 0)), "control characters"),
     (pack_request(Command.PUT, _key(0), -5, Format.BINARY, 6, (2, 0, 0, 0)), "negative length"),
     (b"\xff" * 36 + b"\xfe" * 150, "unknown command"),
 ])

@@ -45,7 +45,7 @@ def _scrape(url: str) -> dict:
 def test_the_node_counts_what_it_served(metered, rng):
     srv, url = metered
     with CacheClient(srv.address) as client:
-        fid = client.register_model("m", "0123abcd", TINY).family_id
+        fid = client.register_model("m", "0123abcd", TINY, tenant="team-a").family_id
         hashes = client.hash_tokens(list(range(768)), fid)
         client.put(fid, "m", [make_entry(rng, TINY, h, 256) for h in hashes], tenant="team-a")
         before = _scrape(url)

@@ -39,7 +39,8 @@ def held(store: CacheStore, tenant: str, tier: str) -> int:
 def make(tmp_path, mode: DiskMode, **quotas) -> CacheStore:
     store = CacheStore(StoreConfig(memory_capacity_bytes=16 * ENTRY, disk_dir=tmp_path, disk_mode=mode,
                                    disk_capacity_bytes=64 * (ENTRY + 4096), quotas=quotas))
-    store.register_model("m", "aaaaaaaa", TINY, replace=False)
+    for tenant in ("alpha", "beta", "tiny"):        # models are per tenant
+        store.register_model("m", "aaaaaaaa", TINY, replace=False, tenant=tenant)
     return store
 
 
@@ -85,6 +86,7 @@ def test_a_node_applies_its_quotas_file(server_factory, tmp_path, rng):
     with CacheClient(node.address, ClientOptions(tenant="alpha")) as alpha, \
             CacheClient(node.address, ClientOptions(tenant="beta")) as beta:
         reg = alpha.register_model("m", "abcdef01", TINY)
+        beta.register_model("m", "abcdef01", TINY)         # models are per tenant
         hashes = alpha.hash_tokens(list(range(256 * 12)), reg.family_id)
         entries = [make_entry(rng, TINY, h, 256) for h in hashes]      # 96 KiB each
         beta.put(reg.family_id, "m", entries[:4])
@@ -93,6 +95,7 @@ def test_a_node_applies_its_quotas_file(server_factory, tmp_path, rng):
         assert 0 < sum(e.size_bytes for e in alpha.list_entries(tenant="alpha", limit=100)[0]) <= 256 << 10
         assert len(beta.list_entries(tenant="beta", limit=100)[0]) == 4
     with CacheClient(node.address, ClientOptions(tenant="tiny")) as tiny:
+        tiny.register_model("m", "abcdef01", TINY)
         with pytest.raises(ResourceExhaustedError, match="over tenant 'tiny'"):
             tiny.put(reg.family_id, "m", entries[:1])
     bad = tmp_path / "bad.json"

@@ -1,8 +1,9 @@
 """Tenant isolation on a real node: every lookup, read, pin, delete and listing path,
-given another tenant's hashes and entry ids, finds nothing and touches nothing; and a
-foreign tenant's lookup of hashes another tenant holds takes as long as one of hashes
-nobody holds (issue 17, part 1's targets; tenants are still self-declared: tokens that
-bind a client to its tenant are not built yet)."""
+given another tenant's hashes and entry ids, finds nothing and touches nothing; so do
+the model, profile, segment and anchor RPCs given another tenant's names and keys; and
+a foreign tenant's lookup of hashes another tenant holds takes as long as one of hashes
+nobody holds (issue 17, part 1's targets). Tenants are self-declared here; tokens that
+bind a caller to its tenant are tests/test_auth.py."""
 
 from __future__ import annotations
 
@@ -10,13 +11,16 @@ import random
 import statistics
 import time
 
+import pytest
+
 from cachesvc.v1 import cachesvc_pb2 as pb
-from cachesvc_client import ArenaReader, CacheClient, Kind
+from cachesvc.wire.segments import AnchorDelta, SegmentSource
+from cachesvc_client import ArenaReader, CacheClient, FailedPreconditionError, Kind, NotFoundError
 from conftest import TINY, make_entry, same_bytes
 
 
 def test_another_tenants_hashes_and_ids_reach_nothing(client: CacheClient, rng):
-    fid = client.register_model("m", "0123abcd", TINY).family_id
+    fid = client.register_model("m", "0123abcd", TINY, tenant="alpha").family_id
     tokens = list(range(768))
     owner = client.hash_tokens(tokens, fid, tenant="alpha")
     entries = [make_entry(rng, TINY, h, 256) for h in owner]
@@ -52,11 +56,65 @@ def test_another_tenants_hashes_and_ids_reach_nothing(client: CacheClient, rng):
     assert ArenaReader(client.arena(hit), TINY, hit).in_memory == 3
 
 
+def test_another_tenants_models_profiles_segments_and_anchors_reach_nothing(client: CacheClient, rng):
+    fid = client.register_model("p", "0123abcd", TINY, tenant="alpha").family_id
+    client.register_model("c", "4567abcd", TINY, tenant="alpha")
+    client.put_profile("p", "c", "0123abcd", "4567abcd", {"plans": ["[0,1)"]}, tenant="alpha")
+    tokens = list(range(300))
+    hashes = tuple(client.hash_tokens(tokens, fid, tenant="alpha", include_partial=True))
+    client.put(fid, "p", [make_entry(rng, TINY, h, n) for h, n in zip(hashes, (256, 44), strict=True)],
+               tenant="alpha")
+    key = client.segment_key(tokens[100:200], fid, tenant="alpha")
+    span = SegmentSource("p", hashes, 100, 100)
+    client.put_segment(fid, key, span, tenant="alpha")
+    base = SegmentSource("p", hashes, 0, 300)
+    anchor = client.segment_key(tokens, fid, tenant="alpha")
+    assert client.admit_anchor(fid, "doc", anchor, base, tenant="alpha") == (True, [])
+    client.record_anchor(fid, "doc", anchor, AnchorDelta("a1", "p", hashes, (), 0), tenant="alpha")
+
+    # Beta sees none of alpha's models or profiles, by listing or by name.
+    assert client.list_models(tenant="beta") == [] and client.list_profiles(tenant="beta") == []
+    with pytest.raises(NotFoundError):
+        client._call(client._stub.GetModel, pb.GetModelRequest(model_id="p", tenant="beta"))
+    with pytest.raises(NotFoundError):
+        client.get_profile("p", "c", tenant="beta")
+    with pytest.raises(NotFoundError):
+        client.flag_profile("p", "c", "drift", tenant="beta")
+    # Nor alpha's segments or anchors: by alpha's keys, or by pointing at alpha's chains.
+    assert client.find_segments(fid, [key], tenant="beta") == [[]]
+    assert client.segment_key(tokens[100:200], fid, tenant="beta") != key
+    assert client.find_anchors(fid, "doc", tenant="beta") == []
+    assert client.activate_anchors(fid, "doc", [anchor], tenant="beta") == 0
+    for call in (lambda: client.put_segment(fid, key, span, tenant="beta"),
+                 lambda: client.admit_anchor(fid, "doc", anchor, base, tenant="beta")):
+        with pytest.raises(NotFoundError, match="model 'p' is not registered"):
+            call()
+    # Beta's own "p" (other weights) is another model: alpha's chains are still not its.
+    assert client.register_model("p", "ffff0000", TINY, tenant="beta").created
+    for call in (lambda: client.put_segment(fid, key, span, tenant="beta"),
+                 lambda: client.admit_anchor(fid, "doc", anchor, base, tenant="beta"),
+                 lambda: client.record_anchor(fid, "doc", anchor, AnchorDelta("a1", "p", hashes, (), 0),
+                                              tenant="beta")):
+        with pytest.raises(FailedPreconditionError, match="committed entry"):
+            call()
+    with pytest.raises(NotFoundError):
+        client.put_profile("p", "c", "ffff0000", "4567abcd", {"plans": []}, tenant="beta")
+    assert client.find_anchors(fid, "doc", tenant="beta") == []
+
+    # Alpha still has all of it, its model's weights unchanged by beta's registration.
+    assert [(m["model_id"], m["weights_digest"]) for m in client.list_models(tenant="alpha")] == \
+        [("c", "4567abcd"), ("p", "0123abcd")]
+    assert client.get_profile("p", "c", tenant="alpha").document == {"plans": ["[0,1)"]}
+    assert client.find_segments(fid, [key], tenant="alpha") == [[span]]
+    [found] = client.find_anchors(fid, "doc", tenant="alpha")
+    assert found.segment_key == anchor and found.activations == 0
+
+
 def test_a_foreign_lookup_does_not_time_a_hit(client: CacheClient, rng):
     """Beta looks up hashes alpha holds and hashes nobody holds, interleaved: the two take
     the same time, because beta's lookup never reaches alpha's index. Printed, and
     checked against the run's own noise (the spread of the same lookup)."""
-    fid = client.register_model("m", "0123abcd", TINY).family_id
+    fid = client.register_model("m", "0123abcd", TINY, tenant="alpha").family_id
     held = client.hash_tokens(list(range(256 * 32)), fid, tenant="alpha")
     client.put(fid, "m", [make_entry(rng, TINY, h, 256, kinds=(Kind.K,), layers=range(1)) for h in held],
                tenant="alpha")
@@ -75,3 +133,31 @@ def test_a_foreign_lookup_does_not_time_a_hit(client: CacheClient, rng):
     print(f"foreign lookup of 32 held hashes {medians['held'] * 1e3:.3f} ms, of 32 unheld "
           f"{medians['unheld'] * 1e3:.3f} ms, noise (MAD) {spread * 1e3:.3f} ms")
     assert abs(medians["held"] - medians["unheld"]) <= max(2 * spread, 20e-6)
+
+
+def test_records_written_before_models_had_tenants_are_the_default_tenants(tmp_path):
+    """A node upgraded in place keeps its models (models.json without tenants) and a
+    cluster keeps its Redis fields (``MODEL`` / ``PRODUCER␟CONSUMER``): both are read as
+    the default tenant's, which is where they were written."""
+    import json
+
+    from cachesvc.node.models import ModelRegistry
+    from cachesvc.wire.cluster import model_field, profile_field, split_field
+    from cachesvc.wire import errors
+    from cachesvc.wire.keys import DEFAULT_TENANT
+    path = tmp_path / "models.json"
+    registry = ModelRegistry(path)
+    registry.register("m", "abcdef01", TINY, False, tenant=DEFAULT_TENANT)
+    registry.flush()
+    docs = json.loads(path.read_text())
+    path.write_text(json.dumps([{k: v for k, v in d.items() if k != "tenant"} for d in docs]))
+    assert ModelRegistry(path).get("m", tenant=DEFAULT_TENANT).weights_digest == "abcdef01"
+    with pytest.raises(errors.NotFound, match="not registered"):
+        ModelRegistry(path).get("m", tenant="alpha")
+    assert split_field(model_field("alpha", "m"), 2) == ("alpha", "m")
+    assert split_field(b"m", 2) == (DEFAULT_TENANT, "m")
+    assert split_field(profile_field("alpha", "p", "c"), 3) == ("alpha", "p", "c")
+    assert split_field("p\x1fc", 3) == (DEFAULT_TENANT, "p", "c")
+    for bad in ("", "a\x1fb\x1fc", "\x1f"):
+        with pytest.raises(ValueError):
+            split_field(bad, 2)

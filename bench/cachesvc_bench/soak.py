@@ -133,7 +133,8 @@ def run(args: argparse.Namespace) -> dict:
     tally = Tally()
     with bench_server("--memory-bytes", str(memory), "--disk-mode", "spill", "--disk-bytes", str(2 * memory),
                       "--memory-prefault", "true") as srv, CacheClient(srv.address) as client:
-        fid = client.register_model("soak", "0123abcd", FAMILY).family_id
+        for tenant in TENANTS:          # models are per tenant, like entries
+            fid = client.register_model("soak", "0123abcd", FAMILY, tenant=tenant).family_id
         proc = psutil.Process(srv.proc.pid)
         start = time.monotonic()
         deadline = start + minutes * 60

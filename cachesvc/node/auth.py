@@ -11,12 +11,12 @@ makes a token and its line::
 
 Roles, each including the ones before it:
 
-- ``read``: look up, fetch, pin (to fetch), list its tenant's entries, read models and
-  profiles, stats;
+- ``read``: look up, fetch, pin (to fetch), list its tenant's entries, read its tenant's
+  models and profiles, stats;
 - ``write``: put (reserve, write, commit, abort), delete its tenant's entries, register
-  a model that is new or identical, store and flag profiles;
-- ``admin``: any tenant (a request's own ``tenant`` is then honoured), and replacing a
-  model (which drops every tenant's entries of it).
+  or replace its tenant's models (a replace drops only that tenant's entries of the
+  model: models are per tenant), store and flag its tenant's profiles;
+- ``admin``: any tenant (a request's own ``tenant`` is then honoured).
 
 A caller's tenant is its token's: a request naming another tenant is PERMISSION_DENIED,
 one naming none (or ``default``, what an SDK told no tenant sends) gets the token's. Tokens and their hashes are never logged; a token's
@@ -50,7 +50,7 @@ class Principal:
     role: Role
 
 
-# The role each gRPC method needs (RegisterModel with replace needs ADMIN: see authorize).
+# The role each gRPC method needs.
 METHOD_ROLES: dict[str, Role] = {
     "Lookup": Role.READ, "GetSlabs": Role.READ, "GetModel": Role.READ, "ListModels": Role.READ,
     "GetProfile": Role.READ, "ListProfiles": Role.READ, "ListEntries": Role.READ, "Stats": Role.READ,
@@ -110,8 +110,6 @@ def authorize(principal: Principal, method: str, request: object) -> None:
     """Check ``principal`` may call ``method`` with ``request``, and bind the request to
     its tenant (filled in when empty). PermissionDenied otherwise."""
     need = METHOD_ROLES.get(method, Role.ADMIN)
-    if method == "RegisterModel" and getattr(request, "replace", False):
-        need = Role.ADMIN            # a replace drops every tenant's entries of the model
     if principal.role < need:
         raise PermissionDenied(f"{method} needs the {need.name.lower()} role; token {principal.name!r} has "
                                f"{principal.role.name.lower()}")

@@ -63,11 +63,11 @@ def _stats(args: argparse.Namespace) -> int:
 def _ls(args: argparse.Namespace) -> int:
     with _client(args) as client:
         if args.models:
-            for m in client.list_models():
+            for m in client.list_models(tenant=args.tenant):
                 print(f"{m['model_id']:<32} family={m['family_id']} digest={m['weights_digest'][:16]}")
             return 0
         if args.profiles:
-            for p in client.list_profiles():
+            for p in client.list_profiles(tenant=args.tenant):
                 state = "stale" if p.stale else (f"flagged x{p.flags}: {p.flagged}" if p.flags else "ok")
                 print(f"{p.producer:<28} -> {p.consumer:<28} v{p.version:<3} {p.size_bytes:>8} B  {state}")
             return 0

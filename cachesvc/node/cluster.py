@@ -23,12 +23,14 @@ from cachesvc.node.entries import EntryMeta
 from cachesvc.node.logs import Throttled
 from cachesvc.node.store import CacheStore
 from cachesvc.v1 import cachesvc_pb2 as pb
-from cachesvc.wire.cluster import (SEP, ClusterHit, ClusterIndex, IndexRecord, Keys, Member, connect,
-                                   held_member, index_field, redis_now_ms, split_held_member)
+from cachesvc.wire.cluster import (ClusterHit, ClusterIndex, IndexRecord, Keys, Member, connect, held_member,
+                                   index_field, model_field, profile_field, redis_now_ms, split_field,
+                                   split_held_member)
 from cachesvc.wire.errors import FailedPrecondition, Unavailable
 from cachesvc.wire.convert import family_from_proto, family_to_proto
 from cachesvc.node.models import RegisterOutcome
 from cachesvc.node.profiles import ProfileRecord
+from cachesvc.node.records import tenant_name
 from cachesvc.node.replicator import Replicator
 from cachesvc.wire.keys import FamilyId, FamilySpec, Tier, chain_root
 
@@ -145,7 +147,7 @@ class ClusterAgent:
         incarnation = redis_now_ms(self.redis)
         self._adopt_models()
         self._adopt_profiles()
-        self._publish_profiles([rec for rec, _stale in self.store.list_profiles()], overwrite=False)
+        self._publish_profiles([rec for rec, _stale in self.store.list_profiles(tenant=None)], overwrite=False)
         with self._publishing:
             self._events.clear()       # the snapshot below supersedes what was queued
             snapshot = self.store.indexed_entries()
@@ -188,7 +190,7 @@ class ClusterAgent:
         held = self.keys.held(self.node_id)
         pending, written = 0, set()
         incarnation = self.status.incarnation
-        digests = {m.model_id: m.weights_digest for m in self.store.list_models()}
+        digests = {(m.tenant, m.model_id): m.weights_digest for m in self.store.list_models(None)}
         for add, meta, tier in events:
             field = index_field(meta.producer, self.node_id, meta.entry_id)
             places = [(self.keys.chunk(meta.tenant, meta.family_id, meta.chunk_hash), None)]
@@ -198,7 +200,8 @@ class ClusterAgent:
                 place = held_member(key, field)
                 if add:
                     rec = IndexRecord(meta.producer, self.node_id, meta.entry_id, meta.position_offset, meta.layout,
-                                      tier, digests.get(meta.producer, "-"), incarnation, chunk_hash or b"")
+                                      tier, digests.get((meta.tenant, meta.producer), "-"), incarnation,
+                                      chunk_hash or b"")
                     pipe.hset(key, field, rec.value())
                     pipe.sadd(held, place)
                     written.add(place)
@@ -258,8 +261,8 @@ class ClusterAgent:
                         redis_now_ms(self.redis) + self.ttl_ms, dict(self.fetch.transports))
         pipe = self.redis.pipeline(transaction=False)
         pipe.hset(self.keys.nodes, self.node_id, member.to_json())
-        for model in self.store.list_models():
-            pipe.hsetnx(self.keys.models, model.model_id,
+        for model in self.store.list_models(None):
+            pipe.hsetnx(self.keys.models, model_field(model.tenant, model.model_id),
                         json.dumps(_model_doc(model.weights_digest, model.family), sort_keys=True))
         pipe.execute()
 
@@ -277,26 +280,28 @@ class ClusterAgent:
     # ------------------------------------------------------------ models
 
     def register_model(self, model_id: str, weights_digest: str, family: FamilySpec,
-                       replace: bool) -> RegisterOutcome:
+                       replace: bool, tenant: str = "") -> RegisterOutcome:
         """Register cluster-wide: the cluster's registry (Redis) decides as a node's own
         would (same id, other weights: FAILED_PRECONDITION unless ``replace``); then this
         node registers it and publishes it for the others to adopt. With Redis down, this
         node's registry alone decides (its resync publishes the model later)."""
+        tenant = tenant_name(tenant)
+        field_ = model_field(tenant, model_id)
         try:
-            raw = self.redis.hget(self.keys.models, model_id)
+            raw = self.redis.hget(self.keys.models, field_)
         except Exception:   # noqa: BLE001 - Redis down: decide locally
-            return self.store.register_model(model_id, weights_digest, family, replace)
+            return self.store.register_model(model_id, weights_digest, family, replace, tenant)
         mine = _model_doc(weights_digest.lower(), family)
         if raw is not None and json.loads(raw) != mine and not replace:
             raise FailedPrecondition(f"model {model_id!r} is registered in the cluster with other weights or "
                                      "family; pass replace=true to replace it everywhere (and drop its entries)")
-        outcome = self.store.register_model(model_id, weights_digest, family, replace or raw is not None)
+        outcome = self.store.register_model(model_id, weights_digest, family, replace or raw is not None, tenant)
         try:
             pipe = self.redis.pipeline(transaction=False)
             if replace:
-                pipe.hset(self.keys.models, model_id, json.dumps(mine, sort_keys=True))
+                pipe.hset(self.keys.models, field_, json.dumps(mine, sort_keys=True))
             else:
-                pipe.hsetnx(self.keys.models, model_id, json.dumps(mine, sort_keys=True))
+                pipe.hsetnx(self.keys.models, field_, json.dumps(mine, sort_keys=True))
             pipe.incr(self.keys.models_version)
             pipe.execute()
         except Exception as exc:   # noqa: BLE001 - registered here; published with the next resync
@@ -307,10 +312,10 @@ class ClusterAgent:
         return outcome
 
     def put_profile(self, producer: str, consumer: str, producer_digest: str, consumer_digest: str,
-                    document: bytes) -> ProfileRecord:
+                    document: bytes, tenant: str = "") -> ProfileRecord:
         """Store a pair's profile here and publish it for the other nodes to adopt (the
         newest put anywhere wins; Redis down: here only, published at the next resync)."""
-        rec = self.store.put_profile(producer, consumer, producer_digest, consumer_digest, document)
+        rec = self.store.put_profile(producer, consumer, producer_digest, consumer_digest, document, tenant)
         try:
             self._publish_profiles([rec], overwrite=True)
         except Exception as exc:   # noqa: BLE001
@@ -324,37 +329,38 @@ class ClusterAgent:
         for rec in records:
             doc = json.dumps({"producer_digest": rec.producer_digest, "consumer_digest": rec.consumer_digest,
                               "document": rec.document.decode()}, sort_keys=True)
-            (pipe.hset if overwrite else pipe.hsetnx)(self.keys.profiles, f"{rec.producer}{SEP}{rec.consumer}", doc)
+            (pipe.hset if overwrite else pipe.hsetnx)(self.keys.profiles,
+                                                      profile_field(rec.tenant, rec.producer, rec.consumer), doc)
         pipe.incr(self.keys.models_version)
         pipe.execute()
 
     def _adopt_profiles(self) -> None:
         """Take every profile the cluster holds that differs from this node's."""
-        local = {(rec.producer, rec.consumer): rec for rec, _stale in self.store.list_profiles()}
+        local = {(rec.tenant, rec.producer, rec.consumer): rec for rec, _stale in self.store.list_profiles(tenant=None)}
         for pair, raw in self.redis.hgetall(self.keys.profiles).items():
             try:
-                producer, consumer = (pair.decode() if isinstance(pair, bytes) else pair).split(SEP)
+                tenant, producer, consumer = split_field(pair, 3)
                 doc = json.loads(raw)
-                have = local.get((producer, consumer))
+                have = local.get((tenant, producer, consumer))
                 if have is None or (have.producer_digest, have.consumer_digest, have.document.decode()) != \
                         (doc["producer_digest"], doc["consumer_digest"], doc["document"]):
                     self.store.put_profile(producer, consumer, doc["producer_digest"], doc["consumer_digest"],
-                                           doc["document"].encode())
+                                           doc["document"].encode(), tenant)
             except Exception as exc:   # noqa: BLE001 - one bad record must not stop the others
                 self._errors.info("cluster: profile not adopted", pair=str(pair), error=str(exc))
 
     def _adopt_models(self) -> None:
         """Make this node's registry the cluster's: register what it lacks, and replace
         what differs (a model replaced while this node was away; its old entries go)."""
-        local = {m.model_id: m for m in self.store.list_models()}
-        for model_id, doc in self.index.models().items():
+        local = {(m.tenant, m.model_id): m for m in self.store.list_models(None)}
+        for (tenant, model_id), doc in self.index.models().items():
             try:
                 family = family_from_proto(pb.FamilySpec.FromString(bytes.fromhex(doc["family"])))
-                have = local.get(model_id)
+                have = local.get((tenant, model_id))
                 if have is None or _model_doc(have.weights_digest, have.family) != doc:
                     if have is not None:
                         log.info("cluster: adopting the cluster's version of a model", extra={"model_id": model_id})
-                    self.store.register_model(model_id, doc["weights_digest"], family, replace=True)
+                    self.store.register_model(model_id, doc["weights_digest"], family, replace=True, tenant=tenant)
             except Exception as exc:   # noqa: BLE001 - one bad record must not stop the others
                 self._errors.info("cluster: model not adopted", model_id=model_id, error=str(exc))
 

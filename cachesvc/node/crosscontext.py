@@ -99,7 +99,7 @@ class CrossContext:
         if not delta.agent or not delta.placeholder_hashes:
             raise InvalidArgument("an anchor delta needs its agent and the chain of its placeholder offsets")
         with self._lock:
-            self._check_producer(family_id, delta.producer, "delta.producer")
+            self._check_producer(tenant, family_id, delta.producer, "delta.producer")
             size = 0
             for what, chain in (("placeholder_hashes", delta.placeholder_hashes),
                                 ("following_hashes", delta.following_hashes)):
@@ -169,15 +169,15 @@ class CrossContext:
 
     # ------------------------------------------------------------ checks (under the lock)
 
-    def _check_producer(self, family_id: str, producer: str, what: str) -> None:
-        family = self._models.family(family_id)   # NotFound for an unknown family
-        model = self._models.get(producer)        # NotFound for an unknown model
+    def _check_producer(self, tenant: str, family_id: str, producer: str, what: str) -> None:
+        family = self._models.family(family_id)                # NotFound for an unknown family
+        model = self._models.get(producer, tenant=tenant)      # NotFound for an unknown model
         if model.family_id != family_id:
             raise FailedPrecondition(f"{what} {producer!r} is of family {model.family_id[:12]}, not "
                                      f"{family_id[:12]} ({family.architecture}): its K/V cannot be reused here")
 
     def _check_source(self, tenant: str, family_id: str, source: SegmentSource, what: str) -> None:
-        self._check_producer(family_id, source.producer, f"{what}.producer")
+        self._check_producer(tenant, family_id, source.producer, f"{what}.producer")
         try:
             check_chunk_hashes(source.chunk_hashes, f"{what}.chunk_hashes")
         except ValueError as exc:

@@ -161,7 +161,7 @@ class LmObjects:
         self._lock = threading.Lock()
         # model name -> family id -> (family, its producer), for every registered LMCache family
         self._families: dict[str, dict[str, tuple[FamilySpec, str]]] = {}
-        for record in store.list_models():
+        for record in store.list_models(self.tenant):
             if is_lmcache_family(record.family):
                 model = record.family.tokenizer_fingerprint[len(_FINGERPRINT):]
                 self._families.setdefault(model, {})[record.family_id] = (record.family, record.model_id)
@@ -183,7 +183,8 @@ class LmObjects:
             known = placement.family_id in self._families.get(model_name, {})
         if not known:
             digest = hashlib.sha256((_FINGERPRINT + model_name).encode()).hexdigest()[:32]
-            self.store.register_model(placement.producer, digest, placement.family, replace=False)
+            self.store.register_model(placement.producer, digest, placement.family, replace=False,
+                                      tenant=self.tenant)
             with self._lock:
                 self._families.setdefault(model_name, {})[placement.family_id] = (placement.family,
                                                                                    placement.producer)

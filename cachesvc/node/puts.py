@@ -48,6 +48,7 @@ class _OpenReservation:
     closed: bool = False            # committed or aborted; guarded by lock
     producer: str = ""
     weights_digest: str = ""        # the producer's at reserve: a replace since voids the put
+    tenant: str = ""                # whose model the producer is
 
 
 class PutPath:
@@ -66,7 +67,7 @@ class PutPath:
         they are the producer's registered ones."""
         with self._lock:
             family = self.models.family(family_id)
-            model = self.models.get(producer)
+            model = self.models.get(producer, tenant=tenant)
         if model.family_id != family_id:
             raise FailedPrecondition(f"producer {producer!r} is of family {model.family_id}, "
                                      f"not {family_id}")
@@ -98,7 +99,7 @@ class PutPath:
             self._free_pending(pending)
             raise
         res = _OpenReservation(secrets.token_hex(12), ttl_s, time.monotonic() + ttl_s, pending,
-                               producer=producer, weights_digest=model.weights_digest)
+                               producer=producer, weights_digest=model.weights_digest, tenant=tenant)
         with self._lock:
             self._open[res.reservation_id] = res
         return Reservation(res.reservation_id, metas, present, ttl_s)
@@ -220,7 +221,7 @@ class PutPath:
         committed: list[EntryId] = []
         with self._lock:
             try:
-                current = self.models.get(res.producer).weights_digest
+                current = self.models.get(res.producer, tenant=res.tenant).weights_digest
             except NotFound:
                 current = ""
             replaced = current != res.weights_digest

@@ -135,7 +135,10 @@ MAX_TENANT_CHARS = 128
 
 
 def tenant_name(tenant: str) -> str:
-    """A request's tenant as the store keys it: "" is the default tenant."""
+    """A request's tenant as the store keys it: "" is the default tenant. Control
+    characters are refused: the cluster's Redis fields join a tenant to ids with them."""
     if len(tenant) > MAX_TENANT_CHARS:
         raise InvalidArgument(f"tenant is {len(tenant)} chars, at most {MAX_TENANT_CHARS}")
+    if any(ord(c) < 0x20 or c == "\x7f" for c in tenant):
+        raise InvalidArgument(f"tenant {tenant!r} holds control characters")
     return tenant or DEFAULT_TENANT

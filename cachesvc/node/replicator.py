@@ -148,7 +148,7 @@ class Replicator:
         # read fails; a replace after it leaves bytes and digest consistent. The target
         # refuses them unless the digest is its producer's (both at reserve and at commit).
         try:
-            digest = self.store.get_model(meta.producer).weights_digest
+            digest = self.store.get_model(meta.producer, meta.tenant).weights_digest
         except NotFound:
             return False
         payload = self.store.entry_payload(meta)

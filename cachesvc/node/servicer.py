@@ -226,34 +226,34 @@ class CacheServicer(pb_grpc.CacheServiceServicer):
     def RegisterModel(self, request, context):
         m = request.model
         register = self.cluster.register_model if self.cluster is not None else self.store.register_model
-        reg = register(m.model_id, m.weights_digest, _family(m.family), request.replace)
+        reg = register(m.model_id, m.weights_digest, _family(m.family), request.replace, request.tenant)
         return pb.RegisterModelResponse(family_id=reg.record.family_id, created=reg.created,
                                         chunk_size=self.store.config.chunk_size)
 
     @_maps_errors
     def GetModel(self, request, context):
-        return _model_to_proto(self.store.get_model(request.model_id))
+        return _model_to_proto(self.store.get_model(request.model_id, request.tenant))
 
     @_maps_errors
     def ListModels(self, request, context):
-        return pb.ListModelsResponse(models=[_model_to_proto(r) for r in self.store.list_models()])
+        return pb.ListModelsResponse(models=[_model_to_proto(r) for r in self.store.list_models(request.tenant)])
 
     @_maps_errors
     def PutProfile(self, request, context):
         m = request.profile
         put = self.cluster.put_profile if self.cluster is not None else self.store.put_profile
-        rec = put(m.producer, m.consumer, m.producer_digest, m.consumer_digest, m.document)
+        rec = put(m.producer, m.consumer, m.producer_digest, m.consumer_digest, m.document, request.tenant)
         return pb.PutProfileResponse(version=rec.version, replaced=rec.version > 1)
 
     @_maps_errors
     def GetProfile(self, request, context):
-        rec = self.store.get_profile(request.producer, request.consumer)
+        rec = self.store.get_profile(request.producer, request.consumer, request.tenant)
         return pb.GetProfileResponse(profile=_profile_to_proto(rec), version=rec.version, flagged=rec.flagged)
 
     @_maps_errors
     def FlagProfile(self, request, context):
         applied, flags = self.store.flag_profile(request.producer, request.consumer, request.version,
-                                                 request.reason)
+                                                 request.reason, request.tenant)
         return pb.FlagProfileResponse(applied=applied, flags=flags)
 
     @_maps_errors
@@ -262,7 +262,7 @@ class CacheServicer(pb_grpc.CacheServiceServicer):
             pb.ProfileInfo(producer=r.producer, consumer=r.consumer, producer_digest=r.producer_digest,
                            consumer_digest=r.consumer_digest, version=r.version, stale=stale,
                            size_bytes=len(r.document), flagged=r.flagged, flags=r.flags)
-            for r, stale in self.store.list_profiles(request.producer, request.consumer)])
+            for r, stale in self.store.list_profiles(request.producer, request.consumer, request.tenant)])
 
     @_maps_errors
     def Reserve(self, request, context):

@@ -132,54 +132,64 @@ class CacheStore:
     # ------------------------------------------------------------ models
 
     def register_model(self, model_id: str, weights_digest: str, family: FamilySpec,
-                       replace: bool) -> RegisterOutcome:
+                       replace: bool, tenant: str = "") -> RegisterOutcome:
+        """Register ``tenant``'s model; a replace drops that tenant's entries of it (other
+        tenants' models of the same id are other records: cachesvc.node.models)."""
+        tenant = _tenant(tenant)
         with self._lock:
-            reg = self.models.register(model_id, weights_digest, family, replace)
+            reg = self.models.register(model_id, weights_digest, family, replace, tenant=tenant)
             if reg.replaced is not None:
-                doomed = [r for r in self._catalog.entries.values() if r.meta.producer == model_id]
+                doomed = [r for r in self._catalog.entries.values()
+                          if r.meta.producer == model_id and r.meta.tenant == tenant]
                 for rec in doomed:
                     self._catalog.delete(rec)
                 log.info("model replaced", extra={"model_id": model_id, "entries_dropped": len(doomed)})
         self.models.flush()
         return reg
 
-    def get_model(self, model_id: str) -> ModelRecord:
+    def get_model(self, model_id: str, tenant: str = "") -> ModelRecord:
         with self._lock:
-            return self.models.get(model_id)
+            return self.models.get(model_id, tenant=_tenant(tenant))
 
     def get_family(self, family_id: str) -> FamilySpec:
         """NotFound when no registered model is of ``family_id``."""
         with self._lock:
             return self.models.family(family_id)
 
-    def list_models(self) -> list[ModelRecord]:
+    def list_models(self, tenant: str | None = "") -> list[ModelRecord]:
+        """``tenant``'s models ("": the default tenant's; None: every tenant's)."""
         with self._lock:
-            return self.models.models()
+            return self.models.models(None if tenant is None else _tenant(tenant))
 
     # ------------------------------------------------------------ reuse profiles
 
     def put_profile(self, producer: str, consumer: str, producer_digest: str, consumer_digest: str,
-                    document: bytes) -> ProfileRecord:
+                    document: bytes, tenant: str = "") -> ProfileRecord:
         with self._lock:
-            rec = self.profiles.put(producer, consumer, producer_digest, consumer_digest, document)
+            rec = self.profiles.put(producer, consumer, producer_digest, consumer_digest, document,
+                                    tenant=_tenant(tenant))
         self.profiles.flush()
         return rec
 
-    def get_profile(self, producer: str, consumer: str) -> ProfileRecord:
+    def get_profile(self, producer: str, consumer: str, tenant: str = "") -> ProfileRecord:
         with self._lock:
-            return self.profiles.get(producer, consumer)
+            return self.profiles.get(producer, consumer, tenant=_tenant(tenant))
 
-    def flag_profile(self, producer: str, consumer: str, version: int, reason: str) -> tuple[bool, int]:
+    def flag_profile(self, producer: str, consumer: str, version: int, reason: str,
+                     tenant: str = "") -> tuple[bool, int]:
         with self._lock:
-            result = self.profiles.flag(producer, consumer, version, reason)
+            result = self.profiles.flag(producer, consumer, version, reason, tenant=_tenant(tenant))
             self.counters["profile_flags"] += result[0]
         self.profiles.flush()
         return result
 
-    def list_profiles(self, producer: str = "", consumer: str = "") -> list[tuple[ProfileRecord, bool]]:
-        """Matching profiles with their staleness."""
+    def list_profiles(self, producer: str = "", consumer: str = "",
+                      tenant: str | None = "") -> list[tuple[ProfileRecord, bool]]:
+        """``tenant``'s matching profiles with their staleness ("": the default tenant's;
+        None: every tenant's)."""
         with self._lock:
-            return [(rec, self.profiles.stale(rec)) for rec in self.profiles.list(producer, consumer)]
+            return [(rec, self.profiles.stale(rec)) for rec in
+                    self.profiles.list(producer, consumer, None if tenant is None else _tenant(tenant))]
 
     # ------------------------------------------------------------ two-phase put (cachesvc.node.puts)
 
@@ -241,7 +251,7 @@ class CacheStore:
         with self._lock:
             self.models.family(family_id)
             if consumer:
-                model = self.models.get(consumer)
+                model = self.models.get(consumer, tenant=tenant)
                 if model.family_id != family_id:
                     raise FailedPrecondition(f"consumer {consumer!r} is of family "
                                              f"{model.family_id}, not {family_id}: its cache "

@@ -83,7 +83,7 @@ class Tiers:
         kept = 0
         for meta in scan.entries:
             try:
-                model = models.get(meta.producer)
+                model = models.get(meta.producer, tenant=meta.tenant)
             except NotFound:
                 model = None
             if model is None or model.family_id != meta.family_id:

@@ -85,12 +85,14 @@ class ModelSpec(_message.Message):
     def __init__(self, model_id: _Optional[str] = ..., weights_digest: _Optional[str] = ..., family: _Optional[_Union[FamilySpec, _Mapping]] = ...) -> None: ...
 
 class RegisterModelRequest(_message.Message):
-    __slots__ = ("model", "replace")
+    __slots__ = ("model", "replace", "tenant")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     REPLACE_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
     model: ModelSpec
     replace: bool
-    def __init__(self, model: _Optional[_Union[ModelSpec, _Mapping]] = ..., replace: _Optional[bool] = ...) -> None: ...
+    tenant: str
+    def __init__(self, model: _Optional[_Union[ModelSpec, _Mapping]] = ..., replace: _Optional[bool] = ..., tenant: _Optional[str] = ...) -> None: ...
 
 class RegisterModelResponse(_message.Message):
     __slots__ = ("family_id", "created", "chunk_size")
@@ -103,10 +105,12 @@ class RegisterModelResponse(_message.Message):
     def __init__(self, family_id: _Optional[str] = ..., created: _Optional[bool] = ..., chunk_size: _Optional[int] = ...) -> None: ...
 
 class GetModelRequest(_message.Message):
-    __slots__ = ("model_id",)
+    __slots__ = ("model_id", "tenant")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
     model_id: str
-    def __init__(self, model_id: _Optional[str] = ...) -> None: ...
+    tenant: str
+    def __init__(self, model_id: _Optional[str] = ..., tenant: _Optional[str] = ...) -> None: ...
 
 class GetModelResponse(_message.Message):
     __slots__ = ("model", "family_id")
@@ -117,8 +121,10 @@ class GetModelResponse(_message.Message):
     def __init__(self, model: _Optional[_Union[ModelSpec, _Mapping]] = ..., family_id: _Optional[str] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("tenant",)
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    def __init__(self, tenant: _Optional[str] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)
@@ -569,10 +575,12 @@ class ProfileSpec(_message.Message):
     def __init__(self, producer: _Optional[str] = ..., consumer: _Optional[str] = ..., producer_digest: _Optional[str] = ..., consumer_digest: _Optional[str] = ..., document: _Optional[bytes] = ...) -> None: ...
 
 class PutProfileRequest(_message.Message):
-    __slots__ = ("profile",)
+    __slots__ = ("profile", "tenant")
     PROFILE_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
     profile: ProfileSpec
-    def __init__(self, profile: _Optional[_Union[ProfileSpec, _Mapping]] = ...) -> None: ...
+    tenant: str
+    def __init__(self, profile: _Optional[_Union[ProfileSpec, _Mapping]] = ..., tenant: _Optional[str] = ...) -> None: ...
 
 class PutProfileResponse(_message.Message):
     __slots__ = ("version", "replaced")
@@ -583,12 +591,14 @@ class PutProfileResponse(_message.Message):
     def __init__(self, version: _Optional[int] = ..., replaced: _Optional[bool] = ...) -> None: ...
 
 class GetProfileRequest(_message.Message):
-    __slots__ = ("producer", "consumer")
+    __slots__ = ("producer", "consumer", "tenant")
     PRODUCER_FIELD_NUMBER: _ClassVar[int]
     CONSUMER_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
     producer: str
     consumer: str
-    def __init__(self, producer: _Optional[str] = ..., consumer: _Optional[str] = ...) -> None: ...
+    tenant: str
+    def __init__(self, producer: _Optional[str] = ..., consumer: _Optional[str] = ..., tenant: _Optional[str] = ...) -> None: ...
 
 class GetProfileResponse(_message.Message):
     __slots__ = ("profile", "version", "flagged")
@@ -601,16 +611,18 @@ class GetProfileResponse(_message.Message):
     def __init__(self, profile: _Optional[_Union[ProfileSpec, _Mapping]] = ..., version: _Optional[int] = ..., flagged: _Optional[str] = ...) -> None: ...
 
 class FlagProfileRequest(_message.Message):
-    __slots__ = ("producer", "consumer", "version", "reason")
+    __slots__ = ("producer", "consumer", "version", "reason", "tenant")
     PRODUCER_FIELD_NUMBER: _ClassVar[int]
     CONSUMER_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
     producer: str
     consumer: str
     version: int
     reason: str
-    def __init__(self, producer: _Optional[str] = ..., consumer: _Optional[str] = ..., version: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+    tenant: str
+    def __init__(self, producer: _Optional[str] = ..., consumer: _Optional[str] = ..., version: _Optional[int] = ..., reason: _Optional[str] = ..., tenant: _Optional[str] = ...) -> None: ...
 
 class FlagProfileResponse(_message.Message):
     __slots__ = ("applied", "flags")
@@ -621,12 +633,14 @@ class FlagProfileResponse(_message.Message):
     def __init__(self, applied: _Optional[bool] = ..., flags: _Optional[int] = ...) -> None: ...
 
 class ListProfilesRequest(_message.Message):
-    __slots__ = ("producer", "consumer")
+    __slots__ = ("producer", "consumer", "tenant")
     PRODUCER_FIELD_NUMBER: _ClassVar[int]
     CONSUMER_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
     producer: str
     consumer: str
-    def __init__(self, producer: _Optional[str] = ..., consumer: _Optional[str] = ...) -> None: ...
+    tenant: str
+    def __init__(self, producer: _Optional[str] = ..., consumer: _Optional[str] = ..., tenant: _Optional[str] = ...) -> None: ...
 
 class ProfileInfo(_message.Message):
     __slots__ = ("producer", "consumer", "producer_digest", "consumer_digest", "version", "stale", "size_bytes", "flagged", "flags")

@@ -22,12 +22,14 @@ Keys, under a namespace ``NS`` (default ``cachesvc``):
 - ``NS:held:NODE`` — set of the (index key, field) places NODE wrote: what it cleans at its
   next resync (fields of entries it lost track of) and what the others delete once it
   has been gone for ten heartbeat TTLs.
-- ``NS:profiles`` — hash, ``PRODUCER \x1f CONSUMER`` → JSON (both digests and the
-  document): reuse profiles are cluster-wide too (the newest put anywhere wins).
-- ``NS:models`` — hash, model id → JSON (weights digest and family): models are
-  cluster-wide, nodes adopt what others registered, and a record counts only while its
-  digest is the model's current one here (a node that was away when the model was
-  replaced comes back with entries of the old weights: they never hit).
+- ``NS:profiles`` — hash, ``TENANT \x1f PRODUCER \x1f CONSUMER`` → JSON (both digests and
+  the document): reuse profiles are cluster-wide too (the newest put anywhere wins).
+- ``NS:models`` — hash, ``TENANT \x1f MODEL`` → JSON (weights digest and family): models
+  are per tenant and cluster-wide, nodes adopt what others registered, and a record
+  counts only while its digest is the model's current one in its tenant (a node that was
+  away when the model was replaced comes back with entries of the old weights: they
+  never hit). A field without a tenant (written before models had tenants) is the
+  default tenant's.
 
 Placement is rendezvous hashing of the chunk hash over live nodes: every producer of a
 chunk lands on the same nodes, so a cross-model consumer's hits sit beside its own.
@@ -45,7 +47,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from cachesvc.wire.keys import ENTRY_ID_BYTES, EntryId, Tier
+from cachesvc.wire.keys import DEFAULT_TENANT, ENTRY_ID_BYTES, EntryId, Tier
 from cachesvc.wire.layout import Layout
 
 DEFAULT_NAMESPACE = "cachesvc"
@@ -133,6 +135,27 @@ class IndexRecord:
         return cls(producer, node_id, EntryId(entry_id), int(pos),
                    Layout(int(tokens), _layers(k), _layers(v), _layers(e)), Tier(int(tier)), digest, int(inc),
                    bytes.fromhex(chunk[0]) if chunk else b"")
+
+
+def model_field(tenant: str, model_id: str) -> str:
+    """``NS:models`` field of a tenant's model."""
+    return f"{tenant}{SEP}{model_id}"
+
+
+def profile_field(tenant: str, producer: str, consumer: str) -> str:
+    """``NS:profiles`` field of a tenant's pair."""
+    return f"{tenant}{SEP}{producer}{SEP}{consumer}"
+
+
+def split_field(field_: bytes | str, parts: int) -> tuple[str, ...]:
+    """A models (``parts`` 2) or profiles (3) field as (tenant, ids…); ValueError if
+    malformed. A field one part short predates tenants: the default tenant's."""
+    items = (field_.decode() if isinstance(field_, bytes) else field_).split(SEP)
+    if len(items) == parts - 1:
+        items.insert(0, DEFAULT_TENANT)
+    if len(items) != parts or not all(items[1:]):
+        raise ValueError(f"malformed field {field_!r}")
+    return tuple(items)
 
 
 def index_field(producer: str, node_id: str, entry_id: bytes) -> str:
@@ -275,7 +298,8 @@ class ClusterIndex:
         """Live members by node id (expired heartbeats left out)."""
         return self._state(fresh)[0]
 
-    def _state(self, fresh: bool) -> tuple[dict[str, Member], dict[str, str]]:
+    def _state(self, fresh: bool) -> tuple[dict[str, Member], dict[tuple[str, str], str]]:
+        """Live members, and every tenant's models' current digests by (tenant, model id)."""
         at, cached, digests = self._members
         if not fresh and time.monotonic() - at < self._members_ttl_s:
             return cached, digests
@@ -303,10 +327,9 @@ class ClusterIndex:
             else:
                 self.gone[node_id] = now - member.expires_ms
         digests = {}
-        for model_id, raw in models.items():
+        for field_, raw in models.items():
             try:
-                digests[model_id.decode() if isinstance(model_id, bytes) else model_id] = \
-                    json.loads(raw)["weights_digest"]
+                digests[split_field(field_, 2)] = json.loads(raw)["weights_digest"]
             except (ValueError, KeyError, TypeError):
                 continue
         self._members = (time.monotonic(), live, digests)
@@ -318,16 +341,18 @@ class ClusterIndex:
         incarnation they wrote it in, of the producer's current weights), longest first.
         With the chain's ``root``, also the partial chunks offered after each run (after
         the root for producers without one): ``ClusterHit.tails``."""
-        members, digests = self._state(False)
+        members, every = self._state(False)
+        digests = _of_tenant(every, tenant)
         wanted = frozenset(producers)
         rows = self._rows(tenant, family_id, hashes)
         if any(_unknown_producer(row, digests) for row in rows[:1]):
-            members, digests = self._state(True)   # a model newer than the cached registry
+            members, every = self._state(True)     # a model newer than the cached registry
+            digests = _of_tenant(every, tenant)
         runs: dict[str, ClusterHit] = {}
         active: set[str] | None = None          # producers whose run reaches the current chunk
-        memo = self._memo(members, digests)
+        memo = self._memo(members, every)
         for row in rows:
-            key = (row, wanted)
+            key = (tenant, row, wanted)
             found = memo.get(key)
             if found is None:
                 found = memo[key] = _live_records(row, members, digests, wanted)
@@ -402,7 +427,7 @@ class ClusterIndex:
             done += len(batch)
         return out
 
-    def _memo(self, members: dict[str, Member], digests: dict[str, str]) -> dict:
+    def _memo(self, members: dict[str, Member], digests: dict[tuple[str, str], str]) -> dict:
         """Rows already judged under this membership and registry: a hot context's chunks
         are looked up again and again, and judging them dominates a lookup."""
         state = (tuple(sorted((m.node_id, m.incarnation) for m in members.values())), tuple(sorted(digests.items())))
@@ -410,16 +435,21 @@ class ClusterIndex:
             self._memo_state, self._memo_rows = state, {}
         return self._memo_rows
 
-    def models(self) -> dict[str, dict]:
-        """Every model registered in the cluster: id → {weights_digest, family (hex of
-        the FamilySpec proto)}."""
+    def models(self) -> dict[tuple[str, str], dict]:
+        """Every model registered in the cluster: (tenant, id) → {weights_digest, family
+        (hex of the FamilySpec proto)}."""
         out = {}
         for key, raw in self.client.hgetall(self.keys.models).items():
             try:
-                out[key.decode() if isinstance(key, bytes) else key] = json.loads(raw)
+                out[split_field(key, 2)] = json.loads(raw)
             except ValueError:
                 continue
         return out
+
+
+def _of_tenant(digests: dict[tuple[str, str], str], tenant: str) -> dict[str, str]:
+    """The models of one tenant: a lookup judges records against its own tenant's only."""
+    return {model_id: digest for (owner, model_id), digest in digests.items() if owner == tenant}
 
 
 def _unknown_producer(row: tuple, digests: dict[str, str]) -> bool:

@@ -98,6 +98,10 @@ def parse_request(header: bytes) -> Request:
         key = raw_key.decode("utf-8").rstrip(" \0")
     except UnicodeDecodeError:
         raise LmProtocolError("key is not UTF-8") from None
+    if any(ord(c) < 0x20 or c == "\x7f" for c in key):
+        # LMCache's keys are model@world@worker@hash@dtype; a newline in one would split
+        # it in two in LIST's newline-separated answer (found by tests/test_fuzz.py).
+        raise LmProtocolError("key holds control characters")
     return Request(cmd, length, fmt, dtype_code, location, (s0, s1, s2, s3), key)
 
 

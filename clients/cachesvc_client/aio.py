@@ -95,18 +95,19 @@ class AsyncCacheClient:
             raise from_rpc_error(exc) from None
 
     async def register_model(self, model_id: ModelId, weights_digest: str, family: FamilySpec,
-                             replace: bool = False) -> Registered:
+                             replace: bool = False, tenant: str = "") -> Registered:
+        """See CacheClient.register_model."""
         model = pb.ModelSpec(model_id=model_id, weights_digest=weights_digest,
                              family=family_to_proto(family))
-        resp = await self._call(self._stub.RegisterModel,
-                                pb.RegisterModelRequest(model=model, replace=replace))
+        resp = await self._call(self._stub.RegisterModel, pb.RegisterModelRequest(
+            model=model, replace=replace, tenant=tenant or self.options.tenant))
         self._families[resp.family_id] = family
         self._chunk_size = resp.chunk_size
         return Registered(FamilyId(resp.family_id), resp.chunk_size, resp.created)
 
     async def family(self, family_id: FamilyId) -> FamilySpec:
         if family_id not in self._families:
-            resp = await self._call(self._stub.ListModels, pb.ListModelsRequest())
+            resp = await self._call(self._stub.ListModels, pb.ListModelsRequest(tenant=self.options.tenant))
             for m in resp.models:
                 self._families[m.family_id] = family_from_proto(m.model.family)
         if family_id not in self._families:
@@ -222,8 +223,8 @@ class AsyncCacheClient:
     async def unpin(self, lease_id: str) -> None:
         await self._call(self._stub.Unpin, pb.UnpinRequest(lease_id=lease_id))
 
-    async def list_models(self) -> list[dict]:
-        resp = await self._call(self._stub.ListModels, pb.ListModelsRequest())
+    async def list_models(self, tenant: str = "") -> list[dict]:
+        resp = await self._call(self._stub.ListModels, pb.ListModelsRequest(tenant=tenant or self.options.tenant))
         return [{"model_id": m.model.model_id, "weights_digest": m.model.weights_digest,
                  "family_id": m.family_id} for m in resp.models]
 

@@ -113,10 +113,13 @@ class CacheClient:
     # -- models
 
     def register_model(self, model_id: ModelId, weights_digest: str, family: FamilySpec,
-                       replace: bool = False) -> Registered:
+                       replace: bool = False, tenant: str = "") -> Registered:
+        """Register the tenant's model (models are per tenant, like entries); with
+        ``replace``, other weights under the same id replace it and drop its entries."""
         model = pb.ModelSpec(model_id=model_id, weights_digest=weights_digest,
                              family=family_to_proto(family))
-        resp = self._call(self._stub.RegisterModel, pb.RegisterModelRequest(model=model, replace=replace))
+        resp = self._call(self._stub.RegisterModel, pb.RegisterModelRequest(
+            model=model, replace=replace, tenant=tenant or self.options.tenant))
         self._families[resp.family_id] = family
         self._chunk_size = resp.chunk_size
         return Registered(FamilyId(resp.family_id), resp.chunk_size, resp.created)
@@ -124,44 +127,50 @@ class CacheClient:
     def family(self, family_id: FamilyId) -> FamilySpec:
         """The family spec (cached; fetched from the server's model list if unknown)."""
         if family_id not in self._families:
-            for m in self._call(self._stub.ListModels, pb.ListModelsRequest()).models:
+            for m in self._call(self._stub.ListModels, pb.ListModelsRequest(tenant=self.options.tenant)).models:
                 self._families[m.family_id] = family_from_proto(m.model.family)
         if family_id not in self._families:
             raise NotFoundError(f"family {family_id} has no registered model on {self.target}")
         return self._families[family_id]
 
-    def list_models(self) -> list[dict]:
-        resp = self._call(self._stub.ListModels, pb.ListModelsRequest())
+    def list_models(self, tenant: str = "") -> list[dict]:
+        resp = self._call(self._stub.ListModels, pb.ListModelsRequest(tenant=tenant or self.options.tenant))
         return [{"model_id": m.model.model_id, "weights_digest": m.model.weights_digest,
                  "family_id": m.family_id} for m in resp.models]
 
     # ------------------------------------------------------------ reuse profiles
 
     def put_profile(self, producer: ModelId, consumer: ModelId, producer_digest: str, consumer_digest: str,
-                    document: dict) -> int:
+                    document: dict, tenant: str = "") -> int:
         """Store the pair's profile (measured on these weights); its version."""
         spec = pb.ProfileSpec(producer=producer, consumer=consumer, producer_digest=producer_digest,
                               consumer_digest=consumer_digest,
                               document=json.dumps(document, separators=(",", ":")).encode())
-        return self._call(self._stub.PutProfile, pb.PutProfileRequest(profile=spec)).version
+        return self._call(self._stub.PutProfile, pb.PutProfileRequest(
+            profile=spec, tenant=tenant or self.options.tenant)).version
 
-    def get_profile(self, producer: ModelId, consumer: ModelId) -> StoredProfile:
+    def get_profile(self, producer: ModelId, consumer: ModelId, tenant: str = "") -> StoredProfile:
         """The pair's current profile. NotFoundError if there is none,
         FailedPreconditionError if it is stale (a model changed since)."""
-        resp = self._call(self._stub.GetProfile, pb.GetProfileRequest(producer=producer, consumer=consumer))
+        resp = self._call(self._stub.GetProfile, pb.GetProfileRequest(
+            producer=producer, consumer=consumer, tenant=tenant or self.options.tenant))
         m = resp.profile
         return StoredProfile(m.producer, m.consumer, m.producer_digest, m.consumer_digest, resp.version,
                              json.loads(m.document), False, len(m.document), resp.flagged)
 
-    def list_profiles(self, producer: ModelId = NO_MODEL, consumer: ModelId = NO_MODEL) -> list[StoredProfile]:
-        resp = self._call(self._stub.ListProfiles, pb.ListProfilesRequest(producer=producer, consumer=consumer))
+    def list_profiles(self, producer: ModelId = NO_MODEL, consumer: ModelId = NO_MODEL,
+                      tenant: str = "") -> list[StoredProfile]:
+        resp = self._call(self._stub.ListProfiles, pb.ListProfilesRequest(
+            producer=producer, consumer=consumer, tenant=tenant or self.options.tenant))
         return [StoredProfile(p.producer, p.consumer, p.producer_digest, p.consumer_digest, p.version,
                               None, p.stale, p.size_bytes, p.flagged, p.flags) for p in resp.profiles]
 
-    def flag_profile(self, producer: ModelId, consumer: ModelId, reason: str, version: int = 0) -> bool:
+    def flag_profile(self, producer: ModelId, consumer: ModelId, reason: str, version: int = 0,
+                     tenant: str = "") -> bool:
         """Ask for the pair to be re-profiled (what was seen, in ``reason``). With
         ``version``, only if that version is still the current one; True if applied."""
-        request = pb.FlagProfileRequest(producer=producer, consumer=consumer, version=version, reason=reason)
+        request = pb.FlagProfileRequest(producer=producer, consumer=consumer, version=version, reason=reason,
+                                        tenant=tenant or self.options.tenant)
         return self._call(self._stub.FlagProfile, request).applied
 
     # ------------------------------------------------------------ cross-context reuse

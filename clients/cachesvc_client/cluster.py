@@ -214,16 +214,16 @@ class ClusterClient:
     # ------------------------------------------------------------ models and profiles (cluster-wide)
 
     def register_model(self, model_id: ModelId, weights_digest: str, family: FamilySpec,
-                       replace: bool = False) -> Registered:
+                       replace: bool = False, tenant: str = "") -> Registered:
         """On every live node (a node that joins later adopts it from Redis)."""
-        results = self._every(lambda c: c.register_model(model_id, weights_digest, family, replace))
+        results = self._every(lambda c: c.register_model(model_id, weights_digest, family, replace, tenant))
         return dataclasses.replace(results[0], created=any(r.created for r in results))
 
     def family(self, family_id: FamilyId) -> FamilySpec:
         return self._any(lambda c: c.family(family_id))
 
-    def list_models(self) -> list[dict]:
-        return self._any(lambda c: c.list_models())
+    def list_models(self, tenant: str = "") -> list[dict]:
+        return self._any(lambda c: c.list_models(tenant))
 
     def chunk_size(self) -> int:
         if self._chunk_size is None:
@@ -236,18 +236,20 @@ class ClusterClient:
                             chunk_size=self.chunk_size(), extra_keys=extra_keys, include_partial=include_partial)
 
     def put_profile(self, producer: ModelId, consumer: ModelId, producer_digest: str, consumer_digest: str,
-                    document: dict) -> int:
+                    document: dict, tenant: str = "") -> int:
         return max(self._every(lambda c: c.put_profile(producer, consumer, producer_digest, consumer_digest,
-                                                       document)))
+                                                       document, tenant)))
 
-    def get_profile(self, producer: ModelId, consumer: ModelId) -> StoredProfile:
-        return self._any(lambda c: c.get_profile(producer, consumer))
+    def get_profile(self, producer: ModelId, consumer: ModelId, tenant: str = "") -> StoredProfile:
+        return self._any(lambda c: c.get_profile(producer, consumer, tenant))
 
-    def list_profiles(self, producer: ModelId = NO_MODEL, consumer: ModelId = NO_MODEL) -> list[StoredProfile]:
-        return self._any(lambda c: c.list_profiles(producer, consumer))
+    def list_profiles(self, producer: ModelId = NO_MODEL, consumer: ModelId = NO_MODEL,
+                      tenant: str = "") -> list[StoredProfile]:
+        return self._any(lambda c: c.list_profiles(producer, consumer, tenant))
 
-    def flag_profile(self, producer: ModelId, consumer: ModelId, reason: str, version: int = 0) -> bool:
-        return any(self._every(lambda c: c.flag_profile(producer, consumer, reason, version)))
+    def flag_profile(self, producer: ModelId, consumer: ModelId, reason: str, version: int = 0,
+                     tenant: str = "") -> bool:
+        return any(self._every(lambda c: c.flag_profile(producer, consumer, reason, version, tenant)))
 
     # ------------------------------------------------------------ put
 
