@@ -9,6 +9,7 @@ import random
 
 import pytest
 import torch
+from prometheus_client import REGISTRY
 
 from cachesvc_client import CacheClient, DType
 from cachesvc_connectors.hf import Consumer, ConsumerOptions, Producer, ProducerOptions
@@ -64,6 +65,8 @@ def test_same_prefix_and_blend_at_one_are_exact(client: CacheClient, base):
     assert [p.name for p in prompt.parts] == ["P0", "question", "P1"]
     agent.publish(prompt)
     dense = last_logits(model, prompt.ids)
+    nearest = ("cachesvc_agent_prefills_total", {"strategy": "nearest"})
+    seen = REGISTRY.get_sample_value(*nearest) or 0
     for strategy in ("nearest", "reuse_all", "blend@1", "prefix_only", "dense"):
         logits, report = _logits(agent, prompt, strategy)
         assert torch.allclose(logits, dense, atol=1e-4, rtol=0), strategy
@@ -71,6 +74,7 @@ def test_same_prefix_and_blend_at_one_are_exact(client: CacheClient, base):
     assert report.reused_tokens == len(prompt.ids) - 1 and report.fallback == ""
     _, report = _logits(agent, prompt, "nearest")
     assert report.reused_tokens == 500 and report.prefix_tokens == 300 and report.parts[0].shift == 0 and report.parts[1].action == "compute"
+    assert REGISTRY.get_sample_value(*nearest) == seen + 2          # the consumer's metrics count them
 
 
 def test_a_segment_behind_another_prefix_is_re_rotated_exactly(client: CacheClient, base):

@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cachesvc_client import CacheClient, DType, Kind
 from cachesvc_connectors.hf import Consumer, ConsumerOptions, Producer, ProducerOptions
+from cachesvc_connectors.hf.agents import AgentReport, PartReport
 from cachesvc_connectors.metrics import default_metrics
 from conftest import TINY, make_entry
 from cachesvc_connectors.hf.loader import plan_requests
@@ -94,6 +95,8 @@ def test_every_dashboard_query_names_an_exported_metric(metered):
         before = REGISTRY.get_sample_value(*prefills) or 0
         assert consumer.prefill(ids + [3]).report.mode == "same_model"
         assert REGISTRY.get_sample_value(*prefills) == before + 1
+        # an agent's prefill (tests/test_agents.py runs real ones) labels its strategy's series
+        default_metrics().observe_agent(AgentReport("nearest", 100, 80, parts=[PartReport("doc", "reuse", 80, 80)]))
         exported = _exported(url)
     dashboard = json.loads(DASHBOARD.read_text())
     queries = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
@@ -119,6 +122,15 @@ def test_consumer_metrics_record_the_breakdown():
     assert value("cachesvc_consumer_phase_seconds_sum", phase="prefill") - before["prefill"] == pytest.approx(2.0)
     assert value("cachesvc_consumer_loaded_bytes_total", transport="shm-direct") - bytes_before == 10
     assert value("cachesvc_consumer_prompt_tokens_total", source="reused") - reused_before == 80
+    # an agent's prefill: by strategy, and its tokens by what was done with their part
+    parts_before = {a: value("cachesvc_agent_part_tokens_total", action=a) for a in ("prefix", "anchor", "compute")}
+    agent_before = value("cachesvc_agent_prefills_total", strategy="kvcomm")
+    default_metrics().observe_agent(AgentReport("kvcomm", 500, 450, prefix_tokens=100, prefill_s=0.25,
+                                                parts=[PartReport("doc", "anchor", 350, 350),
+                                                       PartReport("P1", "compute", 50)]))
+    assert value("cachesvc_agent_prefills_total", strategy="kvcomm") - agent_before == 1
+    assert {a: value("cachesvc_agent_part_tokens_total", action=a) - parts_before[a] for a in parts_before} == \
+        {"prefix": 100, "anchor": 350, "compute": 50}
 
 
 def test_a_plan_fetched_over_the_data_plane_is_one_request(metered):

@@ -5,7 +5,9 @@ same-host consumer copies located slabs without asking the node at all). Every
 ``Consumer`` records each prefill's ``ReuseReport`` here: how it was served, how many
 prompt tokens were reused, where its time went (lookup, load, wait, recompute, suffix,
 the whole prefill), the bytes it loaded by transport, and its drift guard's checks and
-demotions. Expose them with ``prometheus_client.start_http_server(port)`` in the
+demotions. An ``Agent`` (cross-context reuse) records its prefills by strategy and its
+prompt parts by what was done with them (reused, blended, estimated from anchors,
+computed). Expose them with ``prometheus_client.start_http_server(port)`` in the
 serving process; deploy/grafana/cachesvc.json charts them beside the node's.
 """
 
@@ -37,6 +39,13 @@ class ReuseMetrics:
                              registry=registry)
         self.seconds = Histogram("cachesvc_consumer_phase_seconds", "where a prefill's time went",
                                  ["phase"], buckets=_BUCKETS, registry=registry)
+        self.agent_prefills = Counter("cachesvc_agent_prefills", "agents' prefills, by cross-context strategy",
+                                      ["strategy"], registry=registry)
+        self.agent_parts = Counter("cachesvc_agent_part_tokens", "agents' prompt tokens by what was done with "
+                                   "their part (prefix: the agent's own stored prefix; reuse, blend, anchor: "
+                                   "read from another context; compute)", ["action"], registry=registry)
+        self.agent_seconds = Histogram("cachesvc_agent_prefill_seconds", "agents' prefill time, by strategy",
+                                       ["strategy"], buckets=_BUCKETS, registry=registry)
         self._guards: weakref.WeakSet = weakref.WeakSet()
         registry.register(_GuardCollector(self._guards))
 
@@ -53,6 +62,20 @@ class ReuseMetrics:
                              ("recompute", report.recompute_s), ("suffix", report.suffix_s),
                              ("prefill", report.prefill_s)):
             self.seconds.labels(phase).observe(value)
+
+    def observe_agent(self, report) -> None:
+        """Record one agent prefill (an ``AgentReport``): reused tokens under the part's
+        action, the rest of its tokens as computed."""
+        self.agent_prefills.labels(report.strategy).inc()
+        self.agent_seconds.labels(report.strategy).observe(report.prefill_s)
+        self.tokens.labels("reused").inc(report.reused_tokens)
+        self.tokens.labels("computed").inc(max(report.prompt_tokens - report.reused_tokens, 0))
+        if report.prefix_tokens:
+            self.agent_parts.labels("prefix").inc(report.prefix_tokens)
+        for part in report.parts:
+            if part.reused_tokens:
+                self.agent_parts.labels(part.action).inc(part.reused_tokens)
+        self.agent_parts.labels("compute").inc(max(report.prompt_tokens - report.reused_tokens, 0))
 
     def track(self, guard) -> None:
         """Export a drift guard's checks and demotions (for as long as it lives)."""

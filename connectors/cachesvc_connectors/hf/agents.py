@@ -335,6 +335,8 @@ class Agent:
         else:
             cache = self._dense(ids[:-1])
         report.prefill_s = time.perf_counter() - t0
+        if self.consumer.metrics is not None:
+            self.consumer.metrics.observe_agent(report)
         return AgentPrefill(cache, report, after)
 
     def _dense(self, ids: Sequence[int]) -> DynamicCache:
