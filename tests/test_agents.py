@@ -16,7 +16,7 @@ from cachesvc_connectors.hf import Consumer, ConsumerOptions, Producer, Producer
 from cachesvc_connectors.hf.agents import Agent, AgentTemplate, TemplateMismatchError
 from cachesvc_connectors.reuse import DriftOptions, Plan
 from cachesvc_connectors.reuse.crosscontext import (CrossContextProfile, FidelityTarget, StrategyRow,
-                                                    StrategySelector)
+                                                    StrategySelector, publish_profile)
 from cachesvc_connectors.reuse.segments import AnchorOptions
 from hf_models import fine_tune_of, last_logits, tiny_model, tokenizer
 
@@ -145,9 +145,11 @@ def test_the_planner_picks_from_the_profile_and_the_guard_demotes(client: CacheC
         StrategyRow("nearest", 8, 0.002, 1.0, 0.80, 0.3),
         StrategyRow("blend@0.3", 8, 0.5, 0.5, 0.6, 0.5),         # misses the target
         StrategyRow("prefix_only", 8, 0.0, 1.0, 0.2, 0.8)]})
-    selector = StrategySelector(profile, FidelityTarget(0.015, 0.95))
-    reader = _agent(client, tuned, tok, "tuned", "reader", selector=selector,
-                    consumer={"default_plan": Plan.full_reuse(4)})
+    reader = _agent(client, tuned, tok, "tuned", "reader", consumer={"default_plan": Plan.full_reuse(4)})
+    # The profile lives in the service, as the model's own pair (versioned by its weights).
+    assert publish_profile(client, "tuned", reader.consumer.registration.weights_digest, profile) == 1
+    selector = reader.selector = StrategySelector.from_service(client, "tuned", FidelityTarget(0.015, 0.95))
+    assert selector.source is not None and selector.source.version == 1
     guard = reader.watch(DriftOptions(sample_fraction=1.0, min_samples=3, window=3, background=False,
                                       max_new_tokens=4, expected_quality=0.95))
     assert selector.choose("reader").strategy == "reuse_all"
@@ -160,6 +162,12 @@ def test_the_planner_picks_from_the_profile_and_the_guard_demotes(client: CacheC
     assert guard.metrics()["demotions"] == 1
     after = selector.choose("reader")
     assert after.strategy == "nearest" and "demoted" in after.why
+    # ... and the demotion flagged the profile in the service for re-profiling.
+    [stored] = client.list_profiles("tuned", "tuned")
+    assert stored.flags == 1 and "reuse_all" in stored.flagged and not stored.stale
+    # Without a profile in the service (another model), a selector falls back, saying why.
+    bare = StrategySelector.from_service(client, "base")
+    assert bare.source is None and bare.choose("reader").strategy == "prefix_only"
     assert selector.choose("nobody").strategy == "prefix_only"
 
 

@@ -50,7 +50,8 @@ def test_bad_profiles_are_refused_and_nothing_is_stored(client):
     _pair(client)
     client.register_model("other", "dddd0000", dataclasses.replace(TINY, tokenizer_fingerprint="other"))
     cases = [
-        (("base", "base", "aaaa0000", "aaaa0000", DOC), InvalidArgumentError, "pairs two models"),
+        # a model's own pair (its cross-context profile) is checked against its weights too
+        (("base", "base", "aaaa0000", "ffff0000", DOC), FailedPreconditionError, "profile the registered model"),
         (("base", "ghost", "aaaa0000", "bbbb0000", DOC), NotFoundError, "model 'ghost' is not registered"),
         (("base", "other", "aaaa0000", "dddd0000", DOC), FailedPreconditionError, "cannot share a cache"),
         (("base", "tuned", "aaaa0000", "bbbb0000", {"x": "y" * (5 << 20)}), InvalidArgumentError,

@@ -48,7 +48,7 @@ from cachesvc_connectors.hf import Consumer, ConsumerOptions, Producer, Producer
 from cachesvc_connectors.hf.agents import Agent, AgentPrompt, AgentReport, AgentTemplate
 from cachesvc_connectors.reuse import Plan
 from cachesvc_connectors.reuse.crosscontext import (CrossContextProfile, FidelityTarget, StrategyRow,
-                                                    StrategySelector)
+                                                    StrategySelector, publish_profile)
 from cachesvc_connectors.reuse.segments import AnchorOptions
 
 COPY_MODES = "dense,prefix_only,nearest,reuse_all,blend,kvcomm,planner"
@@ -319,8 +319,14 @@ def run(args: argparse.Namespace) -> dict:
             cal = [c for r in range(args.calibration_rounds)
                    for c in pipeline.run_round(10_000 + r, calibrate or ["dense"], progress)]
             profile = _profile(cal, agents[0].family_id) if calibrate else None
+            # Stored in the node as each agent model's own pair, and read back from there,
+            # as a deployment's agents would (reuse.crosscontext).
+            consumers = {a.consumer.model_id: a.consumer for a in agents}
+            if profile is not None:
+                for model_id, consumer in consumers.items():
+                    publish_profile(client, model_id, consumer.registration.weights_digest, profile)
             for agent in agents:
-                agent.selector = StrategySelector(profile, target)
+                agent.selector = StrategySelector.from_service(client, agent.consumer.model_id, target)
             calls = [c for r in range(args.agent_rounds) for c in pipeline.run_round(r, modes, progress)]
         node = client.stats()["counters"]
     return {"benchmark": "agents", "machine": machine(), "workload": args.workload, "model": args.model,

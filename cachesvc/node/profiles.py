@@ -1,5 +1,9 @@
 """Reuse profiles per (producer, consumer) pair, versioned by both models' weights.
 
+A pair of one model with itself (producer = consumer) is that model's cross-context
+profile: how it reuses its own cache behind other prefixes (the connectors'
+reuse.crosscontext); the registry treats it like any pair.
+
 A profile is a JSON document the connectors write (``cachesvc profile``) and read (to
 choose a plan); the service checks only what it can: both models registered, one family,
 the digests the profile was measured on equal to the registered ones at put time, a JSON
@@ -62,9 +66,6 @@ class ProfileRegistry:
 
     def put(self, producer: str, consumer: str, producer_digest: str, consumer_digest: str,
             document: bytes, *, tenant: str) -> ProfileRecord:
-        if producer == consumer:
-            raise InvalidArgument(f"a profile pairs two models; got {producer!r} twice "
-                                  "(a model reuses its own cache without one)")
         if len(document) > MAX_PROFILE_BYTES:
             raise InvalidArgument(f"profile document has {len(document)} bytes, more than the "
                                   f"{MAX_PROFILE_BYTES} allowed")

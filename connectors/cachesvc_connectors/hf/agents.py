@@ -571,7 +571,7 @@ class Agent:
         prefill (greedy answers compared) and demote one that stops keeping its promise."""
         if self.selector is None:
             raise ValueError("an agent without a strategy selector has nothing to watch")
-        self.selector.guard = DriftGuard(_StrategyVerifier(self), _keep_flag, options or DriftOptions())
+        self.selector.guard = DriftGuard(_StrategyVerifier(self), self.selector.flag, options or DriftOptions())
         return self.selector.guard
 
     # ------------------------------------------------------------------ generation
@@ -608,8 +608,3 @@ class _StrategyVerifier:
                                      pad_token_id=self.agent.consumer.model.config.eos_token_id)
         return out[0, len(prompt.ids):].tolist()
 
-
-def _keep_flag(event) -> str:
-    """Cross-context profiles live with the deployment, not in the service's registry:
-    the demotion is kept in the guard's metrics."""
-    return "kept in the guard (cross-context profiles are not in the service's registry)"

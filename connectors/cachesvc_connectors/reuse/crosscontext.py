@@ -11,6 +11,13 @@ more expensive one when it stops keeping its promise, as it does for cross-model
 So a request's reuse is one decision over everything the service holds: the agent's own
 prefix (same model), another model's entries through the pair's plan (DroidSpeak), and a
 shared segment behind another prefix (KVCOMM-style), each chosen from measurements.
+
+**Stored in the service.** A model's cross-context profile is kept in the node's profile
+registry as the model's own pair (producer = consumer: a model reusing its own cache
+behind other prefixes), like a cross-model pair's: per tenant, cluster-wide, versioned by
+the model's weights (a re-registered model's profile is stale and never served), and
+flagged there when the drift guard demotes a strategy (:meth:`StrategySelector.flag`).
+:func:`publish_profile` stores one; :meth:`StrategySelector.from_service` reads it.
 """
 
 from __future__ import annotations
@@ -20,7 +27,9 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from cachesvc_connectors.reuse.drift import DriftGuard
+from cachesvc.wire.keys import ModelId
+from cachesvc_client import CacheServiceError, FailedPreconditionError, NotFoundError
+from cachesvc_connectors.reuse.drift import DemotionEvent, DriftGuard
 
 PROFILE_FORMAT = "cachesvc-cross-context-profile/1"
 EXACT_STRATEGIES = ("prefix_only", "dense")
@@ -105,12 +114,57 @@ class StrategyChoice:
     row: StrategyRow | None = None
 
 
+def publish_profile(client, model_id: ModelId, weights_digest: str, profile: CrossContextProfile) -> int:
+    """Store ``profile`` in the service as ``model_id``'s own pair, measured on these
+    weights; its version (1 for the first, +1 per replacement)."""
+    return client.put_profile(model_id, model_id, weights_digest, weights_digest, profile.to_json())
+
+
+@dataclass(frozen=True)
+class ServiceSource:
+    """Where a selector's profile came from: the model's pair in the service, at a version."""
+
+    client: object
+    model_id: ModelId
+    version: int
+
+
 class StrategySelector:
     """Per request: the template's profiled choice, unless the drift guard demoted it."""
 
     def __init__(self, profile: CrossContextProfile | None, target: FidelityTarget = FidelityTarget(),
-                 guard: DriftGuard | None = None, fallback: str = "prefix_only") -> None:
+                 guard: DriftGuard | None = None, fallback: str = "prefix_only",
+                 source: ServiceSource | None = None) -> None:
         self.profile, self.target, self.guard, self.fallback = profile, target, guard, fallback
+        self.source = source
+
+    @classmethod
+    def from_service(cls, client, model_id: ModelId, target: FidelityTarget = FidelityTarget(),
+                     fallback: str = "prefix_only") -> StrategySelector:
+        """A selector over ``model_id``'s cross-context profile in the service; without one
+        (none stored, or stale: the model's weights changed since), every request gets
+        ``fallback`` and the reason says so."""
+        try:
+            stored = client.get_profile(model_id, model_id)
+        except (NotFoundError, FailedPreconditionError):
+            return cls(None, target, fallback=fallback)
+        return cls(CrossContextProfile.from_json(stored.document), target, fallback=fallback,
+                   source=ServiceSource(client, model_id, stored.version))
+
+    def flag(self, event: DemotionEvent) -> str:
+        """The drift guard's report of a demotion: flag the profile in the service for
+        re-profiling (best effort: the demotion stands either way)."""
+        if self.source is None:
+            return "kept in the guard (the profile is not in the service's registry)"
+        reason = (f"drift guard: cross-context strategy {event.plan} of {event.producer} gave {event.rate:.2f} "
+                  f"identical answers over {event.samples} checks, profile promised {event.expected:.2f}; "
+                  f"demoted to {event.demoted_to}")
+        try:
+            applied = self.source.client.flag_profile(self.source.model_id, self.source.model_id, reason,
+                                                      self.source.version)
+        except CacheServiceError as exc:
+            return f"not recorded: {exc}"
+        return "applied" if applied else "not applied: the profile was replaced since"
 
     def choose(self, template: str) -> StrategyChoice:
         rows = self.profile.rows(template) if self.profile is not None else []
