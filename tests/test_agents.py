@@ -14,10 +14,10 @@ from prometheus_client import REGISTRY
 from cachesvc_client import CacheClient, DType
 from cachesvc_connectors.hf import Consumer, ConsumerOptions, Producer, ProducerOptions
 from cachesvc_connectors.hf.agents import Agent, AgentTemplate, TemplateMismatchError
-from cachesvc_connectors.reuse import DriftOptions, Plan
+from cachesvc_connectors.reuse import DriftGuard, DriftOptions, Plan
 from cachesvc_connectors.reuse.crosscontext import (CrossContextProfile, FidelityTarget, StrategyRow,
                                                     StrategySelector, publish_profile)
-from cachesvc_connectors.reuse.segments import AnchorOptions
+from cachesvc_connectors.reuse.segments import AnchorOptions, mix
 from hf_models import fine_tune_of, last_logits, tiny_model, tokenizer
 
 FP32 = DType.FLOAT32
@@ -67,7 +67,7 @@ def test_same_prefix_and_blend_at_one_are_exact(client: CacheClient, base):
     dense = last_logits(model, prompt.ids)
     nearest = ("cachesvc_agent_prefills_total", {"strategy": "nearest"})
     seen = REGISTRY.get_sample_value(*nearest) or 0
-    for strategy in ("nearest", "reuse_all", "blend@1", "prefix_only", "dense"):
+    for strategy in ("nearest", "reuse_all", "blend@1", "prefix_only", "dense", "question=reuse_all,*=dense"):
         logits, report = _logits(agent, prompt, strategy)
         assert torch.allclose(logits, dense, atol=1e-4, rtol=0), strategy
     _, report = _logits(agent, prompt, "reuse_all")
@@ -244,3 +244,39 @@ def test_rotten_segments_and_anchors_are_computed_never_used(server_factory, bas
         logits, report = _logits(agent, prompt, "kvcomm")
         assert report.parts[0].action == "compute" and report.reused_tokens == 0
         assert torch.allclose(logits, last_logits(model, prompt.ids), atol=1e-4, rtol=0)
+
+
+class _Differs:
+    """A verifier whose reused answers never match the dense ones (the guard's input)."""
+
+    def same_answer(self, prompt, key, step, max_new_tokens) -> bool:
+        return False
+
+
+def test_per_placeholder_rows_give_each_placeholder_its_own_strategy():
+    profile = CrossContextProfile("f", {"t": [
+        StrategyRow("nearest", 4, 0.001, 1.0, 0.90, 0.20, "records"),
+        StrategyRow("reuse_all", 4, 0.001, 1.0, 0.95, 0.10, "records"),
+        StrategyRow("nearest", 4, 0.5, 0.5, 0.30, 0.60, "question"),      # misses the target
+        StrategyRow("blend", 4, 0.01, 1.0, 0.20, 0.70, "question"),
+        StrategyRow("nearest", 4, 0.5, 0.5, 0.90, 0.30)]})                 # the template-wide row
+    assert CrossContextProfile.from_json(profile.to_json()) == profile
+    selector = StrategySelector(profile, FidelityTarget(0.015, 0.95))
+    ladder = [s.name for s in selector.ladder("t")]
+    assert ladder == ["question=blend,records=reuse_all,*=prefix_only",
+                      "question=prefix_only,records=nearest,*=prefix_only",
+                      "question=prefix_only,records=prefix_only,*=prefix_only"]
+    chosen = selector.choose("t")
+    assert chosen.strategy == ladder[0] and chosen.why.startswith("per placeholder")
+    chosen_mix = mix(chosen.strategy)
+    assert chosen_mix.name == chosen.strategy and chosen_mix.of("records").name == "reuse_all"
+    assert chosen_mix.of("system").name == "prefix_only"
+    # A demotion moves every placeholder one rung up its own ladder.
+    selector.guard = DriftGuard(_Differs(), selector.flag, DriftOptions(sample_fraction=1.0, min_samples=2,
+                                                                       window=2, background=False))
+    for _ in range(2):
+        selector.observe("t", object(), chosen.strategy)
+    assert selector.choose("t").strategy == ladder[1] and "demoted" in selector.choose("t").why
+    for spec in ("records=", "a=nearest,a=dense", "x=nope", "=nearest"):
+        with pytest.raises(ValueError):
+            mix(spec)

@@ -191,3 +191,22 @@ def test_bench_agents_fields(tmp_path):
     assert set(doc["profile"]["templates"]) == {"agent1", "agent2", "agent3"}
     assert sum(rows["planner"]["strategies"].values()) == 6
     assert doc["node"]["segment_sources"] > 0 and (tmp_path / "agents.png").stat().st_size > 0
+
+
+def test_bench_agents_calibrates_each_placeholder_alone(tmp_path):
+    """`--calibrate placeholder`: each strategy measured on each placeholder alone, a
+    profile row per (template, placeholder), and the planner answering with a strategy
+    per placeholder."""
+    out = tmp_path / "agents.json"
+    proc = _cli("bench", "agents", "--model", "llama-tiny", "--agents", "3", "--input-tokens", "200",
+                "--prefix-tokens", "64", "--output-tokens", "40", "--agent-rounds", "1", "--modes",
+                "dense,nearest,planner", "--calibrate", "placeholder", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    templates = doc["profile"]["templates"]
+    # agent3 reads the input and the answers of agents 1 and 2: each placeholder gets its own rows
+    assert {r["placeholder"] for r in templates["agent3"] if r["placeholder"]} == {"input", "answer1", "answer2"}
+    assert {r["placeholder"] for r in templates["agent1"] if r["placeholder"]} == {"input"}
+    planner = next(r for r in doc["rows"] if r["mode"] == "planner")
+    assert sum(planner["strategies"].values()) == 3
+    assert all("=" in name for name in planner["strategies"]), planner["strategies"]

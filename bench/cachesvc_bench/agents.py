@@ -17,7 +17,9 @@ Every call is timed in every mode on the same prompts: ``dense`` (the agent's ow
 prefill: the reference for fidelity), ``prefix_only`` (its stored prefix reused), each
 strategy of reuse.segments, and ``planner`` (the strategy a cross-context profile picks per
 agent, the profile measured on ``--calibration-rounds`` rounds of other content in the same
-run). An agent publishes its prompt (and answer) after its call was measured in every mode.
+run; with ``--calibrate placeholder`` each strategy is measured on each placeholder alone,
+so the planner gives each placeholder its own). An agent publishes its prompt (and answer)
+after its call was measured in every mode.
 
 TTFT is prompt in, first-token logits out (models loaded). Rows per (workload, agents,
 mode): ``reuse_token_rate`` (prompt tokens read, not computed), ``reuse_call_rate`` (calls
@@ -49,7 +51,7 @@ from cachesvc_connectors.hf.agents import Agent, AgentPrompt, AgentReport, Agent
 from cachesvc_connectors.reuse import Plan
 from cachesvc_connectors.reuse.crosscontext import (CrossContextProfile, FidelityTarget, StrategyRow,
                                                     StrategySelector, publish_profile)
-from cachesvc_connectors.reuse.segments import AnchorOptions
+from cachesvc_connectors.reuse.segments import AnchorOptions, mix
 
 COPY_MODES = "dense,prefix_only,nearest,reuse_all,blend,kvcomm,planner"
 TASK_MODES = "dense,prefix_only,nearest,reuse_all,blend,planner"
@@ -162,6 +164,12 @@ def _call(agent: Agent, step: Step, strategy: str, answer_tokens: int) -> tuple[
     return pre.report, torch.log_softmax(logits, -1), answer, ttft
 
 
+def _applies(mode: str, placeholders: set[str]) -> bool:
+    """Whether a mode runs on a prompt with these placeholders (a per-placeholder mode
+    only where its placeholders are)."""
+    return "=" not in mode or {p for p, _ in mix(mode).by} <= placeholders
+
+
 def _placeholder_read(report: AgentReport, prompt: AgentPrompt) -> bool:
     names = {p.name for p in prompt.parts if p.kind == "placeholder"}
     return any(p.name in names and p.reused_tokens > 0 for p in report.parts)
@@ -178,7 +186,10 @@ class Pipeline:
         for step in self.workload.round(index, self.tokenizer):
             agent = self.agents[step.agent]
             reference = None
+            named = {p.name for p in step.prompt.parts if p.kind == "placeholder"}
             for mode in modes:
+                if not _applies(mode, named):
+                    continue           # a per-placeholder calibration mode of another template
                 strategy = "auto" if mode == "planner" else mode
                 report, logprobs, answer, ttft = _call(agent, step, strategy, self.args.answer_tokens)
                 if reference is None:       # dense runs first
@@ -208,10 +219,13 @@ def _profile(calls: list[Call], family_id: str) -> CrossContextProfile:
             mine = [c for c in calls if c.mode == mode and c.agent == agent]
             if not mine:
                 continue
-            rows.append(StrategyRow(mode, len(mine), statistics.median(c.kl for c in mine),
+            # "records=nearest,*=prefix_only": nearest measured on that placeholder alone
+            [(placeholder, strategy)] = mix(mode).by if "=" in mode else [("", mix(mode).default)]
+            rows.append(StrategyRow(strategy.name, len(mine), statistics.median(c.kl for c in mine),
                                     statistics.fmean(c.top1 for c in mine),
                                     sum(c.reused_tokens for c in mine) / sum(c.prompt_tokens for c in mine),
-                                    statistics.median(c.ttft_s / dense[(c.round, c.agent)] for c in mine)))
+                                    statistics.median(c.ttft_s / dense[(c.round, c.agent)] for c in mine),
+                                    placeholder))
         rows.append(StrategyRow("dense", sum(1 for c in calls if c.mode == "dense" and c.agent == agent),
                                 0.0, 1.0, 0.0, 1.0))
         profile.templates[f"agent{agent + 1}"] = rows
@@ -308,12 +322,16 @@ def run(args: argparse.Namespace) -> dict:
     modes = ["dense", *modes]
     timed = [m for m in modes if m != "planner"]
     calibrate = ["dense", *(m for m in CALIBRATED if m in timed)] if "planner" in modes else []
+    if calibrate and args.calibrate == "placeholder":
+        names = sorted({n for t in workload.templates for n in t.placeholders})
+        calibrate = ["dense", "prefix_only", *(f"{n}={m}" for n in names for m in calibrate[1:] if m != "prefix_only")]
     target = FidelityTarget(args.max_kl, args.min_top1)
     with model_server(args.device, args.node_memory, "--anchor-pool-bytes", args.anchor_pool_bytes) as srv, \
             CacheClient(srv.address) as client:
         agents = _agents(client, args, base, tok, tuned)
         pipeline = Pipeline(agents, workload, tok, args)
-        total = (len(calibrate) * args.calibration_rounds + len(modes) * args.agent_rounds) * args.agents
+        per_round = sum(_applies(m, set(t.placeholders)) for t in workload.templates for m in calibrate or ["dense"])
+        total = per_round * args.calibration_rounds + len(modes) * args.agent_rounds * args.agents
         with tqdm(total=total, desc=f"bench agents ({args.workload})", unit="call") as progress:
             # Rounds of other content first: the warm-up, and the planner's profile.
             cal = [c for r in range(args.calibration_rounds)

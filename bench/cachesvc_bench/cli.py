@@ -88,6 +88,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     agents.add_argument("--agent-rounds", type=int, default=2, help="timed rounds")
     agents.add_argument("--calibration-rounds", type=int, default=1,
                         help="rounds of other content the planner's profile is measured on (and a warm-up)")
+    agents.add_argument("--calibrate", choices=("template", "placeholder"), default="template",
+                        help="planner: profile each strategy on every placeholder at once (template), or on "
+                             "each placeholder alone, the others computed (placeholder: a strategy per placeholder)")
     agents.add_argument("--answer-tokens", type=int, default=8, help="greedy tokens compared with dense")
     agents.add_argument("--max-kl", type=float, default=0.015, help="planner: median first-token KL target")
     agents.add_argument("--min-top1", type=float, default=0.95, help="planner: first-token top-1 target")

@@ -47,8 +47,8 @@ from cachesvc_connectors.hf.rope import Repositioner
 from cachesvc_connectors.hf.selective import deviation, select
 from cachesvc_connectors.reuse import DriftGuard, DriftOptions, Plan, blend_shares
 from cachesvc_connectors.reuse.crosscontext import StrategySelector
-from cachesvc_connectors.reuse.segments import (Action, AnchorOptions, SourceRule, Strategy, choose_source,
-                                                strategy as strategy_named)
+from cachesvc_connectors.reuse.segments import (Action, AnchorOptions, SourceRule, Strategy, StrategyMix,
+                                                choose_source, mix)
 
 BASE_SALT = "cachesvc-segment-base"
 """Extra key of a segment's position-normalized copy (its own chain, never a prompt's)."""
@@ -305,27 +305,27 @@ class Agent:
 
     # ------------------------------------------------------------------ choosing
 
-    def choose(self, prompt: AgentPrompt) -> tuple[Strategy, str]:
+    def choose(self, prompt: AgentPrompt) -> tuple[StrategyMix, str]:
         if self.selector is None:
-            return strategy_named("prefix_only"), "no selector: the agent's own prefix only"
+            return mix("prefix_only"), "no selector: the agent's own prefix only"
         chosen = self.selector.choose(prompt.template)
-        return strategy_named(chosen.strategy), chosen.why
+        return mix(chosen.strategy), chosen.why
 
     # ------------------------------------------------------------------ prefill
 
     @torch.no_grad()
-    def prefill(self, prompt: AgentPrompt, strategy: str | Strategy = "auto") -> AgentPrefill:
+    def prefill(self, prompt: AgentPrompt, strategy: str | Strategy | StrategyMix = "auto") -> AgentPrefill:
         """The cache of the prompt's first N-1 tokens, built as ``strategy`` says (a name,
-        ``blend@R``, or "auto": the selector's choice)."""
+        ``blend@R``, one per placeholder as ``records=nearest,*=prefix_only``, or "auto":
+        the selector's choice)."""
         t0 = time.perf_counter()
         ids = prompt.ids
         if len(ids) < 2:
             raise ValueError("a prompt needs at least 2 tokens")
         chose = ""
-        if strategy == "auto":
+        if isinstance(strategy, str) and strategy == "auto":
             strategy, chose = self.choose(prompt)
-        elif isinstance(strategy, str):
-            strategy = strategy_named(strategy)
+        strategy = mix(strategy)
         report = AgentReport(strategy.name, len(ids), chose=chose)
         # prefix_only goes through the assembly too: P0 is read whole from a stored prompt
         # that starts with it, not only its leading whole chunks.
@@ -344,7 +344,7 @@ class Agent:
         self.consumer.model.model(input_ids=self.stack.ids(ids), past_key_values=cache, use_cache=True)
         return cache
 
-    def _assemble(self, prompt: AgentPrompt, strategy: Strategy, report: AgentReport) -> tuple[DynamicCache, list]:
+    def _assemble(self, prompt: AgentPrompt, strategy: StrategyMix, report: AgentReport) -> tuple[DynamicCache, list]:
         """Decide, part by part, which rows are read and which computed (``_collect``), then
         build the cache in one pass over the layers (``_build``). Also returns what the
         anchor path will record of its misses (``AgentPrefill.pending``)."""
@@ -356,7 +356,7 @@ class Agent:
         report.reused_tokens = report.prefix_tokens + sum(p.reused_tokens for p in report.parts)
         return cache, after
 
-    def _collect(self, prompt: AgentPrompt, strategy: Strategy, report: AgentReport,
+    def _collect(self, prompt: AgentPrompt, strategies: StrategyMix, report: AgentReport,
                  last: int) -> tuple[list[CacheRows], list[tuple[int, int]], list]:
         ids, parts = prompt.ids, prompt.parts
         rows: list[CacheRows] = []
@@ -366,9 +366,11 @@ class Agent:
         head = min(parts[first].start if first < len(parts) else last, last)
         if head >= 1:
             self._head(ids, parts[0], head, report, rows, computed)
-        i = first
+        i, strategy = first, strategies.default
         while i < len(parts) and parts[i].start < last:
             part = parts[i]
+            if part.kind == "placeholder":      # its strategy, and the following segment's
+                strategy = strategies.of(part.name)
             if part.kind == "placeholder" and strategy.placeholder == Action.ANCHOR and not self._why_not:
                 following = parts[i + 1] if i + 1 < len(parts) and parts[i + 1].kind == "template" else None
                 self._anchor_path().collect(prompt, part, following, last, report, rows, computed, after)
@@ -577,7 +579,7 @@ class Agent:
     # ------------------------------------------------------------------ generation
 
     @torch.no_grad()
-    def generate(self, prompt: AgentPrompt, strategy: str | Strategy = "auto",
+    def generate(self, prompt: AgentPrompt, strategy: str | Strategy | StrategyMix = "auto",
                  **generate_kwargs) -> tuple[torch.Tensor, AgentReport]:
         """``model.generate`` over the prompt with the assembled cache (sequences, prompt
         included, as ``generate`` returns them) and the report; the drift guard samples

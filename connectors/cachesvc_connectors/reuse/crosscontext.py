@@ -4,7 +4,11 @@ A :class:`CrossContextProfile` records, per agent template, each strategy's fide
 agent's own dense prefill (median first-token KL, top-1 agreement) and its cost (prompt
 time relative to dense) on a calibration set. :func:`choose_strategy` takes the cheapest
 whose fidelity meets the deployment's :class:`FidelityTarget`; the exact strategies
-(``prefix_only``, ``dense``) always do. :class:`StrategySelector` does this per request
+(``prefix_only``, ``dense``) always do. A profile may also hold rows per placeholder (a
+strategy applied to that placeholder alone, the others computed): the selector then
+gives each placeholder the cheapest strategy that meets the target on its own, as a
+:class:`~cachesvc_connectors.reuse.segments.StrategyMix`, and the drift guard steps every
+placeholder one rung up its own ladder at a demotion. :class:`StrategySelector` does this per request
 and lets the drift guard (reuse.drift) sample the chosen strategy and demote it to the next
 more expensive one when it stops keeping its promise, as it does for cross-model plans.
 
@@ -30,6 +34,7 @@ from pathlib import Path
 from cachesvc.wire.keys import ModelId
 from cachesvc_client import CacheServiceError, FailedPreconditionError, NotFoundError
 from cachesvc_connectors.reuse.drift import DemotionEvent, DriftGuard
+from cachesvc_connectors.reuse.segments import mix
 
 PROFILE_FORMAT = "cachesvc-cross-context-profile/1"
 EXACT_STRATEGIES = ("prefix_only", "dense")
@@ -51,6 +56,7 @@ class StrategyRow:
     top1: float
     reuse_token_rate: float     # prompt tokens not computed, of all prompt tokens
     relative_time: float        # prompt step time / dense's (lower is cheaper)
+    placeholder: str = ""       # "": the strategy on every placeholder; else on this one alone
 
     def meets(self, target: FidelityTarget) -> bool:
         return self.strategy in EXACT_STRATEGIES or (
@@ -65,7 +71,16 @@ class CrossContextProfile:
     templates: dict[str, list[StrategyRow]] = field(default_factory=dict)
 
     def rows(self, template: str) -> list[StrategyRow]:
-        return self.templates.get(template, [])
+        """The template's rows of strategies applied to every placeholder."""
+        return [r for r in self.templates.get(template, []) if not r.placeholder]
+
+    def placeholder_rows(self, template: str) -> dict[str, list[StrategyRow]]:
+        """The template's per-placeholder rows, by placeholder."""
+        out: dict[str, list[StrategyRow]] = {}
+        for row in self.templates.get(template, []):
+            if row.placeholder:
+                out.setdefault(row.placeholder, []).append(row)
+        return out
 
     def to_json(self) -> dict:
         return {"format": PROFILE_FORMAT, "family_id": self.family_id,
@@ -167,6 +182,15 @@ class StrategySelector:
         return "applied" if applied else "not applied: the profile was replaced since"
 
     def choose(self, template: str) -> StrategyChoice:
+        if self._ladders(template):
+            ladder = self.ladder(template)
+            level = self._level(template, ladder)
+            if level >= len(ladder):
+                return StrategyChoice(self.fallback, "the drift guard demoted every placeholder's strategies")
+            why = (f"per placeholder, the cheapest meeting KL <= {self.target.max_kl}, "
+                   f"top-1 >= {self.target.min_top1}")
+            return StrategyChoice(ladder[level].name, why + (f" (demoted by the drift guard {level} step(s))"
+                                                              if level else ""))
         rows = self.profile.rows(template) if self.profile is not None else []
         if not rows:
             return StrategyChoice(self.fallback, f"no cross-context profile for {template!r}")
@@ -180,7 +204,15 @@ class StrategySelector:
         return StrategyChoice(row.strategy, why, row)
 
     def ladder(self, template: str) -> list[StrategyStep]:
-        """The template's strategies meeting the target, cheapest first, as guard steps."""
+        """The template's strategies meeting the target, cheapest first, as guard steps.
+        With per-placeholder rows, step k gives each placeholder the k-th of its own
+        ladder (its last, an exact one, once it has no more)."""
+        ladders = self._ladders(template)
+        if ladders:
+            depth = max(len(names) for names in ladders.values())
+            return [StrategyStep(mix(",".join(f"{p}={names[min(k, len(names) - 1)]}"
+                                              for p, names in sorted(ladders.items()))).name, k)
+                    for k in range(depth)]
         rows = sorted((r for r in (self.profile.rows(template) if self.profile else []) if r.meets(self.target)),
                       key=lambda r: r.relative_time)
         return [StrategyStep(r.strategy, i) for i, r in enumerate(rows)]
@@ -192,6 +224,27 @@ class StrategySelector:
         ladder = self.ladder(template)
         step = next((s for s in ladder if s.name == chosen), StrategyStep(chosen, -1))
         self.guard.observe(prompt, _guard_key(template), step, None, ladder)
+
+    def _ladders(self, template: str) -> dict[str, list[str]]:
+        """Per placeholder with rows: the strategies meeting the target, cheapest first,
+        ending with an exact one."""
+        per = self.profile.placeholder_rows(template) if self.profile is not None else {}
+        out = {}
+        for placeholder, rows in per.items():
+            names = [r.strategy for r in sorted((r for r in rows if r.meets(self.target)),
+                                                key=lambda r: (r.relative_time, -r.reuse_token_rate))]
+            cut = next((i for i, n in enumerate(names) if n in EXACT_STRATEGIES), None)
+            out[placeholder] = names[:cut + 1] if cut is not None else [*names, "prefix_only"]
+        return out
+
+    def _level(self, template: str, ladder: list[StrategyStep]) -> int:
+        """How many steps the drift guard has moved this template up its ladder."""
+        if self.guard is None:
+            return 0
+        demoted, replacement = self.guard.replacement(_guard_key(template))
+        if not demoted:
+            return 0
+        return len(ladder) if replacement is None else replacement.recomputed_layers
 
     def _demoted(self, template: str) -> list[str]:
         """Strategies the guard has stepped away from for this template (every step below

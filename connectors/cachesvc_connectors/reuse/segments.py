@@ -1,9 +1,10 @@
 """Cross-context strategies (engine-neutral): how an agent's prompt reuses a shared segment
 that sits behind a different prefix (KVCOMM, CacheBlend, ALGORITHMS.md; docs/agents.md).
 
-An agent prompt is P0 ph1 P1 … phm Pm. A strategy says, for each placeholder's content,
+An agent prompt is P0 ph1 P1 … phm Pm. A strategy says, for a placeholder's content,
 what to do with it (:class:`Action`) and with the template segment that follows it, and
-where to take a reused segment from (:class:`SourceRule`). The measured facts on SmolLM2
+where to take a reused segment from (:class:`SourceRule`); a :class:`StrategyMix` gives
+each placeholder its own (``records=nearest,*=prefix_only``). The measured facts on SmolLM2
 (../shared/FACTS.md) are why there are several: the paper's anchor correction lost fidelity
 that simpler strategies kept, and the best source was another agent whose prefix is most
 like this one. The planner (reuse.crosscontext) picks among them from a measured profile.
@@ -76,6 +77,56 @@ def strategy(name: str) -> Strategy:
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"blend ratio must be in [0, 1], got {value}")
     return Strategy(f"blend@{value:g}", Action.BLEND, found.following, found.source, value)
+
+
+@dataclass(frozen=True, slots=True)
+class StrategyMix:
+    """A strategy per placeholder: ``by`` names some placeholders' strategies, the others
+    take ``default``; a template segment takes the strategy of the placeholder before it.
+    Its :attr:`name` is ``default``'s alone, else ``ph=strategy,…,*=default``
+    (:func:`mix` reads it back)."""
+
+    default: Strategy
+    by: tuple[tuple[str, Strategy], ...] = ()
+
+    @property
+    def name(self) -> str:
+        if not self.by:
+            return self.default.name
+        return ",".join([f"{p}={s.name}" for p, s in self.by] + [f"*={self.default.name}"])
+
+    def of(self, placeholder: str) -> Strategy:
+        return next((s for p, s in self.by if p == placeholder), self.default)
+
+    @property
+    def prefix_cache(self) -> bool:
+        """Whether the agent's own stored prefix is read: ``dense`` alone reads nothing; in
+        a mix it means computing that placeholder (exact either way)."""
+        return any(s.prefix_cache for s in (self.default, *(s for _, s in self.by)))
+
+
+def mix(spec: str | Strategy | StrategyMix) -> StrategyMix:
+    """A strategy name (``nearest``, ``blend@0.3``), or one per placeholder
+    (``records=nearest,question=dense``; ``*=NAME`` for the rest, ``prefix_only`` unless
+    given), as a :class:`StrategyMix`. ValueError on an unknown strategy or a bad spec."""
+    if isinstance(spec, StrategyMix):
+        return spec
+    if isinstance(spec, Strategy):
+        return StrategyMix(spec)
+    if "=" not in spec:
+        return StrategyMix(strategy(spec))
+    by, default = [], STRATEGIES["prefix_only"]
+    for item in spec.split(","):
+        placeholder, eq, name = item.partition("=")
+        if not eq or not placeholder.strip() or not name.strip():
+            raise ValueError(f"strategy mix {spec!r}: {item!r} is not placeholder=strategy")
+        if placeholder.strip() == "*":
+            default = strategy(name.strip())
+        else:
+            by.append((placeholder.strip(), strategy(name.strip())))
+    if len({p for p, _ in by}) != len(by):
+        raise ValueError(f"strategy mix {spec!r} names a placeholder twice")
+    return StrategyMix(default, tuple(by))
 
 
 def similarity(a: Sequence[int], b: Sequence[int]) -> float:
