@@ -56,6 +56,20 @@ def test_another_tenants_hashes_and_ids_reach_nothing(client: CacheClient, rng):
     assert ArenaReader(client.arena(hit), TINY, hit).in_memory == 3
 
 
+def test_a_client_that_did_not_register_finds_its_tenants_model(server, client: CacheClient, rng):
+    """A worker's own client learns the family's shape from the tenant it calls for (the
+    soak's workers once asked the default tenant, which has no model, and every put failed)."""
+    fid = client.register_model("m", "0123abcd", TINY, tenant="alpha").family_id
+    (chunk,) = client.hash_tokens(list(range(256)), fid, tenant="alpha")
+    entry = make_entry(rng, TINY, chunk, 256)
+    with CacheClient(server.address) as worker:
+        assert worker.put(fid, "m", [entry], tenant="alpha").entries_committed == 1
+        got = worker.get(fid, worker.lookup(fid, [chunk], tenant="alpha").best(), (Kind.V,), tenant="alpha")
+        assert got.valid_chunks == 1 and same_bytes(got.arrays[Kind.V][0], entry.slabs[(Kind.V, 0)])
+    with CacheClient(server.address) as stranger, pytest.raises(NotFoundError, match="no registered model"):
+        stranger.put(fid, "m", [entry], tenant="beta")
+
+
 def test_another_tenants_models_profiles_segments_and_anchors_reach_nothing(client: CacheClient, rng):
     fid = client.register_model("p", "0123abcd", TINY, tenant="alpha").family_id
     client.register_model("c", "4567abcd", TINY, tenant="alpha")

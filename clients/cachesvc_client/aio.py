@@ -105,9 +105,11 @@ class AsyncCacheClient:
         self._chunk_size = resp.chunk_size
         return Registered(FamilyId(resp.family_id), resp.chunk_size, resp.created)
 
-    async def family(self, family_id: FamilyId) -> FamilySpec:
+    async def family(self, family_id: FamilyId, tenant: str = "") -> FamilySpec:
+        """As :meth:`CacheClient.family`."""
         if family_id not in self._families:
-            resp = await self._call(self._stub.ListModels, pb.ListModelsRequest(tenant=self.options.tenant))
+            req = pb.ListModelsRequest(tenant=tenant or self.options.tenant)
+            resp = await self._call(self._stub.ListModels, req)
             for m in resp.models:
                 self._families[m.family_id] = family_from_proto(m.model.family)
         if family_id not in self._families:
@@ -135,7 +137,7 @@ class AsyncCacheClient:
 
     async def put(self, family_id: FamilyId, producer: ModelId, entries: Sequence[EntryData],
                   tenant: str = "", transport: str | None = None) -> PutResult:
-        family = await self.family(family_id)
+        family = await self.family(family_id, tenant)
         chosen = await self._transport(transport)
         committed = present = sent = 0
         for batch in batches(entries, self.options.max_put_bytes):
@@ -190,7 +192,7 @@ class AsyncCacheClient:
                   kinds: Sequence[Kind] = (Kind.K, Kind.V), layers: tuple[int, int] | None = None,
                   *, out: Mapping[Kind, Any] | None = None, as_torch: bool = False,
                   tenant: str = "", transport: str | None = None) -> Slabs:
-        family = await self.family(family_id)
+        family = await self.family(family_id, tenant)
         chosen = await self._transport(transport)
         start, end = layers or (0, family.num_layers)
         ids, tokens = entry_columns(entries)

@@ -124,10 +124,13 @@ class CacheClient:
         self._chunk_size = resp.chunk_size
         return Registered(FamilyId(resp.family_id), resp.chunk_size, resp.created)
 
-    def family(self, family_id: FamilyId) -> FamilySpec:
-        """The family spec (cached; fetched from the server's model list if unknown)."""
+    def family(self, family_id: FamilyId, tenant: str = "") -> FamilySpec:
+        """The family spec (cached; fetched from the tenant's model list if unknown: models
+        are per tenant, so a client that did not register the model itself must ask the
+        tenant it calls for)."""
         if family_id not in self._families:
-            for m in self._call(self._stub.ListModels, pb.ListModelsRequest(tenant=self.options.tenant)).models:
+            req = pb.ListModelsRequest(tenant=tenant or self.options.tenant)
+            for m in self._call(self._stub.ListModels, req).models:
                 self._families[m.family_id] = family_from_proto(m.model.family)
         if family_id not in self._families:
             raise NotFoundError(f"family {family_id} has no registered model on {self.target}")
@@ -250,7 +253,7 @@ class CacheClient:
         entries become visible at once or none does. Reserve and Commit go over gRPC; the
         bytes over ``transport`` (default ``options.transport``; shm writes through the
         node's Unix socket)."""
-        family = self.family(family_id)
+        family = self.family(family_id, tenant)
         chosen = self._transport(transport or self.options.transport)
         committed = present = sent = 0
         for batch in batches(entries, self.options.max_put_bytes):
@@ -355,7 +358,7 @@ class CacheClient:
         requested slab of that layer has landed (or been reported missing), in order;
         ``result()`` then gives the :class:`Slabs`. Compute on layer l while later
         layers are still in flight."""
-        family = self.family(family_id)
+        family = self.family(family_id, tenant)
         start, end = layers or (0, family.num_layers)
         ids, tokens = entry_columns(entries)
         asm = SlabAssembler(family, tokens, kinds, start, end, out, as_torch)
@@ -376,7 +379,7 @@ class CacheClient:
         (selection index, layer) as each layer of a selection completes; ``results()``
         then gives one :class:`Slabs` per selection. What a reuse plan loads (E of a
         group, K/V of the reused ranges) is one fetch, not one per range."""
-        family = self.family(family_id)
+        family = self.family(family_id, tenant)
         ids, tokens = entry_columns(entries)
         outs = list(outs) if outs is not None else [None] * len(selections)
         parts = [SlabAssembler(family, tokens, kinds, start, end or family.num_layers, out, as_torch)

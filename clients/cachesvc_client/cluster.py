@@ -219,8 +219,8 @@ class ClusterClient:
         results = self._every(lambda c: c.register_model(model_id, weights_digest, family, replace, tenant))
         return dataclasses.replace(results[0], created=any(r.created for r in results))
 
-    def family(self, family_id: FamilyId) -> FamilySpec:
-        return self._any(lambda c: c.family(family_id))
+    def family(self, family_id: FamilyId, tenant: str = "") -> FamilySpec:
+        return self._any(lambda c: c.family(family_id, tenant))
 
     def list_models(self, tenant: str = "") -> list[dict]:
         return self._any(lambda c: c.list_models(tenant))
@@ -363,7 +363,7 @@ class ClusterClient:
         share has landed."""
         if len(hit.owners) != hit.num_chunks:
             raise ValueError("not a cluster hit: look it up with this ClusterClient")
-        return ClusterSelectionStream(self, family_id, self.family(family_id), hit, selections, outs, as_torch,
+        return ClusterSelectionStream(self, family_id, self.family(family_id, tenant), hit, selections, outs, as_torch,
                                       tenant or self.options.tenant, transport)
 
     # ------------------------------------------------------------ housekeeping
