@@ -280,3 +280,23 @@ def test_per_placeholder_rows_give_each_placeholder_its_own_strategy():
     for spec in ("records=", "a=nearest,a=dense", "x=nope", "=nearest"):
         with pytest.raises(ValueError):
             mix(spec)
+
+
+def test_a_mix_measured_whole_that_misses_the_target_is_left_out():
+    """Per-placeholder fidelity does not compose: two placeholders each fine alone may
+    miss the target together; the profile's measurement of the mix whole decides."""
+    profile = CrossContextProfile("f", {"t": [StrategyRow("nearest", 4, 0.001, 1.0, 0.9, 0.2, "records"),
+                                              StrategyRow("nearest", 4, 0.001, 1.0, 0.9, 0.3, "question")]})
+    target = FidelityTarget(0.015, 0.95)
+    both, exact = ("question=nearest,records=nearest,*=prefix_only",
+                   "question=prefix_only,records=prefix_only,*=prefix_only")
+    assert [s.name for s in StrategySelector(profile, target).ladder("t")] == [both, exact]
+    profile.templates["t"].append(StrategyRow(both, 2, 0.004, 1.0, 0.9, 0.2))      # whole, meets: kept
+    assert StrategySelector(profile, target).choose("t").strategy == both
+    profile.templates["t"][-1] = StrategyRow(both, 2, 0.04, 0.8, 0.9, 0.2)          # whole, misses
+    selector = StrategySelector(profile, target)
+    assert [(s.name, s.rank) for s in selector.ladder("t")] == [(exact, 0)]
+    assert selector.choose("t").strategy == exact
+    profile.templates["t"].append(StrategyRow(exact, 2, 0.5, 0.5, 0.0, 1.0))        # nothing left
+    chosen = StrategySelector(profile, target).choose("t")
+    assert chosen.strategy == "prefix_only" and "measured whole" in chosen.why

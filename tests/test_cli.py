@@ -210,3 +210,8 @@ def test_bench_agents_calibrates_each_placeholder_alone(tmp_path):
     planner = next(r for r in doc["rows"] if r["mode"] == "planner")
     assert sum(planner["strategies"].values()) == 3
     assert all("=" in name for name in planner["strategies"]), planner["strategies"]
+    # The mixes it would use that reuse something were measured whole; none missing the target was used.
+    target = doc["target"]
+    missed = {r["strategy"] for rows in templates.values() for r in rows if not r["placeholder"]
+              and "=" in r["strategy"] and not (r["median_kl"] <= target["max_kl"] and r["top1"] >= target["min_top1"])}
+    assert not missed & set(planner["strategies"]), (missed, planner["strategies"])

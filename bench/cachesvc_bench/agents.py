@@ -18,7 +18,8 @@ prefill: the reference for fidelity), ``prefix_only`` (its stored prefix reused)
 strategy of reuse.segments, and ``planner`` (the strategy a cross-context profile picks per
 agent, the profile measured on ``--calibration-rounds`` rounds of other content in the same
 run; with ``--calibrate placeholder`` each strategy is measured on each placeholder alone,
-so the planner gives each placeholder its own). An agent publishes its prompt (and answer)
+so the planner gives each placeholder its own, and the mixes that makes are then measured
+whole on as many rounds again: one missing the target is not used). An agent publishes its prompt (and answer)
 after its call was measured in every mode.
 
 TTFT is prompt in, first-token logits out (models loaded). Rows per (workload, agents,
@@ -49,8 +50,8 @@ from cachesvc_client import CacheClient, DType, Kind
 from cachesvc_connectors.hf import Consumer, ConsumerOptions, Producer, ProducerOptions
 from cachesvc_connectors.hf.agents import Agent, AgentPrompt, AgentReport, AgentTemplate
 from cachesvc_connectors.reuse import Plan
-from cachesvc_connectors.reuse.crosscontext import (CrossContextProfile, FidelityTarget, StrategyRow,
-                                                    StrategySelector, publish_profile)
+from cachesvc_connectors.reuse.crosscontext import (EXACT_STRATEGIES, CrossContextProfile, FidelityTarget,
+                                                    StrategyRow, StrategySelector, publish_profile)
 from cachesvc_connectors.reuse.segments import AnchorOptions, mix
 
 COPY_MODES = "dense,prefix_only,nearest,reuse_all,blend,kvcomm,planner"
@@ -181,7 +182,10 @@ class Pipeline:
     def __init__(self, agents: list[Agent], workload, tokenizer, args) -> None:
         self.agents, self.workload, self.tokenizer, self.args = agents, workload, tokenizer, args
 
-    def run_round(self, index: int, modes: list[str], progress) -> list[Call]:
+    def run_round(self, index: int, modes: list[str], progress,
+                  only: dict[int, set[str]] | None = None) -> list[Call]:
+        """Every applicable mode on each call of round ``index`` (``dense`` first: the
+        reference); with ``only``, agent i runs ``dense`` and ``only[i]`` alone."""
         calls = []
         for step in self.workload.round(index, self.tokenizer):
             agent = self.agents[step.agent]
@@ -190,6 +194,8 @@ class Pipeline:
             for mode in modes:
                 if not _applies(mode, named):
                     continue           # a per-placeholder calibration mode of another template
+                if only is not None and mode != "dense" and mode not in only.get(step.agent, ()):
+                    continue           # another template's mix
                 strategy = "auto" if mode == "planner" else mode
                 report, logprobs, answer, ttft = _call(agent, step, strategy, self.args.answer_tokens)
                 if reference is None:       # dense runs first
@@ -212,24 +218,45 @@ class Pipeline:
 def _profile(calls: list[Call], family_id: str) -> CrossContextProfile:
     """Each agent's strategies measured on the calibration calls, relative to dense."""
     profile = CrossContextProfile(family_id)
-    dense = {(c.round, c.agent): c.ttft_s for c in calls if c.mode == "dense"}
     for agent in sorted({c.agent for c in calls}):
-        rows = []
-        for mode in sorted({c.mode for c in calls} - {"dense"}):
-            mine = [c for c in calls if c.mode == mode and c.agent == agent]
-            if not mine:
-                continue
-            # "records=nearest,*=prefix_only": nearest measured on that placeholder alone
-            [(placeholder, strategy)] = mix(mode).by if "=" in mode else [("", mix(mode).default)]
-            rows.append(StrategyRow(strategy.name, len(mine), statistics.median(c.kl for c in mine),
-                                    statistics.fmean(c.top1 for c in mine),
-                                    sum(c.reused_tokens for c in mine) / sum(c.prompt_tokens for c in mine),
-                                    statistics.median(c.ttft_s / dense[(c.round, c.agent)] for c in mine),
-                                    placeholder))
+        rows = _strategy_rows(calls, agent, whole=False)
         rows.append(StrategyRow("dense", sum(1 for c in calls if c.mode == "dense" and c.agent == agent),
                                 0.0, 1.0, 0.0, 1.0))
         profile.templates[f"agent{agent + 1}"] = rows
     return profile
+
+
+def _strategy_rows(calls: list[Call], agent: int, whole: bool) -> list[StrategyRow]:
+    """The agent's modes as profile rows, relative to dense on the same calls. A mode
+    ``records=nearest,*=prefix_only`` is nearest measured on that placeholder alone, unless
+    ``whole``: then it is the mix measured whole (a template row named by the mix)."""
+    dense = {(c.round, c.agent): c.ttft_s for c in calls if c.mode == "dense"}
+    rows = []
+    for mode in sorted({c.mode for c in calls if c.agent == agent} - {"dense"}):
+        mine = [c for c in calls if c.mode == mode and c.agent == agent]
+        if whole:
+            placeholder, name = "", mix(mode).name
+        else:
+            [(placeholder, strategy)] = mix(mode).by if "=" in mode else [("", mix(mode).default)]
+            name = strategy.name
+        rows.append(StrategyRow(name, len(mine), statistics.median(c.kl for c in mine),
+                                statistics.fmean(c.top1 for c in mine),
+                                sum(c.reused_tokens for c in mine) / sum(c.prompt_tokens for c in mine),
+                                statistics.median(c.ttft_s / dense[(c.round, c.agent)] for c in mine),
+                                placeholder))
+    return rows
+
+
+def _mixes_to_verify(profile: CrossContextProfile, target: FidelityTarget, agents: int) -> dict[int, set[str]]:
+    """Per agent, the per-placeholder mixes its selector would step through that reuse
+    something (an all-exact mix needs no measuring)."""
+    selector = StrategySelector(profile, target)
+    out = {}
+    for agent in range(agents):
+        names = {s.name for s in selector.ladder(f"agent{agent + 1}")}
+        out[agent] = {n for n in names if "=" in n and not all(
+            st.name in EXACT_STRATEGIES for st in (mix(n).default, *(st for _, st in mix(n).by)))}
+    return out
 
 
 def _rows(workload: str, calls: list[Call], counts: list[int]) -> list[dict]:
@@ -337,6 +364,18 @@ def run(args: argparse.Namespace) -> dict:
             cal = [c for r in range(args.calibration_rounds)
                    for c in pipeline.run_round(10_000 + r, calibrate or ["dense"], progress)]
             profile = _profile(cal, agents[0].family_id) if calibrate else None
+            if profile is not None and args.calibrate == "placeholder":
+                # Per-placeholder fidelity does not compose: measure each mix whole on
+                # other rounds; the selector leaves out a mix that misses the target.
+                verify = _mixes_to_verify(profile, target, args.agents)
+                progress.total += args.calibration_rounds * sum(1 + len(v) for v in verify.values())
+                progress.refresh()
+                modes_whole = ["dense", *sorted(set().union(*verify.values()))]
+                measured = [c for r in range(args.calibration_rounds)
+                         for c in pipeline.run_round(20_000 + r, modes_whole, progress, only=verify)]
+                for agent, names in verify.items():
+                    if names:
+                        profile.templates[f"agent{agent + 1}"] += _strategy_rows(measured, agent, whole=True)
             # Stored in the node as each agent model's own pair, and read back from there,
             # as a deployment's agents would (reuse.crosscontext).
             consumers = {a.consumer.model_id: a.consumer for a in agents}

@@ -184,6 +184,8 @@ class StrategySelector:
     def choose(self, template: str) -> StrategyChoice:
         if self._ladders(template):
             ladder = self.ladder(template)
+            if not ladder:
+                return StrategyChoice(self.fallback, "no per-placeholder mix meets the target measured whole")
             level = self._level(template, ladder)
             if level >= len(ladder):
                 return StrategyChoice(self.fallback, "the drift guard demoted every placeholder's strategies")
@@ -206,13 +208,17 @@ class StrategySelector:
     def ladder(self, template: str) -> list[StrategyStep]:
         """The template's strategies meeting the target, cheapest first, as guard steps.
         With per-placeholder rows, step k gives each placeholder the k-th of its own
-        ladder (its last, an exact one, once it has no more)."""
+        ladder (its last, an exact one, once it has no more); a step whose mix the profile
+        also measured whole, and found missing the target, is left out: fidelity measured
+        one placeholder at a time does not compose (the approximations add up)."""
         ladders = self._ladders(template)
         if ladders:
             depth = max(len(names) for names in ladders.values())
-            return [StrategyStep(mix(",".join(f"{p}={names[min(k, len(names) - 1)]}"
-                                              for p, names in sorted(ladders.items()))).name, k)
-                    for k in range(depth)]
+            steps = [mix(",".join(f"{p}={names[min(k, len(names) - 1)]}" for p, names in sorted(ladders.items())))
+                     for k in range(depth)]
+            whole = {r.strategy: r for r in self.profile.rows(template)}
+            kept = [m.name for m in steps if m.name not in whole or whole[m.name].meets(self.target)]
+            return [StrategyStep(name, k) for k, name in enumerate(kept)]
         rows = sorted((r for r in (self.profile.rows(template) if self.profile else []) if r.meets(self.target)),
                       key=lambda r: r.relative_time)
         return [StrategyStep(r.strategy, i) for i, r in enumerate(rows)]
