@@ -19,8 +19,8 @@ strategy of reuse.segments, and ``planner`` (the strategy a cross-context profil
 agent, the profile measured on ``--calibration-rounds`` rounds of other content in the same
 run; with ``--calibrate placeholder`` each strategy is measured on each placeholder alone,
 so the planner gives each placeholder its own, and the mixes that makes are then measured
-whole on as many rounds again: one missing the target is not used). An agent publishes its prompt (and answer)
-after its call was measured in every mode.
+whole on as many rounds again: one missing the target is not used). An agent publishes its
+prompt (and answer) after its call was measured in every mode.
 
 TTFT is prompt in, first-token logits out (models loaded). Rows per (workload, agents,
 mode): ``reuse_token_rate`` (prompt tokens read, not computed), ``reuse_call_rate`` (calls
@@ -372,7 +372,7 @@ def run(args: argparse.Namespace) -> dict:
                 progress.refresh()
                 modes_whole = ["dense", *sorted(set().union(*verify.values()))]
                 measured = [c for r in range(args.calibration_rounds)
-                         for c in pipeline.run_round(20_000 + r, modes_whole, progress, only=verify)]
+                            for c in pipeline.run_round(20_000 + r, modes_whole, progress, only=verify)]
                 for agent, names in verify.items():
                     if names:
                         profile.templates[f"agent{agent + 1}"] += _strategy_rows(measured, agent, whole=True)
