@@ -50,8 +50,8 @@ from cachesvc_client import CacheClient, DType, Kind
 from cachesvc_connectors.hf import Consumer, ConsumerOptions, Producer, ProducerOptions
 from cachesvc_connectors.hf.agents import Agent, AgentPrompt, AgentReport, AgentTemplate
 from cachesvc_connectors.reuse import Plan
-from cachesvc_connectors.reuse.crosscontext import (EXACT_STRATEGIES, CrossContextProfile, FidelityTarget,
-                                                    StrategyRow, StrategySelector, publish_profile)
+from cachesvc_connectors.reuse.crosscontext import (CrossContextProfile, FidelityTarget, StrategyRow,
+                                                    StrategySelector, publish_profile)
 from cachesvc_connectors.reuse.segments import AnchorOptions, mix
 
 COPY_MODES = "dense,prefix_only,nearest,reuse_all,blend,kvcomm,planner"
@@ -254,8 +254,7 @@ def _mixes_to_verify(profile: CrossContextProfile, target: FidelityTarget, agent
     out = {}
     for agent in range(agents):
         names = {s.name for s in selector.ladder(f"agent{agent + 1}")}
-        out[agent] = {n for n in names if "=" in n and not all(
-            st.name in EXACT_STRATEGIES for st in (mix(n).default, *(st for _, st in mix(n).by)))}
+        out[agent] = {n for n in names if "=" in n and not mix(n).exact}
     return out
 
 

@@ -99,6 +99,12 @@ class StrategyMix:
         return next((s for p, s in self.by if p == placeholder), self.default)
 
     @property
+    def exact(self) -> bool:
+        """Whether every placeholder is computed (``dense``/``prefix_only`` alone): a mix
+        that reads nothing of another context, so it has no fidelity to measure."""
+        return all(s.placeholder is Action.COMPUTE for s in (self.default, *(s for _, s in self.by)))
+
+    @property
     def prefix_cache(self) -> bool:
         """Whether the agent's own stored prefix is read: ``dense`` alone reads nothing; in
         a mix it means computing that placeholder (exact either way)."""
