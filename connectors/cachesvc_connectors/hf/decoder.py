@@ -26,6 +26,8 @@ import inspect
 import torch
 from transformers import DynamicCache
 
+from cachesvc_connectors.hf.attention import SPLIT_SDPA
+
 
 class UnsupportedModelError(TypeError):
     """The model's decoder loop does not fit what the connector runs."""
@@ -65,10 +67,14 @@ class DecoderStack:
                                         f"sliding-window attention layers only")
         self._rotary_by_type = "layer_type" in inspect.signature(inner.rotary_emb.forward).parameters
         impl = getattr(self.config, "_attn_implementation", None) or "sdpa"
-        if impl not in ("sdpa", "eager"):
+        if impl not in ("sdpa", SPLIT_SDPA, "eager"):
             raise UnsupportedModelError(f"attention implementation {impl!r}: the connector "
                                         f"builds masks for 'sdpa' and 'eager'")
-        self._bool_masks = impl == "sdpa"
+        if impl == "sdpa":
+            # sdpa itself, plus the split for tokens computed after reused keys (attention.py);
+            # generate() and the model's own forward run exactly what they ran.
+            model.set_attn_implementation(SPLIT_SDPA)
+        self._bool_masks = impl != "eager"
         self._memo: dict[tuple, tuple] = {}   # (q_start, q_len, layer type, window) -> (rotary, mask)
 
     @property
@@ -129,9 +135,9 @@ class DecoderStack:
         q_len = hidden.shape[1]
         positions = torch.arange(q_start, q_start + q_len, device=self.device).unsqueeze(0)
         for layer in range(start, stop):
-            rotary, mask = self._positional(hidden, positions, q_start, layer, _kept(cache, layer, q_start))
+            rotary, mask, split = self._positional(hidden, positions, q_start, layer, _kept(cache, layer, q_start))
             hidden = self.layers[layer](hidden, attention_mask=mask, position_embeddings=rotary,
-                                        position_ids=positions, past_key_values=cache, use_cache=True)
+                                        position_ids=positions, past_key_values=cache, use_cache=True, **split)
             if isinstance(hidden, tuple):   # older decoder layers return (hidden, ...)
                 hidden = hidden[0]
         return hidden
@@ -144,32 +150,51 @@ class DecoderStack:
         overwrite their rows in place before attention, and each query sees keys up to its
         own position. This is selective token recompute (CacheBlend); rows not in
         ``positions`` are whatever the caller put there (another model's K/V)."""
-        mask = self.mask(positions, keys.shape[2], self.window(layer))
+        kv_len, window, first = keys.shape[2], self.window(layer), int(positions[0])
+        split = {}
+        if window is None and first > 0 and self._splits:
+            # Keys before the first computed token are seen by every query: split there.
+            split = {"visible_keys": first}
+            tail = len(positions) == kv_len - first       # sorted and unique: exactly [first, kv_len)
+            mask = None if tail else self.mask(positions, kv_len - first, None, kv_offset=first)
+        else:
+            mask = self.mask(positions, kv_len, window)
         ids = positions.unsqueeze(0)
         hidden = self.layers[layer](hidden, attention_mask=mask, position_embeddings=self.rotary(hidden, ids, layer),
                                     position_ids=ids, past_key_values=_Overwrite(keys, values, positions),
-                                    use_cache=True)
+                                    use_cache=True, **split)
         return hidden[0] if isinstance(hidden, tuple) else hidden
 
+    @property
+    def _splits(self) -> bool:
+        """Whether attention can be split after reused keys (attention.py): asked at each
+        call, since the model's implementation may have been switched since."""
+        return getattr(self.config, "_attn_implementation", None) == SPLIT_SDPA
+
     def _positional(self, hidden: torch.Tensor, positions: torch.Tensor, q_start: int, layer: int, kept: int):
-        """Rotary embeddings and mask for these positions at ``layer`` over ``kept`` cached
-        tokens, memoized: the consumer runs the same suffix through every reused layer one
-        call at a time, and they depend only on the positions, the layer type, the window
-        and how many past tokens the layer's cache returns."""
+        """Rotary embeddings, mask and split for these positions at ``layer`` over ``kept``
+        cached tokens, memoized: the consumer runs the same suffix through every reused
+        layer one call at a time, and they depend only on the positions, the layer type,
+        the window, how many past tokens the layer's cache returns and the implementation."""
+        splits = self._splits
         key = (q_start, hidden.shape[1], self.layer_types[layer] if self._rotary_by_type else None,
-               self.window(layer), kept)
+               self.window(layer), kept, splits)
         if key not in self._memo:
             if len(self._memo) >= 16:
                 self._memo.clear()
             q_len, window = hidden.shape[1], key[3]
+            split = {}
             if self._bool_masks and q_start == 0 and (window is None or q_len <= window):
                 # Plain causal attention from position 0: no mask, so sdpa runs causal
                 # itself (its fused kernels take no explicit mask; 1.5x faster on 4096
                 # tokens here). Not for eager, which masks only what it is given.
                 mask = None
+            elif splits and window is None and kept:
+                # Every past key is seen by every query, the new ones causally: no mask either.
+                mask, split = None, {"visible_keys": kept}
             else:
                 mask = self.mask(positions[0], kept + q_len, window, q_start - kept)
-            self._memo[key] = (self.rotary(hidden, positions, layer), mask)
+            self._memo[key] = (self.rotary(hidden, positions, layer), mask, split)
         return self._memo[key]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
