@@ -456,3 +456,98 @@ def test_a_redis_cluster_holds_the_index_across_its_shards(tmp_path, rng):
             for node in nodes:
                 if node.proc.poll() is None:
                     node.stop(signal.SIGKILL)
+
+
+def test_segment_sources_and_anchors_over_chains_spread_across_nodes(cluster, rng):
+    """A node accepts a segment source whose chain it does not hold whole (the global
+    index says the cluster does), hands it out while the chain is held somewhere, drops
+    it once the chain is deleted everywhere; a chain held nowhere is refused."""
+    from cachesvc.wire.segments import AnchorDelta, SegmentSource
+    from cachesvc_client import InvalidArgumentError
+
+    with cluster.client() as client:
+        reg = client.register_model("m1", "abcdef01", TINY)
+        fid = reg.family_id
+        hashes, entries = prompt(client, fid, rng, 6)
+        assert client.put(fid, "m1", entries).lost == 0
+        chain = tuple(bytes(h) for h in hashes)
+        held = {}
+        for node_id, node in cluster.nodes.items():
+            with CacheClient(node.address) as one:
+                held[node_id] = {bytes(e.chunk_hash) for e in one.list_entries(limit=1000)[0]}
+        lacking = next(n for n, mine in held.items() if not set(chain) <= mine)
+        source = SegmentSource("m1", chain, 300, 700)
+        key = client.segment_key(list(range(700)), fid)
+        with CacheClient(cluster.nodes[lacking].address) as node:
+            assert node.put_segment(fid, key, source) == 1
+            assert node.find_segments(fid, [key]) == [[source]]
+            with pytest.raises(InvalidArgumentError, match="holds 1536"):
+                node.put_segment(fid, key, SegmentSource("m1", chain, 1000, 600))
+            nowhere, _ = prompt(client, fid, rng, 2, seed=9)
+            with pytest.raises(FailedPreconditionError, match="not every chunk"):
+                node.put_segment(fid, key, SegmentSource("m1", tuple(bytes(h) for h in nowhere), 0, 10))
+            # an anchor's delta over chains of other nodes: its bytes are counted from the index
+            admitted, _ = node.admit_anchor(fid, "q", key, source)
+            assert admitted
+            node.record_anchor(fid, "q", key, AnchorDelta("a1", "m1", chain[:2], chain[2:3], 256))
+            [anchor] = node.find_anchors(fid, "q")
+            assert anchor.deltas["a1"].size_bytes == 3 * sum(a.nbytes for a in entries[0].slabs.values())
+            # through the cluster client: the segment's homes, found from any client
+            client.put_segment(fid, key, source)
+            assert client.find_segments(fid, [key, b"\0" * 32]) == [[source], []]
+            client.delete(fid, chunk_hashes=[chain[4]], producer="m1")
+            wait_for(lambda: node.find_segments(fid, [key]) == [[]], 3, "stale source dropped")
+            assert client.find_segments(fid, [key]) == [[]]
+            assert node.find_anchors(fid, "q") == []       # its base went with the chain
+
+
+def test_agents_share_segments_and_anchors_through_the_cluster(cluster):
+    """The HF agents run unchanged against a ClusterClient: a segment another agent
+    published is re-rotated behind this agent's prefix, and KVCOMM's anchor pool records
+    and estimates through the pool's home node."""
+    import random
+
+    import torch
+
+    from cachesvc_client import DType
+    from cachesvc_connectors.hf import Consumer, ConsumerOptions, Producer, ProducerOptions
+    from cachesvc_connectors.hf.agents import Agent, AgentTemplate
+    from cachesvc_connectors.reuse.segments import AnchorOptions
+    from hf_models import tiny_model, tokenizer
+
+    model, tok = tiny_model("llama", seed=0), tokenizer()
+    rng = random.Random(5)
+
+    def words(n: int) -> str:
+        return " ".join(f"w{rng.randrange(255)}" for _ in range(n))
+
+    def agent(client, name: str, **kw) -> Agent:
+        options = dict(dtype=DType.FLOAT32)
+        return Agent(name, Consumer(client, model, tok, "m", ConsumerOptions(**options)),
+                     Producer(client, model, tok, "m", ProducerOptions(**options)), **kw)
+
+    with cluster.client() as client:
+        writer, reader = agent(client, "writer"), agent(client, "reader", anchors=AnchorOptions(gamma=1.0, min_anchors=2))
+        content = words(600)
+        writer.publish(AgentTemplate.from_text("writer", f"{words(37)} {{question}} {words(10)}").fill(
+            tok, {"question": content}))
+        template = AgentTemplate.from_text("reader", f"{words(94)} {{question}} {words(12)}")
+        prompt = template.fill(tok, {"question": content})
+        pre = reader.prefill(prompt, "nearest")
+        [question] = [p for p in pre.report.parts if p.name == "question"]
+        assert question.action == "reuse" and question.shift == 94 - 37 and question.source == "m@37"
+        own = reader.stack.new_cache()
+        with torch.no_grad():
+            model.model(input_ids=reader.stack.ids(prompt.ids[:-1]), past_key_values=own, use_cache=True)
+        assert torch.allclose(pre.cache.layers[0].keys[:, :, 94:694], own.layers[0].keys[:, :, 94:694], atol=1e-5)
+        reports = []
+        for _ in range(4):
+            content = words(250)
+            writer.publish(AgentTemplate.from_text("writer", f"{words(25)} {{question}} {words(5)}").fill(
+                tok, {"question": content}))
+            pre = reader.prefill(template.fill(tok, {"question": content}), "kvcomm")
+            pre.finish()
+            reports.append(pre.report)
+        assert [r.reused_tokens for r in reports[:2]] == [0, 0]
+        assert len(client.find_anchors(reader.family_id, "question")) >= 2
+        assert reports[-1].reused_tokens > 0 and reports[-1].fallback == ""

@@ -32,7 +32,7 @@ from cachesvc.node.models import RegisterOutcome
 from cachesvc.node.profiles import ProfileRecord
 from cachesvc.node.records import tenant_name
 from cachesvc.node.replicator import Replicator
-from cachesvc.wire.keys import FamilyId, FamilySpec, Tier, chain_root
+from cachesvc.wire.keys import FamilyId, FamilySpec, Kind, Tier, chain_root
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,7 @@ class ClusterAgent:
 
     def start(self) -> None:
         self.store.catalog_listener(self.entry_indexed, self.entry_unindexed)
+        self.store.cross.remote = self.chain_runs     # segments and anchors over chains held anywhere
         if self.replicator is not None:
             self.replicator.start()
         self._tick()                    # join before serving, when Redis is there
@@ -379,6 +380,19 @@ class ClusterAgent:
             return hits, self.index.members()
         except Exception as exc:   # noqa: BLE001 - any Redis failure is the dependency's
             raise Unavailable(f"cluster index unavailable: {type(exc).__name__}: {exc}") from None
+
+    def chain_runs(self, tenant: str, family_id: str, hashes, producer: str) -> list[tuple[int, int]] | None:
+        """Per chunk of ``producer``'s chain, (tokens, bytes) of its entry as the global
+        index lists it on a live node; None when some chunk is held by none (Unavailable
+        when Redis cannot be asked). The cross-context index's check for chains this node
+        does not hold whole (segment sources, anchors)."""
+        hits, _ = self.lookup(tenant, family_id, list(hashes), [producer])
+        hit = next((h for h in hits if h.producer == producer), None)
+        if hit is None or len(hit.entry_ids) < len(hashes):
+            return None
+        family = self.store.models.family(family_id)
+        return [(lay.num_tokens, sum(len(lay.layers(kind)) * family.slab_bytes(kind, lay.num_tokens) for kind in Kind))
+                for lay in hit.layouts]
 
     def members(self) -> dict[str, Member]:
         try:

@@ -62,15 +62,21 @@ class SegmentIndex:
             self._evict_oldest()
         return len(self._order.get(key, ()))
 
-    def find(self, key: Key, live: Callable[[SegmentSource], bool], limit: int = 0) -> list[SegmentSource]:
-        """The key's live sources, newest first (at most ``limit``; 0: all); dead ones are
-        dropped for good."""
+    def peek(self, key: Key) -> list[SegmentSource]:
+        """The key's sources, oldest first, as they are (no check, no change)."""
+        return list(self._order.get(key, ()))
+
+    def find(self, key: Key, live: Callable[[SegmentSource], bool | None], limit: int = 0) -> list[SegmentSource]:
+        """The key's live sources, newest first (at most ``limit``; 0: all); dead ones
+        (``live`` False) are dropped for good, unchecked ones (None) kept but not returned."""
         sources = self._order.get(key)
         if not sources:
             return []
-        alive = [s for s in sources if live(s)]
-        if len(alive) != len(sources):
-            self._set(key, alive)
+        verdicts = [live(s) for s in sources]
+        alive = [s for s, v in zip(sources, verdicts, strict=True) if v]
+        kept = [s for s, v in zip(sources, verdicts, strict=True) if v is not False]
+        if len(kept) != len(sources):
+            self._set(key, kept)
         if alive:
             self._order.move_to_end(key)
         alive = alive[::-1]

@@ -12,6 +12,7 @@ data-plane transports), created on first use.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import threading
 import time
@@ -21,12 +22,14 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from cachesvc.wire.cluster import DEFAULT_NAMESPACE, ClusterIndex, connect, rendezvous
-from cachesvc.wire.keys import NO_MODEL, ChunkHash, FamilyId, FamilySpec, Kind, ModelId, chunk_hashes, parent_of
+from cachesvc.wire.keys import (NO_MODEL, ChunkHash, FamilyId, FamilySpec, Kind, ModelId, chunk_hashes, parent_of,
+                                segment_key)
+from cachesvc.wire.segments import AnchorDelta, AnchorInfo, SegmentSource
 from cachesvc.wire.protocol import host_id
 from cachesvc_client.client import CacheClient
 from cachesvc_client.codec import (EntryData, Hit, LookupResult, Missing, NodeInfo, PutResult,
                                    Registered, SlabAssembler, Slabs, StoredProfile, TailOffer)
-from cachesvc_client.errors import CacheServiceError, NotFoundError, UnavailableError
+from cachesvc_client.errors import CacheServiceError, DeadlineExceededError, NotFoundError, UnavailableError
 from cachesvc_client.options import ClientOptions, RetryPolicy
 from cachesvc_client.prompt import verified
 
@@ -365,6 +368,96 @@ class ClusterClient:
             raise ValueError("not a cluster hit: look it up with this ClusterClient")
         return ClusterSelectionStream(self, family_id, self.family(family_id, tenant), hit, selections, outs, as_torch,
                                       tenant or self.options.tenant, transport)
+
+    # ------------------------------------------------------------ cross-context reuse (homed by key)
+    #
+    # A segment's sources live on the ``replication`` live nodes its key weighs highest
+    # with (rendezvous, as chunks are placed); each node checks a source's chain against
+    # the global index, so the chain's chunks may sit anywhere. An anchor pool is state
+    # that changes with every use (activations, the byte budget), so it has one home: the
+    # highest-weighted live node for the pool. When a home is gone its successor starts
+    # without what it held: a miss (a dense prefill that records again), never a wrong
+    # cache. A membership change moves homes the same way.
+
+    def segment_key(self, tokens: Sequence[int], family_id: FamilyId, *, tenant: str = "",
+                    extra_keys: Sequence[str | bytes] = ()) -> bytes:
+        return segment_key(tokens, FamilyId(family_id), tenant=tenant or self.options.tenant, extra_keys=extra_keys)
+
+    def _homes(self, key: bytes) -> list[str]:
+        """Every live node, in ``key``'s rendezvous order (its homes first)."""
+        live = self.nodes()
+        return rendezvous(bytes(key), live, len(live))
+
+    def _at_home(self, key: bytes, call: Callable[[CacheClient], T], replicas: int = 1,
+                 exclude: frozenset[str] = frozenset()) -> list[T]:
+        """``call`` on ``key``'s first ``replicas`` homes that answer (not ``exclude``);
+        only an unreachable node is passed over (any other error is the answer)."""
+        answers, errors = [], []
+        for node_id in self._homes(key):
+            if len(answers) == replicas:
+                break
+            if node_id in exclude:
+                continue
+            try:
+                answers.append(call(self.node(node_id)))
+            except (UnavailableError, DeadlineExceededError) as exc:
+                self._mark_suspect(node_id)
+                errors.append(f"{node_id}: {exc}")
+        if not answers:
+            raise UnavailableError("no home of the key answered: " + ("; ".join(errors) or "no live members"))
+        return answers
+
+    def put_segment(self, family_id: FamilyId, key: bytes, source: SegmentSource, tenant: str = "") -> int:
+        """On the key's ``replication`` homes (past unreachable ones); how many sources the
+        segment has on the first."""
+        return self._at_home(key, lambda c: c.put_segment(family_id, key, source, tenant), self.replication)[0]
+
+    def find_segments(self, family_id: FamilyId, keys: Sequence[bytes], max_sources: int = 0,
+                      tenant: str = "") -> list[list[SegmentSource]]:
+        """Each key's live sources from its first home that answers: one call per home
+        for the keys it is first home of; a key whose first home is unreachable asks its
+        next homes alone."""
+        by_home: dict[str, list[int]] = {}
+        for i, key in enumerate(keys):
+            homes = self._homes(key)
+            if homes:
+                by_home.setdefault(homes[0], []).append(i)
+        found: list[list[SegmentSource]] = [[] for _ in keys]
+        for node_id, indices in by_home.items():
+            group = [bytes(keys[i]) for i in indices]
+            try:
+                answer = self.node(node_id).find_segments(family_id, group, max_sources, tenant)
+            except (UnavailableError, DeadlineExceededError):
+                self._mark_suspect(node_id)
+                answer = [self._at_home(k, lambda c, k=k: c.find_segments(family_id, [k], max_sources, tenant)[0],
+                                        exclude=frozenset({node_id}))[0] for k in group]
+            for i, sources in zip(indices, answer, strict=True):
+                found[i] = sources
+        return found
+
+    def _anchor_home_key(self, family_id: FamilyId, placeholder: str, tenant: str) -> bytes:
+        tenant = tenant or self.options.tenant
+        return hashlib.blake2b(f"{tenant}\0{family_id}\0{placeholder}".encode(), digest_size=16).digest()
+
+    def admit_anchor(self, family_id: FamilyId, placeholder: str, key: bytes, base: SegmentSource,
+                     tenant: str = "") -> tuple[bool, list[bytes]]:
+        return self._at_home(self._anchor_home_key(family_id, placeholder, tenant),
+                             lambda c: c.admit_anchor(family_id, placeholder, key, base, tenant))[0]
+
+    def record_anchor(self, family_id: FamilyId, placeholder: str, key: bytes, delta: AnchorDelta,
+                      tenant: str = "") -> list[bytes]:
+        return self._at_home(self._anchor_home_key(family_id, placeholder, tenant),
+                             lambda c: c.record_anchor(family_id, placeholder, key, delta, tenant))[0]
+
+    def find_anchors(self, family_id: FamilyId, placeholder: str, min_length: int = 0,
+                     tenant: str = "") -> list[AnchorInfo]:
+        return self._at_home(self._anchor_home_key(family_id, placeholder, tenant),
+                             lambda c: c.find_anchors(family_id, placeholder, min_length, tenant))[0]
+
+    def activate_anchors(self, family_id: FamilyId, placeholder: str, keys: Sequence[bytes],
+                         tenant: str = "") -> int:
+        return self._at_home(self._anchor_home_key(family_id, placeholder, tenant),
+                             lambda c: c.activate_anchors(family_id, placeholder, keys, tenant))[0]
 
     # ------------------------------------------------------------ housekeeping
 
