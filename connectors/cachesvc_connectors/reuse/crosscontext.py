@@ -37,7 +37,6 @@ from cachesvc_connectors.reuse.drift import DemotionEvent, DriftGuard
 from cachesvc_connectors.reuse.segments import mix
 
 PROFILE_FORMAT = "cachesvc-cross-context-profile/1"
-EXACT_STRATEGIES = ("prefix_only", "dense")
 
 
 @dataclass(frozen=True)
@@ -59,8 +58,17 @@ class StrategyRow:
     placeholder: str = ""       # "": the strategy on every placeholder; else on this one alone
 
     def meets(self, target: FidelityTarget) -> bool:
-        return self.strategy in EXACT_STRATEGIES or (
-            self.median_kl <= target.max_kl and self.top1 >= target.min_top1)
+        return is_exact(self.strategy) or (self.median_kl <= target.max_kl and self.top1 >= target.min_top1)
+
+
+def is_exact(name: str) -> bool:
+    """Whether strategy (or mix) ``name`` computes every placeholder: it reads nothing of
+    another context, so it meets any fidelity target and is never guard-sampled. False for
+    a name this version does not know (a profile written by a newer one)."""
+    try:
+        return mix(name).exact
+    except ValueError:
+        return False
 
 
 @dataclass
@@ -225,7 +233,7 @@ class StrategySelector:
 
     def observe(self, template: str, prompt: object, chosen: str) -> None:
         """Let the guard sample a request answered with ``chosen`` (not the exact ones)."""
-        if self.guard is None or chosen in EXACT_STRATEGIES:
+        if self.guard is None or is_exact(chosen):
             return
         ladder = self.ladder(template)
         step = next((s for s in ladder if s.name == chosen), StrategyStep(chosen, -1))
@@ -239,7 +247,7 @@ class StrategySelector:
         for placeholder, rows in per.items():
             names = [r.strategy for r in sorted((r for r in rows if r.meets(self.target)),
                                                 key=lambda r: (r.relative_time, -r.reuse_token_rate))]
-            cut = next((i for i, n in enumerate(names) if n in EXACT_STRATEGIES), None)
+            cut = next((i for i, n in enumerate(names) if is_exact(n)), None)
             out[placeholder] = names[:cut + 1] if cut is not None else [*names, "prefix_only"]
         return out
 
@@ -262,7 +270,7 @@ class StrategySelector:
             return []
         ladder = self.ladder(template)
         if replacement is None:
-            return [s.name for s in ladder if s.name not in EXACT_STRATEGIES]
+            return [s.name for s in ladder if not is_exact(s.name)]
         return [s.name for s in ladder if s.rank < replacement.recomputed_layers]
 
 
