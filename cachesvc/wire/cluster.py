@@ -240,11 +240,19 @@ class Keys:
         The hash already commits to tenant and family; naming them in the key too keeps
         one tenant from even seeing that another's chunks exist, as a node's own index
         does (tests/test_tenants.py)."""
+        return self._space(tenant, family_id) + bytes(chunk_hash)
+
+    def chunks(self, tenant: str, family_id: str, hashes: Sequence[bytes]) -> list[bytes]:
+        """:meth:`chunk` of each hash (a lookup's 1024 keys in one pass)."""
+        space = self._space(tenant, family_id)
+        return [space + bytes(h) for h in hashes]
+
+    def _space(self, tenant: str, family_id: str) -> bytes:
         space = self._spaces.get((tenant, family_id))
         if space is None:
             space = self._spaces[(tenant, family_id)] = self._chunk_prefix + hashlib.blake2b(
                 f"{tenant}\x00{family_id}".encode(), digest_size=8).digest()
-        return space + bytes(chunk_hash)
+        return space
 
     def held(self, node_id: str) -> str:
         """The set of (index key, field) places ``node_id`` has written."""
@@ -408,7 +416,7 @@ class ClusterIndex:
         up to the first chunk nobody has. One script call on a standalone Redis (it
         stops at that chunk itself); on Redis Cluster, whose keys of one call must share
         a slot, pipelined reads in growing batches."""
-        keys = [self.keys.chunk(tenant, family_id, h) for h in hashes]
+        keys = self.keys.chunks(tenant, family_id, hashes)
         if not keys:
             return []
         if not self._clustered:
