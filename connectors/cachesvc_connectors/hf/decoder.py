@@ -75,7 +75,7 @@ class DecoderStack:
             # generate() and the model's own forward run exactly what they ran.
             model.set_attn_implementation(SPLIT_SDPA)
         self._bool_masks = impl != "eager"
-        self._memo: dict[tuple, tuple] = {}   # (q_start, q_len, layer type, window) -> (rotary, mask)
+        self._memo: dict[tuple, tuple] = {}   # see _positional: its key -> (rotary, mask, split)
 
     @property
     def dtype(self) -> torch.dtype:
