@@ -551,3 +551,29 @@ def test_agents_share_segments_and_anchors_through_the_cluster(cluster):
         assert [r.reused_tokens for r in reports[:2]] == [0, 0]
         assert len(client.find_anchors(reader.family_id, "question")) >= 2
         assert reports[-1].reused_tokens > 0 and reports[-1].fallback == ""
+
+
+def test_a_node_id_held_by_a_live_member_or_another_chunk_size_is_refused(cluster):
+    """Two processes under one node id would overwrite each other's membership and index
+    fields, and a node of another chunk size would hash chunks no one else matches: both
+    are refused at start with the reason, and the cluster keeps serving."""
+    from cachesvc.node.launcher import ServerProcess
+
+    for node_id, extra, reason in (("n1", (), "node id 'n1' is held by a live member at 127.0.0.1:"),
+                                   ("n7", ("--chunk-size", "128"), "the cluster's chunk size is 256 tokens, "
+                                                                   "this node's is 128")):
+        workdir = cluster.workdir / f"refused-{node_id}"
+        workdir.mkdir()
+        with pytest.raises(RuntimeError, match="server exited 2") as refused:
+            ServerProcess(workdir, ["--redis-url", cluster.redis.url, "--node-id", node_id, *extra]).start()
+        assert reason in str(refused.value)
+        assert "Traceback" not in str(refused.value)
+        assert not (workdir / "data").exists()        # refused before opening anything
+    with cluster.client() as client:
+        assert set(client.nodes(fresh=True)) == {"n0", "n1", "n2"}
+    # A node restarting under its own id at its own address is its previous life: it rejoins.
+    cluster.nodes["n2"].stop(signal.SIGKILL)
+    port = cluster.nodes["n2"].port
+    cluster.start_node("n2", "--port", str(port))
+    with cluster.client() as client:
+        wait_for(lambda: set(client.nodes(fresh=True)) == {"n0", "n1", "n2"}, 5, "n2 back")

@@ -33,8 +33,13 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"cachesvc serve: {exc}", file=sys.stderr)
         return 2
     setup_logging(config.log_level, config.log_format)
+    from cachesvc.node.cluster import ClusterRefused
     from cachesvc.node.server import serve
-    return serve(config)
+    try:
+        return serve(config)
+    except ClusterRefused as exc:
+        print(f"cachesvc serve: {exc}", file=sys.stderr)
+        return 2
 
 
 def _client(args: argparse.Namespace):

@@ -18,6 +18,7 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from cachesvc.node.entries import EntryMeta
 from cachesvc.node.logs import Throttled
@@ -38,6 +39,11 @@ log = logging.getLogger(__name__)
 
 PUBLISH_BATCH = 512            # index writes per pipeline
 STALE_MEMBER_FACTOR = 10       # members expired this many TTLs ago are removed from the hash
+
+
+class ClusterRefused(FailedPrecondition):
+    """This node cannot join the cluster as configured (its node id is a live member's at
+    another address, or its chunk size is not the cluster's)."""
 
 
 @dataclass(slots=True)
@@ -128,6 +134,11 @@ class ClusterAgent:
             self._drain()
             self._heartbeat()
             self._set_up(True)
+        except ClusterRefused as exc:   # out of the cluster, serving its own entries, until it may join
+            self._events.clear()
+            self._dirty = True
+            self._set_up(False)
+            self._errors.info("cluster: not joining", reason=str(exc))
         except Exception as exc:   # noqa: BLE001 - any Redis failure: keep serving, resync later
             self._events.clear()    # lost with Redis: the resync republishes from the catalog
             self._dirty = True
@@ -145,6 +156,7 @@ class ClusterAgent:
     def _resync(self) -> None:
         """Publish every entry held under a new incarnation, then switch the membership
         to it: readers go from the old set of fields to the new one in one write."""
+        self.check_identity()
         incarnation = redis_now_ms(self.redis)
         self._adopt_models()
         self._adopt_profiles()
@@ -160,6 +172,10 @@ class ClusterAgent:
         self.status.resyncs += 1
         log.info("cluster: joined", extra={"node_id": self.node_id, "incarnation": incarnation,
                                            "entries": len(snapshot), "stale_fields_removed": stale})
+
+    def check_identity(self) -> None:
+        """:func:`check_identity` for this node (ClusterRefused when it must not join)."""
+        check_identity(self.redis, self.keys, self.node_id, self.fetch.grpc_address, self.store.config.chunk_size)
 
     def flush(self) -> None:
         """Publish what is queued now, in the caller's thread: a Commit returns only once
@@ -235,8 +251,8 @@ class ClusterAgent:
     def _heartbeat(self) -> None:
         """Extend this node's membership. A membership missing, or of another incarnation,
         means Redis lost it (restarted, flushed) and with it this node's index fields:
-        resync at once. (Two processes given one node id make each other resync; the
-        log says so.)"""
+        resync at once (after :func:`check_identity`: a second process that took this
+        node id since, at another address, keeps it, and this node leaves the cluster)."""
         current = self.redis.hget(self.keys.nodes, self.node_id)
         if current is None or Member.from_json(current).incarnation != self.status.incarnation:
             self._errors.info("cluster: membership lost from Redis; republishing", node_id=self.node_id)
@@ -410,6 +426,47 @@ class ClusterAgent:
             out |= {"cluster_replicated_entries": r.copied, "cluster_replicated_bytes": r.bytes_copied,
                     "cluster_replication_failures": r.failures, "cluster_replication_passes": r.passes}
         return out
+
+
+def check_identity(redis: Any, keys: Keys, node_id: str, grpc_address: str, chunk_size: int) -> None:
+    """ClusterRefused when a node must not join: a live member (heartbeat not yet expired)
+    holds ``node_id`` at another address, so the two would overwrite each other's
+    membership and index fields; or the cluster's chunk size (set by its first node) is
+    not ``chunk_size``, so the node's chunk hashes would match no one's. A member of this
+    id at ``grpc_address`` is the node's previous life: joining replaces it. Redis errors
+    propagate (callers treat them as Redis unavailable)."""
+    raw = redis.hget(keys.nodes, node_id)
+    if raw is not None:
+        try:
+            other = Member.from_json(raw)
+        except ValueError:
+            other = None
+        if other is not None and other.grpc_address != grpc_address:
+            left_ms = other.expires_ms - redis_now_ms(redis)
+            if left_ms > 0:
+                raise ClusterRefused(f"node id {node_id!r} is held by a live member at {other.grpc_address} (its "
+                                     f"heartbeat expires in {left_ms} ms): give this node another --node-id, "
+                                     "or stop that one")
+    redis.hsetnx(keys.settings, "chunk_size", str(chunk_size))
+    theirs = redis.hget(keys.settings, "chunk_size")
+    if theirs is not None and int(theirs) != chunk_size:
+        raise ClusterRefused(f"the cluster's chunk size is {int(theirs)} tokens, this node's is {chunk_size}: its "
+                             f"chunk hashes would match no other node's (start it with --chunk-size {int(theirs)})")
+
+
+def refuse_to_start(redis_url: str, namespace: str, node_id: str, grpc_address: str, chunk_size: int) -> None:
+    """:func:`check_identity` before a node builds anything (its store opens the disk
+    tier): ClusterRefused, or nothing when Redis does not answer now (the node checks
+    again when it joins)."""
+    client = connect(redis_url)
+    try:
+        check_identity(client, Keys(namespace), node_id, grpc_address, chunk_size)
+    except ClusterRefused:
+        raise
+    except Exception:   # noqa: BLE001 - Redis unreachable: checked again at join
+        pass
+    finally:
+        client.close()
 
 
 def _model_doc(weights_digest: str, family: FamilySpec) -> dict:

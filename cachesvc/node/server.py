@@ -20,7 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from cachesvc.node.auth import TokenTable
-from cachesvc.node.cluster import ClusterAgent
+from cachesvc.node.cluster import ClusterAgent, refuse_to_start
 from cachesvc.node.config import ServerConfig, load_quotas
 from cachesvc.wire import ucxlib
 from cachesvc.wire.protocol import host_id
@@ -165,6 +165,10 @@ def start_server(config: ServerConfig) -> RunningServer:
     if port == 0:
         raise OSError(f"cannot listen on {config.host}:{config.port}")
     node_id = config.node_id or f"{socket.gethostname()}:{port}"
+    advertised = config.advertise_host or config.host
+    if config.redis_url:   # refuse to start as another live node, or out of step, before opening anything
+        refuse_to_start(config.redis_url, config.cluster_namespace, node_id, f"{advertised}:{port}",
+                        config.chunk_size)
     tokens = TokenTable(config.auth_tokens) if config.auth_tokens else None
     shm = config.shm
     if tokens is not None and shm and not config.trust_host:
@@ -176,7 +180,6 @@ def start_server(config: ServerConfig) -> RunningServer:
     tls = server_context(config.tls_cert, config.tls_key, config.tls_client_ca) if config.tls_cert else None
     dataplane = DataPlaneServer(store, config.host, config.data_port, shm,
                                 config.shm_release_timeout_s, config.data_io_timeout_s, tls, tokens)
-    advertised = config.advertise_host or config.host
     dataplane.tcp_address = f"{advertised}:{dataplane.tcp_address.rsplit(':', 1)[1]}"
     ucx = start_ucx(config, store)
     transports = dataplane.transports() | (ucx.transports() if ucx is not None else {})

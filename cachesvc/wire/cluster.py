@@ -230,6 +230,7 @@ class Keys:
         self.models = f"{namespace}:models"
         self.profiles = f"{namespace}:profiles"
         self.models_version = f"{namespace}:models:version"   # bumped on every change of models or profiles
+        self.settings = f"{namespace}:settings"     # what every member must share (its chunk size)
         self._chunk_prefix = f"{namespace}:ix:".encode()
         self._tail_prefix = f"{namespace}:tl:".encode()
         self._spaces: dict[tuple[str, str], bytes] = {}
