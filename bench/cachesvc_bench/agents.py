@@ -51,7 +51,7 @@ from cachesvc_connectors.hf import Consumer, ConsumerOptions, Producer, Producer
 from cachesvc_connectors.hf.agents import Agent, AgentPrompt, AgentReport, AgentTemplate
 from cachesvc_connectors.reuse import Plan
 from cachesvc_connectors.reuse.crosscontext import (CrossContextProfile, FidelityTarget, StrategyRow,
-                                                    StrategySelector, publish_profile)
+                                                    StrategySelector, is_exact, publish_profile)
 from cachesvc_connectors.reuse.segments import AnchorOptions, mix
 
 COPY_MODES = "dense,prefix_only,nearest,reuse_all,blend,kvcomm,planner"
@@ -254,7 +254,7 @@ def _mixes_to_verify(profile: CrossContextProfile, target: FidelityTarget, agent
     out = {}
     for agent in range(agents):
         names = {s.name for s in selector.ladder(f"agent{agent + 1}")}
-        out[agent] = {n for n in names if "=" in n and not mix(n).exact}
+        out[agent] = {n for n in names if "=" in n and not is_exact(n)}
     return out
 
 

@@ -33,7 +33,7 @@ from cachesvc.node.models import RegisterOutcome
 from cachesvc.node.profiles import ProfileRecord
 from cachesvc.node.records import tenant_name
 from cachesvc.node.replicator import Replicator
-from cachesvc.wire.keys import FamilyId, FamilySpec, Kind, Tier, chain_root
+from cachesvc.wire.keys import FamilyId, FamilySpec, Tier, chain_root
 
 log = logging.getLogger(__name__)
 
@@ -407,8 +407,7 @@ class ClusterAgent:
         if hit is None or len(hit.entry_ids) < len(hashes):
             return None
         family = self.store.models.family(family_id)
-        return [(lay.num_tokens, sum(len(lay.layers(kind)) * family.slab_bytes(kind, lay.num_tokens) for kind in Kind))
-                for lay in hit.layouts]
+        return [(lay.num_tokens, lay.payload_bytes(family)) for lay in hit.layouts]
 
     def members(self) -> dict[str, Member]:
         try:

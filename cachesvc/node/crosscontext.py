@@ -70,7 +70,7 @@ class CrossContext:
         _check_key(key)
         with self._lock:
             self._check_source(tenant, family_id, source, "source")
-        self._check_span(source, self._runs(tenant, family_id, (source.producer, source.chunk_hashes)), "source")
+        self._check_span(source, self._runs(tenant, family_id, _chain(source)), "source")
         with self._lock:
             count = self.segments.put((tenant, family_id, key), source)
             self._counters["segment_puts"] += 1

@@ -25,6 +25,11 @@ class Layout:
     def num_slabs(self) -> int:
         return len(self.k_layers) + len(self.v_layers) + len(self.e_layers)
 
+    def payload_bytes(self, family: FamilySpec) -> int:
+        """Bytes of an entry's payload: every slab it holds, back to back."""
+        return sum(len(self.layers(kind)) * family.slab_bytes(kind, self.num_tokens)
+                   for kind in (Kind.K, Kind.V, Kind.E))
+
     def place(self, family: FamilySpec, kind: Kind, layer: int) -> tuple[int, int, int] | None:
         """Where slab (kind, layer) sits in an entry's payload: (its index in payload
         order, byte offset, size), or None if the entry does not hold it. The payload is

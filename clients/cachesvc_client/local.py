@@ -78,8 +78,7 @@ class ArenaReader:
         for layout, location in zip(self.hit.layouts, self.hit.locations, strict=True):
             if location.arena_offset < 0:
                 break
-            size = sum(len(layout.layers(kind)) * self.family.slab_bytes(kind, layout.num_tokens)
-                       for kind in (Kind.K, Kind.V, Kind.E))
+            size = layout.payload_bytes(self.family)
             first, last = location.arena_offset // page, -(-min(len(self.arena), location.arena_offset + size) // page)
             if mapped[first:last].all():
                 continue

@@ -150,9 +150,9 @@ class DecoderStack:
         overwrite their rows in place before attention, and each query sees keys up to its
         own position. This is selective token recompute (CacheBlend); rows not in
         ``positions`` are whatever the caller put there (another model's K/V)."""
-        kv_len, window, first = keys.shape[2], self.window(layer), int(positions[0])
+        kv_len, window = keys.shape[2], self.window(layer)
         split = {}
-        if window is None and first > 0 and self._splits:
+        if window is None and self._splits and (first := int(positions[0])) > 0:
             # Keys before the first computed token are seen by every query: split there.
             split = {"visible_keys": first}
             tail = len(positions) == kv_len - first       # sorted and unique: exactly [first, kv_len)
@@ -167,9 +167,11 @@ class DecoderStack:
 
     @property
     def _splits(self) -> bool:
-        """Whether attention can be split after reused keys (attention.py): asked at each
-        call, since the model's implementation may have been switched since."""
-        return getattr(self.config, "_attn_implementation", None) == SPLIT_SDPA
+        """Whether attention is split after reused keys (attention.py): on the CPU, whose
+        masked kernel the split avoids (elsewhere it would fall back to one masked call,
+        and ``run_at`` would read a position back from the device each layer); asked at
+        each call, since the model's implementation may have been switched since."""
+        return self.device.type == "cpu" and getattr(self.config, "_attn_implementation", None) == SPLIT_SDPA
 
     def _positional(self, hidden: torch.Tensor, positions: torch.Tensor, q_start: int, layer: int, kept: int):
         """Rotary embeddings, mask and split for these positions at ``layer`` over ``kept``

@@ -9,8 +9,8 @@ prompt token, L layers):
   linear in q, attention in q·(p+q)), with ``c = c2`` for causal attention from position
   0 (sdpa's fused causal kernel) and ``c = c3`` with a past (the HF connector's split
   attention, hf/attention.py; one masked call before it was 1.5–2× slower on this host,
-  and engines differ, so it is fitted, not assumed). c0, c1, c2 are fitted by least squares to timings of the
-  consumer's own layer on this host from position 0, then c3 to the timings with a past;
+  and engines differ, so it is fitted, not assumed). c0, c1, c2 are fitted by least
+  squares to timings of the consumer's own layer on this host from position 0, then c3 to the timings with a past;
   then all four are scaled by one factor so that a forward through every layer at one
   size takes what it measurably takes (a layer timed alone is not a layer among others:
   caches, allocator) (``cachesvc_connectors.hf.calibrate``);

@@ -191,9 +191,7 @@ class StrategySelector:
 
     def choose(self, template: str) -> StrategyChoice:
         if self._ladders(template):
-            ladder = self.ladder(template)
-            if not ladder:
-                return StrategyChoice(self.fallback, "no per-placeholder mix meets the target measured whole")
+            ladder = self.ladder(template)     # never empty: its last mix computes every placeholder
             level = self._level(template, ladder)
             if level >= len(ladder):
                 return StrategyChoice(self.fallback, "the drift guard demoted every placeholder's strategies")
