@@ -18,6 +18,7 @@ from cachesvc.wire.protocol import FrameType, Op, pack_request, read_frame
 from cachesvc_client import (ArenaReader, CacheClient, ClientOptions, DType, Hit, InvalidArgumentError, Kind,
                              Location, NotFoundError)
 from cachesvc_connectors.hf import Consumer, ConsumerOptions, Producer, ProducerOptions
+from cachesvc_connectors.hf.loader import HeldArenaLoader
 from cachesvc_connectors.reuse import CostModel
 from cachesvc_connectors.reuse.plan import Plan
 from conftest import TINY, make_entry
@@ -102,6 +103,72 @@ def test_a_location_outside_the_arena_is_a_miss(client: CacheClient, rng):
     lying = Hit(hit.producer, hit.same_model, hit.entry_ids, hit.position_offsets, hit.layouts, hit.tiers,
                 hit.grpc_address, (), [hit.locations[0], beyond], hit.shm)
     assert ArenaReader(arena, TINY, lying).read(Kind.V, 3, _flat(_layer_bytes(hit, Kind.V)), 2) == 1
+
+
+def _stored_with_partial(client: CacheClient, rng) -> tuple[str, list[int]]:
+    """Three whole chunks and a partial one (40 tokens) of one prompt, stored."""
+    fid = _register(client)
+    tokens = list(range(3 * 256 + 40))
+    hashes = client.hash_tokens(tokens, fid, include_partial=True)
+    entries = [make_entry(rng, TINY, h, n) for h, n in zip(hashes, [256, 256, 256, 40], strict=True)]
+    entries[3] = dataclasses.replace(entries[3], parent_hash=hashes[2])
+    client.put(fid, "p", entries)
+    return fid, tokens
+
+
+def test_a_held_hit_is_read_in_place_each_entry_verified(client: CacheClient, rng):
+    """What an engine's writer copies straight out of the memory tier (the vLLM worker)
+    is the bytes a fetch returns, entry by entry, and only the entries it asks for."""
+    fid, tokens = _stored_with_partial(client, rng)
+    result = client.lookup_prompt(fid, tokens, locate=True, lease_ttl_s=30)
+    hit = result.best()
+    loader = HeldArenaLoader(ArenaReader(client.arena(hit), TINY, hit), hit)
+    fetched = client.get(fid, hit, [Kind.K, Kind.V], transport="grpc").arrays
+    for layer in range(TINY.num_layers):
+        pieces = list(loader.pieces(layer))
+        assert [first for first, _, _ in pieces] == [0, 256, 512, 768]
+        for kind, column in ((Kind.K, 1), (Kind.V, 2)):
+            whole = torch.cat([piece[column] for piece in pieces])
+            assert whole.shape == (len(tokens), TINY.num_kv_heads, TINY.head_dim)
+            assert whole.view(torch.uint8).numpy().tobytes() == fetched[kind][layer].tobytes()
+    assert [first for first, _, _ in loader.pieces(2, 300, 700)] == [256, 512]   # the entries holding them
+    assert loader.join() == hit.num_chunks and loader.errors == []
+    client.unpin(result.lease_id)
+
+
+def test_a_held_slab_that_fails_its_checksum_ends_the_load_there(client: CacheClient, rng):
+    fid, tokens = _stored_with_partial(client, rng)
+    hit = client.lookup_prompt(fid, tokens, locate=True, lease_ttl_s=30).best()
+    bad = hit.locations[2]
+    wrong = Location(bad.arena_offset, (bad.checksums[0], bad.checksums[1] ^ 1, *bad.checksums[2:]))
+    lying = Hit(hit.producer, hit.same_model, hit.entry_ids, hit.position_offsets, hit.layouts, hit.tiers,
+                hit.grpc_address, (), [*hit.locations[:2], wrong, hit.locations[3]], hit.shm)
+    loader = HeldArenaLoader(ArenaReader(client.arena(hit), TINY, lying), lying)
+    assert [first for first, _, _ in loader.pieces(0)] == [0, 256, 512, 768]   # K0 of chunk 2 is not that slab
+    assert [first for first, _, _ in loader.pieces(1)] == [0, 256]             # K1 of chunk 2 is
+    assert loader.valid_chunks == 2 and "layer 1 of chunk 2: checksum mismatch" in loader.errors[0]
+    assert [first for first, _, _ in loader.pieces(0)] == [0, 256]             # nothing after it any more
+    assert loader.join() == 2
+
+
+def test_mapping_the_memory_tier_maps_what_the_node_allocated_and_allocates_nothing(server_factory, rng):
+    prefaulted = server_factory("--memory-bytes", "64MiB", "--memory-prefault", "true")
+    with CacheClient(prefaulted.address) as client:
+        assert client.map_memory_tier() == 64 << 20
+        assert client.map_memory_tier(transport="grpc") == 0     # not on the tier's path: nothing to map
+    lazy = server_factory("--memory-bytes", "64MiB", "--disk-mode", "off")
+    with CacheClient(lazy.address) as client:
+        fid = _register(client)
+        hashes = client.hash_tokens(list(range(512)), fid)
+        client.put(fid, "p", [make_entry(rng, TINY, h, 256) for h in hashes])
+        mapped = client.map_memory_tier()
+        assert 0 < mapped <= 1 << 20                            # the pages the two entries took
+        hit = client.lookup(fid, hashes, locate=True).best()
+        reader = ArenaReader(client.arena(hit), TINY, hit)
+        out = _flat(_layer_bytes(hit, Kind.V))
+        assert reader.read(Kind.V, 1, out, 2) == 2               # read as before, pages already mapped
+    with CacheClient(lazy.address) as client:                   # mapping allocated no page of the tier
+        assert client.map_memory_tier() == mapped
 
 
 @pytest.fixture(scope="module")

@@ -71,13 +71,17 @@ def _counters(address: str) -> dict:
 @pytest.mark.parametrize("processes", ["in-process", "multiprocess"])
 def test_a_second_request_loads_its_prefix_and_answers_identically(server_factory, checkpoint, tmp_path, processes):
     """Also in vLLM's default layout, scheduler and worker in separate processes: what the
-    worker loads reaches it only as connector metadata."""
+    worker loads reaches it only as connector metadata. (The wide test model changes its
+    answers when K or V are wrong, so an in-place load written to the wrong slots fails.)"""
     srv = server_factory("--memory-bytes", "256MiB")
     prompts, _ = _prompts(tmp_path, 600, 300)
-    out = _vllm(checkpoint, prompts, srv.address, "--rounds", "2",
+    out = _vllm(checkpoint, prompts, srv.address, "--rounds", "2", "--trace",
                 env={"VLLM_ENABLE_V1_MULTIPROCESSING": "1" if processes == "multiprocess" else "0"})
     cold, warm = out["outputs"]
     assert warm == cold and out["warnings"] == []
+    if processes == "in-process":   # (the worker's log records stay in its own process otherwise)
+        # Both loads read the node's memory tier in place (the node is on this host, the lease holds).
+        assert sum(t.get("cachesvc_step_in_place", 0) for t in out["trace"]) == 2
     counters = _counters(srv.address)
     assert counters["entries_committed"] == 3           # whole chunks only: 2 of 600 tokens, 1 of 300
     assert counters["hit_chunks_same_model"] >= 3       # the second round found all of them

@@ -44,8 +44,8 @@ class _ConnectorLog(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         if record.levelno >= logging.WARNING:
             self.lines.append(record.getMessage())
-        fields = {f: getattr(record, f) for f in ("cachesvc_step_ms", "cachesvc_step_loads", "cachesvc_lookup_ms")
-                  if hasattr(record, f)}
+        names = ("cachesvc_step_ms", "cachesvc_step_loads", "cachesvc_step_in_place", "cachesvc_lookup_ms")
+        fields = {f: getattr(record, f) for f in names if hasattr(record, f)}
         if fields:
             self.trace.append(fields)
 

@@ -29,6 +29,7 @@ import mmap
 import threading
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -310,6 +311,73 @@ class ArenaLoader:
     @property
     def hidden_fraction(self) -> float:
         return 0.0
+
+
+class HeldArenaLoader:
+    """A located hit held by a lease, read where it lies: layer by layer, each entry's K
+    and V slabs as views of the node's memory tier, verified in place right before the
+    caller copies them into its own cache (an engine's cache writer). One read and one
+    write of the bytes, where :class:`ArenaLoader` copies into staging and the engine
+    copies out of it again: 25.5 against 35.5 ms for 4096 tokens of SmolLM2 K/V (189 MB)
+    into vLLM's CPU blocks on this VM.
+
+    Safe only while a lease holds the entries: the node cannot reuse their memory, so the
+    bytes verified are the bytes copied. An entry whose slab is missing or fails its
+    checksum ends the usable prefix there (``valid_chunks``), as for the other loaders.
+    Host memory only (on a GPU, :class:`ArenaLoader` copies from the registered arena).
+    """
+
+    def __init__(self, reader: ArenaReader, hit: Hit) -> None:
+        self.reader, self.hit = reader, hit
+        self.valid_chunks = min(hit.num_chunks, reader.in_memory)
+        self.errors: list[str] = [] if self.valid_chunks == hit.num_chunks else \
+            [f"chunk {self.valid_chunks} is only on disk"]
+        self.transport_used = "shm-in-place"
+        reader.populate()   # a no-op where the tier was mapped at start (CacheClient.map_memory_tier)
+        with warnings.catch_warnings():   # a read-only mapping: nothing writes through this view
+            warnings.simplefilter("ignore", UserWarning)
+            self._tier = torch.frombuffer(reader.arena, dtype=torch.uint8)
+        family = reader.family
+        self._dtype, self._row = family.dtype.to_torch(), (family.num_kv_heads, family.head_dim)
+        self._first: list[int] = []             # each entry's first token in the hit
+        at = 0
+        for layout in hit.layouts:
+            self._first.append(at)
+            at += layout.num_tokens
+
+    def pieces(self, layer: int, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """(first token, K, V) of each usable entry's slabs of ``layer`` (``[tokens, heads,
+        dim]`` views of the tier) that holds tokens of [start, stop), each verified as it
+        is yielded; stops at the first that is missing or fails its checksum, lowering
+        ``valid_chunks`` to it."""
+        stop = self.hit.num_tokens if stop is None else stop
+        keys = self.reader.spans(Kind.K, layer, layer + 1, self.valid_chunks)
+        values = self.reader.spans(Kind.V, layer, layer + 1, self.valid_chunks)
+        present = min(len(keys), len(values))
+        self._short(present, f"K/V of layer {layer} of chunk {present}: missing")
+        for i in range(self.valid_chunks):
+            first, tokens = self._first[i], self.hit.layouts[i].num_tokens
+            if first >= stop:
+                return
+            if first + tokens <= start:
+                continue
+            k, v = keys[i], values[i]
+            if not (self.reader.verify(k) and self.reader.verify(v)):
+                self._short(i, f"K/V of layer {layer} of chunk {i}: checksum mismatch")
+                return
+            yield first, self._view(k.arena_offset, k.size, tokens), self._view(v.arena_offset, v.size, tokens)
+
+    def _view(self, offset: int, size: int, tokens: int) -> torch.Tensor:
+        return self._tier[offset:offset + size].view(self._dtype).view(tokens, *self._row)
+
+    def _short(self, entries: int, why: str) -> None:
+        if entries < self.valid_chunks:
+            self.valid_chunks = entries
+            self.errors.append(why)
+
+    def join(self) -> int:
+        self._tier = torch.empty(0, dtype=torch.uint8)   # the load is over: let go of the mapping
+        return self.valid_chunks
 
 
 # id(arena mapping) -> it as a registered uint8 tensor (None: registration failed). The

@@ -14,7 +14,9 @@ from cachesvc_client import Hit
 class LoadSpec:
     """Load tokens [start, stop) of ``hit`` (both multiples of the block size) into
     ``block_ids`` (the request's blocks for exactly those tokens). ``lease_id`` holds the
-    hit's entries until the worker has loaded them."""
+    hit's entries until the worker has loaded them, at the latest until ``lease_until``
+    (wall-clock seconds, ``time.time()``; scheduler and worker share the node's host
+    whenever the worker reads the entries in place, and so one clock)."""
 
     req_id: str
     hit: Hit
@@ -22,6 +24,7 @@ class LoadSpec:
     stop: int
     block_ids: tuple[int, ...]
     lease_id: str = ""
+    lease_until: float = 0.0
 
 
 @dataclass(frozen=True)

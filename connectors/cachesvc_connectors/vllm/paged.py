@@ -59,13 +59,25 @@ class PagedLayout:
             return halves[:, :, 0].view(-1, h, d, bs), halves[:, :, 1].view(-1, h, bs, d)
         return kv[0], kv[1]
 
+    @property
+    def writes_slots(self) -> bool:
+        """Whether :meth:`write` can put tokens into any slots: vLLM's CPU cache writer."""
+        return self.name == "cpu" and self.isa is not None and _cpu_writer() is not None
+
+    def write(self, kv: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write ``k``/``v`` (``[len(slots), H, D]``, any dtype; views of another buffer
+        are read where they lie) into ``slots`` (block × block_size + offset) with vLLM's
+        CPU cache writer (``writes_slots``)."""
+        writer = _cpu_writer()
+        assert writer is not None and self.isa is not None
+        keys, values = kv.view(kv.shape[0], self.kv_heads, 2 * self.block_size, self.head_dim).chunk(2, dim=2)
+        writer(k.to(kv.dtype).contiguous(), v.to(kv.dtype).contiguous(), keys, values, slots, self.isa)
+
     def scatter(self, kv: torch.Tensor, blocks: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write ``k``/``v`` (``[len(blocks) * block_size, H, D]``) into ``blocks``."""
         n, bs = len(blocks), self.block_size
-        if self.name == "cpu" and self.isa is not None and (writer := _cpu_writer()) is not None:
-            slots = (blocks.view(-1, 1) * bs + torch.arange(bs, device=blocks.device)).reshape(-1)
-            keys, values = kv.view(kv.shape[0], self.kv_heads, 2 * bs, self.head_dim).chunk(2, dim=2)
-            writer(k.to(kv.dtype).contiguous(), v.to(kv.dtype).contiguous(), keys, values, slots, self.isa)
+        if self.writes_slots:
+            self.write(kv, self.slots(blocks), k, v)
             return
         if not self.readable:
             raise UnsupportedLayout(f"vLLM's CPU attention ISA {self.isa!r} packs blocks in a layout this "
@@ -78,6 +90,11 @@ class PagedLayout:
         else:
             kview[blocks] = k.to(kview.dtype)
             vview[blocks] = v.to(vview.dtype)
+
+    def slots(self, blocks: torch.Tensor) -> torch.Tensor:
+        """The slot of every token of ``blocks``, in order."""
+        bs = self.block_size
+        return (blocks.view(-1, 1) * bs + torch.arange(bs, device=blocks.device)).reshape(-1)
 
     def gather(self, kv: torch.Tensor, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The K/V of ``blocks`` as ``[len(blocks) * block_size, H, D]`` (new tensors)."""

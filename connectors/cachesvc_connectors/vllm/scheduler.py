@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from cachesvc.wire.keys import ModelId
 from cachesvc_client import CacheClient, CacheServiceError, Hit
@@ -67,6 +67,7 @@ class SchedulerSide:
     def matched_tokens(self, request, num_computed: int) -> int:
         """Tokens beyond ``num_computed`` the cache can fill (block-aligned)."""
         t0 = time.perf_counter()
+        leased_at = time.time()
         self._drop_pending(request.request_id)
         tokens = list(request.prompt_token_ids or ())
         extra = extra_keys(request)
@@ -96,7 +97,8 @@ class SchedulerSide:
             self._release(result.lease_id)
             return 0
         cut = hit[:-(-usable // self.chunk)]   # the entries covering the loaded tokens
-        tracked.load = LoadSpec(request.request_id, cut, num_computed, usable, (), result.lease_id)
+        tracked.load = LoadSpec(request.request_id, cut, num_computed, usable, (), result.lease_id,
+                                leased_at + LEASE_S if result.lease_id else 0.0)
         return new
 
     def _usable(self, hits: list[Hit]) -> Hit | None:
@@ -147,7 +149,7 @@ class SchedulerSide:
         if tracked.load is not None:
             spec = tracked.load
             blocks = tuple(tracked.block_ids[spec.start // bs:spec.stop // bs])
-            meta.loads.append(LoadSpec(spec.req_id, spec.hit, spec.start, spec.stop, blocks, spec.lease_id))
+            meta.loads.append(replace(spec, block_ids=blocks))
             tracked.load = None
         end = min(done // self.chunk, tracked.savable)
         if end > tracked.saved:

@@ -1,12 +1,16 @@
 """Worker side of the vLLM connector: loads hits into vLLM's paged KV blocks layer by
 layer, saves whole new chunks after prefill, and reports what failed to load.
 
-Loading uses the HF connector's loaders (``hf.loader.open_loader``): on the node's host
-a located hit is copied straight out of the node's memory tier and verified
-(``ArenaLoader``), elsewhere it streams over the data plane, layer by layer, from a
-background thread (``SlabLoader``). ``wait_for_layer_load(layer)`` waits for that layer
-only and scatters its tokens into the request's blocks, so the forward pass starts on
-layer 0 while later layers are still arriving.
+Loading uses the HF connector's loaders (``hf.loader``). On the node's host, a located hit
+whose lease still holds is read where it lies in the node's memory tier: each entry's
+slabs are verified in place and vLLM's CPU cache writer copies them straight into the
+request's blocks (``HeldArenaLoader``); without the writer or a live lease it is copied out
+and verified first (``ArenaLoader``). Elsewhere it streams over the data plane, layer by
+layer, from a background thread (``SlabLoader``). ``wait_for_layer_load(layer)`` waits for
+that layer only and writes its tokens into the request's blocks, so the forward pass starts
+on layer 0 while later layers are still arriving. The worker maps the node's memory tier
+into its page tables once, at start and in the background (``map_memory_tier``), so a load
+does not pay a page fault per 4 KiB of entries another process stored.
 
 A slab that is missing or fails its checksum ends the usable prefix at its chunk; the
 blocks from there to the end of the load are reported by ``get_block_ids_with_load_errors``
@@ -23,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -30,19 +35,24 @@ import torch
 
 from cachesvc.wire.keys import Kind
 from cachesvc_client import CacheClient, CacheServiceError, EntryData
-from cachesvc_connectors.hf.loader import ArenaLoader, LoadRequest, SlabLoader, Staging, open_loader
+from cachesvc_client.local import ArenaReader
+from cachesvc_connectors.hf.loader import ArenaLoader, HeldArenaLoader, LoadRequest, SlabLoader, Staging, open_loader
 from cachesvc_connectors.vllm.identity import ConnectorConfig, EngineIdentity
 from cachesvc_connectors.vllm.meta import CachesvcMetadata, LoadSpec
 from cachesvc_connectors.vllm.paged import PagedLayout, UnsupportedLayout, layout_of
 
 log = logging.getLogger(__name__)
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
+LEASE_MARGIN_S = 5.0
+"""A hit is read in place only if its lease holds this much longer (clock skew between
+processes, a slow step)."""
 
 
 @dataclass
 class _Load:
     spec: LoadSpec
-    loader: SlabLoader | ArenaLoader
+    loader: SlabLoader | ArenaLoader | HeldArenaLoader
+    slots: torch.Tensor | None = None  # in place: the slot of each token of [start, stop)
     failed_from: int | None = None     # first token that did not load (None: all did so far)
 
 
@@ -91,6 +101,16 @@ class WorkerSide:
             self._disabled = str(exc)
         if self._disabled:
             log.warning("cachesvc connector inactive (vLLM prefills as without it): %s", self._disabled)
+        elif self.config.load and first.device.type == "cpu":
+            threading.Thread(target=self._map_tier, name="cachesvc-map-tier", daemon=True).start()
+
+    def _map_tier(self) -> None:
+        try:
+            mapped = self.client.map_memory_tier(self.config.transport)
+        except CacheServiceError as exc:   # no node yet: loads map what they read instead
+            log.info("cachesvc: memory tier not mapped at start: %s", exc)
+            return
+        log.debug("cachesvc: mapped %d MiB of the node's memory tier", mapped >> 20)
 
     def _ready(self) -> bool:
         """Whether loads can be written; on first use (inside a forward pass) also learns
@@ -127,15 +147,30 @@ class WorkerSide:
             self._stagings.append(Staging())
         for spec, staging in zip(meta.loads, self._stagings, strict=False):
             try:
-                loader = open_loader(self.client, self.family, self.identity.family_id, spec.hit, requests,
-                                     direct=True, transport=self.config.transport, device=device,
-                                     staging=staging).start()
+                load = self._held(spec, device) or _Load(spec, open_loader(
+                    self.client, self.family, self.identity.family_id, spec.hit, requests, direct=True,
+                    transport=self.config.transport, device=device, staging=staging).start())
             except CacheServiceError as exc:
                 log.warning("cachesvc load of %s failed to start: %s", spec.req_id, exc)
                 self._fail(spec, spec.start)
                 continue
-            self._loads.append(_Load(spec, loader))
+            self._loads.append(load)
         self._step_s["start"] += time.perf_counter() - t0
+
+    def _held(self, spec: LoadSpec, device: torch.device) -> _Load | None:
+        """An in-place load of ``spec`` where it can be one: vLLM's CPU writer, the hit in
+        this host's node's memory tier, and its lease good for a while yet."""
+        assert self.layout is not None
+        if not (self.layout.writes_slots and spec.lease_id and time.time() < spec.lease_until - LEASE_MARGIN_S):
+            return None
+        arena = self.client.arena(spec.hit, self.config.transport)
+        if arena is None:
+            return None
+        reader = ArenaReader(arena, self.family, spec.hit)
+        if reader.in_memory < spec.hit.num_chunks:
+            return None
+        blocks = torch.tensor(spec.block_ids, dtype=torch.long, device=device)
+        return _Load(spec, HeldArenaLoader(reader, spec.hit), self.layout.slots(blocks))
 
     def wait_layer(self, layer_name: str) -> None:
         index = self.layers.get(layer_name)
@@ -145,6 +180,9 @@ class WorkerSide:
         kv = self.caches[layer_name]
         for load in self._loads:
             if load.failed_from is not None:
+                continue
+            if isinstance(load.loader, HeldArenaLoader):
+                self._write_in_place(load, load.loader, index, kv)
                 continue
             t0 = time.perf_counter()
             k, v = load.loader.wait(Kind.K, index), load.loader.wait(Kind.V, index)
@@ -156,6 +194,25 @@ class WorkerSide:
                 continue
             blocks = torch.tensor(spec.block_ids, dtype=torch.long, device=kv.device)
             self.layout.scatter(kv, blocks, k[spec.start:spec.stop], v[spec.start:spec.stop])
+            self._step_s["scatter"] += time.perf_counter() - t1
+
+    def _write_in_place(self, load: _Load, loader: HeldArenaLoader, layer: int, kv: torch.Tensor) -> None:
+        """Each entry's slabs of ``layer``, verified in place (``wait``), written into the
+        request's slots by vLLM's writer (``scatter``); a failed entry ends the load there
+        (``_finish_loads`` reports the rest)."""
+        assert self.layout is not None and load.slots is not None
+        start, stop = load.spec.start, load.spec.stop
+        pieces = loader.pieces(layer, start, stop)
+        while True:
+            t0 = time.perf_counter()
+            piece = next(pieces, None)
+            t1 = time.perf_counter()
+            self._step_s["wait"] += t1 - t0
+            if piece is None:
+                return
+            first, k, v = piece
+            lo, hi = max(first, start), min(first + len(k), stop)
+            self.layout.write(kv, load.slots[lo - start:hi - start], k[lo - first:hi - first], v[lo - first:hi - first])
             self._step_s["scatter"] += time.perf_counter() - t1
 
     def _finish_loads(self) -> None:
@@ -205,11 +262,12 @@ class WorkerSide:
     def finish_step(self) -> None:
         """End of the step: settle loads, then put this step's chunks (one batch)."""
         busy, loads = bool(self._loads or self._saves), len(self._loads)
+        in_place = sum(isinstance(load.loader, HeldArenaLoader) for load in self._loads)
         self._finish_loads()
         self._put(self._saves)
         self._saves = []
         if busy:
-            log.debug("cachesvc step", extra={"cachesvc_step_loads": loads,
+            log.debug("cachesvc step", extra={"cachesvc_step_loads": loads, "cachesvc_step_in_place": in_place,
                                               "cachesvc_step_ms": {k: round(v * 1e3, 2) for k, v in
                                                                    self._step_s.items()}})
             self._step_s = dict.fromkeys(self._step_s, 0.0)
