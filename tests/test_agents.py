@@ -17,7 +17,8 @@ from cachesvc_connectors.hf.agents import Agent, AgentTemplate, TemplateMismatch
 from cachesvc_connectors.reuse import DriftGuard, DriftOptions, Plan
 from cachesvc_connectors.reuse.crosscontext import (CrossContextProfile, FidelityTarget, StrategyRow,
                                                     StrategySelector, publish_profile)
-from cachesvc_connectors.reuse.segments import AnchorOptions, mix
+from cachesvc.wire.segments import SegmentSource, pack_prefix
+from cachesvc_connectors.reuse.segments import AnchorOptions, SourceRule, choose_source, mix, similarity
 from hf_models import fine_tune_of, last_logits, tiny_model, tokenizer
 
 FP32 = DType.FLOAT32
@@ -32,6 +33,30 @@ def _text(tokens: list[int]) -> str:
     return " ".join(f"w{t}" for t in tokens)
 
 
+def test_the_nearest_source_is_the_most_alike_prefix_though_not_every_one_is_scored():
+    """choose_source skips candidates whose upper bounds cannot win: it picks what scoring
+    every source picks (up to exact ties), over identical, shared-tail, cut and unlike
+    prefixes from a small vocabulary (where the upper bounds are loose)."""
+    rng = random.Random(5)
+    for _ in range(60):
+        mine = [rng.randrange(40) for _ in range(rng.randrange(700))]
+        sources = []
+        for _ in range(rng.randrange(1, 17)):
+            roll = rng.random()
+            if roll < 0.2:
+                prefix = list(mine)
+            elif roll < 0.45:
+                prefix = [rng.randrange(40) for _ in range(rng.randrange(60))] + mine[-rng.randrange(1, 600):]
+            elif roll < 0.7:
+                prefix = mine[:rng.randrange(len(mine) + 1)] + [rng.randrange(40) for _ in range(rng.randrange(30))]
+            else:
+                prefix = [rng.randrange(40) for _ in range(rng.randrange(700))]
+            sources.append(SegmentSource(rng.choice("ab"), (b"h",), len(prefix), 4, pack_prefix(prefix)))
+        chosen = choose_source(sources, mine, SourceRule.NEAREST, prefer="a")
+        best = max((similarity(s.prefix(), mine), s.producer == "a") for s in sources)
+        assert (similarity(chosen.prefix(), mine), chosen.producer == "a") == best
+
+
 def _agent(client, model, tok, model_id: str, name: str, **kw) -> Agent:
     consumer = Consumer(client, model, tok, model_id, ConsumerOptions(dtype=FP32, **kw.pop("consumer", {})))
     producer = Producer(client, model, tok, model_id, ProducerOptions(dtype=FP32))
@@ -40,12 +65,23 @@ def _agent(client, model, tok, model_id: str, name: str, **kw) -> Agent:
 
 @torch.no_grad()
 def _logits(agent: Agent, prompt, strategy: str):
-    pre = agent.prefill(prompt, strategy)
+    """The last token's logits the way ``generate()`` gets them (a cache of N-1 tokens,
+    then the model on the last one), checked against the one-pass ``logits=True`` prefill
+    of the same strategy, which runs first (its anchor recordings are not run: the pool is
+    left as the second finds it); with the first call's report."""
     ids = prompt.ids
-    assert pre.cache.get_seq_length() == len(ids) - 1
+    fused = agent.prefill(prompt, strategy, logits=True)
+    assert fused.cache.get_seq_length() == len(ids) and fused.logits is not None
+    pre = agent.prefill(prompt, strategy)
+    assert pre.cache.get_seq_length() == len(ids) - 1 and pre.logits is None
     out = agent.consumer.model(input_ids=agent.stack.ids(ids[-1:]), past_key_values=pre.cache)
     pre.finish()
-    return out.logits[0, -1], pre.report
+    assert torch.allclose(fused.logits, out.logits[0, -1], atol=1e-4, rtol=0), strategy
+    assert fused.report.reused_tokens == pre.report.reused_tokens
+    # The cache it leaves decodes on: its last row is the last prompt token's K/V.
+    for layer in (0, len(out.past_key_values.layers) - 1):
+        assert torch.allclose(fused.cache.layers[layer].keys, out.past_key_values.layers[layer].keys, atol=1e-4, rtol=0)
+    return out.logits[0, -1], fused.report   # the first call's (a rotten source is gone for the second)
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +110,7 @@ def test_same_prefix_and_blend_at_one_are_exact(client: CacheClient, base):
     assert report.reused_tokens == len(prompt.ids) - 1 and report.fallback == ""
     _, report = _logits(agent, prompt, "nearest")
     assert report.reused_tokens == 500 and report.prefix_tokens == 300 and report.parts[0].shift == 0 and report.parts[1].action == "compute"
-    assert REGISTRY.get_sample_value(*nearest) == seen + 2          # the consumer's metrics count them
+    assert REGISTRY.get_sample_value(*nearest) == seen + 4          # the consumer's metrics count them (2 paths each)
 
 
 def test_a_segment_behind_another_prefix_is_re_rotated_exactly(client: CacheClient, base):

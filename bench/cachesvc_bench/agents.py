@@ -22,7 +22,9 @@ so the planner gives each placeholder its own, and the mixes that makes are then
 whole on as many rounds again: one missing the target is not used). An agent publishes its
 prompt (and answer) after its call was measured in every mode.
 
-TTFT is prompt in, first-token logits out (models loaded). Rows per (workload, agents,
+TTFT is prompt in, first-token logits out (models loaded), in one pass in every mode
+(``Agent.prefill(logits=True)``: the last prompt token runs with the rest; ``dense`` is the
+model's own forward over the whole prompt). Rows per (workload, agents,
 mode): ``reuse_token_rate`` (prompt tokens read, not computed), ``reuse_call_rate`` (calls
 that read a placeholder's content), ``ttft_s`` (median), ``prompt_speedup`` (dense's total
 TTFT over the mode's, same calls), ``first_token_kl`` (median, against dense),
@@ -146,15 +148,14 @@ class TaskWorkload:
 def _call(agent: Agent, step: Step, strategy: str, answer_tokens: int) -> tuple[AgentReport, torch.Tensor, list[int], float]:
     """(report, first-token log-probs, greedy answer, TTFT in seconds)."""
     model, stack = agent.consumer.model, agent.stack
-    ids = step.prompt.ids
     t0 = time.perf_counter()
-    pre = agent.prefill(step.prompt, strategy)
-    out = model(input_ids=stack.ids(ids[-1:]), past_key_values=pre.cache, use_cache=True)
-    logits = out.logits[0, -1].float()
+    pre = agent.prefill(step.prompt, strategy, logits=True)   # the last token in the same pass
+    assert pre.logits is not None
+    logits = pre.logits.float()
     if logits.is_cuda:
         torch.cuda.synchronize(logits.device)   # the first token is out when its logits are
     ttft = time.perf_counter() - t0
-    answer, cache, nxt = [], out.past_key_values, int(logits.argmax())
+    answer, cache, nxt = [], pre.cache, int(logits.argmax())
     for _ in range(answer_tokens):
         answer.append(nxt)
         if nxt == model.config.eos_token_id:

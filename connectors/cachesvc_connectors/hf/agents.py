@@ -8,7 +8,10 @@ same tokens, and so the same content key, in every agent.
 
 :meth:`Agent.prefill` decides, part by part, what a strategy (reuse.segments) says for each
 part of the prompt's first N-1 tokens, then builds their cache in one pass over the layers;
-``generate()`` runs the last token and decodes:
+``generate()`` runs the last token and decodes. With ``logits=True`` the same pass also runs
+the last token and returns its logits (the cache then holds all N tokens): a caller that
+decodes itself saves a pass of the weights over the last token (on a CPU ~50 ms for
+SmolLM2-135M, as much as the assembly's own pass) and HF's copy of the whole cache to append it:
 
 - P0 read from a stored prompt of this model that starts with it, else this model's
   longest stored prefix (exact either way);
@@ -41,7 +44,7 @@ from cachesvc.wire.keys import Kind
 from cachesvc.wire.segments import SegmentSource, pack_prefix
 from cachesvc_client import CacheServiceError, EntryData, Hit
 from cachesvc_connectors.hf.consumer import Consumer, head_major
-from cachesvc_connectors.hf.loader import LoadRequest, open_loader
+from cachesvc_connectors.hf.loader import LoadRequest, Staging, open_loader
 from cachesvc_connectors.hf.producer import Producer
 from cachesvc_connectors.hf.rope import Repositioner
 from cachesvc_connectors.hf.selective import deviation, select
@@ -169,8 +172,9 @@ class AgentReport:
 
 @dataclass
 class AgentPrefill:
-    cache: DynamicCache        # the first N-1 prompt tokens
+    cache: DynamicCache        # the first N-1 prompt tokens (all N with ``logits``)
     report: AgentReport
+    logits: torch.Tensor | None = None   # the last prompt token's logits ([vocab]), when asked for
     # What the anchor path learned from a miss, recorded off the request path: run by
     # :meth:`finish` once the answer is out (``Agent.generate`` does). The prompt's rows
     # of ``cache`` stay as they are while generation appends to it.
@@ -244,6 +248,9 @@ class Agent:
         self.full_plan = Plan.full_reuse(self.stack.num_layers)
         self.rope, self._why_not = self._repositioner()
         self._anchored = None
+        # Where spans are loaded, reused from one load to the next (their rows are copied
+        # out at once): fresh buffers cost a page fault per 4 KiB, ~20 ms per prompt here.
+        self._staging = Staging(pinned=self.stack.device.type == "cuda")
 
     def _repositioner(self) -> tuple[Repositioner | None, str]:
         """The model's key mover, or why it cannot take spans from other contexts."""
@@ -314,10 +321,12 @@ class Agent:
     # ------------------------------------------------------------------ prefill
 
     @torch.no_grad()
-    def prefill(self, prompt: AgentPrompt, strategy: str | Strategy | StrategyMix = "auto") -> AgentPrefill:
+    def prefill(self, prompt: AgentPrompt, strategy: str | Strategy | StrategyMix = "auto",
+                logits: bool = False) -> AgentPrefill:
         """The cache of the prompt's first N-1 tokens, built as ``strategy`` says (a name,
         ``blend@R``, one per placeholder as ``records=nearest,*=prefix_only``, or "auto":
-        the selector's choice)."""
+        the selector's choice); with ``logits``, of all N tokens, and the last one's logits
+        from the same pass."""
         t0 = time.perf_counter()
         ids = prompt.ids
         if len(ids) < 2:
@@ -331,30 +340,39 @@ class Agent:
         # that starts with it, not only its leading whole chunks.
         after: list = []
         if strategy.prefix_cache:
-            cache, after = self._assemble(prompt, strategy, report)
+            cache, last_logits, after = self._assemble(prompt, strategy, report, logits)
         else:
-            cache = self._dense(ids[:-1])
+            cache, last_logits = self._dense(ids if logits else ids[:-1], logits)
         report.prefill_s = time.perf_counter() - t0
         if self.consumer.metrics is not None:
             self.consumer.metrics.observe_agent(report)
-        return AgentPrefill(cache, report, after)
+        return AgentPrefill(cache, report, logits=last_logits, pending=after)
 
-    def _dense(self, ids: Sequence[int]) -> DynamicCache:
+    def _dense(self, ids: Sequence[int], logits: bool = False) -> tuple[DynamicCache, torch.Tensor | None]:
+        """The model's own prefill of ``ids`` (and the last one's logits, if asked)."""
         cache = self.stack.new_cache()
-        self.consumer.model.model(input_ids=self.stack.ids(ids), past_key_values=cache, use_cache=True)
-        return cache
+        if not logits:
+            self.consumer.model.model(input_ids=self.stack.ids(ids), past_key_values=cache, use_cache=True)
+            return cache, None
+        out = self.consumer.model(input_ids=self.stack.ids(ids), past_key_values=cache, use_cache=True,
+                                  logits_to_keep=1)
+        return cache, out.logits[0, -1]
 
-    def _assemble(self, prompt: AgentPrompt, strategy: StrategyMix, report: AgentReport) -> tuple[DynamicCache, list]:
+    def _assemble(self, prompt: AgentPrompt, strategy: StrategyMix, report: AgentReport,
+                  logits: bool) -> tuple[DynamicCache, torch.Tensor | None, list]:
         """Decide, part by part, which rows are read and which computed (``_collect``), then
-        build the cache in one pass over the layers (``_build``). Also returns what the
-        anchor path will record of its misses (``AgentPrefill.pending``)."""
+        build the cache in one pass over the layers (``_build``), with the last token
+        computed in it too when ``logits``. Also returns what the anchor path will record
+        of its misses (``AgentPrefill.pending``)."""
         ids = prompt.ids
-        last = len(ids) - 1                        # the cache holds tokens [0, last)
+        last = len(ids) - 1                        # the parts fill tokens [0, last)
         rows, computed, after = self._collect(prompt, strategy, report, last)
-        cache = self._build(ids, last, rows, computed)
+        if logits:                                 # the last token goes through the same pass
+            computed.append((last, len(ids)))
+        cache, last_logits = self._build(ids, len(ids) if logits else last, rows, computed, logits)
         # Blended parts know how many tokens they recomputed only now.
         report.reused_tokens = report.prefix_tokens + sum(p.reused_tokens for p in report.parts)
-        return cache, after
+        return cache, last_logits, after
 
     def _collect(self, prompt: AgentPrompt, strategies: StrategyMix, report: AgentReport,
                  last: int) -> tuple[list[CacheRows], list[tuple[int, int]], list]:
@@ -469,7 +487,7 @@ class Agent:
         requests = [LoadRequest((Kind.K, Kind.V), a, b) for a, b in plan.reused_ranges()]
         requests += [LoadRequest((Kind.E,), a, a + 1) for a, _ in plan.groups]
         loader = open_loader(self.client, self.family, self.family_id, hit, requests, direct=self.consumer.direct,
-                             device=self.stack.device)
+                             device=self.stack.device, staging=self._staging)
         loader.run()
         rows = slice(first, first + count)
         kv = {}
@@ -486,31 +504,35 @@ class Agent:
 
     # ------------------------------------------------------------------ building the cache
 
-    def _build(self, ids: list[int], last: int, rows: list[CacheRows], computed: list[tuple[int, int]]) -> DynamicCache:
-        """The cache of tokens [0, last) in one pass over the layers. At layer l: the rows
-        read for l are written (keys re-rotated by their move, every layer of a span at
-        once); then every token computed at l (the computed parts at every layer, a span's
+    def _build(self, ids: list[int], last: int, rows: list[CacheRows], computed: list[tuple[int, int]],
+               logits: bool = False) -> tuple[DynamicCache, torch.Tensor | None]:
+        """The cache of tokens [0, last) in one pass over the layers (and, with ``logits``,
+        the logits of token ``last - 1``, which must then be computed). At layer l: the rows
+        read for l are written (keys re-rotated by their move, straight into the cache);
+        then every token computed at l (the computed parts at every layer, a span's
         recompute group from its stored E, a blended span's chosen tokens) runs through
         the layer together (``DecoderStack.run_at``: their K/V overwrite their rows, each
         query sees keys up to its own position). One weight pass per layer, however many
         parts are computed: on a CPU a layer's weights cost as much to read for 10 tokens
         as for 100."""
         if not rows:
-            return self._dense(ids[:last])
+            return self._dense(ids[:last], logits)
         stack, dtype, layers = self.stack, self.stack.dtype, self.stack.num_layers
         cfg = self.family
         keys = [torch.zeros(1, cfg.num_kv_heads, last, cfg.head_dim, dtype=dtype, device=stack.device)
                 for _ in range(layers)]
         values = [torch.zeros_like(k) for k in keys]
-        written = [self._moved_keys(r) for r in rows]
+        moves = [self._move(r) for r in rows]
         pos = torch.tensor([p for a, b in computed for p in range(a, b)], dtype=torch.long, device=stack.device)
         hidden = stack.embed(stack.ids(ids[a] for a in pos.tolist())) if len(pos) else None
         leaves: dict[int, list[tuple[int, int]]] = {}          # layer -> [start, end) leaving after it
         for layer in range(layers):
             joining = []
-            for r, moved in zip(rows, written, strict=True):
-                if layer in moved:
-                    keys[layer][0, :, r.start:r.start + r.count] = head_major(moved[layer], dtype)[0]
+            for r, move in zip(rows, moves, strict=True):
+                if move is not None and r.span.plan.group_at(layer) is None:   # a layer the span's K/V fill
+                    # [tokens, heads, dim] views of the head-major cache rows
+                    move(r.span.kv[(Kind.K, layer)][:r.count], keys[layer][0, :, r.start:r.start + r.count]
+                         .transpose(0, 1), layer)
                     values[layer][0, :, r.start:r.start + r.count] = head_major(
                         r.span.kv[(Kind.V, layer)][:r.count], dtype)[0]
                 group = r.span.plan.group_at(layer)
@@ -532,18 +554,19 @@ class Agent:
         cache = stack.new_cache()
         for layer in range(layers):
             cache.update(keys[layer], values[layer], layer)
-        return cache
+        return cache, (stack.logits(hidden)[0, -1] if logits else None)
 
-    def _moved_keys(self, rows: CacheRows) -> dict[int, torch.Tensor]:
-        """Per reused layer, the rows' keys moved to where they go ([count, heads, dim])."""
-        reused = [layer for a, b in rows.span.plan.reused_ranges() for layer in range(a, b)]
-        if not reused:
-            return {}
-        stacked = torch.stack([rows.span.kv[(Kind.K, layer)][:rows.count] for layer in reused])
+    def _move(self, rows: CacheRows):
+        """How the rows' keys reach the cache: ``move(keys, out, layer)`` writes keys
+        ([count, heads, dim]) moved by the rows' shift into ``out`` (a view of the cache
+        rows, any strides); None when the span has no reused layer."""
+        if not rows.span.plan.reused_ranges():
+            return None
         shift = rows.start - rows.span.offset
-        if shift:
-            stacked = self.rope.shift(stacked.to(torch.float32), shift)
-        return dict(zip(reused, stacked, strict=True))
+        if not shift:
+            return lambda keys, out, layer: out.copy_(keys)
+        assert self.rope is not None   # spans are read only where keys can be moved
+        return lambda keys, out, layer: self.rope.shift(keys.unsqueeze(0), shift, [layer], out=out.unsqueeze(0))
 
     def _blend_select(self, rows: CacheRows, layer: int, pos: torch.Tensor, hidden: torch.Tensor,
                       keys: torch.Tensor, values: torch.Tensor, old) -> tuple[torch.Tensor, torch.Tensor]:
