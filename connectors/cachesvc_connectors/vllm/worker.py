@@ -107,7 +107,7 @@ class WorkerSide:
     def _map_tier(self) -> None:
         try:
             mapped = self.client.map_memory_tier(self.config.transport)
-        except CacheServiceError as exc:   # no node yet: loads map what they read instead
+        except (CacheServiceError, OSError) as exc:   # no node yet: loads map what they read instead
             log.info("cachesvc: memory tier not mapped at start: %s", exc)
             return
         log.debug("cachesvc: mapped %d MiB of the node's memory tier", mapped >> 20)
