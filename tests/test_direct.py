@@ -162,7 +162,7 @@ def test_mapping_the_memory_tier_maps_what_the_node_allocated_and_allocates_noth
         hashes = client.hash_tokens(list(range(512)), fid)
         client.put(fid, "p", [make_entry(rng, TINY, h, 256) for h in hashes])
         mapped = client.map_memory_tier()
-        assert 0 < mapped <= 1 << 20                            # the pages the two entries took
+        assert 0 < mapped <= 4 << 20        # the pages the two entries took (a 2 MiB huge page where shmem has them)
         hit = client.lookup(fid, hashes, locate=True).best()
         reader = ArenaReader(client.arena(hit), TINY, hit)
         out = _flat(_layer_bytes(hit, Kind.V))
