@@ -154,18 +154,6 @@ class ArenaReader:
                                                           span.arena_offset + j * span.size)) == checksum
                    for j, checksum in enumerate(span.checksums))
 
-    def held(self, kind: Kind, layer: int, entries: int) -> list[int]:
-        """Arena offsets of slab (kind, layer) of each of the first ``entries`` entries,
-        verified in place, up to the first that is missing or fails its checksum. Only for
-        a hit held by a lease: the caller then reads the slabs where they lie (one read,
-        no copy of its own), which is safe only while the node cannot reuse their memory."""
-        offsets = []
-        for span in self.spans(kind, layer, layer + 1, entries):
-            if not self.verify(span):
-                break
-            offsets.append(span.arena_offset)
-        return offsets
-
     def _place(self, layout: Layout, kind: Kind, layer: int) -> tuple[int, int, int] | None:
         key = (id(layout), kind, layer)
         if key not in self._places:
