@@ -272,9 +272,10 @@ class ShmTransport(SocketTransport):
         arena, step, done = self.arena(), 256 << 20, 0
         for start, stop in _allocated(self._tier_fd, len(arena)):
             for at in range(start, stop, step):
-                if not map_pages(arena, at, min(stop, at + step)):
+                end = min(stop, at + step)
+                if not map_pages(arena, at, end):
                     return done
-                done += min(stop, at + step) - at
+                done += end - at
         return done
 
     def _receive(self, sock: socket.socket, asm: SlabAssembler) -> Iterator[None]:

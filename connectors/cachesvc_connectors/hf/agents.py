@@ -566,7 +566,7 @@ class Agent:
         if not shift:
             return lambda keys, out, layer: out.copy_(keys)
         assert self.rope is not None   # spans are read only where keys can be moved
-        return lambda keys, out, layer: self.rope.shift(keys.unsqueeze(0), shift, [layer], out=out.unsqueeze(0))
+        return self.rope.mover(shift, self.stack.device)
 
     def _blend_select(self, rows: CacheRows, layer: int, pos: torch.Tensor, hidden: torch.Tensor,
                       keys: torch.Tensor, values: torch.Tensor, old) -> tuple[torch.Tensor, torch.Tensor]:

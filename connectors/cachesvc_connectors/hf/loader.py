@@ -25,6 +25,7 @@ arena, registered with CUDA as page-locked memory, straight into device memory.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import mmap
 import threading
 import time
@@ -205,7 +206,31 @@ def open_loader(client: CacheClient, family: FamilySpec, family_id: FamilyId, hi
     return SlabLoader(client, family_id, hit, requests, transport, device, staging)
 
 
-class ArenaLoader:
+class _TierRead:
+    """What both readers of a located hit in the node's memory tier keep: how many leading
+    entries are usable (those in memory, lowered by any that does not read back whole)
+    and why fewer than all."""
+
+    def __init__(self, reader: ArenaReader, hit: Hit) -> None:
+        self.reader, self.hit = reader, hit
+        self.valid_chunks = min(hit.num_chunks, reader.in_memory)
+        self.errors: list[str] = [] if self.valid_chunks == hit.num_chunks else \
+            [f"chunk {self.valid_chunks} is only on disk"]
+        # One call instead of a page fault per 4 KiB on first reading (a no-op where the
+        # tier was mapped at start: CacheClient.map_memory_tier).
+        reader.populate()
+
+    def _short(self, entries: int, why: str) -> None:
+        """Only the first ``entries`` entries are usable, because ``why``."""
+        if entries < self.valid_chunks:
+            self.valid_chunks = entries
+            self.errors.append(why)
+
+    def join(self) -> int:
+        return self.valid_chunks
+
+
+class ArenaLoader(_TierRead):
     """A located hit read out of a same-host node's memory tier, on demand, with the
     interface of :class:`SlabLoader`. Nothing runs ahead of the consumer, so
     ``hidden_fraction`` is 0 and ``wait_s`` is the copying time: on a CPU the copy
@@ -223,16 +248,12 @@ class ArenaLoader:
 
     def __init__(self, reader: ArenaReader, hit: Hit, requests: list[LoadRequest],
                  device: torch.device | str = "cpu", staging: Staging | None = None) -> None:
-        self.reader, self.hit = reader, hit
+        self._t0 = time.perf_counter()
+        super().__init__(reader, hit)
         self.device = torch.device(device)
-        self.valid_chunks = min(hit.num_chunks, reader.in_memory)
-        self.errors: list[str] = [] if self.valid_chunks == hit.num_chunks else \
-            [f"chunk {self.valid_chunks} is only on disk"]
         self.bytes_fetched = 0
         self.fetch_s = self.wait_s = self.first_slab_s = 0.0
         self.transport_used = "shm-direct"
-        self._t0 = time.perf_counter()
-        reader.populate()   # one call instead of a page fault per 4 KiB on first reading
         self._arena = _device_arena(reader.arena, self.device)
         staging = staging or Staging()
         family = reader.family
@@ -287,9 +308,7 @@ class ArenaLoader:
         first ``whole`` entries."""
         self.bytes_fetched += layers * sum(self.reader.family.slab_bytes(kind, lay.num_tokens)
                                            for lay in self.hit.layouts[:whole])
-        if whole < self.valid_chunks:
-            self.valid_chunks = whole
-            self.errors.append(f"{kind.name} from layer {layer} of chunk {whole}: missing or checksum mismatch")
+        self._short(whole, f"{kind.name} from layer {layer} of chunk {whole}: missing or checksum mismatch")
 
     def _to_device(self, kind: Kind, request: LoadRequest, rows: torch.Tensor) -> int:
         """One strided host-to-device copy per entry, from the registered arena into
@@ -305,15 +324,12 @@ class ArenaLoader:
             position += span.size
         return len(spans)
 
-    def join(self) -> int:
-        return self.valid_chunks
-
     @property
     def hidden_fraction(self) -> float:
         return 0.0
 
 
-class HeldArenaLoader:
+class HeldArenaLoader(_TierRead):
     """A located hit held by a lease, read where it lies: layer by layer, each entry's K
     and V slabs as views of the node's memory tier, verified in place right before the
     caller copies them into its own cache (an engine's cache writer). One read and one
@@ -328,22 +344,14 @@ class HeldArenaLoader:
     """
 
     def __init__(self, reader: ArenaReader, hit: Hit) -> None:
-        self.reader, self.hit = reader, hit
-        self.valid_chunks = min(hit.num_chunks, reader.in_memory)
-        self.errors: list[str] = [] if self.valid_chunks == hit.num_chunks else \
-            [f"chunk {self.valid_chunks} is only on disk"]
+        super().__init__(reader, hit)
         self.transport_used = "shm-in-place"
-        reader.populate()   # a no-op where the tier was mapped at start (CacheClient.map_memory_tier)
         with warnings.catch_warnings():   # a read-only mapping: nothing writes through this view
             warnings.simplefilter("ignore", UserWarning)
             self._tier = torch.frombuffer(reader.arena, dtype=torch.uint8)
         family = reader.family
         self._dtype, self._row = family.dtype.to_torch(), (family.num_kv_heads, family.head_dim)
-        self._first: list[int] = []             # each entry's first token in the hit
-        at = 0
-        for layout in hit.layouts:
-            self._first.append(at)
-            at += layout.num_tokens
+        self._first = [0, *itertools.accumulate(lay.num_tokens for lay in hit.layouts)]   # each entry's first token
 
     def pieces(self, layer: int, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         """(first token, K, V) of each usable entry's slabs of ``layer`` (``[tokens, heads,
@@ -370,14 +378,9 @@ class HeldArenaLoader:
     def _view(self, offset: int, size: int, tokens: int) -> torch.Tensor:
         return self._tier[offset:offset + size].view(self._dtype).view(tokens, *self._row)
 
-    def _short(self, entries: int, why: str) -> None:
-        if entries < self.valid_chunks:
-            self.valid_chunks = entries
-            self.errors.append(why)
-
     def join(self) -> int:
         self._tier = torch.empty(0, dtype=torch.uint8)   # the load is over: let go of the mapping
-        return self.valid_chunks
+        return super().join()
 
 
 # id(arena mapping) -> it as a registered uint8 tensor (None: registration failed). The

@@ -18,7 +18,7 @@ the pair's real and imaginary parts), which every architecture the connector run
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -48,38 +48,57 @@ class Repositioner:
         self.inv_freq = torch.stack(freqs)              # [layers, head_dim / 2]
         self.head_dim = 2 * self.inv_freq.shape[1]
 
-    def shift(self, keys: torch.Tensor, delta: int | torch.Tensor, layers: Sequence[int] | None = None,
-              out: torch.Tensor | None = None) -> torch.Tensor:
+    def shift(self, keys: torch.Tensor, delta: int | torch.Tensor, layers: Sequence[int] | None = None
+              ) -> torch.Tensor:
         """``keys`` ([layers, tokens, kv_heads, head_dim], of ``layers``, default all)
-        moved by ``delta`` positions (an int, or one per token): in ``keys``' dtype, or
-        written into ``out`` (the same shape, any strides and dtype) and returned."""
+        moved by ``delta`` positions (an int, or one per token), in ``keys``' dtype."""
         if keys.dim() != 4 or keys.shape[-1] != self.head_dim:
             raise ValueError(f"keys must be [layers, tokens, kv_heads, {self.head_dim}], got {list(keys.shape)}")
-        if out is not None and out.shape != keys.shape:
-            raise ValueError(f"out must be shaped as keys {list(keys.shape)}, got {list(out.shape)}")
         index = list(range(keys.shape[0])) if layers is None else list(layers)
         if len(index) != keys.shape[0]:
             raise ValueError(f"{keys.shape[0]} layers of keys, {len(index)} layer indices")
-        inv = self.inv_freq[index].to(keys.device)                                  # [L, D/2]
         d = torch.as_tensor(delta, dtype=torch.float64, device=keys.device).reshape(-1)
         if d.numel() not in (1, keys.shape[1]):
             raise ValueError(f"delta must be one offset or one per token ({keys.shape[1]}), got {d.numel()}")
-        # Angles in float64: d · inv_freq reaches 1e5 rad at long offsets, where float32
-        # would be off by ~1e-2; the rotation itself runs in float32 (or the keys' dtype).
-        angles = d[None, :, None] * inv[:, None, :]                                # [L, T or 1, D/2]
-        work = torch.promote_types(keys.dtype, torch.float32)
-        cos = angles.cos().to(work).unsqueeze(2)                                   # [L, T or 1, 1, D/2]
-        sin = angles.sin().to(work).unsqueeze(2)
-        x = keys.to(work)
-        half = self.head_dim // 2
-        real, imag = x[..., :half], x[..., half:]
-        dest = out if out is not None and out.dtype == work else torch.empty_like(x)
-        # (real, imag) · (cos + i sin), each half written in place: 5 ms against 25 ms for
-        # concatenated cos/sin and a rotated copy (30 layers × 1000 tokens × 3 × 64, here).
-        torch.mul(real, cos, out=dest[..., :half]).addcmul_(imag, sin, value=-1)
-        torch.mul(imag, cos, out=dest[..., half:]).addcmul_(real, sin)
-        if out is None:
-            return dest.to(keys.dtype)
-        if dest is not out:
-            out.copy_(dest)
-        return out
+        cos, sin = self._turn(d, index)
+        return _rotate(keys, cos, sin, None)
+
+    def mover(self, delta: int, device: torch.device | str) -> Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]:
+        """``move(keys, out, layer)``: one layer's keys (``[tokens, kv_heads, head_dim]``)
+        moved by ``delta`` positions into ``out`` (the same shape, any strides and dtype),
+        with the rotation of every layer computed once, for a caller that writes the cache
+        layer by layer (the agents' one pass over the layers)."""
+        cos, sin = self._turn(torch.tensor([float(delta)], dtype=torch.float64, device=device),
+                              range(self.inv_freq.shape[0]))
+
+        def move(keys: torch.Tensor, out: torch.Tensor, layer: int) -> torch.Tensor:
+            return _rotate(keys.unsqueeze(0), cos[layer:layer + 1], sin[layer:layer + 1], out.unsqueeze(0))
+        return move
+
+    def _turn(self, delta: torch.Tensor, layers: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of ``delta`` ([T or 1], float64) times each of ``layers``' inverse
+        frequencies: ``[L, T or 1, 1, head_dim / 2]``, float64. Angles in float64: d ·
+        inv_freq reaches 1e5 rad at long offsets, where float32 would be off by ~1e-2."""
+        angles = delta[None, :, None] * self.inv_freq[list(layers)].to(delta.device)[:, None, :]
+        return angles.cos().unsqueeze(2), angles.sin().unsqueeze(2)
+
+
+def _rotate(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """``keys`` ([L, T, kv_heads, head_dim]) rotated by the pairs' angles (``cos``/``sin``
+    broadcast to [L, T, 1, head_dim / 2]), in float32 (or the keys' wider dtype): in the
+    keys' dtype, or written into ``out`` and returned."""
+    work = torch.promote_types(keys.dtype, torch.float32)
+    cos, sin = cos.to(work), sin.to(work)
+    x = keys.to(work)
+    half = x.shape[-1] // 2
+    real, imag = x[..., :half], x[..., half:]
+    dest = out if out is not None and out.dtype == work else torch.empty_like(x)
+    # (real, imag) · (cos + i sin), each half written in place: 5 ms against 25 ms for
+    # concatenated cos/sin and a rotated copy (30 layers × 1000 tokens × 3 × 64, here).
+    torch.mul(real, cos, out=dest[..., :half]).addcmul_(imag, sin, value=-1)
+    torch.mul(imag, cos, out=dest[..., half:]).addcmul_(real, sin)
+    if out is None:
+        return dest.to(keys.dtype)
+    if dest is not out:
+        out.copy_(dest)
+    return out

@@ -64,20 +64,27 @@ class PagedLayout:
         """Whether :meth:`write` can put tokens into any slots: vLLM's CPU cache writer."""
         return self.name == "cpu" and self.isa is not None and _cpu_writer() is not None
 
-    def write(self, kv: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    def halves(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A CPU layer's key and value halves, as vLLM's cache writer takes them (taken once
+        per layer by a caller that writes a layer in many pieces)."""
+        keys, values = kv.view(kv.shape[0], self.kv_heads, 2 * self.block_size, self.head_dim).chunk(2, dim=2)
+        return keys, values
+
+    def write(self, halves: tuple[torch.Tensor, torch.Tensor], slots: torch.Tensor, k: torch.Tensor,
+              v: torch.Tensor) -> None:
         """Write ``k``/``v`` (``[len(slots), H, D]``, any dtype; views of another buffer
-        are read where they lie) into ``slots`` (block × block_size + offset) with vLLM's
-        CPU cache writer (``writes_slots``)."""
+        are read where they lie) into ``slots`` (block × block_size + offset) of a layer's
+        :meth:`halves` with vLLM's CPU cache writer (``writes_slots``)."""
         writer = _cpu_writer()
         assert writer is not None and self.isa is not None
-        keys, values = kv.view(kv.shape[0], self.kv_heads, 2 * self.block_size, self.head_dim).chunk(2, dim=2)
-        writer(k.to(kv.dtype).contiguous(), v.to(kv.dtype).contiguous(), keys, values, slots, self.isa)
+        keys, values = halves
+        writer(k.to(keys.dtype).contiguous(), v.to(keys.dtype).contiguous(), keys, values, slots, self.isa)
 
     def scatter(self, kv: torch.Tensor, blocks: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write ``k``/``v`` (``[len(blocks) * block_size, H, D]``) into ``blocks``."""
         n, bs = len(blocks), self.block_size
         if self.writes_slots:
-            self.write(kv, self.slots(blocks), k, v)
+            self.write(self.halves(kv), self.slots(blocks), k, v)
             return
         if not self.readable:
             raise UnsupportedLayout(f"vLLM's CPU attention ISA {self.isa!r} packs blocks in a layout this "

@@ -202,6 +202,7 @@ class WorkerSide:
         (``_finish_loads`` reports the rest)."""
         assert self.layout is not None and load.slots is not None
         start, stop = load.spec.start, load.spec.stop
+        halves = self.layout.halves(kv)
         pieces = loader.pieces(layer, start, stop)
         while True:
             t0 = time.perf_counter()
@@ -212,7 +213,8 @@ class WorkerSide:
                 return
             first, k, v = piece
             lo, hi = max(first, start), min(first + len(k), stop)
-            self.layout.write(kv, load.slots[lo - start:hi - start], k[lo - first:hi - first], v[lo - first:hi - first])
+            self.layout.write(halves, load.slots[lo - start:hi - start], k[lo - first:hi - first],
+                              v[lo - first:hi - first])
             self._step_s["scatter"] += time.perf_counter() - t1
 
     def _finish_loads(self) -> None:
