@@ -6,17 +6,21 @@ out of the arena it mapped, verifying each against the checksum the lookup retur
 from __future__ import annotations
 
 import dataclasses
+import mmap
+import os
 import random
 import socket
 
 import numpy as np
 import pytest
 import torch
+import xxhash
 
 from cachesvc.v1 import cachesvc_pb2 as pb
 from cachesvc.wire.protocol import FrameType, Op, pack_request, read_frame
 from cachesvc_client import (ArenaReader, CacheClient, ClientOptions, DType, Hit, InvalidArgumentError, Kind,
                              Location, NotFoundError)
+from cachesvc_client.local import copy_and_digest
 from cachesvc_connectors.hf import Consumer, ConsumerOptions, Producer, ProducerOptions
 from cachesvc_connectors.hf.loader import HeldArenaLoader
 from cachesvc_connectors.reuse import CostModel
@@ -309,3 +313,24 @@ def test_a_malformed_lookup_on_the_socket_is_answered_and_the_connection_kept(cl
     with socket.create_connection((host, int(port))) as sock:                # not offered over TCP
         sock.sendall(pack_request(Op.LOOKUP, pb.LookupRequest(family_id=fid).SerializeToString()))
         assert read_frame(sock).header.startswith(b"FAILED_PRECONDITION:LOOKUP is only offered on the Unix socket")
+
+
+@pytest.mark.parametrize("rows,size", [(1, 96 << 10), (30, 96 << 10), (3, 4099)])
+def test_copy_and_digest_copies_every_byte_and_hashes_the_copy(rows, size):
+    """Rows strided through a wider destination, one slab (the layer-by-layer read) or
+    several groups of GROUP_BYTES: every byte value arrives, nothing beside the rows is
+    touched, and each digest is the xxh3-64 of its row."""
+    payload = np.random.default_rng(rows).integers(0, 256, rows * size, dtype=np.uint8)
+    fd = os.memfd_create("test-tier")
+    try:
+        os.ftruncate(fd, len(payload) + 8192)
+        arena = mmap.mmap(fd, len(payload) + 8192)
+    finally:
+        os.close(fd)
+    arena[4096:4096 + len(payload)] = payload.tobytes()
+    dest = np.full((rows, 3 * size), 7, np.uint8)
+    digests = copy_and_digest(arena, 4096, dest[:, size:2 * size])
+    expected = payload.reshape(rows, size)
+    assert np.array_equal(dest[:, size:2 * size], expected)
+    assert (dest[:, :size] == 7).all() and (dest[:, 2 * size:] == 7).all()
+    assert digests == [xxhash.xxh3_64_intdigest(row.tobytes()) for row in expected]

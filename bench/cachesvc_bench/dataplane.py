@@ -28,6 +28,7 @@ import dataclasses
 import json
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import ml_dtypes
@@ -36,10 +37,11 @@ from tqdm import tqdm
 
 from cachesvc.wire import ucxlib
 from cachesvc.wire.keys import DType, FamilySpec, Kind
-from cachesvc_bench.ceilings import memcpy_gbps, socket_gbps, ucx_gbps, ucx_version
+from cachesvc_bench.ceilings import CopyPasses, interleaved_best, memcpy_gbps, socket_gbps, ucx_gbps, ucx_version
 from cachesvc_bench.common import bench_server, machine, markdown_table, write_json
 from cachesvc_bench.lmcache_compat import lmcache_section
 from cachesvc_client import ArenaReader, CacheClient, ClientOptions, EntryData
+from cachesvc_client.local import copy_rows
 
 # One 4 MiB E slab per entry: 256 tokens × 8192 × bf16.
 WIDE = FamilySpec("LlamaForCausalLM", 1, 1, 1, 8192, 10000.0, "", "bench-dataplane", DType.BFLOAT16)
@@ -82,6 +84,7 @@ class Route:
 PATHS = {"ucx-tcp": Route("ucx", Setup(("--ucx-tls", "tcp,self"), ClientOptions(ucx_tls="tcp,self"))),
          "shm-direct": Route("shm")}
 DIRECT = "shm-direct"
+SAME_HOST = ("shm", DIRECT)   # GETs bounded by memcpy: timed in turns with it
 
 
 def _entries(family: FamilySpec, hashes, kinds, rng) -> list[EntryData]:
@@ -134,25 +137,34 @@ def run_case(client: CacheClient, case: Case, path: str, repeats: int, rng, ceil
         else:
             got = client.get(fid, hit, case.kinds, out=out, transport=transport)
         assert got.complete, got.missing[:2]
-    extra = {}
-    if path == DIRECT:
-        get, extra = _direct(client, fid, [e.chunk_hash for e in entries], case, out)
-    t = _best(get, repeats)
     piece = case.family.slab_bytes(case.kinds[0], 256)
-    row = _row(path, "get", case, size, t, ceilings["get"][path](size, piece)) | extra
-    if "memfd_ceiling_gbps" in row:
-        row["of_memfd_ceiling"] = round(row["gbps"] / row["memfd_ceiling_gbps"], 3)
-    rows.append(row)
+    if path not in SAME_HOST:
+        rows.append(_row(path, "get", case, size, _best(get, repeats), ceilings["get"][path](size, piece)))
+    else:   # the ceiling (memcpy) timed in turns with the GET, and so are shm-direct's probes
+        extra, probes = {}, {}
+        if path == DIRECT:
+            get, extra, probes = _direct(client, fid, [e.chunk_hash for e in entries], case, out)
+        copies = CopyPasses(size, piece)
+        best = interleaved_best({"get": get} | {f"ceiling {name}": fn for name, fn in copies.passes().items()}
+                                | probes, repeats)
+        gbps = {name: size / seconds / 1e9 for name, seconds in best.items()}
+        row = _row(path, "get", case, size, best["get"], max(v for k, v in gbps.items() if k.startswith("ceiling ")))
+        if path == DIRECT:
+            memfd = max(v for k, v in gbps.items() if k.startswith("memfd "))
+            row |= extra | {"copy_only_gbps": round(gbps["copy only"], 3), "memfd_ceiling_gbps": round(memfd, 3),
+                            "of_memfd_ceiling": round(row["gbps"] / memfd, 3)}
+        rows.append(row)
     client.delete(fid, chunk_hashes=[e.chunk_hash for e in entries])
     return rows
 
 
-def _direct(client: CacheClient, fid: str, hashes: list[bytes], case: Case, out: dict) -> tuple:
+def _direct(client: CacheClient, fid: str, hashes: list[bytes], case: Case,
+            out: dict) -> tuple[Callable[[], None], dict, dict[str, Callable[[], None]]]:
     """The GET of shm-direct: the hit's slabs copied out of the mapped memory tier, whole
-    (one strided read per kind) or layer by layer. Like every path's GET it is timed
-    without its lookup; what locating adds to the lookup is measured beside it, and so is
-    the same copying without verification (``copy_only_gbps``: what the checksums cost),
-    and memcpy out of a memfd mapping (``memfd_ceiling_gbps``: the node's memory tier is
+    (one strided read per kind) or layer by layer; what locating adds to the lookup
+    (like every path's GET it is timed without its lookup); and probes to time in turns
+    with it: the same copying without verification (``copy only``: what the checksums
+    cost), and memcpy out of a memfd mapping (``memfd ...``: the node's memory tier is
     one, and where the kernel gives shmem no huge pages it copies slower than the
     anonymous memory of the ``ceiling_gbps``)."""
     hit = client.lookup(fid, hashes, locate=True).best()
@@ -173,13 +185,12 @@ def _direct(client: CacheClient, fid: str, hashes: list[bytes], case: Case, out:
             for start, stop in ([(layer, layer + 1) for layer in range(layers)] if case.layer_wise else [(0, layers)]):
                 position = 0
                 for span in reader.spans(k, start, stop, n):
-                    np.copyto(rows[k][start:stop, position:position + span.size],
+                    copy_rows(rows[k][start:stop, position:position + span.size],
                               np.frombuffer(reader.arena, np.uint8, span.layers * span.size, span.arena_offset)
                               .reshape(span.layers, span.size))
                     position += span.size
     size = sum(a.nbytes for a in out.values())
-    copy_gbps = size / _best(copy_only, 3) / 1e9
-    memfd = memcpy_gbps(size, case.family.slab_bytes(case.kinds[0], 256), from_memfd=True)
+    memfd = CopyPasses(size, case.family.slab_bytes(case.kinds[0], 256), from_memfd=True)
 
     def lookups(locate: bool) -> float:
         samples = []
@@ -189,9 +200,8 @@ def _direct(client: CacheClient, fid: str, hashes: list[bytes], case: Case, out:
             samples.append(time.perf_counter() - t0)
         return statistics.median(samples) * 1e3
     plain, located = lookups(False), lookups(True)
-    return get, {"lookup_ms": round(plain, 3), "locating_lookup_ms": round(located, 3),
-                 "copy_only_gbps": round(copy_gbps, 3), "memfd_ceiling_gbps": round(memfd, 3),
-                 "of_memfd_ceiling": None}
+    return get, {"lookup_ms": round(plain, 3), "locating_lookup_ms": round(located, 3)}, \
+        {"copy only": copy_only} | {f"memfd {name}": fn for name, fn in memfd.passes().items()}
 
 
 def _row(path: str, op: str, case: Case, size: int, seconds: float, ceiling: float) -> dict:

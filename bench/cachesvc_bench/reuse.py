@@ -31,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 from cachesvc_bench import synthetic
-from cachesvc_bench.ceilings import load_ceiling_gbps
+from cachesvc_bench.ceilings import LoadCeiling
 from cachesvc_bench.common import finish, machine, markdown_table, model_server, publish
 from cachesvc_client import CacheClient, Kind
 from cachesvc_connectors.hf.family import family_of
@@ -66,11 +66,12 @@ def _profiled(name: str, profiles: Path, min_quality: float) -> Plan:
 
 
 def _rows(consumer: str, tokens: int, actual: int, plans: list[Plan], layers: int, results: dict, prompts: int,
-          device: str, slab_bytes: int, with_quality: bool = True) -> list[dict]:
+          ceiling: LoadCeiling, with_quality: bool = True) -> list[dict]:
     """One row per mode (one per plan in mode ``plan``) from the evaluator's results at one
     length. ``load_gbps`` is the loader's rate (bytes over its own time) and
-    ``load_ceiling_gbps`` the same bytes copied at best on ``device`` in this run
-    (memcpy in ``slab_bytes`` pieces on a CPU, a pinned host-to-device copy on a GPU)."""
+    ``load_ceiling_gbps`` the same bytes copied at best on the device, sampled right
+    after each load (memcpy in slab pieces on a CPU, a pinned host-to-device copy on a
+    GPU)."""
     summary = {r["variant"]: r for r in summarize(results)}
     modes = [(REFERENCE, "full_prefill", ""), (SAME, "same_model", ""),
              (plan_name(Plan.full_reuse(layers)), "full_reuse", "")]
@@ -91,14 +92,10 @@ def _rows(consumer: str, tokens: int, actual: int, plans: list[Plan], layers: in
                      "recomputed_layers": layers if mode == "full_prefill" else r["recomputed_layers"],
                      "bytes_fetched": r.get("bytes_fetched", 0),
                      "load_gbps": r.get("load_gbps"),
-                     "load_ceiling_gbps": _ceiling(r.get("bytes_fetched", 0), device, slab_bytes),
+                     "load_ceiling_gbps": ceiling.gbps(r.get("bytes_fetched", 0)),
                      "hidden_fraction": r.get("hidden_fraction"),
                      "prompts": prompts, "timed_requests": len(results[variant].ttft_s)})
     return rows
-
-
-def _ceiling(size_bytes: int, device: str, slab_bytes: int) -> float | None:
-    return round(load_ceiling_gbps(size_bytes, device, slab_bytes), 3) if size_bytes else None
 
 
 def _slab_bytes(model, tokenizer) -> int:
@@ -120,15 +117,16 @@ def run(args: argparse.Namespace) -> dict:
             consumer, _ = smollm2.load(finetune.ensure([name])[name])
             consumer.to(args.device)
             measured = [Plan.full_reuse(layers)] + plans.get(name, [])
-            evaluator = PairEvaluator(client, base, consumer, tokenizer, smollm2.NAME, name)
+            ceiling = LoadCeiling(args.device, _slab_bytes(base, tokenizer))
+            evaluator = PairEvaluator(client, base, consumer, tokenizer, smollm2.NAME, name,
+                                      after_reuse=lambda report, c=ceiling: c.observe(report.bytes_fetched))
             for tokens in contexts:
                 examples = tasks.sized_questions(tokenizer, "test", args.prompts_per_context,
                                                  args.questions_per_context, tokens, args.seed)
                 actual = round(sum(len(tasks.context_ids(tokenizer, e)) for e in examples) / len(examples))
                 with tqdm(total=len(examples), desc=f"reuse {name} @{tokens}", unit="prompt") as bar:
                     results = evaluator.run(examples, measured, same_model=True, progress=bar.update)
-                rows += _rows(name, tokens, actual, measured[1:], layers, results, len(examples), args.device,
-                              _slab_bytes(base, tokenizer))
+                rows += _rows(name, tokens, actual, measured[1:], layers, results, len(examples), ceiling)
     return {"benchmark": "reuse", "machine": _machine(args.device), "device": args.device,
             "producer": smollm2.NAME, "rows": rows}
 
@@ -142,7 +140,9 @@ def run_synthetic(args: argparse.Namespace) -> dict:
             shape = synthetic.SHAPES[name]
             producer, consumer, tokenizer = synthetic.pair(name, args.device)
             plans = [Plan(shape.layers, (synthetic.default_plan(shape),))]
-            evaluator = PairEvaluator(client, producer, consumer, tokenizer, f"{name}-base", f"{name}-tuned")
+            ceiling = LoadCeiling(args.device, _slab_bytes(producer, tokenizer))
+            evaluator = PairEvaluator(client, producer, consumer, tokenizer, f"{name}-base", f"{name}-tuned",
+                                      after_reuse=lambda report, c=ceiling: c.observe(report.bytes_fetched))
             rng = random.Random(args.seed)
             question = [rng.randrange(shape.vocab) for _ in range(16)]
             measured = [Plan.full_reuse(shape.layers)] + plans
@@ -153,8 +153,8 @@ def run_synthetic(args: argparse.Namespace) -> dict:
                            for _ in range(args.prompts_per_context)]
                 with tqdm(total=len(samples), desc=f"reuse {name} @{tokens}", unit="prompt") as bar:
                     results = evaluator.run_ids(samples, measured, same_model=True, progress=bar.update)
-                rows += _rows(name, tokens, tokens, plans, shape.layers, results, len(samples), args.device,
-                              _slab_bytes(producer, tokenizer), with_quality=False)
+                rows += _rows(name, tokens, tokens, plans, shape.layers, results, len(samples), ceiling,
+                              with_quality=False)
             del producer, consumer, evaluator
             if args.device.startswith("cuda"):
                 torch.cuda.empty_cache()

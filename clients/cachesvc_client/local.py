@@ -161,20 +161,38 @@ class ArenaReader:
         return self._places[key]
 
 
+def copy_rows(dest: np.ndarray, source: np.ndarray) -> None:
+    """``dest[...] = source`` (uint8 rows of equal shape) through numpy's vectorized
+    ufunc loop (``source | 0``), not ``memmove``. Rows of the memory tier are a few
+    hundred KiB of a memfd mapping with 4 KiB pages (shmem gets no huge pages where
+    ``transparent_hugepage/shmem_enabled`` is ``never``), and glibc copies sizes under
+    its ``rep movsb`` stop threshold (about the L2 size) with ``rep movsb``, which on the
+    AMD EPYC VM ran at half speed from such pages: 6.7 against 11.3-12.3 GB/s for
+    160-320 KiB rows, 10.4 against 12.5 at 1 MiB. From anonymous (huge-paged) memory the
+    two are within 8% (docs/results.md, 2026-12-07 evening)."""
+    np.bitwise_or(source, 0, out=dest)
+
+
 def copy_and_digest(arena: mmap.mmap, offset: int, block: np.ndarray) -> list[int]:
     """Copy the consecutive arena slabs at ``offset`` into ``block`` (uint8 ``[slabs, slab
     bytes]``, rows strided through the caller's buffer) in groups of about GROUP_BYTES,
     hashing each group right after, while it is still in cache; the rows' xxh3-64
-    digests, taken from the copies (what the caller will use). 0.8-0.9x memcpy here,
-    against 0.55x slab by slab (docs/results.md). Hashing a group while a second thread
-    copies the next was slower still: xxhash holds the GIL, and the hand-offs cost more
-    than they won. numpy's copy releases the GIL."""
+    digests, taken from the copies (what the caller will use). 0.8-0.9x memcpy on the
+    Intel VM, against 0.55x slab by slab (docs/results.md). Hashing a group while a
+    second thread copies the next was slower still: xxhash holds the GIL and the
+    hand-offs cost more than they won; and where the cores share the memory bandwidth
+    (the AMD VM: two threads hashing from memory, even with the GIL released, took
+    twice as long as one) there is nothing to win. The copy is :func:`copy_rows`."""
     rows, size = block.shape
+    if rows == 1:   # one slab (a layer-by-layer read): ~5 us of Python per slab is its cost
+        row = block[0]
+        copy_rows(row, np.frombuffer(arena, np.uint8, size, offset))
+        return [xxhash.xxh3_64_intdigest(row)]
     source = np.frombuffer(arena, np.uint8, rows * size, offset).reshape(rows, size)
     step = max(1, GROUP_BYTES // max(size, 1))
     digests: list[int] = []
     for a in range(0, rows, step):
         b = min(a + step, rows)
-        np.copyto(block[a:b], source[a:b])
+        copy_rows(block[a:b], source[a:b])
         digests += [xxhash.xxh3_64_intdigest(row) for row in block[a:b]]
     return digests

@@ -94,8 +94,11 @@ class PairEvaluator:
 
     def __init__(self, client: CacheClient, producer_model, consumer_model, tokenizer,
                  producer_id: str, consumer_id: str, dtype: DType = DType.BFLOAT16,
-                 max_new_tokens: int = 8) -> None:
+                 max_new_tokens: int = 8, after_reuse: Callable[[ReuseReport], None] | None = None) -> None:
+        """``after_reuse`` sees each timed reuse's report once its answer is in (a
+        benchmark samples its ceiling there, at the same moment of the host)."""
         self.client, self.tokenizer = client, tokenizer
+        self.after_reuse = after_reuse
         self.producer_model, self.consumer_model = producer_model, consumer_model
         self.producer = Producer(client, producer_model, tokenizer, producer_id, ProducerOptions(dtype=dtype))
         # The consumer storing its own prefill: what same-model reuse reads.
@@ -152,7 +155,10 @@ class PairEvaluator:
         first = FirstToken()
         t0 = time.perf_counter()
         out, report = consumer.generate(ids, streamer=first, **self._gen_kwargs())
-        return self._answer(out, len(ids), t0, first, report)
+        answer = self._answer(out, len(ids), t0, first, report)
+        if self.after_reuse is not None:
+            self.after_reuse(report)
+        return answer
 
     def run(self, examples: Sequence[tasks.Example], plans: Sequence[Plan], same_model: bool = False,
             progress: Callable[[], None] = lambda: None, blends: Sequence[float] = ()
