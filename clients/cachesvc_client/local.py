@@ -163,13 +163,14 @@ class ArenaReader:
 
 def copy_rows(dest: np.ndarray, source: np.ndarray) -> None:
     """``dest[...] = source`` (uint8 rows of equal shape) through numpy's vectorized
-    ufunc loop (``source | 0``), not ``memmove``. Rows of the memory tier are a few
-    hundred KiB of a memfd mapping with 4 KiB pages (shmem gets no huge pages where
-    ``transparent_hugepage/shmem_enabled`` is ``never``), and glibc copies sizes under
-    its ``rep movsb`` stop threshold (about the L2 size) with ``rep movsb``, which on the
-    AMD EPYC VM ran at half speed from such pages: 6.7 against 11.3-12.3 GB/s for
-    160-320 KiB rows, 10.4 against 12.5 at 1 MiB. From anonymous (huge-paged) memory the
-    two are within 8% (docs/results.md, 2026-12-07 evening)."""
+    ufunc loop (``source | 0``), not ``memmove``. Rows of the memory tier lie in a memfd
+    mapping with 4 KiB pages (shmem gets no huge pages where
+    ``transparent_hugepage/shmem_enabled`` is ``never``), and numpy asks for huge pages
+    for its large arrays. From the first into the second, glibc's ``memmove`` ran at
+    half speed on the AMD EPYC VM, 4.5-6.6 against 9.2-11.4 GB/s for 96 KiB rows, in one
+    piece or strided. Into torch's buffers (4 KiB pages) the two ran alike within this
+    VM's spread, 7.3-10 GB/s (docs/results.md, 2026-12-07 evening). So the loop is the
+    one to take: the SDK's own outputs and a caller's numpy arrays get its speed."""
     np.bitwise_or(source, 0, out=dest)
 
 
