@@ -501,6 +501,43 @@ def test_segment_sources_and_anchors_over_chains_spread_across_nodes(cluster, rn
             assert node.find_anchors(fid, "q") == []       # its base went with the chain
 
 
+def test_segments_and_anchor_pools_follow_their_keys_to_a_joining_node(cluster, rng):
+    """A node that joins becomes the first home of some segment keys and anchor pools; it
+    starts without them, and the first read through a ClusterClient finds them at the
+    next home (the old first home) and puts them at the new one."""
+    from cachesvc.wire.cluster import rendezvous
+    from cachesvc.wire.segments import AnchorDelta, SegmentSource
+
+    after = ["n0", "n1", "n2", "n3"]
+    with cluster.client() as client:
+        fid = client.register_model("m1", "abcdef01", TINY).family_id
+        hashes, entries = prompt(client, fid, rng, 6)
+        assert client.put(fid, "m1", entries).lost == 0
+        chain = tuple(bytes(h) for h in hashes)
+        source = SegmentSource("m1", chain, 300, 700)
+        key = next(k for k in (client.segment_key(list(range(i, i + 700)), fid) for i in range(200))
+                   if rendezvous(k, after, 1) == ["n3"])
+        placeholder = next(p for p in (f"q{i}" for i in range(200))
+                           if rendezvous(client._anchor_home_key(fid, p, ""), after, 1) == ["n3"])
+        client.put_segment(fid, key, source)
+        assert client.admit_anchor(fid, placeholder, key, source)[0]
+        delta = AnchorDelta("a1", "m1", chain[:2], chain[2:3], 256)
+        client.record_anchor(fid, placeholder, key, delta)
+
+        cluster.start_node("n3")
+        wait_for(lambda: "n3" in client.nodes(fresh=True), 5, "n3 joined")
+        with CacheClient(cluster.nodes["n3"].address) as n3:
+            assert n3.find_segments(fid, [key]) == [[]]         # the new home starts empty
+            assert n3.find_anchors(fid, placeholder) == []
+            assert client.find_segments(fid, [key, b"\0" * 32]) == [[source], []]
+            assert n3.find_segments(fid, [key]) == [[source]]   # repaired at the new home
+            [found] = client.find_anchors(fid, placeholder)
+            assert (found.segment_key, found.base, list(found.deltas)) == (key, source, ["a1"])
+            [moved] = n3.find_anchors(fid, placeholder)
+            assert (moved.segment_key, moved.base) == (key, source)
+            assert moved.deltas["a1"].chains() == delta.chains()
+
+
 def test_agents_share_segments_and_anchors_through_the_cluster(cluster):
     """The HF agents run unchanged against a ClusterClient: a segment another agent
     published is re-rotated behind this agent's prefix, and KVCOMM's anchor pool records

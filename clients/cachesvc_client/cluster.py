@@ -11,6 +11,7 @@ data-plane transports), created on first use.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import itertools
@@ -377,7 +378,10 @@ class ClusterClient:
     # that changes with every use (activations, the byte budget), so it has one home: the
     # highest-weighted live node for the pool. When a home is gone its successor starts
     # without what it held: a miss (a dense prefill that records again), never a wrong
-    # cache. A membership change moves homes the same way.
+    # cache. A membership change moves homes, and what the old home held follows on the
+    # first read that misses at the new one (read repair): the key's next home, which
+    # was its first before a node joined or is a replica after one left, is asked, and
+    # what it answers is put at the new home.
 
     def segment_key(self, tokens: Sequence[int], family_id: FamilyId, *, tenant: str = "",
                     extra_keys: Sequence[str | bytes] = ()) -> bytes:
@@ -433,7 +437,34 @@ class ClusterClient:
                                         exclude=frozenset({node_id}))[0] for k in group]
             for i, sources in zip(indices, answer, strict=True):
                 found[i] = sources
+        self._repair_segments(family_id, keys, found, max_sources, tenant)
         return found
+
+    def _repair_segments(self, family_id: FamilyId, keys: Sequence[bytes], found: list[list[SegmentSource]],
+                         max_sources: int, tenant: str) -> None:
+        """Keys ``found`` nothing for at their first home: ask each one's second home (one
+        call per such home), fill ``found`` from it and put what it had at the first home,
+        best effort (a source the first home refuses, e.g. its chain is gone, stays out).
+        One more call per missing batch, on misses only."""
+        by_second: dict[str, list[int]] = {}
+        firsts: dict[int, str] = {}
+        for i, key in enumerate(keys):
+            homes = self._homes(key)
+            if not found[i] and len(homes) > 1:
+                firsts[i] = homes[0]
+                by_second.setdefault(homes[1], []).append(i)
+        for node_id, indices in by_second.items():
+            try:
+                answer = self.node(node_id).find_segments(family_id, [bytes(keys[i]) for i in indices],
+                                                          max_sources, tenant)
+            except (UnavailableError, DeadlineExceededError):
+                self._mark_suspect(node_id)
+                continue
+            for i, sources in zip(indices, answer, strict=True):
+                found[i] = sources
+                for source in sources:
+                    with contextlib.suppress(CacheServiceError):
+                        self.node(firsts[i]).put_segment(family_id, bytes(keys[i]), source, tenant)
 
     def _anchor_home_key(self, family_id: FamilyId, placeholder: str, tenant: str) -> bytes:
         tenant = tenant or self.options.tenant
@@ -451,8 +482,27 @@ class ClusterClient:
 
     def find_anchors(self, family_id: FamilyId, placeholder: str, min_length: int = 0,
                      tenant: str = "") -> list[AnchorInfo]:
-        return self._at_home(self._anchor_home_key(family_id, placeholder, tenant),
-                             lambda c: c.find_anchors(family_id, placeholder, min_length, tenant))[0]
+        """The pool's anchors at its home. A home whose pool is empty may be new (a
+        membership change): then the pool's next home is asked, and what it holds is
+        admitted and recorded at the home, its activation counts starting over (best
+        effort: the home's own admission rules and budget apply)."""
+        home_key = self._anchor_home_key(family_id, placeholder, tenant)
+        anchors = self._at_home(home_key, lambda c: c.find_anchors(family_id, placeholder, min_length, tenant))[0]
+        homes = self._homes(home_key)
+        if anchors or len(homes) < 2:
+            return anchors
+        try:
+            anchors = self.node(homes[1]).find_anchors(family_id, placeholder, min_length, tenant)
+        except (UnavailableError, DeadlineExceededError):
+            self._mark_suspect(homes[1])
+            return []
+        home = self.node(homes[0])
+        for anchor in anchors:
+            with contextlib.suppress(CacheServiceError):
+                home.admit_anchor(family_id, placeholder, anchor.segment_key, anchor.base, tenant)
+                for delta in anchor.deltas.values():
+                    home.record_anchor(family_id, placeholder, anchor.segment_key, delta, tenant)
+        return anchors
 
     def activate_anchors(self, family_id: FamilyId, placeholder: str, keys: Sequence[bytes],
                          tenant: str = "") -> int:
