@@ -312,3 +312,23 @@ def test_after_reuse_sliding_layers_hold_what_the_models_own_cache_holds(client,
     out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                          past_key_values=pre.cache, max_new_tokens=6, do_sample=False)
     assert out[0, len(ids):].tolist() == greedy(model, ids, 6)
+
+
+@pytest.mark.parametrize("slab_dtype,cache_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16),
+                                                    (torch.float32, torch.float32)])
+def test_append_layer_stores_slabs_head_major_in_the_cache_dtype(slab_dtype, cache_dtype):
+    """Widening, narrowing and none: the cache layer holds the slabs as ``[1, heads,
+    tokens, dim]`` of the model's dtype, in memory of its own (not the slabs')."""
+    from transformers import DynamicCache
+
+    from cachesvc_connectors.hf.consumer import append_layer
+
+    keys, values = (torch.randn(40, 3, 8).to(slab_dtype) for _ in range(2))
+    cache = DynamicCache()
+    append_layer(cache, 0, keys, values, cache_dtype)
+    got_k, got_v = cache.layers[0].keys, cache.layers[0].values
+    assert got_k.dtype == got_v.dtype == cache_dtype and got_k.shape == (1, 3, 40, 8)
+    assert torch.equal(got_k, keys.to(cache_dtype).transpose(0, 1).unsqueeze(0))
+    assert torch.equal(got_v, values.to(cache_dtype).transpose(0, 1).unsqueeze(0))
+    keys.zero_()
+    assert got_k.abs().sum() > 0

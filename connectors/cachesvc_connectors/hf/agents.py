@@ -43,7 +43,7 @@ from transformers import DynamicCache
 from cachesvc.wire.keys import Kind
 from cachesvc.wire.segments import SegmentSource, pack_prefix
 from cachesvc_client import CacheServiceError, EntryData, Hit
-from cachesvc_connectors.hf.consumer import Consumer, head_major
+from cachesvc_connectors.hf.consumer import Consumer
 from cachesvc_connectors.hf.loader import LoadRequest, Staging, open_loader
 from cachesvc_connectors.hf.producer import Producer
 from cachesvc_connectors.hf.rope import Repositioner
@@ -533,8 +533,8 @@ class Agent:
                     # [tokens, heads, dim] views of the head-major cache rows
                     move(r.span.kv[(Kind.K, layer)][:r.count], keys[layer][0, :, r.start:r.start + r.count]
                          .transpose(0, 1), layer)
-                    values[layer][0, :, r.start:r.start + r.count] = head_major(
-                        r.span.kv[(Kind.V, layer)][:r.count], dtype)[0]
+                    # (the assignment converts as it copies)
+                    values[layer][0, :, r.start:r.start + r.count] = r.span.kv[(Kind.V, layer)][:r.count].transpose(0, 1)
                 group = r.span.plan.group_at(layer)
                 if group is not None and group[0] == layer:        # a recompute group starts here
                     joining.append((r.start, r.span.kv[(Kind.E, layer)][:r.count].to(dtype).unsqueeze(0)))
