@@ -334,3 +334,19 @@ def test_copy_and_digest_copies_every_byte_and_hashes_the_copy(rows, size):
     assert np.array_equal(dest[:, size:2 * size], expected)
     assert (dest[:, :size] == 7).all() and (dest[:, 2 * size:] == 7).all()
     assert digests == [xxhash.xxh3_64_intdigest(row.tobytes()) for row in expected]
+
+
+def test_verify_leading_counts_the_spans_before_the_first_bad_one(client: CacheClient, rng):
+    """In parallel or alone, every span is checked in place and the count stops at the
+    first whose bytes do not hash to its checksum."""
+    fid = _register(client)
+    hashes = client.hash_tokens(list(range(5 * 256)), fid)
+    client.put(fid, "p", [make_entry(rng, TINY, h, 256) for h in hashes])
+    hit = client.lookup(fid, hashes, locate=True).best()
+    reader = ArenaReader(client.arena(hit), TINY, hit)
+    spans = reader.spans(Kind.K, 0, TINY.num_layers, hit.num_chunks)
+    assert len(spans) == 5 and reader.verify_leading(spans) == 5
+    bad = dataclasses.replace(spans[2], checksums=(spans[2].checksums[0] ^ 1, *spans[2].checksums[1:]))
+    assert reader.verify_leading([*spans[:2], bad, *spans[3:]]) == 2
+    assert reader.verify_leading([bad]) == 0 and reader.verify_leading(spans[:1]) == 1
+    assert reader.verify_leading([]) == 0

@@ -13,8 +13,12 @@ slab is a miss (the reader recomputes from there), never data.
 
 from __future__ import annotations
 
+import itertools
 import mmap
+import os
 import weakref
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +27,19 @@ import xxhash
 from cachesvc.wire.keys import FamilySpec, Kind
 from cachesvc.wire.layout import Layout
 from cachesvc_client.codec import Hit
+
+
+VERIFIERS = min(8, os.cpu_count() or 1)
+"""Threads that verify spans in place for :meth:`ArenaReader.verify_leading`."""
+_POOL: list[ThreadPoolExecutor] = []
+
+
+def _verifiers() -> ThreadPoolExecutor:
+    """The process's verifying threads, started on first use and kept (concurrent.futures
+    joins them at exit; idle, they cost nothing)."""
+    if not _POOL:
+        _POOL.append(ThreadPoolExecutor(VERIFIERS, thread_name_prefix="cachesvc-verify"))
+    return _POOL[0]
 
 
 GROUP_BYTES = 1 << 20
@@ -146,6 +163,17 @@ class ArenaReader:
             position += span.size
         return len(spans)
 
+    def verify_leading(self, spans: Sequence[Span]) -> int:
+        """How many leading ``spans`` verify in place (:meth:`verify`), hashed in parallel
+        by up to VERIFIERS threads: xxhash releases the GIL on large buffers, and on a
+        GPU host one core's hashing (15-25 GB/s here) would hold back a host-to-device
+        copy of ~50 GB/s that many cores and the host's bandwidth can keep up with. Every
+        span is hashed, also after a failing one."""
+        if len(spans) < 2:
+            return len(list(itertools.takewhile(self.verify, spans)))
+        verified = list(_verifiers().map(self.verify, spans))
+        return next((i for i, ok in enumerate(verified) if not ok), len(spans))
+
     def verify(self, span: Span) -> bool:
         """Whether the arena bytes of ``span`` hash to its checksums now, read in place
         (meaningful only while the entry is held, e.g. by a lease: else they may change
@@ -180,10 +208,10 @@ def copy_and_digest(arena: mmap.mmap, offset: int, block: np.ndarray) -> list[in
     hashing each group right after, while it is still in cache; the rows' xxh3-64
     digests, taken from the copies (what the caller will use). 0.8-0.9x memcpy on the
     Intel VM, against 0.55x slab by slab (docs/results.md). Hashing a group while a
-    second thread copies the next was slower still: xxhash holds the GIL and the
-    hand-offs cost more than they won; and where the cores share the memory bandwidth
-    (the AMD VM: two threads hashing from memory, even with the GIL released, took
-    twice as long as one) there is nothing to win. The copy is :func:`copy_rows`."""
+    second thread copies the next won at most 10% on these 2-core VMs: xxhash releases
+    the GIL on large buffers (two threads hashing 2 MiB each in cache took 1.02x one),
+    but the cores share the memory bandwidth (two threads hashing from memory took twice
+    as long as one). The copy is :func:`copy_rows`."""
     rows, size = block.shape
     if rows == 1:   # one slab (a layer-by-layer read): no grouping, a few us of Python less per slab
         row = block[0]
