@@ -29,17 +29,16 @@ class CopyPasses:
 
     def __init__(self, size_bytes: int, piece_bytes: int | None = None, from_memfd: bool = False) -> None:
         self.size_bytes, self._step = size_bytes, piece_bytes or size_bytes
-        self._mapping = None
         if from_memfd:
             fd = os.memfd_create("cachesvc-ceiling", os.MFD_CLOEXEC)
             try:
                 os.ftruncate(fd, size_bytes)
-                self._mapping = mmap.mmap(fd, size_bytes, flags=mmap.MAP_SHARED)
+                mapping = mmap.mmap(fd, size_bytes, flags=mmap.MAP_SHARED)
             finally:
                 os.close(fd)
             with contextlib.suppress(AttributeError, OSError):
-                self._mapping.madvise(mmap.MADV_HUGEPAGE)   # as the arena does
-            self._src = np.frombuffer(self._mapping, np.uint8)
+                mapping.madvise(mmap.MADV_HUGEPAGE)   # as the arena does
+            self._src = np.frombuffer(mapping, np.uint8)   # holds the mapping
             self._src[:] = 1
         else:
             self._src = np.ones(size_bytes, np.uint8)
@@ -55,8 +54,8 @@ class CopyPasses:
 
 
 def interleaved_best(timed: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
-    """Each callable's best time in seconds over ``repeats`` rounds after one warm-up
-    round, the callables taking turns within a round: this VM's speed moves by a third
+    """Each callable's best time in seconds over ``repeats + 1`` rounds (the first warms
+    up, and counts where it is the best), the callables taking turns within a round: this VM's speed moves by a third
     from one second to the next, so a ceiling measured apart from what it bounds can sit
     on either side of it (a GET measured at 1.21x its ceiling, 2026-12-07)."""
     best = dict.fromkeys(timed, float("inf"))

@@ -94,12 +94,8 @@ def _entries(family: FamilySpec, hashes, kinds, rng) -> list[EntryData]:
 
 
 def _best(fn, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats + 1):          # the first round warms up
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+    """``fn``'s best time in seconds over ``repeats`` rounds after a warm-up."""
+    return interleaved_best({"run": fn}, repeats)["run"]
 
 
 def run_case(client: CacheClient, case: Case, path: str, repeats: int, rng, ceilings) -> list[dict]:

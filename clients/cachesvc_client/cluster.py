@@ -421,11 +421,11 @@ class ClusterClient:
         """Each key's live sources from its first home that answers: one call per home
         for the keys it is first home of; a key whose first home is unreachable asks its
         next homes alone."""
+        homes = [self._homes(key) for key in keys]
         by_home: dict[str, list[int]] = {}
-        for i, key in enumerate(keys):
-            homes = self._homes(key)
-            if homes:
-                by_home.setdefault(homes[0], []).append(i)
+        for i, mine in enumerate(homes):
+            if mine:
+                by_home.setdefault(mine[0], []).append(i)
         found: list[list[SegmentSource]] = [[] for _ in keys]
         for node_id, indices in by_home.items():
             group = [bytes(keys[i]) for i in indices]
@@ -437,22 +437,20 @@ class ClusterClient:
                                         exclude=frozenset({node_id}))[0] for k in group]
             for i, sources in zip(indices, answer, strict=True):
                 found[i] = sources
-        self._repair_segments(family_id, keys, found, max_sources, tenant)
+        self._repair_segments(family_id, keys, homes, found, max_sources, tenant)
         return found
 
-    def _repair_segments(self, family_id: FamilyId, keys: Sequence[bytes], found: list[list[SegmentSource]],
-                         max_sources: int, tenant: str) -> None:
-        """Keys ``found`` nothing for at their first home: ask each one's second home (one
-        call per such home), fill ``found`` from it and put what it had at the first home,
-        best effort (a source the first home refuses, e.g. its chain is gone, stays out).
-        One more call per missing batch, on misses only."""
+    def _repair_segments(self, family_id: FamilyId, keys: Sequence[bytes], homes: list[list[str]],
+                         found: list[list[SegmentSource]], max_sources: int, tenant: str) -> None:
+        """Keys ``found`` nothing for at their first home (of ``homes``, each key's in
+        order): ask each one's second home (one call per such home), fill ``found`` from
+        it and put what it had at the first home, best effort (a source the first home
+        refuses, e.g. its chain is gone, stays out). One more call per missing batch, on
+        misses only."""
         by_second: dict[str, list[int]] = {}
-        firsts: dict[int, str] = {}
-        for i, key in enumerate(keys):
-            homes = self._homes(key)
-            if not found[i] and len(homes) > 1:
-                firsts[i] = homes[0]
-                by_second.setdefault(homes[1], []).append(i)
+        for i, mine in enumerate(homes):
+            if not found[i] and len(mine) > 1:
+                by_second.setdefault(mine[1], []).append(i)
         for node_id, indices in by_second.items():
             try:
                 answer = self.node(node_id).find_segments(family_id, [bytes(keys[i]) for i in indices],
@@ -464,7 +462,7 @@ class ClusterClient:
                 found[i] = sources
                 for source in sources:
                     with contextlib.suppress(CacheServiceError):
-                        self.node(firsts[i]).put_segment(family_id, bytes(keys[i]), source, tenant)
+                        self.node(homes[i][0]).put_segment(family_id, bytes(keys[i]), source, tenant)
 
     def _anchor_home_key(self, family_id: FamilyId, placeholder: str, tenant: str) -> bytes:
         tenant = tenant or self.options.tenant
