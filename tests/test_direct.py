@@ -20,7 +20,7 @@ from cachesvc.v1 import cachesvc_pb2 as pb
 from cachesvc.wire.protocol import FrameType, Op, pack_request, read_frame
 from cachesvc_client import (ArenaReader, CacheClient, ClientOptions, DType, Hit, InvalidArgumentError, Kind,
                              Location, NotFoundError)
-from cachesvc_client.local import copy_and_digest
+from cachesvc_client.local import GROUP_BYTES, _strided_groups, copy_and_digest
 from cachesvc_connectors.hf import Consumer, ConsumerOptions, Producer, ProducerOptions
 from cachesvc_connectors.hf.loader import HeldArenaLoader
 from cachesvc_connectors.reuse import CostModel
@@ -315,12 +315,15 @@ def test_a_malformed_lookup_on_the_socket_is_answered_and_the_connection_kept(cl
         assert read_frame(sock).header.startswith(b"FAILED_PRECONDITION:LOOKUP is only offered on the Unix socket")
 
 
-@pytest.mark.parametrize("rows,size", [(1, 96 << 10), (30, 96 << 10), (3, 4099)])
-def test_copy_and_digest_copies_every_byte_and_hashes_the_copy(rows, size):
-    """Rows strided through a wider destination, one slab (the layer-by-layer read) or
-    several groups of GROUP_BYTES: every byte value arrives, nothing beside the rows is
-    touched, and each digest is the xxh3-64 of its row."""
-    payload = np.random.default_rng(rows).integers(0, 256, rows * size, dtype=np.uint8)
+@pytest.mark.parametrize("rows,size,gap", [(1, 96 << 10, 0), (30, 96 << 10, 0), (3, 4099, 0), (8, 96 << 10, 5000),
+                                           (30, 40000, 1)])
+def test_copy_and_digest_copies_every_byte_and_hashes_the_copy(rows, size, gap):
+    """Rows strided through a wider destination, from slabs back to back or ``gap`` bytes
+    apart in the arena (one layer of several entries), one slab or several groups of
+    GROUP_BYTES: every byte value arrives, nothing beside the rows is touched (nor
+    anything between the slabs copied), and each digest is the xxh3-64 of its row."""
+    stride = size + gap
+    payload = np.random.default_rng(rows).integers(0, 256, rows * stride, dtype=np.uint8)
     fd = os.memfd_create("test-tier")
     try:
         os.ftruncate(fd, len(payload) + 8192)
@@ -329,11 +332,35 @@ def test_copy_and_digest_copies_every_byte_and_hashes_the_copy(rows, size):
         os.close(fd)
     arena[4096:4096 + len(payload)] = payload.tobytes()
     dest = np.full((rows, 3 * size), 7, np.uint8)
-    digests = copy_and_digest(arena, 4096, dest[:, size:2 * size])
-    expected = payload.reshape(rows, size)
+    digests = copy_and_digest(arena, 4096, dest[:, size:2 * size], stride if gap else 0)
+    expected = payload.reshape(rows, stride)[:, :size]
     assert np.array_equal(dest[:, size:2 * size], expected)
     assert (dest[:, :size] == 7).all() and (dest[:, 2 * size:] == 7).all()
     assert digests == [xxhash.xxh3_64_intdigest(row.tobytes()) for row in expected]
+
+
+def test_a_layer_is_read_a_group_of_entries_at_a_time_and_stops_at_a_bad_slab(client: CacheClient, rng):
+    """Entries of one put lie equally far apart: a layer's slabs of them are copied as one
+    group (a partial chunk, smaller, as another), read back as a fetch returns them, and
+    a slab in the middle of a group that fails its checksum ends the read there."""
+    fid, tokens = _stored_with_partial(client, rng)
+    hit = client.lookup_prompt(fid, tokens, locate=True).best()
+    reader = ArenaReader(client.arena(hit), TINY, hit)
+    spans = reader.spans(Kind.V, 2, 3, hit.num_chunks)
+    assert [len(group) for group in _strided_groups(spans, GROUP_BYTES)] == [3, 1]
+    assert [len(group) for group in _strided_groups(spans, 2 * spans[0].size)] == [2, 1, 1]
+    assert [len(group) for group in _strided_groups([spans[0], spans[2], spans[1]], GROUP_BYTES)] == [2, 1]
+    fetched = client.get(fid, hit, [Kind.V], transport="grpc").arrays[Kind.V][2]
+    out = _flat(_layer_bytes(hit, Kind.V))
+    assert reader.read(Kind.V, 2, out, hit.num_chunks) == 4 and out.tobytes() == fetched.tobytes()
+    v2 = hit.layouts[1].place(TINY, Kind.V, 2)[0]   # the slab's index in its entry
+    wrong = Location(hit.locations[1].arena_offset,
+                     tuple(c ^ (i == v2) for i, c in enumerate(hit.locations[1].checksums)))
+    lying = Hit(hit.producer, hit.same_model, hit.entry_ids, hit.position_offsets, hit.layouts, hit.tiers,
+                hit.grpc_address, (), [hit.locations[0], wrong, *hit.locations[2:]], hit.shm)
+    bad = ArenaReader(client.arena(hit), TINY, lying)
+    assert bad.read(Kind.V, 2, _flat(_layer_bytes(hit, Kind.V)), hit.num_chunks) == 1   # V2 of chunk 1
+    assert bad.read(Kind.V, 1, _flat(_layer_bytes(hit, Kind.V)), hit.num_chunks) == 4
 
 
 def test_verify_leading_counts_the_spans_before_the_first_bad_one(client: CacheClient, rng):

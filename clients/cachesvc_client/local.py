@@ -17,12 +17,13 @@ import itertools
 import mmap
 import os
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import xxhash
+from numpy.lib.stride_tricks import as_strided
 
 from cachesvc.wire.keys import FamilySpec, Kind
 from cachesvc.wire.layout import Layout
@@ -154,14 +155,36 @@ class ArenaReader:
         back), verifying every slab; the number of leading entries that arrived whole and
         verified (the rest of ``out`` is not data).
 
-        Each entry's span is one strided copy (``copy_and_digest``)."""
+        Each entry's span is one strided copy (``copy_and_digest``); one layer of entries
+        laid out alike is copied a group at a time (:meth:`_read_layer`)."""
         position, spans = 0, self.spans(kind, start, stop, entries)
+        if stop - start == 1:
+            return self._read_layer(spans, out[0])
         for i, span in enumerate(spans):
             block = out[:, position:position + span.size]
             if copy_and_digest(self.arena, span.arena_offset, block) != list(span.checksums):
                 return i
             position += span.size
         return len(spans)
+
+    def _read_layer(self, spans: Sequence[Span], row: np.ndarray) -> int:
+        """One slab per span into ``row`` (uint8, back to back); the number of leading
+        spans verified. Consecutive spans equally far apart in the arena with slabs of one
+        size (the entries of one put are) are copied by one strided copy of up to
+        GROUP_BYTES and hashed after it, where a copy per slab costs more in Python than
+        in bytes: 5.6 against 6.3 ms for SmolLM2's 2048 tokens of K and V read layer by
+        layer on the AMD VM (96 KiB slabs; docs/results.md, 2026-12-07 night)."""
+        done = position = 0
+        for group in _strided_groups(spans, GROUP_BYTES):
+            first, size = group[0].arena_offset, group[0].size
+            stride = group[1].arena_offset - first if len(group) > 1 else size
+            block = row[position:position + len(group) * size].reshape(len(group), size)
+            for digest, span in zip(copy_and_digest(self.arena, first, block, stride), group, strict=True):
+                if digest != span.checksums[0]:
+                    return done
+                done += 1
+            position += len(group) * size
+        return done
 
     def verify_leading(self, spans: Sequence[Span]) -> int:
         """How many leading ``spans`` verify in place (:meth:`verify`), hashed in parallel
@@ -202,22 +225,41 @@ def copy_rows(dest: np.ndarray, source: np.ndarray) -> None:
     np.bitwise_or(source, 0, out=dest)
 
 
-def copy_and_digest(arena: mmap.mmap, offset: int, block: np.ndarray) -> list[int]:
-    """Copy the consecutive arena slabs at ``offset`` into ``block`` (uint8 ``[slabs, slab
-    bytes]``, rows strided through the caller's buffer) in groups of about GROUP_BYTES,
-    hashing each group right after, while it is still in cache; the rows' xxh3-64
-    digests, taken from the copies (what the caller will use). 0.8-0.9x memcpy on the
-    Intel VM, against 0.55x slab by slab (docs/results.md). Hashing a group while a
-    second thread copies the next won at most 10% on these 2-core VMs: xxhash releases
-    the GIL on large buffers (two threads hashing 2 MiB each in cache took 1.02x one),
-    but the cores share the memory bandwidth (two threads hashing from memory took twice
-    as long as one). The copy is :func:`copy_rows`."""
+def _strided_groups(spans: Sequence[Span], limit: int) -> Iterator[list[Span]]:
+    """``spans`` (one slab each) in order, cut into runs that one strided view of the
+    arena covers: slabs of one size, equally far apart (at least a slab), ``limit``
+    bytes at most (one slab at least)."""
+    group: list[Span] = []
+    for span in spans:
+        if group:
+            stride = span.arena_offset - group[-1].arena_offset
+            if (span.size != group[0].size or stride < span.size or (len(group) + 1) * span.size > limit
+                    or (len(group) > 1 and stride != group[1].arena_offset - group[0].arena_offset)):
+                yield group
+                group = []
+        group.append(span)
+    if group:
+        yield group
+
+
+def copy_and_digest(arena: mmap.mmap, offset: int, block: np.ndarray, stride: int = 0) -> list[int]:
+    """Copy the arena slabs at ``offset``, ``stride`` bytes apart (0: back to back), into
+    ``block`` (uint8 ``[slabs, slab bytes]``, rows strided through the caller's buffer)
+    in groups of about GROUP_BYTES, hashing each group right after, while it is still in
+    cache; the rows' xxh3-64 digests, taken from the copies (what the caller will use).
+    0.8-0.9x memcpy on the Intel VM, against 0.55x slab by slab (docs/results.md).
+    Hashing a group while a second thread copies the next won at most 10% on these
+    2-core VMs: xxhash releases the GIL on large buffers (two threads hashing 2 MiB each
+    in cache took 1.02x one), but the cores share the memory bandwidth (two threads
+    hashing from memory took twice as long as one). The copy is :func:`copy_rows`."""
     rows, size = block.shape
-    if rows == 1:   # one slab (a layer-by-layer read): no grouping, a few us of Python less per slab
+    if rows == 1:   # one slab: no grouping, a few us of Python less
         row = block[0]
         copy_rows(row, np.frombuffer(arena, np.uint8, size, offset))
         return [xxhash.xxh3_64_intdigest(row)]
-    source = np.frombuffer(arena, np.uint8, rows * size, offset).reshape(rows, size)
+    stride = stride or size
+    source = as_strided(np.frombuffer(arena, np.uint8, (rows - 1) * stride + size, offset), (rows, size),
+                        (stride, 1), writeable=False)
     step = max(1, GROUP_BYTES // max(size, 1))
     digests: list[int] = []
     for a in range(0, rows, step):
