@@ -87,6 +87,24 @@ def test_a_second_request_loads_its_prefix_and_answers_identically(server_factor
     assert counters["hit_chunks_same_model"] >= 3       # the second round found all of them
 
 
+def test_beside_vllms_own_prefix_cache_a_local_hit_loads_nothing_and_after_a_reset_loads_from_cachesvc(
+        server_factory, checkpoint, tmp_path):
+    """As deployments run it, vLLM's prefix cache and the connector together: a prompt vLLM
+    still holds is served from its own blocks, with nothing loaded through cachesvc; once
+    vLLM's cache is reset, the same prompt loads its chunks through cachesvc, and every
+    answer is the same (the benchmark's paired anchor, ``--paired-anchor``)."""
+    srv = server_factory("--memory-bytes", "256MiB")
+    prompts, _ = _prompts(tmp_path, 600, 300, seed=2)
+    out = _vllm(checkpoint, prompts, srv.address, "--prefix-caching", "--paired-anchor", "--trace")
+    cold, warm, anchor = out["outputs"]
+    assert warm == cold and anchor == cold and out["warnings"] == []
+    steps = [t for t in out["trace"] if "cachesvc_step_loads" in t]
+    assert sum(t["cachesvc_step_loads"] for t in steps) == 2        # the two warm requests, not the anchors
+    assert sum(t["cachesvc_step_in_place"] for t in steps) == 2
+    refused = _vllm(checkpoint, prompts, srv.address, "--paired-anchor", expect_ok=False)
+    assert refused["returncode"] == 2 and "--paired-anchor needs --prefix-caching" in refused["stderr"]
+
+
 def test_hf_and_vllm_share_one_cache(server_factory, checkpoint, tmp_path):
     from transformers import AutoModelForCausalLM
 

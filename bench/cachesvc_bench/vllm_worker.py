@@ -10,7 +10,9 @@ separate processes).
 
 ``--connector``: ``cachesvc`` (load and save), ``cachesvc-save`` (save only: the cold
 reference), ``none`` (no connector). ``--prefix-caching``: vLLM's own prefix cache (the
-anchor). Connector warnings (loads that fell back to recompute) are counted from the log.
+anchor). ``--paired-anchor`` (both): per prompt, cold, the anchor, then vLLM's prefix
+cache reset and the warm load, one after the other. Connector warnings (loads that fell
+back to recompute) are counted from the log.
 """
 
 from __future__ import annotations
@@ -61,6 +63,10 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--connector", choices=("cachesvc", "cachesvc-save", "none"), default="cachesvc")
     ap.add_argument("--prefix-caching", action="store_true")
+    ap.add_argument("--paired-anchor", action="store_true",
+                    help="with the cachesvc connector and --prefix-caching: per prompt, cold, then a hit of vLLM's "
+                         "own prefix cache (the anchor), then that cache reset and the warm load through cachesvc, "
+                         "moments apart; the rounds are [cold, warm, anchor]")
     ap.add_argument("--trace", action="store_true", help="record the connector's per-step timings")
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--model-id", default="")
@@ -68,6 +74,8 @@ def main() -> None:
     ap.add_argument("--salt", default="")
     ap.add_argument("--extra", default="{}", help="more kv_connector_extra_config, JSON")
     args = ap.parse_args()
+    if args.paired_anchor and not (args.prefix_caching and args.connector == "cachesvc"):
+        ap.error("--paired-anchor needs --prefix-caching and --connector cachesvc")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")   # in process (needs OMP_NUM_THREADS=1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -75,7 +83,7 @@ def main() -> None:
     logging.getLogger("cachesvc_connectors").addHandler(counted)
     logging.getLogger("cachesvc_connectors").setLevel(logging.DEBUG if args.trace else logging.INFO)
 
-    from vllm import LLM, SamplingParams
+    from vllm import LLM
     from vllm.config import KVTransferConfig
 
     transfer = None
@@ -93,23 +101,20 @@ def main() -> None:
               seed=0, disable_log_stats=False)
     startup_s = time.perf_counter() - t0
     prompts = json.load(open(args.prompts))
-    outputs, ttft = [], []
-    for _ in range(args.rounds):
-        round_out, round_ttft = [], []
+    rounds: list[list[tuple[float, list[int]]]]
+    if args.paired_anchor:
+        # The warm load and the anchor it is held to, moments apart: this VM's speed moves
+        # by a third between minutes, and the anchor's own engine runs minutes earlier.
+        rounds = [[], [], []]
         for ids in prompts:
-            prompt = {"prompt_token_ids": ids, **({"cache_salt": args.salt} if args.salt else {})}
-            t = time.perf_counter()
-            out = llm.generate([prompt], SamplingParams(max_tokens=args.max_tokens, temperature=0),
-                               use_tqdm=False)[0]
-            wall = time.perf_counter() - t
-            stats = out.metrics
-            # The engine's own first-token latency (arrival to first token); the whole call
-            # when the engine keeps no stats.
-            first = getattr(stats, "first_token_latency", 0.0) if stats is not None else 0.0
-            round_ttft.append(round(first or wall, 4))
-            round_out.append(list(out.outputs[0].token_ids))
-        outputs.append(round_out)
-        ttft.append(round_ttft)
+            rounds[0].append(_serve(llm, ids, args))   # cold: prefilled, stored
+            rounds[2].append(_serve(llm, ids, args))   # vLLM's own prefix cache hit
+            llm.reset_prefix_cache()
+            rounds[1].append(_serve(llm, ids, args))   # warm: loaded through cachesvc
+    else:
+        rounds = [[_serve(llm, ids, args) for ids in prompts] for _ in range(args.rounds)]
+    outputs = [[tokens for _, tokens in served] for served in rounds]
+    ttft = [[seconds for seconds, _ in served] for served in rounds]
     print(RESULT + json.dumps({"outputs": outputs, "ttft_s": ttft, "startup_s": round(startup_s, 2),
                       "warnings": counted.lines, "trace": counted.trace}))
     sys.stdout.flush()
@@ -118,6 +123,19 @@ def main() -> None:
     except Exception as exc:   # noqa: BLE001 - best effort; the exit below ends this process anyway
         print(f"engine shutdown: {exc}", file=sys.stderr)
     os._exit(0)   # vLLM's in-process engine can hang at interpreter exit
+
+
+def _serve(llm, ids: list[int], args: argparse.Namespace) -> tuple[float, list[int]]:
+    """One prompt, alone: (seconds to its first token, the output tokens). The time is the
+    engine's own first-token latency (arrival to first token), the whole call where the
+    engine keeps no stats."""
+    from vllm import SamplingParams
+    prompt = {"prompt_token_ids": ids, **({"cache_salt": args.salt} if args.salt else {})}
+    t = time.perf_counter()
+    out = llm.generate([prompt], SamplingParams(max_tokens=args.max_tokens, temperature=0), use_tqdm=False)[0]
+    wall = time.perf_counter() - t
+    first = getattr(out.metrics, "first_token_latency", 0.0) if out.metrics is not None else 0.0
+    return round(first or wall, 4), list(out.outputs[0].token_ids)
 
 
 if __name__ == "__main__":
