@@ -201,9 +201,12 @@ class ArenaReader:
         """Whether the arena bytes of ``span`` hash to its checksums now, read in place
         (meaningful only while the entry is held, e.g. by a lease: else they may change
         after). For copies the reader does not make itself, e.g. a DMA to a GPU."""
-        return all(xxhash.xxh3_64_intdigest(np.frombuffer(self.arena, np.uint8, span.size,
-                                                          span.arena_offset + j * span.size)) == checksum
-                   for j, checksum in enumerate(span.checksums))
+        return all(self.verify_slab(span, j) for j in range(span.layers))
+
+    def verify_slab(self, span: Span, j: int) -> bool:
+        """:meth:`verify` of the ``j``-th slab of ``span`` alone (layer start + j)."""
+        at = span.arena_offset + j * span.size
+        return xxhash.xxh3_64_intdigest(np.frombuffer(self.arena, np.uint8, span.size, at)) == span.checksums[j]
 
     def _place(self, layout: Layout, kind: Kind, layer: int) -> tuple[int, int, int] | None:
         key = (id(layout), kind, layer)
