@@ -101,6 +101,8 @@ def test_beside_vllms_own_prefix_cache_a_local_hit_loads_nothing_and_after_a_res
     steps = [t for t in out["trace"] if "cachesvc_step_loads" in t]
     assert sum(t["cachesvc_step_loads"] for t in steps) == 2        # the two warm requests, not the anchors
     assert sum(t["cachesvc_step_in_place"] for t in steps) == 2
+    counters = _counters(srv.address)
+    assert counters["leases_granted"] == 2 and counters["leases_expired"] == 0   # no lease for a local hit
     refused = _vllm(checkpoint, prompts, srv.address, "--paired-anchor", expect_ok=False)
     assert refused["returncode"] == 2 and "--paired-anchor needs --prefix-caching" in refused["stderr"]
 

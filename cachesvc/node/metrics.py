@@ -39,6 +39,7 @@ _COUNTERS = {
     "entries_committed": ("cachesvc_entries_committed", "entries committed"),
     "entries_deleted": ("cachesvc_entries_deleted", "entries deleted"),
     "reservations_expired": ("cachesvc_reservations_expired", "puts aborted because their writer went quiet"),
+    "leases_granted": ("cachesvc_leases_granted", "lookups that took a lease on their hit"),
     "leases_expired": ("cachesvc_leases_expired", "leases that ran out before an unpin"),
     "slabs_read": ("cachesvc_slabs_read", "slabs served"),
     "bytes_written": ("cachesvc_bytes_written", "payload bytes committed"),

@@ -78,7 +78,7 @@ class CacheStore:
         self.profiles = ProfileRegistry(self.models, Path(config.disk_dir) / "profiles.json" if disk_on else None)
         self.counters: dict[str, int] = dict.fromkeys((
             "lookups", "lookup_chunks", "hit_chunks", "puts_committed", "entries_committed",
-            "puts_aborted", "reservations_expired", "leases_expired", "slabs_read",
+            "puts_aborted", "reservations_expired", "leases_granted", "leases_expired", "slabs_read",
             "bytes_read", "bytes_written", "checksum_failures", "mem_evictions",
             "disk_evictions", "disk_writes", "disk_write_errors", "entries_deleted",
             # the longest hit of the consumer's own entries, and of another producer's
@@ -268,6 +268,7 @@ class CacheStore:
             if lease_ttl_s and hits:
                 held = [r for recs in (*runs.values(), *offers.values()) for r in recs]
                 lease_id = self._pin_locked(held, lease_ttl_s)
+                self.counters["leases_granted"] += 1
             self.counters["lookups"] += 1
             self.counters["lookup_chunks"] += len(chunk_hashes)
             self.counters["hit_chunks"] += max((len(r) for r in runs.values()), default=0)
