@@ -296,23 +296,30 @@ def test_a_lookup_over_the_unix_socket_answers_what_grpc_answers(server, rng):
             assert raised[0] == raised[1]
 
 
-def test_a_malformed_lookup_on_the_socket_is_answered_and_the_connection_kept(client, rng):
+@pytest.mark.parametrize("op", [Op.LOOKUP, Op.UNPIN])
+def test_a_malformed_control_request_on_the_socket_is_answered_and_the_connection_kept(client, rng, op):
     fid = _register(client)
     hashes = client.hash_tokens(list(range(256)), fid)
     client.put(fid, "p", [make_entry(rng, TINY, hashes[0], 256)])
+    name = {Op.LOOKUP: b"LookupRequest", Op.UNPIN: b"UnpinRequest"}[op]
     with socket.socket(socket.AF_UNIX) as sock:
         sock.connect(_endpoints(client).transports["shm"].decode())
-        sock.sendall(pack_request(Op.LOOKUP, b"\xff\xff\xff garbage"))
+        sock.sendall(pack_request(op, b"\xff\xff\xff garbage"))
         frame = read_frame(sock)
-        assert frame.type == FrameType.ERROR and frame.header.startswith(b"INVALID_ARGUMENT:bad LookupRequest")
-        sock.sendall(pack_request(Op.LOOKUP, pb.LookupRequest(family_id=fid, chunk_hashes=hashes).SerializeToString()))
+        assert frame.type == FrameType.ERROR and frame.header.startswith(b"INVALID_ARGUMENT:bad " + name)
+        sock.sendall(pack_request(Op.LOOKUP, pb.LookupRequest(family_id=fid, chunk_hashes=hashes,
+                                                              lease_ttl_s=30).SerializeToString()))
         frame = read_frame(sock)                                            # the same connection still serves
-        assert frame.type == FrameType.ANSWER and pb.LookupResponse.FromString(frame.header).hits[0].num_chunks == 1
+        answer = pb.LookupResponse.FromString(frame.header)
+        assert frame.type == FrameType.ANSWER and answer.hits[0].num_chunks == 1
+        sock.sendall(pack_request(Op.UNPIN, pb.UnpinRequest(lease_id=answer.lease_id).SerializeToString()))
+        assert read_frame(sock).type == FrameType.ANSWER
     address = _endpoints(client).transports["tcp"].decode()
     host, port = address.rsplit(":", 1)
     with socket.create_connection((host, int(port))) as sock:                # not offered over TCP
-        sock.sendall(pack_request(Op.LOOKUP, pb.LookupRequest(family_id=fid).SerializeToString()))
-        assert read_frame(sock).header.startswith(b"FAILED_PRECONDITION:LOOKUP is only offered on the Unix socket")
+        sock.sendall(pack_request(op, b""))
+        assert read_frame(sock).header.startswith(b"FAILED_PRECONDITION:" + op.name.encode() +
+                                                  b" is only offered on the Unix socket")
 
 
 @pytest.mark.parametrize("rows,size,gap", [(1, 96 << 10, 0), (30, 96 << 10, 0), (3, 4099, 0), (8, 96 << 10, 5000),

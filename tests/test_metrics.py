@@ -14,7 +14,7 @@ import pytest
 from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cachesvc_client import CacheClient, DType, Kind
+from cachesvc_client import CacheClient, ClientOptions, DType, Kind, NotFoundError
 from cachesvc_connectors.hf import Consumer, ConsumerOptions, Producer, ProducerOptions
 from cachesvc_connectors.hf.agents import AgentReport, PartReport
 from cachesvc_connectors.metrics import default_metrics
@@ -75,6 +75,32 @@ def test_the_node_counts_what_it_served(metered, rng):
     socket_lookups = ("cachesvc_dataplane_request_seconds_count", (("op", "lookup"), ("path", "shm")))
     assert after[socket_lookups] - before.get(socket_lookups, 0) == 4
     assert after[("cachesvc_tier_capacity_bytes", (("tier", "memory"),))] == 64 << 20
+
+
+def test_a_same_host_client_ends_its_lease_over_the_socket(metered, rng):
+    """A lease taken by a same-host lookup ends over the node's Unix socket (no gRPC call),
+    and is gone: a second unpin is the same NotFound over the socket as over gRPC."""
+    srv, url = metered
+    with CacheClient(srv.address) as local, CacheClient(srv.address, ClientOptions(transport="grpc")) as remote:
+        fid = local.register_model("m", "0123abcd", TINY).family_id
+        hashes = local.hash_tokens(list(range(512)), fid)
+        local.put(fid, "m", [make_entry(rng, TINY, h, 256) for h in hashes])
+        before = _scrape(url)
+        lease = local.lookup(fid, hashes, lease_ttl_s=30).lease_id
+        assert lease
+        local.unpin(lease)
+        after = _scrape(url)
+        raised = []
+        for via in (local, remote):
+            with pytest.raises(NotFoundError) as caught:
+                via.unpin(lease)
+            raised.append(str(caught.value))
+        assert raised[0] == raised[1] and "does not exist" in raised[0]
+    unpins = ("cachesvc_dataplane_request_seconds_count", (("op", "unpin"), ("path", "shm")))
+    assert after[unpins] - before.get(unpins, 0) == 1
+    assert after.get(("cachesvc_rpc_seconds_count", (("method", "Unpin"),)), 0) == 0
+    granted = ("cachesvc_leases_granted_total", ())
+    assert after[granted] - before.get(granted, 0) == 1
 
 
 def _exported(url: str) -> set[str]:

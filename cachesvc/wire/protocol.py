@@ -20,6 +20,8 @@ Request::
     op LOOKUP   body = LookupRequest (Unix socket only); answered by an ANSWER frame whose
                 header is the LookupResponse, or ERROR: the control plane's Lookup
                 without gRPC's round trip, for same-host readers (docs/dataplane.md)
+    op UNPIN    body = UnpinRequest (Unix socket only); answered by an ANSWER frame (an
+                empty UnpinResponse) or ERROR: ends a lease a LOOKUP took, as Unpin does
     op AUTH     body = the API token (UTF-8); answered by END, or ERROR after which the node
                 closes the connection. On a node started with --auth-tokens it must be a
                 connection's first request; every later request acts as that token's
@@ -80,6 +82,7 @@ class Op(enum.IntEnum):
     WRITE = 5
     LOOKUP = 6
     AUTH = 7
+    UNPIN = 8
 
 
 WRITE_HEAD = struct.Struct("<IQQ")

@@ -247,14 +247,24 @@ class ShmTransport(SocketTransport):
     def lookup(self, request: pb.LookupRequest) -> pb.LookupResponse:
         """A Lookup over the Unix socket: the control plane's answer without gRPC's round
         trip (the node answers it the same way; its errors are the same typed errors)."""
-        with self._connection("during a lookup") as sock:
-            sock.sendall(pack_request(Op.LOOKUP, request.SerializeToString()))
+        return pb.LookupResponse.FromString(self._ask(Op.LOOKUP, request, "a lookup"))
+
+    def unpin(self, request: pb.UnpinRequest) -> None:
+        """An Unpin over the Unix socket, as :meth:`lookup`."""
+        self._ask(Op.UNPIN, request, "an unpin")
+
+    def _ask(self, op: Op, request, doing: str) -> bytes:
+        """One control-plane request on a pooled connection; the answer's header.
+        UnavailableError where the socket fails (a node without ``op`` drops the
+        connection): callers then ask over gRPC."""
+        with self._connection(f"during {doing}") as sock:
+            sock.sendall(pack_request(op, request.SerializeToString()))
             frame = read_frame(sock)
         if frame.type == FrameType.ERROR:
             raise frame_error(frame)
         if frame.type != FrameType.ANSWER:
-            raise UnavailableError(f"node answered a lookup with a {frame.type.name} frame")
-        return pb.LookupResponse.FromString(frame.header)
+            raise UnavailableError(f"node answered {doing} with a {frame.type.name} frame")
+        return frame.header
 
     def arena(self) -> mmap.mmap:
         """The node's memory tier, mapped read-only (connecting once if not yet)."""

@@ -5,7 +5,8 @@ space). The Unix socket additionally hands a client the memory tier itself (the 
 memfd, by SCM_RIGHTS) so it can copy slabs out with one memcpy. The server answers with
 arena offsets and holds the entries until the client releases them. It also answers
 lookups there: a same-host reader's whole request is then one round trip over this
-socket (a locating lookup) and a memcpy, with no gRPC call. Protocol:
+socket (a locating lookup) and a memcpy, with no gRPC call; a reader that leased its hit
+ends the lease there too (UNPIN). Protocol:
 cachesvc.wire.protocol.
 
 One thread per connection: a connection carries one request at a time, and clients
@@ -21,8 +22,9 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from google.protobuf.message import DecodeError
 
@@ -150,7 +152,10 @@ class DataPlaneServer:
                     elif op == Op.WRITE:
                         self._write(conn, body, principal)
                     elif op == Op.LOOKUP:
-                        self._lookup(conn, body, local, principal)
+                        self._control(conn, body, local, principal, op, "Lookup", pb.LookupRequest,
+                                      lambda r: lookup_response(self.store, r, self.fetch).SerializeToString())
+                    elif op == Op.UNPIN:
+                        self._control(conn, body, local, principal, op, "Unpin", pb.UnpinRequest, self._unpin)
                 conn.settimeout(None)   # idle pooled connections may wait indefinitely
                 with self._lock:
                     self._conns[conn] = False
@@ -207,20 +212,27 @@ class DataPlaneServer:
         finally:
             runs.close()   # releases every entry of the request
 
-    def _lookup(self, conn: socket.socket, body: bytes, local: bool, principal: Principal | None) -> None:
-        """A Lookup, as the control plane answers it (same validation, same errors)."""
+    def _control(self, conn: socket.socket, body: bytes, local: bool, principal: Principal | None, op: Op,
+                 method: str, message_type, answer: Callable[[Any], bytes]) -> None:
+        """A control-plane call (``method``, sent as ``op``) as the servicer answers it (same
+        validation, same errors), for a same-host client spared gRPC's round trip:
+        ``answer`` turns the parsed request into the ANSWER frame's header."""
         if not local:
-            conn.sendall(error_frame("FAILED_PRECONDITION", "LOOKUP is only offered on the Unix socket"))
+            conn.sendall(error_frame("FAILED_PRECONDITION", f"{op.name} is only offered on the Unix socket"))
             return
         try:
-            request = _parse(pb.LookupRequest, body)
+            request = _parse(message_type, body)
             if principal is not None:
-                authorize(principal, "Lookup", request)
-            answer = lookup_response(self.store, request, self.fetch)
+                authorize(principal, method, request)
+            header = answer(request)
         except CacheError as exc:
             conn.sendall(error_frame(exc.status, str(exc)))
             return
-        conn.sendall(pack_frame(FrameType.ANSWER, answer.SerializeToString()))
+        conn.sendall(pack_frame(FrameType.ANSWER, header))
+
+    def _unpin(self, request: pb.UnpinRequest) -> bytes:
+        self.store.unpin(request.lease_id)
+        return pb.UnpinResponse().SerializeToString()
 
     def _write(self, conn: socket.socket, body: bytes, principal: Principal | None) -> None:
         """Receive one piece of a reserved entry straight into the memory tier (the
