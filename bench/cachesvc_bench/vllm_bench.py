@@ -16,7 +16,7 @@ engine processes, each serving every prompt twice (round 1, then round 2):
   prefix cache, then, that cache reset, warm through cachesvc (``--paired-anchor``): the
   two requests a second apart, where the ``prefix_cache`` engine ran minutes before, and
   this VM's speed moves by a third between minutes. Its engine also does the connector's
-  lookup for the anchor (a deployment running both does), ~1-2 ms.
+  lookup for the anchor (a deployment running both does; no lease since it cannot load), ~0.5 ms.
 
 TTFT is the engine's own first-token latency (arrival to first token), the median of the
 row's requests (``ttft_samples_s``: each). ``identical``: the row's greedy answer (16
