@@ -348,7 +348,7 @@ class HeldArenaLoader(_TierRead):
         self.transport_used = "shm-in-place"
         with warnings.catch_warnings():   # a read-only mapping: nothing writes through this view
             warnings.simplefilter("ignore", UserWarning)
-            self._tier = torch.frombuffer(reader.arena, dtype=torch.uint8)
+            tier = torch.frombuffer(reader.arena, dtype=torch.uint8)
         family = reader.family
         self._first = [0, *itertools.accumulate(lay.num_tokens for lay in hit.layouts)]   # each entry's first token
         # Each entry's K and V spans over every layer, and its slabs as one view of the
@@ -358,7 +358,7 @@ class HeldArenaLoader(_TierRead):
         present = min(map(len, self._spans))
         self._short(present, f"K/V of chunk {present}: missing")
         dtype, row = family.dtype.to_torch(), (family.num_kv_heads, family.head_dim)
-        self._slabs = [[self._tier[s.arena_offset:s.arena_offset + s.layers * s.size].view(dtype)
+        self._slabs = [[tier[s.arena_offset:s.arena_offset + s.layers * s.size].view(dtype)
                         .view(s.layers, lay.num_tokens, *row)
                         for s, lay in zip(spans[:present], hit.layouts[:present], strict=True)]
                        for spans in self._spans]
@@ -382,8 +382,7 @@ class HeldArenaLoader(_TierRead):
             yield first, k_slabs[i][layer], v_slabs[i][layer]
 
     def join(self) -> int:
-        # The load is over: let go of the mapping.
-        self._tier, self._slabs = torch.empty(0, dtype=torch.uint8), [[], []]
+        self._slabs = [[], []]   # the load is over: let go of the views (and through them, the mapping)
         return super().join()
 
 

@@ -72,9 +72,9 @@ class SchedulerSide:
         tokens = list(request.prompt_token_ids or ())
         extra = extra_keys(request)
         fid = self.identity.family_id
-        # Where vLLM's own prefix cache already holds every token a hit could fill, the
-        # lookup only tells which chunks are stored (for saves): no lease to take and
-        # release again, a gRPC round trip less on each local hit.
+        # At most whole blocks, the last prompt token left to compute. Where vLLM's own
+        # prefix cache already holds all of them, the lookup only tells which chunks are
+        # stored (for saves): no lease to take and end again on each local hit.
         loadable = (len(tokens) - 1) // self.block_size * self.block_size
         lease = LEASE_S if self.config.load and num_computed < loadable else 0
         try:
@@ -88,7 +88,7 @@ class SchedulerSide:
         log.debug("cachesvc lookup", extra={"cachesvc_lookup_ms": round((time.perf_counter() - t0) * 1e3, 2)})
         hashes = chain[:len(tokens) // self.chunk]   # the whole chunks (a partial one is never saved)
         hit = self._usable(result.hits) if self.config.load else None
-        usable = min(hit.num_tokens, len(tokens) - 1) // self.block_size * self.block_size if hit else 0
+        usable = min(hit.num_tokens // self.block_size * self.block_size, loadable) if hit else 0
         # Whole chunks of the hit: stored already (this model's), or not this model's to store.
         covered = sum(1 for lay in hit.layouts if lay.num_tokens == self.chunk) if hit else 0
         savable = len(hashes)
