@@ -20,6 +20,7 @@ from cachesvc.v1 import cachesvc_pb2 as pb
 from cachesvc.wire.protocol import FrameType, Op, pack_request, read_frame
 from cachesvc_client import (ArenaReader, CacheClient, ClientOptions, DType, Hit, InvalidArgumentError, Kind,
                              Location, NotFoundError)
+from cachesvc_client import local
 from cachesvc_client.local import GROUP_BYTES, _strided_groups, copy_and_digest
 from cachesvc_connectors.hf import Consumer, ConsumerOptions, Producer, ProducerOptions
 from cachesvc_connectors.hf.loader import HeldArenaLoader
@@ -384,3 +385,24 @@ def test_verify_leading_counts_the_spans_before_the_first_bad_one(client: CacheC
     assert reader.verify_leading([*spans[:2], bad, *spans[3:]]) == 2
     assert reader.verify_leading([bad]) == 0 and reader.verify_leading(spans[:1]) == 1
     assert reader.verify_leading([]) == 0
+
+
+def test_the_copy_group_is_sized_from_the_l2_cache_sysfs_reports(tmp_path):
+    """Copies are grouped by half a core's L2 (its source and copy both stay there while
+    it is hashed): the size is read from sysfs's level-2 data or unified cache, in any of
+    its units, and absent or unreadable it is None (the default applies)."""
+    def cache(*indexes: tuple[str, str, str]):
+        root = tmp_path / str(len(list(tmp_path.iterdir())))
+        for i, (level, kind, size) in enumerate(indexes):
+            (root / f"index{i}").mkdir(parents=True)
+            for name, text in (("level", level), ("type", kind), ("size", size)):
+                (root / f"index{i}" / name).write_text(text + "\n")
+        root.mkdir(exist_ok=True)
+        return root
+    assert local._l2_bytes(cache(("1", "Data", "48K"), ("1", "Instruction", "32K"), ("2", "Unified", "1024K"),
+                                 ("3", "Unified", "32768K"))) == 1 << 20
+    assert local._l2_bytes(cache(("2", "Instruction", "64K"), ("2", "Data", "2M"))) == 2 << 20
+    assert local._l2_bytes(cache(("1", "Data", "48K"), ("3", "Unified", "32M"))) is None
+    assert local._l2_bytes(cache(("2", "Unified", "lots"))) is None
+    assert local._l2_bytes(tmp_path / "absent") is None
+    assert local.GROUP_BYTES >= 64 << 10
