@@ -4,6 +4,7 @@ metric one of them exports."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import re
@@ -14,7 +15,7 @@ import pytest
 from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cachesvc_client import CacheClient, ClientOptions, DType, Kind, NotFoundError
+from cachesvc_client import AsyncCacheClient, CacheClient, ClientOptions, DType, Kind, NotFoundError
 from cachesvc_connectors.hf import Consumer, ConsumerOptions, Producer, ProducerOptions
 from cachesvc_connectors.hf.agents import AgentReport, PartReport
 from cachesvc_connectors.metrics import default_metrics
@@ -101,6 +102,44 @@ def test_a_same_host_client_ends_its_lease_over_the_socket(metered, rng):
     assert after.get(("cachesvc_rpc_seconds_count", (("method", "Unpin"),)), 0) == 0
     granted = ("cachesvc_leases_granted_total", ())
     assert after[granted] - before.get(granted, 0) == 1
+
+
+def test_the_async_client_looks_up_and_ends_its_lease_over_the_socket(metered, rng):
+    """The asyncio client on the node's host does as the blocking one: its lookup and its
+    unpin go over the node's Unix socket (no Lookup or Unpin RPC), with the same answers
+    and errors as over gRPC."""
+    srv, url = metered
+    with CacheClient(srv.address) as blocking:
+        fid = blocking.register_model("m", "0123abcd", TINY).family_id
+        hashes = blocking.hash_tokens(list(range(512)), fid)
+        blocking.put(fid, "m", [make_entry(rng, TINY, h, 256) for h in hashes])
+
+    async def lease_and_end() -> tuple[int, int, list[str]]:
+        async with AsyncCacheClient(srv.address) as local, \
+                AsyncCacheClient(srv.address, ClientOptions(transport="grpc")) as remote:
+            result = await local.lookup(fid, hashes, lease_ttl_s=30, consumer="m")
+            via_grpc = await remote.lookup(fid, hashes, consumer="m")
+            assert result.lease_id
+            await local.unpin(result.lease_id)
+            raised = []
+            for via in (local, remote):
+                with pytest.raises(NotFoundError) as caught:
+                    await via.unpin(result.lease_id)
+                raised.append(str(caught.value))
+            return result.best().num_chunks, via_grpc.best().num_chunks, raised
+    before = _scrape(url)
+    chunks, chunks_via_grpc, raised = asyncio.run(lease_and_end())
+    after = _scrape(url)
+    assert chunks == chunks_via_grpc == 2
+    assert raised[0] == raised[1] and "does not exist" in raised[0]
+
+    def grew(key) -> float:
+        return after.get(key, 0) - before.get(key, 0)
+    assert grew(("cachesvc_dataplane_request_seconds_count", (("op", "lookup"), ("path", "shm")))) == 1
+    assert grew(("cachesvc_dataplane_request_seconds_count", (("op", "unpin"), ("path", "shm")))) == 2
+    assert grew(("cachesvc_rpc_seconds_count", (("method", "Lookup"),))) == 1          # the grpc client's
+    assert grew(("cachesvc_rpc_seconds_count", (("method", "Unpin"),))) == 1           # the grpc client's
+    assert grew(("cachesvc_leases_granted_total", ())) == 1
 
 
 def _exported(url: str) -> set[str]:

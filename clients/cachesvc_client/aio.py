@@ -20,10 +20,10 @@ from cachesvc_client.client import stats_to_dict
 from cachesvc_client.codec import (EntryData, Hit, HitEntry, LookupResult, PutResult, Registered,
                                    SlabAssembler, Slabs, StoredEntry, bulk_methods, entries_from_proto,
                                    entry_columns, lookup_from_proto, plan_put, write_chunks)
-from cachesvc_client.errors import CacheServiceError, NotFoundError, from_rpc_error
+from cachesvc_client.errors import CacheServiceError, NotFoundError, UnavailableError, from_rpc_error
 from cachesvc_client.options import ClientOptions, batches
 from cachesvc_client.prompt import verified
-from cachesvc_client.transports import Transport, choose_transport
+from cachesvc_client.transports import ShmTransport, Transport, choose_transport
 
 __all__ = ["AsyncCacheClient"]
 
@@ -173,7 +173,19 @@ class AsyncCacheClient:
                                chunk_hashes=hashes, consumer=consumer, producers=producers,
                                lease_ttl_s=lease_ttl_s, tail_hashes=tail_hashes, offer_tails=offer_tails,
                                locate=locate)
+        local = await self._local()
+        if local is not None:
+            try:
+                return lookup_from_proto(await asyncio.to_thread(local.lookup, req))
+            except UnavailableError:
+                pass                           # the socket failed: gRPC retries as it does
         return lookup_from_proto(await self._call(self._stub.Lookup, req))
+
+    async def _local(self) -> ShmTransport | None:
+        """As CacheClient._local: where this client is on the node's host, lookups and
+        unpins go over the node's Unix socket (in a worker thread, as transfers do)."""
+        local = await self._transport(self.options.transport)
+        return local if isinstance(local, ShmTransport) else None
 
     async def lookup_prompt(self, family_id: FamilyId, tokens: Sequence[int], *, consumer: ModelId = NO_MODEL,
                             producers: Sequence[str] = (), lease_ttl_s: int = 0, tenant: str = "",
@@ -223,7 +235,14 @@ class AsyncCacheClient:
         return (await self._call(self._stub.Pin, req)).lease_id
 
     async def unpin(self, lease_id: str) -> None:
-        await self._call(self._stub.Unpin, pb.UnpinRequest(lease_id=lease_id))
+        req = pb.UnpinRequest(lease_id=lease_id)
+        local = await self._local()
+        if local is not None:
+            try:
+                return await asyncio.to_thread(local.unpin, req)
+            except UnavailableError:
+                pass                           # the socket failed: gRPC retries as it does
+        await self._call(self._stub.Unpin, req)
 
     async def list_models(self, tenant: str = "") -> list[dict]:
         resp = await self._call(self._stub.ListModels, pb.ListModelsRequest(tenant=tenant or self.options.tenant))
