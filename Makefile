@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 EXTRAS ?= dev,bench,torch,ucx,hf
 JSON   ?= bench-results
 
-.PHONY: demo demo-cluster demo-storage finetune gemma3 test lint venv proto lmcache-venv vllm-venv bench-lookup bench-dataplane bench clean
+.PHONY: demo demo-cluster demo-storage finetune gemma3 test lint venv proto lmcache-venv vllm-venv gpu-wheels bench-lookup bench-dataplane bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -89,6 +89,15 @@ $(VLLM)/.installed: pyproject.toml
 
 vllm-venv: $(STAMP) $(VLLM)/.installed
 
+# Our pinned packages that a lent GPU machine's image lacks or holds at other versions, as
+# Python 3.12 wheels in .whl/ (ignored): carry ".whl" to it and run tools/gpu-check.sh
+# (~27 MB; tests/test_gpu_script.py keeps this list equal to pyproject.toml's pins).
+GPU_WHEELS := grpcio==1.85.1 grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1 protobuf==7.36.2 \
+	transformers==5.23.0 tokenizers==0.23.3 ml_dtypes==0.6.0 xxhash==4.1.0
+gpu-wheels:
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl $(GPU_WHEELS)
+
 bench-dataplane: $(STAMP) lmcache-venv
 	mkdir -p $(JSON)
 	$(VENV)/bin/cachesvc bench dataplane --json $(JSON)/dataplane.json
@@ -96,4 +105,4 @@ bench-dataplane: $(STAMP) lmcache-venv
 bench: bench-lookup bench-dataplane
 
 clean:
-	rm -rf $(VENV) .lmcache .vllm build *.egg-info $(JSON)
+	rm -rf $(VENV) .lmcache .vllm .whl build *.egg-info $(JSON)

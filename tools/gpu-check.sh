@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
 # The connector's CUDA path on a lent GPU machine (python3 there holds a CUDA torch; see
 # docs/connectors.md, "On a GPU"). Our pinned wheels for Python 3.12 travel in .whl/:
-#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
-#     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
-#     -d .whl grpcio==1.85.1 grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1 \
-#     protobuf==7.36.2 transformers==5.23.0 tokenizers==0.23.3 ml_dtypes==0.6.0 xxhash==4.1.0
+# `make gpu-wheels` here, then run `bash tools/gpu-check.sh` there with ".whl" carried.
+# tests/test_gpu_script.py parses every benchmark command below on the CPU, so a renamed
+# flag fails CI rather than a GPU lease.
 # Then: the connector tests with the tiny models on CUDA (the direct path from the arena
 # registered with CUDA among them), the reuse path's fixed cost (`bench overhead`), and
 # `cachesvc bench reuse --synthetic` (random weights at real shapes, to 16384 tokens for
