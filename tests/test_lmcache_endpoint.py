@@ -231,6 +231,25 @@ def test_eviction_keeps_the_node_inside_its_budget(server_factory, rng):
     assert conn.get(_key(0))[0].code == FAIL           # the oldest was evicted
 
 
+def test_a_put_of_a_key_already_stored_keeps_it_through_eviction(server_factory, rng):
+    """LMCache's PUT has no answer, and its client reads back what it just put: a PUT of a
+    key the node holds (its bytes discarded) counts as a use, so the PUTs after it evict
+    older keys first. Before, the key kept its old place and went first (a GET miss in
+    ``bench dataplane``'s LMCache section, 2026-12-08)."""
+    srv = server_factory("--memory-bytes", "8MiB", "--disk-mode", "off", "--lm-port", "0")
+    conn = LmConn(srv.serving("lm_port"))
+    shape = (2, 4, 256, 256)   # 1 MiB each: about 8 fit
+    stored = {_key(i): _payload(rng, 3, shape, Format.KV_2LTD) for i in range(16)}
+    for i in range(6):
+        conn.put(_key(i), stored[_key(i)], Format.KV_2LTD, 3, shape)
+    conn.put(_key(0), stored[_key(0)], Format.KV_2LTD, 3, shape)   # again: the oldest becomes the newest
+    for i in range(6, 12):
+        conn.put(_key(i), stored[_key(i)], Format.KV_2LTD, 3, shape)
+    head, got = conn.get(_key(0))
+    assert head.code == SUCCESS and got == stored[_key(0)]
+    assert conn.get(_key(1))[0].code == FAIL            # the least recently used went instead
+
+
 def _lmcache(*args: str) -> dict:
     if not LMCACHE_PYTHON.exists():
         if os.environ.get("CI"):

@@ -64,6 +64,19 @@ def test_lru_eviction_keeps_recently_read(tmp_path):
     assert store.stats()["memory"]["evictions"] == 1
 
 
+def test_a_put_of_an_entry_already_held_counts_as_a_use(tmp_path):
+    """A writer that puts what the node already holds (a producer storing a context
+    again) keeps it, as a reader would: the least recently used other entry goes first."""
+    store = _store(tmp_path, memory_entries=3)
+    hs = _hashes(4)
+    for h in hs[:3]:
+        _put(store, h)
+    _put(store, hs[0])                            # already present: nothing written, but used
+    _put(store, hs[3])                            # evicts chunk 1, not chunk 0
+    present = [bool(store.lookup("", FID, [h]).hits) for h in hs]
+    assert present == [True, False, True, True]
+
+
 def test_pinned_and_leased_entries_survive(tmp_path):
     store = _store(tmp_path, memory_entries=2)
     hs = _hashes(4)

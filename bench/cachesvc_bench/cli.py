@@ -19,7 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=300, help="lookup: timed batched lookups")
     parser.add_argument("--paths", default="", help="dataplane: paths to measure (default: "
                         "grpc,tcp,shm, and ucx when ucxx is installed)")
-    parser.add_argument("--repeats", type=int, default=3, help="dataplane: timed rounds (best kept)")
+    parser.add_argument("--repeats", type=int, default=10,
+                        help="dataplane: timed rounds (best kept; each GET in turns with its ceiling)")
     parser.add_argument("--vllm-python", default=".vllm/venv/bin/python",
                         help="vllm: the python of vLLM's virtualenv (make vllm-venv)")
     parser.add_argument("--lmcache-python", default=".lmcache/venv/bin/python",

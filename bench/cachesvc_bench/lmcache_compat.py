@@ -33,7 +33,10 @@ def _worker(python: Path, *args: str) -> dict:
     proc = subprocess.run([str(python), str(WORKER), *args], capture_output=True, text=True, timeout=900,
                           env={**os.environ, "PYTHONHASHSEED": "0"})
     if proc.returncode != 0:
-        raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "worker failed")
+        # The error, not LMCache's log lines (coloured "[time] LMCache LEVEL: ..."), which
+        # can follow it as objects are collected at exit.
+        lines = [line for line in proc.stderr.strip().splitlines() if not line.startswith(("\x1b[", "["))]
+        raise RuntimeError(lines[-1] if lines else "worker failed")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 

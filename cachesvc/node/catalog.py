@@ -137,6 +137,12 @@ class Catalog:
         self.index(rec)
         self.mem_lru[rec.meta.entry_id] = rec
 
+    def touch(self, rec: EntryRecord) -> None:
+        """A use of ``rec``: a read, or a put of what it already holds. The memory tier
+        evicts it after every entry used less recently."""
+        if rec.mem_offset is not None and rec.meta.entry_id in self.mem_lru:
+            self.mem_lru.move_to_end(rec.meta.entry_id)
+
     def add_on_disk(self, rec: EntryRecord) -> None:
         """An entry found on disk at start."""
         self.entries[rec.meta.entry_id] = rec

@@ -140,7 +140,8 @@ class LmEndpoint:
             raise LmProtocolError(str(exc)) from None
         if existing is not None and existing.family_id == placement.family_id and \
                 existing.meta.num_tokens == placement.num_tokens:
-            discard(conn, req.length)   # keys name their content: the stored copy (same shape) stands
+            discard(conn, req.length)   # keys name their content: the stored copy (same shape) stands,
+            self.store.touch(self.objects.tenant, existing.family_id, [existing.meta.entry_id])   # used now
             return
         try:
             res = self.store.reserve(self.objects.tenant, placement.family_id, placement.producer,

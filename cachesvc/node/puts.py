@@ -86,6 +86,9 @@ class PutPath:
         with self._lock:
             present = [self.catalog.entries.get(m.entry_id) is not None and
                        self.catalog.entries[m.entry_id].meta == m for m in metas]
+            for meta, is_present in zip(metas, present, strict=True):
+                if is_present:   # put again: a use, as a read is (the writer expects it to stay)
+                    self.catalog.touch(self.catalog.entries[meta.entry_id])
         need = sum(m.size_bytes for m, p in zip(metas, present, strict=True) if not p)
         if need > self.arena.capacity_bytes:
             raise ResourceExhausted(f"reservation needs {need} bytes, memory tier capacity is "

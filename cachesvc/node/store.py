@@ -344,8 +344,7 @@ class CacheStore:
             for r in recs:
                 if r is not None:
                     r.readers += 1
-                    if r.mem_offset is not None:
-                        self._catalog.mem_lru.move_to_end(r.meta.entry_id)
+                    self._catalog.touch(r)
         tally = _ReadTally()
         runs = (run for kinds, start, end in ranges
                 for run in self._read_runs(recs, kinds, start, end, layer_major, tally))
@@ -470,6 +469,15 @@ class CacheStore:
             self._catalog.delete(rec)
         self.counters["entries_deleted"] += len(doomed)
         return len(doomed)
+
+    def touch(self, tenant: str, family_id: str, entry_ids: Sequence[bytes]) -> None:
+        """Count a use of these entries (those present) without reading them: a writer
+        that offered one again (the ``lm://`` PUT of a key it holds) expects it to stay."""
+        tenant = _tenant(tenant)
+        with self._lock:
+            for rec in self._catalog.owned(entry_ids, tenant, family_id):
+                if rec is not None:
+                    self._catalog.touch(rec)
 
     def pin(self, tenant: str, family_id: str, entry_ids: Sequence[bytes], ttl_s: int) -> tuple[str, int]:
         tenant = _tenant(tenant)
