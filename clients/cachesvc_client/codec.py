@@ -353,6 +353,7 @@ def plan_put(tenant: str, family_id: str, family: FamilySpec, producer: str,
     be what the family expects (the server checks shapes again and authoritatively)."""
     req = pb.ReserveRequest(tenant=tenant, family_id=family_id, producer=producer, ttl_s=ttl_s)
     payloads: list[list[memoryview]] = []
+    parsed: dict[Any, DType] = {}   # an array dtype -> ours, parsed once (a put has one or two)
     for i, entry in enumerate(entries):
         if not entry.slabs:
             raise ValueError(f"entries[{i}] has no slabs")
@@ -365,10 +366,12 @@ def plan_put(tenant: str, family_id: str, family: FamilySpec, producer: str,
         views = []
         for (kind, layer), arr in sorted(entry.slabs.items(), key=lambda kv: kv[0]):
             view = byte_view(arr)
-            try:
-                dtype = DType.parse(_dtype_of(arr))
-            except ValueError as exc:
-                raise ValueError(f"entries[{i}] {Kind(kind).name} layer {layer}: {exc}") from None
+            dtype = parsed.get(arr.dtype)
+            if dtype is None:
+                try:
+                    dtype = parsed[arr.dtype] = DType.parse(_dtype_of(arr))
+                except ValueError as exc:
+                    raise ValueError(f"entries[{i}] {Kind(kind).name} layer {layer}: {exc}") from None
             spec.slabs.add(kind=int(kind), layer=layer, shape=list(arr.shape), dtype=int(dtype),
                            checksum=xxhash.xxh3_64_intdigest(view))
             views.append(view)

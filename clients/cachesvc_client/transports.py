@@ -29,7 +29,7 @@ from typing import Protocol
 
 from cachesvc.wire import ucxlib
 from cachesvc.wire.protocol import (FRAME, Frame, FrameType, Op, discard, host_id, pack_request,
-                                    pack_write, read_frame, recv_exact, recv_into_exact,
+                                    pack_write, read_frame, recv_exact, recv_into_exact, send_parts,
                                     unpack_runs)
 from cachesvc.v1 import cachesvc_pb2 as pb
 from cachesvc_client.codec import PutPlan, SlabAssembler
@@ -156,9 +156,10 @@ class SocketTransport:
                 if outstanding >= WRITE_WINDOW:
                     failures += answer_error(read_frame(sock))
                     outstanding -= 1
-                sock.sendall(pack_write(reservation_id, target.entry_index, 0, target.size_bytes))
-                for view in plan.payloads[target.entry_index]:
-                    sock.sendall(view)
+                # The header and every slab of the entry in one scatter-gather send: a
+                # sendall per slab cost 480 syscalls for SmolLM2's 2048 tokens of K+V.
+                send_parts(sock, [pack_write(reservation_id, target.entry_index, 0, target.size_bytes),
+                                  *plan.payloads[target.entry_index]])
                 outstanding += 1
             for _ in range(outstanding):
                 failures += answer_error(read_frame(sock))
