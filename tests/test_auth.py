@@ -139,7 +139,10 @@ def test_the_async_client_and_a_trusted_hosts_shared_memory_carry_the_token(serv
     with client(node, made["ops"]) as ops:
         reg = ops.register_model("m", "abcdef01", TINY, tenant="alpha")
     hashes = [bytes([7]) * 32]
-    with client(node, made["alpha-w"], "shm") as alpha:
+    with client(node, made["alpha-r"], "shm") as reader:     # a put's Reserve over the socket, refused
+        with pytest.raises(PermissionDeniedError, match="Reserve needs the write role"):
+            reader.put(reg.family_id, "m", [make_entry(rng, TINY, hashes[0], 16)])
+    with client(node, made["alpha-w"], "shm") as alpha:       # Reserve and Commit over the socket, as alpha
         alpha.put(reg.family_id, "m", [make_entry(rng, TINY, hashes[0], 16)])
         hit = alpha.lookup(reg.family_id, hashes, locate=True).best()     # over the Unix socket
         assert alpha.get(reg.family_id, hit, (Kind.V,)).transport == "shm"

@@ -297,12 +297,13 @@ def test_a_lookup_over_the_unix_socket_answers_what_grpc_answers(server, rng):
             assert raised[0] == raised[1]
 
 
-@pytest.mark.parametrize("op", [Op.LOOKUP, Op.UNPIN])
+@pytest.mark.parametrize("op", [Op.LOOKUP, Op.UNPIN, Op.RESERVE, Op.COMMIT])
 def test_a_malformed_control_request_on_the_socket_is_answered_and_the_connection_kept(client, rng, op):
     fid = _register(client)
     hashes = client.hash_tokens(list(range(256)), fid)
     client.put(fid, "p", [make_entry(rng, TINY, hashes[0], 256)])
-    name = {Op.LOOKUP: b"LookupRequest", Op.UNPIN: b"UnpinRequest"}[op]
+    name = {Op.LOOKUP: b"LookupRequest", Op.UNPIN: b"UnpinRequest", Op.RESERVE: b"ReserveRequest",
+            Op.COMMIT: b"CommitRequest"}[op]
     with socket.socket(socket.AF_UNIX) as sock:
         sock.connect(_endpoints(client).transports["shm"].decode())
         sock.sendall(pack_request(op, b"\xff\xff\xff garbage"))

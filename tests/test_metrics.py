@@ -5,17 +5,20 @@ metric one of them exports."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import random
 import re
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cachesvc_client import AsyncCacheClient, CacheClient, ClientOptions, DType, Kind, NotFoundError
+from cachesvc_client import (AsyncCacheClient, CacheClient, ClientOptions, DType, InvalidArgumentError, Kind,
+                             NotFoundError)
 from cachesvc_connectors.hf import Consumer, ConsumerOptions, Producer, ProducerOptions
 from cachesvc_connectors.hf.agents import AgentReport, PartReport
 from cachesvc_connectors.metrics import default_metrics
@@ -102,6 +105,41 @@ def test_a_same_host_client_ends_its_lease_over_the_socket(metered, rng):
     assert after.get(("cachesvc_rpc_seconds_count", (("method", "Unpin"),)), 0) == 0
     granted = ("cachesvc_leases_granted_total", ())
     assert after[granted] - before.get(granted, 0) == 1
+
+
+def test_a_same_host_put_is_no_grpc_call_and_fails_as_over_grpc(metered, rng):
+    """A same-host client's put reserves and commits over the node's Unix socket around
+    its WRITEs (no Reserve, WriteSlabs or Commit RPC), the entries readable after it; a
+    bad put fails there with the same typed error as over gRPC, and nothing of it shows."""
+    srv, url = metered
+    with CacheClient(srv.address) as local, CacheClient(srv.address, ClientOptions(transport="grpc")) as remote:
+        fid = local.register_model("m", "0123abcd", TINY).family_id
+        hashes = local.hash_tokens(list(range(768)), fid)
+        entries = [make_entry(rng, TINY, h, 256) for h in hashes]
+        before = _scrape(url)
+        assert local.put(fid, "m", entries).entries_committed == 3
+        after = _scrape(url)
+        assert remote.get(fid, remote.lookup(fid, hashes).best(), (Kind.K,)).valid_chunks == 3
+
+        def grew(key) -> float:
+            return after.get(key, 0) - before.get(key, 0)
+        for op in ("reserve", "write", "commit"):
+            assert grew(("cachesvc_dataplane_request_seconds_count", (("op", op), ("path", "shm")))) == \
+                (3 if op == "write" else 1), op
+        for method in ("Reserve", "WriteSlabs", "Commit"):
+            assert grew(("cachesvc_rpc_seconds_count", (("method", method),))) == 0, method
+        wrong = dataclasses.replace(entries[0], position_offset=7,   # a slab not of the family's shape
+                                    slabs={k: np.ascontiguousarray(v[:, :1]) for k, v in entries[0].slabs.items()})
+        raised = []
+        for via in (local, remote):
+            with pytest.raises(InvalidArgumentError) as caught:
+                via.put(fid, "m", [wrong])
+            raised.append(str(caught.value))
+        assert raised[0] == raised[1]
+        assert local.lookup(fid, hashes[:1]).best().entries[0].position_offset == 0   # nothing of it shows
+        with pytest.raises(NotFoundError) as caught:
+            local.put(fid, "nobody", entries[:1])
+        assert "nobody" in str(caught.value)
 
 
 def test_the_async_client_looks_up_and_ends_its_lease_over_the_socket(metered, rng):

@@ -194,6 +194,7 @@ def start_server(config: ServerConfig) -> RunningServer:
                                 else health_pb2.HealthCheckResponse.NOT_SERVING)
         cluster = ClusterAgent(store, fetch, config.redis_url, config.cluster_namespace, config.heartbeat_ttl_s,
                                cluster_health, config.replication, config.rebalance_bytes_per_s, config.peer_token)
+    dataplane.cluster = cluster
     add_cache_service(server, CacheServicer(store, fetch, cluster, tokens))
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -96,6 +96,30 @@ def _layout_to_proto(layout: Layout) -> pb.EntryLayout:
                           v_layers=layout.v_layers, e_layers=layout.e_layers)
 
 
+def reserve_response(store: CacheStore, request: pb.ReserveRequest) -> pb.ReserveResponse:
+    """A Reserve answered, over gRPC or the same-host data plane (raises CacheError)."""
+    entries = [EntryInput(e.chunk_hash, e.position_offset, e.num_tokens,
+                          [_slab_from_proto(s, f"entries[{i}].slabs[{j}]") for j, s in enumerate(e.slabs)],
+                          e.parent_hash)
+               for i, e in enumerate(request.entries)]
+    res = store.reserve(request.tenant, request.family_id, request.producer, entries, request.ttl_s,
+                        request.producer_digest)
+    targets = [pb.EntryWriteTarget(entry_index=i, size_bytes=meta.size_bytes,
+                                   slab_offsets=_request_order_offsets(meta, request.entries[i]),
+                                   already_present=present)
+               for i, (meta, present) in enumerate(zip(res.entries, res.already_present, strict=True))]
+    return pb.ReserveResponse(reservation_id=res.reservation_id, targets=targets,
+                              expires_in_ms=int(res.expires_in_s * 1000))
+
+
+def commit_response(store: CacheStore, cluster: ClusterAgent | None, request: pb.CommitRequest) -> pb.CommitResponse:
+    """A Commit answered, over gRPC or the same-host data plane (raises CacheError)."""
+    committed = store.commit(request.reservation_id)
+    if cluster is not None:
+        cluster.flush()    # in the global index before the client hears "committed"
+    return pb.CommitResponse(entries_committed=committed)
+
+
 def lookup_response(store: CacheStore, request: pb.LookupRequest, fetch: pb.FetchDescriptor) -> pb.LookupResponse:
     """A Lookup answered, over gRPC or the same-host data plane (raises CacheError)."""
     if request.cluster:
@@ -266,18 +290,7 @@ class CacheServicer(pb_grpc.CacheServiceServicer):
 
     @_maps_errors
     def Reserve(self, request, context):
-        entries = [EntryInput(e.chunk_hash, e.position_offset, e.num_tokens,
-                              [_slab_from_proto(s, f"entries[{i}].slabs[{j}]")
-                               for j, s in enumerate(e.slabs)], e.parent_hash)
-                   for i, e in enumerate(request.entries)]
-        res = self.store.reserve(request.tenant, request.family_id, request.producer, entries,
-                                 request.ttl_s, request.producer_digest)
-        targets = [pb.EntryWriteTarget(entry_index=i, size_bytes=meta.size_bytes,
-                                       slab_offsets=_request_order_offsets(meta, request.entries[i]),
-                                       already_present=present)
-                   for i, (meta, present) in enumerate(zip(res.entries, res.already_present, strict=True))]
-        return pb.ReserveResponse(reservation_id=res.reservation_id, targets=targets,
-                                  expires_in_ms=int(res.expires_in_s * 1000))
+        return reserve_response(self.store, request)
 
     @_maps_errors
     def WriteSlabs(self, request_iterator, context):
@@ -315,10 +328,7 @@ class CacheServicer(pb_grpc.CacheServiceServicer):
 
     @_maps_errors
     def Commit(self, request, context):
-        committed = self.store.commit(request.reservation_id)
-        if self.cluster is not None:
-            self.cluster.flush()    # in the global index before the client hears "committed"
-        return pb.CommitResponse(entries_committed=committed)
+        return commit_response(self.store, self.cluster, request)
 
     @_maps_errors
     def Abort(self, request, context):

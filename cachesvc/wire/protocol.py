@@ -22,6 +22,12 @@ Request::
                 without gRPC's round trip, for same-host readers (docs/dataplane.md)
     op UNPIN    body = UnpinRequest (Unix socket only); answered by an ANSWER frame (an
                 empty UnpinResponse) or ERROR: ends a lease a LOOKUP took, as Unpin does
+    op RESERVE  body = ReserveRequest (Unix socket only); answered by an ANSWER frame whose
+                header is the ReserveResponse, or ERROR: the first phase of a put, as
+                Reserve does, for same-host writers
+    op COMMIT   body = CommitRequest (Unix socket only); answered by an ANSWER frame (the
+                CommitResponse) or ERROR: the second phase, as Commit does (Abort stays
+                on gRPC: the rare path)
     op AUTH     body = the API token (UTF-8); answered by END, or ERROR after which the node
                 closes the connection. On a node started with --auth-tokens it must be a
                 connection's first request; every later request acts as that token's
@@ -30,7 +36,7 @@ Request::
                 followed by ``size`` payload bytes, which land straight in the reserved
                 memory; answered by END (taken) or ERROR (the payload was consumed and
                 dropped; a broken connection aborts the reservation). Reserve and Commit
-                stay on the control plane.
+                go over gRPC, or as RESERVE and COMMIT on the Unix socket.
 
 Over UCX (cachesvc.node.dataplane.ucx) the same requests and frames travel as tagged
 messages instead of a byte stream. A request goes to the node's worker on REQUEST_TAG::
@@ -83,6 +89,8 @@ class Op(enum.IntEnum):
     LOOKUP = 6
     AUTH = 7
     UNPIN = 8
+    RESERVE = 9
+    COMMIT = 10
 
 
 WRITE_HEAD = struct.Struct("<IQQ")

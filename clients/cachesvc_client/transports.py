@@ -254,6 +254,16 @@ class ShmTransport(SocketTransport):
         """An Unpin over the Unix socket, as :meth:`lookup`."""
         self._ask(Op.UNPIN, request, "an unpin")
 
+    def reserve(self, request: pb.ReserveRequest) -> pb.ReserveResponse:
+        """A Reserve over the Unix socket, as :meth:`lookup`."""
+        return pb.ReserveResponse.FromString(self._ask(Op.RESERVE, request, "a reserve"))
+
+    def commit(self, request: pb.CommitRequest) -> pb.CommitResponse:
+        """A Commit over the Unix socket, as :meth:`lookup`; but where the socket fails
+        (UnavailableError) the commit may have happened: the caller must not retry it
+        elsewhere as if it had not."""
+        return pb.CommitResponse.FromString(self._ask(Op.COMMIT, request, "a commit"))
+
     def _ask(self, op: Op, request, doing: str) -> bytes:
         """One control-plane request on a pooled connection; the answer's header.
         UnavailableError where the socket fails (a node without ``op`` drops the

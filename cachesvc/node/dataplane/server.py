@@ -6,7 +6,8 @@ memfd, by SCM_RIGHTS) so it can copy slabs out with one memcpy. The server answe
 arena offsets and holds the entries until the client releases them. It also answers
 lookups there: a same-host reader's whole request is then one round trip over this
 socket (a locating lookup) and a memcpy, with no gRPC call; a reader that leased its hit
-ends the lease there too (UNPIN). Protocol:
+ends the lease there too (UNPIN), and a same-host writer reserves and commits its puts
+there (RESERVE, COMMIT) around its WRITEs. Protocol:
 cachesvc.wire.protocol.
 
 One thread per connection: a connection carries one request at a time, and clients
@@ -37,7 +38,7 @@ from cachesvc.node.auth import Principal, TokenTable, authorize
 from cachesvc.node.logs import Throttled
 from cachesvc.node.metrics import DATAPLANE_SECONDS
 from cachesvc.node.records import ReadRun
-from cachesvc.node.servicer import lookup_response, selections_of
+from cachesvc.node.servicer import commit_response, lookup_response, reserve_response, selections_of
 from cachesvc.node.store import CacheStore, ReadHandle
 from cachesvc.v1 import cachesvc_pb2 as pb
 
@@ -72,6 +73,9 @@ class DataPlaneServer:
             self._unix.listen(64)
         # This node's endpoints, answered with every lookup; set once they are all known.
         self.fetch = pb.FetchDescriptor()
+        # The node's cluster agent, if it is in one (a COMMIT flushes the global index); set
+        # once it is made, before any client can reach the node.
+        self.cluster = None
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._conns: dict[socket.socket, bool] = {}   # connection -> busy with a request
@@ -156,6 +160,12 @@ class DataPlaneServer:
                                       lambda r: lookup_response(self.store, r, self.fetch).SerializeToString())
                     elif op == Op.UNPIN:
                         self._control(conn, body, local, principal, op, "Unpin", pb.UnpinRequest, self._unpin)
+                    elif op == Op.RESERVE:
+                        self._control(conn, body, local, principal, op, "Reserve", pb.ReserveRequest,
+                                      lambda r: reserve_response(self.store, r).SerializeToString())
+                    elif op == Op.COMMIT:
+                        self._control(conn, body, local, principal, op, "Commit", pb.CommitRequest,
+                                      lambda r: commit_response(self.store, self.cluster, r).SerializeToString())
                 conn.settimeout(None)   # idle pooled connections may wait indefinitely
                 with self._lock:
                     self._conns[conn] = False
