@@ -142,19 +142,20 @@ def test_a_same_host_put_is_no_grpc_call_and_fails_as_over_grpc(metered, rng):
         assert "nobody" in str(caught.value)
 
 
-def test_the_async_client_looks_up_and_ends_its_lease_over_the_socket(metered, rng):
-    """The asyncio client on the node's host does as the blocking one: its lookup and its
-    unpin go over the node's Unix socket (no Lookup or Unpin RPC), with the same answers
-    and errors as over gRPC."""
+def test_the_async_client_puts_looks_up_and_ends_its_lease_over_the_socket(metered, rng):
+    """The asyncio client on the node's host does as the blocking one: its put, its lookup
+    and its unpin go over the node's Unix socket (no Reserve, Commit, Lookup or Unpin
+    RPC), with the same answers and errors as over gRPC."""
     srv, url = metered
     with CacheClient(srv.address) as blocking:
         fid = blocking.register_model("m", "0123abcd", TINY).family_id
         hashes = blocking.hash_tokens(list(range(512)), fid)
-        blocking.put(fid, "m", [make_entry(rng, TINY, h, 256) for h in hashes])
+    entries = [make_entry(rng, TINY, h, 256) for h in hashes]
 
     async def lease_and_end() -> tuple[int, int, list[str]]:
         async with AsyncCacheClient(srv.address) as local, \
                 AsyncCacheClient(srv.address, ClientOptions(transport="grpc")) as remote:
+            assert (await local.put(fid, "m", entries)).entries_committed == 2
             result = await local.lookup(fid, hashes, lease_ttl_s=30, consumer="m")
             via_grpc = await remote.lookup(fid, hashes, consumer="m")
             assert result.lease_id
@@ -177,6 +178,10 @@ def test_the_async_client_looks_up_and_ends_its_lease_over_the_socket(metered, r
     assert grew(("cachesvc_dataplane_request_seconds_count", (("op", "unpin"), ("path", "shm")))) == 2
     assert grew(("cachesvc_rpc_seconds_count", (("method", "Lookup"),))) == 1          # the grpc client's
     assert grew(("cachesvc_rpc_seconds_count", (("method", "Unpin"),))) == 1           # the grpc client's
+    for op in ("reserve", "commit"):
+        assert grew(("cachesvc_dataplane_request_seconds_count", (("op", op), ("path", "shm")))) == 1, op
+    for method in ("Reserve", "Commit"):
+        assert grew(("cachesvc_rpc_seconds_count", (("method", method),))) == 0, method
     assert grew(("cachesvc_leases_granted_total", ())) == 1
 
 

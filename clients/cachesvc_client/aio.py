@@ -137,12 +137,15 @@ class AsyncCacheClient:
 
     async def put(self, family_id: FamilyId, producer: ModelId, entries: Sequence[EntryData],
                   tenant: str = "", transport: str | None = None) -> PutResult:
+        """As CacheClient.put: on the node's host, Reserve and Commit go over its Unix socket
+        with the bytes (in a worker thread)."""
         family = await self.family(family_id, tenant)
         chosen = await self._transport(transport)
+        local = chosen if isinstance(chosen, ShmTransport) else None
         committed = present = sent = 0
         for batch in batches(entries, self.options.max_put_bytes):
             plan = plan_put(tenant or self.options.tenant, family_id, family, producer, batch)
-            res = await self._call(self._stub.Reserve, plan.request)
+            res = await self._reserve(plan.request, local)
             try:
                 todo = [t for t in res.targets if not t.already_present]
                 if todo and chosen is not None:
@@ -151,8 +154,9 @@ class AsyncCacheClient:
                     await self._call(self._write_slabs,
                                      _aiter(write_chunks(res.reservation_id, plan, todo)),
                                      self.options.data_timeout_s)
-                resp = await self._call(self._stub.Commit,
-                                        pb.CommitRequest(reservation_id=res.reservation_id))
+                commit = pb.CommitRequest(reservation_id=res.reservation_id)   # no fallback: see CacheClient.put
+                resp = await (asyncio.to_thread(local.commit, commit) if local is not None
+                              else self._call(self._stub.Commit, commit))
                 committed += resp.entries_committed
             except BaseException:
                 try:
@@ -164,6 +168,14 @@ class AsyncCacheClient:
             present += sum(t.already_present for t in res.targets)
             sent += sum(t.size_bytes for t in todo)
         return PutResult(committed, present, sent)
+
+    async def _reserve(self, request: pb.ReserveRequest, local: ShmTransport | None) -> pb.ReserveResponse:
+        if local is not None:
+            try:
+                return await asyncio.to_thread(local.reserve, request)
+            except UnavailableError:
+                pass   # the socket failed: a reservation it may have made expires unused
+        return await self._call(self._stub.Reserve, request)
 
     async def lookup(self, family_id: FamilyId, hashes: Sequence[bytes], *, consumer: ModelId = NO_MODEL,
                      producers: Sequence[str] = (), lease_ttl_s: int = 0,
