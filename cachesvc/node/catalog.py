@@ -140,6 +140,7 @@ class Catalog:
     def touch(self, rec: EntryRecord) -> None:
         """A use of ``rec``: a read, or a put of what it already holds. The memory tier
         evicts it after every entry used less recently."""
+        # A deleted record keeps its memory until its readers are done, but is in no LRU.
         if rec.mem_offset is not None and rec.meta.entry_id in self.mem_lru:
             self.mem_lru.move_to_end(rec.meta.entry_id)
 

@@ -140,8 +140,9 @@ class LmEndpoint:
             raise LmProtocolError(str(exc)) from None
         if existing is not None and existing.family_id == placement.family_id and \
                 existing.meta.num_tokens == placement.num_tokens:
-            discard(conn, req.length)   # keys name their content: the stored copy (same shape) stands,
-            self.store.touch(self.objects.tenant, existing.family_id, [existing.meta.entry_id])   # used now
+            discard(conn, req.length)   # keys name their content: the stored copy (same shape) stands
+            # and, offered again, counts as used: the client will read it back (evicted last)
+            self.store.touch(self.objects.tenant, existing.family_id, [existing.meta.entry_id])
             return
         try:
             res = self.store.reserve(self.objects.tenant, placement.family_id, placement.producer,

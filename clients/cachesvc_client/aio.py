@@ -145,7 +145,7 @@ class AsyncCacheClient:
         committed = present = sent = 0
         for batch in batches(entries, self.options.max_put_bytes):
             plan = plan_put(tenant or self.options.tenant, family_id, family, producer, batch)
-            res = await self._reserve(plan.request, local)
+            res, committer = await self._reserve(plan.request, local)
             try:
                 todo = [t for t in res.targets if not t.already_present]
                 if todo and chosen is not None:
@@ -155,7 +155,7 @@ class AsyncCacheClient:
                                      _aiter(write_chunks(res.reservation_id, plan, todo)),
                                      self.options.data_timeout_s)
                 commit = pb.CommitRequest(reservation_id=res.reservation_id)   # no fallback: see CacheClient.put
-                resp = await (asyncio.to_thread(local.commit, commit) if local is not None
+                resp = await (asyncio.to_thread(committer.commit, commit) if committer is not None
                               else self._call(self._stub.Commit, commit))
                 committed += resp.entries_committed
             except BaseException:
@@ -169,13 +169,15 @@ class AsyncCacheClient:
             sent += sum(t.size_bytes for t in todo)
         return PutResult(committed, present, sent)
 
-    async def _reserve(self, request: pb.ReserveRequest, local: ShmTransport | None) -> pb.ReserveResponse:
+    async def _reserve(self, request: pb.ReserveRequest,
+                       local: ShmTransport | None) -> tuple[pb.ReserveResponse, ShmTransport | None]:
+        """As CacheClient._reserve."""
         if local is not None:
             try:
-                return await asyncio.to_thread(local.reserve, request)
+                return await asyncio.to_thread(local.reserve, request), local
             except UnavailableError:
-                pass   # the socket failed: a reservation it may have made expires unused
-        return await self._call(self._stub.Reserve, request)
+                pass   # a reservation the socket may have made expires unused
+        return await self._call(self._stub.Reserve, request), None
 
     async def lookup(self, family_id: FamilyId, hashes: Sequence[bytes], *, consumer: ModelId = NO_MODEL,
                      producers: Sequence[str] = (), lease_ttl_s: int = 0,

@@ -260,7 +260,7 @@ class CacheClient:
         committed = present = sent = 0
         for batch in batches(entries, self.options.max_put_bytes):
             plan = plan_put(tenant or self.options.tenant, family_id, family, producer, batch)
-            res = self._reserve(plan.request, local)
+            res, committer = self._reserve(plan.request, local)
             try:
                 todo = [t for t in res.targets if not t.already_present]
                 if todo and chosen is not None:
@@ -271,7 +271,7 @@ class CacheClient:
                 commit = pb.CommitRequest(reservation_id=res.reservation_id)
                 # Over the socket with no fallback: where it fails mid-commit the commit may
                 # have happened, and a second one would answer NotFound for a stored batch.
-                committed += (local.commit(commit) if local is not None
+                committed += (committer.commit(commit) if committer is not None
                               else self._call(self._stub.Commit, commit)).entries_committed
             except BaseException:
                 self._abort_quietly(res.reservation_id)
@@ -280,13 +280,16 @@ class CacheClient:
             sent += sum(t.size_bytes for t in todo)
         return PutResult(committed, present, sent)
 
-    def _reserve(self, request: pb.ReserveRequest, local: ShmTransport | None) -> pb.ReserveResponse:
+    def _reserve(self, request: pb.ReserveRequest,
+                 local: ShmTransport | None) -> tuple[pb.ReserveResponse, ShmTransport | None]:
+        """The reservation, and the socket to commit it over (None: gRPC). Where the
+        socket fails (or a node without RESERVE closes it), gRPC reserves, and commits."""
         if local is not None:
             try:
-                return local.reserve(request)
+                return local.reserve(request), local
             except UnavailableError:
-                pass   # the socket failed: a reservation it may have made expires unused
-        return self._call(self._stub.Reserve, request)
+                pass   # a reservation the socket may have made expires unused
+        return self._call(self._stub.Reserve, request), None
 
     def _abort_quietly(self, reservation_id: str) -> None:
         try:
