@@ -84,11 +84,11 @@ class PutPath:
         if len(set(ids)) != len(ids):
             raise InvalidArgument("the same (chunk_hash, position_offset) appears twice")
         with self._lock:
-            present = [self.catalog.entries.get(m.entry_id) is not None and
-                       self.catalog.entries[m.entry_id].meta == m for m in metas]
-            for meta, is_present in zip(metas, present, strict=True):
+            held = [self.catalog.entries.get(m.entry_id) for m in metas]
+            present = [rec is not None and rec.meta == m for rec, m in zip(held, metas, strict=True)]
+            for rec, is_present in zip(held, present, strict=True):
                 if is_present:   # put again: a use, as a read is (the writer expects it to stay)
-                    self.catalog.touch(self.catalog.entries[meta.entry_id])
+                    self.catalog.touch(rec)
         need = sum(m.size_bytes for m, p in zip(metas, present, strict=True) if not p)
         if need > self.arena.capacity_bytes:
             raise ResourceExhausted(f"reservation needs {need} bytes, memory tier capacity is "

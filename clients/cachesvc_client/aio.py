@@ -172,12 +172,17 @@ class AsyncCacheClient:
     async def _reserve(self, request: pb.ReserveRequest,
                        local: ShmTransport | None) -> tuple[pb.ReserveResponse, ShmTransport | None]:
         """As CacheClient._reserve."""
+        res, by_socket = await self._socket_or_grpc(local, local and local.reserve, self._stub.Reserve, request)
+        return res, local if by_socket else None
+
+    async def _socket_or_grpc(self, local: ShmTransport | None, ask, rpc, request) -> tuple:
+        """As CacheClient._socket_or_grpc, the socket's call in a worker thread."""
         if local is not None:
             try:
-                return await asyncio.to_thread(local.reserve, request), local
+                return await asyncio.to_thread(ask, request), True
             except UnavailableError:
-                pass   # a reservation the socket may have made expires unused
-        return await self._call(self._stub.Reserve, request), None
+                pass
+        return await self._call(rpc, request), False
 
     async def lookup(self, family_id: FamilyId, hashes: Sequence[bytes], *, consumer: ModelId = NO_MODEL,
                      producers: Sequence[str] = (), lease_ttl_s: int = 0,
@@ -188,12 +193,7 @@ class AsyncCacheClient:
                                lease_ttl_s=lease_ttl_s, tail_hashes=tail_hashes, offer_tails=offer_tails,
                                locate=locate)
         local = await self._local()
-        if local is not None:
-            try:
-                return lookup_from_proto(await asyncio.to_thread(local.lookup, req))
-            except UnavailableError:
-                pass                           # the socket failed: gRPC retries as it does
-        return lookup_from_proto(await self._call(self._stub.Lookup, req))
+        return lookup_from_proto((await self._socket_or_grpc(local, local and local.lookup, self._stub.Lookup, req))[0])
 
     async def _local(self) -> ShmTransport | None:
         """As CacheClient._local: where this client is on the node's host, lookups and
@@ -249,14 +249,8 @@ class AsyncCacheClient:
         return (await self._call(self._stub.Pin, req)).lease_id
 
     async def unpin(self, lease_id: str) -> None:
-        req = pb.UnpinRequest(lease_id=lease_id)
         local = await self._local()
-        if local is not None:
-            try:
-                return await asyncio.to_thread(local.unpin, req)
-            except UnavailableError:
-                pass                           # the socket failed: gRPC retries as it does
-        await self._call(self._stub.Unpin, req)
+        await self._socket_or_grpc(local, local and local.unpin, self._stub.Unpin, pb.UnpinRequest(lease_id=lease_id))
 
     async def list_models(self, tenant: str = "") -> list[dict]:
         resp = await self._call(self._stub.ListModels, pb.ListModelsRequest(tenant=tenant or self.options.tenant))

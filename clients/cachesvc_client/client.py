@@ -283,13 +283,21 @@ class CacheClient:
     def _reserve(self, request: pb.ReserveRequest,
                  local: ShmTransport | None) -> tuple[pb.ReserveResponse, ShmTransport | None]:
         """The reservation, and the socket to commit it over (None: gRPC). Where the
-        socket fails (or a node without RESERVE closes it), gRPC reserves, and commits."""
+        socket fails (or a node without RESERVE closes it), gRPC reserves, and commits
+        (a reservation the socket may have made expires unused)."""
+        res, by_socket = self._socket_or_grpc(local, local and local.reserve, self._stub.Reserve, request)
+        return res, local if by_socket else None
+
+    def _socket_or_grpc(self, local: ShmTransport | None, ask, rpc, request) -> tuple:
+        """``ask(request)`` over the node's Unix socket where ``local``, else (or where the
+        socket fails) ``rpc`` over gRPC, which retries as it does; (the answer, whether the
+        socket gave it)."""
         if local is not None:
             try:
-                return local.reserve(request), local
+                return ask(request), True
             except UnavailableError:
-                pass   # a reservation the socket may have made expires unused
-        return self._call(self._stub.Reserve, request), None
+                pass
+        return self._call(rpc, request), False
 
     def _abort_quietly(self, reservation_id: str) -> None:
         try:
@@ -313,12 +321,7 @@ class CacheClient:
                                lease_ttl_s=lease_ttl_s, tail_hashes=tail_hashes, offer_tails=offer_tails,
                                locate=locate)
         local = self._local()
-        if local is not None:
-            try:
-                return lookup_from_proto(local.lookup(req))
-            except UnavailableError:
-                pass                           # the socket failed: gRPC retries as it does
-        return lookup_from_proto(self._call(self._stub.Lookup, req))
+        return lookup_from_proto(self._socket_or_grpc(local, local and local.lookup, self._stub.Lookup, req)[0])
 
     def _local(self) -> ShmTransport | None:
         """The node's Unix socket where this client is on the node's host: lookups and
@@ -469,14 +472,8 @@ class CacheClient:
         return self._call(self._stub.Pin, req).lease_id
 
     def unpin(self, lease_id: str) -> None:
-        req = pb.UnpinRequest(lease_id=lease_id)
         local = self._local()
-        if local is not None:
-            try:
-                return local.unpin(req)
-            except UnavailableError:
-                pass                           # the socket failed: gRPC retries as it does
-        self._call(self._stub.Unpin, req)
+        self._socket_or_grpc(local, local and local.unpin, self._stub.Unpin, pb.UnpinRequest(lease_id=lease_id))
 
     def list_entries(self, *, family_id: FamilyId = NO_FAMILY, producer: ModelId = NO_MODEL, tenant: str = "",
                      limit: int = 100, page_token: str = "") -> tuple[list[StoredEntry], str]:
